@@ -1,0 +1,208 @@
+"""Exact top-k inner-product search: ctrak_fast (C++ engine) vs faiss IndexFlatIP vs torch.
+
+    python benchmarks/bench_topk.py                       # N = 10^6, dim 512, q = 16 and 256
+    python benchmarks/bench_topk.py --n 200000 --repeat 2 --out out/topk_small.json
+    pytest benchmarks/bench_topk.py                        # small pytest-benchmark case
+
+Features are random float16 rows [N, dim]; queries float32; top-k of both tails. Peers, measured
+in the same run on the same data:
+  * faiss ``IndexFlatIP`` (exact): stores float32 (its copy is made outside the timing) and
+    returns only the largest tail, so it does half of the selection work of the others;
+  * torch: chunks of rows widened to float32, ``u @ f.T``, ``topk`` of both tails, running merge.
+Each method is verified against ``topk_reference`` (float64) on a subset before it is timed; after
+timing, ours and torch are compared on the full data. Reported: rows/s, GFLOP/s, feature bytes
+read per second (and its fraction of the measured copy bandwidth), ours' speedup over each, and
+the process's peak RSS while the method runs and its growth over the RSS at the start (the data,
+including faiss' float32 copy, is resident throughout). Targets: ours >= 1.0x faiss and >= 2x torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import PeakRss, copy_bandwidth, environment, format_table, time_fn, write_json  # noqa: E402
+
+from ctrak_fast import _native  # noqa: E402
+from ctrak_fast.search import fp32_error_bound, topk, topk_reference  # noqa: E402
+
+
+def make_features(n: int, dim: int, seed: int = 0, chunk: int = 1 << 16) -> torch.Tensor:
+    """[n, dim] float16 standard normal, generated in chunks (no n x dim float32 temporary)."""
+    g = torch.Generator().manual_seed(seed)
+    out = torch.empty(n, dim, dtype=torch.float16)
+    for lo in range(0, n, chunk):
+        hi = min(n, lo + chunk)
+        out[lo:hi] = torch.randn(hi - lo, dim, generator=g)
+    return out
+
+
+def torch_topk(feats: torch.Tensor, u: torch.Tensor, k: int, chunk: int = 1 << 16):
+    """The torch peer: float32 matmul + topk per chunk, merged; ids are row indices.
+
+    Returns (top_values, top_ids, bottom_values, bottom_ids), each [m, k].
+    """
+    best = {}
+    for lo in range(0, feats.shape[0], chunk):
+        s = u @ feats[lo : lo + chunk].float().T  # [m, c]
+        for largest in (True, False):
+            v, i = s.topk(min(k, s.shape[1]), dim=1, largest=largest)
+            i = i + lo
+            if largest in best:
+                pv, pi = best[largest]
+                v, j = torch.cat([pv, v], 1).topk(k, dim=1, largest=largest)
+                i = torch.cat([pi, i], 1).gather(1, j)
+            best[largest] = (v, i)
+    return (*best[True], *best[False])
+
+
+def faiss_index(feats: torch.Tensor, chunk: int = 1 << 16):
+    import faiss
+
+    index = faiss.IndexFlatIP(feats.shape[1])
+    for lo in range(0, feats.shape[0], chunk):
+        index.add(feats[lo : lo + chunk].float().numpy())
+    return index
+
+
+def verify(name: str, got_ids, want_ids, exact: torch.Tensor, bound: torch.Tensor) -> None:
+    """The tests' policy: ids equal the reference's except among scores tied within twice the
+    fp32 error bound. got_ids, want_ids [m, k] row indices; exact [m, n] float64; bound [m]."""
+    got, want = torch.as_tensor(got_ids).long(), torch.as_tensor(want_ids).long()
+    gap = (exact.gather(1, got) - exact.gather(1, want)).abs()
+    if not (gap <= 2 * bound[:, None]).all():
+        raise SystemExit(f"verification failed: {name} disagrees with topk_reference")
+
+
+def run(args: argparse.Namespace) -> dict:
+    C = _native.load()
+    feats = make_features(args.n, args.dim)
+    ids = torch.arange(args.n, dtype=torch.int64)
+    try:
+        import faiss
+
+        faiss_version = faiss.__version__
+    except ImportError:
+        faiss_version = None
+        print("faiss is not installed (pip install faiss-cpu): skipping that peer", flush=True)
+    env = environment(
+        {
+            "cpu_isa": C.cpu_isa(),
+            "faiss": faiss_version,
+            "copy_bandwidth_GBps": copy_bandwidth() / 1e9,
+        }
+    )
+    bw = env["copy_bandwidth_GBps"]
+    index = faiss_index(feats) if faiss_version else None
+
+    rows, checks = [], []
+    for q in args.queries:
+        u = torch.randn(q, args.dim, generator=torch.Generator().manual_seed(q))
+        # Verify every method on a subset before timing it.
+        sub = args.verify_rows
+        ref = topk_reference(feats[:sub], ids[:sub], u, args.k)
+        exact = (feats[:sub].double() @ u.double().T).T
+        bound = fp32_error_bound(feats[:sub], u)
+        mine = topk((feats[:sub], ids[:sub]), u, args.k)
+        verify("ours (top)", mine.top_ids, ref.top_ids, exact, bound)
+        verify("ours (bottom)", mine.bottom_ids, ref.bottom_ids, exact, bound)
+        tt = torch_topk(feats[:sub], u, args.k)
+        verify("torch (top)", tt[1], ref.top_ids, exact, bound)
+        verify("torch (bottom)", tt[3], ref.bottom_ids, exact, bound)
+        methods = {
+            "ours (C++, both tails)": (lambda u=u: topk((feats, ids), u, args.k), 2),
+            "torch fp32 matmul+topk (both)": (lambda u=u: torch_topk(feats, u, args.k), 2),
+        }
+        if index is not None:
+            sub_index = faiss_index(feats[:sub])
+            _, labels = sub_index.search(u.numpy(), args.k)
+            verify("faiss", labels, ref.top_ids, exact, bound)
+            uq = u.numpy()
+            methods["faiss IndexFlatIP (top only)"] = (lambda uq=uq: index.search(uq, args.k), 4)
+
+        results, timings = {}, {}
+        for name, (fn, bytes_per_value) in methods.items():
+            print(f"q={q}: timing {name} ...", flush=True)
+            with PeakRss() as mem:
+                results[name] = fn()
+                timings[name] = time_fn(fn, warmup=max(args.warmup - 1, 0), repeat=args.repeat)
+            t = timings[name]
+            rows.append(
+                {
+                    "method": name,
+                    "q": q,
+                    "k": args.k,
+                    "median_s": t.median,
+                    "min-max_s": t.spread(),
+                    "Mrows/s": args.n / t.median / 1e6,
+                    "GFLOP/s": 2 * args.n * args.dim * q / t.median / 1e9,
+                    "feat_GB/s": args.n * args.dim * bytes_per_value / t.median / 1e9,
+                    "%copy_bw": 100 * args.n * args.dim * bytes_per_value / t.median / 1e9 / bw,
+                    "peak_rss_MB": mem.peak / 2**20,
+                    "peak_rss_delta_MB": mem.delta / 2**20,
+                }
+            )
+        ours_t = timings["ours (C++, both tails)"].median
+        for r in rows[-len(methods) :]:
+            r["ours_speedup"] = timings[r["method"]].median / ours_t
+
+        # Full-size agreement of the timed outputs (ours vs torch, both tails).
+        mine = results["ours (C++, both tails)"]
+        tv, ti, bv, bi = results["torch fp32 matmul+topk (both)"]
+        agree = 0.5 * ((mine.top_ids == ti).float().mean() + (mine.bottom_ids == bi).float().mean())
+        err = max((mine.top_values - tv).abs().max(), (mine.bottom_values - bv).abs().max())
+        checks.append(
+            {"q": q, "ids_equal_to_torch": float(agree), "max_abs_value_diff": float(err)}
+        )
+    return {"env": env, "config": vars(args), "rows": rows, "checks": checks}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--n", type=int, default=1_000_000, help="feature rows")
+    p.add_argument("--dim", type=int, default=512)
+    p.add_argument("--queries", type=int, nargs="+", default=[16, 256])
+    p.add_argument("--k", type=int, default=100)
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls (the first is verified)")
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--verify-rows", type=int, default=20_000)
+    p.add_argument("--out", default="out/bench_topk.json")
+    args = p.parse_args(argv)
+    args.verify_rows = min(args.verify_rows, args.n)
+
+    result = run(args)
+    cols = [
+        "method", "q", "k", "median_s", "min-max_s", "Mrows/s", "GFLOP/s", "feat_GB/s",
+        "%copy_bw", "ours_speedup", "peak_rss_MB", "peak_rss_delta_MB",
+    ]  # fmt: skip
+    env = result["env"]
+    print(
+        f"\n{env['cpu']} ({env['cores_usable']} usable cores), torch {env['torch']}, "
+        f"faiss {env['faiss']}, ISA {env['cpu_isa']}, git {env['git_sha']}, "
+        f"copy bandwidth {env['copy_bandwidth_GBps']:.1f} GB/s, load {env['load_avg_1m']:.2f}"
+    )
+    print(f"N={args.n} dim={args.dim} float16 features, k={args.k}\n")
+    print(format_table(result["rows"], cols))
+    print()
+    print(format_table(result["checks"]))
+    path = write_json(args.out, result)
+    print(f"\nwritten {path}")
+    return result
+
+
+def test_topk_small(benchmark):
+    """pytest-benchmark entry: 100k x 128 float16 rows, 16 queries, k = 100, both tails."""
+    feats = make_features(100_000, 128)
+    ids = torch.arange(100_000)
+    u = torch.randn(16, 128)
+    res = benchmark(topk, (feats, ids), u, 100)
+    assert np.array_equal(res.top_ids.shape, (16, 100))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,199 @@
+// Body of one instruction-set variant of the CPU top-k kernels. Included once per ISA
+// translation unit (isa_*.cpp) inside that ISA's namespace, after `struct V` (vector width W,
+// register-tile shapes, load/store/fma/compare, fp16 and bf16 decode) is defined.
+//
+// Scores are a GEMM  S[rows, m] = A[rows, dim] . Q[m, dim]^T  vectorised over queries: a register
+// tile holds MR feature rows x NV vectors of W queries. Query blocks are packed once
+// ([dim][NV*W] per block) so the kernel streams them contiguously; feature rows are broadcast.
+// The dim loop is blocked so that one packed query panel (kc x NV*W floats) stays in L1 while
+// the micro-panels of the tile stream from L2; partial sums wait in cbuf between k blocks, so
+// every score is the same single fma chain over d = 0..dim-1 whatever the blocking.
+// The selection is fused: each finished register tile is compared against per-query thresholds
+// (one compare per vector and tail) and only the rare survivors leave registers. In dense mode
+// (score export) the finished tile goes to cbuf instead: the same bits topk would have selected.
+//
+// No std:: templates here (see common.h on why).
+
+namespace {
+
+constexpr int W = V::W;
+constexpr int kMaxNR = V::kMaxNV * W;
+
+constexpr bool every_mr_divides_row_multiple() {
+  for (int nv = 1; nv <= V::kMaxNV; ++nv)
+    if (V::kRowMultiple % V::mr(nv) != 0) return false;
+  return true;
+}
+static_assert(every_mr_divides_row_multiple(), "tile rows must be a multiple of every MR");
+
+inline int64_t round_up(int64_t x, int64_t r) { return (x + r - 1) / r * r; }
+
+inline int block_nv(int64_t m, int64_t q0) {
+  const int64_t nv = (m - q0 + W - 1) / W;
+  return nv < V::kMaxNV ? static_cast<int>(nv) : V::kMaxNV;
+}
+
+size_t packed_floats(int64_t m, int64_t dim) {
+  return static_cast<size_t>(round_up(m, W) * dim);
+}
+
+// q [m, dim] -> blocks of NV*W queries; block at q0 is [dim][NV*W] at out + q0 * dim, padded
+// lanes are zero. Every block before the last is full, so the offsets need no table.
+void pack_queries(const float* q, int64_t m, int64_t dim, float* out) {
+  for (int64_t q0 = 0; q0 < m; q0 += kMaxNR) {
+    const int nr = block_nv(m, q0) * W;
+    float* dst = out + q0 * dim;
+    for (int64_t d = 0; d < dim; ++d)
+      for (int c = 0; c < nr; ++c)
+        dst[d * nr + c] = q0 + c < m ? q[(q0 + c) * dim + d] : 0.0f;
+  }
+}
+
+// Tile rows -> float32 [tile_rows, tile_lda(dim)] in abuf; rows past a.rows are zero (their
+// scores are computed and then discarded by the row check in accept()).
+void decode_tile(const TileArgs& a, int64_t tile_rows) {
+  const int64_t dim = a.dim, lda = tile_lda(dim);
+  for (int64_t r = 0; r < tile_rows; ++r) {
+    float* dst = a.abuf + r * lda;
+    if (r >= a.rows) {
+      for (int64_t d = 0; d < dim; ++d) dst[d] = 0.0f;
+      continue;
+    }
+    switch (a.dtype) {
+      case kF16:
+        V::decode_f16(static_cast<const uint16_t*>(a.feat) + r * dim, dst, dim);
+        break;
+      case kBF16:
+        V::decode_bf16(static_cast<const uint16_t*>(a.feat) + r * dim, dst, dim);
+        break;
+      default: {
+        const float* src = static_cast<const float*>(a.feat) + r * dim;
+        for (int64_t d = 0; d < dim; ++d) dst[d] = src[d];
+      }
+    }
+  }
+}
+
+inline void push(Reservoir& r, float v, int64_t id, const SelCtx& s, float* thr, int negate) {
+  r.e[r.count].v = v;
+  r.e[r.count].id = id;
+  if (++r.count == r.cap) s.compact(&r, s.k, thr, negate);
+}
+
+// Cold path: some lane of this (row, query vector) passed a threshold.
+__attribute__((noinline)) void accept(const TileArgs& a, typename V::reg s, int64_t row,
+                                      int64_t qb, uint32_t mt, uint32_t mb) {
+  if (row >= a.rows) return;  // zero padding of the last tile
+  float lanes[W];
+  V::store(lanes, s);
+  const int64_t id = a.ids ? a.ids[row] : a.base_id + row;
+  SelCtx& c = *a.sel;
+  for (; mt; mt &= mt - 1) {
+    const int64_t q = qb + __builtin_ctz(mt);
+    push(c.res_top[q], lanes[q - qb], id, c, c.thr_top + q, 0);
+  }
+  for (; mb; mb &= mb - 1) {
+    const int64_t q = qb + __builtin_ctz(mb);
+    push(c.res_bot[q], -lanes[q - qb], id, c, c.thr_bot + q, 1);
+  }
+}
+
+// Rows [i0, i0 + MR) x queries [q0, q0 + NV*W) for dims [kb0, kb0 + kc).
+template <int NV>
+__attribute__((always_inline)) inline void micro_tile(const TileArgs& a, int64_t i0, int64_t q0,
+                                                      int64_t kb0, int64_t kc, bool first,
+                                                      bool last, int64_t m_pad) {
+  constexpr int MR = V::mr(NV);
+  constexpr int NR = NV * W;
+  const int64_t dim = a.dim, lda = tile_lda(dim);
+  typename V::reg acc[MR][NV];
+  float* C = a.cbuf + i0 * m_pad + q0;
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = first ? V::zero() : V::load(C + r * m_pad + v * W);
+
+  const float* B = a.qpack + q0 * dim + kb0 * NR;
+  const float* Ap = a.abuf + i0 * lda + kb0;
+  for (int64_t d = 0; d < kc; ++d) {
+    typename V::reg b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = V::load(B + d * NR + v * W);
+    for (int r = 0; r < MR; ++r) {
+      const typename V::reg x = V::bcast(Ap[r * lda + d]);
+      for (int v = 0; v < NV; ++v) acc[r][v] = V::fma(x, b[v], acc[r][v]);
+    }
+  }
+
+  if (!last || a.dense) {
+    for (int r = 0; r < MR; ++r)
+      for (int v = 0; v < NV; ++v) V::store(C + r * m_pad + v * W, acc[r][v]);
+    return;
+  }
+  const SelCtx& s = *a.sel;
+  typename V::reg tt[NV], tb[NV];
+  for (int v = 0; v < NV; ++v) {
+    tt[v] = V::load(s.thr_top + q0 + v * W);
+    tb[v] = V::load(s.thr_bot + q0 + v * W);
+  }
+  for (int r = 0; r < MR; ++r) {
+    for (int v = 0; v < NV; ++v) {
+      const uint32_t mt = V::ge_mask(acc[r][v], tt[v]);
+      const uint32_t mb = V::le_mask(acc[r][v], tb[v]);
+      if (__builtin_expect((mt | mb) != 0, 0)) {
+        accept(a, acc[r][v], i0 + r, q0 + v * W, mt, mb);
+        tt[v] = V::load(s.thr_top + q0 + v * W);  // a compaction may have raised them
+        tb[v] = V::load(s.thr_bot + q0 + v * W);
+      }
+    }
+  }
+}
+
+template <int NV>
+void query_block(const TileArgs& a, int64_t tile_rows, int64_t q0, int64_t m_pad) {
+  constexpr int MR = V::mr(NV);
+  // Packed query panel of one k block: kc x NV*W floats, about 32 KiB, to stay in L1.
+  constexpr int64_t kKcMax = (8192 / (NV * W)) < 64 ? 64 : (8192 / (NV * W));
+  const int64_t nkb = (a.dim + kKcMax - 1) / kKcMax;
+  const int64_t kc = (a.dim + nkb - 1) / nkb;
+  for (int64_t kb0 = 0; kb0 < a.dim; kb0 += kc) {
+    const int64_t len = a.dim - kb0 < kc ? a.dim - kb0 : kc;
+    const bool first = kb0 == 0, last = kb0 + len == a.dim;
+    for (int64_t i0 = 0; i0 < tile_rows; i0 += MR)
+      micro_tile<NV>(a, i0, q0, kb0, len, first, last, m_pad);
+  }
+}
+
+template <int NV>
+inline void query_block_nv(int nv, const TileArgs& a, int64_t tile_rows, int64_t q0,
+                           int64_t m_pad) {
+  if (nv == NV)
+    query_block<NV>(a, tile_rows, q0, m_pad);
+  else if constexpr (NV > 1)
+    query_block_nv<NV - 1>(nv, a, tile_rows, q0, m_pad);
+}
+
+void score_tile(const TileArgs& a, int64_t tile_rows) {
+  decode_tile(a, tile_rows);
+  const int64_t m_pad = round_up(a.m, W);
+  for (int64_t q0 = 0; q0 < a.m; q0 += kMaxNR)
+    query_block_nv<V::kMaxNV>(block_nv(a.m, q0), a, tile_rows, q0, m_pad);
+}
+
+typedef uint32_t u32_alias __attribute__((may_alias));
+
+// entry = scale with the sign bit of mix32(row_key ^ col * C) (bit 31 set = negative), written
+// as a bit pattern so the loop vectorises without a select.
+void rademacher(uint32_t seed_key, uint64_t row_start, int64_t n_rows, int64_t k, float scale,
+                float* out) {
+  u32_alias sbits;
+  __builtin_memcpy(&sbits, &scale, sizeof sbits);
+  for (int64_t i = 0; i < n_rows; ++i) {
+    const uint32_t rk = row_key(seed_key, row_start + static_cast<uint64_t>(i));
+    u32_alias* o = reinterpret_cast<u32_alias*>(out + i * k);
+    for (int64_t j = 0; j < k; ++j)
+      o[j] = sbits ^ (mix32(rk ^ (static_cast<uint32_t>(j) * kColMult)) & 0x80000000u);
+  }
+}
+
+const IsaKernels kKernels = {V::kName,       W,           V::kRowMultiple, &packed_floats,
+                             &pack_queries, &score_tile, &rademacher};
+
+}  // namespace

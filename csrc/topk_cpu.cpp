@@ -1,0 +1,287 @@
+#include "topk_cpu.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <new>
+#include <stdexcept>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace ctrak {
+namespace {
+
+int max_threads() {
+#ifdef _OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+int thread_id() {
+#ifdef _OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+
+template <class T>
+AlignedBuf<T> alloc_aligned(size_t n) {
+  const size_t bytes = std::max<size_t>(64, (n * sizeof(T) + 63) / 64 * 64);
+  void* p = std::aligned_alloc(64, bytes);
+  if (!p) throw std::bad_alloc();
+  return AlignedBuf<T>(static_cast<T*>(p));
+}
+
+struct Variant {
+  const char* name;
+  const IsaKernels* (*get)();
+  bool (*supported)();
+};
+
+#if defined(CTRAK_X86)
+bool has_avx512() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
+         __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+}
+bool has_avx2() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+         __builtin_cpu_supports("f16c");
+}
+#endif
+bool always() { return true; }
+
+const Variant kVariants[] = {
+#if defined(CTRAK_X86)
+    {"avx512", &isa_avx512, &has_avx512},
+    {"avx2", &isa_avx2, &has_avx2},
+#endif
+    {"generic", &isa_generic, &always},
+};
+
+// Selection order shared by the reservoirs and the final merge: larger value, then smaller id.
+inline bool better(const Entry& a, const Entry& b) {
+  return a.v > b.v || (a.v == b.v && a.id < b.id);
+}
+
+void compact(Reservoir* r, int32_t k, float* thr, int negate) {
+  std::nth_element(r->e, r->e + (k - 1), r->e + r->count, better);
+  r->count = k;
+  const float kth = r->e[k - 1].v;
+  *thr = negate ? -kth : kth;
+}
+
+// Rows per tile: about 256 KiB of decoded rows, to stay in L2 next to the query panels.
+int64_t tile_rows_for(const IsaKernels* isa, int64_t dim) {
+  const int64_t mult = isa->row_multiple;
+  const int64_t fit = 256 * 1024 / (4 * tile_lda(dim)) / mult * mult;
+  return std::clamp<int64_t>(fit, mult, 8 * mult);
+}
+
+}  // namespace
+
+std::vector<std::string> cpu_isas() {
+  std::vector<std::string> out;
+  for (const Variant& v : kVariants)
+    if (v.supported()) out.emplace_back(v.name);
+  return out;
+}
+
+const IsaKernels* select_isa(const std::string& name) {
+  std::string want = name;
+  if (want == "auto") {
+    const char* env = std::getenv("CTRAK_CPU_ISA");
+    want = env && *env ? env : "auto";
+  }
+  for (const Variant& v : kVariants) {
+    if (!v.supported()) continue;
+    if (want == "auto" || want == v.name) return v.get();
+  }
+  std::string avail;
+  for (const std::string& s : cpu_isas()) avail += (avail.empty() ? "" : ", ") + s;
+  throw std::invalid_argument("CPU ISA '" + want + "' is not available here (available: " +
+                              avail + ")");
+}
+
+void rademacher_tile(uint32_t seed, uint64_t row_start, int64_t n_rows, int64_t k, float* out,
+                     int num_threads, const std::string& isa) {
+  const IsaKernels* kern = select_isa(isa);
+  const uint32_t seed_key = mix32(seed ^ kSeedSalt);
+  // hashing.py: scale = 1.0 / k**0.5 (Python float = C pow), then rounded to float32.
+  const float scale = static_cast<float>(1.0 / std::pow(static_cast<double>(k), 0.5));
+  constexpr int64_t kChunk = 32;
+  const int64_t chunks = (n_rows + kChunk - 1) / kChunk;
+  const int nt = num_threads > 0 ? num_threads : max_threads();
+#pragma omp parallel for schedule(static) num_threads(nt) if (n_rows * k >= (int64_t(1) << 16))
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t r0 = c * kChunk;
+    const int64_t rows = std::min(kChunk, n_rows - r0);
+    kern->rademacher(seed_key, row_start + static_cast<uint64_t>(r0), rows, k, scale,
+                     out + r0 * k);
+  }
+}
+
+struct TopKState::Slot {
+  AlignedBuf<float> thr_top, thr_bot;  // [m_pad]
+  std::vector<Entry> entries;           // [tails][m][cap]
+  std::vector<Reservoir> res_top, res_bot;
+  AlignedBuf<float> abuf, cbuf;
+  SelCtx sel;
+};
+
+TopKState::TopKState(const float* queries, int64_t m, int64_t dim, int64_t k_top, int tails,
+                     int num_threads, const std::string& isa)
+    : isa_(select_isa(isa)), m_(m), dim_(dim), k_(k_top), tails_(tails) {
+  if (m < 1 || dim < 1) throw std::invalid_argument("queries must be [m >= 1, dim >= 1]");
+  if (k_top < 1 || k_top > (int64_t(1) << 28))
+    throw std::invalid_argument("k_top must be in [1, 2**28]");
+  if (tails < kTop || tails > kBoth) throw std::invalid_argument("tails must be 1, 2 or 3");
+
+  const int64_t lanes = isa_->lanes;
+  m_pad_ = (m + lanes - 1) / lanes * lanes;
+  cap_ = k_ + std::max<int64_t>(k_ / 2, 64);  // slack amortises each compaction
+  tile_rows_ = tile_rows_for(isa_, dim);
+
+  qpack_ = alloc_aligned<float>(isa_->packed_floats(m, dim));
+  isa_->pack_queries(queries, m, dim, qpack_.get());
+
+  const int n_tails = (tails & kTop ? 1 : 0) + (tails & kBottom ? 1 : 0);
+  const int64_t slot_bytes = m * n_tails * cap_ * int64_t(sizeof(Entry)) +
+                             tile_rows_ * (tile_lda(dim) + m_pad_) * 4 + 2 * m_pad_ * 4;
+  const int want = num_threads > 0 ? num_threads : max_threads();
+  num_threads_ =
+      static_cast<int>(std::clamp<int64_t>(kStateBudgetBytes / slot_bytes, 1, std::max(want, 1)));
+
+  const float inf = std::numeric_limits<float>::infinity();
+  for (int t = 0; t < num_threads_; ++t) {
+    auto s = std::make_unique<Slot>();
+    s->thr_top = alloc_aligned<float>(m_pad_);
+    s->thr_bot = alloc_aligned<float>(m_pad_);
+    for (int64_t q = 0; q < m_pad_; ++q) {  // padded lanes and disabled tails never accept
+      s->thr_top[q] = q < m && (tails & kTop) ? -inf : inf;
+      s->thr_bot[q] = q < m && (tails & kBottom) ? inf : -inf;
+    }
+    s->entries.resize(static_cast<size_t>(m * n_tails * cap_));
+    Entry* e = s->entries.data();
+    s->res_top.assign(m, Reservoir{nullptr, 0, static_cast<int32_t>(cap_)});
+    s->res_bot.assign(m, Reservoir{nullptr, 0, static_cast<int32_t>(cap_)});
+    for (int64_t q = 0; q < m; ++q) {
+      if (tails & kTop) s->res_top[q].e = e, e += cap_;
+      if (tails & kBottom) s->res_bot[q].e = e, e += cap_;
+    }
+    s->abuf = alloc_aligned<float>(tile_rows_ * tile_lda(dim));
+    s->cbuf = alloc_aligned<float>(tile_rows_ * m_pad_);
+    s->sel = SelCtx{static_cast<int32_t>(k_), s->thr_top.get(), s->thr_bot.get(),
+                    s->res_top.data(), s->res_bot.data(), &compact};
+    slots_.push_back(std::move(s));
+  }
+}
+
+TopKState::~TopKState() = default;
+
+void TopKState::add(const void* feat, int dtype, int64_t n, const int64_t* ids, int64_t base_id) {
+  if (n <= 0) return;
+  const size_t row_bytes = static_cast<size_t>(dim_) * (dtype == kF32 ? 4 : 2);
+  const int64_t tiles = (n + tile_rows_ - 1) / tile_rows_;
+  const char* base = static_cast<const char*>(feat);
+#pragma omp parallel for schedule(dynamic) num_threads(num_threads_) if (tiles > 1)
+  for (int64_t t = 0; t < tiles; ++t) {
+    Slot& s = *slots_[thread_id()];
+    const int64_t r0 = t * tile_rows_;
+    TileArgs a;
+    a.feat = base + r0 * row_bytes;
+    a.dtype = dtype;
+    a.rows = std::min(tile_rows_, n - r0);
+    a.dim = dim_;
+    a.ids = ids ? ids + r0 : nullptr;
+    a.base_id = base_id + r0;
+    a.abuf = s.abuf.get();
+    a.cbuf = s.cbuf.get();
+    a.qpack = qpack_.get();
+    a.m = m_;
+    a.sel = &s.sel;
+    a.dense = 0;
+    isa_->score_tile(a, tile_rows_);
+  }
+  rows_seen_ += n;
+}
+
+void TopKState::merge_tail(bool top, float* out_v, int64_t* out_i) const {
+  const float sign = top ? 1.0f : -1.0f;  // the bottom tail is stored negated
+#pragma omp parallel for schedule(dynamic) num_threads(num_threads_) if (m_ > 1)
+  for (int64_t q = 0; q < m_; ++q) {
+    std::vector<Entry> all;
+    for (const auto& s : slots_) {
+      const Reservoir& r = top ? s->res_top[q] : s->res_bot[q];
+      all.insert(all.end(), r.e, r.e + r.count);
+    }
+    const int64_t have = std::min<int64_t>(k_, static_cast<int64_t>(all.size()));
+    std::partial_sort(all.begin(), all.begin() + have, all.end(), better);
+    for (int64_t j = 0; j < k_; ++j) {
+      out_v[q * k_ + j] = j < have ? sign * all[j].v : std::numeric_limits<float>::quiet_NaN();
+      out_i[q * k_ + j] = j < have ? all[j].id : -1;
+    }
+  }
+}
+
+void TopKState::result(float* top_v, int64_t* top_i, float* bot_v, int64_t* bot_i) const {
+  if (rows_seen_ < k_)
+    throw std::invalid_argument("k_top=" + std::to_string(k_) + " exceeds the " +
+                                std::to_string(rows_seen_) + " rows added");
+  if (top_v && (tails_ & kTop)) merge_tail(true, top_v, top_i);
+  if (bot_v && (tails_ & kBottom)) merge_tail(false, bot_v, bot_i);
+}
+
+void score_dense(const float* queries, int64_t m, int64_t dim, const void* feat, int dtype,
+                 int64_t n, float* out, int64_t ldo, int num_threads, const std::string& isa) {
+  if (m < 1 || dim < 1) throw std::invalid_argument("queries must be [m >= 1, dim >= 1]");
+  if (n <= 0) return;
+  const IsaKernels* kern = select_isa(isa);
+  const int64_t lanes = kern->lanes, m_pad = (m + lanes - 1) / lanes * lanes;
+  const int64_t tile_rows = tile_rows_for(kern, dim), lda = tile_lda(dim);
+  AlignedBuf<float> qpack = alloc_aligned<float>(kern->packed_floats(m, dim));
+  kern->pack_queries(queries, m, dim, qpack.get());
+  const size_t row_bytes = static_cast<size_t>(dim) * (dtype == kF32 ? 4 : 2);
+  const int64_t tiles = (n + tile_rows - 1) / tile_rows;
+  const int nt = static_cast<int>(std::min<int64_t>(num_threads > 0 ? num_threads : max_threads(),
+                                                    tiles));
+  // Scratch is allocated here, not in the parallel region: an exception must not leave it.
+  std::vector<AlignedBuf<float>> abuf, cbuf;
+  for (int t = 0; t < nt; ++t) {
+    abuf.push_back(alloc_aligned<float>(tile_rows * lda));
+    cbuf.push_back(alloc_aligned<float>(tile_rows * m_pad));
+  }
+  const char* base = static_cast<const char*>(feat);
+#pragma omp parallel for schedule(dynamic) num_threads(nt) if (nt > 1)
+  for (int64_t t = 0; t < tiles; ++t) {
+    const int tid = thread_id();
+    const int64_t r0 = t * tile_rows;
+    TileArgs a{};
+    a.feat = base + r0 * row_bytes;
+    a.dtype = dtype;
+    a.rows = std::min(tile_rows, n - r0);
+    a.dim = dim;
+    a.abuf = abuf[tid].get();
+    a.cbuf = cbuf[tid].get();
+    a.qpack = qpack.get();
+    a.m = m;
+    a.dense = 1;
+    kern->score_tile(a, tile_rows);
+    // cbuf is [row][query]; out is [query][row]: transpose the valid part.
+    for (int64_t q = 0; q < m; ++q) {
+      float* dst = out + q * ldo + r0;
+      const float* src = a.cbuf + q;
+      for (int64_t r = 0; r < a.rows; ++r) dst[r] = src[r * m_pad];
+    }
+  }
+}
+
+}  // namespace ctrak

@@ -1,0 +1,100 @@
+"""Type stubs of the compiled extension ctrak_fast._C (csrc/bindings.cpp)."""
+
+import numpy as np
+import numpy.typing as npt
+
+_Result = tuple[
+    npt.NDArray[np.float32] | None,
+    npt.NDArray[np.int64] | None,
+    npt.NDArray[np.float32] | None,
+    npt.NDArray[np.int64] | None,
+]
+
+def cpu_isas() -> list[str]:
+    """ISA variants of the CPU kernels this machine can run, best first."""
+
+def cpu_isa() -> str:
+    """The variant 'auto' selects (honours $CTRAK_CPU_ISA)."""
+
+def has_cuda() -> bool:
+    """True when the CUDA engine was compiled in."""
+
+def rademacher_tile(
+    seed: int,
+    row_start: int,
+    n_rows: int,
+    k: int,
+    out: npt.NDArray[np.float32],
+    num_threads: int = 0,
+    isa: str = "auto",
+) -> None:
+    """Fill out [n_rows, k] float32 with rows row_start.. of the projection matrix: +-1/sqrt(k),
+    bit-identical to ctrak_fast.hashing.rademacher_block(seed, row_start, n_rows, k)."""
+
+class TopKState:
+    """Running exact top-k of m queries over rows streamed by add()."""
+
+    def __init__(
+        self,
+        queries: npt.NDArray[np.float32],
+        k_top: int,
+        tails: str = "both",
+        num_threads: int = 0,
+        isa: str = "auto",
+    ) -> None: ...
+    def add(
+        self, features: np.ndarray, ids: npt.NDArray[np.int64] | None = None, base_id: int = 0
+    ) -> None:
+        """features: [n, dim] float32 / float16 / uint16 or int16 (bfloat16 bits)."""
+
+    def result(self) -> _Result:
+        """(top_values, top_ids, bottom_values, bottom_ids), [m, k_top] each, best first."""
+
+    @property
+    def m(self) -> int: ...
+    @property
+    def dim(self) -> int: ...
+    @property
+    def k_top(self) -> int: ...
+    @property
+    def rows_seen(self) -> int: ...
+    @property
+    def num_threads(self) -> int: ...
+    @property
+    def tile_rows(self) -> int: ...
+    @property
+    def isa(self) -> str: ...
+    @property
+    def tails(self) -> str: ...
+
+def topk_cpu(
+    features: np.ndarray,
+    queries: npt.NDArray[np.float32],
+    k_top: int,
+    tails: str = "both",
+    ids: npt.NDArray[np.int64] | None = None,
+    base_id: int = 0,
+    num_threads: int = 0,
+    isa: str = "auto",
+) -> _Result:
+    """One-shot TopKState(queries, k_top, tails).add(features, ids, base_id).result()."""
+
+class CudaTopKState:
+    """Running exact top-k on a CUDA device (only when has_cuda()). Pointers are device
+    addresses, streams cudaStream_t values; buffers must outlive the queued work."""
+
+    def __init__(
+        self, queries: int, m: int, dim: int, k_top: int, tails: str, device: int, stream: int
+    ) -> None: ...
+    def add(
+        self, features: int, n: int, dtype: str, ids: int, base_id: int, stream: int
+    ) -> None: ...
+    def result(self, stream: int) -> _Result: ...
+    @property
+    def m(self) -> int: ...
+    @property
+    def dim(self) -> int: ...
+    @property
+    def k_top(self) -> int: ...
+    @property
+    def rows_seen(self) -> int: ...

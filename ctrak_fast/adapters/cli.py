@@ -1,0 +1,360 @@
+"""`ctrak t2i ...`: concept attribution for text-to-image models (diffusers pipelines).
+
+    ctrak t2i featurize --model PIPELINE_DIR --images DIR --captions metadata.jsonl --out STORE
+    ctrak t2i query     --model PIPELINE_DIR --prompt "a pikachu in the style of picasso" \\
+                        --concept "a pikachu" --seed 7 --out q.safetensors
+    ctrak t2i attribute --store STORE --query q.safetensors --k 10
+    ctrak t2i bench     [text_benchmark options]   # the prompt concept benchmark
+
+--model is a diffusers pipeline folder (model_index.json), a checkpoint of the tiny model, or
+omitted (the shipped tiny model, whose training set is the shipped synthetic data). Imports are
+lazy: building the parser imports neither torch nor diffusers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+from pathlib import Path
+
+DEFAULT_FILTER = (
+    r"\.attn2\."  # = text2image.T2I_PARAM_FILTER (not imported: keeps the parser light)
+)
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def load_captioned_folder(root, captions_file=None, image_size: int = 512):
+    """Images of a folder and their captions.
+
+    captions_file: `metadata.jsonl` (one {"file_name": ..., "text": ...} per line, the Hugging Face
+    imagefolder convention; default <root>/metadata.jsonl), JSON {file_name: caption}, or CSV
+    with columns file_name (or filename) and text (or caption). Rows are in sorted file-name
+    order; ids are 0..N-1 in that order.
+
+    Returns (images float32 [N,3,S,S] in [-1,1], captions list[str], file names list[str]).
+    """
+    import torch
+
+    from ..data.folder import _load_image
+
+    root = Path(root)
+    path = Path(captions_file) if captions_file else root / "metadata.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"captions file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        table = {r["file_name"]: r["text"] for r in rows}
+    elif suffix == ".json":
+        table = {str(k): str(v) for k, v in json.loads(path.read_text()).items()}
+    elif suffix == ".csv":
+        with open(path, newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        name_col = "file_name" if rows and "file_name" in rows[0] else "filename"
+        text_col = "text" if rows and "text" in rows[0] else "caption"
+        if not rows or name_col not in rows[0] or text_col not in rows[0]:
+            raise ValueError(f"{path}: CSV needs file_name/filename and text/caption columns")
+        table = {r[name_col]: r[text_col] for r in rows}
+    else:
+        raise ValueError(f"{path}: captions must be .jsonl, .json or .csv")
+    if not table:
+        raise ValueError(f"{path}: no captions")
+    names = sorted(table)
+    images = torch.stack([_load_image(root / n, image_size) for n in names])
+    return images, [table[n] for n in names], names
+
+
+def _adapter(a):
+    import torch
+
+    dtype = getattr(torch, a.dtype)
+    if a.model and Path(a.model).is_dir():
+        from .text2image import TextToImageAdapter
+
+        return TextToImageAdapter.from_pretrained(a.model, dtype=dtype)
+    from .tiny import load_t2i
+
+    return load_t2i(a.model, dtype=dtype)
+
+
+def _pixel_size(adapter) -> int:
+    scale = 2 ** (len(adapter.vae.config.block_out_channels) - 1) if adapter.latent else 1
+    return adapter.config["image_size"] * scale
+
+
+def _training_set(a, adapter):
+    """(images, captions, ids): a captioned folder, or the shipped synthetic data."""
+    import torch
+
+    if a.images:
+        images, captions, _ = load_captioned_folder(a.images, a.captions, _pixel_size(adapter))
+        return images, captions, torch.arange(len(images), dtype=torch.int64)
+    from ..benchmark import train_subset
+    from ..data import SyntheticConfig, make_dataset
+    from .tiny import ASSETS, caption
+
+    data = make_dataset(SyntheticConfig.load_json(a.data or ASSETS / "shapes16.json"))
+    if a.per_combo:
+        data = train_subset(data, a.per_combo)
+    captions = [caption(data.factors, data.values, row) for row in data.labels.tolist()]
+    return data.images, captions, data.ids
+
+
+def _feature_spec(a, method: str = "concept-trak"):
+    from ..featurize import FeatureSpec
+
+    loss = {"concept-trak": "dps", "trak": "dsm", "d-trak": "eps-norm"}[method]
+    kw = {"param_filter": a.param_filter}
+    if a.timesteps:
+        kw["timesteps"] = tuple(int(t) for t in a.timesteps.split(","))
+    if method != "concept-trak":
+        return FeatureSpec.baseline(loss, **kw)
+    return FeatureSpec(
+        loss=loss,
+        inversion=not a.no_inversion,
+        inversion_guidance=a.inversion_guidance,
+        inversion_steps=a.inversion_steps,
+        **kw,
+    )
+
+
+def _featurizer(a, adapter, method="concept-trak"):
+    from ..projection import ProjectionSpec
+    from .text2image import make_featurizer
+
+    return make_featurizer(
+        adapter, _feature_spec(a, method), ProjectionSpec(k=a.k, seed=a.proj_seed)
+    )
+
+
+def _cmd_featurize(a):
+    from ..featurize import featurize_dataset
+    from ..text_benchmark import embed_captions
+    from .text2image import encode_images_cached
+
+    adapter = _adapter(a)
+    images, captions, ids = _training_set(a, adapter)
+    fz = _featurizer(a, adapter, a.method)
+    x0 = encode_images_cached(adapter, images, ids, a.out)
+    conds = embed_captions(adapter, captions)
+    store = featurize_dataset(
+        fz,
+        x0,
+        conds,
+        ids,
+        a.out,
+        batch_size=a.batch_size,
+        shard_rows=a.batch_size * 16,
+        dtype=a.store_dtype,
+        das_path=Path(a.das_out) if a.das_out else None,
+    )
+    print(f"{store.n_rows} rows x k={store.k} in {a.out}")
+
+
+def _scheduler(name: str | None, adapter):
+    if not name:
+        return None
+    import diffusers
+
+    classes = {
+        "ddim": "DDIMScheduler",
+        "ddpm": "DDPMScheduler",
+        "euler": "EulerDiscreteScheduler",
+        "euler-a": "EulerAncestralDiscreteScheduler",
+        "dpm": "DPMSolverMultistepScheduler",
+        "pndm": "PNDMScheduler",
+    }
+    return getattr(diffusers, classes[name]).from_config(adapter.scheduler.config)
+
+
+def _cmd_query(a):
+    from safetensors.torch import save_file
+
+    from ..data.folder import _load_image
+    from ..query import ConceptQuerySpec
+    from .text2image import concept_prompts, prompt_query_features
+
+    adapter = _adapter(a)
+    negatives = concept_prompts(a.prompt, a.concept or (), a.negative_prompt or ())
+    labels = [f"-{c}" for c in a.concept or ()] + [f"vs {n!r}" for n in a.negative_prompt or ()]
+    fz = _featurizer(a, adapter)
+    spec = ConceptQuerySpec(
+        weight=a.weight,
+        draws=a.draws,
+        n_draws=a.n_draws,
+        guidance=a.inversion_guidance,
+        steps=a.inversion_steps,
+        seed=a.seed,
+        timesteps=fz.spec.timesteps,
+    )
+    if a.image:
+        image = _load_image(Path(a.image), _pixel_size(adapter))[None]
+        x0 = adapter.encode_images(image)
+    else:  # the query image is regenerated from its prompt and seed
+        x0 = adapter.generate(
+            a.prompt,
+            "",
+            a.guidance,
+            a.steps,
+            seed=a.seed,
+            scheduler=_scheduler(a.scheduler, adapter),
+        )
+        image = adapter.decode_latents(x0)
+    q = prompt_query_features(fz, spec, a.prompt, negatives, x0[0] if a.draws == "local" else None)
+    meta = {
+        **fz.meta(),
+        "query": spec.to_dict(),
+        "prompt": a.prompt,
+        "negatives": negatives,
+        "removed": labels,
+    }
+    out = Path(a.out)
+    tmp = out.with_name(out.name + ".tmp")
+    tensors = {"queries": q.contiguous(), "image": image.float().contiguous()}
+    save_file(tensors, str(tmp), metadata={"ctrak": json.dumps(meta)})
+    os.replace(tmp, out)
+    print(f"{len(q)} query feature(s) for {a.prompt!r} (c-: {negatives}) -> {out}")
+
+
+def _cmd_attribute(a):
+    from safetensors import safe_open
+
+    from ..scoring import Preconditioner, gram
+    from ..search import topk
+    from ..store import FeatureStore
+
+    store = FeatureStore.open(a.store)
+    with safe_open(a.query, framework="pt") as f:
+        meta = json.loads((f.metadata() or {}).get("ctrak", "{}"))
+        q = f.get_tensor("queries")
+    if "text2image" not in meta:
+        raise ValueError(f"{a.query}: not a text-to-image query (made by `ctrak t2i query`?)")
+    # Same model, text encoder, VAE, projection and parameter subset, or the scores mean nothing.
+    store.check_compatible({k: meta[k] for k in ("model", "projection")})
+    stored = store.meta.get("text2image", {})
+    for key in ("vae", "text_encoder", "prediction_type", "max_length"):
+        if stored.get(key) != meta["text2image"].get(key):
+            raise ValueError(f"query and store differ in text2image.{key}")
+    if store.meta["feature"]["param_filter"] != meta["feature"]["param_filter"]:
+        raise ValueError("query and store differ in feature.param_filter")
+    if a.k > store.n_rows:
+        raise ValueError(f"k={a.k} is larger than the store's {store.n_rows} rows")
+    res = topk(store, Preconditioner(gram(store), a.lambda_r).solve(q), a.k, tails="both")
+    out = {
+        "store": str(a.store),
+        "query": str(a.query),
+        "prompt": meta.get("prompt"),
+        "removed": meta.get("removed"),
+        "top": [
+            {"ids": i.tolist(), "scores": v.tolist()}
+            for i, v in zip(res.top_ids, res.top_values, strict=True)
+        ],
+        "bottom": [
+            {"ids": i.tolist(), "scores": v.tolist()}
+            for i, v in zip(res.bottom_ids, res.bottom_values, strict=True)
+        ],
+    }
+    text = json.dumps(out, indent=1)
+    if a.out:
+        tmp = Path(a.out).with_name(Path(a.out).name + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, a.out)
+        print(f"top-{a.k} of {len(q)} queries -> {a.out}")
+    else:
+        print(text)
+
+
+def _cmd_bench(a):
+    from ..text_benchmark import main
+
+    main(a.rest)
+
+
+def _model_args(p):
+    p.add_argument(
+        "--model", help="diffusers pipeline folder or tiny-model checkpoint (default: shipped)"
+    )
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help="UNet execution dtype")
+    p.add_argument("--k", type=int, default=512, help="projection dimension")
+    p.add_argument("--proj-seed", type=int, default=0)
+    p.add_argument(
+        "--param-filter",
+        default=DEFAULT_FILTER,
+        help=r"regex on UNet parameter names (default: cross-attention '\.attn2\.'; '.*': all)",
+    )
+    p.add_argument("--timesteps", help="comma-separated, default 99,199,...,899")
+    p.add_argument("--inversion-steps", type=int, default=50)
+    p.add_argument("--inversion-guidance", type=float, default=7.5)
+    p.add_argument(
+        "--no-inversion", action="store_true", help="fixed noise instead of DDIM inversion"
+    )
+
+
+def add_t2i_commands(subparsers) -> argparse.ArgumentParser:
+    """Register `t2i featurize|query|attribute|bench` under the main parser's subparsers.
+
+    Each leaf parser sets `t2i_handler`; the main CLI runs `a.t2i_handler(a)` (see run_t2i).
+    """
+    t = subparsers.add_parser(
+        "t2i", help="text-to-image models: prompt concepts (see `ctrak t2i -h`)"
+    )
+    sub = t.add_subparsers(dest="t2i_cmd", required=True)
+
+    f = sub.add_parser("featurize", help="training features of a captioned image set into a store")
+    _model_args(f)
+    f.add_argument("--images", help="image folder (default: the shipped synthetic data)")
+    f.add_argument(
+        "--captions", help="metadata.jsonl / .json / .csv (default: <images>/metadata.jsonl)"
+    )
+    f.add_argument("--data", help="SyntheticConfig JSON (without --images)")
+    f.add_argument(
+        "--per-combo", type=int, default=0, help="synthetic data: first N per combination"
+    )
+    f.add_argument("--method", default="concept-trak", choices=["concept-trak", "trak", "d-trak"])
+    f.add_argument("--out", required=True, help="store directory (resumed if it exists)")
+    f.add_argument("--das-out", help="also write DAS rows here (d-trak only)")
+    f.add_argument("--batch-size", type=int, default=32)
+    f.add_argument("--store-dtype", default="float32", choices=DTYPES)
+    f.set_defaults(t2i_handler=_cmd_featurize)
+
+    q = sub.add_parser("query", help="concept query features of a prompt")
+    _model_args(q)
+    q.add_argument("--prompt", required=True, help="c+, e.g. 'a pikachu in the style of picasso'")
+    q.add_argument(
+        "--concept",
+        action="append",
+        help="phrase to attribute (repeatable): c- = prompt without it",
+    )
+    q.add_argument("--negative-prompt", action="append", help="an explicit c- (repeatable)")
+    q.add_argument("--draws", default="local", choices=["local", "global"])
+    q.add_argument("--n-draws", type=int, default=4)
+    q.add_argument("--weight", type=float, default=3.0, help="slider weight w (paper: 3 for text)")
+    q.add_argument(
+        "--image", help="the generated query image (PNG/JPG); default: regenerate from --seed"
+    )
+    q.add_argument("--seed", type=int, default=0, help="seed of the query image and of the draws")
+    q.add_argument("--guidance", type=float, default=7.5, help="CFG of the regenerated query image")
+    q.add_argument("--steps", type=int, default=50, help="sampling steps of the regenerated image")
+    q.add_argument("--scheduler", choices=["ddim", "ddpm", "euler", "euler-a", "dpm", "pndm"])
+    q.add_argument("--out", required=True, help="query safetensors file")
+    q.set_defaults(t2i_handler=_cmd_query)
+
+    at = sub.add_parser("attribute", help="top-k (both tails) of t2i queries against a store")
+    at.add_argument("--store", required=True)
+    at.add_argument("--query", required=True)
+    at.add_argument("--k", type=int, default=10)
+    at.add_argument("--lambda-r", type=float, default=1.0)
+    at.add_argument("--out", help="JSON file (default: stdout)")
+    at.set_defaults(t2i_handler=_cmd_attribute)
+
+    b = sub.add_parser("bench", help="prompt concept benchmark (options: `ctrak t2i bench -- -h`)")
+    b.add_argument("rest", nargs=argparse.REMAINDER, help="options of ctrak_fast.text_benchmark")
+    b.set_defaults(t2i_handler=_cmd_bench)
+    return t
+
+
+def run_t2i(a) -> None:
+    """Handler of the `t2i` command for the main CLI's dispatch table."""
+    a.t2i_handler(a)

@@ -1,0 +1,717 @@
+"""Text-to-image diffusers models behind the engine's eps(x_t, t, cond) interface.
+
+`TextToImageAdapter` wraps a UNet2DConditionModel (and, optionally, an AutoencoderKL, a text encoder
+with its tokenizer and a diffusers scheduler) as one module
+
+    adapter(x_t [B,C,h,w] float32, t [B] int64, cond [B,L,D] float32) -> eps [B,C,h,w] float32
+
+so Featurizer, the DDIM inversion/sampling of diffusion.py and the per-sample gradients work on it
+unchanged. x_t lives in latent space when there is a VAE (latents = scaling_factor * posterior mean
+of the VAE encoder), in pixel space otherwise; cond is the text encoder's last hidden state.
+
+Only the UNet is a sub-module: its parameters are the ones gradients and the model fingerprint are
+taken over ("all parameters" means all UNet parameters). The VAE and text encoder are held beside
+it; they enter the store manifest through their own fingerprints (`T2IFeaturizer.meta`).
+
+Precision: the UNet executes in `dtype` (float16 / bfloat16 / float32); inputs are cast down and
+outputs returned as float32, so samplers, inversion and the DPS guidance run in float32, and the
+per-sample gradients are cast to float32 before they are normalised, summed and projected. In
+float16 the gradients flowing through the UNet are scaled by `grad_scale` (static loss scaling, as
+AMP does) and unscaled at the boundaries, so the small deltas of a mean-over-pixels loss do not
+underflow; on overflow the featurizer retries with a smaller scale.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import diffusion
+from ..featurize import FeatureSpec, Featurizer
+from ..grads import Blocks, add_blocks, blocks_sq_norm, scale_blocks
+from ..projection import ProjectionSpec
+from ..query import ConceptQuerySpec, draw_points
+from ..store import model_fingerprint
+
+__all__ = [
+    "T2I_PARAM_FILTER",
+    "TextToImageAdapter",
+    "T2IFeaturizer",
+    "remove_phrase",
+    "concept_prompts",
+    "schedule_from_scheduler",
+    "make_featurizer",
+    "prompt_query_features",
+    "slider_features",
+    "query_points",
+    "encode_images_cached",
+    "latent_cache_path",
+]
+
+# Cross-attention of every transformer block (to_q, to_k, to_v, to_out): the text -> image pathway
+# and the paper's parameter subset for Stable Diffusion. Matches diffusers' module names
+# "...transformer_blocks.N.attn2.to_k.weight"; self-attention is attn1.
+T2I_PARAM_FILTER = r"\.attn2\."
+
+
+# ---- prompts -------------------------------------------------------------------------------------
+
+
+def remove_phrase(prompt: str, phrase: str) -> str:
+    """`prompt` with every occurrence of `phrase` deleted: c- of a prompt concept (METHOD.md §5).
+
+    Matching is case-insensitive, on whole words, and any run of whitespace inside the phrase
+    matches any whitespace in the prompt. The result has its whitespace collapsed and no space
+    left before punctuation or dangling comma at either end.
+
+    Raises ValueError when the phrase is empty or does not occur.
+
+    Examples:
+        >>> remove_phrase("a pikachu in the style of picasso", "a pikachu")
+        'in the style of picasso'
+        >>> remove_phrase("A red triangle", "red")
+        'A triangle'
+    """
+    words = phrase.split()
+    if not words:
+        raise ValueError("the concept phrase is empty")
+    pattern = re.compile(
+        r"(?<!\w)" + r"\s+".join(re.escape(w) for w in words) + r"(?!\w)", re.IGNORECASE
+    )
+    out, n = pattern.subn(" ", prompt)
+    if n == 0:
+        raise ValueError(f"concept phrase {phrase!r} does not occur in the prompt {prompt!r}")
+    out = re.sub(r"\s+", " ", out).strip()
+    out = re.sub(r"\s+([,.;:!?])", r"\1", out)
+    return re.sub(r"^[,;:]\s*|\s*[,;:]$", "", out).strip()
+
+
+def concept_prompts(
+    prompt: str, concepts: Sequence[str] = (), negative_prompts: Sequence[str] = ()
+) -> list[str]:
+    """The c- prompts of a query: `prompt` minus each concept phrase, then the explicit negatives.
+
+    Examples:
+        >>> concept_prompts("a red triangle", ["red", "triangle"])
+        ['a triangle', 'a red']
+    """
+    negs = [remove_phrase(prompt, c) for c in concepts] + list(negative_prompts)
+    if not negs:
+        raise ValueError("a concept query needs a concept phrase or a negative prompt")
+    return negs
+
+
+# ---- schedule ------------------------------------------------------------------------------------
+
+
+def schedule_from_scheduler(scheduler) -> diffusion.NoiseSchedule:
+    """The DDPM training schedule of any diffusers scheduler (DDPM, DDIM, PNDM, Euler, DPM-Solver,
+    ...): they all carry num_train_timesteps / beta_schedule / beta_start / beta_end in `config`."""
+    cfg = dict(scheduler.config)
+    if cfg.get("trained_betas") is not None:
+        raise ValueError("schedulers with trained_betas are not supported")
+    if cfg.get("rescale_betas_zero_snr"):
+        raise ValueError("zero-terminal-SNR schedules are not supported (alpha_bar_T = 0)")
+    return diffusion.NoiseSchedule(
+        num_train_timesteps=cfg.get("num_train_timesteps", 1000),
+        beta_schedule=cfg.get("beta_schedule", "linear"),
+        beta_start=cfg.get("beta_start", 1e-4),
+        beta_end=cfg.get("beta_end", 0.02),
+    )
+
+
+# ---- the adapter ---------------------------------------------------------------------------------
+
+
+class _GradScale(torch.autograd.Function):
+    """Identity forward; multiplies the incoming gradient by `scale` (vmap-compatible)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, scale):
+        return x.view_as(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.scale = inputs[1]
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
+
+
+def _sample_size(unet) -> int:
+    s = unet.config.sample_size
+    if isinstance(s, (tuple, list)):
+        if s[0] != s[1]:
+            raise ValueError(f"non-square sample_size {s} is not supported")
+        s = s[0]
+    return int(s)
+
+
+def _last_hidden_state(out) -> torch.Tensor:
+    if torch.is_tensor(out):
+        return out
+    if getattr(out, "last_hidden_state", None) is not None:
+        return out.last_hidden_state
+    return out[0]
+
+
+class TextToImageAdapter(nn.Module):
+    """A diffusers text-to-image model as eps(x_t, t, cond) (see the module docstring).
+
+    Args:
+        unet: UNet2DConditionModel (any module called as unet(x, t, encoder_hidden_states=c)
+            returning `.sample`).
+        scheduler: a diffusers scheduler; its config gives the training schedule and the
+            prediction type ("epsilon", "v_prediction" and "sample" are converted to eps).
+        vae: AutoencoderKL or None (pixel-space model).
+        text_encoder, tokenizer: a transformers text model (CLIPTextModel, BertModel, ...) or any
+            module returning hidden states, and a callable tokenizer in the transformers style.
+            Optional: without them, conditions are passed as embeddings.
+        dtype: execution dtype of the UNet (default: its parameters' dtype).
+        max_length: token length of a prompt (default: tokenizer.model_max_length, e.g. 77).
+        text_attention_mask: pass the tokenizer's attention mask to the text encoder (default:
+            text_encoder.config.use_attention_mask, False for CLIP as in diffusers' pipelines).
+        grad_scale: float16 loss scale (default 2**10 for float16, 1 otherwise).
+        vae_dtype: the VAE runs once per image; float32 by default (SD VAEs overflow in float16).
+
+    Examples (need a model; not doctests):
+            ad = TextToImageAdapter.from_pretrained("path/to/sd-1.5", dtype=torch.float16)
+            cond = ad.encode_prompts(["a pikachu in the style of picasso"])     # [1, 77, 768]
+            x0 = ad.encode_images(images)                    # [B, 4, 64, 64] latents
+            eps = ad(x_t, t, cond.expand(len(x_t), -1, -1))    # float32
+    """
+
+    def __init__(
+        self,
+        unet: nn.Module,
+        scheduler,
+        vae: nn.Module | None = None,
+        text_encoder: nn.Module | None = None,
+        tokenizer=None,
+        *,
+        dtype: torch.dtype | None = None,
+        max_length: int | None = None,
+        text_attention_mask: bool | None = None,
+        grad_scale: float | None = None,
+        vae_dtype: torch.dtype = torch.float32,
+    ):
+        super().__init__()
+        self.unet = unet.eval()
+        self.compute_dtype = dtype or next(unet.parameters()).dtype
+        if self.compute_dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"unsupported execution dtype {self.compute_dtype}")
+        if next(unet.parameters()).dtype != self.compute_dtype:  # (diffusers warns on any .to)
+            self.unet.to(self.compute_dtype)
+        # Beside the module tree on purpose: gradients and the fingerprint cover the UNet only.
+        self._aux: dict[str, nn.Module | None] = {"vae": vae, "text_encoder": text_encoder}
+        if vae is not None:
+            vae.to(vae_dtype).eval().requires_grad_(False)
+        if text_encoder is not None:
+            text_encoder.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.scheduler = scheduler
+        self.schedule = schedule_from_scheduler(scheduler)
+        self.prediction_type = scheduler.config.get("prediction_type", "epsilon")
+        if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
+            raise ValueError(f"unsupported prediction_type {self.prediction_type!r}")
+        if max_length is None and tokenizer is not None:
+            max_length = int(tokenizer.model_max_length)
+        self.max_length = max_length
+        if text_attention_mask is None:
+            cfg = getattr(text_encoder, "config", None)
+            text_attention_mask = bool(getattr(cfg, "use_attention_mask", False))
+        self.text_attention_mask = text_attention_mask
+        default_scale = 2.0**10 if self.compute_dtype == torch.float16 else 1.0
+        self.grad_scale = float(default_scale if grad_scale is None else grad_scale)
+        # What diffusion.ddim_sample / NoiseSchedule.for_model read from a model.
+        self.config = {
+            "image_size": _sample_size(unet),
+            "in_channels": int(unet.config.in_channels),
+            "schedule": self.schedule.config,
+        }
+        self._null: torch.Tensor | None = None
+        self._fingerprints: dict[str, str | None] = {}
+
+    # -- components --
+
+    @property
+    def vae(self) -> nn.Module | None:
+        return self._aux["vae"]
+
+    @property
+    def text_encoder(self) -> nn.Module | None:
+        return self._aux["text_encoder"]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def latent(self) -> bool:
+        return self.vae is not None
+
+    @property
+    def clip_sample(self) -> bool:
+        """Whether samplers may clamp x0 estimates to [-1, 1]: pixels yes, latents no."""
+        return not self.latent
+
+    def _apply(self, fn, recurse=True):
+        # .to(device) moves the VAE and text encoder too; they are not sub-modules.
+        super()._apply(fn, recurse)
+        for m in self._aux.values():
+            if m is not None:
+                m._apply(fn)
+        return self
+
+    # -- eps --
+
+    def forward(self, x_t: torch.Tensor, t, cond: torch.Tensor) -> torch.Tensor:
+        """x_t [B,C,h,w] float32, t [B] int64 (or int), cond [B,L,D] -> eps [B,C,h,w] float32."""
+        if not torch.is_tensor(t):
+            t = torch.tensor(t, dtype=torch.int64, device=x_t.device)
+        if t.ndim == 0:
+            t = t.expand(x_t.shape[0])
+        t, cond = t.to(x_t.device), cond.to(x_t.device)  # callers build t on the CPU
+        s = self.grad_scale
+        x = _GradScale.apply(x_t, 1.0 / s) if s != 1.0 else x_t
+        out = self.unet(
+            x.to(self.compute_dtype), t, encoder_hidden_states=cond.to(self.compute_dtype)
+        ).sample.float()
+        if s != 1.0:
+            out = _GradScale.apply(out, s)
+        if self.prediction_type == "epsilon":
+            return out
+        ab = self.schedule.alpha_bar(t, x_t)
+        if self.prediction_type == "v_prediction":
+            return ab.sqrt() * out + (1 - ab).sqrt() * x_t
+        return (x_t - ab.sqrt() * out) / (1 - ab).sqrt()  # "sample": out is x0
+
+    # -- text --
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: str | Sequence[str]) -> torch.Tensor:
+        """Prompts -> text encoder hidden states [B, max_length, D] float32."""
+        if self.text_encoder is None or self.tokenizer is None:
+            raise ValueError("this adapter has no text encoder/tokenizer: pass embeddings as cond")
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        batch = self.tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=self.max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        dev = next(self.text_encoder.parameters()).device
+        kw = {"attention_mask": batch["attention_mask"].to(dev)} if self.text_attention_mask else {}
+        return _last_hidden_state(self.text_encoder(batch["input_ids"].to(dev), **kw)).float()
+
+    def null_cond(self, batch: int = 1, device=None) -> torch.Tensor:
+        """The empty prompt's embedding [batch, L, D]: the unconditional model of CFG."""
+        if self._null is None:
+            self._null = self.encode_prompts([""])[0]
+        return self._null.to(device or self.device).expand(batch, *self._null.shape).clone()
+
+    def set_null_cond(self, emb: torch.Tensor) -> None:
+        """Set the unconditional embedding [L, D] (adapters without a text encoder)."""
+        self._null = emb.detach().float()
+
+    # -- latents --
+
+    def _vae_scale(self) -> tuple[float, float]:
+        cfg = self.vae.config
+        return float(cfg.scaling_factor), float(getattr(cfg, "shift_factor", None) or 0.0)
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+        """Images [B,3,H,W] in [-1,1] -> the diffusion model's x0 [B,C,h,w] float32.
+
+        With a VAE: (posterior mean - shift) * scaling_factor; the mean, not a sample, so the
+        features of an image are deterministic. Without: the images themselves.
+        """
+        if self.vae is None:
+            return images.float()
+        sf, shift = self._vae_scale()
+        vdt = next(self.vae.parameters()).dtype
+        out = []
+        for chunk in images.split(batch_size):
+            lat = self.vae.encode(chunk.to(self.device, vdt)).latent_dist.mean
+            out.append(((lat.float() - shift) * sf).cpu())
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def decode_latents(self, x0: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+        """x0 [B,C,h,w] -> images [B,3,H,W] float32 (clamped to [-1, 1])."""
+        if self.vae is None:
+            return x0.float().clamp(-1, 1)
+        sf, shift = self._vae_scale()
+        vdt = next(self.vae.parameters()).dtype
+        out = [
+            self.vae.decode((c.to(self.device, vdt) / sf) + shift).sample.float().cpu()
+            for c in x0.split(batch_size)
+        ]
+        return torch.cat(out).clamp(-1, 1)
+
+    # -- sampling through the scheduler API --
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt: str | torch.Tensor,
+        negative_prompt: str | torch.Tensor = "",
+        guidance: float = 7.5,
+        steps: int = 50,
+        seed: int = 0,
+        n: int = 1,
+        scheduler=None,
+    ) -> torch.Tensor:
+        """Sample x0 [n,C,h,w] with CFG through a diffusers scheduler (DDPM, DDIM, Euler, ...).
+
+        The scheduler is cloned with prediction_type="epsilon" (the adapter returns eps); default:
+        DDIMScheduler on this model's config. The same (prompt, seed, scheduler) gives the same
+        image, which is how a local query is reproduced from its seed. Prompts may be embeddings
+        [L, D].
+        """
+        from diffusers import DDIMScheduler
+
+        sch = scheduler or DDIMScheduler.from_config(self.scheduler.config)
+        sch = type(sch).from_config(sch.config, prediction_type="epsilon")
+        sch.set_timesteps(steps)
+        pos = prompt if torch.is_tensor(prompt) else self.encode_prompts([prompt])[0]
+        neg = negative_prompt
+        neg = neg if torch.is_tensor(neg) else self.encode_prompts([neg])[0]
+        pos = pos.to(self.device).expand(n, *pos.shape)
+        neg = neg.to(self.device)[None]
+        gen = torch.Generator().manual_seed(seed)
+        size = self.config["image_size"]
+        x = torch.randn((n, self.config["in_channels"], size, size), generator=gen)
+        x = (x * sch.init_noise_sigma).to(self.device)
+        for t in sch.timesteps:
+            eps = diffusion.guided_eps(
+                self, sch.scale_model_input(x, t), int(round(float(t))), pos, neg, guidance
+            )
+            x = sch.step(eps, t, x, generator=gen).prev_sample
+        return x.float()
+
+    # -- identity --
+
+    def fingerprints(self) -> dict[str, str | None]:
+        """sha256 of the VAE and text encoder parameters (None when absent); cached."""
+        if not self._fingerprints:
+            self._fingerprints = {
+                name: None if m is None else model_fingerprint(m) for name, m in self._aux.items()
+            }
+        return dict(self._fingerprints)
+
+    def describe(self) -> dict:
+        """What, beside the UNet's fingerprint, determines features (goes into store manifests)."""
+        return {
+            **self.fingerprints(),
+            "prediction_type": self.prediction_type,
+            "max_length": self.max_length,
+            "text_attention_mask": self.text_attention_mask,
+            "execution_dtype": str(self.compute_dtype).removeprefix("torch."),
+            "latent": self.latent,
+        }
+
+    # -- construction --
+
+    @classmethod
+    def from_pipeline(cls, pipe, **kw) -> TextToImageAdapter:
+        """From a diffusers pipeline object (StableDiffusionPipeline or any with unet/scheduler and
+        optional vae/text_encoder/tokenizer attributes)."""
+        return cls(
+            pipe.unet,
+            pipe.scheduler,
+            vae=getattr(pipe, "vae", None),
+            text_encoder=getattr(pipe, "text_encoder", None),
+            tokenizer=getattr(pipe, "tokenizer", None),
+            **kw,
+        )
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, **kw) -> TextToImageAdapter:
+        """From a local diffusers pipeline folder (model_index.json, unet/, scheduler/, and
+        optionally vae/, text_encoder/, tokenizer/). Only these five components are loaded (no
+        safety checker); nothing is downloaded."""
+        path = Path(path)
+        index_file = path / "model_index.json"
+        if not index_file.is_file():
+            raise FileNotFoundError(
+                f"{path}: not a diffusers pipeline folder (no model_index.json)"
+            )
+        index = json.loads(index_file.read_text())
+        parts = {}
+        for name in ("unet", "scheduler", "vae", "text_encoder", "tokenizer"):
+            entry = index.get(name)
+            if not entry or entry[0] is None or not (path / name).is_dir():
+                if name in ("unet", "scheduler"):
+                    raise FileNotFoundError(f"{path}: the pipeline has no {name}/ component")
+                parts[name] = None
+                continue
+            library, class_name = entry
+            try:
+                module = importlib.import_module(library)
+            except ImportError as e:
+                raise ImportError(
+                    f"loading {name} needs the {library!r} package (pip install {library})"
+                ) from e
+            loader = getattr(module, class_name)
+            load = getattr(loader, "from_pretrained", None) or loader.from_config
+            parts[name] = load(str(path / name), local_files_only=True)
+        return cls(
+            parts["unet"],
+            parts["scheduler"],
+            vae=parts["vae"],
+            text_encoder=parts["text_encoder"],
+            tokenizer=parts["tokenizer"],
+            **kw,
+        )
+
+
+# ---- features ------------------------------------------------------------------------------------
+
+
+class _Fp32Grads:
+    """PerSampleGrads wrapper: float32 blocks, float16 loss scale removed, overflow retried."""
+
+    def __init__(self, inner, adapter: TextToImageAdapter, min_scale: float = 1.0):
+        self.inner = inner
+        self.adapter = adapter
+        self.min_scale = min_scale
+
+    def __getattr__(self, name):  # slots, dim, n_selected, ... of the wrapped object
+        return getattr(self.inner, name)
+
+    def __call__(self, x_t, t, cond, r) -> Blocks:
+        ad = self.adapter
+        while True:
+            s = ad.grad_scale
+            blocks = [(off, b.float()) for off, b in self.inner(x_t, t, cond, r)]
+            if s == 1.0:
+                return blocks
+            if all(torch.isfinite(b).all() for _, b in blocks):
+                return [(off, b / s) for off, b in blocks]
+            if s / 16 < self.min_scale:
+                raise FloatingPointError("non-finite float16 gradients even without loss scaling")
+            ad.grad_scale = s / 16  # sticky, like AMP's GradScaler backing off
+
+
+@dataclass
+class T2IFeaturizer(Featurizer):
+    """Featurizer over a TextToImageAdapter: float32 gradient accumulation, parameters outside the
+    filter frozen (backward stops at the first selected layer), and the VAE / text encoder
+    fingerprints and execution dtype recorded in the store manifest. cond: [B, L, D] embeddings."""
+
+    def __post_init__(self):
+        if not isinstance(self.model, TextToImageAdapter):
+            raise TypeError("T2IFeaturizer needs a TextToImageAdapter model")
+        super().__post_init__()
+        selected = {s.name for s in self._grads.slots}
+        for name, p in self.model.named_parameters():
+            p.requires_grad_(name in selected)
+        self._grads = _Fp32Grads(self._grads, self.model)
+
+    def meta(self) -> dict:
+        return {**super().meta(), "text2image": self.model.describe()}
+
+
+def make_featurizer(
+    adapter: TextToImageAdapter,
+    spec: FeatureSpec | None = None,
+    projection: ProjectionSpec | None = None,
+    grad_backend: str = "hooks",
+    projector_backend: str = "auto",
+) -> T2IFeaturizer:
+    """A T2IFeaturizer with the model's schedule, the empty prompt as null condition, and the
+    cross-attention filter unless `spec` names another (spec.param_filter=None there means: use
+    T2I_PARAM_FILTER; pass ".*" for every UNet parameter).
+
+    Examples (need a model; not doctests):
+            fz = make_featurizer(adapter, FeatureSpec(), ProjectionSpec(k=4096))
+            phi, _ = fz(adapter.encode_images(images), adapter.encode_prompts(captions))
+    """
+    spec = spec or FeatureSpec()
+    if spec.param_filter is None:
+        spec = FeatureSpec.from_dict({**spec.to_dict(), "param_filter": T2I_PARAM_FILTER})
+    return T2IFeaturizer(
+        adapter,
+        adapter.schedule,
+        spec,
+        projection or ProjectionSpec(),
+        adapter.null_cond(1)[0],
+        grad_backend=grad_backend,
+        projector_backend=projector_backend,
+    )
+
+
+def _batched(cond: torch.Tensor, n: int) -> torch.Tensor:
+    return cond.unsqueeze(0).expand(n, *cond.shape)
+
+
+def query_points(
+    featurizer: Featurizer,
+    spec: ConceptQuerySpec,
+    cond_pos: torch.Tensor,
+    cond_neg: torch.Tensor | None = None,
+    x0: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw points (x_t [n,C,h,w], t [n]) of a concept query, n = n_draws * len(timesteps).
+
+    As query.draw_points, except that global draws of a latent model do not clamp the x0
+    estimates (latents are not confined to [-1, 1]). x0: the query's x0 [C,h,w] (local draws).
+    """
+    model = featurizer.model
+    if spec.draws == "local" or getattr(model, "clip_sample", True):
+        return draw_points(featurizer, spec, cond_pos, cond_neg, x0)
+    gen = torch.Generator().manual_seed(spec.seed)
+    _, traj = diffusion.ddim_sample(
+        model,
+        _batched(cond_pos, spec.n_draws),
+        neg_cond=None if cond_neg is None else _batched(cond_neg, 1),
+        guidance=spec.guidance,
+        steps=spec.steps,
+        generator=gen,
+        record_timesteps=spec.timesteps,
+        stop_at=min(spec.timesteps),
+        schedule=featurizer.schedule,
+        clip_x0=False,
+    )
+    x = torch.cat([traj[t] for t in spec.timesteps])
+    t = torch.tensor(spec.timesteps, dtype=torch.long).repeat_interleave(spec.n_draws)
+    return x, t
+
+
+def slider_features(
+    featurizer: Featurizer,
+    spec: ConceptQuerySpec,
+    cond_pos: torch.Tensor,
+    cond_neg: torch.Tensor,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    batch_size: int = 32,
+) -> torch.Tensor:
+    """Concept-slider feature [k] at given draw points (METHOD.md §5): per point the gradient of
+    mean((sg[eps(c+) + w d] - eps(c+))^2), d = eps(c+) - eps(c-), unit-normalised, averaged over
+    the points, projected. The same computation as query.concept_query_features.
+    cond_pos / cond_neg: one condition each ([L, D]); x [n,C,h,w], t [n]."""
+    model = featurizer.model
+    acc = None
+    for i in range(0, len(x), batch_size):
+        xb, tb = x[i : i + batch_size], t[i : i + batch_size]
+        pos_b, neg_b = _batched(cond_pos, len(xb)), _batched(cond_neg, len(xb))
+        with torch.no_grad():
+            d = model(xb, tb, pos_b) - model(xb, tb, neg_b)
+        blocks = featurizer.grads(xb, tb, pos_b, -spec.weight * d)
+        if spec.normalize:
+            norm = blocks_sq_norm(blocks).sqrt()
+            blocks = scale_blocks(blocks, torch.where(norm > 0, 1.0 / norm, torch.zeros_like(norm)))
+        acc = add_blocks(acc, [(off, b.sum(0, keepdim=True)) for off, b in blocks])
+    acc = [(off, b / len(x)) for off, b in acc]
+    return featurizer.projector.project_blocks(acc)[0]
+
+
+def prompt_query_features(
+    featurizer: Featurizer,
+    spec: ConceptQuerySpec,
+    prompt: str | torch.Tensor,
+    negatives: Sequence[str | torch.Tensor],
+    x0: torch.Tensor | None = None,
+    batch_size: int = 32,
+) -> torch.Tensor:
+    """Concept query features of one prompt against several c- (one per concept removed).
+
+    Args:
+        featurizer: over a TextToImageAdapter (make_featurizer).
+        spec: draws "local" (stochastic DDIM inversion of x0, shared by all c-) or "global"
+            (samples with CFG c+ vs c-, drawn per c-); weight w = 3 in the paper's text setting.
+        prompt: c+ as text or embedding [L, D]; negatives: the c- (text or embeddings), e.g.
+            concept_prompts(prompt, ["a pikachu"]).
+        x0: the query's x0 [C,h,w] (latent, or pixels without a VAE): local draws only.
+
+    Returns: [len(negatives), k] float32.
+
+    Examples (need a model; not doctests):
+            negs = concept_prompts("a pikachu in the style of picasso", ["a pikachu"])
+            q = prompt_query_features(fz, ConceptQuerySpec(weight=3.0), prompt, negs, x0)
+    """
+    ad = featurizer.model
+
+    def emb(p):
+        return p.float() if torch.is_tensor(p) else ad.encode_prompts([p])[0]
+
+    pos = emb(prompt)
+    negs = [emb(p) for p in negatives]
+    shared = query_points(featurizer, spec, pos, None, x0) if spec.draws == "local" else None
+    out = []
+    for neg in negs:
+        x, t = shared if shared is not None else query_points(featurizer, spec, pos, neg, x0)
+        out.append(slider_features(featurizer, spec, pos, neg, x, t, batch_size))
+    return torch.stack(out)
+
+
+# ---- latent cache --------------------------------------------------------------------------------
+
+
+def latent_cache_path(store_path: str | os.PathLike, vae_fingerprint: str) -> Path:
+    """`<store>.latents-<vae fingerprint[:16]>.safetensors`, next to the store directory."""
+    p = Path(store_path)
+    return p.with_name(f"{p.name}.latents-{vae_fingerprint[:16]}.safetensors")
+
+
+def _images_digest(images: torch.Tensor, ids: torch.Tensor) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for t in (images.detach().float().contiguous(), ids.detach().long().contiguous()):
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def encode_images_cached(
+    adapter: TextToImageAdapter,
+    images: torch.Tensor,
+    ids: torch.Tensor,
+    store_path: str | os.PathLike,
+    batch_size: int = 16,
+) -> torch.Tensor:
+    """x0 of the training images [N,C,h,w] float32, VAE-encoded once and cached next to the store.
+
+    The cache file is keyed by the VAE fingerprint (its name) and records a digest of the images
+    and ids; a cache for other images is recomputed and replaced. Written atomically (tmp +
+    os.replace). Pixel-space models return the images (nothing cached).
+    """
+    if not adapter.latent:
+        return images.float()
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    vae_fp = adapter.fingerprints()["vae"]
+    path = latent_cache_path(store_path, vae_fp)
+    digest = _images_digest(images, ids)
+    if path.is_file():
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("vae") == vae_fp and meta.get("images") == digest:
+                return f.get_tensor("latents")
+    latents = adapter.encode_images(images, batch_size).contiguous()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(
+        {"latents": latents, "ids": ids.long().contiguous()},
+        str(tmp),
+        metadata={"vae": vae_fp, "images": digest, "format": "ctrak-latents/1"},
+    )
+    os.replace(tmp, path)
+    return latents

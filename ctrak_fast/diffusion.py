@@ -1,0 +1,310 @@
+"""Noise schedule, DDIM sampling and DDIM inversion with classifier-free guidance.
+
+Timestep grid: with `steps` S (S must divide 1000) the grid is t_i = i * (1000 / S) - 1 for
+i = S, ..., 1, i.e. for S = 50: 999, 979, ..., 39, 19. It contains 99, 199, ..., 899 (the method's
+default timesteps) for S in {10, 20, 25, 50, 100, ...}; `record_timesteps` must lie on the grid.
+The last DDIM step goes from t = 19 to the clean image (alpha_bar = 1).
+
+CFG: eps = eps(neg) + guidance * (eps(cond) - eps(neg)); neg defaults to every factor null. With
+guidance == 1 only eps(cond) is evaluated.
+
+Inversion evaluates the model at the *target* timestep on the current (less noisy) latent, as in
+null-text inversion (Mokady et al. 2023): eps(x_{t_prev}, t) ~ eps(x_t, t).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from diffusers import DDPMScheduler
+from tqdm.auto import tqdm
+
+__all__ = [
+    "NoiseSchedule",
+    "ddim_timesteps",
+    "add_noise",
+    "tweedie_x0",
+    "guided_eps",
+    "ddim_sample",
+    "ddim_invert",
+    "ddim_invert_stochastic",
+]
+
+
+class NoiseSchedule:
+    """DDPM schedule (via diffusers' DDPMScheduler config); alphas_cumprod float64 [T].
+
+    Args: num_train_timesteps (1000), beta_schedule ("linear" | "squaredcos_cap_v2" |
+    "scaled_linear"), beta_start, beta_end (used by the linear schedules).
+    """
+
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_schedule: str = "linear",
+        beta_start: float = 1e-4,
+        beta_end: float = 0.02,
+    ):
+        self.config = {
+            "num_train_timesteps": int(num_train_timesteps),
+            "beta_schedule": beta_schedule,
+            "beta_start": float(beta_start),
+            "beta_end": float(beta_end),
+        }
+        sched = DDPMScheduler(**self.config)
+        self.num_train_timesteps = int(num_train_timesteps)
+        self.betas = sched.betas.double()
+        self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)  # float64 [T]
+
+    @classmethod
+    def from_config(cls, config: dict | None) -> NoiseSchedule:
+        return cls(**(config or {}))
+
+    @classmethod
+    def for_model(cls, model) -> NoiseSchedule:
+        """The schedule stored in a FactorUNet's config (default schedule for other models)."""
+        return cls.from_config(getattr(model, "config", {}).get("schedule"))
+
+    def alpha_bar(self, t, like: torch.Tensor) -> torch.Tensor:
+        """alpha_bar_t as float32 on like's device, shaped [B,1,1,1] to broadcast over like [B,...].
+        t: int, 0-dim or [B] int64; t == -1 means the clean image (alpha_bar = 1)."""
+        t = torch.as_tensor(t, dtype=torch.int64)
+        ab = torch.where(
+            t >= 0, self.alphas_cumprod[t.clamp(min=0)], torch.ones((), dtype=torch.float64)
+        )
+        ab = ab.to(device=like.device, dtype=like.dtype)
+        return ab.reshape(-1, *([1] * (like.ndim - 1))) if ab.ndim else ab
+
+
+def _schedule(model, schedule: NoiseSchedule | None) -> NoiseSchedule:
+    return schedule if schedule is not None else NoiseSchedule.for_model(model)
+
+
+def ddim_timesteps(steps: int = 50, num_train_timesteps: int = 1000) -> list[int]:
+    """Descending DDIM grid [t_S, ..., t_1] with t_i = i * (T / S) - 1 (see module docstring)."""
+    if steps < 1 or num_train_timesteps % steps:
+        raise ValueError(f"steps must divide {num_train_timesteps}, got {steps}")
+    stride = num_train_timesteps // steps
+    return [i * stride - 1 for i in range(steps, 0, -1)]
+
+
+def add_noise(x0: torch.Tensor, eps: torch.Tensor, t, schedule: NoiseSchedule) -> torch.Tensor:
+    """x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps.  x0, eps [B,C,H,W]; t int or int64 [B]."""
+    ab = schedule.alpha_bar(t, x0)
+    return ab.sqrt() * x0 + (1.0 - ab).sqrt() * eps
+
+
+def tweedie_x0(x_t: torch.Tensor, eps: torch.Tensor, t, schedule: NoiseSchedule) -> torch.Tensor:
+    """x0_hat = (x_t - sqrt(1 - ab_t) eps) / sqrt(ab_t): Tweedie's estimate given predicted noise.
+    Differentiable in x_t and eps (the DPS loss backpropagates through it)."""
+    ab = schedule.alpha_bar(t, x_t)
+    return (x_t - (1.0 - ab).sqrt() * eps) / ab.sqrt()
+
+
+def guided_eps(
+    model, x_t: torch.Tensor, t: int, cond, neg_cond=None, guidance: float = 1.0
+) -> torch.Tensor:
+    """CFG eps(neg) + g * (eps(cond) - eps(neg)) in one batched forward; x_t, result [B,C,H,W]."""
+    b = x_t.shape[0]
+    tt = torch.full((b,), int(t), dtype=torch.int64, device=x_t.device)
+    if guidance == 1.0:  # eps(neg) cancels exactly; skip its forward
+        return model(x_t, tt, cond)
+    if neg_cond is None:
+        neg_cond = model.null_cond(b, device=x_t.device)
+    neg_cond = neg_cond.expand(b, *neg_cond.shape[1:]) if neg_cond.shape[0] == 1 else neg_cond
+    both = model(torch.cat([x_t, x_t]), torch.cat([tt, tt]), torch.cat([cond, neg_cond]))
+    e_c, e_n = both.chunk(2)
+    return e_n + guidance * (e_c - e_n)
+
+
+def _check_record(record_timesteps: Iterable[int] | None, grid: list[int]) -> set[int]:
+    rec = {int(t) for t in (record_timesteps or ())}
+    off = sorted(rec - set(grid))
+    if off:
+        raise ValueError(
+            f"record_timesteps {off} are not on the DDIM grid {grid[::-1][:3]}...{grid[0]}"
+        )
+    return rec
+
+
+def _expand_cond(cond: torch.Tensor, b: int) -> torch.Tensor:
+    """Factor indices [F] / [1, F] / [B, F] (made int64), or float embeddings [1, ...] / [B, ...]
+    (e.g. text hidden states [B, L, D]; kept as they are), -> batch b."""
+    cond = torch.as_tensor(cond)
+    if not cond.is_floating_point():
+        cond = cond.to(torch.int64)
+        if cond.ndim == 1:
+            cond = cond[None]
+    return cond.expand(b, *cond.shape[1:]) if cond.shape[0] == 1 else cond
+
+
+@torch.no_grad()
+def ddim_sample(
+    model,
+    cond: torch.Tensor,
+    neg_cond: torch.Tensor | None = None,
+    guidance: float = 1.0,
+    steps: int = 50,
+    eta: float = 0.0,
+    generator: torch.Generator | None = None,
+    x_T: torch.Tensor | None = None,
+    record_timesteps: Iterable[int] | None = None,
+    schedule: NoiseSchedule | None = None,
+    progress: bool = False,
+    stop_at: int | None = None,
+    clip_x0: bool = True,
+) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """DDIM sampling with CFG.
+
+    Args:
+        cond: int64 [B, F] (or [F] / [1, F] broadcast to x_T's batch).
+        neg_cond: int64 [B, F] / [1, F]; None -> all-null when guidance != 1.
+        eta: 0 deterministic DDIM; > 0 adds DDIM's sigma_t noise (drawn from `generator`).
+        x_T: [B, C, H, W] start noise; None -> drawn from `generator`.
+        record_timesteps: grid timesteps t whose x_t (state *before* denoising at t) is returned.
+        stop_at: optional grid timestep; return as soon as x_{stop_at} is reached (x0 is then the
+            Tweedie estimate at that point), for query draws that only need the trajectory.
+        clip_x0: clamp each step's x0 estimate to [-1, 1] (diffusers' clip_sample; keeps the first,
+            near-pure-noise steps from overshooting). False gives the exact DDIM ODE (inverse of
+            `ddim_invert`).
+
+    Returns: (x0 float32 [B, C, H, W] (not clamped), {t: x_t [B, C, H, W]} for the recorded t).
+
+    Examples:
+        >>> x0, traj = ddim_sample(model, cond, guidance=2.0, record_timesteps=[99, 499])
+    """
+    sch = _schedule(model, schedule)
+    grid = ddim_timesteps(steps, sch.num_train_timesteps)
+    rec = _check_record(record_timesteps, grid)
+    if stop_at is not None and stop_at not in grid:
+        raise ValueError(f"stop_at {stop_at} not on the grid")
+    device = next(model.parameters()).device
+    if x_T is None:
+        b = _expand_cond(cond, 1).shape[0]
+        cfg = model.config
+        shape = (b, cfg.get("in_channels", 3), cfg["image_size"], cfg["image_size"])
+        x_T = torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
+    x = x_T.to(device=device, dtype=torch.float32)
+    b = x.shape[0]
+    cond = _expand_cond(cond, b).to(device)
+    neg_cond = None if neg_cond is None else _expand_cond(neg_cond, b).to(device)
+    traj: dict[int, torch.Tensor] = {}
+    x0 = x
+    for i, t in enumerate(tqdm(grid, disable=not progress, desc="ddim", leave=False)):
+        if t in rec:
+            traj[t] = x.clone()
+        eps = guided_eps(model, x, t, cond, neg_cond, guidance)
+        x0 = tweedie_x0(x, eps, t, sch)
+        if clip_x0:
+            x0 = x0.clamp(-1.0, 1.0)
+        if stop_at is not None and t == stop_at:
+            return x0, traj
+        t_prev = grid[i + 1] if i + 1 < len(grid) else -1
+        ab, ab_prev = sch.alpha_bar(t, x), sch.alpha_bar(t_prev, x)
+        sigma = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt() if eta > 0 else 0.0
+        x = ab_prev.sqrt() * x0 + (1 - ab_prev - sigma**2).clamp(min=0).sqrt() * eps
+        if eta > 0 and t_prev >= 0:
+            noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(device)
+            x = x + sigma * noise
+    return x, traj
+
+
+def _invert(
+    model, x0, cond, neg_cond, guidance, steps, record_timesteps, schedule, eta, generator, progress
+):
+    sch = _schedule(model, schedule)
+    grid = ddim_timesteps(steps, sch.num_train_timesteps)[::-1]  # ascending: 19, 39, ..., 999
+    rec = _check_record(record_timesteps, grid)
+    device = next(model.parameters()).device
+    x = x0.to(device=device, dtype=torch.float32)
+    b = x.shape[0]
+    cond = _expand_cond(cond, b).to(device)
+    neg_cond = None if neg_cond is None else _expand_cond(neg_cond, b).to(device)
+    last = max(rec) if rec else grid[-1]
+    traj: dict[int, torch.Tensor] = {}
+    t_cur = -1
+    for t in tqdm(grid, disable=not progress, desc="ddim-invert", leave=False):
+        eps = guided_eps(model, x, t, cond, neg_cond, guidance)
+        ab_cur, ab = sch.alpha_bar(t_cur, x), sch.alpha_bar(t, x)
+        x0_hat = tweedie_x0(x, eps, t_cur, sch) if t_cur >= 0 else x
+        if eta > 0:
+            # Forward (noising) analogue of DDIM's sigma_t: keep total variance 1 - ab.
+            sigma = eta * ((1 - ab_cur) / (1 - ab) * (1 - ab / ab_cur)).sqrt()
+            noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(device)
+            x = ab.sqrt() * x0_hat + (1 - ab - sigma**2).clamp(min=0).sqrt() * eps + sigma * noise
+        else:
+            x = ab.sqrt() * x0_hat + (1 - ab).sqrt() * eps
+        if t in rec:
+            traj[t] = x.clone()
+        if t == last:  # nothing later is needed
+            break
+        t_cur = t
+    return traj
+
+
+@torch.no_grad()
+def ddim_invert(
+    model,
+    x0: torch.Tensor,
+    cond: torch.Tensor,
+    neg_cond: torch.Tensor | None = None,
+    guidance: float = 1.0,
+    steps: int = 50,
+    record_timesteps: Iterable[int] | None = None,
+    schedule: NoiseSchedule | None = None,
+    progress: bool = False,
+) -> dict[int, torch.Tensor]:
+    """Deterministic DDIM inversion (eta = 0) with CFG on the same grid as `ddim_sample`.
+
+    Args:
+        x0: float32 [B, C, H, W] in [-1, 1]; cond / neg_cond as in ddim_sample.
+        record_timesteps: grid timesteps to return (None -> only the final t = grid max).
+    Returns: {t: x_t [B, C, H, W]}; stops after the largest requested timestep.
+
+    Examples:
+        >>> traj = ddim_invert(model, x0, labels, guidance=7.5, record_timesteps=T)
+    """
+    if record_timesteps is None:
+        record_timesteps = [
+            ddim_timesteps(steps, _schedule(model, schedule).num_train_timesteps)[0]
+        ]
+    return _invert(
+        model, x0, cond, neg_cond, guidance, steps, record_timesteps, schedule, 0.0, None, progress
+    )
+
+
+@torch.no_grad()
+def ddim_invert_stochastic(
+    model,
+    x0: torch.Tensor,
+    cond: torch.Tensor,
+    neg_cond: torch.Tensor | None = None,
+    guidance: float = 1.0,
+    steps: int = 50,
+    record_timesteps: Iterable[int] | None = None,
+    eta: float = 0.1,
+    generator: torch.Generator | None = None,
+    schedule: NoiseSchedule | None = None,
+    progress: bool = False,
+) -> dict[int, torch.Tensor]:
+    """Stochastic DDIM inversion (local query draws, METHOD.md §5): as `ddim_invert`, but each
+    step also injects fresh noise of std sigma_t(eta), so repeated calls give different x_t
+    around the deterministic trajectory. Returns {t: x_t [B, C, H, W]}."""
+    if record_timesteps is None:
+        record_timesteps = [
+            ddim_timesteps(steps, _schedule(model, schedule).num_train_timesteps)[0]
+        ]
+    return _invert(
+        model,
+        x0,
+        cond,
+        neg_cond,
+        guidance,
+        steps,
+        record_timesteps,
+        schedule,
+        eta,
+        generator,
+        progress,
+    )

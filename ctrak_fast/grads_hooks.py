@@ -1,0 +1,129 @@
+"""Batched per-sample gradients from captured activations and output gradients.
+
+One forward pass records, for every hooked layer, its input activation a and output o; one call of
+torch.autograd.grad(loss, outputs) gives every delta = dloss/do without computing any parameter
+gradient. Each sample's parameter gradient then follows layer by layer:
+
+    Linear     W_b = sum_positions delta aᵀ                     (einsum)
+    Conv2d     W_b = delta @ unfold(a)ᵀ                          (bmm over im2col columns)
+    GroupNorm  w_b = sum_positions delta * normalise(a),  b_b = sum delta
+    LayerNorm  same, over the normalised trailing dims
+    Embedding  W_b = one_hot(index)ᵀ delta
+
+Samples of a batch never interact in these models (no batch norm), so the summed loss's
+gradient with respect to o holds each sample's own delta. Parameters of any other layer type are
+computed by the torch.func reference (grads.func_vjp), restricted to those parameters.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .grads import Blocks, ParamSlot, func_vjp
+
+_SUPPORTED = (nn.Linear, nn.Conv2d, nn.GroupNorm, nn.LayerNorm, nn.Embedding)
+
+
+def _supported(mod: nn.Module) -> bool:
+    if isinstance(mod, nn.Conv2d):
+        return mod.groups == 1 and mod.padding_mode == "zeros" and isinstance(mod.padding, tuple)
+    return isinstance(mod, _SUPPORTED)
+
+
+class HookedGrads:
+    """Per-sample gradients of scale * <eps(x_t, t, cond), r> for the parameters in `slots`."""
+
+    def __init__(self, model: nn.Module, slots: list[ParamSlot]):
+        self.model = model
+        self.slots = slots
+        by_name = {s.name: s for s in slots}
+        self.layers: list[tuple[nn.Module, ParamSlot | None, ParamSlot | None]] = []
+        covered: set[str] = set()
+        for mname, mod in model.named_modules():
+            if not _supported(mod):
+                continue
+            prefix = f"{mname}." if mname else ""
+            w, b = by_name.get(prefix + "weight"), by_name.get(prefix + "bias")
+            if w is None and b is None:
+                continue
+            self.layers.append((mod, w, b))
+            covered.update(s.name for s in (w, b) if s is not None)
+        self.rest = [s for s in slots if s.name not in covered]
+
+    def __call__(self, x_t, t, cond, r, scale: float) -> Blocks:
+        records: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []
+        hooked = {id(m) for m, _, _ in self.layers}
+
+        def capture(mod, inputs, output):
+            if id(mod) in hooked and output.requires_grad:
+                records.append((mod, inputs[0].detach(), output))
+
+        handles = [m.register_forward_hook(capture) for m, _, _ in self.layers]
+        try:
+            with torch.enable_grad():
+                eps = self.model(x_t.detach(), t, cond)
+                loss = (eps * r.detach()).sum() * scale
+                deltas = torch.autograd.grad(loss, [o for _, _, o in records], allow_unused=True)
+        finally:
+            for h in handles:
+                h.remove()
+
+        grads: dict[str, torch.Tensor] = {}
+        slots_of = {id(m): (w, b) for m, w, b in self.layers}
+        for (mod, a, _), delta in zip(records, deltas, strict=True):
+            if delta is None:
+                continue
+            w, b = slots_of[id(mod)]
+            gw, gb = _layer_grads(mod, a, delta.detach(), w is not None, b is not None)
+            for slot, g in ((w, gw), (b, gb)):
+                if slot is not None:
+                    g = g.flatten(1)
+                    grads[slot.name] = grads[slot.name] + g if slot.name in grads else g
+        if self.rest:
+            for (_, g), s in zip(
+                func_vjp(self.model, self.rest, x_t, t, cond, r, scale), self.rest, strict=True
+            ):
+                grads[s.name] = g
+        n = x_t.shape[0]
+        return [
+            (s.offset, grads[s.name] if s.name in grads else x_t.new_zeros(n, s.numel))
+            for s in self.slots
+        ]
+
+
+def _layer_grads(mod, a, delta, want_w: bool, want_b: bool):
+    """Per-sample (weight, bias) gradients of one layer call; either may be None if not wanted."""
+    n = a.shape[0]
+    gw = gb = None
+    if isinstance(mod, nn.Linear):
+        a2 = a.reshape(n, -1, a.shape[-1])
+        d2 = delta.reshape(n, -1, delta.shape[-1])
+        if want_w:
+            gw = torch.bmm(d2.transpose(1, 2), a2)
+        if want_b:
+            gb = d2.sum(1)
+    elif isinstance(mod, nn.Conv2d):
+        if want_w:
+            cols = F.unfold(a, mod.kernel_size, mod.dilation, mod.padding, mod.stride)
+            gw = torch.bmm(delta.flatten(2), cols.transpose(1, 2))
+        if want_b:
+            gb = delta.sum((2, 3))
+    elif isinstance(mod, nn.GroupNorm):
+        if want_w:
+            a_hat = F.group_norm(a, mod.num_groups, eps=mod.eps)
+            gw = (delta * a_hat).flatten(2).sum(2)
+        if want_b:
+            gb = delta.flatten(2).sum(2)
+    elif isinstance(mod, nn.LayerNorm):
+        dims = tuple(range(1, a.dim() - len(mod.normalized_shape)))
+        if want_w:
+            a_hat = F.layer_norm(a, mod.normalized_shape, eps=mod.eps)
+            gw = (delta * a_hat).sum(dims) if dims else delta * a_hat
+        if want_b:
+            gb = delta.sum(dims) if dims else delta
+    elif isinstance(mod, nn.Embedding):
+        onehot = F.one_hot(a.reshape(n, -1), mod.num_embeddings).to(delta.dtype)
+        gw = torch.bmm(onehot.transpose(1, 2), delta.reshape(n, -1, delta.shape[-1]))
+    return gw, gb

@@ -1,0 +1,157 @@
+"""Query-side features: the concept slider of Concept-TRAK (METHOD.md §5).
+
+A concept query is (c+, c-, w, draws): c+ holds the concept, c- is c+ with the concept removed
+(a factor set to its null token, or another value). At each draw point (x_t, t):
+
+    d = eps(x_t, t, c+) - eps(x_t, t, c-)                     (detached)
+    g = grad_theta mean((sg[eps(c+) + w d] - eps(c+))^2) = -(2w/D) J(c+)^T d
+
+Each point's gradient is normalised to unit norm, the points are averaged, and the mean is projected
+with the same projector as the training features. Draws:
+
+- local: stochastic DDIM inversion (eta) of one generated query image under c+ — the concept as it
+  appears in that image;
+- global: DDIM samples from x_T ~ N(0, I) with CFG (c+ vs c-) — the concept as the model makes it.
+
+Every draw contributes its x_t at all timesteps of the spec.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from . import diffusion
+from .featurize import PAPER_TIMESTEPS, Featurizer
+from .grads import add_blocks, blocks_sq_norm, scale_blocks
+
+
+@dataclass(frozen=True)
+class ConceptQuerySpec:
+    """Options of a concept query (paper defaults where the paper states one).
+
+    weight: slider weight w (7.5 synthetic, 3 text-to-image). draws: "local" or "global".
+    n_draws: independent draws, each used at every timestep. eta: stochasticity of local inversion.
+    guidance: CFG scale of the draws (local: inversion under c+ vs null; global: c+ vs c-).
+    """
+
+    weight: float = 7.5
+    draws: str = "local"
+    n_draws: int = 4
+    eta: float = 0.1
+    guidance: float = 7.5
+    steps: int = 50
+    timesteps: tuple[int, ...] = PAPER_TIMESTEPS
+    normalize: bool = True
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.draws not in ("local", "global"):
+            raise ValueError(f"draws must be 'local' or 'global', got {self.draws!r}")
+        if self.n_draws < 1:
+            raise ValueError("n_draws must be >= 1")
+        object.__setattr__(self, "timesteps", tuple(int(t) for t in self.timesteps))
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["timesteps"] = list(self.timesteps)
+        return d
+
+
+def _batched(cond: torch.Tensor, n: int) -> torch.Tensor:
+    """One condition (factor indices [F], or an embedding such as text states [L, D]) -> [n,...]."""
+    return cond.unsqueeze(0).expand(n, *cond.shape)
+
+
+def draw_points(
+    featurizer: Featurizer,
+    spec: ConceptQuerySpec,
+    cond_pos: torch.Tensor,
+    cond_neg: torch.Tensor | None = None,
+    image: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw points (x_t [n, C, H, W], t [n]) for a query; n = n_draws * len(timesteps)."""
+    model, sch = featurizer.model, featurizer.schedule
+    gen = torch.Generator().manual_seed(spec.seed)
+    n = spec.n_draws
+    pos = _batched(cond_pos, n)
+    if spec.draws == "local":
+        if image is None:
+            raise ValueError("local query draws need the query image")
+        traj = diffusion.ddim_invert_stochastic(
+            model,
+            image.reshape(1, *image.shape[-3:]).expand(n, -1, -1, -1),
+            pos,
+            neg_cond=_batched(featurizer.null_cond, 1),
+            guidance=spec.guidance,
+            steps=spec.steps,
+            record_timesteps=spec.timesteps,
+            eta=spec.eta,
+            generator=gen,
+            schedule=sch,
+        )
+    else:
+        neg = None if cond_neg is None else _batched(cond_neg, 1)
+        _, traj = diffusion.ddim_sample(
+            model,
+            pos,
+            neg_cond=neg,
+            guidance=spec.guidance,
+            steps=spec.steps,
+            generator=gen,
+            record_timesteps=spec.timesteps,
+            stop_at=min(spec.timesteps),
+            schedule=sch,
+        )
+    x = torch.cat([traj[t] for t in spec.timesteps])
+    t = torch.tensor(spec.timesteps, dtype=torch.long).repeat_interleave(n)
+    return x, t
+
+
+def concept_query_features(
+    featurizer: Featurizer,
+    spec: ConceptQuerySpec,
+    cond_pos: torch.Tensor,
+    cond_negs: list[torch.Tensor],
+    image: torch.Tensor | None = None,
+    batch_size: int = 32,
+) -> torch.Tensor:
+    """Concept-slider query features for one c+ and several c- (e.g. one per factor).
+
+    cond_pos: one condition (int64 [F] factor indices, or an embedding); cond_negs: list of
+    conditions of the same shape; image: [C,H,W] (local draws).
+    Local draws depend only on c+, so all c- share them; global draws are made per c-.
+    Returns: [len(cond_negs), k] float32.
+    """
+    model = featurizer.model
+    out = []
+    shared = draw_points(featurizer, spec, cond_pos, None, image) if spec.draws == "local" else None
+    for neg in cond_negs:
+        x, t = shared if shared is not None else draw_points(featurizer, spec, cond_pos, neg, image)
+        acc = None
+        for i in range(0, len(x), batch_size):
+            xb, tb = x[i : i + batch_size], t[i : i + batch_size]
+            pos_b, neg_b = _batched(cond_pos, len(xb)), _batched(neg, len(xb))
+            with torch.no_grad():
+                d = model(xb, tb, pos_b) - model(xb, tb, neg_b)
+            blocks = featurizer.grads(xb, tb, pos_b, -spec.weight * d)
+            if spec.normalize:
+                norm = blocks_sq_norm(blocks).sqrt()
+                blocks = scale_blocks(
+                    blocks, torch.where(norm > 0, 1.0 / norm, torch.zeros_like(norm))
+                )
+            blocks = [(off, b.sum(0, keepdim=True)) for off, b in blocks]
+            acc = add_blocks(acc, blocks)
+        acc = [(off, b / len(x)) for off, b in acc]
+        out.append(featurizer.projector.project_blocks(acc)[0])
+    return torch.stack(out)
+
+
+def image_query_features(
+    featurizer: Featurizer, images: torch.Tensor, conds: torch.Tensor
+) -> torch.Tensor:
+    """Whole-image query features (TRAK / D-TRAK / DAS): the training-side recipe applied to the
+    query images. images [Q,C,H,W], conds [Q,F] -> [Q,k]."""
+    phi, _ = featurizer(images, conds)
+    return phi

@@ -1,0 +1,424 @@
+"""Training: the FactorUNet diffusion model, the ConceptJudge, and generation evaluation.
+
+    python -m ctrak_fast.train --out ctrak_fast/assets --name shapes16 --time-budget 2400
+
+writes <name>.json (the SyntheticConfig), unet_<name>.safetensors (EMA weights),
+judge_<name>.safetensors, <name>_eval.json (judge accuracy per combination) and a sample grid PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import ConceptDataset, SyntheticConfig, make_dataset, render
+from .diffusion import NoiseSchedule, add_noise, ddim_sample
+from .models import ConceptJudge, FactorUNet, load_model, save_model
+
+__all__ = ["train_diffusion", "train_judge", "evaluate_generation", "sample_grid", "train_all"]
+
+
+def _log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+@torch.no_grad()
+def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    for e, p in zip(ema.parameters(), model.parameters(), strict=True):
+        e.lerp_(p, 1.0 - decay)
+    for e, b in zip(ema.buffers(), model.buffers(), strict=True):
+        e.copy_(b)
+
+
+def train_diffusion(
+    dataset: ConceptDataset,
+    out_path: str | os.PathLike,
+    steps: int = 10_000,
+    batch_size: int = 64,
+    lr: float = 4e-4,
+    ema_decay: float = 0.999,
+    cond_dropout: float = 0.1,
+    seed: int = 0,
+    progress: bool = True,
+    model_kwargs: dict | None = None,
+    checkpoint_every: int = 1000,
+    log_every: int = 200,
+    warmup: int = 200,
+    time_budget_s: float | None = None,
+    hflip: bool = False,
+    init_from: str | os.PathLike | None = None,
+) -> FactorUNet:
+    """DDPM epsilon-prediction training of a FactorUNet on `dataset`; returns the EMA model (eval).
+
+    Args:
+        dataset: ConceptDataset (images [N,3,S,S] in [-1,1], labels [N,F]).
+        out_path: EMA checkpoint (safetensors), rewritten atomically every `checkpoint_every`
+            steps and at the end, so a killed run leaves a usable model.
+        cond_dropout: each factor is independently replaced by its null token with this
+            probability; trains CFG and the "factor removed" condition.
+        time_budget_s: stop early when the wall time reaches it; the learning-rate decay follows
+            progress = max(step / steps, elapsed / budget), so a budget-limited run still anneals.
+        hflip: random horizontal flips; only for data whose labels survive mirroring (true of
+            the synthetic shapes, whose rotation range is symmetric; train_all turns it on).
+        init_from: continue from a saved FactorUNet (its config overrides model_kwargs); the
+            optimiser starts fresh, the EMA starts from the loaded weights.
+    Learning rate: linear warm-up, constant, then linear decay to 10% over the last 30% of progress.
+    """
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    kw = {"image_size": dataset.image_size, "factors": dataset.factors, "values": dataset.values}
+    kw.update(model_kwargs or {})
+    if init_from is not None:
+        model = load_model(init_from).train()
+        if model.n_values != dataset.n_values:
+            raise ValueError(
+                f"{init_from}: n_values {model.n_values} != dataset {dataset.n_values}"
+            )
+    else:
+        model = FactorUNet(dataset.n_values, **kw).train()
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    sched = NoiseSchedule.from_config(model.config["schedule"])
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    null = model.null_index
+    images, labels = dataset.images, dataset.labels
+    n = len(dataset)
+    n_params = sum(p.numel() for p in model.parameters())
+    _log(
+        f"train_diffusion: N={n} params={n_params} steps={steps} batch={batch_size} lr={lr} "
+        f"budget={time_budget_s}"
+    )
+    t0 = time.time()
+    perm, pos = torch.randperm(n, generator=g), 0
+    running, step = 0.0, 0
+    for step in range(1, steps + 1):
+        elapsed = time.time() - t0
+        frac = max(step / steps, elapsed / time_budget_s if time_budget_s else 0.0)
+        if frac > 1.0:
+            _log(f"time budget reached at step {step - 1}")
+            step -= 1
+            break
+        lr_now = (
+            lr * min(1.0, step / warmup) * (1.0 if frac < 0.7 else 1.0 - 0.9 * (frac - 0.7) / 0.3)
+        )
+        for group in opt.param_groups:
+            group["lr"] = lr_now
+        if pos + batch_size > n:
+            perm, pos = torch.randperm(n, generator=g), 0
+        idx = perm[pos : pos + batch_size]
+        pos += batch_size
+        x0, cond = images[idx], labels[idx].clone()
+        if hflip:
+            flip = torch.rand(len(idx), generator=g) < 0.5
+            x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
+        drop = torch.rand(cond.shape, generator=g) < cond_dropout
+        cond = torch.where(drop, null.expand_as(cond), cond)
+        t = torch.randint(0, sched.num_train_timesteps, (len(idx),), generator=g)
+        eps = torch.randn(x0.shape, generator=g)
+        loss = F.mse_loss(model(add_noise(x0, eps, t, sched), t, cond), eps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        # EMA warm-up: early weights are averaged over a shorter horizon.
+        _ema_update(ema, model, min(ema_decay, (1 + step) / (10 + step)))
+        running += loss.item()
+        if progress and step % log_every == 0:
+            el = time.time() - t0
+            _log(
+                f"step {step}/{steps} loss {running / log_every:.4f} lr {lr_now:.2e} "
+                f"{el / step:.3f}s/step elapsed {el:.0f}s"
+            )
+            running = 0.0
+        if checkpoint_every and step % checkpoint_every == 0:
+            save_model(ema, out_path)
+    save_model(ema, out_path)
+    el = time.time() - t0
+    _log(
+        f"train_diffusion done: {step} steps in {el:.0f}s ({el / max(step, 1):.3f}s/step) "
+        f"-> {out_path}"
+    )
+    return ema
+
+
+def _judge_pool(
+    cfg: SyntheticConfig, per_combo: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    combos = cfg.combos("all")
+    x = torch.cat([render(s, c, per_combo, seed, cfg.image_size, cfg) for s, c in combos])
+    y = torch.tensor(combos, dtype=torch.int64).repeat_interleave(per_combo, dim=0)
+    return x, y
+
+
+def train_judge(
+    cfg: SyntheticConfig,
+    out_path: str | os.PathLike,
+    steps: int = 1500,
+    batch_size: int = 128,
+    lr: float = 2e-3,
+    seed: int = 0,
+    per_combo: int = 500,
+    noise_aug: float = 0.1,
+    progress: bool = True,
+) -> ConceptJudge:
+    """Train the ConceptJudge on fresh renders of *all* combinations (held-out ones included: it is
+    an independent classifier). Small Gaussian pixel noise makes it robust to imperfect samples.
+    Logs the accuracy on a separate render set; returns the judge in eval mode."""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    # Seeds far from the dataset's so the judge never sees the exact training images.
+    x, y = _judge_pool(cfg, per_combo, seed + 7_000_001)
+    xv, yv = _judge_pool(cfg, 64, seed + 9_000_011)
+    judge = ConceptJudge(
+        [len(cfg.shapes), len(cfg.colours)],
+        factors=["shape", "colour"],
+        values=cfg.values,
+        image_size=cfg.image_size,
+    ).train()
+    opt = torch.optim.AdamW(judge.parameters(), lr=lr, weight_decay=1e-4)
+    t0 = time.time()
+    for step in range(1, steps + 1):
+        for group in opt.param_groups:
+            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+        idx = torch.randint(0, len(x), (batch_size,), generator=g)
+        xb = x[idx]
+        xb = torch.where(torch.rand(len(idx), 1, 1, 1, generator=g) < 0.5, xb.flip(-1), xb)
+        xb = xb + noise_aug * torch.rand(len(idx), 1, 1, 1, generator=g) * torch.randn(
+            xb.shape, generator=g
+        )
+        loss = sum(F.cross_entropy(lg, y[idx, f]) for f, lg in enumerate(judge(xb)))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if progress and step % 250 == 0:
+            _log(f"judge step {step}/{steps} loss {loss.item():.4f}")
+    judge.eval()
+    acc = (judge.predict(xv) == yv).float().mean(0).tolist()
+    _log(f"judge done in {time.time() - t0:.0f}s; validation accuracy per factor {acc}")
+    save_model(judge, out_path)
+    return judge
+
+
+@torch.no_grad()
+def evaluate_generation(
+    model: FactorUNet,
+    judge: ConceptJudge,
+    combos: list[tuple[int, int]],
+    n: int = 32,
+    guidance: float = 2.0,
+    steps: int = 50,
+    seed: int = 0,
+    batch_size: int = 256,
+) -> dict[tuple[int, int], dict[str, float]]:
+    """Generate n images per combination (CFG against the all-null condition) and judge them.
+
+    Returns {(shape_idx, colour_idx): {"acc": both factors right, "<factor>_acc": per factor}}.
+    """
+    model.eval()
+    g = torch.Generator().manual_seed(seed)
+    cond = torch.tensor(combos, dtype=torch.int64).repeat_interleave(n, dim=0)
+    x_T = torch.randn(len(cond), 3, model.image_size, model.image_size, generator=g)
+    pred = torch.cat(
+        [
+            judge.predict(ddim_sample(model, c, guidance=guidance, steps=steps, x_T=xt)[0])
+            for c, xt in zip(cond.split(batch_size), x_T.split(batch_size), strict=True)
+        ]
+    )
+    names = judge.config["factors"]
+    out = {}
+    for i, combo in enumerate(combos):
+        ok = pred[i * n : (i + 1) * n] == cond[i * n : (i + 1) * n]
+        res = {"acc": ok.all(-1).float().mean().item()}
+        res.update({f"{name}_acc": ok[:, f].float().mean().item() for f, name in enumerate(names)})
+        out[tuple(combo)] = res
+    return out
+
+
+@torch.no_grad()
+def sample_grid(
+    model: FactorUNet,
+    combos: list[tuple[int, int]],
+    path: str | os.PathLike,
+    n_per: int = 8,
+    guidance: float = 2.0,
+    seed: int = 0,
+    labels: list[str] | None = None,
+) -> None:
+    """PNG with one row per combination, n_per samples each (row labels optional)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    g = torch.Generator().manual_seed(seed)
+    cond = torch.tensor(combos, dtype=torch.int64).repeat_interleave(n_per, dim=0)
+    x, _ = ddim_sample(model, cond, guidance=guidance, generator=g)
+    imgs = ((x.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy()
+    fig, axes = plt.subplots(len(combos), 1, figsize=(n_per * 0.8 + 1.6, len(combos) * 0.85))
+    axes = np.atleast_1d(axes)
+    for r, ax in enumerate(axes):
+        row = np.concatenate(
+            [
+                np.pad(im, ((1, 1), (1, 1), (0, 0)), constant_values=0.5)
+                for im in imgs[r * n_per : (r + 1) * n_per]
+            ],
+            axis=1,
+        )
+        ax.imshow(row, interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if labels:
+            ax.set_ylabel(labels[r], rotation=0, ha="right", va="center", fontsize=8)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def train_all(
+    out_dir: str | os.PathLike,
+    name: str = "shapes16",
+    cfg: SyntheticConfig | None = None,
+    steps: int = 20_000,
+    time_budget_s: float | None = None,
+    batch_size: int = 64,
+    lr: float = 4e-4,
+    judge_steps: int = 1500,
+    eval_n: int = 32,
+    guidances: tuple[float, ...] = (2.0, 3.0),
+    samples_png: str | os.PathLike | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    init_from: str | os.PathLike | None = None,
+) -> dict[str, str]:
+    """Dataset -> diffusion model -> judge -> evaluation; returns the written paths.
+
+    Files in out_dir: <name>.json (SyntheticConfig; `make_dataset(SyntheticConfig.load_json(...))`
+    regenerates the training set bit for bit), unet_<name>.safetensors, judge_<name>.safetensors,
+    <name>_eval.json. The diffusion model goes first: it is what everything else waits for.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = cfg or SyntheticConfig(seed=seed)
+    paths = {
+        "config": str(out / f"{name}.json"),
+        "unet": str(out / f"unet_{name}.safetensors"),
+        "judge": str(out / f"judge_{name}.safetensors"),
+        "eval": str(out / f"{name}_eval.json"),
+    }
+    cfg.save_json(paths["config"])
+    ds = make_dataset(cfg)
+    _log(
+        f"dataset: {len(ds)} images, "
+        f"held out {[(cfg.shapes[s], cfg.colours[c]) for s, c in cfg.heldout]}"
+    )
+    t0 = time.time()
+    model = train_diffusion(
+        ds,
+        paths["unet"],
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        time_budget_s=time_budget_s,
+        progress=progress,
+        hflip=True,
+        init_from=init_from,
+    )
+    train_s = time.time() - t0
+    judge = train_judge(cfg, paths["judge"], steps=judge_steps, seed=seed, progress=progress)
+    combos = cfg.combos("all")
+    held = set(cfg.heldout)
+    report = {
+        "config": cfg.to_dict(),
+        "train_seconds": round(train_s),
+        "n_per_combo": eval_n,
+        "results": {},
+    }
+    for w in guidances:
+        res = evaluate_generation(model, judge, combos, n=eval_n, guidance=w, seed=seed)
+        rows = {
+            f"{cfg.shapes[s]}/{cfg.colours[c]}": {"heldout": (s, c) in held, **r}
+            for (s, c), r in res.items()
+        }
+        seen_acc = float(np.mean([r["acc"] for k, r in res.items() if k not in held]))
+        held_acc = (
+            float(np.mean([r["acc"] for k, r in res.items() if k in held]))
+            if held
+            else float("nan")
+        )
+        report["results"][f"guidance_{w:g}"] = {
+            "seen_mean_acc": seen_acc,
+            "heldout_mean_acc": held_acc,
+            "per_combo": rows,
+        }
+        _log(f"guidance {w:g}: seen acc {seen_acc:.3f}, held-out acc {held_acc:.3f}")
+        for k, r in rows.items():
+            _log(
+                f"  {k:18s} {'HELD-OUT' if r['heldout'] else 'seen    '} acc {r['acc']:.3f} "
+                f"shape {r['shape_acc']:.3f} colour {r['colour_acc']:.3f}"
+            )
+    tmp = Path(paths["eval"] + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(tmp, paths["eval"])
+    if samples_png:
+        labels = [
+            f"{cfg.shapes[s]}/{cfg.colours[c]}{' *' if (s, c) in held else ''}" for s, c in combos
+        ]
+        sample_grid(model, combos, samples_png, guidance=guidances[0], seed=seed, labels=labels)
+        paths["samples"] = str(samples_png)
+    _log(f"train_all done: {paths}")
+    return paths
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(
+        description="Train the synthetic-concept diffusion model and judge."
+    )
+    p.add_argument("--out", default=str(Path(__file__).parent / "assets"))
+    p.add_argument("--name", default="shapes16")
+    p.add_argument("--image-size", type=int, default=16)
+    p.add_argument("--per-combo", type=int, default=250)
+    p.add_argument("--n-heldout", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=20_000)
+    p.add_argument(
+        "--time-budget", type=float, default=None, help="seconds of diffusion training at most"
+    )
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=4e-4)
+    p.add_argument("--judge-steps", type=int, default=1500)
+    p.add_argument("--eval-n", type=int, default=32)
+    p.add_argument("--samples", default=None, help="PNG path for a sample grid")
+    p.add_argument("--init-from", default=None, help="continue from this FactorUNet checkpoint")
+    a = p.parse_args(argv)
+    cfg = SyntheticConfig(
+        image_size=a.image_size, per_combo=a.per_combo, n_heldout=a.n_heldout, seed=a.seed
+    )
+    train_all(
+        a.out,
+        a.name,
+        cfg,
+        steps=a.steps,
+        time_budget_s=a.time_budget,
+        batch_size=a.batch_size,
+        lr=a.lr,
+        judge_steps=a.judge_steps,
+        eval_n=a.eval_n,
+        samples_png=a.samples,
+        seed=a.seed,
+        init_from=a.init_from,
+    )
+
+
+if __name__ == "__main__":
+    main()

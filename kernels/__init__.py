@@ -1,0 +1,46 @@
+"""Triton kernels for the projection of per-sample gradients (installed as ``ctrak_fast.kernels``).
+
+Every op dispatches CUDA tensors to its kernel and everything else to its torch reference, which is
+the specification (tests compare the two; ``force=`` chooses). The sign of every projection entry
+comes from the counter-based hash of :mod:`ctrak_fast.hashing`, bit for bit.
+
+- :func:`rademacher_project`, :func:`rademacher_project_blocks`: x @ P, P generated in registers.
+- :func:`linear_grad_project`: per-sample linear-layer gradients sum_t g_t a_t^T projected
+  tile by tile, never materialised; :func:`linear_grad_sq_norm` their exact squared norms.
+- :func:`factorized_project`: Kronecker (LoGra-style) per-layer projection, :class:`FactorizedSpec`.
+"""
+
+from ._triton import HAS_TRITON, INTERPRET
+from .factorized_project import (
+    FactorizedSpec,
+    factorized_project,
+    factorized_project_reference,
+    factorized_seeds,
+)
+from .hash import sign_matrix
+from .linear_grad_project import (
+    linear_grad_project,
+    linear_grad_project_reference,
+    linear_grad_sq_norm,
+)
+from .rademacher_project import (
+    rademacher_project,
+    rademacher_project_blocks,
+    rademacher_project_reference,
+)
+
+__all__ = [
+    "HAS_TRITON",
+    "INTERPRET",
+    "FactorizedSpec",
+    "factorized_project",
+    "factorized_project_reference",
+    "factorized_seeds",
+    "linear_grad_project",
+    "linear_grad_project_reference",
+    "linear_grad_sq_norm",
+    "rademacher_project",
+    "rademacher_project_blocks",
+    "rademacher_project_reference",
+    "sign_matrix",
+]

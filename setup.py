@@ -1,0 +1,140 @@
+"""Build of ctrak-fast: the Python package plus the CMake-built extension ctrak_fast._C.
+
+    pip install --no-build-isolation -e .      # what ./dev runs
+
+Environment switches:
+    CTRAK_NO_CUDA=1              never compile the CUDA engine (even with a CUDA torch)
+    CTRAK_FORCE_CUDA_COMPILE=1   also compile the CUDA sources (module _C_cuda_check, build tree
+                                 only) with a CPU torch: proves csrc/*.cu compiles on this machine
+    CTRAK_CUDA_ARCHS="90;100"    CMAKE_CUDA_ARCHITECTURES (default 90: sm_90 SASS + PTX)
+    CTRAK_BUILD_JOBS=N           parallel compile jobs (default: CPU count)
+    CTRAK_CMAKE_ARGS="..."       extra arguments for the CMake configure step
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import Extension, find_packages, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+
+
+def _version() -> str:
+    path = ROOT / "ctrak_fast" / "_version.py"
+    if path.exists():
+        match = re.search(r"""__version__\s*=\s*["']([^"']+)["']""", path.read_text())
+        if match:
+            return match.group(1)
+    return "0.1.0"
+
+
+def _torch_cuda() -> str | None:
+    """CUDA version of the installed torch, or None for a CPU build (or no torch)."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch.version.cuda
+
+
+def _tool(name: str) -> str | None:
+    """A build tool from this interpreter's environment (pip's cmake / ninja), else from PATH."""
+    local = Path(sys.executable).parent / name
+    return str(local) if local.exists() else shutil.which(name)
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip() == "1"
+
+
+class CMakeExtension(Extension):
+    def __init__(self, name: str) -> None:
+        super().__init__(name, sources=[])
+
+
+class CMakeBuild(build_ext):
+    """Configure and build CMakeLists.txt; the module lands where setuptools expects it (also
+    for editable installs, where that is the source tree)."""
+
+    def build_extension(self, ext: Extension) -> None:
+        if not isinstance(ext, CMakeExtension):
+            return super().build_extension(ext)
+        import pybind11
+
+        out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
+        build_dir = Path(self.build_temp).resolve() / "cmake"
+        build_dir.mkdir(parents=True, exist_ok=True)
+
+        with_cuda = _torch_cuda() is not None and not _env_flag("CTRAK_NO_CUDA")
+        force_cuda = _env_flag("CTRAK_FORCE_CUDA_COMPILE")
+        args = [
+            f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",
+            f"-DPython_EXECUTABLE={sys.executable}",
+            f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+            f"-DCMAKE_BUILD_TYPE={'Debug' if self.debug else 'Release'}",
+            f"-DCTRAK_WITH_CUDA={'ON' if with_cuda else 'OFF'}",
+            f"-DCTRAK_FORCE_CUDA_COMPILE={'ON' if force_cuda else 'OFF'}",
+        ]
+        if os.environ.get("CTRAK_CUDA_ARCHS"):
+            args.append(f"-DCMAKE_CUDA_ARCHITECTURES={os.environ['CTRAK_CUDA_ARCHS']}")
+        ninja = _tool("ninja")
+        if ninja and not (build_dir / "CMakeCache.txt").exists():
+            args += ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]
+        args += shlex.split(os.environ.get("CTRAK_CMAKE_ARGS", ""))
+
+        cmake = _tool("cmake")
+        if cmake is None:
+            raise RuntimeError("building ctrak_fast._C needs cmake: pip install cmake")
+        jobs = os.environ.get("CTRAK_BUILD_JOBS") or str(os.cpu_count() or 1)
+        subprocess.run([cmake, "-S", str(ROOT), "-B", str(build_dir), *args], check=True)
+        subprocess.run(
+            [cmake, "--build", str(build_dir), "--config", "Release", "--parallel", jobs],
+            check=True,
+        )
+
+
+def _packages() -> tuple[list[str], dict[str, str]]:
+    """ctrak_fast and its subpackages, plus the top-level kernels/ as ctrak_fast.kernels."""
+    packages = find_packages(include=["ctrak_fast", "ctrak_fast.*"])
+    package_dir = {"": "."}
+    if (ROOT / "kernels").is_dir():
+        packages.append("ctrak_fast.kernels")
+        package_dir["ctrak_fast.kernels"] = "kernels"
+        for sub in find_packages(where="kernels"):
+            packages.append(f"ctrak_fast.kernels.{sub}")
+            package_dir[f"ctrak_fast.kernels.{sub}"] = f"kernels/{sub.replace('.', '/')}"
+    return packages, package_dir
+
+
+packages, package_dir = _packages()
+
+setup(
+    name="ctrak-fast",
+    version=_version(),
+    description="Concept-level training-data attribution of diffusion models (Concept-TRAK)",
+    python_requires=">=3.10",
+    packages=packages,
+    package_dir=package_dir,
+    package_data={"ctrak_fast": ["assets/*.safetensors", "assets/*.json", "py.typed", "_C.pyi"]},
+    ext_modules=[CMakeExtension("ctrak_fast._C")],
+    cmdclass={"build_ext": CMakeBuild},
+    install_requires=[
+        "torch>=2.3",
+        "numpy",
+        "safetensors>=0.4",
+        "diffusers>=0.30",
+        "tqdm",
+        "pillow",
+        "matplotlib",
+    ],
+    entry_points={"console_scripts": ["ctrak = ctrak_fast.cli:main"]},
+    zip_safe=False,
+)

@@ -1,0 +1,411 @@
+"""TextToImageAdapter on tiny randomly initialised components built from configs (no downloads).
+
+The component builders at the top are shared with test_text2image.py.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from ctrak_fast.adapters.text2image import (
+    T2I_PARAM_FILTER,
+    TextToImageAdapter,
+    concept_prompts,
+    encode_images_cached,
+    latent_cache_path,
+    make_featurizer,
+    remove_phrase,
+    schedule_from_scheduler,
+)
+from ctrak_fast.featurize import FeatureSpec
+from ctrak_fast.projection import ProjectionSpec
+
+# ---- tiny components -----------------------------------------------------------------------------
+
+UNET = dict(
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(8, 16),
+    layers_per_block=1,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    cross_attention_dim=12,
+    attention_head_dim=4,
+    norm_num_groups=4,
+)
+VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+    up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+    block_out_channels=(8, 16),
+    latent_channels=4,
+    norm_num_groups=4,
+    sample_size=16,
+)
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "blue", "triangle", "circle"]
+VOCAB += ["in", "the", "style", "of", "picasso", "pikachu", "drawn", "pencil"]
+
+
+def perturb(module: nn.Module, std: float = 0.05, seed: int = 1) -> nn.Module:
+    """Random weights everywhere: diffusers zero-inits output layers, which hides bugs."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * std)
+    return module
+
+
+def tiny_unet(in_channels: int = 4):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return perturb(
+        UNet2DConditionModel(**{**UNET, "in_channels": in_channels, "out_channels": in_channels})
+    )
+
+
+def tiny_vae(shift_factor=None):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    return perturb(AutoencoderKL(**VAE, scaling_factor=0.5, shift_factor=shift_factor), 0.02, 2)
+
+
+class WordTokenizer:
+    """Whitespace tokenizer over VOCAB with the transformers call convention."""
+
+    model_max_length = 8
+
+    def __call__(self, prompts, padding, max_length, truncation, return_tensors):
+        ids = torch.zeros(len(prompts), max_length, dtype=torch.int64)
+        mask = torch.zeros_like(ids)
+        for i, p in enumerate(prompts):
+            toks = [2] + [VOCAB.index(w) if w in VOCAB else 1 for w in p.lower().split()] + [3]
+            toks = toks[:max_length]
+            ids[i, : len(toks)] = torch.tensor(toks)
+            mask[i, : len(toks)] = 1
+        return {"input_ids": ids, "attention_mask": mask}
+
+
+class TinyTextEncoder(nn.Module):
+    """Embedding + one attention layer; returns (hidden states [B, L, 12],) like transformers."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.emb = nn.Embedding(len(VOCAB), 12)
+        self.pos = nn.Parameter(torch.randn(8, 12) * 0.1)
+        self.layer = nn.TransformerEncoderLayer(12, 2, 24, dropout=0.0, batch_first=True)
+
+    def forward(self, input_ids, attention_mask=None):
+        pad = None if attention_mask is None else attention_mask == 0
+        h = self.emb(input_ids) + self.pos[: input_ids.shape[1]]
+        return (self.layer(h, src_key_padding_mask=pad),)
+
+
+def tiny_adapter(latent: bool = True, dtype=None, prediction_type: str = "epsilon", **kw):
+    """Latent (VAE 16x16 pixels -> 4x8x8) or pixel (3x8x8) adapter with random weights."""
+    from diffusers import DDPMScheduler
+
+    return TextToImageAdapter(
+        tiny_unet(4 if latent else 3),
+        DDPMScheduler(prediction_type=prediction_type, clip_sample=not latent),
+        vae=tiny_vae() if latent else None,
+        text_encoder=TinyTextEncoder(),
+        tokenizer=WordTokenizer(),
+        dtype=dtype,
+        **kw,
+    )
+
+
+def _inputs(adapter, b=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    c = adapter.config["in_channels"]
+    x = torch.randn(b, c, 8, 8, generator=g)
+    t = torch.tensor([50, 400, 900][:b])
+    cond = adapter.encode_prompts(["a red triangle", "a blue circle", "a red"][:b])
+    return x, t, cond
+
+
+# ---- prompt concepts -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "prompt, phrase, want",
+    [
+        ("a pikachu in the style of picasso", "a pikachu", "in the style of picasso"),
+        ("Pikachu, drawn in pencil", "pikachu", "drawn in pencil"),
+        ("a red triangle", "red", "a triangle"),
+        ("a red triangle", "triangle", "a red"),
+        ("a  Red   Triangle on red", "red  triangle", "a on red"),  # whitespace-insensitive
+        ("a reddish red box, red", "red", "a reddish box"),  # whole words; every occurrence
+        ("portrait of pikachu.", "pikachu", "portrait of."),
+    ],
+    ids=["leading", "comma", "colour", "shape", "spaces", "words", "punct"],
+)
+def test_remove_phrase(prompt, phrase, want):
+    assert remove_phrase(prompt, phrase) == want
+
+
+def test_remove_phrase_errors():
+    with pytest.raises(ValueError, match="does not occur"):
+        remove_phrase("a red triangle", "blue")
+    with pytest.raises(ValueError, match="does not occur"):
+        remove_phrase("a reddish triangle", "red")  # part of a word is not the phrase
+    with pytest.raises(ValueError, match="empty"):
+        remove_phrase("a red triangle", "  ")
+    assert concept_prompts("a red triangle", ["red"], ["a blue triangle"]) == [
+        "a triangle",
+        "a blue triangle",
+    ]
+    with pytest.raises(ValueError, match="needs a concept"):
+        concept_prompts("a red triangle")
+
+
+# ---- eps interface, schedule, prediction types ---------------------------------------------------
+
+
+def test_schedule_and_config_from_diffusers():
+    from diffusers import DDIMScheduler, EulerDiscreteScheduler
+
+    sd = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    for cls in (DDIMScheduler, EulerDiscreteScheduler):
+        sch = schedule_from_scheduler(cls(**sd))
+        want = DDIMScheduler(**sd).alphas_cumprod.double()
+        assert torch.allclose(sch.alphas_cumprod, want, rtol=1e-5)
+    with pytest.raises(ValueError, match="zero-terminal"):
+        schedule_from_scheduler(DDIMScheduler(rescale_betas_zero_snr=True))
+    ad = tiny_adapter()
+    assert ad.config["image_size"] == 8 and ad.config["in_channels"] == 4
+    # Only the UNet is a sub-module: gradients and the fingerprint cover its parameters alone.
+    names = [n for n, _ in ad.named_parameters()]
+    assert names and all(n.startswith("unet.") for n in names)
+
+
+@pytest.mark.parametrize("prediction_type", ["v_prediction", "sample"])
+def test_prediction_types_convert_to_eps(prediction_type):
+    ad = tiny_adapter(prediction_type=prediction_type)
+    x, t, cond = _inputs(ad)
+    with torch.no_grad():
+        out = ad.unet(x, t, encoder_hidden_states=cond).sample
+        eps = ad(x, t, cond)
+    ab = ad.schedule.alpha_bar(t, x)
+    if prediction_type == "v_prediction":  # v = sqrt(ab) eps - sqrt(1-ab) x0
+        x0 = ab.sqrt() * x - (1 - ab).sqrt() * out
+    else:
+        x0 = out
+    # The converted eps and x0 must reproduce x_t = sqrt(ab) x0 + sqrt(1-ab) eps.
+    assert torch.allclose(ab.sqrt() * x0 + (1 - ab).sqrt() * eps, x, atol=1e-5)
+
+
+def test_encode_prompts_and_null_cond():
+    ad = tiny_adapter()
+    emb = ad.encode_prompts(["a red triangle", ""])
+    assert emb.shape == (2, 8, 12) and emb.dtype == torch.float32
+    assert torch.equal(ad.null_cond(3)[1], emb[1])
+    # The attention mask reaches the encoder only when asked for.
+    ad_mask = tiny_adapter(text_attention_mask=True)
+    assert not torch.allclose(ad_mask.encode_prompts(["a red"]), ad.encode_prompts(["a red"]))
+    bare = TextToImageAdapter(tiny_unet(), ad.scheduler)
+    with pytest.raises(ValueError, match="no text encoder"):
+        bare.encode_prompts("a red")
+
+
+# ---- latents -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shift", [None, 0.3], ids=["sd", "shifted"])
+def test_latent_round_trip(shift):
+    from diffusers import DDPMScheduler
+
+    vae = tiny_vae(shift)
+    ad = TextToImageAdapter(tiny_unet(), DDPMScheduler(), vae=vae)
+    images = torch.rand(3, 3, 16, 16) * 2 - 1
+    x0 = ad.encode_images(images, batch_size=2)
+    assert x0.shape == (3, 4, 8, 8) and x0.dtype == torch.float32
+    with torch.no_grad():
+        mean = vae.encode(images).latent_dist.mean
+        want = vae.decode(mean).sample.clamp(-1, 1)
+    # x0 is the diffusers convention (mean - shift) * scaling_factor, and decoding inverts it.
+    assert torch.allclose(x0, (mean - (shift or 0.0)) * 0.5, atol=1e-6)
+    assert torch.allclose(ad.decode_latents(x0), want, atol=1e-5)
+    pixel = tiny_adapter(latent=False)
+    assert torch.equal(pixel.encode_images(images), images)
+
+
+def test_latent_cache_written_once_and_keyed(tmp_path, monkeypatch):
+    ad = tiny_adapter()
+    images, ids = torch.rand(5, 3, 16, 16) * 2 - 1, torch.arange(10, 15)
+    store = tmp_path / "store"
+    calls = []
+    real = ad.encode_images
+    monkeypatch.setattr(ad, "encode_images", lambda x, b=16: calls.append(len(x)) or real(x, b))
+    a = encode_images_cached(ad, images, ids, store)
+    path = latent_cache_path(store, ad.fingerprints()["vae"])
+    assert path.is_file() and path.parent == tmp_path and calls == [5]
+    assert not list(tmp_path.glob("*.tmp"))
+    b = encode_images_cached(ad, images, ids, store)
+    assert calls == [5] and torch.equal(a, b)  # reused
+    c = encode_images_cached(ad, images.flip(0), ids, store)  # other images: recomputed, replaced
+    assert calls == [5, 5] and torch.allclose(c, a.flip(0), atol=1e-6)
+    other = tiny_adapter()
+    with torch.no_grad():
+        next(other.vae.parameters()).add_(0.01)
+    other._fingerprints = {}
+    assert latent_cache_path(store, other.fingerprints()["vae"]) != path
+
+
+# ---- gradients: cross-attention filter against the reference ------------------------------------
+
+
+def _reference_grads(adapter, x, t, cond, r, names):
+    """Loop of single-example backward passes of (2/D) <eps, r> (the oracle)."""
+    ref = copy.deepcopy(adapter)
+    ref.grad_scale = 1.0
+    params = dict(ref.named_parameters())
+    out = []
+    for i in range(len(x)):
+        eps = ref(x[i : i + 1], t[i : i + 1], cond[i : i + 1])
+        loss = (eps * r[i : i + 1]).sum() * 2.0 / r[0].numel()
+        gs = torch.autograd.grad(loss, [params[n] for n in names])
+        out.append(torch.cat([g.float().flatten() for g in gs]))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("backend", ["hooks", "func"])
+def test_attn2_gradients_match_reference(backend):
+    ad = tiny_adapter()
+    fz = make_featurizer(
+        ad, FeatureSpec(timesteps=(99,)), ProjectionSpec(k=16), grad_backend=backend
+    )
+    names = [s.name for s in fz.grads.slots]
+    assert fz.spec.param_filter == T2I_PARAM_FILTER
+    assert names and all(".attn2." in n for n in names)
+    assert {n.split("attn2.")[1].split(".")[0] for n in names} == {"to_q", "to_k", "to_v", "to_out"}
+    # Everything outside the filter is frozen, so the backward stops at the first attn2 layer.
+    assert all(p.requires_grad == (n in names) for n, p in ad.named_parameters())
+    x, t, cond = _inputs(ad)
+    r = torch.randn_like(x)
+    got = torch.cat([b for _, b in fz.grads(x, t, cond, r)], 1)
+    want = _reference_grads(ad, x, t, cond, r, names)
+    assert got.dtype == torch.float32 and got.abs().sum() > 0
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    # Offsets are those of the full UNet parameter vector (projection rows of a full gradient).
+    offsets, off = {}, 0
+    for n, p in ad.named_parameters():
+        offsets[n] = off
+        off += p.numel()
+    assert [o for o, _ in fz.grads(x, t, cond, r)] == [offsets[n] for n in names]
+
+
+# ---- precision -----------------------------------------------------------------------------------
+
+# Measured on this model (cosine to float32): float16 >= 0.9999, bfloat16 >= 0.997 for features
+# without inversion; with CFG-7.5 inversion float16 0.9994, bfloat16 0.991.
+TOL = {torch.float16: 0.999, torch.bfloat16: 0.99}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_low_precision_execution_agrees_with_fp32(dtype):
+    spec = FeatureSpec(loss="dps", inversion=False, timesteps=(99, 499))
+    ref = tiny_adapter()
+    low = tiny_adapter(dtype=dtype)
+    assert next(low.unet.parameters()).dtype == dtype
+    x, t, cond = _inputs(ref)
+    with torch.no_grad():
+        e32, elow = ref(x, t, cond), low(x, t, cond)
+    assert elow.dtype == torch.float32
+    assert (elow - e32).abs().max() < (0.02 if dtype == torch.float16 else 0.1) * e32.abs().max()
+    x0 = ref.encode_images(torch.rand(3, 3, 16, 16) * 2 - 1)
+    phi32, _ = make_featurizer(ref, spec, ProjectionSpec(k=256))(x0, cond)
+    philow, _ = make_featurizer(low, spec, ProjectionSpec(k=256))(x0, cond)
+    cos = torch.nn.functional.cosine_similarity(philow, phi32)
+    assert philow.dtype == torch.float32 and (cos > TOL[dtype]).all(), cos
+
+
+def test_fp16_loss_scaling_unscaled_and_backs_off():
+    ad = tiny_adapter(dtype=torch.float16)
+    assert ad.grad_scale == 2.0**10
+    fz = make_featurizer(ad, FeatureSpec(timesteps=(99,)), ProjectionSpec(k=16))
+    x, t, cond = _inputs(ad)
+    r = torch.randn_like(x)
+    scaled = torch.cat([b for _, b in fz.grads(x, t, cond, r)], 1)
+    want = _reference_grads(tiny_adapter(), x, t, cond, r, [s.name for s in fz.grads.slots])
+
+    def rel(a, b):
+        return ((a - b).norm() / b.norm()).item()
+
+    assert rel(scaled, want) < 5e-3  # float16 rounding; the scale itself is removed
+    ad.grad_scale = 2.0**40  # overflows float16: the featurizer backs off and still agrees
+    backed = torch.cat([b for _, b in fz.grads(x, t, cond, r)], 1)
+    assert ad.grad_scale < 2.0**40 and torch.isfinite(backed).all()
+    assert rel(backed, want) < 5e-3
+
+
+# ---- construction from a pipeline folder ---------------------------------------------------------
+
+
+def test_from_pretrained_pipeline_folder(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(VOCAB) + "\n")
+    tok = transformers.BertTokenizer(str(vocab), model_max_length=8)
+    cfg = transformers.CLIPTextConfig(
+        vocab_size=len(VOCAB),
+        hidden_size=12,
+        intermediate_size=24,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=8,
+    )
+    torch.manual_seed(0)
+    pipe = StableDiffusionPipeline(
+        vae=tiny_vae(),
+        text_encoder=transformers.CLIPTextModel(cfg).eval(),
+        tokenizer=tok,
+        unet=tiny_unet(),
+        scheduler=DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(tmp_path / "pipe")
+    assert json.loads((tmp_path / "pipe" / "model_index.json").read_text())["unet"][1] == (
+        "UNet2DConditionModel"
+    )
+    direct = TextToImageAdapter.from_pipeline(pipe)
+    loaded = TextToImageAdapter.from_pretrained(tmp_path / "pipe")
+    assert loaded.latent and loaded.max_length == 8
+    assert loaded.fingerprints() == direct.fingerprints()
+    cond = loaded.encode_prompts(["a red triangle"])
+    assert cond.shape == (1, 8, 12)
+    torch.testing.assert_close(cond, direct.encode_prompts(["a red triangle"]))
+    x = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded(x, torch.tensor([500]), cond), direct(x, torch.tensor([500]), cond)
+        )
+    with pytest.raises(FileNotFoundError, match="model_index.json"):
+        TextToImageAdapter.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler"])
+def test_generate_through_scheduler_api(name):
+    import diffusers
+
+    ad = tiny_adapter()
+    sch = getattr(diffusers, name).from_config(ad.scheduler.config)
+    a = ad.generate("a red triangle", guidance=3.0, steps=5, seed=7, n=2, scheduler=sch)
+    b = ad.generate("a red triangle", guidance=3.0, steps=5, seed=7, n=2, scheduler=sch)
+    c = ad.generate("a red triangle", guidance=3.0, steps=5, seed=8, n=2, scheduler=sch)
+    assert a.shape == (2, 4, 8, 8) and torch.isfinite(a).all()
+    assert torch.equal(a, b) and not torch.allclose(a, c)  # a query image is its (prompt, seed)

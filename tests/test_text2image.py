@@ -1,0 +1,197 @@
+"""Prompt concepts end to end: captions, slider queries, latent stores, the `ctrak t2i` commands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+from test_adapters import VOCAB, tiny_adapter, tiny_unet, tiny_vae
+
+from ctrak_fast.adapters.text2image import (
+    latent_cache_path,
+    make_featurizer,
+    prompt_query_features,
+    query_points,
+    remove_phrase,
+)
+from ctrak_fast.adapters.tiny import caption, caption_table
+from ctrak_fast.data import SyntheticConfig, make_dataset
+from ctrak_fast.featurize import FeatureSpec, featurize_dataset
+from ctrak_fast.projection import ProjectionSpec
+from ctrak_fast.query import ConceptQuerySpec, concept_query_features
+
+FAST = dict(timesteps=(99, 499), inversion_steps=10)
+QUERY = ConceptQuerySpec(n_draws=2, steps=10, timesteps=(99, 499), seed=3)
+
+
+def test_caption_dropout_trains_the_phrase_removed_prompts():
+    data = make_dataset(SyntheticConfig(per_combo=2))
+    captions, probs, row_combo = caption_table(data, p_drop_factor=0.15, p_drop_all=0.1)
+    assert captions[0] == "" and torch.allclose(probs.sum(1), torch.ones(len(probs)))
+    assert torch.allclose(probs[:, 0], torch.full((len(probs),), 0.1 + 0.9 * 0.15**2))
+    combos = torch.unique(data.labels, dim=0)
+    assert torch.equal(combos[row_combo], data.labels)
+    for i, combo in enumerate(combos.tolist()):
+        full = caption(data.factors, data.values, combo)
+        for f, name in enumerate(data.factors):
+            keep = [g != f for g in range(len(data.factors))]
+            dropped = caption(data.factors, data.values, combo, keep)
+            # c- of a prompt query is a condition the model was trained on.
+            assert remove_phrase(full, data.values[name][combo[f]]) == dropped
+            assert probs[i, captions.index(dropped)] == pytest.approx(0.9 * 0.15 * 0.85)
+
+
+@pytest.mark.parametrize("draws", ["local", "global"])
+def test_prompt_query_matches_concept_query(draws):
+    """On a pixel model the prompt path must give the factor path's numbers (query.py)."""
+    ad = tiny_adapter(latent=False)
+    fz = make_featurizer(ad, FeatureSpec(**FAST), ProjectionSpec(k=64))
+    spec = ConceptQuerySpec(**{**QUERY.to_dict(), "timesteps": (99, 499), "draws": draws})
+    prompt, negs = "a red triangle", ["a triangle", "a red"]
+    x0 = torch.rand(3, 8, 8) * 2 - 1
+    got = prompt_query_features(fz, spec, prompt, negs, x0 if draws == "local" else None)
+    pos, neg = ad.encode_prompts([prompt])[0], list(ad.encode_prompts(negs))
+    want = concept_query_features(fz, spec, pos, neg, image=x0 if draws == "local" else None)
+    assert got.shape == (2, 64) and got.abs().sum() > 0
+    torch.testing.assert_close(got, want)
+    assert not torch.allclose(got[0], got[1])  # each removed phrase is its own concept
+
+
+def test_latent_global_draws_are_not_clamped():
+    from ctrak_fast import diffusion
+
+    ad = tiny_adapter()
+    fz = make_featurizer(ad, FeatureSpec(**FAST), ProjectionSpec(k=16))
+    spec = ConceptQuerySpec(**{**QUERY.to_dict(), "timesteps": (99, 499), "draws": "global"})
+    pos, neg = ad.encode_prompts(["a red triangle", "a triangle"])
+    x, t = query_points(fz, spec, pos, neg)
+    assert x.shape == (4, 4, 8, 8) and t.tolist() == [99, 99, 499, 499]
+
+    def traj(clip):
+        g = torch.Generator().manual_seed(spec.seed)
+        _, tr = diffusion.ddim_sample(
+            ad, pos.expand(2, -1, -1), neg[None], spec.guidance, spec.steps, generator=g,
+            record_timesteps=spec.timesteps, stop_at=99, schedule=ad.schedule, clip_x0=clip,
+        )  # fmt: skip
+        return tr[99]
+
+    torch.testing.assert_close(x[:2], traj(False))
+    assert not torch.allclose(x[:2], traj(True))  # clamping would change SD-like latents
+
+
+def test_latent_store_records_text_encoder_and_vae(tmp_path):
+    ad = tiny_adapter()
+    images = torch.rand(4, 3, 16, 16) * 2 - 1
+    ids = torch.arange(4)
+    store_path = tmp_path / "store"
+    from ctrak_fast.adapters.text2image import encode_images_cached
+
+    x0 = encode_images_cached(ad, images, ids, store_path)
+    conds = ad.encode_prompts(["a red triangle", "a blue circle", "a red circle", "a triangle"])
+    fz = make_featurizer(ad, FeatureSpec(**FAST), ProjectionSpec(k=32))
+    store = featurize_dataset(
+        fz, x0, conds, ids, store_path, batch_size=2, shard_rows=2, progress=False
+    )
+    phi, got_ids = store.read_all()
+    assert phi.shape == (4, 32) and torch.isfinite(phi).all() and torch.equal(got_ids, ids)
+    meta = store.meta
+    assert meta["text2image"]["vae"] == ad.fingerprints()["vae"]
+    assert meta["text2image"]["text_encoder"] == ad.fingerprints()["text_encoder"]
+    assert meta["feature"]["param_filter"] == r"\.attn2\."
+    assert latent_cache_path(store_path, ad.fingerprints()["vae"]).is_file()
+    # A batch of features equals the features of its rows one by one (no cross-talk, no state).
+    one, _ = fz(x0[2:3], conds[2:3])
+    torch.testing.assert_close(one[0], phi[2].float(), rtol=1e-4, atol=1e-5)
+
+
+def _pipeline_folder(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from PIL import Image
+
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(VOCAB) + "\n")
+    cfg = transformers.CLIPTextConfig(
+        vocab_size=len(VOCAB),
+        hidden_size=12,
+        intermediate_size=24,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=8,
+    )
+    torch.manual_seed(0)
+    pipe = StableDiffusionPipeline(
+        vae=tiny_vae(),
+        text_encoder=transformers.CLIPTextModel(cfg).eval(),
+        tokenizer=transformers.BertTokenizer(str(vocab), model_max_length=8),
+        unet=tiny_unet(),
+        scheduler=DDIMScheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(tmp_path / "pipe")
+    images = tmp_path / "images"
+    images.mkdir()
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for i, text in enumerate(
+        ["a red triangle", "a blue circle", "a red circle", "a blue triangle"]
+    ):
+        arr = (torch.rand(16, 16, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(arr).save(images / f"{i}.png")
+        rows.append(json.dumps({"file_name": f"{i}.png", "text": text}))
+    (images / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    return tmp_path / "pipe", images
+
+
+def _run(argv):
+    from ctrak_fast.adapters.cli import add_t2i_commands, run_t2i
+
+    p = argparse.ArgumentParser(prog="ctrak")
+    add_t2i_commands(p.add_subparsers(dest="cmd", required=True))
+    run_t2i(p.parse_args(argv))
+
+
+@pytest.mark.slow
+def test_cli_featurize_query_attribute(tmp_path, capsys):
+    pipe, images = _pipeline_folder(tmp_path)
+    fast = ["--k", "32", "--timesteps", "99,499", "--inversion-steps", "10"]
+    store, q, res = tmp_path / "store", tmp_path / "q.safetensors", tmp_path / "res.json"
+    _run(["t2i", "featurize", "--model", str(pipe), "--images", str(images), "--out", str(store),
+          "--batch-size", "2", *fast])  # fmt: skip
+    assert "4 rows x k=32" in capsys.readouterr().out
+    assert len(list(tmp_path.glob("store.latents-*.safetensors"))) == 1
+    _run(["t2i", "query", "--model", str(pipe), "--prompt", "a red triangle", "--concept", "red",
+          "--concept", "triangle", "--seed", "1", "--n-draws", "1", "--steps", "5", "--out", str(q),
+          *fast])  # fmt: skip
+    assert "c-: ['a triangle', 'a red']" in capsys.readouterr().out
+    _run(
+        [
+            "t2i",
+            "attribute",
+            "--store",
+            str(store),
+            "--query",
+            str(q),
+            "--k",
+            "3",
+            "--out",
+            str(res),
+        ]
+    )
+    out = json.loads(res.read_text())
+    assert out["removed"] == ["-red", "-triangle"] and len(out["top"]) == 2
+    assert all(len(set(r["ids"])) == 3 and set(r["ids"]) <= {0, 1, 2, 3} for r in out["top"])
+    # A query over another parameter subset does not score against this store.
+    q2 = tmp_path / "q2.safetensors"
+    _run(["t2i", "query", "--model", str(pipe), "--prompt", "a red triangle", "--concept", "red",
+          "--n-draws", "1", "--steps", "5", "--param-filter", "attn1", "--out", str(q2),
+          *fast])  # fmt: skip
+    with pytest.raises(ValueError, match="param_filter"):
+        _run(["t2i", "attribute", "--store", str(store), "--query", str(q2)])
+    with pytest.raises(ValueError, match="does not occur"):
+        _run(["t2i", "query", "--model", str(pipe), "--prompt", "a red triangle", "--concept",
+              "pikachu", "--out", str(q2), *fast])  # fmt: skip
