@@ -22,6 +22,7 @@ peak, a third of an H100's); both are assumptions, printed as such.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -36,6 +37,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from common import environment, format_table, time_fn  # noqa: E402
 
+from ctrak_fast import featurize  # noqa: E402
 from ctrak_fast.adapters.text2image import (  # noqa: E402
     TextToImageAdapter,
     make_featurizer,
@@ -94,6 +96,23 @@ class CountingProjector:
         return torch.zeros(b, self.k, device=blocks[0][1].device)
 
 
+@contextlib.contextmanager
+def _dsm_on_cpu():
+    """Featurizer sums the per-sample DSM loss (DAS weights) into a CPU tensor; on the meta device
+    that sum cannot be formed, and its value does not matter for FLOPs: hand back CPU zeros."""
+    real = featurize.residual
+
+    def residual(*args, **kw):
+        r, dsm = real(*args, **kw)
+        return r, torch.zeros(dsm.shape) if dsm.is_meta else dsm
+
+    featurize.residual = residual
+    try:
+        yield
+    finally:
+        featurize.residual = real
+
+
 def feature_specs(args) -> dict[str, FeatureSpec]:
     t = dict(inversion_steps=args.inversion_steps)
     return {
@@ -108,17 +127,18 @@ def query_specs(args) -> dict[str, ConceptQuerySpec]:
     return {f"query {d}": ConceptQuerySpec(draws=d, **base) for d in ("local", "global")}
 
 
-def count_flops(adapter, args, k: int, batch: int) -> dict[str, float]:
-    """FLOPs per training image (per spec) and per query (per draw kind) of `adapter`."""
+def count_flops(adapter, args, k: int, batch: int, pos, neg) -> dict[str, float]:
+    """FLOPs per training image (per spec) and per query (per draw kind) of `adapter`; pos / neg:
+    one condition each (prompt id [1] or embedding [L, D]), c+ and c- of the query."""
     dev = adapter.device
     c, s = adapter.config["in_channels"], adapter.config["image_size"]
     x0 = torch.randn(batch, c, s, s, device=dev)
-    cond = adapter.null_cond(batch, device=dev)
+    cond = pos[None].expand(batch, *pos.shape)
     out = {}
     for name, spec in feature_specs(args).items():
         fz = make_featurizer(adapter, spec, ProjectionSpec(k=k))
         fz._projector = proj = CountingProjector(k)
-        with FlopCount() as fc:
+        with FlopCount() as fc, _dsm_on_cpu():
             fz(x0, cond)
         out[name] = (fc.flops + proj.flops) / batch
         out[f"{name}: p_selected"] = fz.grads.n_selected
@@ -126,7 +146,7 @@ def count_flops(adapter, args, k: int, batch: int) -> dict[str, float]:
     for name, spec in query_specs(args).items():
         fz._projector = proj = CountingProjector(k)
         with FlopCount() as fc:
-            prompt_query_features(fz, spec, cond[0], [cond[0] * 0.5], x0[0])
+            prompt_query_features(fz, spec, pos, [neg], x0[0])
         out[name] = fc.flops + proj.flops
     with FlopCount() as fc, torch.no_grad():
         adapter(x0[:1], torch.tensor([500]), cond[:1])
@@ -140,7 +160,7 @@ def time_tiny(adapter, args) -> dict[str, dict]:
     b = args.batch
     c, s = adapter.config["in_channels"], adapter.config["image_size"]
     x0 = torch.rand(b, c, s, s) * 2 - 1
-    cond = adapter.encode_prompts(["a red triangle"] * b)
+    cond = adapter.prompt_ids(["a red triangle"] * b)
     rows = {}
     for name, spec in feature_specs(args).items():
         fz = make_featurizer(adapter, spec, ProjectionSpec(k=args.k))
@@ -193,8 +213,10 @@ def main(argv=None) -> dict:
 
     tiny = load_t2i(args.model)
     measured = time_tiny(tiny, args)
-    tiny_flops = count_flops(tiny, args, args.k, args.batch)
-    sd_flops = count_flops(sd15_adapter(), args, args.sd_k, 1)
+    ids = tiny.prompt_ids(["a red triangle", "a triangle"])
+    tiny_flops = count_flops(tiny, args, args.k, args.batch, ids[0], ids[1])
+    text = torch.zeros(*SD15_TEXT, device="meta")  # SD's text states: the values do not matter
+    sd_flops = count_flops(sd15_adapter(), args, args.sd_k, 1, text, text)
 
     rows = []
     for name, m in measured.items():

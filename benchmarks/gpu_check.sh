@@ -2,8 +2,11 @@
 # One-shot GPU check for a rented machine (H200; torch and triton preinstalled, no network):
 #   1. install carried pure-python wheels from .whl/ (if present) into /tmp/site
 #   2. build the package and its extension (editable install, else build_ext --inplace)
-#   3. pytest -m "cuda or triton"  (the kernels compiled for the GPU, not the interpreter)
-#   4. benchmarks/bench_kernels.py and, if present, benchmarks/bench_topk.py
+#   3. pytest -m "cuda or triton"  (the kernels compiled for the GPU, not the interpreter; the
+#      CUDA top-k tests of tests/test_search.py run here: both score kernels, mma and simt, against
+#      the float64 reference, host shards through the pinned double buffers, k up to 10^4)
+#   4. benchmarks/bench_kernels.py and, if present, benchmarks/bench_topk.py (with --device cuda:
+#      device-resident features, both kernels and torch timed against the measured device bandwidth)
 # Logs go to $OUT (if set) else ./gpu_check_out, at most 8 files (what the device tool returns):
 # env.log build.log pytest.log bench_kernels.log bench_kernels.json bench_topk.log bench_topk.json
 # summary.txt. Every step runs under its own timeout (together < 8 minutes); a failed step is

@@ -176,6 +176,18 @@ PYBIND11_MODULE(CTRAK_MODULE_NAME, m) {
       "True when the CUDA engine was compiled in.");
 
   m.def(
+      "cpu_fma_peak",
+      [](double seconds, int num_threads, const std::string& isa) {
+        const char* fn = "cpu_fma_peak";
+        CHECK_ARG(seconds > 0 && seconds <= 60, "seconds must be in (0, 60]");
+        py::gil_scoped_release nogil;
+        return ctrak::fma_peak_flops(seconds, num_threads, isa);
+      },
+      py::arg("seconds") = 0.25, py::arg("num_threads") = 0, py::arg("isa") = "auto",
+      "Peak float32 FLOP/s of independent fma chains on num_threads threads (0: default) of the\n"
+      "ISA variant, measured for about `seconds`: the compute ceiling of the CPU kernels.");
+
+  m.def(
       "rademacher_tile",
       [](const py::object& seed, int64_t row_start, int64_t n_rows, int64_t k, py::array out,
          int num_threads, const std::string& isa) {
@@ -337,19 +349,24 @@ PYBIND11_MODULE(CTRAK_MODULE_NAME, m) {
       "cudaStream_t values (int, 0 = legacy default); the caller keeps buffers alive until the\n"
       "stream has consumed them.")
       .def(py::init([](uintptr_t queries, int64_t m, int64_t dim, int64_t k_top,
-                       const std::string& tails, int device, uintptr_t stream) {
+                       const std::string& tails, int device, uintptr_t stream,
+                       const std::string& engine) {
              const char* fn = "CudaTopKState";
              CHECK_ARG(queries != 0, "queries pointer is null");
              CHECK_ARG(m >= 1 && dim >= 1, "queries must be [m >= 1, dim >= 1]");
              CHECK_ARG(k_top >= 1, "k_top must be >= 1");
              CHECK_ARG(device >= 0, "device must be >= 0");
+             CHECK_ARG(engine == "auto" || engine == "mma" || engine == "simt",
+                       "engine must be 'auto', 'mma' or 'simt', got '" + engine + "'");
              const int t = parse_tails(tails);
              py::gil_scoped_release nogil;
-             return new ctrak::CudaTopK(queries, m, dim, k_top, t, device, stream);
+             return new ctrak::CudaTopK(queries, m, dim, k_top, t, device, stream, engine);
            }),
            py::arg("queries"), py::arg("m"), py::arg("dim"), py::arg("k_top"),
-           py::arg("tails"), py::arg("device"), py::arg("stream"),
-           "queries: device pointer to float32 [m, dim], C-contiguous (copied on `stream`).")
+           py::arg("tails"), py::arg("device"), py::arg("stream"), py::arg("engine") = "auto",
+           "queries: device pointer to float32 [m, dim], C-contiguous (copied on `stream`);\n"
+           "engine: 'mma' (tensor cores, float16 / bfloat16 features with dim % 8 == 0), 'simt'\n"
+           "(float32 fma chains) or 'auto' (mma where it applies; $CTRAK_CUDA_ENGINE overrides).")
       .def(
           "add",
           [](ctrak::CudaTopK& s, uintptr_t features, int64_t n, const std::string& dtype,
@@ -371,6 +388,36 @@ PYBIND11_MODULE(CTRAK_MODULE_NAME, m) {
           py::arg("stream"),
           "features: device pointer to [n, dim] C-contiguous; ids: device pointer to int64 [n]\n"
           "or 0 for ids base_id, base_id + 1, ...")
+      .def(
+          "add_host",
+          [](ctrak::CudaTopK& s, const py::array& features, const py::object& ids,
+             int64_t base_id, uintptr_t stream) {
+            const char* fn = "CudaTopKState.add_host";
+            const int dtype = checked_features(features, s.dim(), fn);
+            const int64_t n = features.shape(0);
+            const int64_t* idp = checked_ids(ids, n, fn);
+            CHECK_ARG(idp || n == 0 || base_id <= INT64_MAX - n, "base_id + n overflows int64");
+            const void* fp = features.data();
+            py::gil_scoped_release nogil;
+            s.add_host(fp, dtype, n, idp, base_id, stream);
+          },
+          py::arg("features"), py::arg("ids") = py::none(), py::arg("base_id") = 0,
+          py::arg("stream") = 0,
+          "features: host numpy [n, dim] float32 / float16 / uint16 (bfloat16 bits),\n"
+          "C-contiguous (e.g. a memory-mapped shard); ids: int64 [n] or None. Streams through\n"
+          "pinned double buffers; returns once the host arrays have been read.")
+      .def(
+          "engine_for",
+          [](const ctrak::CudaTopK& s, const std::string& dtype) {
+            const int dt = dtype == "float32"    ? kF32
+                           : dtype == "float16"  ? kF16
+                           : dtype == "bfloat16" ? kBF16
+                                                 : -1;
+            if (dt < 0)
+              throw py::type_error("engine_for: dtype must be float32, float16 or bfloat16");
+            return std::string(s.engine_for(dt));
+          },
+          py::arg("dtype"), "The score kernel ('mma' or 'simt') for aligned features of dtype.")
       .def(
           "result",
           [](ctrak::CudaTopK& s, uintptr_t stream) {

@@ -117,7 +117,12 @@ struct IsaKernels {
   // out [n_rows, k] = +-scale with the hash's sign for rows row_start.. (single thread).
   void (*rademacher)(uint32_t seed_key, uint64_t row_start, int64_t n_rows, int64_t k,
                      float scale, float* out);
+  // iters x kFmaChains dependent-free vector fmas (the peak-FLOP/s probe); returns a value that
+  // depends on all of them, so nothing is optimised away.
+  float (*fma_loop)(int64_t iters);
 };
+
+constexpr int kFmaChains = 12;  // independent chains: more than FMA latency x issue width
 
 const IsaKernels* isa_generic();
 #if defined(CTRAK_X86)

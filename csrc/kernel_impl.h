@@ -193,7 +193,21 @@ void rademacher(uint32_t seed_key, uint64_t row_start, int64_t n_rows, int64_t k
   }
 }
 
-const IsaKernels kKernels = {V::kName,       W,           V::kRowMultiple, &packed_floats,
-                             &pack_queries, &score_tile, &rademacher};
+float fma_loop(int64_t iters) {
+  typename V::reg acc[kFmaChains];
+  const typename V::reg b = V::bcast(0.99999994f), c = V::bcast(1e-7f);
+  for (int i = 0; i < kFmaChains; ++i) acc[i] = V::bcast(static_cast<float>(i));
+  for (int64_t it = 0; it < iters; ++it)
+    for (int i = 0; i < kFmaChains; ++i) acc[i] = V::fma(acc[i], b, c);
+  float lanes[W], sum = 0.0f;
+  for (int i = 0; i < kFmaChains; ++i) {
+    V::store(lanes, acc[i]);
+    sum += lanes[0];
+  }
+  return sum;
+}
+
+const IsaKernels kKernels = {V::kName,     W,           V::kRowMultiple, &packed_floats,
+                             &pack_queries, &score_tile, &rademacher,     &fma_loop};
 
 }  // namespace

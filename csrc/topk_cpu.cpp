@@ -1,34 +1,17 @@
 #include "topk_cpu.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <limits>
 #include <new>
 #include <stdexcept>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+#include "thread_pool.h"
 
 namespace ctrak {
 namespace {
-
-int max_threads() {
-#ifdef _OPENMP
-  return omp_get_max_threads();
-#else
-  return 1;
-#endif
-}
-
-int thread_id() {
-#ifdef _OPENMP
-  return omp_get_thread_num();
-#else
-  return 0;
-#endif
-}
 
 template <class T>
 AlignedBuf<T> alloc_aligned(size_t n) {
@@ -79,6 +62,11 @@ void compact(Reservoir* r, int32_t k, float* thr, int negate) {
   *thr = negate ? -kth : kth;
 }
 
+// Work below which a call stays on the calling thread. Waking the team and meeting it at the
+// closing barrier costs tens of microseconds on an idle machine, and a scheduler time slice
+// (milliseconds) per region on an oversubscribed one, where a woken thread waits its turn.
+constexpr int64_t kParallelMinFma = int64_t(1) << 24;
+
 // Rows per tile: about 256 KiB of decoded rows, to stay in L2 next to the query panels.
 int64_t tile_rows_for(const IsaKernels* isa, int64_t dim) {
   const int64_t mult = isa->row_multiple;
@@ -119,14 +107,15 @@ void rademacher_tile(uint32_t seed, uint64_t row_start, int64_t n_rows, int64_t 
   const float scale = static_cast<float>(1.0 / std::pow(static_cast<double>(k), 0.5));
   constexpr int64_t kChunk = 32;
   const int64_t chunks = (n_rows + kChunk - 1) / kChunk;
-  const int nt = num_threads > 0 ? num_threads : max_threads();
-#pragma omp parallel for schedule(static) num_threads(nt) if (n_rows * k >= (int64_t(1) << 16))
-  for (int64_t c = 0; c < chunks; ++c) {
+  const int nt = n_rows * k >= (int64_t(1) << 16) ? (num_threads > 0 ? num_threads
+                                                                      : default_threads())
+                                                   : 1;
+  parallel_for(chunks, nt, [&](int64_t c, int) {
     const int64_t r0 = c * kChunk;
     const int64_t rows = std::min(kChunk, n_rows - r0);
     kern->rademacher(seed_key, row_start + static_cast<uint64_t>(r0), rows, k, scale,
                      out + r0 * k);
-  }
+  });
 }
 
 struct TopKState::Slot {
@@ -156,7 +145,7 @@ TopKState::TopKState(const float* queries, int64_t m, int64_t dim, int64_t k_top
   const int n_tails = (tails & kTop ? 1 : 0) + (tails & kBottom ? 1 : 0);
   const int64_t slot_bytes = m * n_tails * cap_ * int64_t(sizeof(Entry)) +
                              tile_rows_ * (tile_lda(dim) + m_pad_) * 4 + 2 * m_pad_ * 4;
-  const int want = num_threads > 0 ? num_threads : max_threads();
+  const int want = num_threads > 0 ? num_threads : default_threads();
   num_threads_ =
       static_cast<int>(std::clamp<int64_t>(kStateBudgetBytes / slot_bytes, 1, std::max(want, 1)));
 
@@ -191,12 +180,12 @@ void TopKState::add(const void* feat, int dtype, int64_t n, const int64_t* ids, 
   if (n <= 0) return;
   const size_t row_bytes = static_cast<size_t>(dim_) * (dtype == kF32 ? 4 : 2);
   const int64_t tiles = (n + tile_rows_ - 1) / tile_rows_;
+  const int nt = tiles > 1 && n * dim_ * m_pad_ >= kParallelMinFma ? num_threads_ : 1;
   const char* base = static_cast<const char*>(feat);
-#pragma omp parallel for schedule(dynamic) num_threads(num_threads_) if (tiles > 1)
-  for (int64_t t = 0; t < tiles; ++t) {
-    Slot& s = *slots_[thread_id()];
+  parallel_for(tiles, nt, [&](int64_t t, int worker) {
+    Slot& s = *slots_[worker];
     const int64_t r0 = t * tile_rows_;
-    TileArgs a;
+    TileArgs a{};
     a.feat = base + r0 * row_bytes;
     a.dtype = dtype;
     a.rows = std::min(tile_rows_, n - r0);
@@ -208,16 +197,16 @@ void TopKState::add(const void* feat, int dtype, int64_t n, const int64_t* ids, 
     a.qpack = qpack_.get();
     a.m = m_;
     a.sel = &s.sel;
-    a.dense = 0;
     isa_->score_tile(a, tile_rows_);
-  }
+  });
   rows_seen_ += n;
 }
 
 void TopKState::merge_tail(bool top, float* out_v, int64_t* out_i) const {
   const float sign = top ? 1.0f : -1.0f;  // the bottom tail is stored negated
-#pragma omp parallel for schedule(dynamic) num_threads(num_threads_) if (m_ > 1)
-  for (int64_t q = 0; q < m_; ++q) {
+  // The merge reads every slot's reservoir once: worth the pool only for large m * k.
+  const int nt = m_ > 1 && m_ * cap_ * num_threads_ >= (int64_t(1) << 18) ? num_threads_ : 1;
+  parallel_for(m_, nt, [&](int64_t q, int) {
     std::vector<Entry> all;
     for (const auto& s : slots_) {
       const Reservoir& r = top ? s->res_top[q] : s->res_bot[q];
@@ -229,7 +218,7 @@ void TopKState::merge_tail(bool top, float* out_v, int64_t* out_i) const {
       out_v[q * k_ + j] = j < have ? sign * all[j].v : std::numeric_limits<float>::quiet_NaN();
       out_i[q * k_ + j] = j < have ? all[j].id : -1;
     }
-  }
+  });
 }
 
 void TopKState::result(float* top_v, int64_t* top_i, float* bot_v, int64_t* bot_i) const {
@@ -251,26 +240,25 @@ void score_dense(const float* queries, int64_t m, int64_t dim, const void* feat,
   kern->pack_queries(queries, m, dim, qpack.get());
   const size_t row_bytes = static_cast<size_t>(dim) * (dtype == kF32 ? 4 : 2);
   const int64_t tiles = (n + tile_rows - 1) / tile_rows;
-  const int nt = static_cast<int>(std::min<int64_t>(num_threads > 0 ? num_threads : max_threads(),
-                                                    tiles));
-  // Scratch is allocated here, not in the parallel region: an exception must not leave it.
+  const int nt = n * dim * m_pad < kParallelMinFma
+                     ? 1
+                     : static_cast<int>(std::min<int64_t>(
+                           num_threads > 0 ? num_threads : default_threads(), tiles));
   std::vector<AlignedBuf<float>> abuf, cbuf;
   for (int t = 0; t < nt; ++t) {
     abuf.push_back(alloc_aligned<float>(tile_rows * lda));
     cbuf.push_back(alloc_aligned<float>(tile_rows * m_pad));
   }
   const char* base = static_cast<const char*>(feat);
-#pragma omp parallel for schedule(dynamic) num_threads(nt) if (nt > 1)
-  for (int64_t t = 0; t < tiles; ++t) {
-    const int tid = thread_id();
+  parallel_for(tiles, nt, [&](int64_t t, int worker) {
     const int64_t r0 = t * tile_rows;
     TileArgs a{};
     a.feat = base + r0 * row_bytes;
     a.dtype = dtype;
     a.rows = std::min(tile_rows, n - r0);
     a.dim = dim;
-    a.abuf = abuf[tid].get();
-    a.cbuf = cbuf[tid].get();
+    a.abuf = abuf[worker].get();
+    a.cbuf = cbuf[worker].get();
     a.qpack = qpack.get();
     a.m = m;
     a.dense = 1;
@@ -281,7 +269,27 @@ void score_dense(const float* queries, int64_t m, int64_t dim, const void* feat,
       const float* src = a.cbuf + q;
       for (int64_t r = 0; r < a.rows; ++r) dst[r] = src[r * m_pad];
     }
-  }
+  });
+}
+
+double fma_peak_flops(double seconds, int num_threads, const std::string& isa) {
+  const IsaKernels* kern = select_isa(isa);
+  const int nt = num_threads > 0 ? num_threads : default_threads();
+  const double flops_per_iter = 2.0 * kFmaChains * kern->lanes;
+  std::vector<float> results(nt);
+  volatile float sink = 0.0f;  // keeps the loops' results alive
+  auto timed = [&](int64_t iters, int threads) {
+    const auto t0 = std::chrono::steady_clock::now();
+    parallel_for(threads, threads, [&](int64_t t, int) { results[t] = kern->fma_loop(iters); });
+    const auto t1 = std::chrono::steady_clock::now();
+    for (int t = 0; t < threads; ++t) sink = sink + results[t];
+    return std::chrono::duration<double>(t1 - t0).count();
+  };
+  int64_t iters = 1 << 16;  // calibrate on one thread to about a tenth of the budget
+  while (timed(iters, 1) < seconds / 10 && iters < (int64_t(1) << 40)) iters *= 2;
+  const int64_t full = static_cast<int64_t>(iters * seconds / std::max(timed(iters, 1), 1e-9));
+  const double t = timed(std::max<int64_t>(full, 1), nt);
+  return flops_per_iter * static_cast<double>(std::max<int64_t>(full, 1)) * nt / t;
 }
 
 }  // namespace ctrak

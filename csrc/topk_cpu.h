@@ -30,6 +30,10 @@ void rademacher_tile(uint32_t seed, uint64_t row_start, int64_t n_rows, int64_t 
 void score_dense(const float* queries, int64_t m, int64_t dim, const void* feat, int dtype,
                  int64_t n, float* out, int64_t ldo, int num_threads, const std::string& isa);
 
+// Peak float32 FLOP/s of `num_threads` threads (<= 0: default_threads()) running independent
+// fma chains of the ISA variant for about `seconds`: the compute ceiling of the kernels.
+double fma_peak_flops(double seconds, int num_threads, const std::string& isa);
+
 struct FreeDeleter {
   void operator()(void* p) const { std::free(p); }
 };
@@ -49,7 +53,8 @@ class TopKState {
  public:
   static constexpr int64_t kStateBudgetBytes = int64_t(1) << 30;
 
-  // queries: [m, dim] float32, copied. tails: kTop | kBottom. num_threads <= 0: OpenMP default.
+  // queries: [m, dim] float32, copied. tails: kTop | kBottom. num_threads <= 0: default_threads()
+  // (thread_pool.h).
   TopKState(const float* queries, int64_t m, int64_t dim, int64_t k_top, int tails,
             int num_threads, const std::string& isa);
   ~TopKState();

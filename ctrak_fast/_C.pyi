@@ -19,6 +19,9 @@ def cpu_isa() -> str:
 def has_cuda() -> bool:
     """True when the CUDA engine was compiled in."""
 
+def cpu_fma_peak(seconds: float = 0.25, num_threads: int = 0, isa: str = "auto") -> float:
+    """Peak float32 FLOP/s of independent fma chains (the CPU kernels' compute ceiling)."""
+
 def rademacher_tile(
     seed: int,
     row_start: int,
@@ -30,6 +33,32 @@ def rademacher_tile(
 ) -> None:
     """Fill out [n_rows, k] float32 with rows row_start.. of the projection matrix: +-1/sqrt(k),
     bit-identical to ctrak_fast.hashing.rademacher_block(seed, row_start, n_rows, k)."""
+
+class MappedFile:
+    """Read-only shared memory map of a whole file; a read-only uint8 buffer
+    (np.frombuffer(mf, np.uint8) is a zero-copy view that keeps the mapping alive)."""
+
+    def __init__(self, path: str, populate: bool = False, sequential: bool = True) -> None:
+        """populate: read and map every page before returning (read-ahead); OSError on failure."""
+
+    def __buffer__(self, flags: int, /) -> memoryview: ...
+    def will_need(self, offset: int = 0, length: int = ...) -> None:
+        """Start asynchronous read-ahead of a byte range (MADV_WILLNEED)."""
+
+    @property
+    def size(self) -> int: ...
+    @property
+    def path(self) -> str: ...
+
+def score_cpu(
+    features: np.ndarray,
+    queries: npt.NDArray[np.float32],
+    out: npt.NDArray[np.float32] | None = None,
+    num_threads: int = 0,
+    isa: str = "auto",
+) -> npt.NDArray[np.float32]:
+    """Dense scores [m, n] = queries . features^T, bit-identical to what TopKState selects;
+    out: float32 [m, n] with contiguous rows (any row stride), or None to allocate."""
 
 class TopKState:
     """Running exact top-k of m queries over rows streamed by add()."""
@@ -84,11 +113,33 @@ class CudaTopKState:
     addresses, streams cudaStream_t values; buffers must outlive the queued work."""
 
     def __init__(
-        self, queries: int, m: int, dim: int, k_top: int, tails: str, device: int, stream: int
-    ) -> None: ...
+        self,
+        queries: int,
+        m: int,
+        dim: int,
+        k_top: int,
+        tails: str,
+        device: int,
+        stream: int,
+        engine: str = "auto",
+    ) -> None:
+        """engine: 'mma' (tensor cores), 'simt' (fp32 fma chains) or 'auto'."""
+
     def add(
         self, features: int, n: int, dtype: str, ids: int, base_id: int, stream: int
     ) -> None: ...
+    def add_host(
+        self,
+        features: np.ndarray,
+        ids: npt.NDArray[np.int64] | None = None,
+        base_id: int = 0,
+        stream: int = 0,
+    ) -> None:
+        """Host features streamed through pinned double buffers."""
+
+    def engine_for(self, dtype: str) -> str:
+        """'mma' or 'simt': the score kernel for aligned features of dtype."""
+
     def result(self, stream: int) -> _Result: ...
     @property
     def m(self) -> int: ...

@@ -1,17 +1,66 @@
 """ctrak_fast: concept-level training-data attribution for diffusion models (Concept-TRAK).
 
-Public names are loaded lazily so `import ctrak_fast` stays fast and works even where the compiled
-extension `ctrak_fast._C` is missing (the first call that needs it says how to build it).
+The public API is exactly ``__all__``: an ``Attributor`` (a model plus a method) featurizes a
+training set into a ``FeatureStore``, makes ``Query`` features of a concept, and returns the exact
+top-k training samples as an ``Attribution``. Quick start: README.md ("Python in ten lines");
+reference, generated from the docstrings: docs/API.md; Python / CLI / dattri: docs/INTEGRATION.md.
+
+Stability promise (full text in docs/API.md): within a minor series (0.y.z) no name of
+``__all__``, parameter, default or documented shape / dtype changes; a minor release may add names
+and keyword arguments and deprecate (DeprecationWarning for at least one minor release) but not
+remove without that. Feature stores carry a format version (``STORE_FORMAT_VERSION``): every build
+reads all older versions and refuses newer ones. Everything not in ``__all__`` (engine modules
+such as ``ctrak_fast.featurize``, ``ctrak_fast.grads``, the CLI internals, ``ctrak_fast._C``) may
+change in any release.
+
+Names are loaded lazily so ``import ctrak_fast`` stays fast and works where the compiled
+extension ``ctrak_fast._C`` is missing (the first call that needs it says how to build it).
 """
 
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
 
+if TYPE_CHECKING:  # what static type checkers see; at run time __getattr__ imports on demand
+    from .api import (
+        METHODS,
+        STORE_FORMAT_VERSION,
+        Attribution,
+        Attributor,
+        Condition,
+        Query,
+        das_store_path,
+        shipped_dataset,
+        shipped_model,
+    )
+    from .data import ConceptDataset
+    from .featurize import FeatureSpec
+    from .projection import ProjectionSpec, Projector
+    from .query import ConceptQuerySpec
+    from .scoring import Preconditioner, gram
+    from .search import TopK, topk
+    from .store import FeatureStore, SpecMismatch, StoreError
+
 _EXPORTS = {
+    # the attribution API
+    "Attributor": "api",
+    "Query": "api",
+    "Attribution": "api",
+    "Condition": "api",
+    "METHODS": "api",
+    "STORE_FORMAT_VERSION": "api",
+    "das_store_path": "api",
+    "shipped_model": "api",
+    "shipped_dataset": "api",
+    "ConceptDataset": "data",
+    # specs
+    "FeatureSpec": "featurize",
+    "ConceptQuerySpec": "query",
     "ProjectionSpec": "projection",
+    # engine
     "Projector": "projection",
     "FeatureStore": "store",
     "StoreError": "store",
@@ -20,21 +69,38 @@ _EXPORTS = {
     "Preconditioner": "scoring",
     "topk": "search",
     "TopK": "search",
-    "FeatureSpec": "featurize",
-    "Featurizer": "featurize",
-    "featurize_dataset": "featurize",
-    "ConceptQuerySpec": "query",
-    "concept_query_features": "query",
-    "image_query_features": "query",
-    "NoiseSchedule": "diffusion",
-    "FactorUNet": "models",
-    "load_model": "models",
 }
 
-__all__ = ["__version__", *_EXPORTS]
+__all__ = [
+    "__version__",
+    "Attributor",
+    "Query",
+    "Attribution",
+    "Condition",
+    "METHODS",
+    "STORE_FORMAT_VERSION",
+    "das_store_path",
+    "shipped_model",
+    "shipped_dataset",
+    "ConceptDataset",
+    "FeatureSpec",
+    "ConceptQuerySpec",
+    "ProjectionSpec",
+    "Projector",
+    "FeatureStore",
+    "StoreError",
+    "SpecMismatch",
+    "gram",
+    "Preconditioner",
+    "topk",
+    "TopK",
+]
+# __all__ is spelled out for linters and type checkers; keep _EXPORTS in step with it.
+if set(__all__) != {"__version__", *_EXPORTS}:
+    raise ImportError("ctrak_fast.__all__ and its lazy export table disagree")
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
         globals()[name] = value
@@ -42,5 +108,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'ctrak_fast' has no attribute {name!r}")
 
 
-def __dir__():
+def __dir__() -> list[str]:
     return sorted(__all__)

@@ -42,14 +42,14 @@ METRICS = ("p@1", "p@5", "p@10", "ap", "specificity")
 class QualityConfig:
     """Benchmark settings. Defaults are sized for the 2-core demo (see README)."""
 
-    per_combo: int = 100  # training images per seen combination that are featurized
+    per_combo: int = 50  # training images per seen combination that are featurized
     k: int = 512
     projection_seed: int = 0
     queries_per_combo: int = 2
-    query_guidance: float = 3.0  # CFG of the generated query images
+    query_guidance: float = 2.0  # CFG of the generated query images (judge accuracy is best at 2)
     query_candidates: int = 8  # generated per combination; the judge keeps the correct ones
     lambda_r: float = 1.0
-    batch_size: int = 32
+    batch_size: int = 50
     store_dtype: str = "float32"
     seed: int = 0
     methods: tuple[str, ...] = METHODS
@@ -118,8 +118,21 @@ def run_quality(
     labels, null = train.labels, model.null_cond(1)[0]
     proj = ProjectionSpec(k=cfg.k, seed=cfg.projection_seed)
 
+    shared: list[Featurizer] = []
+
     def featurizer(spec: FeatureSpec) -> Featurizer:
-        return Featurizer(model, sch, spec, proj, null, grad_backend=cfg.grad_backend)
+        # All methods project with the same matrix: share one projector and its tile cache.
+        fz = Featurizer(
+            model,
+            sch,
+            spec,
+            proj,
+            null,
+            grad_backend=cfg.grad_backend,
+            shared_projector=shared[0].projector if shared else None,
+        )
+        shared.append(fz)
+        return fz
 
     feats, stores, precond = {}, {}, {}
     timings = {}

@@ -208,8 +208,10 @@ def _cmd_query(a):
 def _cmd_attribute(a):
     from safetensors import safe_open
 
+    from .export import export_scores
     from .scoring import Preconditioner, gram
-    from .search import topk
+    from .search import iter_store_shards, topk
+    from .search_distributed import distributed_session, gram_distributed, topk_distributed
     from .store import FeatureStore
 
     store = FeatureStore.open(a.store)
@@ -219,8 +221,22 @@ def _cmd_attribute(a):
     store.check_compatible({k: v for k, v in meta.items() if k in ("model", "projection")})
     if a.k > store.n_rows:
         raise ValueError(f"k={a.k} is larger than the store's {store.n_rows} rows")
-    u = Preconditioner(gram(store), a.lambda_r).solve(q)
-    res = topk(store, u, a.k, tails="both")
+    sel = [int(i) for i in a.export_queries.split(",")] if a.export_queries else None
+    # Under torchrun every rank searches its block of shards; the lists are merged exactly.
+    with distributed_session() as (rank, world):
+        if world > 1:
+            u = Preconditioner(gram_distributed(store, verify=a.verify), a.lambda_r).solve(q)
+            res = topk_distributed(store, u, a.k, tails="both", verify=a.verify)
+        else:
+            g = gram(iter_store_shards(store, verify=a.verify))
+            u = Preconditioner(g, a.lambda_r).solve(q)
+            res = topk(store, u, a.k, tails="both", verify=a.verify)
+    if rank != 0:
+        return
+    if a.export_scores:
+        info = {"store": str(a.store), "query": str(a.query), "lambda_r": a.lambda_r}
+        export_scores(store, u, a.export_scores, queries=sel, verify=a.verify, meta=info)
+        print(f"scores of {len(sel or q)} queries x {store.n_rows} rows -> {a.export_scores}")
     out = {
         "store": str(a.store),
         "query": str(a.query),
@@ -341,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="benchmark every method on the shipped model; table, JSON, gallery"
     )
     d.add_argument("--out", default="demo_out")
-    d.add_argument("--per-combo", type=int, default=100)
+    d.add_argument("--per-combo", type=int, default=50)
     d.add_argument("--k", type=int, default=512)
     d.add_argument("--queries-per-combo", type=int, default=2)
     d.add_argument("--quiet", action="store_true")
@@ -398,6 +414,14 @@ def build_parser() -> argparse.ArgumentParser:
     at.add_argument("--k", type=int, default=10)
     at.add_argument("--lambda-r", type=float, default=1.0)
     at.add_argument("--out", help="JSON file (default: stdout)")
+    at.add_argument(
+        "--verify",
+        default="ids",
+        choices=["ids", "full", "none"],
+        help="shard checks while reading: sha256 of the ids (default), of whole files, or none",
+    )
+    at.add_argument("--export-scores", help="also write all scores (safetensors, streamed)")
+    at.add_argument("--export-queries", help="comma-separated query indices to export (all)")
 
     r = sub.add_parser("report", help="PNG gallery of an attribute result")
     _add_data_args(r)

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from tqdm.auto import tqdm
 
 from .featurize import Featurizer, featurize_dataset
 from .store import MANIFEST, FeatureStore, SpecMismatch, StoreError, merge_stores
@@ -166,12 +167,12 @@ class DistContext:
                 result = fn()
             except Exception as e:  # reported to the other ranks, then re-raised
                 error = e
-        message = self.broadcast(None if error is None else _one_line(error))
+        message, result = self.broadcast((None if error is None else _one_line(error), result))
         if error is not None:
             raise error
         if message is not None:
             raise RankFailed(f"rank 0 failed: {message}")
-        return self.broadcast(result)
+        return result
 
 
 def _one_line(e: BaseException) -> str:
@@ -281,10 +282,9 @@ def featurize_units(
 ) -> None:
     """Write ``units`` (normally ``plan.assignment(rank, world_size)``) under the targets' parts.
 
-    Each unit resumes from its own store, so a unit cut short by a crash is continued, not redone.
+    Each unit is a store of its own: a finished unit survives any later crash, and an unfinished
+    one (its rows were still buffered, a unit being one shard) is recomputed by the next run.
     """
-    from tqdm.auto import tqdm
-
     main, das = plan.targets[0], (plan.targets[1] if len(plan.targets) > 1 else None)
     for unit in tqdm(units, desc="featurize units", unit="unit", disable=not progress):
         sl = plan.rows(unit)
@@ -348,10 +348,8 @@ def featurize_distributed(
     targets = [Path(path)] + ([Path(das_path)] if das_path is not None else [])
     kw = dict(batch_size=batch_size, dtype=dtype, nan_policy=nan_policy)
     if ctx.world_size == 1 and not any((t / PARTS).exists() for t in targets):
-        return featurize_dataset(
-            featurizer, images, conds, ids, path, shard_rows=shard_rows, das_path=das_path,
-            progress=progress, **kw,
-        )  # fmt: skip
+        rest = dict(shard_rows=shard_rows, das_path=das_path, progress=progress)
+        return featurize_dataset(featurizer, images, conds, ids, path, **kw, **rest)
     meta = featurizer.meta()
     k = featurizer.projection.k
 
@@ -369,7 +367,8 @@ def featurize_distributed(
         check_training_data(images, conds, ids)
 
     ctx.run_everywhere(check_inputs)
-    _check_same_run(ctx, meta, images, ids, k=k, shard_rows=shard_rows, out=targets, **kw)
+    out = [str(t) for t in targets]
+    _check_same_run(ctx, meta, images, ids, k=k, shard_rows=shard_rows, out=out, **kw)
 
     def make_plan():
         plan = plan_units(targets, meta, ids, k=k, dtype=dtype, shard_rows=shard_rows)

@@ -30,6 +30,10 @@ class FeatureSpec:
 
     loss: "dps" (Concept-TRAK), "dsm" (TRAK) or "eps-norm" (D-TRAK / DAS).
     inversion: x_t from deterministic DDIM inversion with CFG (Concept-TRAK) instead of fixed noise.
+
+    Examples:
+        >>> FeatureSpec().timesteps, FeatureSpec.baseline("dsm").inversion
+        ((99, 199, 299, 399, 499, 599, 699, 799, 899), False)
     """
 
     loss: str = "dps"
@@ -95,12 +99,18 @@ class Featurizer:
     null_cond: torch.Tensor
     grad_backend: str = "hooks"
     projector_backend: str = "auto"
+    shared_projector: Projector | None = None  # reuse one projector (and its tile cache)
     _grads: PerSampleGrads = field(init=False, repr=False)
     _projector: Projector = field(init=False, repr=False)
 
     def __post_init__(self):
         self._grads = PerSampleGrads(self.model, self.spec.param_filter, backend=self.grad_backend)
-        self._projector = Projector(
+        shared = self.shared_projector
+        if shared is not None and (shared.spec != self.projection or shared.dim != self._grads.dim):
+            raise ValueError(
+                "shared_projector does not match this featurizer's projection and model"
+            )
+        self._projector = shared or Projector(
             self.projection, self._grads.dim, backend=self.projector_backend
         )
         self._noise: dict[int, torch.Tensor] | None = None
@@ -257,9 +267,9 @@ def featurize_dataset(
             sl = slice(i, min(i + batch_size, len(images)))
             phi, dsm = featurizer(images[sl], conds[sl])
             outputs = [phi] if len(stores) == 1 else [phi, phi * dsm[:, None]]
-            nonfinite = torch.stack([~torch.isfinite(o).all(1) for o in outputs]).any(0)
+            nonfinite = torch.stack([~torch.isfinite(o).all(1) for o in outputs]).any(0).cpu()
             overflow = torch.stack([~torch.isfinite(o.to(store_dtype)).all(1) for o in outputs])
-            overflow = overflow.any(0) & ~nonfinite
+            overflow = overflow.any(0).cpu() & ~nonfinite
             zeroed = nonfinite | overflow
             if zeroed.any():
                 if nan_policy == "fail":
@@ -268,7 +278,7 @@ def featurize_dataset(
                         why, bad = f"features that overflow {dtype}", overflow
                     hint = "fix the data or model, or pass --nan-policy zero to store zero rows"
                     raise NonFiniteFeatures(ids[sl][bad].tolist(), why, hint)
-                outputs = [torch.where(zeroed[:, None], 0.0, o) for o in outputs]
+                outputs = [torch.where(zeroed[:, None].to(o.device), 0.0, o) for o in outputs]
             for w, rows, have in zip(writers, outputs, present, strict=True):
                 skip = max(0, have - i)  # rows this store already holds
                 if skip < len(rows):

@@ -88,18 +88,18 @@ def residual(
 
     Returns (r [B, C, H, W], dsm [B]); dsm is NaN where no noise is given (it feeds DAS weights).
     """
+    if loss not in LOSSES:
+        raise ValueError(f"unknown loss {loss!r}; expected one of {LOSSES}")
+    if loss == "dsm" and noise is None:
+        raise ValueError("the dsm loss needs the noise that made x_t")
+    eps = None
+    if loss != "dps" or noise is not None:
+        with torch.no_grad():
+            eps = model(x_t, t, cond)
     if loss == "dps":
         r = dps_guidance(model, schedule, x_t, t, cond, x0)
-        with torch.no_grad():
-            eps = model(x_t, t, cond)
     else:
-        with torch.no_grad():
-            eps = model(x_t, t, cond)
-        if loss == "dsm":
-            r = eps - noise
-        elif loss == "eps-norm":
-            r = eps
-        else:
-            raise ValueError(f"unknown loss {loss!r}; expected one of {LOSSES}")
-    dsm = dsm_loss(eps, noise) if noise is not None else torch.full(eps.shape[:1], float("nan"))
+        r = eps - noise if loss == "dsm" else eps
+    nan = torch.full(x_t.shape[:1], float("nan"), device=x_t.device)
+    dsm = dsm_loss(eps, noise) if noise is not None else nan
     return r.detach(), dsm.detach()

@@ -19,6 +19,7 @@ Every draw contributes its x_t at all timesteps of the spec.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 
@@ -34,6 +35,11 @@ class ConceptQuerySpec:
     weight: slider weight w (7.5 synthetic, 3 text-to-image). draws: "local" or "global".
     n_draws: independent draws, each used at every timestep. eta: stochasticity of local inversion.
     guidance: CFG scale of the draws (local: inversion under c+ vs null; global: c+ vs c-).
+
+    Examples:
+        >>> spec = ConceptQuerySpec(draws="global", n_draws=64)
+        >>> spec.weight, len(spec.timesteps)
+        (7.5, 9)
     """
 
     weight: float = 7.5
@@ -46,14 +52,14 @@ class ConceptQuerySpec:
     normalize: bool = True
     seed: int = 0
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.draws not in ("local", "global"):
             raise ValueError(f"draws must be 'local' or 'global', got {self.draws!r}")
         if self.n_draws < 1:
             raise ValueError("n_draws must be >= 1")
         object.__setattr__(self, "timesteps", tuple(int(t) for t in self.timesteps))
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["timesteps"] = list(self.timesteps)
         return d
@@ -143,6 +149,8 @@ def concept_query_features(
                 )
             blocks = [(off, b.sum(0, keepdim=True)) for off, b in blocks]
             acc = add_blocks(acc, blocks)
+        if acc is None:
+            raise ValueError("a concept query needs at least one draw point")
         acc = [(off, b / len(x)) for off, b in acc]
         out.append(featurizer.projector.project_blocks(acc)[0])
     return torch.stack(out)

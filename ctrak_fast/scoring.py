@@ -10,14 +10,27 @@ memory is one shard plus O(k^2) whatever N is; one G serves a whole lambda sweep
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 
 from .store import FeatureStore, iter_features
 
+# What gram / score_dense read: a store, a [N, k] tensor, or blocks [n_i, k] / (features, ids).
+FeatureSource = (
+    FeatureStore
+    | torch.Tensor
+    | tuple[torch.Tensor, torch.Tensor]
+    | Iterable[torch.Tensor]
+    | Iterable[tuple[torch.Tensor, torch.Tensor]]
+)
+
 CHUNK_ROWS = 8192
 
 
-def gram(source, progress: bool = False, chunk_rows: int = CHUNK_ROWS) -> torch.Tensor:
+def gram(
+    source: FeatureSource, progress: bool = False, chunk_rows: int = CHUNK_ROWS
+) -> torch.Tensor:
     """G = Phi^T Phi, streamed.
 
     Args:
@@ -133,7 +146,7 @@ class Preconditioner:
         return u.reshape(q.shape).to(device=q.device, dtype=dtype)
 
 
-def score_dense(source, u: torch.Tensor) -> torch.Tensor:
+def score_dense(source: FeatureSource, u: torch.Tensor) -> torch.Tensor:
     """Reference scores phi_i . u_j for every stored row (tests and small stores only).
 
     Args:

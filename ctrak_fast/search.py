@@ -8,12 +8,30 @@ result whatever N is.
 
 Engines (``backend=``):
     ``"cpu"``        ``ctrak_fast._C.TopKState``: C++ blocked GEMM with the selection fused,
-                     AVX-512 / AVX2 / portable variants picked at run time, OpenMP threads.
+                     AVX-512 / AVX2 / portable variants picked at run time, its own thread
+                     pool (workers sleep between calls; see csrc/thread_pool.h).
     ``"cuda"``       ``ctrak_fast._C.CudaTopKState``: fused score + threshold kernel with
                      block-level candidate lists and a per-query radix select, any k.
     ``"reference"``  :func:`topk_reference` in plain torch (float64 scores): the specification.
     ``"auto"``       CUDA queries or features -> ``"cuda"``, otherwise ``"cpu"``; without the
                      compiled extension it warns and uses ``"reference"``.
+
+Reading a FeatureStore (:func:`iter_store_shards`): each shard file is memory-mapped (no copy
+out of the page cache) and, with ``readahead``, a background thread maps and populates shard
+i + 1 while the engine scores shard i, so the disk reads overlap the compute. Memory is the
+mapped shards (at most three at a time, file-backed and reclaimable) plus the result, whatever N.
+
+What "verified" means at scale (``verify=``). Hashing every byte costs as much as scoring it
+(sha256 runs at ~1-2 GB/s per core; the CPU engine scores a k = 256 float16 shard at several
+GB/s), so the default checks what the answer is made of and leaves the bulk to the file system:
+    ``"ids"``   (default) FeatureStore.open has checked every shard's size and safetensors header
+                against the manifest; each shard's ids tensor is hashed (sha256, 8 bytes per row:
+                1/64 of a k = 256 float16 shard) and compared with the manifest before it is
+                scored, so every id the search returns is one the writer wrote. Corrupted
+                feature bytes are found by ``ctrak store verify`` / ``FeatureStore.verify``.
+    ``"full"``  every shard file's sha256 is compared with the manifest before it is scored (in
+                the read-ahead thread, off the compute path but not free).
+    ``"none"``  size and header only.
 
 Semantics shared by all engines: per query and tail the result is the first k rows in the total
 order (score descending for the top tail / ascending for the bottom tail, then id ascending),
@@ -27,7 +45,10 @@ summation ``|s_fast - s_exact| <= gamma(k) * sum_d |phi_id * u_qd|`` with
 query (maximised over rows). Consequently returned values agree with the exact scores of the
 returned ids within the bound, the j-th returned exact score is within twice the bound of the
 reference's j-th, and returned ids equal the reference's except among scores tied within
-twice the bound. Rows whose score is NaN are never selected by the native engines.
+twice the bound. Rows whose score is NaN are never selected by the native engines. The CUDA
+engine's tensor-core path (float16 / bfloat16 features) forms the same products exactly but
+accumulates inside the MMA units (truncation, order of the hardware): its bound is
+``fp32_error_bound(..., engine="mma")``.
 
 Examples:
     >>> import torch
@@ -42,21 +63,28 @@ Examples:
 
 from __future__ import annotations
 
+import hashlib
+import json
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from . import _native
+from .store import FeatureStore, StoreError, _shard_file
 
 Tails = Literal["top", "bottom", "both"]
 Backend = Literal["auto", "cpu", "cuda", "reference"]
+Verify = Literal["ids", "full", "none"]
 
 _TAILS = ("top", "bottom", "both")
 _BACKENDS = ("auto", "cpu", "cuda", "reference")
+_VERIFY = ("ids", "full", "none")
 _NATIVE_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
@@ -70,6 +98,11 @@ class TopK:
         bottom_values: [m, k] float32, smallest scores first.
         bottom_ids: [m, k] int64, their ids.
         tails: "top", "bottom" or "both": which of the above are set.
+
+    Examples:
+        >>> res = topk(torch.eye(3), torch.tensor([[0.0, 2.0, 1.0]]), k=2, backend="reference")
+        >>> res.top_ids.tolist(), res.bottom_ids.tolist(), res.m, res.k
+        ([[1, 2]], [[0, 2]], 1, 2)
     """
 
     top_values: Tensor | None
@@ -89,20 +122,34 @@ class TopK:
         return int(v.shape[0])
 
 
-def fp32_error_bound(features: Tensor, u: Tensor) -> Tensor:
-    """Worst-case error of a float32 fma-chain score, per query.
+def fp32_error_bound(features: Tensor, u: Tensor, engine: Literal["fma", "mma"] = "fma") -> Tensor:
+    """Worst-case error of a native engine's float32 score, per query.
 
     Args:
         features: [n, k] any float dtype.
         u: [m, k].
+        engine: ``"fma"``: one float32 fma chain over d (CPU engine, CUDA float32 path):
+            ``gamma(k) * max_i sum_d |features_id * u_qd|``. ``"mma"``: the CUDA tensor-core
+            path (exact float16 / bfloat16 products, hi and lo query parts accumulated apart in
+            the MMA units, which truncate): ``2 * gamma(k + 1)`` in place of ``gamma(k)``, plus
+            the query split's residual ``2**-33 * max_d |u_qd| * max_i sum_d |features_id|``.
     Returns:
-        [m] float64: ``gamma(k) * max_i sum_d |features_id * u_qd|``.
+        [m] float64.
     """
+    if engine not in ("fma", "mma"):
+        raise ValueError(f"engine must be 'fma' or 'mma', got {engine!r}")
     k = features.shape[1]
     unit = 2.0**-24
-    gamma = k * unit / (1 - k * unit)
-    abs_dot = features.double().abs() @ u.double().abs().T  # [n, m]
-    return gamma * abs_dot.amax(dim=0)
+
+    def gamma(n: int) -> float:
+        return n * unit / (1 - n * unit)
+
+    f, u64 = features.double().abs(), u.double().abs()
+    abs_dot = (f @ u64.T).amax(dim=0)  # [m]
+    if engine == "fma":
+        return gamma(k) * abs_dot
+    split = 2.0**-33 * u64.amax(dim=1) * f.sum(dim=1).amax()
+    return 2 * gamma(k + 1) * abs_dot + split
 
 
 def _select(values: Tensor, ids: Tensor, k: int, largest: bool) -> tuple[Tensor, Tensor]:
@@ -152,25 +199,32 @@ def topk(
     backend: Backend = "auto",
     progress: bool = False,
     num_threads: int = 0,
+    verify: Verify = "ids",
+    readahead: bool = True,
 ) -> TopK:
     """Exact top-k inner products of queries against every feature row, both tails.
 
     Args:
-        source: a FeatureStore (anything with ``iter_shards()`` yielding (features [n_i, dim],
-            ids [n_i] int64); ``n_rows``, ``k`` and ``shards`` are used when present), a
-            (features [n, dim], ids [n] int64) tuple, or a features tensor (ids = row index).
-            Features: float16, bfloat16 or float32 (other floats are converted to float32).
+        source: a FeatureStore (memory-mapped shard by shard, see :func:`iter_store_shards`),
+            anything else with ``iter_shards()`` yielding (features [n_i, dim], ids [n_i] int64)
+            (``n_rows``, ``k`` and ``shards`` are used when present), a (features [n, dim],
+            ids [n] int64) tuple, or a features tensor (ids = row index). Features: float16,
+            bfloat16 or float32 (other floats are converted to float32).
         u: [m, dim] queries, m >= 1 (float32; CUDA queries select the CUDA engine).
         k: results per query and tail, 1 <= k <= number of rows.
         tails: "top", "bottom" or "both".
         backend: "auto", "cpu", "cuda" or "reference" (see the module docstring).
         progress: tqdm bar over shards when the source has more than one.
-        num_threads: CPU engine threads (0: OpenMP default).
+        num_threads: CPU engine threads (0: $OMP_NUM_THREADS, else every CPU this process may use).
+        verify: FeatureStore sources only: "ids", "full" or "none" (module docstring).
+        readahead: FeatureStore sources only: map and read shard i + 1 in a background thread
+            while shard i is scored.
     Returns:
         TopK with [m, k] float32 values and int64 ids on the CPU.
     Raises:
         ValueError: empty query batch, k < 1, k larger than the number of rows, feature
-            dimension different from the queries', bad tails or backend.
+            dimension different from the queries', bad tails, backend or verify.
+        StoreError: a shard fails its check (names the file).
 
     Examples:
         >>> feats, u = torch.randn(500, 32), torch.randn(4, 32)
@@ -181,7 +235,9 @@ def topk(
     _check_tails(tails)
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
-    shards, n_rows, dim, n_shards, device = _open_source(source)
+    if verify not in _VERIFY:
+        raise ValueError(f"verify must be one of {_VERIFY}, got {verify!r}")
+    shards, n_rows, dim, n_shards, device = _open_source(source, verify, readahead)
     m = _check_queries(u, dim)
     dim = int(u.shape[1])
     _check_k(k, n_rows)
@@ -246,6 +302,7 @@ def _run_cpu(shards, u: Tensor, k: int, tails, num_threads: int) -> TopK:
         # numpy has no bfloat16: hand over the raw bits, the engine decodes them.
         arr = feats.view(torch.int16).numpy() if feats.dtype == torch.bfloat16 else feats.numpy()
         state.add(arr, ids.detach().to("cpu", torch.int64).contiguous().numpy())
+        del feats, ids, arr  # release a memory-mapped shard before the next one is mapped
     _check_k(k, state.rows_seen)
     return _make_topk(_as_tensors(state.result()), tails)
 
@@ -268,6 +325,18 @@ def _run_cuda(shards, u: Tensor, k: int, tails, device: torch.device | None) -> 
             q.data_ptr(), q.shape[0], q.shape[1], k, tails, device.index, stream.cuda_stream
         )
         for feats, ids in shards:
+            if not feats.is_cuda:
+                # Host shards (memory-mapped store shards): the engine streams them through its
+                # pinned double buffers, copying chunk c + 1 while chunk c is scored.
+                f = feats.detach()
+                if f.dtype not in _NATIVE_DTYPES:
+                    f = f.float()
+                f = f.contiguous()
+                arr = f.view(torch.int16).numpy() if f.dtype == torch.bfloat16 else f.numpy()
+                state.add_host(
+                    arr, ids.detach().to(torch.int64).contiguous().numpy(), 0, stream.cuda_stream
+                )
+                continue
             # Temporaries are allocated on `stream`, so the caching allocator reuses them only
             # after the kernels queued here: no explicit synchronisation per shard.
             f = feats.detach().to(device, non_blocking=True)
@@ -285,6 +354,170 @@ def _run_cuda(shards, u: Tensor, k: int, tails, device: torch.device | None) -> 
             )
         _check_k(k, state.rows_seen)
         return _make_topk(_as_tensors(state.result(stream.cuda_stream)), tails)
+
+
+# --- FeatureStore shards ------------------------------------------------------------------------
+
+_NP_DTYPES = {"float16": np.float16, "bfloat16": np.int16, "float32": np.float32}
+_ST_DTYPES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}
+
+
+def _as_tensor(a: np.ndarray) -> Tensor:
+    # Views of a read-only mapping: torch warns that it cannot write to them; nothing does.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(a)
+
+
+def _map_shard(store: FeatureStore, rec: dict, verify: str, populate: bool):
+    """Memory-map one shard and check it: -> (features [rows, k] Tensor, ids [rows] Tensor).
+
+    The tensors are read-only views of the mapping, which stays alive as long as they do.
+    """
+    file = _shard_file(store.path, rec["file"])
+    C = _native.load()
+    try:
+        mf = C.MappedFile(str(file), populate=populate)
+    except FileNotFoundError as e:
+        raise StoreError(f"{file}: shard file is missing") from e
+    buf = np.frombuffer(mf, dtype=np.uint8)
+    if buf.size != rec["bytes"]:
+        raise StoreError(f"{file}: {buf.size} bytes, manifest says {rec['bytes']} (truncated?)")
+    n_head = int.from_bytes(buf[:8].tobytes(), "little")
+    if not 0 < n_head <= buf.size - 8:
+        raise StoreError(f"{file}: bad safetensors header length")
+    try:
+        header = json.loads(buf[8 : 8 + n_head].tobytes())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise StoreError(f"{file}: unreadable safetensors header: {e}") from e
+    rows, k, dtype = rec["rows"], store.k, store.dtype
+    want = {"features": (_ST_DTYPES[dtype], [rows, k]), "ids": ("I64", [rows])}
+    views = {}
+    for name, (st_dtype, shape) in want.items():
+        info = header.get(name) if isinstance(header, dict) else None
+        if not isinstance(info, dict) or (info.get("dtype"), info.get("shape")) != (
+            st_dtype,
+            shape,
+        ):
+            raise StoreError(f"{file}: tensor {name!r} does not match the manifest")
+        lo, hi = info["data_offsets"]
+        views[name] = buf[8 + n_head + lo : 8 + n_head + hi]
+    if verify == "full" and hashlib.sha256(buf).hexdigest() != rec["sha256"]:
+        raise StoreError(f"{file}: sha256 mismatch, the shard is corrupt")
+    if verify == "ids" and hashlib.sha256(views["ids"]).hexdigest() != rec["ids_sha256"]:
+        raise StoreError(f"{file}: sha256 of the ids mismatch, the shard is corrupt")
+    feats = views["features"]
+    ids = views["ids"]
+    # safetensors aligns tensor data to 8 bytes; a foreign writer might not: copy then.
+    if feats.ctypes.data % feats.dtype.itemsize or ids.ctypes.data % 8:
+        feats, ids = feats.copy(), ids.copy()
+    feats = feats.view(_NP_DTYPES[dtype]).reshape(rows, k)
+    f = _as_tensor(feats)
+    if dtype == "bfloat16":
+        f = f.view(torch.bfloat16)
+    return f, _as_tensor(ids.view(np.int64))
+
+
+def iter_store_shards(
+    store: FeatureStore,
+    shards: Sequence[int] | None = None,
+    verify: Verify = "ids",
+    readahead: bool = True,
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """Yield (features [rows_i, k], ids [rows_i] int64) of a store's shards, memory-mapped.
+
+    Args:
+        store: an open FeatureStore.
+        shards: indices of the shards to read, in that order (default: all).
+        verify: "ids", "full" or "none" (see the module docstring).
+        readahead: a background thread maps, reads and checks shard i + 1 (MAP_POPULATE) while
+            the caller works on shard i; without it pages are faulted in as the engine reads
+            them (kernel read-ahead of the sequential mapping only).
+    Yields:
+        Read-only tensors backed by the page cache (features in the store dtype); a shard's
+        mapping is released when the caller drops its tensors.
+
+    Examples:
+        >>> # for feats, ids in iter_store_shards(store, shards=[0, 2]): ...
+    """
+    if verify not in _VERIFY:
+        raise ValueError(f"verify must be one of {_VERIFY}, got {verify!r}")
+    records = store.manifest["shards"]
+    order = range(len(records)) if shards is None else list(shards)
+    if not readahead:
+        for i in order:
+            yield _map_shard(store, records[i], verify, populate=False)
+        return
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ctrak-readahead")
+    try:
+        pending = None
+        for i in order:
+            pending = pending or pool.submit(_map_shard, store, records[i], verify, True)
+            shard = pending.result()
+            pending = None
+            nxt = _next(order, i)
+            if nxt is not None:
+                pending = pool.submit(_map_shard, store, records[nxt], verify, True)
+            yield shard
+            del shard
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _next(order, i):
+    """The index after i in order (order is a range or a list without repeats of i)."""
+    if isinstance(order, range):
+        return i + 1 if i + 1 < order.stop else None
+    pos = order.index(i)
+    return order[pos + 1] if pos + 1 < len(order) else None
+
+
+def merge_topk(parts: Sequence[TopK], k: int) -> TopK:
+    """Exact top-k of the union of top-k lists of disjoint row sets, same tie rule.
+
+    Args:
+        parts: TopK results of the same queries and tails over disjoint rows, each [m, k_i];
+            entries with id -1 (NaN value) are padding and are never selected.
+        k: results per query and tail.
+    Returns:
+        TopK [m, k]; padded with NaN / -1 if the parts hold fewer than k valid entries.
+
+    Examples:
+        >>> f = torch.randn(10, 4)
+        >>> u = torch.randn(2, 4)
+        >>> a = topk_reference(f[:6], torch.arange(6), u, 3)
+        >>> b = topk_reference(f[6:], torch.arange(6, 10), u, 3)
+        >>> ref = topk_reference(f, torch.arange(10), u, 3)
+        >>> torch.equal(merge_topk([a, b], 3).top_ids, ref.top_ids)
+        True
+    """
+    if not parts:
+        raise ValueError("merge_topk: no parts")
+    _check_k(k, None)
+    tails = parts[0].tails
+    out = {}
+    for tail in ("top", "bottom"):
+        if tails not in (tail, "both"):
+            continue
+        v = torch.cat([getattr(p, f"{tail}_values").float().cpu() for p in parts], 1)
+        i = torch.cat([getattr(p, f"{tail}_ids").long().cpu() for p in parts], 1)
+        if v.shape[1] < k:  # fewer candidates than k: pad, the padding sorts last
+            v = torch.cat([v, v.new_full((v.shape[0], k - v.shape[1]), float("nan"))], 1)
+            i = torch.cat([i, i.new_full((i.shape[0], k - i.shape[1]), -1)], 1)
+        valid = (i >= 0) & ~torch.isnan(v)
+        worst = float("-inf") if tail == "top" else float("inf")
+        key = torch.where(valid, v, torch.full_like(v, worst))
+        # Three stable sorts, least significant key first: id, value, validity.
+        order = torch.sort(torch.where(valid, i, torch.iinfo(torch.int64).max), 1).indices
+        o2 = torch.sort(key.gather(1, order), dim=1, descending=tail == "top", stable=True).indices
+        order = order.gather(1, o2)
+        o3 = torch.sort((~valid).gather(1, order).to(torch.uint8), dim=1, stable=True).indices
+        order = order.gather(1, o3)[:, :k]
+        keep = valid.gather(1, order)
+        vals = torch.where(keep, v.gather(1, order), torch.full(order.shape, float("nan")))
+        ids = torch.where(keep, i.gather(1, order), torch.full(order.shape, -1))
+        out[tail] = (vals, ids)
+    return _make_topk(out, tails)
 
 
 # --- helpers -----------------------------------------------------------------------------------
@@ -345,8 +578,11 @@ def _check_features(features, ids, name: str) -> tuple[int, int]:
     return int(features.shape[0]), int(features.shape[1])
 
 
-def _open_source(source):
+def _open_source(source, verify: str = "ids", readahead: bool = True):
     """-> (iterable of (features, ids), n_rows or None, dim or None, n_shards or None, device)."""
+    if isinstance(source, FeatureStore):
+        shards = iter_store_shards(source, verify=verify, readahead=readahead)
+        return shards, source.n_rows, source.k, len(source.manifest["shards"]), None
     if hasattr(source, "iter_shards"):
         shards = source.iter_shards()
         n_shards = len(source.shards) if hasattr(source, "shards") else None
@@ -371,4 +607,11 @@ def _validated(shards, dim: int | None) -> Iterator[tuple[Tensor, Tensor]]:
         yield feats, ids
 
 
-__all__ = ["TopK", "fp32_error_bound", "topk", "topk_reference"]
+__all__ = [
+    "TopK",
+    "fp32_error_bound",
+    "iter_store_shards",
+    "merge_topk",
+    "topk",
+    "topk_reference",
+]

@@ -757,11 +757,12 @@ def merge_stores(
     """Append the rows of ``sources`` (stores, in order) to the store at ``dest``.
 
     ``dest`` is created with the first source's spec when it holds no manifest (it may hold other
-    files, e.g. the sub-stores being merged). Each source shard is hard-linked (copied where a link
-    is impossible) under dest's next shard name and listed with its checksums, so the result has
-    the bytes one writer appending the same rows would have written, and the sources are never
-    modified. Atomic: dest's manifest is replaced once, after every file is in place; an
-    interrupted merge leaves only unlisted files, which the next merge or writer replaces.
+    files, e.g. the sub-stores being merged); nothing is created or changed if the merge is
+    refused. Each source shard is hard-linked (copied where a link is impossible) under dest's
+    next shard name and listed with its checksums, so the result has the bytes one writer
+    appending the same rows would have written, and the sources are never modified. Atomic:
+    dest's manifest is replaced once, after every file is in place; an interrupted merge leaves
+    only unlisted files, which the next merge or writer replaces.
 
     Args:
         check: re-hash every linked shard against its record (reads each byte once), so that a
@@ -776,8 +777,11 @@ def merge_stores(
     """
     dest = Path(dest)
     paths = [Path(s.path if isinstance(s, FeatureStore) else s) for s in sources]
-    dest.mkdir(parents=True, exist_ok=True)
-    lock = _acquire_lock(dest)
+    if dest.exists() and not dest.is_dir():
+        raise StoreError(f"{dest} exists and is not a directory")
+    # Everything is checked before dest is created or changed: a refused merge leaves no trace.
+    lock = _acquire_lock(dest) if dest.is_dir() else None
+    placed: list[Path] = []
     try:
         m = None
         if (dest / MANIFEST).exists():
@@ -816,23 +820,31 @@ def merge_stores(
                     f"cannot merge: {where} has a short shard ({n} of {m['shard_rows']} rows) "
                     "that would not be the last one of the merged store"
                 )
+        if lock is None:
+            dest.mkdir(parents=True, exist_ok=True)
+            lock = _acquire_lock(dest)
+            if (dest / MANIFEST).exists():
+                raise StoreError(f"a store appeared at {dest} during the merge; run it again")
         shards, n_rows = list(m["shards"]), m["n_rows"]
         for src, rec in todo:
-            name = f"shard-{len(shards):05d}.safetensors"
-            _place(_shard_file(src, rec["file"]), dest / name)
+            file = dest / f"shard-{len(shards):05d}.safetensors"
+            _place(_shard_file(src, rec["file"]), file)
+            placed.append(file)
             if check and (
-                (dest / name).stat().st_size != rec["bytes"]
-                or _sha256_file(dest / name) != rec["sha256"]
+                file.stat().st_size != rec["bytes"] or _sha256_file(file) != rec["sha256"]
             ):
-                (dest / name).unlink()
                 raise StoreError(f"{src / rec['file']}: sha256 mismatch, the shard is corrupt")
-            shards.append(dict(rec, file=name, first_row=n_rows))
+            shards.append(dict(rec, file=file.name, first_row=n_rows))
             n_rows += rec["rows"]
         _fsync_dir(dest)  # every link is durable before the manifest lists it
         merged = _with_version(dict(m, shards=shards, n_rows=n_rows, complete=True))
+        placed.clear()  # from here on the files may be listed: stray files are harmless, gaps not
         _atomic_write(dest / MANIFEST, _manifest_bytes(merged))
     finally:
-        _release_lock(lock)
+        for file in placed:  # a failed merge leaves none of the files it placed
+            file.unlink(missing_ok=True)
+        if lock is not None:
+            _release_lock(lock)
     return FeatureStore.open(dest)
 
 

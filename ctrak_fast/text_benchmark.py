@@ -45,7 +45,7 @@ from .query import ConceptQuerySpec, image_query_features
 from .scoring import Preconditioner, gram, score_dense
 from .store import FeatureStore
 
-__all__ = ["T2IQualityConfig", "run_t2i_quality", "embed_captions", "make_prompt_queries"]
+__all__ = ["T2IQualityConfig", "run_t2i_quality", "make_prompt_queries"]
 
 
 @dataclass
@@ -75,14 +75,6 @@ class T2IQualityConfig:
         return d
 
 
-def embed_captions(adapter: TextToImageAdapter, captions: list[str]) -> torch.Tensor:
-    """Embeddings [N, L, D] of N captions, each distinct caption encoded once."""
-    unique = sorted(set(captions))
-    emb = adapter.encode_prompts(unique)
-    row = {c: i for i, c in enumerate(unique)}
-    return emb[torch.tensor([row[c] for c in captions])]
-
-
 def _prompt(data: ConceptDataset, combo) -> str:
     return caption(data.factors, data.values, combo)
 
@@ -101,6 +93,8 @@ def make_prompt_queries(adapter, judge, data, combos, cfg: T2IQualityConfig, pro
             prompt, "", cfg.query_guidance, cfg.query_steps, seed=seed, n=cfg.query_candidates
         )
         images = adapter.decode_latents(x0)
+        if not adapter.latent:  # a pixel model's query image is the clamped sample
+            x0 = images
         ok = (judge.predict(images) == torch.tensor(combo)).all(1)
         accepted[tuple(combo)] = (int(ok.sum()), cfg.query_candidates)
         for i in ok.nonzero().flatten()[: cfg.queries_per_combo].tolist():
@@ -125,7 +119,7 @@ def run_t2i_quality(
     train = train_subset(data, cfg.per_combo)
     labels = train.labels
     captions = [_prompt(data, row) for row in labels.tolist()]
-    conds = embed_captions(adapter, captions)
+    conds = adapter.prompt_ids(captions)  # int64 [N, 1]
     proj = ProjectionSpec(k=cfg.k, seed=cfg.projection_seed)
     filt = {"param_filter": cfg.param_filter}
     specs = {
@@ -185,7 +179,7 @@ def run_t2i_quality(
                 )
                 u = precond["concept-trak"].solve(qf)
                 scores["concept-trak"] = score_dense(stores["concept-trak"], u)  # [N, F]
-            cond_q = adapter.encode_prompts([prompt])
+            cond_q = adapter.prompt_ids([prompt])
             for m, fz in (("trak", "trak"), ("d-trak", "d-trak"), ("das", "d-trak")):
                 if m in cfg.methods:
                     qf = image_query_features(feats[fz], q["x0"][None], cond_q)
@@ -234,43 +228,42 @@ def run_t2i_quality(
     return results
 
 
-def main(argv=None) -> dict:
+def run_from_args(a: argparse.Namespace) -> dict:
+    """The benchmark on the shipped tiny model and judge: table.md, results.json, gallery.png."""
     from .adapters.tiny import ASSETS, load_t2i
     from .data import SyntheticConfig, make_dataset
     from .demo import write_gallery
     from .models import load_model
 
-    p = argparse.ArgumentParser(description="Prompt-query concept benchmark on the tiny T2I model.")
-    p.add_argument("--out", default="out/t2i_quality")
-    p.add_argument("--model", help="t2i checkpoint (default: the shipped one)")
-    p.add_argument("--judge", default=str(ASSETS / "judge_shapes16.safetensors"))
-    p.add_argument("--data", default=str(ASSETS / "shapes16.json"))
-    p.add_argument("--per-combo", type=int, default=50)
-    p.add_argument("--k", type=int, default=512)
-    p.add_argument("--queries-per-combo", type=int, default=2)
-    p.add_argument("--inversion-steps", type=int, default=50)
-    p.add_argument("--n-draws", type=int, default=4)
-    p.add_argument("--param-filter", default=T2I_PARAM_FILTER)
-    p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--quiet", action="store_true")
-    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     cfg = T2IQualityConfig(
         per_combo=a.per_combo,
         k=a.k,
         queries_per_combo=a.queries_per_combo,
+        query_candidates=a.query_candidates,
         param_filter=a.param_filter,
         methods=tuple(a.methods.split(",")),
         dps=FeatureSpec(inversion_steps=a.inversion_steps),
         concept=ConceptQuerySpec(n_draws=a.n_draws, steps=a.inversion_steps),
     )
-    data = make_dataset(SyntheticConfig.load_json(a.data))
-    res = run_t2i_quality(load_t2i(a.model), load_model(a.judge), data, cfg, a.out, not a.quiet)
+    data = make_dataset(SyntheticConfig.load_json(a.data or ASSETS / "shapes16.json"))
+    judge = load_model(a.judge or ASSETS / "judge_shapes16.safetensors")
+    res = run_t2i_quality(load_t2i(a.model), judge, data, cfg, a.out, not a.quiet)
     table = format_table(res)
     print(table)
     (Path(a.out) / "table.md").write_text(table + "\n")
     write_gallery(res, data.values, data.factors, Path(a.out) / "gallery.png")
     return res
+
+
+def main(argv=None) -> dict:
+    from .adapters.cli import add_bench_arguments
+
+    p = argparse.ArgumentParser(description="Prompt-query concept benchmark on the tiny T2I model.")
+    add_bench_arguments(p)
+    return run_from_args(p.parse_args(argv))
 
 
 if __name__ == "__main__":

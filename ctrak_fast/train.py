@@ -62,8 +62,10 @@ def train_diffusion(
 
     Args:
         dataset: ConceptDataset (images [N,3,S,S] in [-1,1], labels [N,F]).
-        out_path: EMA checkpoint (safetensors), rewritten atomically every `checkpoint_every`
-            steps and at the end, so a killed run leaves a usable model.
+        out_path: final EMA weights (safetensors), written atomically once training ends, so a
+            model already at out_path (and in use) is only replaced by a finished one.
+            Every `checkpoint_every` steps the EMA goes to out_path + ".partial" (atomic, removed
+            at the end): a killed run leaves a usable model there.
         cond_dropout: each factor is independently replaced by its null token with this
             probability; trains CFG and the "factor removed" condition.
         time_budget_s: stop early when the wall time reaches it; the learning-rate decay follows
@@ -88,6 +90,7 @@ def train_diffusion(
         model = FactorUNet(dataset.n_values, **kw).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     sched = NoiseSchedule.from_config(model.config["schedule"])
+    partial = f"{out_path}.partial"
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     null = model.null_index
     images, labels = dataset.images, dataset.labels
@@ -140,8 +143,9 @@ def train_diffusion(
             )
             running = 0.0
         if checkpoint_every and step % checkpoint_every == 0:
-            save_model(ema, out_path)
+            save_model(ema, partial)
     save_model(ema, out_path)
+    Path(partial).unlink(missing_ok=True)
     el = time.time() - t0
     _log(
         f"train_diffusion done: {step} steps in {el:.0f}s ({el / max(step, 1):.3f}s/step) "
@@ -299,12 +303,14 @@ def train_all(
     seed: int = 0,
     progress: bool = True,
     init_from: str | os.PathLike | None = None,
+    schedule: dict | None = None,
 ) -> dict[str, str]:
     """Dataset -> diffusion model -> judge -> evaluation; returns the written paths.
 
     Files in out_dir: <name>.json (SyntheticConfig; `make_dataset(SyntheticConfig.load_json(...))`
     regenerates the training set bit for bit), unet_<name>.safetensors, judge_<name>.safetensors,
     <name>_eval.json. The diffusion model goes first: it is what everything else waits for.
+    schedule: NoiseSchedule config for a new model (default models.DEFAULT_SCHEDULE).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -333,6 +339,7 @@ def train_all(
         progress=progress,
         hflip=True,
         init_from=init_from,
+        model_kwargs={"schedule": schedule} if schedule else None,
     )
     train_s = time.time() - t0
     judge = train_judge(cfg, paths["judge"], steps=judge_steps, seed=seed, progress=progress)
@@ -380,6 +387,17 @@ def train_all(
     return paths
 
 
+SCHEDULES = {
+    "cosine": {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2", "max_beta": 0.05},
+    "linear": {
+        "num_train_timesteps": 1000,
+        "beta_schedule": "linear",
+        "beta_start": 1e-4,
+        "beta_end": 0.02,
+    },
+}
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(
         description="Train the synthetic-concept diffusion model and judge."
@@ -400,6 +418,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--eval-n", type=int, default=32)
     p.add_argument("--samples", default=None, help="PNG path for a sample grid")
     p.add_argument("--init-from", default=None, help="continue from this FactorUNet checkpoint")
+    p.add_argument(
+        "--schedule",
+        choices=sorted(SCHEDULES),
+        default="cosine",
+        help="noise schedule of a new model (ignored with --init-from)",
+    )
     a = p.parse_args(argv)
     cfg = SyntheticConfig(
         image_size=a.image_size, per_combo=a.per_combo, n_heldout=a.n_heldout, seed=a.seed
@@ -417,6 +441,7 @@ def main(argv: list[str] | None = None) -> None:
         samples_png=a.samples,
         seed=a.seed,
         init_from=a.init_from,
+        schedule=SCHEDULES[a.schedule],
     )
 
 

@@ -19,7 +19,6 @@ __all__ = [
     "NonFiniteFeatures",
     "check_training_data",
     "check_data_matches_model",
-    "check_topk",
     "check_input_file",
     "check_input_dir",
     "check_output_dir",
@@ -34,7 +33,8 @@ class InputError(ValueError):
 
 
 class NonFiniteFeatures(ValueError):
-    """Samples whose features (per-sample gradients) are NaN/Inf; ``ids`` lists all of them."""
+    """Samples whose features (per-sample gradients) are not finite; ``ids``: those of the batch
+    where they were found."""
 
     def __init__(self, ids: Sequence[int], why: str, hint: str = "") -> None:
         self.ids = [int(i) for i in ids]
@@ -52,31 +52,30 @@ def check_positive(name: str, value) -> None:
         raise InputError(f"{name} must be a positive integer, got {value!r}")
 
 
-def check_topk(k: int, n: int) -> None:
-    """``k`` results of ``n`` rows: 1 <= k <= n."""
-    check_positive("k", k)
-    if k > n:
-        raise InputError(f"k={k} is larger than the {n} rows to search")
-
-
-def check_training_data(images: torch.Tensor, conds: torch.Tensor, ids: torch.Tensor) -> None:
-    """images float [N,C,H,W] finite, conds int [N,F], ids int [N] unique; N >= 1.
+def check_training_data(images: torch.Tensor, conds, ids: torch.Tensor) -> None:
+    """images float [N, C, H, W] (pixels or latents), finite; conds: N conditions of any kind (a
+    tensor [N, ...], finite if floating, or a sequence such as captions); ids int [N], unique;
+    N >= 1.
 
     Raises:
-        InputError: naming the sample ids of non-finite images or duplicated ids.
+        InputError: naming the sample ids of non-finite images or conditions, or duplicated ids.
     """
     if images.ndim != 4 or not images.is_floating_point():
         raise InputError(f"images must be float [N, C, H, W], got {images.dtype} {_shape(images)}")
     n = images.shape[0]
     if n == 0:
         raise InputError("empty dataset: nothing to featurize")
-    if conds.ndim != 2 or conds.shape[0] != n or conds.is_floating_point():
-        raise InputError(f"conditions must be int [{n}, F], got {conds.dtype} {_shape(conds)}")
     if ids.shape != (n,) or ids.is_floating_point():
         raise InputError(f"ids must be int [{n}], got {ids.dtype} {_shape(ids)}")
+    if conds is not None and len(conds) != n:
+        raise InputError(f"{len(conds)} conditions for {n} images")
     bad = ~torch.isfinite(images.reshape(n, -1)).all(1)
     if bad.any():
         raise InputError(f"images of sample id(s) {_ids(ids[bad].tolist())} contain NaN/Inf")
+    if isinstance(conds, torch.Tensor) and conds.is_floating_point():
+        bad = ~torch.isfinite(conds.reshape(n, -1)).all(1)
+        if bad.any():
+            raise InputError(f"conditions of sample id(s) {_ids(ids[bad].tolist())} are NaN/Inf")
     uniq, counts = torch.unique(ids, return_counts=True)
     if (counts > 1).any():
         raise InputError(f"duplicate sample id(s) {_ids(uniq[counts > 1].tolist())}")
@@ -93,9 +92,9 @@ def check_data_matches_model(
     """The images and labels are what the model (its ``config``, e.g. FactorUNet.config) expects.
 
     Checks image size and channel count, the number of factors, and each label against the
-    model's value range. With names on both sides, the factor order and each factor's value list
-    must be the model's: labels are indices, and a different order would silently condition the
-    model on other values.
+    model's value range. With names on both sides (a model saved with ``values``), the factors
+    must be the model's, in its order, and each value must have the model's index for it: labels
+    are indices, and another order would silently condition the model on other values.
     """
     size, channels = config.get("image_size"), config.get("in_channels", 3)
     if images.shape[1] != channels:
@@ -109,15 +108,19 @@ def check_data_matches_model(
     if labels.shape[1] != len(n_values):
         raise InputError(f"labels have {labels.shape[1]} factor(s), the model has {len(n_values)}")
     model_factors, model_values = config.get("factors"), config.get("values")
-    if factors is not None and model_factors is not None and list(factors) != list(model_factors):
-        raise InputError(f"dataset factors {list(factors)} differ from the model's {model_factors}")
-    if values and model_values:
-        for f in model_factors or []:
-            if list(values.get(f, [])) != list(model_values.get(f, [])):
-                raise InputError(
-                    f"dataset values of factor {f!r} are {list(values.get(f, []))}, the model's "
-                    f"are {list(model_values[f])} (labels are indices into that list)"
-                )
+    if model_values and factors is not None and values is not None:
+        if list(factors) != list(model_factors):
+            raise InputError(
+                f"dataset factors {list(factors)} differ from the model's {model_factors}"
+            )
+        for f in model_factors:
+            for i, name in enumerate(values[f]):
+                theirs = model_values[f][i] if i < len(model_values[f]) else "<none>"
+                if name != theirs:
+                    raise InputError(
+                        f"dataset value {name!r} of factor {f!r} has index {i}, which is "
+                        f"{theirs!r} for the model (labels are indices into the model's values)"
+                    )
     for f, n in enumerate(n_values):
         bad = (labels[:, f] < 0) | (labels[:, f] >= n)
         if bad.any():

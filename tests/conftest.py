@@ -35,6 +35,11 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(no_cuda)
 
 
+# One thread: the models under test are tiny, where thread start-up costs more than it gains, and
+# results must not depend on the machine's core count.
+torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -13,6 +13,7 @@ the points where a store changes on disk); a write chosen that way is torn in ha
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import signal
@@ -29,13 +30,27 @@ GUARDED = ("write", "fsync", "replace", "link", "unlink")
 
 SERVER = textwrap.dedent(
     """
-    import json, os, signal, sys, traceback
+    import contextlib, io, json, os, signal, sys, tempfile, traceback
+    from pathlib import Path
     os.environ["OMP_NUM_THREADS"] = "1"
-    sys.path.insert(0, {repo!r})
+    sys.path[:0] = [{repo!r}, {tests!r}]
     import torch
     torch.set_num_threads(1)
     import torch.distributed
     import ctrak_fast.benchmark, ctrak_fast.cli, ctrak_fast.distributed, ctrak_fast.models
+    import forkserver
+    import tqdm
+    tqdm.tqdm.monitor_interval = 0  # no monitor thread
+
+    # One featurize run here does the lazy imports and kernel set-up that would otherwise cost
+    # each child ~0.5 s; the server must still be single-threaded to fork safely.
+    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
+        model, data = forkserver.tiny_assets(Path(tmp))
+        ctrak_fast.cli.main(
+            ["featurize", "--model", str(model), "--data", str(data), "--method", "d-trak",
+             "--timesteps", "99", "--k", "8", "--batch-size", "4", "--out", tmp + "/s"]
+        )
+    assert len(os.listdir("/proc/self/task")) == 1, "the fork server must not start threads"
 
     def child(req):
         fd = os.open(os.devnull, os.O_RDONLY)
@@ -113,7 +128,7 @@ class ForkServer:
         self.tmp = Path(tmp)
         self.tmp.mkdir(parents=True, exist_ok=True)
         self._n = 0
-        script = SERVER.format(repo=str(REPO), guarded=GUARDED)
+        script = SERVER.format(repo=str(REPO), tests=str(REPO / "tests"), guarded=GUARDED)
         self.proc = subprocess.Popen(
             [sys.executable, "-c", script],
             stdin=subprocess.PIPE,
@@ -133,6 +148,8 @@ class ForkServer:
         """Fork a child running `ctrak *argv`; with kill_at, it SIGKILLs itself at that syscall."""
         self._n += 1
         out = self.tmp / f"child{self._n}.out"
+        out.touch()  # a child killed before it opens its logs has empty ones
+        out.with_suffix(".err").touch()
         req = {
             "op": "run",
             "argv": [str(a) for a in argv],
@@ -144,7 +161,14 @@ class ForkServer:
         }
         return Child(self._ask(req)["pid"], out, time.monotonic())
 
-    def wait(self, child: Child) -> Result:
+    def wait(self, child: Child, timeout: float = 120) -> Result:
+        """The child's result; a child still running after ``timeout`` seconds is SIGKILLed (so
+        a hung child fails its test instead of hanging the suite)."""
+        deadline = time.monotonic() + timeout
+        while _running(child.pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if _running(child.pid):
+            child.kill()
         rc = self._ask({"op": "wait", "pid": child.pid})["status"]
         seconds = time.monotonic() - child.started
         calls = Path(str(child.stdout_path) + ".calls")
@@ -160,8 +184,29 @@ class ForkServer:
         return self.wait(self.start(argv, **kw))
 
     def close(self) -> None:
-        self.proc.stdin.close()
-        self.proc.wait(timeout=30)
+        self.proc.kill()  # it holds no state; its children have all been waited for
+        self.proc.wait()
+
+
+def _running(pid: int) -> bool:
+    """True until the (unreaped) child has exited."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+_shared: ForkServer | None = None
+
+
+def shared_server(tmp_path_factory) -> ForkServer:
+    """One server for the whole test session (its start-up costs seconds)."""
+    global _shared
+    if _shared is None:
+        _shared = ForkServer(tmp_path_factory.mktemp("forkserver"))
+        atexit.register(_shared.close)
+    return _shared
 
 
 def free_port() -> int:
@@ -183,12 +228,13 @@ def rank_env(rank: int, world: int, port: int) -> dict:
 
 
 def tiny_assets(
-    tmp: Path, *, image_size: int = 8, in_channels: int = 3, nan_colour=None, seed: int = 0
+    tmp: Path, *, image_size: int = 8, in_channels: int = 3, nan_label=None, seed: int = 0
 ):
     """A tiny FactorUNet checkpoint and a 24-image synthetic data config in ``tmp``.
 
-    nan_colour: a colour index whose embedding row is NaN, so that exactly the samples of that
-    colour get NaN per-sample gradients.
+    Images are grouped by (shape, colour): ids 0-5 circle/red, 6-11 circle/green, 12-17
+    square/red, 18-23 square/green. nan_label: (factor, value) whose embedding row is NaN, so that
+    exactly the samples with that label get NaN per-sample gradients.
     """
     import torch
 
@@ -206,11 +252,11 @@ def tiny_assets(
         factors=["shape", "colour"],
         values={"shape": ["circle", "square"], "colour": ["red", "green"]},
     )
-    if nan_colour is not None:
+    if nan_label is not None:
         with torch.no_grad():
-            model.factor_embeddings[1].weight[nan_colour] = float("nan")
+            model.factor_embeddings[nan_label[0]].weight[nan_label[1]] = float("nan")
     tmp.mkdir(parents=True, exist_ok=True)
-    name = f"unet{image_size}c{in_channels}s{seed}" + ("" if nan_colour is None else "nan")
+    name = f"unet{image_size}c{in_channels}s{seed}" + ("" if nan_label is None else "nan")
     save_model(model, tmp / f"{name}.safetensors")
     cfg = SyntheticConfig(
         image_size=image_size,

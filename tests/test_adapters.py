@@ -130,7 +130,7 @@ def _inputs(adapter, b=3, seed=0):
     c = adapter.config["in_channels"]
     x = torch.randn(b, c, 8, 8, generator=g)
     t = torch.tensor([50, 400, 900][:b])
-    cond = adapter.encode_prompts(["a red triangle", "a blue circle", "a red"][:b])
+    cond = adapter.prompt_ids(["a red triangle", "a blue circle", "a red"][:b])  # int64 [b, 1]
     return x, t, cond
 
 
@@ -194,7 +194,7 @@ def test_prediction_types_convert_to_eps(prediction_type):
     ad = tiny_adapter(prediction_type=prediction_type)
     x, t, cond = _inputs(ad)
     with torch.no_grad():
-        out = ad.unet(x, t, encoder_hidden_states=cond).sample
+        out = ad.unet(x, t, encoder_hidden_states=ad.embed_ids(cond)).sample
         eps = ad(x, t, cond)
     ab = ad.schedule.alpha_bar(t, x)
     if prediction_type == "v_prediction":  # v = sqrt(ab) eps - sqrt(1-ab) x0
@@ -205,11 +205,26 @@ def test_prediction_types_convert_to_eps(prediction_type):
     assert torch.allclose(ab.sqrt() * x0 + (1 - ab).sqrt() * eps, x, atol=1e-5)
 
 
-def test_encode_prompts_and_null_cond():
-    ad = tiny_adapter()
+def test_prompts_ids_embeddings_and_null_cond():
+    ad = tiny_adapter(prompt_cache=2)
     emb = ad.encode_prompts(["a red triangle", ""])
     assert emb.shape == (2, 8, 12) and emb.dtype == torch.float32
-    assert torch.equal(ad.null_cond(3)[1], emb[1])
+    ids = ad.prompt_ids(["a red triangle", "", "a red triangle"])
+    assert ids.dtype == torch.int64 and ids.flatten().tolist() == [0, 1, 0]
+    assert ad.prompt_of(ids) == ["a red triangle", "", "a red triangle"]
+    null = ad.null_cond(3)
+    assert null.shape == (3, 1) and (null == 1).all()  # the empty prompt
+    torch.testing.assert_close(ad.embed_ids(ids), emb[[0, 1, 0]])
+    # Ids and embeddings are the same condition to the model.
+    x, t = torch.randn(3, 4, 8, 8), torch.tensor([10, 500, 990])
+    with torch.no_grad():
+        torch.testing.assert_close(ad(x, t, ids), ad(x, t, emb[[0, 1, 0]]))
+    ad.embed_ids(ad.prompt_ids(["a blue", "a red", "a circle"]))
+    assert len(ad._emb_cache) == 3  # a batch is kept whole, then trimmed to prompt_cache
+    ad.embed_ids(ad.prompt_ids(["a blue"]))
+    assert len(ad._emb_cache) == 2
+    with pytest.raises(ValueError, match="unknown prompt id"):
+        ad.embed_ids(torch.tensor([[99]]))
     # The attention mask reaches the encoder only when asked for.
     ad_mask = tiny_adapter(text_attention_mask=True)
     assert not torch.allclose(ad_mask.encode_prompts(["a red"]), ad.encode_prompts(["a red"]))
@@ -289,11 +304,18 @@ def test_attn2_gradients_match_reference(backend):
     assert fz.spec.param_filter == T2I_PARAM_FILTER
     assert names and all(".attn2." in n for n in names)
     assert {n.split("attn2.")[1].split(".")[0] for n in names} == {"to_q", "to_k", "to_v", "to_out"}
-    # Everything outside the filter is frozen, so the backward stops at the first attn2 layer.
-    assert all(p.requires_grad == (n in names) for n, p in ad.named_parameters())
+    # Everything outside the filter is frozen while gradients are taken (the backward stops at
+    # the first attn2 layer), and thawed after.
+    seen = []
+    hook = ad.unet.conv_in.register_forward_hook(
+        lambda *_: seen.append({n for n, p in ad.named_parameters() if p.requires_grad})
+    )
     x, t, cond = _inputs(ad)
     r = torch.randn_like(x)
     got = torch.cat([b for _, b in fz.grads(x, t, cond, r)], 1)
+    hook.remove()
+    assert seen and seen[-1] == set(names)
+    assert all(p.requires_grad for p in ad.parameters())
     want = _reference_grads(ad, x, t, cond, r, names)
     assert got.dtype == torch.float32 and got.abs().sum() > 0
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
@@ -303,6 +325,20 @@ def test_attn2_gradients_match_reference(backend):
         offsets[n] = off
         off += p.numel()
     assert [o for o, _ in fz.grads(x, t, cond, r)] == [offsets[n] for n in names]
+
+
+def test_featurizers_with_other_filters_share_an_adapter():
+    ad = tiny_adapter()
+    every = make_featurizer(ad, FeatureSpec(param_filter=".*"), ProjectionSpec(k=16))
+    make_featurizer(ad, FeatureSpec(), ProjectionSpec(k=16))  # attn2: must not freeze `every`
+    x, t, cond = _inputs(ad, b=2)
+    r = torch.randn_like(x)
+    names = [s.name for s in every.grads.slots]
+    assert len(names) == len(list(ad.parameters()))
+    got = torch.cat([b for _, b in every.grads(x, t, cond, r)], 1)
+    want = _reference_grads(ad, x, t, cond, r, names)
+    assert got[:, : ad.unet.conv_in.weight.numel()].abs().sum() > 0  # the first layer too
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
 # ---- precision -----------------------------------------------------------------------------------
@@ -319,6 +355,7 @@ def test_low_precision_execution_agrees_with_fp32(dtype):
     low = tiny_adapter(dtype=dtype)
     assert next(low.unet.parameters()).dtype == dtype
     x, t, cond = _inputs(ref)
+    assert torch.equal(low.prompt_ids(ref.prompt_of(cond)), cond)  # same prompts, same ids
     with torch.no_grad():
         e32, elow = ref(x, t, cond), low(x, t, cond)
     assert elow.dtype == torch.float32
@@ -337,7 +374,9 @@ def test_fp16_loss_scaling_unscaled_and_backs_off():
     x, t, cond = _inputs(ad)
     r = torch.randn_like(x)
     scaled = torch.cat([b for _, b in fz.grads(x, t, cond, r)], 1)
-    want = _reference_grads(tiny_adapter(), x, t, cond, r, [s.name for s in fz.grads.slots])
+    ref = tiny_adapter()  # float32 oracle, same weights, same prompt ids ("" came first in ad)
+    assert torch.equal(ref.prompt_ids(["", *ad.prompt_of(cond)])[1:], cond)
+    want = _reference_grads(ref, x, t, cond, r, [s.name for s in fz.grads.slots])
 
     def rel(a, b):
         return ((a - b).norm() / b.norm()).item()
@@ -389,6 +428,7 @@ def test_from_pretrained_pipeline_folder(tmp_path):
     cond = loaded.encode_prompts(["a red triangle"])
     assert cond.shape == (1, 8, 12)
     torch.testing.assert_close(cond, direct.encode_prompts(["a red triangle"]))
+    assert not torch.allclose(cond, loaded.encode_prompts(["a blue circle"]))
     x = torch.randn(1, 4, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(
@@ -409,3 +449,9 @@ def test_generate_through_scheduler_api(name):
     c = ad.generate("a red triangle", guidance=3.0, steps=5, seed=8, n=2, scheduler=sch)
     assert a.shape == (2, 4, 8, 8) and torch.isfinite(a).all()
     assert torch.equal(a, b) and not torch.allclose(a, c)  # a query image is its (prompt, seed)
+    pid = ad.prompt_ids(["a red triangle"])[0]
+    emb = ad.encode_prompts(["a red triangle"])[0]
+    for prompt in (pid, emb):  # a prompt as text, id or embedding is the same prompt
+        torch.testing.assert_close(
+            ad.generate(prompt, guidance=3.0, steps=5, seed=7, n=2, scheduler=sch), a
+        )

@@ -126,7 +126,10 @@ def test_train_diffusion_smoke_and_resume(tmp_path):
     ds = make_dataset(SyntheticConfig(image_size=8, per_combo=2, seed=1))
     kw = {"block_out_channels": (16, 16), "attention": (False, True)}
     path = tmp_path / "u.safetensors"
-    ema = train_diffusion(ds, path, steps=3, batch_size=4, model_kwargs=kw, progress=False)
+    ema = train_diffusion(
+        ds, path, steps=3, batch_size=4, model_kwargs=kw, progress=False, checkpoint_every=2
+    )
+    assert not list(tmp_path.glob("*.partial"))  # periodic checkpoint removed once final is written
     back = load_model(path)
     assert back.config == ema.config and back.config["values"] == ds.values
     assert model_fingerprint(back) == model_fingerprint(ema)

@@ -16,22 +16,29 @@ from pathlib import Path
 
 import pytest
 import torch
-from forkserver import ForkServer, store_files, tiny_assets
+from forkserver import shared_server, store_files, tiny_assets
 from safetensors.torch import save_file
 
 from ctrak_fast.data import ConceptDataset
 from ctrak_fast.store import FeatureStore
 
-FEATURIZE = ["featurize", "--method", "d-trak", "--timesteps", "99,499", "--k", "16"]
+FEATURIZE = ["featurize", "--method", "d-trak", "--timesteps", "499", "--k", "16"]
 LAYOUT = ["--batch-size", "2", "--shard-rows", "4"]  # 24 images: 6 shards of 2 batches
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    fs = ForkServer(tmp_path_factory.mktemp("forkserver"))
-    yield fs
-    fs.close()
+    return shared_server(tmp_path_factory)
+
+
+@pytest.fixture
+def one_thread():
+    """In-process featurization: spinning OpenMP threads crawl on the shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -61,31 +68,38 @@ def test_kill_9_at_random_points_then_resume_is_byte_identical(server, assets, r
     ref, ref_run = reference
     want = {name: store_files(ref / name) for name in ("s", "das")}
     rng = random.Random(6)
-    killed = 0
-    for trial in range(12):
-        out = tmp_path / f"t{trial}"
-        argv = featurize_argv(assets, out / "s", "--das-out", out / "das")
-        # Two trials in three die at a random guarded syscall (inside a shard or manifest
-        # write, a rename, a link or an unlink: every point where the store changes); the
-        # third is SIGKILLed by the parent after a random delay.
-        if trial % 3 < 2:
-            res = server.run(argv, kill_at=rng.randint(1, ref_run.calls))
-        else:
-            child = server.start(argv)
-            time.sleep(rng.uniform(0, ref_run.seconds))
-            child.kill()
-            res = server.wait(child)
-        killed += res.rc == -9
-        if trial % 4 == 0:  # a second crash, during the resume
-            server.run(argv, kill_at=rng.randint(1, ref_run.calls // 2))
-        for name in ("s", "das"):  # whatever a crash leaves is a consistent store, or nothing
-            if (out / name / "manifest.json").exists():
-                assert FeatureStore.open(out / name).verify() == [], (trial, name)
-        res = server.run(argv)
-        assert res.rc == 0 and res.stderr == "", (trial, res.stderr)
+    outs = [tmp_path / f"t{t}" for t in range(12)]
+    argv = [featurize_argv(assets, out / "s", "--das-out", out / "das") for out in outs]
+    # Two trials in three die at a random guarded syscall (inside a shard or manifest write, a
+    # rename, a link or an unlink: every point where a store changes), side by side; the third
+    # is SIGKILLed by the parent after a random delay, alone so that the delay means something.
+    at = {t: rng.randint(1, ref_run.calls) for t in range(12) if t % 3 < 2}
+    # Two more at fixed points: the renames of the two stores' closing manifest updates.
+    outs += [tmp_path / "main-close", tmp_path / "das-close"]
+    argv += [featurize_argv(assets, out / "s", "--das-out", out / "das") for out in outs[12:]]
+    at.update({12: ref_run.calls - 5, 13: ref_run.calls - 1})
+    results = _all(server, {t: server.start(argv[t], kill_at=at[t]) for t in at})
+    for t in sorted(set(range(12)) - set(at)):
+        child = server.start(argv[t])
+        time.sleep(rng.uniform(0, ref_run.seconds))
+        child.kill()
+        results[t] = server.wait(child)
+    assert sum(r.rc == -9 for r in results.values()) >= 10  # a timer may fire after a fast run
+    # A second crash, during the resume, for a third of the trials.
+    again = {t: rng.randint(1, ref_run.calls) for t in range(0, 12, 3)}
+    _all(server, {t: server.start(argv[t], kill_at=again[t]) for t in again})
+    for out in outs:  # whatever a crash leaves is a consistent store, or nothing
+        for store in (out / "s", out / "das"):
+            if (store / "manifest.json").exists():
+                assert FeatureStore.open(store).verify() == [], store
+    for t, res in _all(server, {t: server.start(argv[t]) for t in range(len(argv))}).items():
+        assert res.rc == 0 and res.stderr == "", (t, res.stderr)
         for name in ("s", "das"):
-            assert store_files(out / name) == want[name], (trial, name)
-    assert killed >= 8  # the timer kills may come after a (fast) run ends
+            assert store_files(outs[t] / name) == want[name], (t, name)
+
+
+def _all(server, children: dict) -> dict:
+    return {key: server.wait(child) for key, child in children.items()}
 
 
 # ---- non-finite gradients -------------------------------------------------------------------
@@ -94,7 +108,7 @@ def test_kill_9_at_random_points_then_resume_is_byte_identical(server, assets, r
 def test_nan_gradients_fail_naming_the_ids_or_become_recorded_zero_rows(server, tmp_path):
     # Colour 1's embedding row is NaN: exactly the samples of that colour (ids 6-11 and 18-23,
     # rows are grouped by (shape, colour)) get NaN per-sample gradients.
-    assets = tiny_assets(tmp_path / "assets", nan_colour=1)
+    assets = tiny_assets(tmp_path / "assets", nan_label=(1, 1))
     res = server.run(featurize_argv(assets, tmp_path / "failed"))
     assert res.rc == 1
     assert res.stderr.splitlines() == [
@@ -119,6 +133,42 @@ def test_nan_gradients_fail_naming_the_ids_or_become_recorded_zero_rows(server, 
     res = server.run(featurize_argv(assets, tmp_path / "failed", "--nan-policy", "zero"))
     assert res.rc == 0
     assert store_files(tmp_path / "failed") == store_files(tmp_path / "zero")
+
+
+class _Scaled:
+    """A featurizer whose rows ``rows`` come out multiplied by ``factor``."""
+
+    def __init__(self, inner, rows, factor) -> None:
+        self.inner, self.rows, self.factor = inner, rows, factor
+        self.spec, self.projection = inner.spec, inner.projection
+
+    def meta(self):
+        return self.inner.meta()
+
+    def __call__(self, x, c):
+        phi, dsm = self.inner(x, c)
+        phi[self.rows] *= self.factor
+        return phi, dsm
+
+
+def test_features_overflowing_float16_are_named_too(tiny_unet, tmp_path, one_thread):
+    from ctrak_fast.diffusion import NoiseSchedule
+    from ctrak_fast.featurize import FeatureSpec, Featurizer, featurize_dataset
+    from ctrak_fast.projection import ProjectionSpec
+    from ctrak_fast.validation import NonFiniteFeatures
+
+    spec = FeatureSpec(loss="eps-norm", inversion=False, timesteps=(499,))
+    fz = Featurizer(tiny_unet, NoiseSchedule(), spec, ProjectionSpec(k=8), torch.tensor([3, 2]))
+    fz = _Scaled(fz, [1], 1e9)
+    x, cond = torch.rand(4, 3, 8, 8) * 2 - 1, torch.zeros(4, 2, dtype=torch.int64)
+    kw = dict(batch_size=2, shard_rows=2, dtype="float16", progress=False)
+    with pytest.raises(NonFiniteFeatures, match=r"features that overflow float16 .* \[51\]") as e:
+        featurize_dataset(fz, x, cond, torch.arange(50, 54), tmp_path / "s", **kw)
+    assert e.value.ids == [51]
+    store = featurize_dataset(
+        fz, x, cond, torch.arange(50, 54), tmp_path / "s", nan_policy="zero", **kw
+    )
+    assert store.zeroed_ids() == [51, 53] and store.verify() == []
 
 
 # ---- refusals and bad input: one line, exit 1, nothing written --------------------------------
@@ -232,6 +282,11 @@ CASES = [
         r"unknown colour value 'purple'; known \['red', 'green'\]",
     ),
     (
+        "label-index-mismatch",
+        lambda c: featurize_argv((c.assets[0], c.synthetic(colours=["green", "red"])), c.fresh),
+        r"dataset value 'green' of factor 'colour' has index 0, which is 'red' for the model",
+    ),
+    (
         "batch-not-dividing-shard",
         lambda c: [*featurize_argv(c.assets, c.fresh), "--batch-size", "3"],
         r"shard_rows \(4\) must be a multiple of batch_size \(3\)",
@@ -286,7 +341,7 @@ CASES = [
     (
         "rerun-timesteps",
         lambda c: c.rerun("--timesteps", "99,299"),
-        r"'meta\.feature\.timesteps': store .* has \[99, 499\], got \[99, 299\]",
+        r"'meta\.feature\.timesteps': store .* has \[499\], got \[99, 299\]",
     ),
     (
         "rerun-param-filter",
@@ -360,6 +415,11 @@ class Ctx:
         root, labels_file = _folder(self.tmp / name, labels, corrupt)
         return [root, "--labels", labels_file]
 
+    def synthetic(self, **changes) -> Path:
+        config = {**json.loads(self.assets[1].read_text()), **changes}
+        (self.tmp / "data.json").write_text(json.dumps(config))
+        return self.tmp / "data.json"
+
     def with_env(self, argv, **env) -> list:
         self.env = env
         return argv
@@ -413,7 +473,7 @@ def test_no_artifact_is_loaded_with_pickle():
         for n, line in enumerate(path.read_text().splitlines(), 1):
             code = line.split("#")[0]
             if re.search(r"\b(import pickle|pickle\.loads?|cPickle|dill)\b", code) or (
-                "torch.load(" in code and "weights_only=True" not in code
+                re.search(r"(?<![\w.])torch\.load\(", code) and "weights_only=True" not in code
             ):
                 offenders.append(f"{path.relative_to(REPO)}:{n}: {line.strip()}")
     assert offenders == []

@@ -8,15 +8,33 @@ and exactly where scores are exactly representable (integer data) or rows are du
 
 from __future__ import annotations
 
+import hashlib
+import os
+import signal
+import threading
+import time
+
+import numpy as np
 import pytest
 import torch
 
 from ctrak_fast import _native
-from ctrak_fast.search import TopK, fp32_error_bound, topk, topk_reference
+from ctrak_fast.search import TopK, fp32_error_bound, iter_store_shards, topk, topk_reference
+from ctrak_fast.store import FeatureStore, StoreError
 
 C = _native.load()
 ISAS = C.cpu_isas()
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """The oracle's torch ops are small: one intra-op thread. (On the shared 2-core machine two
+    threads make every small op wait for a descheduled partner: 20x slower under load.)"""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 class FakeStore:
@@ -51,11 +69,11 @@ def make_data(n, dim, m, dtype, kind="random", seed=0):
     return feats.to(dtype), ids, u
 
 
-def check(res: TopK, feats, ids, u, k, tails="both", exact_ids=False):
+def check(res: TopK, feats, ids, u, k, tails="both", exact_ids=False, engine="fma"):
     """Assert the tolerance policy of the module docstring for every requested tail."""
     ref = topk_reference(feats, ids, u, k, tails)
     exact = (feats.double() @ u.double().T).T  # [m, n]
-    bound = fp32_error_bound(feats, u)[:, None] + 1e-12  # [m, 1]
+    bound = fp32_error_bound(feats, u, engine)[:, None] + 1e-12  # [m, 1]
     order = torch.argsort(ids)
     for tail in ("top", "bottom"):
         values = getattr(res, f"{tail}_values")
@@ -120,10 +138,12 @@ def test_query_counts(m):
     check(topk((feats, ids), u, 10), feats, ids, u, 10, exact_ids=True)
 
 
-def test_k_ten_thousand():
-    feats, ids, u = make_data(12007, 40, 3, torch.float16, "integers")
-    res = topk((feats, ids), u, 10_000)
-    check(res, feats, ids, u, 10_000, exact_ids=True)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", ["random", "integers"])
+def test_k_ten_thousand(dtype, kind):
+    feats, ids, u = make_data(12007, 40, 3, dtype, kind)
+    res = topk(FakeStore(feats, ids, [5000, 7, 7000]), u, 10_000)
+    check(res, feats, ids, u, 10_000, exact_ids=kind == "integers")
 
 
 @pytest.mark.parametrize("tails", ["top", "bottom"])
@@ -198,6 +218,130 @@ def test_features_tensor_source_uses_row_ids():
     assert torch.equal(res.top_ids, ref.top_ids)
 
 
+# --- the engine's thread pool -------------------------------------------------------------------
+
+
+def test_thread_pool_concurrent_callers_and_fork():
+    # Large enough for the pool (rows * dim * padded queries >= 2**24 fma).
+    feats, ids, u = make_data(20000, 64, 16, torch.float16)
+    want = native_topk(feats, ids, u, 30, num_threads=1)
+    got = {}
+
+    def call(i):
+        got[i] = native_topk(feats, ids, u, 30, num_threads=2)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for res in got.values():
+        assert torch.equal(res.top_ids, want.top_ids) and torch.equal(
+            res.bottom_ids, want.bottom_ids
+        )
+    # A forked child must not wait for the parent's workers (they do not exist in it).
+    pid = os.fork()
+    if pid == 0:
+        try:
+            res = native_topk(feats, ids, u, 30, num_threads=2)
+            os._exit(0 if torch.equal(res.top_ids, want.top_ids) else 1)
+        finally:
+            os._exit(2)
+    deadline = time.monotonic() + 60
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if done[0] == 0:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child hung in the thread pool")
+    assert os.waitstatus_to_exitcode(done[1]) == 0
+
+
+# --- FeatureStore: memory-mapped shards, read-ahead, verification ------------------------------
+
+
+def write_store(path, feats, ids, shard_rows):
+    store = FeatureStore.create(
+        path, k=feats.shape[1], dtype=str(feats.dtype)[6:], shard_rows=shard_rows
+    )
+    with store.writer() as w:
+        w.append(feats, ids)
+    return FeatureStore.open(path)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_store_search_readahead_and_verify_modes(tmp_path, dtype):
+    feats, ids, u = make_data(2345, 40, 6, dtype)
+    store = write_store(tmp_path / "s", feats, ids, 700)  # 700, 700, 700, 245 rows
+    first = None
+    for verify in ("ids", "full", "none"):
+        for readahead in (True, False):
+            res = topk(store, u, 50, verify=verify, readahead=readahead)
+            check(res, feats, ids, u, 50)
+            if first is None:
+                first = res
+            for name in ("top_values", "top_ids", "bottom_values", "bottom_ids"):
+                assert torch.equal(getattr(res, name), getattr(first, name)), name
+    one = topk((feats, ids), u, 50)
+    assert torch.equal(one.top_ids, first.top_ids) and torch.equal(one.top_values, first.top_values)
+
+
+def test_iter_store_shards_maps_the_files(tmp_path):
+    feats, ids, _ = make_data(1000, 16, 1, torch.bfloat16)
+    store = write_store(tmp_path / "s", feats, ids, 300)
+    got = list(iter_store_shards(store, shards=[3, 0, 2]))
+    assert [f.shape[0] for f, _ in got] == [100, 300, 300]
+    assert torch.equal(got[1][0], feats[:300]) and torch.equal(got[0][1], ids[900:])
+    assert got[0][0].dtype == torch.bfloat16 and got[0][1].dtype == torch.int64
+    with pytest.raises(ValueError, match="verify"):
+        next(iter_store_shards(store, verify="sha1"))
+
+
+def _flip(path, offset_from_end):
+    data = bytearray(path.read_bytes())
+    data[-offset_from_end] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def test_corrupt_shards_are_named(tmp_path):
+    feats, ids, u = make_data(900, 16, 2, torch.float16)
+    store = write_store(tmp_path / "s", feats, ids, 300)
+    shard = tmp_path / "s" / "shard-00001.safetensors"
+    # The last bytes of a shard are feature bytes (ids come first in the data section).
+    _flip(shard, 3)
+    with pytest.raises(StoreError, match=r"shard-00001\.safetensors: sha256 mismatch"):
+        topk(store, u, 5, verify="full")
+    topk(store, u, 5, verify="ids")  # by design: feature bytes are FeatureStore.verify's job
+    header = int.from_bytes(shard.read_bytes()[:8], "little")
+    data = bytearray(shard.read_bytes())
+    data[8 + header + 5] ^= 0x01  # an id byte
+    shard.write_bytes(bytes(data))
+    for readahead in (True, False):
+        with pytest.raises(StoreError, match=r"shard-00001\.safetensors: sha256 of the ids"):
+            topk(store, u, 5, readahead=readahead)
+    shard.write_bytes(bytes(data[:-8]))
+    with pytest.raises(StoreError, match=r"bytes, manifest says"):
+        topk(store, u, 5, verify="none")
+
+
+def test_mapped_file(tmp_path):
+    path = tmp_path / "f.bin"
+    payload = bytes(range(256)) * 1000
+    path.write_bytes(payload)
+    for populate in (False, True):
+        mf = C.MappedFile(str(path), populate=populate)
+        view = np.frombuffer(mf, dtype=np.uint8)
+        assert mf.size == len(payload) and view.tobytes() == payload
+        assert not view.flags.writeable
+        mf.will_need(1000, 5000)
+        del mf  # the view keeps the mapping alive
+        assert hashlib.sha256(view).hexdigest() == hashlib.sha256(payload).hexdigest()
+    with pytest.raises(FileNotFoundError, match="cannot open"):
+        C.MappedFile(str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="offset and length"):
+        C.MappedFile(str(path)).will_need(-1, 5)
+
+
 # --- errors ------------------------------------------------------------------------------------
 
 
@@ -264,46 +408,102 @@ def cuda_engine_or_fail():
         pytest.fail("a CUDA device is present but ctrak_fast._C was built without CUDA")
 
 
+@pytest.fixture(params=["mma", "simt"])
+def cuda_engine(request, monkeypatch):
+    """Runs the test once per CUDA score kernel ($CTRAK_CUDA_ENGINE, read at construction)."""
+    cuda_engine_or_fail()
+    monkeypatch.setenv("CTRAK_CUDA_ENGINE", request.param)
+    return request.param
+
+
+def cuda_kernel(u, dtype) -> str:
+    """The score kernel a CUDA state for these queries runs on aligned features of dtype."""
+    q = u.float().cuda().contiguous()
+    state = C.CudaTopKState(q.data_ptr(), q.shape[0], q.shape[1], 1, "both", q.device.index, 0)
+    return state.engine_for(str(dtype)[6:])
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("k", [1, 7, 2048, 3001])
-def test_cuda_matches_reference(dtype, k):
-    cuda_engine_or_fail()
-    feats, ids, u = make_data(3001, 37, 70, dtype)
+def test_cuda_matches_reference(cuda_engine, dtype, k):
+    feats, ids, u = make_data(3001, 40, 70, dtype)
+    kernel = cuda_kernel(u, dtype)
+    assert kernel == ("simt" if dtype == torch.float32 else cuda_engine)
     res = topk((feats.cuda(), ids.cuda()), u.cuda(), k)
-    check(res, feats, ids, u, k, exact_ids=k <= 7)
+    check(res, feats, ids, u, k, exact_ids=k <= 7, engine="mma" if kernel == "mma" else "fma")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("m", [1, 32, 33, 130])
+def test_cuda_mma_query_blocks_and_unaligned_dim(cuda_engine, m):
+    # m <= 32 and m > 32 take the two query-block widths; dim 37 is not a multiple of 8, so the
+    # mma engine falls back to simt for it.
+    for dim in (37, 64):
+        feats, ids, u = make_data(4099, dim, m, torch.bfloat16)
+        res = topk((feats.cuda(), ids.cuda()), u.cuda(), 9)
+        mma = cuda_engine == "mma" and dim % 8 == 0
+        check(res, feats, ids, u, 9, exact_ids=True, engine="mma" if mma else "fma")
+
+
+@pytest.mark.cuda
+def test_cuda_mma_float16_query_scaling(cuda_engine):
+    # Queries far from 1 in magnitude: the float16 parts are scaled per query by 2^s.
+    feats, ids, u = make_data(3000, 48, 4, torch.float16)
+    u = u * torch.tensor([[1e-30], [1e-3], [1e4], [3e30]])
+    res = topk((feats.cuda(), ids.cuda()), u.cuda(), 20)
+    check(res, feats, ids, u, 20, exact_ids=True, engine="mma" if cuda_engine == "mma" else "fma")
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("kind", ["duplicates", "integers"])
-def test_cuda_ties_prefer_smaller_id(kind):
-    cuda_engine_or_fail()
+def test_cuda_ties_prefer_smaller_id(cuda_engine, kind):
     feats, ids, u = make_data(20000, 24, 9, torch.float16, kind)
     for k in (1, 50, 3000):
         res = topk((feats.cuda(), ids.cuda()), u.cuda(), k)
-        check(res, feats, ids, u, k, exact_ids=True)
+        check(res, feats, ids, u, k, exact_ids=True, engine="mma")
 
 
 @pytest.mark.cuda
-def test_cuda_k_ten_thousand_streamed():
-    cuda_engine_or_fail()
+def test_cuda_k_ten_thousand_streamed(cuda_engine):
     feats, ids, u = make_data(300_007, 40, 3, torch.float16, "integers")
     store = FakeStore(feats, ids, [1, 150_000, 7, 149_999])
-    res = topk(store, u.cuda(), 10_000)  # CPU shards, CUDA queries: shards are copied over
-    check(res, feats, ids, u, 10_000, exact_ids=True)
+    res = topk(store, u.cuda(), 10_000)  # CPU shards, CUDA queries: add_host streams them
+    check(res, feats, ids, u, 10_000, exact_ids=True, engine="mma")
     cpu = topk(store, u, 10_000)
     for name in ("top_values", "top_ids", "bottom_values", "bottom_ids"):
         assert torch.equal(getattr(res, name), getattr(cpu, name)), name
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("tails", ["top", "bottom"])
-def test_cuda_single_tail_and_nan(tails):
+def test_cuda_store_through_pinned_double_buffers(tmp_path):
     cuda_engine_or_fail()
+    # 600k x 64 float16 rows = 77 MB in one shard: more than one 64 MiB staging chunk per
+    # add_host call; integer data, so every score is exact and CPU == CUDA bit for bit.
+    feats, ids, u = make_data(600_000, 64, 4, torch.float16, "integers")
+    big = write_store(tmp_path / "big", feats, ids, 600_000)
+    for store in (big, FakeStore(feats, ids, [100_000] * 6)):
+        res = topk(store, u.cuda(), 1000)
+        cpu = topk(store, u, 1000)
+        for name in ("top_values", "top_ids", "bottom_values", "bottom_ids"):
+            assert torch.equal(getattr(res, name), getattr(cpu, name)), name
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("tails", ["top", "bottom"])
+def test_cuda_single_tail_and_nan(cuda_engine, tails):
     feats, ids, u = make_data(5000, 64, 130, torch.bfloat16)
     feats[17] = float("nan")
     res = topk((feats.cuda(), ids.cuda()), u.cuda(), 25, tails=tails)
     assert ids[17] not in getattr(res, f"{tails}_ids")
     keep = torch.ones(5000, dtype=torch.bool)
     keep[17] = False
-    check(res, feats[keep], ids[keep], u, 25, tails=tails, exact_ids=True)
+    bound = "mma" if cuda_engine == "mma" else "fma"
+    check(res, feats[keep], ids[keep], u, 25, tails=tails, exact_ids=True, engine=bound)
+
+
+def test_cuda_engine_argument_checked():
+    if not _native.has_cuda():
+        pytest.skip("ctrak_fast._C was built without the CUDA engine")
+    with pytest.raises(ValueError, match="engine must be"):
+        C.CudaTopKState(1, 1, 8, 1, "both", 0, 0, "tensor")

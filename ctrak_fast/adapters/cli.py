@@ -131,14 +131,13 @@ def _featurizer(a, adapter, method="concept-trak"):
 
 def _cmd_featurize(a):
     from ..featurize import featurize_dataset
-    from ..text_benchmark import embed_captions
     from .text2image import encode_images_cached
 
     adapter = _adapter(a)
     images, captions, ids = _training_set(a, adapter)
     fz = _featurizer(a, adapter, a.method)
     x0 = encode_images_cached(adapter, images, ids, a.out)
-    conds = embed_captions(adapter, captions)
+    conds = adapter.prompt_ids(captions)
     store = featurize_dataset(
         fz,
         x0,
@@ -202,6 +201,8 @@ def _cmd_query(a):
             scheduler=_scheduler(a.scheduler, adapter),
         )
         image = adapter.decode_latents(x0)
+        if not adapter.latent:  # a pixel model's query image is the clamped sample
+            x0 = image
     q = prompt_query_features(fz, spec, a.prompt, negatives, x0[0] if a.draws == "local" else None)
     meta = {
         **fz.meta(),
@@ -267,9 +268,9 @@ def _cmd_attribute(a):
 
 
 def _cmd_bench(a):
-    from ..text_benchmark import main
+    from ..text_benchmark import run_from_args
 
-    main(a.rest)
+    run_from_args(a)
 
 
 def _model_args(p):
@@ -290,6 +291,24 @@ def _model_args(p):
     p.add_argument(
         "--no-inversion", action="store_true", help="fixed noise instead of DDIM inversion"
     )
+
+
+def add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of the prompt benchmark (`ctrak t2i bench`; python -m ctrak_fast.text_benchmark)."""
+    p.add_argument("--out", default="out/t2i_quality")
+    p.add_argument("--model", help="t2i checkpoint (default: the shipped one)")
+    p.add_argument("--judge", help="ConceptJudge checkpoint (default: the shipped one)")
+    p.add_argument("--data", help="SyntheticConfig JSON (default: the shipped one)")
+    p.add_argument("--per-combo", type=int, default=50, help="training images per combination")
+    p.add_argument("--k", type=int, default=512)
+    p.add_argument("--queries-per-combo", type=int, default=2)
+    p.add_argument("--query-candidates", type=int, default=8, help="generated per combination")
+    p.add_argument("--inversion-steps", type=int, default=50)
+    p.add_argument("--n-draws", type=int, default=4)
+    p.add_argument("--param-filter", default=r"\.attn2\.", help="default: cross-attention")
+    p.add_argument("--methods", default="concept-trak,trak,d-trak,das,pixel")
+    p.add_argument("--threads", type=int, help="torch threads (1 on a shared machine)")
+    p.add_argument("--quiet", action="store_true")
 
 
 def add_t2i_commands(subparsers) -> argparse.ArgumentParser:
@@ -349,8 +368,8 @@ def add_t2i_commands(subparsers) -> argparse.ArgumentParser:
     at.add_argument("--out", help="JSON file (default: stdout)")
     at.set_defaults(t2i_handler=_cmd_attribute)
 
-    b = sub.add_parser("bench", help="prompt concept benchmark (options: `ctrak t2i bench -- -h`)")
-    b.add_argument("rest", nargs=argparse.REMAINDER, help="options of ctrak_fast.text_benchmark")
+    b = sub.add_parser("bench", help="the prompt concept benchmark on the shipped tiny model")
+    add_bench_arguments(b)
     b.set_defaults(t2i_handler=_cmd_bench)
     return t
 

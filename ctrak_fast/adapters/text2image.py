@@ -3,11 +3,14 @@
 `TextToImageAdapter` wraps a UNet2DConditionModel (and, optionally, an AutoencoderKL, a text encoder
 with its tokenizer and a diffusers scheduler) as one module
 
-    adapter(x_t [B,C,h,w] float32, t [B] int64, cond [B,L,D] float32) -> eps [B,C,h,w] float32
+    adapter(x_t [B,C,h,w] float32, t [B] int64, cond) -> eps [B,C,h,w] float32
 
 so Featurizer, the DDIM inversion/sampling of diffusion.py and the per-sample gradients work on it
 unchanged. x_t lives in latent space when there is a VAE (latents = scaling_factor * posterior mean
-of the VAE encoder), in pixel space otherwise; cond is the text encoder's last hidden state.
+of the VAE encoder), in pixel space otherwise. cond is either the text encoder's last hidden state
+[B,L,D] float, or prompt ids int64 [B,1] (`adapter.prompt_ids(prompts)`): the engine's integer
+condition contract, 8 bytes per training image instead of L*D floats; ids are embedded on use by
+the text encoder, with a small cache (a featurizer calls the UNet ~140 times per batch).
 
 Only the UNet is a sub-module: its parameters are the ones gradients and the model fingerprint are
 taken over ("all parameters" means all UNet parameters). The VAE and text encoder are held beside
@@ -23,10 +26,12 @@ underflow; on overflow the featurizer retries with a smaller scale.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
 import re
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -184,6 +189,7 @@ class TextToImageAdapter(nn.Module):
             text_encoder.config.use_attention_mask, False for CLIP as in diffusers' pipelines).
         grad_scale: float16 loss scale (default 2**10 for float16, 1 otherwise).
         vae_dtype: the VAE runs once per image; float32 by default (SD VAEs overflow in float16).
+        prompt_cache: embeddings of prompt ids kept (most recently used first).
 
     Examples (need a model; not doctests):
             ad = TextToImageAdapter.from_pretrained("path/to/sd-1.5", dtype=torch.float16)
@@ -205,6 +211,7 @@ class TextToImageAdapter(nn.Module):
         text_attention_mask: bool | None = None,
         grad_scale: float | None = None,
         vae_dtype: torch.dtype = torch.float32,
+        prompt_cache: int = 256,
     ):
         super().__init__()
         self.unet = unet.eval()
@@ -241,6 +248,10 @@ class TextToImageAdapter(nn.Module):
             "schedule": self.schedule.config,
         }
         self._null: torch.Tensor | None = None
+        self._prompts: list[str] = []
+        self._prompt_index: dict[str, int] = {}
+        self._emb_cache: OrderedDict[int, torch.Tensor] = OrderedDict()
+        self.prompt_cache = prompt_cache
         self._fingerprints: dict[str, str | None] = {}
 
     # -- components --
@@ -277,7 +288,10 @@ class TextToImageAdapter(nn.Module):
     # -- eps --
 
     def forward(self, x_t: torch.Tensor, t, cond: torch.Tensor) -> torch.Tensor:
-        """x_t [B,C,h,w] float32, t [B] int64 (or int), cond [B,L,D] -> eps [B,C,h,w] float32."""
+        """x_t [B,C,h,w] float32, t [B] int64 (or int), cond [B,L,D] embeddings or [B,1] int64
+        prompt ids -> eps [B,C,h,w] float32."""
+        if not cond.is_floating_point():
+            cond = self.embed_ids(cond)
         if not torch.is_tensor(t):
             t = torch.tensor(t, dtype=torch.int64, device=x_t.device)
         if t.ndim == 0:
@@ -316,14 +330,58 @@ class TextToImageAdapter(nn.Module):
         kw = {"attention_mask": batch["attention_mask"].to(dev)} if self.text_attention_mask else {}
         return _last_hidden_state(self.text_encoder(batch["input_ids"].to(dev), **kw)).float()
 
+    def prompt_ids(self, prompts: str | Sequence[str]) -> torch.Tensor:
+        """Prompts -> condition ids int64 [B, 1]; each distinct prompt gets one id (per adapter).
+
+        Examples (a fresh adapter; not a doctest):
+                ad.prompt_ids(["a red triangle", "", "a red triangle"]).flatten().tolist()
+                # -> [0, 1, 0]
+        """
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        for p in prompts:
+            if p not in self._prompt_index:
+                self._prompt_index[p] = len(self._prompts)
+                self._prompts.append(p)
+        return torch.tensor([self._prompt_index[p] for p in prompts], dtype=torch.int64)[:, None]
+
+    def prompt_of(self, ids: torch.Tensor) -> list[str]:
+        """The prompts of condition ids [B, 1] (or [B])."""
+        return [self._prompts[i] for i in ids.reshape(len(ids), -1)[:, 0].tolist()]
+
+    def embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """Condition ids [B, 1] -> text states [B, L, D] float32 on the UNet's device (cached)."""
+        flat = ids.reshape(len(ids), -1)[:, 0].tolist()
+        if any(not 0 <= i < len(self._prompts) for i in flat):
+            raise ValueError(f"unknown prompt id in {sorted(set(flat))}: use adapter.prompt_ids()")
+        missing = sorted({i for i in flat if i not in self._emb_cache})
+        if missing:
+            emb = self.encode_prompts([self._prompts[i] for i in missing])
+            self._emb_cache.update(zip(missing, emb, strict=True))
+        for i in dict.fromkeys(flat):
+            self._emb_cache.move_to_end(i)
+        while len(self._emb_cache) > max(self.prompt_cache, len(set(flat))):
+            self._emb_cache.popitem(last=False)
+        return torch.stack([self._emb_cache[i] for i in flat]).to(self.device)
+
+    def _embedding(self, prompt: str | torch.Tensor) -> torch.Tensor:
+        """One prompt as text, id or embedding -> embedding [L, D] on the UNet's device."""
+        if isinstance(prompt, str):
+            return self.encode_prompts([prompt])[0].to(self.device)
+        if not prompt.is_floating_point():
+            return self.embed_ids(prompt.reshape(1, 1))[0]
+        return prompt.float().to(self.device)
+
     def null_cond(self, batch: int = 1, device=None) -> torch.Tensor:
-        """The empty prompt's embedding [batch, L, D]: the unconditional model of CFG."""
-        if self._null is None:
-            self._null = self.encode_prompts([""])[0]
-        return self._null.to(device or self.device).expand(batch, *self._null.shape).clone()
+        """The unconditional condition of CFG, the empty prompt, for a batch: prompt ids
+        int64 [batch, 1], or the embedding [batch, L, D] given to set_null_cond (adapters
+        without a text encoder, whose conditions are embeddings)."""
+        device = device or self.device
+        if self._null is not None:
+            return self._null.to(device).expand(batch, *self._null.shape).clone()
+        return self.prompt_ids([""]).to(device).expand(batch, 1).clone()
 
     def set_null_cond(self, emb: torch.Tensor) -> None:
-        """Set the unconditional embedding [L, D] (adapters without a text encoder)."""
+        """Use embeddings as conditions: `emb` [L, D] is the unconditional one."""
         self._null = emb.detach().float()
 
     # -- latents --
@@ -379,19 +437,16 @@ class TextToImageAdapter(nn.Module):
 
         The scheduler is cloned with prediction_type="epsilon" (the adapter returns eps); default:
         DDIMScheduler on this model's config. The same (prompt, seed, scheduler) gives the same
-        image, which is how a local query is reproduced from its seed. Prompts may be embeddings
-        [L, D].
+        image, which is how a local query is reproduced from its seed. Prompts are text, prompt
+        ids (int64 [1]) or embeddings [L, D].
         """
         from diffusers import DDIMScheduler
 
         sch = scheduler or DDIMScheduler.from_config(self.scheduler.config)
         sch = type(sch).from_config(sch.config, prediction_type="epsilon")
         sch.set_timesteps(steps)
-        pos = prompt if torch.is_tensor(prompt) else self.encode_prompts([prompt])[0]
-        neg = negative_prompt
-        neg = neg if torch.is_tensor(neg) else self.encode_prompts([neg])[0]
-        pos = pos.to(self.device).expand(n, *pos.shape)
-        neg = neg.to(self.device)[None]
+        pos, neg = self._embedding(prompt), self._embedding(negative_prompt)
+        pos, neg = pos.expand(n, *pos.shape), neg[None]
         gen = torch.Generator().manual_seed(seed)
         size = self.config["image_size"]
         x = torch.randn((n, self.config["in_channels"], size, size), generator=gen)
@@ -483,21 +538,40 @@ class TextToImageAdapter(nn.Module):
 
 
 class _Fp32Grads:
-    """PerSampleGrads wrapper: float32 blocks, float16 loss scale removed, overflow retried."""
+    """PerSampleGrads wrapper: float32 blocks, float16 loss scale removed, overflow retried, and
+    the parameters outside the filter frozen during the call, so the backward pass stops at the
+    first selected layer (flags restored after: featurizers with other filters may share the
+    adapter)."""
 
     def __init__(self, inner, adapter: TextToImageAdapter, min_scale: float = 1.0):
         self.inner = inner
         self.adapter = adapter
         self.min_scale = min_scale
+        selected = {s.name for s in inner.slots}
+        self._params = [(p, name in selected) for name, p in adapter.named_parameters()]
+
+    @contextlib.contextmanager
+    def _frozen(self):
+        saved = [p.requires_grad for p, _ in self._params]
+        for p, want in self._params:
+            p.requires_grad_(want)
+        try:
+            yield
+        finally:
+            for (p, _), flag in zip(self._params, saved, strict=True):
+                p.requires_grad_(flag)
 
     def __getattr__(self, name):  # slots, dim, n_selected, ... of the wrapped object
         return getattr(self.inner, name)
 
     def __call__(self, x_t, t, cond, r) -> Blocks:
         ad = self.adapter
+        if not cond.is_floating_point():  # embed here, outside torch.func's vmap
+            cond = ad.embed_ids(cond)
         while True:
             s = ad.grad_scale
-            blocks = [(off, b.float()) for off, b in self.inner(x_t, t, cond, r)]
+            with self._frozen():
+                blocks = [(off, b.float()) for off, b in self.inner(x_t, t, cond, r)]
             if s == 1.0:
                 return blocks
             if all(torch.isfinite(b).all() for _, b in blocks):
@@ -510,20 +584,27 @@ class _Fp32Grads:
 @dataclass
 class T2IFeaturizer(Featurizer):
     """Featurizer over a TextToImageAdapter: float32 gradient accumulation, parameters outside the
-    filter frozen (backward stops at the first selected layer), and the VAE / text encoder
-    fingerprints and execution dtype recorded in the store manifest. cond: [B, L, D] embeddings."""
+    filter frozen while gradients are taken (backward stops at the first selected layer), and the
+    VAE / text encoder fingerprints and execution dtype recorded in the store manifest.
+    cond: prompt ids [B, 1] (adapter.prompt_ids) or embeddings [B, L, D], the kind of null_cond."""
 
     def __post_init__(self):
         if not isinstance(self.model, TextToImageAdapter):
             raise TypeError("T2IFeaturizer needs a TextToImageAdapter model")
         super().__post_init__()
-        selected = {s.name for s in self._grads.slots}
-        for name, p in self.model.named_parameters():
-            p.requires_grad_(name in selected)
         self._grads = _Fp32Grads(self._grads, self.model)
 
     def meta(self) -> dict:
         return {**super().meta(), "text2image": self.model.describe()}
+
+    def noise(self, shape) -> dict[int, torch.Tensor]:
+        # Featurizer draws the fixed noise on the CPU (seeded, device-independent); the UNet may
+        # live elsewhere (GPU): move it there once.
+        noise = super().noise(shape)
+        dev = self.model.device
+        if next(iter(noise.values())).device != dev:
+            self._noise = noise = {t: n.to(dev) for t, n in noise.items()}
+        return noise
 
 
 def make_featurizer(
@@ -539,7 +620,7 @@ def make_featurizer(
 
     Examples (need a model; not doctests):
             fz = make_featurizer(adapter, FeatureSpec(), ProjectionSpec(k=4096))
-            phi, _ = fz(adapter.encode_images(images), adapter.encode_prompts(captions))
+            phi, _ = fz(adapter.encode_images(images), adapter.prompt_ids(captions))
     """
     spec = spec or FeatureSpec()
     if spec.param_filter is None:
@@ -604,7 +685,8 @@ def slider_features(
     """Concept-slider feature [k] at given draw points (METHOD.md §5): per point the gradient of
     mean((sg[eps(c+) + w d] - eps(c+))^2), d = eps(c+) - eps(c-), unit-normalised, averaged over
     the points, projected. The same computation as query.concept_query_features.
-    cond_pos / cond_neg: one condition each ([L, D]); x [n,C,h,w], t [n]."""
+    cond_pos / cond_neg: one condition each (prompt id [1] or embedding [L, D]); x [n,C,h,w],
+    t [n]."""
     model = featurizer.model
     acc = None
     for i in range(0, len(x), batch_size):
@@ -635,8 +717,9 @@ def prompt_query_features(
         featurizer: over a TextToImageAdapter (make_featurizer).
         spec: draws "local" (stochastic DDIM inversion of x0, shared by all c-) or "global"
             (samples with CFG c+ vs c-, drawn per c-); weight w = 3 in the paper's text setting.
-        prompt: c+ as text or embedding [L, D]; negatives: the c- (text or embeddings), e.g.
-            concept_prompts(prompt, ["a pikachu"]).
+        prompt: c+ as text, or a condition of the featurizer's kind (prompt id [1] or
+            embedding [L, D]); negatives: the c-, likewise, e.g. concept_prompts(prompt, ["a
+            pikachu"]).
         x0: the query's x0 [C,h,w] (latent, or pixels without a VAE): local draws only.
 
     Returns: [len(negatives), k] float32.
@@ -647,11 +730,11 @@ def prompt_query_features(
     """
     ad = featurizer.model
 
-    def emb(p):
-        return p.float() if torch.is_tensor(p) else ad.encode_prompts([p])[0]
+    def cond(p):
+        return p if torch.is_tensor(p) else ad.prompt_ids([p])[0]
 
-    pos = emb(prompt)
-    negs = [emb(p) for p in negatives]
+    pos = cond(prompt)
+    negs = [cond(p) for p in negatives]
     shared = query_points(featurizer, spec, pos, None, x0) if spec.draws == "local" else None
     out = []
     for neg in negs:

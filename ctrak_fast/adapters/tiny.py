@@ -226,17 +226,19 @@ def train_t2i(
     log_every: int = 200,
     checkpoint_every: int = 1000,
     warmup: int = 200,
+    init: str | os.PathLike | None = None,
 ) -> TextToImageAdapter:
     """Epsilon-prediction training of the tiny UNet on captioned images; returns the EMA adapter.
 
     Caption embeddings are computed once (there are few distinct captions). Learning rate: warm-up,
     constant, linear decay to 10% over the last 30% of progress = max(step/steps, time/budget), as
-    in train.train_diffusion. Horizontal flips (labels survive mirroring).
+    in train.train_diffusion. Horizontal flips (labels survive mirroring). `init`: a checkpoint
+    whose (EMA) weights start both the model and its EMA (to continue a time-limited run).
     """
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     text = load_text_encoder()
-    unet = new_unet().train()
+    unet = (load_t2i(init, text=text).unet if init else new_unet()).float().train()
     model = build_adapter(unet, text)
     ema_unet = copy.deepcopy(unet).eval().requires_grad_(False)
     captions, probs, row_combo = caption_table(data, p_drop_factor, p_drop_all)
@@ -291,6 +293,7 @@ def train_t2i(
         "seconds": round(time.time() - t0),
         "batch_size": batch_size,
         "lr": lr,
+        "init": str(init) if init else None,
         "p_drop_factor": p_drop_factor,
         "p_drop_all": p_drop_all,
         "n_train": n,
@@ -311,7 +314,13 @@ def main(argv=None) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=4e-4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init", help="checkpoint to continue from (its EMA weights)")
+    p.add_argument(
+        "--threads", type=int, help="torch threads (1 is fastest on a machine shared with others)"
+    )
     a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     data = make_dataset(SyntheticConfig.load_json(a.data))
     train_t2i(
         data,
@@ -321,6 +330,7 @@ def main(argv=None) -> None:
         lr=a.lr,
         time_budget_s=a.time_budget,
         seed=a.seed,
+        init=a.init,
     )
 
 

@@ -38,6 +38,13 @@ class ConceptDataset:
         values: factor name -> list of value names.
         heldout: (shape_idx, colour_idx) pairs absent from the data (synthetic data; [] otherwise).
         meta: free-form JSON-serialisable provenance (e.g. the SyntheticConfig).
+
+    Examples:
+        >>> d = ConceptDataset(torch.zeros(2, 3, 8, 8), torch.tensor([[0, 1], [1, 0]]),
+        ...                    torch.arange(2), ["shape", "colour"],
+        ...                    {"shape": ["circle", "square"], "colour": ["red", "blue"]})
+        >>> len(d), d.describe(d.labels[0])
+        (2, 'shape=circle, colour=blue')
     """
 
     images: torch.Tensor

@@ -1,0 +1,996 @@
+"""The embeddable API: one `Attributor` per (model, method) featurizes, queries and attributes.
+
+    att = Attributor(model, "concept-trak", projection=ProjectionSpec(k=512))
+    store = att.featurize(dataset, "out/store")                     # FeatureStore (resumable)
+    q = att.query("shape=triangle,colour=red", remove="shape")      # Query: features [m, k]
+    res = att.attribute(q, store, k=10)                             # Attribution: ids / scores
+
+Methods (METHOD.md §3-6), all scored as u = (ΦᵀΦ + λI)⁻¹q, score_i = φ_i·u:
+
+| method        | training features                       | query (`Attributor.query`)             |
+|---------------|-----------------------------------------|----------------------------------------|
+| concept-trak  | DPS loss, DDIM inversion, per-t norm    | concept slider: c+ vs c- (concept out) |
+| trak          | DSM loss at fixed noise                 | the same loss on the query image       |
+| d-trak        | mean(eps²) at fixed noise               | the same on the query image            |
+| das           | d-trak rows x summed DSM loss           | d-trak query                           |
+
+Models: a factor-conditioned `FactorUNet` (conditions are factor value indices, "removing" a
+concept sets its factor to the null token), a text-to-image `TextToImageAdapter` (conditions are
+prompts, removing a concept deletes its phrase), or a diffusers DDPM/DDIM pipeline through
+`Attributor.from_pipeline` (unconditional or class-conditional UNet2DModel).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeAlias
+
+import torch
+from torch import Tensor, nn
+
+from . import diffusion
+from .data import ConceptDataset
+from .featurize import FeatureSpec, Featurizer, featurize_dataset
+from .models import FactorUNet, drop_factor, load_model
+from .projection import ProjectionSpec
+from .query import ConceptQuerySpec, concept_query_features, image_query_features
+from .scoring import Preconditioner, gram
+from .search import TopK, topk
+from .store import FORMAT_VERSION, FeatureStore, StoreError
+
+__all__ = [
+    "METHODS",
+    "STORE_FORMAT_VERSION",
+    "Attribution",
+    "Attributor",
+    "Condition",
+    "Query",
+    "das_store_path",
+    "shipped_dataset",
+    "shipped_model",
+]
+
+METHODS: tuple[str, ...] = ("concept-trak", "trak", "d-trak", "das")
+"""The attribution methods an Attributor implements (METHOD.md §3-6)."""
+STORE_FORMAT_VERSION: int = FORMAT_VERSION
+"""Newest FeatureStore format this build reads and writes; newer stores are refused."""
+
+Condition: TypeAlias = Tensor | str | Mapping[str, str | int] | int
+"""One condition c of the model, in any of the spellings its kind accepts.
+
+Factor models: "shape=triangle,colour=red", {"shape": "triangle"} or an int64 [F] tensor of value
+indices (factors not named get their null token). Text-to-image models: a prompt or an embedding
+[L, D]. Class-conditional pipelines: a class index."""
+
+_LOSS = {"concept-trak": "dps", "trak": "dsm", "d-trak": "eps-norm", "das": "eps-norm"}
+_CHECKED_META = ("model", "projection", "feature", "text2image")
+_ASSETS = Path(__file__).resolve().parent / "assets"
+_SHIPPED = "shapes16"
+
+
+# ---- the shipped model ---------------------------------------------------------------------------
+
+
+def shipped_model() -> FactorUNet:
+    """The tiny FactorUNet shipped in the package (16x16 shapes x colours; ~1.1M parameters).
+
+    Returns:
+        FactorUNet in eval mode, float32 on the CPU: eps(x_t [B,3,16,16], t [B] int64,
+        cond [B,2] int64) -> [B,3,16,16]; factors ("shape", "colour").
+
+    Examples:
+        >>> model = shipped_model()
+        >>> model.config["factors"], model.n_values
+        (['shape', 'colour'], [4, 4])
+    """
+    model = load_model(_ASSETS / f"unet_{_SHIPPED}.safetensors")
+    if not isinstance(model, FactorUNet):
+        raise TypeError(f"shipped checkpoint holds a {type(model).__name__}, not a FactorUNet")
+    return model
+
+
+def shipped_dataset(per_combo: int | None = None) -> ConceptDataset:
+    """The shipped model's training set (synthetic, regenerated bit-identically from its config).
+
+    Args:
+        per_combo: keep the first `per_combo` images of every (shape, colour) combination
+            (None: all 250 of each).
+
+    Returns:
+        ConceptDataset: images float32 [N,3,16,16] in [-1,1], labels int64 [N,2], ids int64 [N].
+
+    Examples:
+        >>> data = shipped_dataset(per_combo=2)
+        >>> data.images.shape, data.labels.dtype, data.factors
+        (torch.Size([28, 3, 16, 16]), torch.int64, ['shape', 'colour'])
+    """
+    from .benchmark import train_subset
+    from .data import SyntheticConfig, make_dataset
+
+    data = make_dataset(SyntheticConfig.load_json(_ASSETS / f"{_SHIPPED}.json"))
+    return data if per_combo is None else train_subset(data, per_combo)
+
+
+def das_store_path(store: str | os.PathLike[str]) -> Path:
+    """Where method "das" keeps its DAS rows next to the D-TRAK store `store`: `<store>.das`.
+
+    Examples:
+        >>> das_store_path("out/store").name
+        'store.das'
+    """
+    p = Path(store)
+    return p.with_name(p.name + ".das")
+
+
+# ---- results -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Query:
+    """Query features: one row per question asked (e.g. one per concept removed).
+
+    Attributes:
+        features: [m, k] float32, projected like the training features.
+        labels: m labels, e.g. ("-shape", "-colour") or ("image 0",).
+        meta: how the features were made (model fingerprint, feature / projection / query specs);
+            `Attributor.attribute` refuses a store whose meta differs.
+        image: the query image [C, H, W] float32 in [-1, 1] (pixels), or None.
+
+    Examples:
+        >>> q = Query(torch.zeros(2, 8), ("-shape", "-colour"))
+        >>> q.m, q.k
+        (2, 8)
+    """
+
+    features: Tensor
+    labels: tuple[str, ...]
+    meta: dict[str, Any] = field(default_factory=dict)
+    image: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        f = self.features
+        if f.dim() != 2 or not f.is_floating_point():
+            raise ValueError(f"query features must be floating [m, k], got {list(f.shape)}")
+        object.__setattr__(self, "labels", tuple(str(s) for s in self.labels))
+        if len(self.labels) != f.shape[0]:
+            raise ValueError(f"{len(self.labels)} labels for {f.shape[0]} query rows")
+
+    @property
+    def m(self) -> int:
+        """Number of query rows."""
+        return int(self.features.shape[0])
+
+    @property
+    def k(self) -> int:
+        """Feature dimension (the projection's k)."""
+        return int(self.features.shape[1])
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write one safetensors file ("queries" [m,k], optional "image" [1,C,H,W], JSON meta).
+
+        The format of `ctrak query`: `ctrak attribute --query PATH` reads it. Atomic (tmp +
+        rename).
+
+        Examples:
+            >>> import tempfile
+            >>> p = Query(torch.ones(1, 4), ("a",)).save(tempfile.mkdtemp() + "/q.safetensors")
+            >>> Query.load(p).labels
+            ('a',)
+        """
+        from safetensors.torch import save_file
+
+        out = Path(path)
+        tensors = {"queries": self.features.detach().float().cpu().contiguous()}
+        if self.image is not None:
+            tensors["image"] = self.image.detach().float().cpu().reshape(1, *self.image.shape)
+        meta = {**self.meta, "removed": list(self.labels)}
+        tmp = out.with_name(out.name + ".tmp")
+        save_file(tensors, str(tmp), metadata={"ctrak": json.dumps(meta)})
+        os.replace(tmp, out)
+        return out
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Query:
+        """Read a file written by :meth:`save` or by `ctrak query`."""
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("ctrak", "{}"))
+            features = f.get_tensor("queries")
+            image = f.get_tensor("image")[0] if "image" in f.keys() else None
+        labels = meta.pop("removed", None) or [f"query {i}" for i in range(len(features))]
+        return cls(features, tuple(labels), meta, image)
+
+
+@dataclass(frozen=True)
+class Attribution:
+    """Exact top-k training samples per query row, both tails (a tail not asked for is None).
+
+    Attributes:
+        top_ids: [m, k] int64 ids of the most supporting samples, best first.
+        top_scores: [m, k] float32 their scores (positive: the sample supports the query).
+        bottom_ids: [m, k] int64 ids of the most opposing samples, most negative first.
+        bottom_scores: [m, k] float32.
+        labels: the query's m row labels.
+        lambda_r: the relative damping used.
+
+    Examples:
+        >>> r = Attribution(torch.tensor([[3, 1]]), torch.tensor([[2.0, 1.0]]), None, None, ("q",))
+        >>> r.to_dict()["top"]
+        [{'label': 'q', 'ids': [3, 1], 'scores': [2.0, 1.0]}]
+    """
+
+    top_ids: Tensor | None
+    top_scores: Tensor | None
+    bottom_ids: Tensor | None
+    bottom_scores: Tensor | None
+    labels: tuple[str, ...]
+    lambda_r: float = 1.0
+
+    @classmethod
+    def from_topk(cls, res: TopK, labels: Sequence[str], lambda_r: float = 1.0) -> Attribution:
+        """Wrap a :class:`ctrak_fast.TopK` from :func:`ctrak_fast.topk`."""
+        return cls(
+            res.top_ids, res.top_values, res.bottom_ids, res.bottom_values, tuple(labels), lambda_r
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: {"lambda_r", "top": [{"label", "ids", "scores"}, ...], "bottom": ...}."""
+        out: dict[str, Any] = {"lambda_r": self.lambda_r}
+        for tail, ids, scores in (
+            ("top", self.top_ids, self.top_scores),
+            ("bottom", self.bottom_ids, self.bottom_scores),
+        ):
+            if ids is not None and scores is not None:
+                out[tail] = [
+                    {"label": lab, "ids": i.tolist(), "scores": s.tolist()}
+                    for lab, i, s in zip(self.labels, ids, scores, strict=True)
+                ]
+        return out
+
+
+# ---- conditions per model kind -------------------------------------------------------------------
+
+
+class _Conditions:
+    """How one model kind spells conditions; subclasses per kind."""
+
+    def one(self, concept: Condition) -> Tensor:
+        raise NotImplementedError
+
+    def negatives(
+        self, concept: Condition, pos: Tensor, remove: str | Sequence[str] | None
+    ) -> list[tuple[str, Tensor]]:
+        raise NotImplementedError
+
+    def batch(self, conds: Any, n: int) -> Tensor:
+        """Training conditions of n samples as the model's cond tensor [n, ...]."""
+        if isinstance(conds, Tensor):
+            return conds
+        return torch.stack([self.one(c) for c in conds])
+
+
+class _FactorConditions(_Conditions):
+    def __init__(self, model: nn.Module) -> None:
+        cfg = getattr(model, "config", {})
+        self.n_values = [int(n) for n in model.n_values]  # type: ignore[union-attr]
+        self.factors: list[str] = list(
+            cfg.get("factors") or [f"factor{i}" for i in range(len(self.n_values))]
+        )
+        self.values: dict[str, list[str]] = dict(cfg.get("values") or {})
+
+    def _factor(self, name: str) -> int:
+        if name not in self.factors:
+            raise ValueError(f"unknown factor {name!r}; the model has {self.factors}")
+        return self.factors.index(name)
+
+    def one(self, concept: Condition) -> Tensor:
+        if isinstance(concept, Tensor):
+            if concept.shape != (len(self.n_values),) or concept.is_floating_point():
+                raise ValueError(
+                    f"a condition is int64 [{len(self.n_values)}], got {list(concept.shape)}"
+                )
+            return concept.to(torch.int64)
+        if isinstance(concept, str):
+            pairs: dict[str, str | int] = {}
+            for part in filter(None, (p.strip() for p in concept.split(","))):
+                if "=" not in part:
+                    raise ValueError(f"bad condition {part!r}: expected factor=value")
+                key, val = (s.strip() for s in part.split("=", 1))
+                pairs[key] = val
+            concept = pairs
+        if not isinstance(concept, Mapping):
+            raise TypeError(f"a factor condition is a str, a mapping or a tensor, not {concept!r}")
+        cond = list(self.n_values)  # null token everywhere, then the named factors
+        for name, value in concept.items():
+            f = self._factor(name)
+            if isinstance(value, int):
+                idx = value
+            else:
+                names = self.values.get(name, [])
+                if value not in names:
+                    raise ValueError(
+                        f"unknown value {value!r} of {name!r}; expected one of {names}"
+                    )
+                idx = names.index(value)
+            if not 0 <= idx < self.n_values[f]:
+                raise ValueError(f"value index {idx} of {name!r} out of [0, {self.n_values[f]})")
+            cond[f] = idx
+        return torch.tensor(cond, dtype=torch.int64)
+
+    def negatives(
+        self, concept: Condition, pos: Tensor, remove: str | Sequence[str] | None
+    ) -> list[tuple[str, Tensor]]:
+        names = [remove] if isinstance(remove, str) else list(remove or ())
+        if not names:  # default: every factor the condition sets, in turn
+            names = [f for i, f in enumerate(self.factors) if int(pos[i]) != self.n_values[i]]
+        out = []
+        for name in names:
+            f = self._factor(name)
+            if int(pos[f]) == self.n_values[f]:
+                raise ValueError(f"factor {name!r} is not set in the condition: nothing to remove")
+            out.append((f"-{name}", drop_factor(pos[None], f, self.n_values)[0]))
+        return out
+
+
+class _TextConditions(_Conditions):
+    """Text-to-image adapters: prompts become the adapter's condition kind, prompt ids int64 [1]
+    (its default) or embeddings [L, D] (adapters given embeddings with set_null_cond)."""
+
+    def __init__(self, adapter: Any, null_cond: Tensor) -> None:
+        self.adapter = adapter
+        self.ids = not null_cond.is_floating_point()
+
+    def one(self, concept: Condition) -> Tensor:
+        if isinstance(concept, Tensor):
+            return concept
+        if not isinstance(concept, str):
+            raise TypeError(f"a text-to-image condition is a prompt or a tensor: {concept!r}")
+        return self.batch([concept], 1)[0]
+
+    def negatives(
+        self, concept: Condition, pos: Tensor, remove: str | Sequence[str] | None
+    ) -> list[tuple[str, Tensor]]:
+        if not isinstance(concept, str):
+            raise ValueError("removing a phrase needs the prompt as text; or pass negatives=")
+        from .adapters.text2image import remove_phrase
+
+        phrases = [remove] if isinstance(remove, str) else list(remove or ())
+        if not phrases:
+            raise ValueError("a prompt query needs remove= (the concept's phrase) or negatives=")
+        return [(f"-{p}", self.one(remove_phrase(concept, p))) for p in phrases]
+
+    def batch(self, conds: Any, n: int) -> Tensor:
+        if isinstance(conds, Tensor):
+            return conds
+        captions = [str(c) for c in conds]
+        if self.ids:
+            return self.adapter.prompt_ids(captions)  # type: ignore[no-any-return]
+        unique = sorted(set(captions))
+        emb = self.adapter.encode_prompts(unique)
+        row = {c: i for i, c in enumerate(unique)}
+        return emb[torch.tensor([row[c] for c in captions])]  # type: ignore[no-any-return]
+
+
+class _ClassConditions(_Conditions):
+    """UNet2DModel pipelines: int64 [1] class index, or [0] for unconditional models."""
+
+    def __init__(self, n_classes: int | None) -> None:
+        self.n_classes = n_classes
+
+    def one(self, concept: Condition) -> Tensor:
+        if self.n_classes is None:
+            if isinstance(concept, Tensor) and concept.numel() == 0:
+                return concept.reshape(0).to(torch.int64)
+            raise ValueError("an unconditional model takes no condition (pass an empty tensor)")
+        if isinstance(concept, Tensor):
+            return concept.reshape(1).to(torch.int64)
+        if not isinstance(concept, int) or not 0 <= concept < self.n_classes:
+            raise ValueError(f"a condition is a class index in [0, {self.n_classes}): {concept!r}")
+        return torch.tensor([concept], dtype=torch.int64)
+
+    def negatives(
+        self, concept: Condition, pos: Tensor, remove: str | Sequence[str] | None
+    ) -> list[tuple[str, Tensor]]:
+        raise ValueError(
+            "a class-conditional or unconditional model has no concept to remove: pass "
+            "negatives=[another class] (the concept flipped), or use image_query"
+        )
+
+    def batch(self, conds: Any, n: int) -> Tensor:
+        if conds is None:
+            return torch.zeros(n, 0 if self.n_classes is None else 1, dtype=torch.int64)
+        if isinstance(conds, Tensor):
+            return conds.reshape(n, -1).to(torch.int64)
+        return super().batch(conds, n)
+
+
+# ---- diffusers UNet2DModel pipelines -------------------------------------------------------------
+
+
+class _UNet2DAdapter(nn.Module):
+    """A diffusers UNet2DModel (DDPMPipeline, DDIMPipeline, ...) as eps(x_t, t, cond).
+
+    cond: int64 [B, 1] class indices (models with `num_class_embeds`) or [B, 0] (unconditional).
+    The scheduler's prediction type ("epsilon", "v_prediction", "sample") is converted to eps.
+    Attention processors are untouched: the hooks gradient backend needs only Linear/Conv layers.
+    """
+
+    def __init__(self, unet: nn.Module, scheduler: Any, null_class: int | None = None) -> None:
+        super().__init__()
+        from .adapters.text2image import _sample_size, schedule_from_scheduler
+
+        cfg: Any = unet.config
+        if cfg.get("class_embed_type") not in (None, "timestep") and not cfg.get(
+            "num_class_embeds"
+        ):
+            raise ValueError(
+                f"UNet2DModel class_embed_type={cfg.class_embed_type!r} is unsupported"
+            )
+        self.unet = unet.eval()
+        self.n_classes: int | None = cfg.get("num_class_embeds")
+        if null_class is not None and (
+            self.n_classes is None or not 0 <= null_class < self.n_classes
+        ):
+            raise ValueError(f"null_class {null_class} is not a class of this model")
+        self.null_class = null_class
+        self.schedule = schedule_from_scheduler(scheduler)
+        self.prediction_type = scheduler.config.get("prediction_type", "epsilon")
+        if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
+            raise ValueError(f"unsupported prediction_type {self.prediction_type!r}")
+        self.config = {
+            "image_size": _sample_size(unet),
+            "in_channels": int(cfg.in_channels),
+            "schedule": self.schedule.config,
+        }
+
+    def forward(self, x_t: Tensor, t: Tensor | int, cond: Tensor) -> Tensor:
+        tt = t if isinstance(t, Tensor) else torch.tensor(t, dtype=torch.int64, device=x_t.device)
+        if tt.ndim == 0:
+            tt = tt.expand(x_t.shape[0])
+        labels = None
+        if self.n_classes is not None:
+            labels = cond.reshape(len(x_t), -1)[:, 0]
+            if (labels < 0).any():
+                raise ValueError(
+                    "this class-conditional model has no unconditional class: use guidance 1 "
+                    "(the default of from_pipeline), or pass null_class= to from_pipeline"
+                )
+        out: Tensor = self.unet(x_t, tt, class_labels=labels).sample
+        if self.prediction_type == "epsilon":
+            return out
+        ab = self.schedule.alpha_bar(tt, x_t)
+        if self.prediction_type == "v_prediction":
+            return ab.sqrt() * out + (1 - ab).sqrt() * x_t
+        return (x_t - ab.sqrt() * out) / (1 - ab).sqrt()
+
+    def null_cond(self, batch: int, device: torch.device | str | None = None) -> Tensor:
+        """[batch, 0] (unconditional) or [batch, 1] of the null class (-1: none)."""
+        if self.n_classes is None:
+            return torch.zeros(batch, 0, dtype=torch.int64, device=device)
+        cls = -1 if self.null_class is None else self.null_class
+        return torch.full((batch, 1), cls, dtype=torch.int64, device=device)
+
+
+# ---- the attributor ------------------------------------------------------------------------------
+
+
+def _describe(cond: Condition) -> str:
+    return str(cond.tolist()) if isinstance(cond, Tensor) else repr(cond)
+
+
+def _is_text_adapter(model: nn.Module) -> bool:
+    from .adapters.text2image import TextToImageAdapter
+
+    return isinstance(model, TextToImageAdapter)
+
+
+def _method_spec(method: str, spec: FeatureSpec | None) -> FeatureSpec:
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+    if spec is None:
+        loss = _LOSS[method]
+        return FeatureSpec() if method == "concept-trak" else FeatureSpec.baseline(loss)
+    if spec.loss != _LOSS[method]:
+        raise ValueError(
+            f"method {method!r} uses loss {_LOSS[method]!r}, the spec has {spec.loss!r}"
+        )
+    if method == "das" and spec.inversion:
+        raise ValueError("method 'das' needs fixed-noise features (FeatureSpec(inversion=False))")
+    return spec
+
+
+class Attributor:
+    """A diffusion model plus one attribution method: featurize -> query -> attribute.
+
+    Args:
+        model: the eps model, model(x_t [B,C,H,W] float32, t [B] int64, cond [B,...]) ->
+            [B,C,H,W]: a FactorUNet (conditions: factor value indices), a TextToImageAdapter
+            (conditions: prompts), or see :meth:`from_pipeline` for diffusers pipelines.
+        method: "concept-trak" (default), "trak", "d-trak" or "das" (METHOD.md §3-6).
+        feature: how training features are made (default: the method's paper settings:
+            timesteps 99..899, DDIM inversion with CFG 7.5 and per-timestep normalisation for
+            concept-trak; fixed noise for the baselines). Its loss must be the method's.
+        projection: the random projection (default ProjectionSpec(): Rademacher, k=2048, seed 0).
+        query: concept-slider settings (default ConceptQuerySpec(): w=7.5, 4 local draws, at the
+            feature timesteps; w=3 for text-to-image models, as in the paper).
+        null_cond: the unconditional condition (default: model.null_cond(1)[0]).
+        grad_backend: "hooks" (batched, default) or "func" (torch.func reference).
+        projector_backend: "auto", "cpu", "reference" or "triton".
+
+    Examples:
+        >>> import tempfile; tmp = tempfile.mkdtemp()
+        >>> att = Attributor(shipped_model(), "concept-trak", projection=ProjectionSpec(k=64),
+        ...                  feature=FeatureSpec(timesteps=(499,), inversion_steps=10))
+        >>> att.method, att.k, att.feature_spec.loss
+        ('concept-trak', 64, 'dps')
+        >>> store = att.featurize(shipped_dataset(per_combo=1), tmp + "/store", batch_size=7)
+        >>> store.n_rows, store.k
+        (14, 64)
+        >>> q = att.query("shape=triangle,colour=red", draws="global", n_draws=1)
+        >>> q.features.shape, q.labels       # one row per factor removed (c- = factor nulled)
+        (torch.Size([2, 64]), ('-shape', '-colour'))
+        >>> res = att.attribute(q, store, k=3)
+        >>> res.top_ids.shape, res.top_ids.dtype, res.top_scores.dtype
+        (torch.Size([2, 3]), torch.int64, torch.float32)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        method: str = "concept-trak",
+        *,
+        feature: FeatureSpec | None = None,
+        projection: ProjectionSpec | None = None,
+        query: ConceptQuerySpec | None = None,
+        null_cond: Tensor | None = None,
+        grad_backend: str = "hooks",
+        projector_backend: str = "auto",
+    ) -> None:
+        self._method = method
+        spec = _method_spec(method, feature)
+        projection = projection or ProjectionSpec()
+        self._text = _is_text_adapter(model)
+        self._conds: _Conditions
+        if self._text:
+            from .adapters.text2image import make_featurizer
+
+            fz: Featurizer = make_featurizer(
+                model,  # type: ignore[arg-type]
+                spec,
+                projection,
+                grad_backend=grad_backend,
+                projector_backend=projector_backend,
+            )
+            if null_cond is not None:
+                fz.null_cond = null_cond
+            self._conds = _TextConditions(model, fz.null_cond)
+        else:
+            if isinstance(model, _UNet2DAdapter):
+                self._conds = _ClassConditions(model.n_classes)
+            elif hasattr(model, "n_values"):
+                self._conds = _FactorConditions(model)
+            else:
+                raise TypeError(
+                    f"{type(model).__name__} is not a known model kind: use a FactorUNet, a "
+                    "TextToImageAdapter, or Attributor.from_pipeline for diffusers pipelines"
+                )
+            if null_cond is None:
+                null_cond = model.null_cond(1)[0]  # type: ignore[operator]
+            schedule = getattr(model, "schedule", None)
+            if not isinstance(schedule, diffusion.NoiseSchedule):
+                schedule = diffusion.NoiseSchedule.for_model(model)
+            fz = Featurizer(
+                model,
+                schedule,
+                spec,
+                projection,
+                null_cond,
+                grad_backend=grad_backend,
+                projector_backend=projector_backend,
+            )
+        self._fz = fz
+        if query is None:
+            query = ConceptQuerySpec(weight=3.0 if self._text else 7.5, timesteps=fz.spec.timesteps)
+        self._query = query
+        self._pre: tuple[tuple[str, ...], Preconditioner] | None = None  # last store's
+
+    # -- construction from a pipeline --
+
+    @classmethod
+    def from_pipeline(
+        cls,
+        pipe: Any,
+        method: str = "concept-trak",
+        *,
+        dtype: torch.dtype | None = None,
+        null_class: int | None = None,
+        **kwargs: Any,
+    ) -> Attributor:
+        """An Attributor over a diffusers pipeline object already in memory (nothing is loaded).
+
+        Args:
+            pipe: a pipeline with `.unet` and `.scheduler`: text-to-image (UNet2DConditionModel,
+                e.g. StableDiffusionPipeline; its vae / text_encoder / tokenizer are used when
+                present; gradients of the cross-attention parameters by default) or
+                DDPMPipeline / DDIMPipeline (UNet2DModel, unconditional or class-conditional).
+            method: as for :class:`Attributor`.
+            dtype: UNet execution dtype of text-to-image models (default: its own).
+            null_class: class-conditional UNet2DModel only: the class trained as "no class", if
+                any. Without one, classifier-free guidance is undefined, so the default specs use
+                guidance 1 (for unconditional models guidance changes nothing).
+            **kwargs: the keyword arguments of :class:`Attributor`.
+
+        Returns:
+            Attributor whose `model` is the adapter (TextToImageAdapter or a UNet2DModel adapter).
+
+        Examples:
+            >>> import tempfile; tmp = tempfile.mkdtemp()
+            >>> from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+            >>> unet = UNet2DModel(sample_size=8, block_out_channels=(8, 16), norm_num_groups=4,
+            ...                    down_block_types=("DownBlock2D", "DownBlock2D"),
+            ...                    up_block_types=("UpBlock2D", "UpBlock2D"), layers_per_block=1)
+            >>> pipe = DDPMPipeline(unet=unet, scheduler=DDPMScheduler())
+            >>> att = Attributor.from_pipeline(pipe, "d-trak", projection=ProjectionSpec(k=32))
+            >>> images = torch.rand(4, 3, 8, 8) * 2 - 1
+            >>> att.featurize((images, None), tmp + "/ddpm", batch_size=4).n_rows
+            4
+            >>> att.image_query(images[:1]).features.shape
+            torch.Size([1, 32])
+        """
+        unet = getattr(pipe, "unet", None)
+        if unet is None or getattr(pipe, "scheduler", None) is None:
+            raise TypeError("from_pipeline needs a diffusers pipeline with .unet and .scheduler")
+        kind = type(unet).__name__
+        model: nn.Module
+        if kind == "UNet2DConditionModel" or hasattr(unet.config, "cross_attention_dim"):
+            from .adapters.text2image import TextToImageAdapter
+
+            model = TextToImageAdapter.from_pipeline(pipe, dtype=dtype)
+        elif kind == "UNet2DModel":
+            model = _UNet2DAdapter(unet, pipe.scheduler, null_class)
+            if null_class is None:  # no unconditional branch: classifier-free guidance is off
+                spec = kwargs.get("feature") or _method_spec(method, None)
+                if spec.inversion and spec.inversion_guidance != 1.0:
+                    if kwargs.get("feature") is not None and model.n_classes is not None:
+                        raise ValueError(
+                            "this class-conditional model has no unconditional class: use "
+                            "inversion_guidance=1.0, or pass null_class="
+                        )
+                    spec = FeatureSpec.from_dict({**spec.to_dict(), "inversion_guidance": 1.0})
+                kwargs["feature"] = spec
+                if kwargs.get("query") is None:
+                    kwargs["query"] = ConceptQuerySpec(guidance=1.0, timesteps=spec.timesteps)
+        else:
+            raise TypeError(f"unsupported pipeline unet {kind}: expected UNet2D(Condition)Model")
+        return cls(model, method, **kwargs)
+
+    # -- description --
+
+    @property
+    def model(self) -> nn.Module:
+        """The eps model (for pipelines: the adapter around the pipeline's UNet)."""
+        return self._fz.model
+
+    @property
+    def method(self) -> str:
+        """ "concept-trak", "trak", "d-trak" or "das"."""
+        return self._method
+
+    @property
+    def feature_spec(self) -> FeatureSpec:
+        """How training (and whole-image query) features are made."""
+        return self._fz.spec
+
+    @property
+    def projection_spec(self) -> ProjectionSpec:
+        """The projection shared by training and query features."""
+        return self._fz.projection
+
+    @property
+    def query_spec(self) -> ConceptQuerySpec:
+        """Settings of concept-slider queries."""
+        return self._query
+
+    @property
+    def k(self) -> int:
+        """Feature dimension."""
+        return self._fz.projection.k
+
+    @property
+    def featurizer(self) -> Featurizer:
+        """The underlying engine object (not covered by the stability promise)."""
+        return self._fz
+
+    def meta(self) -> dict[str, Any]:
+        """What a store made by this attributor records: model fingerprint, feature and
+        projection specs (and the text encoder / VAE of text-to-image models)."""
+        return self._fz.meta()
+
+    def __repr__(self) -> str:
+        return (
+            f"Attributor({type(self.model).__name__}, method={self._method!r}, k={self.k}, "
+            f"timesteps={list(self.feature_spec.timesteps)})"
+        )
+
+    # -- training side --
+
+    def featurize(
+        self,
+        dataset: ConceptDataset | tuple[Any, ...],
+        store: str | os.PathLike[str],
+        *,
+        batch_size: int = 32,
+        shard_rows: int | None = None,
+        dtype: Literal["float32", "float16", "bfloat16"] = "float32",
+        progress: bool = False,
+    ) -> FeatureStore:
+        """Training features of every sample into a FeatureStore at `store` (resumes).
+
+        Args:
+            dataset: a ConceptDataset, or a tuple (images, conds[, ids]): images float32
+                [N,C,H,W] in [-1,1] (pixels; text-to-image models encode them with their VAE,
+                cached next to the store), conds: the model's conditions [N,...] (factor models:
+                int64 [N,F]; text-to-image: N captions or embeddings [N,L,D]; unconditional
+                pipelines: None), ids: int64 [N] (default 0..N-1).
+            store: directory; an existing store of the same spec and samples is resumed.
+            batch_size: samples per gradient batch. shard_rows: rows per shard (a multiple of
+                batch_size; default 16 batches). dtype: storage dtype of the features.
+            progress: show a progress bar.
+
+        Returns:
+            The FeatureStore: features [N, k] in `dtype`, ids int64 [N], meta = :meth:`meta`.
+            Method "das" also writes the DAS rows to :func:`das_store_path` (store).
+        """
+        images, conds, ids = self._unpack(dataset)
+        x0 = images
+        if self._text:
+            from .adapters.text2image import encode_images_cached
+
+            x0 = encode_images_cached(self.model, images, ids, store)  # type: ignore[arg-type]
+        return featurize_dataset(
+            self._fz,
+            x0,
+            conds,
+            ids,
+            Path(store),
+            batch_size=batch_size,
+            shard_rows=shard_rows or batch_size * 16,
+            dtype=dtype,
+            das_path=das_store_path(store) if self._method == "das" else None,
+            progress=progress,
+        )
+
+    def _unpack(self, dataset: ConceptDataset | tuple[Any, ...]) -> tuple[Tensor, Tensor, Tensor]:
+        conds: Any
+        if isinstance(dataset, ConceptDataset):
+            images, conds, ids = dataset.images, dataset.labels, dataset.ids
+            if self._text:  # captions in the words the tiny text-to-image model was trained on
+                from .adapters.tiny import caption
+
+                conds = [caption(dataset.factors, dataset.values, r) for r in conds.tolist()]
+        elif isinstance(dataset, tuple) and len(dataset) in (2, 3):
+            images, conds = dataset[0], dataset[1]
+            ids = dataset[2] if len(dataset) == 3 else torch.arange(len(images))
+        else:
+            raise TypeError("dataset must be a ConceptDataset or a tuple (images, conds[, ids])")
+        if not isinstance(images, Tensor) or images.dim() != 4 or not images.is_floating_point():
+            raise ValueError("images must be a float tensor [N, C, H, W] in [-1, 1]")
+        ids = torch.as_tensor(ids, dtype=torch.int64)
+        if ids.shape != (len(images),):
+            raise ValueError(f"ids must be int64 [{len(images)}], got {list(ids.shape)}")
+        cond_t = self._conds.batch(conds, len(images))
+        if len(cond_t) != len(images):
+            raise ValueError(f"{len(cond_t)} conditions for {len(images)} images")
+        return images.float(), cond_t, ids
+
+    # -- query side --
+
+    def generate(
+        self,
+        concept: Condition,
+        n: int = 1,
+        *,
+        seed: int = 0,
+        guidance: float | None = None,
+        steps: int = 50,
+    ) -> Tensor:
+        """Generate images of a condition with DDIM and CFG (e.g. the query image of a concept).
+
+        Args:
+            concept: the condition (see :data:`Condition`). n: number of images. seed: the
+                same seed gives the same images. guidance: CFG scale (default 3 for factor models,
+                as the benchmark's queries; 7.5 for text-to-image; 1 for class pipelines).
+
+        Returns:
+            [n, C, H, W] float32 pixels in [-1, 1].
+        """
+        cond = self._conds.one(concept)
+        model = self.model
+        if self._text:
+            g = 7.5 if guidance is None else guidance
+            x0 = model.generate(cond, "", g, steps, seed=seed, n=n)  # type: ignore[operator]
+            return model.decode_latents(x0)  # type: ignore[operator, no-any-return]
+        if guidance is None:
+            guidance = 1.0 if isinstance(model, _UNet2DAdapter) else 3.0
+        gen = torch.Generator().manual_seed(seed)
+        x0, _ = diffusion.ddim_sample(
+            model,
+            cond[None].expand(n, *cond.shape),
+            neg_cond=self._fz.null_cond[None],
+            guidance=guidance,
+            steps=steps,
+            generator=gen,
+            schedule=self._fz.schedule,
+        )
+        return x0.clamp(-1, 1)
+
+    def _x0(self, images: Tensor) -> Tensor:
+        """Pixels [B,3,H,W] -> the model's x0 (latents for text-to-image models with a VAE)."""
+        if self._text:
+            return self.model.encode_images(images)  # type: ignore[operator, no-any-return]
+        return images.float()
+
+    def query(
+        self,
+        concept: Condition,
+        remove: str | Sequence[str] | None = None,
+        *,
+        negatives: Sequence[Condition] = (),
+        image: Tensor | None = None,
+        **spec: Any,
+    ) -> Query:
+        """Query features of a concept: the concept slider (concept-trak), or the whole-image
+        query of the baselines (their loss on the query image under `concept`).
+
+        Args:
+            concept: c+, a condition that holds the concept (see :data:`Condition`).
+            remove: concept-trak: what c- removes, one query row each: factor name(s) (factor
+                models; default: every factor set in c+, in turn) or phrase(s) of the prompt
+                (text-to-image).
+            negatives: explicit c- conditions (e.g. the concept flipped to another value), one
+                row each, after those of `remove`.
+            image: the query image [C,H,W] pixels in [-1,1]: local draws start from it, the
+                baselines featurize it. Default: generated from c+ with `seed` (see
+                :meth:`generate`).
+            **spec: overrides of the query spec (e.g. draws="global", n_draws=16, weight=3.0).
+
+        Returns:
+            Query: features [m, k] float32, one row per c- (concept-trak) or one row
+            (baselines); labels like "-shape"; the image used.
+
+        Examples:
+            >>> att = Attributor(shipped_model(), projection=ProjectionSpec(k=32),
+            ...                  feature=FeatureSpec(timesteps=(299, 699), inversion_steps=10))
+            >>> q = att.query({"shape": "circle", "colour": "blue"}, remove="colour", n_draws=1,
+            ...               steps=10)        # local draws around a generated blue circle
+            >>> q.features.shape, q.labels, q.image.shape
+            (torch.Size([1, 32]), ('-colour',), torch.Size([3, 16, 16]))
+        """
+        qspec = self._query
+        if spec:
+            qspec = ConceptQuerySpec(**{**qspec.to_dict(), **spec})
+        pos = self._conds.one(concept)
+        if self._method != "concept-trak":
+            if remove or negatives:
+                raise ValueError(f"{self._method} queries are whole-image: nothing to remove")
+            if image is None:
+                image = self.generate(concept, seed=qspec.seed)[0]
+            q = self._image_query(image[None], pos[None], ("image",))
+            return Query(q.features, q.labels, {**q.meta, "query": qspec.to_dict()}, image)
+        negs = self._conds.negatives(concept, pos, remove) if remove or not negatives else []
+        negs += [(f"vs {_describe(c)}", self._conds.one(c)) for c in negatives]
+        if not negs:
+            raise ValueError("nothing to remove: the condition sets no concept")
+        if image is None and qspec.draws == "local":
+            image = self.generate(concept, seed=qspec.seed)[0]
+        x0 = None if image is None else self._x0(image[None])[0]
+        conds = [c for _, c in negs]
+        if self._text:
+            from .adapters.text2image import prompt_query_features
+
+            feats = prompt_query_features(self._fz, qspec, pos, conds, x0)
+        else:
+            feats = concept_query_features(self._fz, qspec, pos, conds, image=x0)
+        meta = {**self.meta(), "query": qspec.to_dict(), "concept": str(concept)}
+        return Query(feats, tuple(label for label, _ in negs), meta, image)
+
+    def image_query(self, images: Tensor, conds: Any = None) -> Query:
+        """Whole-image query features: the training-side recipe applied to query images
+        (TRAK / D-TRAK / DAS queries; for concept-trak, the DPS features of the images).
+
+        Args:
+            images: [Q, C, H, W] float32 pixels in [-1, 1].
+            conds: their conditions (as in :meth:`featurize`; None for unconditional models).
+
+        Returns:
+            Query with features [Q, k] float32, labels "image 0", "image 1", ...
+        """
+        if images.dim() != 4:
+            raise ValueError(f"images must be [Q, C, H, W], got {list(images.shape)}")
+        cond_t = self._conds.batch(conds, len(images))
+        return self._image_query(images, cond_t, tuple(f"image {i}" for i in range(len(images))))
+
+    def _image_query(self, images: Tensor, conds: Tensor, labels: tuple[str, ...]) -> Query:
+        feats = image_query_features(self._fz, self._x0(images), conds)
+        return Query(feats, labels, self.meta(), images[0] if len(images) == 1 else None)
+
+    # -- scores --
+
+    def attribute(
+        self,
+        query: Query | Tensor,
+        store: FeatureStore | str | os.PathLike[str],
+        k: int = 10,
+        *,
+        lambda_r: float = 1.0,
+        tails: Literal["top", "bottom", "both"] = "both",
+        backend: Literal["auto", "cpu", "cuda", "reference"] = "auto",
+    ) -> Attribution:
+        """Exact top-k training samples of each query row: score_i = φ_i·(ΦᵀΦ + λI)⁻¹q.
+
+        Args:
+            query: a Query (its meta must match the store's), or features [m, k] / [k].
+            store: a FeatureStore made by this attributor (or its path).
+            k: results per query row and tail (<= the store's rows).
+            lambda_r: relative damping, λ = lambda_r * 0.1 * tr(ΦᵀΦ) / k (paper default 1).
+            tails: "top" (supporting), "bottom" (opposing) or "both".
+            backend: top-k engine ("auto": C++ or CUDA when built, else the torch reference).
+
+        Returns:
+            Attribution: ids int64 [m, k] and scores float32 [m, k] per tail.
+
+        Raises:
+            SpecMismatch: the store was made with another model / feature spec / projection.
+            StoreError: the store is missing, corrupt, or of a newer format version.
+        """
+        st = store if isinstance(store, FeatureStore) else FeatureStore.open(store)
+        self._check_store(st)
+        feats = query.features if isinstance(query, Query) else query
+        feats = feats.reshape(-1, feats.shape[-1]) if feats.dim() == 1 else feats
+        if feats.shape[-1] != st.k:
+            raise ValueError(f"query features have k={feats.shape[-1]}, the store k={st.k}")
+        if isinstance(query, Query):
+            st.check_compatible(
+                {key: query.meta[key] for key in _CHECKED_META if key in query.meta}
+            )
+            labels = query.labels
+        else:
+            labels = tuple(f"query {i}" for i in range(len(feats)))
+        u = self._preconditioner(st, lambda_r).solve(feats)
+        scored = st
+        if self._method == "das":  # D-TRAK's preconditioner; rows scaled by the DSM loss
+            scored = FeatureStore.open(das_store_path(st.path))
+            self._check_store(scored, das=True)
+        res = topk(scored, u, k, tails=tails, backend=backend)
+        return Attribution.from_topk(res, labels, lambda_r)
+
+    def _check_store(self, st: FeatureStore, das: bool = False) -> None:
+        version = st.manifest.get("format_version", 0)
+        if not isinstance(version, int) or version > STORE_FORMAT_VERSION:
+            raise StoreError(
+                f"store {st.path} has format version {version!r}; this build reads "
+                f"<= {STORE_FORMAT_VERSION}"
+            )
+        if not st.complete:
+            raise StoreError(f"store {st.path} is incomplete: finish it with featurize() (resumes)")
+        mine = self.meta()
+        if das:
+            if "das" not in st.meta:
+                raise StoreError(f"{st.path} holds no DAS rows (made with another method?)")
+            mine = {**mine, "das": st.meta["das"]}
+        st.check_compatible(mine)
+
+    def _preconditioner(self, st: FeatureStore, lambda_r: float) -> Preconditioner:
+        """(G + λI)'s Cholesky factor; the last store's Gram is kept (k² float64: a λ sweep or
+        repeated queries pay one pass over the store)."""
+        key = (str(st.path.resolve()), *(s["sha256"] for s in st.shards))
+        if self._pre is None or self._pre[0] != key:
+            self._pre = key, Preconditioner(gram(st), lambda_r)
+        elif self._pre[1].lambda_r != float(lambda_r):
+            self._pre = key, self._pre[1].with_lambda(lambda_r)
+        return self._pre[1]
