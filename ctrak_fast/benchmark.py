@@ -42,7 +42,7 @@ METRICS = ("p@1", "p@5", "p@10", "ap", "specificity")
 class QualityConfig:
     """Benchmark settings. Defaults are sized for the 2-core demo (see README)."""
 
-    per_combo: int = 50  # training images per seen combination that are featurized
+    per_combo: int = 30  # training images per seen combination that are featurized
     k: int = 512
     projection_seed: int = 0
     queries_per_combo: int = 2

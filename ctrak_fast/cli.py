@@ -357,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="benchmark every method on the shipped model; table, JSON, gallery"
     )
     d.add_argument("--out", default="demo_out")
-    d.add_argument("--per-combo", type=int, default=50)
+    d.add_argument("--per-combo", type=int, default=30)
     d.add_argument("--k", type=int, default=512)
     d.add_argument("--queries-per-combo", type=int, default=2)
     d.add_argument("--quiet", action="store_true")
@@ -435,7 +435,17 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("example", help="the engine's end-to-end example on a small MLP")
     e.add_argument("--out", default="out/engine_example")
     e.add_argument("--k", type=int, default=256)
+
+    from .adapters.cli import add_t2i_commands
+
+    add_t2i_commands(sub)
     return p
+
+
+def _cmd_t2i(a):
+    from .adapters.cli import run_t2i
+
+    run_t2i(a)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -452,6 +462,7 @@ def main(argv: list[str] | None = None) -> int:
         "store": _cmd_store,
         "example": _cmd_example,
         "bench": _cmd_bench_quality,
+        "t2i": _cmd_t2i,
     }
     return _run(lambda: handlers[a.cmd](a))
 

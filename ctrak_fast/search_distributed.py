@@ -37,7 +37,7 @@ from .search import (
     merge_topk,
     topk,
 )
-from .store import FeatureStore
+from .store import FeatureStore, StoreError
 
 
 def rank_shards(rows: list[int], world: int, rank: int) -> list[int]:
@@ -80,29 +80,51 @@ class _ShardSubset:
         return iter_store_shards(self.store, self.indices, self.verify, self.readahead)
 
 
+class RankFailed(RuntimeError):
+    """Another rank's local step failed with an error of a class not re-raised as such."""
+
+
+# Errors re-raised on every rank under their own class, so that the CLI reports them the same way
+# on all of them (one line); anything else becomes RankFailed.
+_RERAISED = {c.__name__: c for c in (StoreError, ValueError, TypeError, OSError, KeyError)}
+_NAME_BYTES, _MSG_BYTES = 32, 480
+
+
 @contextlib.contextmanager
-def _all_or_none(group, device: torch.device, what: str) -> Iterator[None]:
+def _all_or_none(group, what: str) -> Iterator[None]:
     """Run a rank's local step; if it fails on any rank, every rank raises (the failing one its
-    own error) instead of the others waiting in the next collective until the timeout."""
-    failed = torch.zeros(1, dtype=torch.int64, device=device)
-    error: BaseException | None = None
+    own error, the others the first failing rank's message) instead of waiting in the next
+    collective until the timeout. One all_gather of a fixed-size status per call:
+    [failed, class name (32 bytes), utf-8 message (480 bytes)]."""
+    error: Exception | None = None
     try:
         yield
     except Exception as e:  # re-raised below, after the other ranks have been told
         error = e
-        failed += 1
-    dist.all_reduce(failed, op=dist.ReduceOp.SUM, group=group)
-    if not failed.item():
-        return
-    from .distributed import RankFailed  # the CLI prints it as one line, like the cause
-
-    mine = None if error is None else str(error).splitlines()[0] if str(error) else repr(error)
-    messages = [None] * dist.get_world_size(group)
-    dist.all_gather_object(messages, mine, group=group)
+    status = torch.zeros(1 + _NAME_BYTES + _MSG_BYTES, dtype=torch.uint8)
+    if error is not None:
+        status[0] = 1
+        # The nearest re-raisable base class (FileNotFoundError -> OSError), else the class.
+        mro = type(error).__mro__
+        name = next((c.__name__ for c in mro if c in _RERAISED.values()), mro[0].__name__)
+        name = name.encode()[:_NAME_BYTES]
+        text = (str(error).splitlines() or [type(error).__name__])[0].encode()[:_MSG_BYTES]
+        for off, raw in ((1, name), (1 + _NAME_BYTES, text)):
+            status[off : off + len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+    status = status.to(_collective_device(group))
+    every = [torch.empty_like(status) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(every, status, group=group)
     if error is not None:
         raise error
-    rank, msg = next((r, m) for r, m in enumerate(messages) if m is not None)
-    raise RankFailed(f"{what}: rank {rank} failed: {msg}")
+    for rank, st in enumerate(every):
+        if st[0].item():
+            raw = bytes(st[1:].cpu().tolist())
+            name = raw[:_NAME_BYTES].rstrip(b"\0").decode(errors="replace")
+            msg = raw[_NAME_BYTES:].rstrip(b"\0").decode(errors="replace")
+            cls = _RERAISED.get(name)
+            if cls is not None:
+                raise cls(f"{what}: rank {rank}: {msg}")
+            raise RankFailed(f"{what}: rank {rank} failed with {name}: {msg}")
 
 
 def _collective_device(group) -> torch.device:
@@ -144,8 +166,7 @@ def topk_distributed(
     local = _ShardSubset(store, rank_shards(rows, world, rank), verify, readahead)
     names = [t for t in ("top", "bottom") if tails in (t, "both")]
     m = int(u.shape[0])
-    device = _collective_device(group)
-    with _all_or_none(group, device, "topk_distributed"):
+    with _all_or_none(group, "topk_distributed"):
         if local.n_rows:
             res = topk(
                 local,
@@ -161,6 +182,7 @@ def topk_distributed(
             res = _make_topk({t: empty for t in names}, tails)
     res = merge_topk([res], k)  # pads a short list to [m, k] with NaN / -1
 
+    device = _collective_device(group)
     values = torch.stack([getattr(res, f"{t}_values") for t in names]).to(device)
     ids = torch.stack([getattr(res, f"{t}_ids") for t in names]).to(device)
     all_v = [torch.empty_like(values) for _ in range(world)]
@@ -188,7 +210,7 @@ def gram_distributed(
     rows = [rec["rows"] for rec in store.manifest["shards"]]
     mine = rank_shards(rows, world, rank)
     device = _collective_device(group)
-    with _all_or_none(group, device, "gram_distributed"):
+    with _all_or_none(group, "gram_distributed"):
         if mine:
             g = gram(iter_store_shards(store, mine, verify, readahead))
         else:
@@ -220,4 +242,10 @@ def distributed_session() -> Iterator[tuple[int, int]]:
         dist.destroy_process_group()
 
 
-__all__ = ["distributed_session", "gram_distributed", "rank_shards", "topk_distributed"]
+__all__ = [
+    "RankFailed",
+    "distributed_session",
+    "gram_distributed",
+    "rank_shards",
+    "topk_distributed",
+]

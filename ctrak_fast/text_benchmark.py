@@ -243,6 +243,7 @@ def run_from_args(a: argparse.Namespace) -> dict:
         k=a.k,
         queries_per_combo=a.queries_per_combo,
         query_candidates=a.query_candidates,
+        query_guidance=a.query_guidance,
         param_filter=a.param_filter,
         methods=tuple(a.methods.split(",")),
         dps=FeatureSpec(inversion_steps=a.inversion_steps),

@@ -24,15 +24,6 @@ FAST = cf.FeatureSpec(timesteps=(499,), inversion_steps=10)
 FAST_QUERY = {"draws": "global", "n_draws": 1, "steps": 10}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops: one thread is faster, and much faster on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def data() -> cf.ConceptDataset:
     return cf.shipped_dataset(per_combo=1)  # 14 images: one per seen (shape, colour)

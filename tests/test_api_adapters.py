@@ -12,15 +12,6 @@ from ctrak_fast.api import _UNet2DAdapter
 T1 = cf.FeatureSpec(timesteps=(499,), inversion_steps=10)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops: one thread is faster, and much faster on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_unet2d(num_class_embeds=None):
     from diffusers import UNet2DModel
 

@@ -24,15 +24,6 @@ from ctrak_fast.integrations.dattri import CTRAKAttributor  # noqa: E402
 from ctrak_fast.projection import dense_matrix  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small models: one thread is faster, and much faster on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _ce_task(model: nn.Module) -> AttributionTask:
     def loss(params, batch):  # one sample: dattri vmaps over the batch
         x, y = batch

@@ -19,16 +19,6 @@ C = _native.load()
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """The oracle's torch ops are small: one intra-op thread. (On the shared 2-core machine two
-    threads make every small op wait for a descheduled partner: 20x slower under load.)"""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class FakeStore:
     def __init__(self, features, ids, sizes):
         self._parts = list(zip(features.split(sizes), ids.split(sizes), strict=True))

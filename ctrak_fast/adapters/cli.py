@@ -303,6 +303,7 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--k", type=int, default=512)
     p.add_argument("--queries-per-combo", type=int, default=2)
     p.add_argument("--query-candidates", type=int, default=8, help="generated per combination")
+    p.add_argument("--query-guidance", type=float, default=3.0, help="CFG of the query images")
     p.add_argument("--inversion-steps", type=int, default=50)
     p.add_argument("--n-draws", type=int, default=4)
     p.add_argument("--param-filter", default=r"\.attn2\.", help="default: cross-attention")

@@ -178,6 +178,49 @@ def load_t2i(path: str | os.PathLike | None = None, dtype=None, text=None) -> Te
     return ad
 
 
+@torch.no_grad()
+def sample_grid(
+    adapter: TextToImageAdapter,
+    prompts: list[str],
+    path: str | os.PathLike,
+    n: int = 8,
+    guidance: float = 3.0,
+    seed: int = 0,
+    marks: set[str] = frozenset(),
+) -> Path:
+    """PNG with one row of `n` samples per prompt (DDIM, 50 steps); prompts in `marks` get a *."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(len(prompts), 1, figsize=(n * 0.8 + 1.8, len(prompts) * 0.85))
+    for ax, prompt in zip(np.atleast_1d(axes), prompts, strict=True):
+        images = adapter.decode_latents(adapter.generate(prompt, "", guidance, seed=seed, n=n))
+        tiles = [
+            np.pad(
+                ((im + 1) / 2).permute(1, 2, 0).numpy(),
+                ((1, 1), (1, 1), (0, 0)),
+                constant_values=0.5,
+            )
+            for im in images
+        ]
+        ax.imshow(np.concatenate(tiles, 1), interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        label = prompt + (" *" if prompt in marks else "")
+        ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
 def caption_table(data: ConceptDataset, p_drop_factor: float, p_drop_all: float):
     """Every caption a training row can get, with its probability under caption dropout.
 
@@ -315,14 +358,16 @@ def main(argv=None) -> None:
     p.add_argument("--lr", type=float, default=4e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--init", help="checkpoint to continue from (its EMA weights)")
+    p.add_argument("--samples", help="PNG of samples of every prompt (held-out ones marked *)")
     p.add_argument(
         "--threads", type=int, help="torch threads (1 is fastest on a machine shared with others)"
     )
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    data = make_dataset(SyntheticConfig.load_json(a.data))
-    train_t2i(
+    cfg = SyntheticConfig.load_json(a.data)
+    data = make_dataset(cfg)
+    ema = train_t2i(
         data,
         a.out,
         steps=a.steps,
@@ -332,6 +377,11 @@ def main(argv=None) -> None:
         seed=a.seed,
         init=a.init,
     )
+    if a.samples:
+        combos = cfg.combos("all")
+        prompts = [caption(data.factors, data.values, c) for c in combos]
+        held = {caption(data.factors, data.values, c) for c in cfg.heldout}
+        sample_grid(ema, prompts, a.samples, marks=held)
 
 
 if __name__ == "__main__":
