@@ -246,8 +246,14 @@ def run_from_args(a: argparse.Namespace) -> dict:
         query_guidance=a.query_guidance,
         param_filter=a.param_filter,
         methods=tuple(a.methods.split(",")),
-        dps=FeatureSpec(inversion_steps=a.inversion_steps),
-        concept=ConceptQuerySpec(n_draws=a.n_draws, steps=a.inversion_steps),
+        lambda_r=a.lambda_r,
+        dps=FeatureSpec(inversion_steps=a.inversion_steps, inversion_guidance=a.inversion_guidance),
+        concept=ConceptQuerySpec(
+            draws=a.draws,
+            n_draws=a.n_draws,
+            steps=a.inversion_steps,
+            guidance=a.inversion_guidance,
+        ),
     )
     data = make_dataset(SyntheticConfig.load_json(a.data or ASSETS / "shapes16.json"))
     judge = load_model(a.judge or ASSETS / "judge_shapes16.safetensors")

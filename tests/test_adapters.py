@@ -277,6 +277,29 @@ def test_latent_cache_written_once_and_keyed(tmp_path, monkeypatch):
     assert latent_cache_path(store, other.fingerprints()["vae"]) != path
 
 
+def test_latent_cache_streams_image_files(tmp_path):
+    from PIL import Image
+
+    from ctrak_fast.data.folder import _load_image
+
+    ad = tiny_adapter()
+    g = torch.Generator().manual_seed(0)
+    files = []
+    for i in range(5):
+        arr = (torch.rand(20, 20, 3, generator=g) * 255).to(torch.uint8).numpy()
+        files.append(tmp_path / f"{i}.png")
+        Image.fromarray(arr).save(files[-1])
+    ids = torch.arange(5)
+    got = encode_images_cached(ad, files, ids, tmp_path / "s", batch_size=2, image_size=16)
+    pixels = torch.stack([_load_image(f, 16) for f in files])  # resized to the model's 16x16
+    torch.testing.assert_close(got, ad.encode_images(pixels), rtol=1e-5, atol=1e-6)
+    assert torch.equal(encode_images_cached(ad, files, ids, tmp_path / "s", image_size=16), got)
+    Image.fromarray(arr[::-1].copy()).save(files[-1])  # an image changed: recomputed
+    again = encode_images_cached(ad, files, ids, tmp_path / "s", image_size=16)
+    torch.testing.assert_close(again[:4], got[:4], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(again[4], got[4])
+
+
 # ---- gradients: cross-attention filter against the reference ------------------------------------
 
 
@@ -297,6 +320,10 @@ def _reference_grads(adapter, x, t, cond, r, names):
 @pytest.mark.parametrize("backend", ["hooks", "func"])
 def test_attn2_gradients_match_reference(backend):
     ad = tiny_adapter()
+    if backend == "func":  # SDPA has no vmap batching rule on the CPU (slow fallback)
+        from diffusers.models.attention_processor import AttnProcessor
+
+        ad.unet.set_attn_processor(AttnProcessor())
     fz = make_featurizer(
         ad, FeatureSpec(timesteps=(99,)), ProjectionSpec(k=16), grad_backend=backend
     )
@@ -412,7 +439,13 @@ def test_from_pretrained_pipeline_folder(tmp_path):
         text_encoder=transformers.CLIPTextModel(cfg).eval(),
         tokenizer=tok,
         unet=tiny_unet(),
-        scheduler=DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
+        scheduler=DDIMScheduler(
+            beta_schedule="scaled_linear",
+            beta_start=0.00085,
+            beta_end=0.012,
+            clip_sample=False,
+            steps_offset=1,
+        ),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,

@@ -25,20 +25,13 @@ DEFAULT_FILTER = (
 DTYPES = ("float32", "float16", "bfloat16")
 
 
-def load_captioned_folder(root, captions_file=None, image_size: int = 512):
-    """Images of a folder and their captions.
+def read_captions(root, captions_file=None) -> tuple[list[Path], list[str]]:
+    """The image files of a folder and their captions, in sorted file-name order (ids 0..N-1).
 
     captions_file: `metadata.jsonl` (one {"file_name": ..., "text": ...} per line, the Hugging Face
     imagefolder convention; default <root>/metadata.jsonl), JSON {file_name: caption}, or CSV
-    with columns file_name (or filename) and text (or caption). Rows are in sorted file-name
-    order; ids are 0..N-1 in that order.
-
-    Returns (images float32 [N,3,S,S] in [-1,1], captions list[str], file names list[str]).
+    with columns file_name (or filename) and text (or caption).
     """
-    import torch
-
-    from ..data.folder import _load_image
-
     root = Path(root)
     path = Path(captions_file) if captions_file else root / "metadata.jsonl"
     if not path.is_file():
@@ -61,9 +54,13 @@ def load_captioned_folder(root, captions_file=None, image_size: int = 512):
         raise ValueError(f"{path}: captions must be .jsonl, .json or .csv")
     if not table:
         raise ValueError(f"{path}: no captions")
+    missing = [n for n in table if not (root / n).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} captioned image(s) missing, e.g. {root / missing[0]}"
+        )
     names = sorted(table)
-    images = torch.stack([_load_image(root / n, image_size) for n in names])
-    return images, [table[n] for n in names], names
+    return [root / n for n in names], [table[n] for n in names]
 
 
 def _adapter(a):
@@ -84,13 +81,13 @@ def _pixel_size(adapter) -> int:
     return adapter.config["image_size"] * scale
 
 
-def _training_set(a, adapter):
-    """(images, captions, ids): a captioned folder, or the shipped synthetic data."""
+def _training_set(a):
+    """(images or image files, captions, ids): a captioned folder, or the shipped synthetic data."""
     import torch
 
     if a.images:
-        images, captions, _ = load_captioned_folder(a.images, a.captions, _pixel_size(adapter))
-        return images, captions, torch.arange(len(images), dtype=torch.int64)
+        files, captions = read_captions(a.images, a.captions)
+        return files, captions, torch.arange(len(files), dtype=torch.int64)
     from ..benchmark import train_subset
     from ..data import SyntheticConfig, make_dataset
     from .tiny import ASSETS, caption
@@ -134,9 +131,9 @@ def _cmd_featurize(a):
     from .text2image import encode_images_cached
 
     adapter = _adapter(a)
-    images, captions, ids = _training_set(a, adapter)
+    images, captions, ids = _training_set(a)
     fz = _featurizer(a, adapter, a.method)
-    x0 = encode_images_cached(adapter, images, ids, a.out)
+    x0 = encode_images_cached(adapter, images, ids, a.out, image_size=_pixel_size(adapter))
     conds = adapter.prompt_ids(captions)
     store = featurize_dataset(
         fz,
@@ -305,7 +302,10 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--query-candidates", type=int, default=8, help="generated per combination")
     p.add_argument("--query-guidance", type=float, default=3.0, help="CFG of the query images")
     p.add_argument("--inversion-steps", type=int, default=50)
+    p.add_argument("--inversion-guidance", type=float, default=7.5, help="CFG of DDIM inversion")
     p.add_argument("--n-draws", type=int, default=4)
+    p.add_argument("--draws", default="local", choices=["local", "global"])
+    p.add_argument("--lambda-r", type=float, default=1.0)
     p.add_argument("--param-filter", default=r"\.attn2\.", help="default: cross-attention")
     p.add_argument("--methods", default="concept-trak,trak,d-trak,das,pixel")
     p.add_argument("--threads", type=int, help="torch threads (1 on a shared machine)")
