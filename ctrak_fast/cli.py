@@ -212,13 +212,19 @@ def _cmd_attribute(a):
     from .scoring import Preconditioner, gram
     from .search import iter_store_shards, topk
     from .search_distributed import distributed_session, gram_distributed, topk_distributed
-    from .store import FeatureStore
+    from .store import FeatureStore, SpecMismatch
 
     store = FeatureStore.open(a.store)
     with safe_open(a.query, framework="pt") as f:
         meta = json.loads((f.metadata() or {}).get("ctrak", "{}"))
         q = f.get_tensor("queries")
     store.check_compatible({k: v for k, v in meta.items() if k in ("model", "projection")})
+    # Gradients of other parameters live in other projection rows: refuse a query made with
+    # another parameter filter (the loss may differ: concept queries score any training loss).
+    q_filter = meta.get("feature", {}).get("param_filter")
+    s_filter = store.meta.get("feature", {}).get("param_filter")
+    if "feature" in meta and q_filter != s_filter:
+        raise SpecMismatch(store.path, "feature.param_filter", s_filter, q_filter)
     if a.k > store.n_rows:
         raise ValueError(f"k={a.k} is larger than the store's {store.n_rows} rows")
     sel = [int(i) for i in a.export_queries.split(",")] if a.export_queries else None
