@@ -154,7 +154,10 @@ class Featurizer:
 
     def noise(self, shape) -> dict[int, torch.Tensor]:
         if self._noise is None:
-            self._noise = fixed_noise(self.spec.noise_seed, self.spec.timesteps, tuple(shape))
+            # Drawn on the CPU so the bits do not depend on the device, then moved to the model's.
+            device = next(self.model.parameters()).device
+            noise = fixed_noise(self.spec.noise_seed, self.spec.timesteps, tuple(shape))
+            self._noise = {t: n.to(device) for t, n in noise.items()}
         return self._noise
 
     def gradient_sum(self, x0: torch.Tensor, cond: torch.Tensor):
@@ -166,7 +169,7 @@ class Featurizer:
         spec = self.spec
         traj = self.trajectory(x0, cond)
         noise = None if spec.inversion else self.noise(x0.shape[1:])
-        acc, dsm_sum = None, torch.zeros(x0.shape[0])
+        acc, dsm_sum = None, torch.zeros(x0.shape[0], device=x0.device)
         for t in spec.timesteps:
             tt = torch.full((x0.shape[0],), t, dtype=torch.long)
             eps_t = None if noise is None else noise[t].expand_as(x0)
