@@ -38,7 +38,7 @@ if TYPE_CHECKING:  # what static type checkers see; at run time __getattr__ impo
     )
     from .data import ConceptDataset
     from .featurize import FeatureSpec
-    from .projection import ProjectionSpec, Projector
+    from .projection import FactorizedSpec, ProjectionSpec, Projector
     from .query import ConceptQuerySpec
     from .scoring import Preconditioner, gram
     from .search import TopK, topk
@@ -60,6 +60,7 @@ _EXPORTS = {
     "FeatureSpec": "featurize",
     "ConceptQuerySpec": "query",
     "ProjectionSpec": "projection",
+    "FactorizedSpec": "projection",
     # engine
     "Projector": "projection",
     "FeatureStore": "store",
@@ -86,6 +87,7 @@ __all__ = [
     "FeatureSpec",
     "ConceptQuerySpec",
     "ProjectionSpec",
+    "FactorizedSpec",
     "Projector",
     "FeatureStore",
     "StoreError",

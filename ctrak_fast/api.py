@@ -36,7 +36,7 @@ from . import diffusion
 from .data import ConceptDataset
 from .featurize import FeatureSpec, Featurizer, featurize_dataset
 from .models import FactorUNet, drop_factor, load_model
-from .projection import ProjectionSpec
+from .projection import FactorizedSpec, ProjectionSpec
 from .query import ConceptQuerySpec, concept_query_features, image_query_features
 from .scoring import Preconditioner, gram
 from .search import TopK, topk
@@ -515,7 +515,10 @@ class Attributor:
         feature: how training features are made (default: the method's paper settings:
             timesteps 99..899, DDIM inversion with CFG 7.5 and per-timestep normalisation for
             concept-trak; fixed noise for the baselines). Its loss must be the method's.
-        projection: the random projection (default ProjectionSpec(): Rademacher, k=2048, seed 0).
+        projection: the random projection (default ProjectionSpec(): Rademacher, k=2048, seed 0),
+            or a FactorizedSpec(k_in, k_out): per-layer Kronecker projection of the Linear/Conv2d
+            weights (k = layers * k_in * k_out), much cheaper, noisier at equal k; not for
+            text-to-image adapters.
         query: concept-slider settings (default ConceptQuerySpec(): w=7.5, 4 local draws, at the
             feature timesteps; w=3 for text-to-image models, as in the paper).
         null_cond: the unconditional condition (default: model.null_cond(1)[0]).
@@ -545,7 +548,7 @@ class Attributor:
         method: str = "concept-trak",
         *,
         feature: FeatureSpec | None = None,
-        projection: ProjectionSpec | None = None,
+        projection: ProjectionSpec | FactorizedSpec | None = None,
         query: ConceptQuerySpec | None = None,
         null_cond: Tensor | None = None,
         grad_backend: str = "hooks",
@@ -559,6 +562,8 @@ class Attributor:
         if self._text:
             from .adapters.text2image import make_featurizer
 
+            if not isinstance(projection, ProjectionSpec):
+                raise ValueError("text-to-image adapters support the dense ProjectionSpec only")
             fz: Featurizer = make_featurizer(
                 model,  # type: ignore[arg-type]
                 spec,
@@ -687,7 +692,7 @@ class Attributor:
         return self._fz.spec
 
     @property
-    def projection_spec(self) -> ProjectionSpec:
+    def projection_spec(self) -> ProjectionSpec | FactorizedSpec:
         """The projection shared by training and query features."""
         return self._fz.projection
 
@@ -699,7 +704,7 @@ class Attributor:
     @property
     def k(self) -> int:
         """Feature dimension."""
-        return self._fz.projection.k
+        return self._fz.k
 
     @property
     def featurizer(self) -> Featurizer:

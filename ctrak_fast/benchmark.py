@@ -7,7 +7,7 @@ the top-10 carry the query's *other* factor value), per factor and split.
 
 | method        | training features                  | query                                  |
 |---------------|------------------------------------|----------------------------------------|
-| concept-trak  | DPS loss, DDIM inversion, per-t norm| concept slider (c+, c- = factor nulled) |
+| concept-trak  | DPS loss, DDIM inversion, per-t norm| concept slider (c+, c- = factor nulled)  |
 | trak          | DSM loss at fixed noise            | same loss on the query image            |
 | d-trak        | mean(eps^2) at fixed noise         | same on the query image                 |
 | das           | d-trak rows x summed DSM loss      | d-trak query                            |
@@ -28,7 +28,7 @@ from . import diffusion
 from .data import ConceptDataset
 from .featurize import FeatureSpec, Featurizer, featurize_dataset
 from .metrics import ranking_metrics
-from .models import drop_factor
+from .models import drop_factor, flip_factor
 from .projection import ProjectionSpec
 from .query import ConceptQuerySpec, concept_query_features, image_query_features
 from .scoring import Preconditioner, gram, score_dense
@@ -56,6 +56,13 @@ class QualityConfig:
     dps: FeatureSpec = field(default_factory=FeatureSpec)
     concept: ConceptQuerySpec = field(default_factory=ConceptQuerySpec)
     grad_backend: str = "hooks"
+    # c- of a concept query: the factor set to its null token, or flipped to each other value
+    # (eps averaged), as the paper's synthetic queries do.
+    negative: str = "null"
+
+    def __post_init__(self):
+        if self.negative not in ("null", "flip"):
+            raise ValueError(f"negative must be 'null' or 'flip', got {self.negative!r}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -184,7 +191,12 @@ def run_quality(
             cond = torch.tensor(combo, dtype=torch.long)
             scores: dict[str, torch.Tensor] = {}
             if "concept-trak" in cfg.methods:
-                negs = [drop_factor(cond[None], f, model)[0] for f in range(len(data.factors))]
+                negs = [
+                    flip_factor(cond, f, model)
+                    if cfg.negative == "flip"
+                    else drop_factor(cond[None], f, model)[0]
+                    for f in range(len(data.factors))
+                ]
                 qf = concept_query_features(
                     feats["concept-trak"], cfg.concept, cond, negs, image=image
                 )

@@ -13,8 +13,28 @@ def _cmd_demo(a):
     from .benchmark import QualityConfig
     from .demo import run_demo
 
-    cfg = QualityConfig(per_combo=a.per_combo, k=a.k, queries_per_combo=a.queries_per_combo)
+    cfg = QualityConfig(
+        per_combo=a.per_combo, k=a.k, queries_per_combo=a.queries_per_combo, **_method_options(a)
+    )
     run_demo(a.out, cfg, progress=not a.quiet)
+
+
+def _method_options(a) -> dict:
+    """Concept-TRAK options of `demo` / `bench quality` as QualityConfig fields."""
+    from .benchmark import METHODS
+    from .featurize import FeatureSpec
+    from .query import ConceptQuerySpec
+
+    methods = tuple(m.strip() for m in a.methods.split(","))
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown} in --methods; choose from {list(METHODS)}")
+    return {
+        "methods": methods,
+        "negative": a.negative,
+        "dps": FeatureSpec(inversion_guidance=a.inversion_guidance, param_filter=a.param_filter),
+        "concept": ConceptQuerySpec(draws=a.draws),
+    }
 
 
 def _cmd_bench_quality(a):
@@ -22,7 +42,11 @@ def _cmd_bench_quality(a):
     from .demo import run_demo
 
     cfg = QualityConfig(
-        per_combo=a.per_combo, k=a.k, queries_per_combo=a.queries_per_combo, lambda_r=a.lambda_r
+        per_combo=a.per_combo,
+        k=a.k,
+        queries_per_combo=a.queries_per_combo,
+        lambda_r=a.lambda_r,
+        **_method_options(a),
     )
     run_demo(a.out, cfg, progress=not a.quiet)
 
@@ -95,11 +119,20 @@ def _featurizer(a, model):
     from .featurize import Featurizer
     from .projection import ProjectionSpec
 
+    projection = ProjectionSpec(k=a.k, seed=a.proj_seed)
+    if a.factorized:
+        from .projection import FactorizedSpec
+
+        try:
+            k_in, k_out = (int(v) for v in a.factorized.split(","))
+        except ValueError:
+            raise ValueError(f"--factorized wants K_IN,K_OUT, got {a.factorized!r}") from None
+        projection = FactorizedSpec(k_in=k_in, k_out=k_out, seed=a.proj_seed)
     return Featurizer(
         model,
         NoiseSchedule.for_model(model),
         _feature_spec(a),
-        ProjectionSpec(k=a.k, seed=a.proj_seed),
+        projection,
         model.null_cond(1)[0],
         grad_backend=a.grad_backend,
     )
@@ -331,6 +364,12 @@ def _add_feature_args(p):
     p.add_argument("--method", default="concept-trak", choices=["concept-trak", "trak", "d-trak"])
     p.add_argument("--k", type=int, default=512, help="projection dimension")
     p.add_argument("--proj-seed", type=int, default=0)
+    p.add_argument(
+        "--factorized",
+        metavar="K_IN,K_OUT",
+        help="LoGra-style per-layer Kronecker projection of Linear/Conv2d weights instead of the "
+        "dense one (k = layers * K_IN * K_OUT; --k is ignored)",
+    )
     p.add_argument("--timesteps", help="comma-separated, default 99,199,...,899")
     p.add_argument(
         "--no-inversion", action="store_true", help="fixed noise instead of DDIM inversion"
@@ -341,6 +380,28 @@ def _add_feature_args(p):
     )
     p.add_argument("--param-filter", help="regex on parameter names (default: all parameters)")
     p.add_argument("--grad-backend", default="hooks", choices=["hooks", "func"])
+
+
+def _add_method_args(p):
+    """Concept-TRAK ablation switches of the benchmark commands."""
+    p.add_argument(
+        "--methods",
+        default="concept-trak,trak,d-trak,das,pixel",
+        help="comma-separated subset (ablations: concept-trak alone)",
+    )
+    p.add_argument(
+        "--negative",
+        default="null",
+        choices=["null", "flip"],
+        help="c- of a concept query: factor nulled, or flipped to each other value",
+    )
+    p.add_argument("--draws", default="local", choices=["local", "global"])
+    p.add_argument("--inversion-guidance", type=float, default=7.5)
+    p.add_argument(
+        "--param-filter",
+        help="regex on parameter names for Concept-TRAK's gradients (default: all), e.g. "
+        "'time_emb_proj|factor_embeddings': the layers the condition enters through",
+    )
 
 
 def _add_data_args(p):
@@ -367,6 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--k", type=int, default=512)
     d.add_argument("--queries-per-combo", type=int, default=2)
     d.add_argument("--quiet", action="store_true")
+    _add_method_args(d)
 
     b = sub.add_parser("bench", help="benchmarks: `ctrak bench quality`")
     bsub = b.add_subparsers(dest="bench", required=True)
@@ -377,6 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--queries-per-combo", type=int, default=4)
     q.add_argument("--lambda-r", type=float, default=1.0)
     q.add_argument("--quiet", action="store_true")
+    _add_method_args(q)
 
     sub.add_parser(
         "train",

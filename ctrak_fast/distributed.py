@@ -351,7 +351,7 @@ def featurize_distributed(
         rest = dict(shard_rows=shard_rows, das_path=das_path, progress=progress)
         return featurize_dataset(featurizer, images, conds, ids, path, **kw, **rest)
     meta = featurizer.meta()
-    k = featurizer.projection.k
+    k = featurizer.k
 
     def check_inputs():
         check_positive("batch_size", batch_size)

@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
@@ -20,6 +21,11 @@ from .grads import PerSampleGrads, add_blocks, blocks_sq_norm, scale_blocks
 from .losses import LOSSES, residual
 from .projection import ProjectionSpec, Projector
 from .store import FeatureStore, model_fingerprint
+
+if TYPE_CHECKING:
+    from .grads import Blocks
+    from .grads_factorized import FactorizedGrads
+    from .projection import FactorizedSpec
 
 PAPER_TIMESTEPS = (99, 199, 299, 399, 499, 599, 699, 799, 899)
 
@@ -82,7 +88,10 @@ class Featurizer:
     Args:
         model: eps model, model(x_t [B,C,H,W], t [B], cond [B,F]) -> [B,C,H,W].
         schedule: diffusion.NoiseSchedule of the model.
-        spec: FeatureSpec. projection: ProjectionSpec.
+        spec: FeatureSpec.
+        projection: ProjectionSpec (dense Rademacher over all selected parameters), or
+            kernels.FactorizedSpec (LoGra-style per-layer Kronecker projection of the Linear and
+            Conv2d weights, k = n_layers * k_in * k_out; see grads_factorized.py).
         null_cond: [F] int64 condition used as the negative of CFG inversion.
         grad_backend: "hooks" (batched capture) or "func" (torch.func reference).
 
@@ -95,15 +104,24 @@ class Featurizer:
     model: torch.nn.Module
     schedule: diffusion.NoiseSchedule
     spec: FeatureSpec
-    projection: ProjectionSpec
+    projection: ProjectionSpec | FactorizedSpec
     null_cond: torch.Tensor
     grad_backend: str = "hooks"
     projector_backend: str = "auto"
     shared_projector: Projector | None = None  # reuse one projector (and its tile cache)
     _grads: PerSampleGrads = field(init=False, repr=False)
     _projector: Projector = field(init=False, repr=False)
+    _factorized: FactorizedGrads | None = field(init=False, repr=False, default=None)
 
     def __post_init__(self):
+        self._noise: dict[int, torch.Tensor] | None = None
+        if not isinstance(self.projection, ProjectionSpec):
+            from .grads_factorized import FactorizedGrads
+
+            if self.shared_projector is not None:
+                raise ValueError("a factorized projection has no shared projector")
+            self._factorized = FactorizedGrads(self.model, self.spec.param_filter, self.projection)
+            return
         self._grads = PerSampleGrads(self.model, self.spec.param_filter, backend=self.grad_backend)
         shared = self.shared_projector
         if shared is not None and (shared.spec != self.projection or shared.dim != self._grads.dim):
@@ -113,23 +131,58 @@ class Featurizer:
         self._projector = shared or Projector(
             self.projection, self._grads.dim, backend=self.projector_backend
         )
-        self._noise: dict[int, torch.Tensor] | None = None
 
     @property
     def grads(self) -> PerSampleGrads:
+        """Per-sample gradients (dense projection only)."""
+        if self._factorized is not None:
+            raise AttributeError("a factorized featurizer never forms per-sample gradients")
         return self._grads
 
     @property
     def projector(self) -> Projector:
+        """The dense projector (dense projection only)."""
+        if self._factorized is not None:
+            raise AttributeError("a factorized featurizer has no dense projector")
         return self._projector
+
+    @property
+    def k(self) -> int:
+        """Feature dimension."""
+        return self._factorized.k if self._factorized is not None else self.projection.k
 
     def meta(self) -> dict:
         """What a store must record so that features made elsewhere are comparable."""
+        proj = self.projection.to_dict()
+        if self._factorized is not None:
+            proj["layers"] = self._factorized.layer_names
         return {
             "model": model_fingerprint(self.model.named_parameters()),
             "feature": self.spec.to_dict(),
-            "projection": self.projection.to_dict(),
+            "projection": proj,
         }
+
+    def terms(self, x_t, t, cond, r, normalize: bool) -> Blocks:
+        """Per-sample gradients (2/D) J^T r, unit-normalised if asked, in the space where they are
+        summed: parameter blocks (dense: projected once, after the sum) or, factorised, the
+        projected features as one block. Sum them with grads.add_blocks; finish with features()."""
+        if self._factorized is not None:
+            phi, sq = self._factorized(x_t, t, cond, r, 2.0 / r[0].numel(), norms=normalize)
+            if sq is not None:
+                norm = sq.sqrt()
+                phi = phi * torch.where(norm > 0, 1.0 / norm, torch.zeros_like(norm))[:, None]
+            return [(0, phi)]
+        blocks = self._grads(x_t, t, cond, r)
+        if normalize:
+            norm = blocks_sq_norm(blocks).sqrt()
+            blocks = scale_blocks(blocks, torch.where(norm > 0, 1.0 / norm, torch.zeros_like(norm)))
+        return blocks
+
+    def features(self, acc: Blocks) -> torch.Tensor:
+        """Summed terms -> features [B, k] float32."""
+        if self._factorized is not None:
+            return acc[0][1].float()
+        return self._projector.project_blocks(acc)
 
     def trajectory(self, x0: torch.Tensor, cond: torch.Tensor) -> dict[int, torch.Tensor]:
         """x_t at every timestep of the spec: DDIM inversion (CFG vs null) or fixed noise."""
@@ -161,9 +214,9 @@ class Featurizer:
         return self._noise
 
     def gradient_sum(self, x0: torch.Tensor, cond: torch.Tensor):
-        """Sum over timesteps of the (normalised) per-sample gradients.
+        """Sum over timesteps of the (normalised) per-sample gradient terms (see terms()).
 
-        Returns (blocks [(offset, [B, n])], dsm_sum [B]): dsm_sum is the DSM loss at the fixed noise
+        Returns (blocks, dsm_sum [B]): dsm_sum is the DSM loss at the fixed noise
         summed over timesteps (DAS weights); NaN when x_t comes from inversion.
         """
         spec = self.spec
@@ -176,20 +229,14 @@ class Featurizer:
             r, dsm = residual(
                 spec.loss, self.model, self.schedule, traj[t], tt, cond, x0=x0, noise=eps_t
             )
-            blocks = self._grads(traj[t], tt, cond, r)
-            if spec.normalize:
-                norm = blocks_sq_norm(blocks).sqrt()
-                blocks = scale_blocks(
-                    blocks, torch.where(norm > 0, 1.0 / norm, torch.zeros_like(norm))
-                )
-            acc = add_blocks(acc, blocks)
+            acc = add_blocks(acc, self.terms(traj[t], tt, cond, r, spec.normalize))
             dsm_sum += dsm
         return acc, dsm_sum
 
     def __call__(self, x0: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x0 [B,C,H,W] in [-1,1], cond [B,F] -> (features [B,k] float32, dsm_sum [B])."""
         blocks, dsm_sum = self.gradient_sum(x0, cond)
-        return self._projector.project_blocks(blocks), dsm_sum
+        return self.features(blocks), dsm_sum
 
 
 def featurize_dataset(
@@ -233,7 +280,7 @@ def featurize_dataset(
         )
     check_training_data(images, conds, ids)
     meta = featurizer.meta()
-    k = featurizer.projection.k
+    k = featurizer.k
     targets = [(path, meta)]
     if das_path is not None:
         if featurizer.spec.inversion:

@@ -156,6 +156,20 @@ def drop_factor(cond: torch.Tensor, f: int, n_values: list[int] | FactorUNet) ->
     return out
 
 
+def flip_factor(cond: torch.Tensor, f: int, n_values: list[int] | FactorUNet) -> list[torch.Tensor]:
+    """Copies of cond [F] with factor f set to each of its other values ("concept flipped", as
+    the paper's synthetic queries do: red -> blue)."""
+    if isinstance(n_values, FactorUNet):
+        n_values = n_values.n_values
+    out = []
+    for v in range(n_values[f]):
+        if v != int(cond[f]):
+            c = cond.clone()
+            c[f] = v
+            out.append(c)
+    return out
+
+
 class ConceptJudge(nn.Module):
     """Small CNN with one classification head per factor (judges generated images).
 

@@ -18,6 +18,7 @@ Every draw contributes its x_t at all timesteps of the spec.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -25,7 +26,7 @@ import torch
 
 from . import diffusion
 from .featurize import PAPER_TIMESTEPS, Featurizer
-from .grads import add_blocks, blocks_sq_norm, scale_blocks
+from .grads import Blocks, add_blocks
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,9 @@ class ConceptQuerySpec:
         d = asdict(self)
         d["timesteps"] = list(self.timesteps)
         return d
+
+
+Negative = torch.Tensor | Sequence[torch.Tensor]  # one c-, or several whose eps are averaged
 
 
 def _batched(cond: torch.Tensor, n: int) -> torch.Tensor:
@@ -119,41 +123,57 @@ def concept_query_features(
     featurizer: Featurizer,
     spec: ConceptQuerySpec,
     cond_pos: torch.Tensor,
-    cond_negs: list[torch.Tensor],
+    cond_negs: Sequence[Negative],
     image: torch.Tensor | None = None,
     batch_size: int = 32,
 ) -> torch.Tensor:
     """Concept-slider query features for one c+ and several c- (e.g. one per factor).
 
-    cond_pos: one condition (int64 [F] factor indices, or an embedding); cond_negs: list of
-    conditions of the same shape; image: [C,H,W] (local draws).
+    cond_pos: one condition (int64 [F] factor indices, or an embedding); cond_negs: one c- per
+    output row, each a condition of the same shape or a list of them (then eps(c-) is their mean:
+    the concept flipped to each of its other values); image: [C,H,W] (local draws).
     Local draws depend only on c+, so all c- share them; global draws are made per c-.
     Returns: [len(cond_negs), k] float32.
     """
-    model = featurizer.model
     out = []
     shared = draw_points(featurizer, spec, cond_pos, None, image) if spec.draws == "local" else None
     for neg in cond_negs:
-        x, t = shared if shared is not None else draw_points(featurizer, spec, cond_pos, neg, image)
-        acc = None
-        for i in range(0, len(x), batch_size):
-            xb, tb = x[i : i + batch_size], t[i : i + batch_size]
-            pos_b, neg_b = _batched(cond_pos, len(xb)), _batched(neg, len(xb))
-            with torch.no_grad():
-                d = model(xb, tb, pos_b) - model(xb, tb, neg_b)
-            blocks = featurizer.grads(xb, tb, pos_b, -spec.weight * d)
-            if spec.normalize:
-                norm = blocks_sq_norm(blocks).sqrt()
-                blocks = scale_blocks(
-                    blocks, torch.where(norm > 0, 1.0 / norm, torch.zeros_like(norm))
-                )
-            blocks = [(off, b.sum(0, keepdim=True)) for off, b in blocks]
-            acc = add_blocks(acc, blocks)
-        if acc is None:
-            raise ValueError("a concept query needs at least one draw point")
-        acc = [(off, b / len(x)) for off, b in acc]
-        out.append(featurizer.projector.project_blocks(acc)[0])
+        if shared is None:  # global draws: CFG c+ vs c- (vs null for a list of c-)
+            single = neg if isinstance(neg, torch.Tensor) else featurizer.null_cond
+            x, t = draw_points(featurizer, spec, cond_pos, single, image)
+        else:
+            x, t = shared
+        out.append(slider_features(featurizer, spec, cond_pos, neg, x, t, batch_size))
     return torch.stack(out)
+
+
+def slider_features(
+    featurizer: Featurizer,
+    spec: ConceptQuerySpec,
+    cond_pos: torch.Tensor,
+    cond_neg: Negative,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    batch_size: int = 32,
+) -> torch.Tensor:
+    """Concept-slider feature [k] at given draw points (METHOD.md §5): per point the gradient of
+    mean((sg[eps(c+) + w d] - eps(c+))^2), d = eps(c+) - eps(c-), unit-normalised, averaged over
+    the points, projected. cond_pos: one condition; cond_neg: one condition, or a list whose
+    eps are averaged; x [n,C,h,w], t [n]."""
+    negs = [cond_neg] if isinstance(cond_neg, torch.Tensor) else list(cond_neg)
+    if len(x) == 0:
+        raise ValueError("a concept query needs at least one draw point")
+    model = featurizer.model
+    acc: Blocks = []
+    for i in range(0, len(x), batch_size):
+        xb, tb = x[i : i + batch_size], t[i : i + batch_size]
+        pos_b = _batched(cond_pos, len(xb))
+        with torch.no_grad():
+            eps_neg = sum(model(xb, tb, _batched(c, len(xb))) for c in negs) / len(negs)
+            d = model(xb, tb, pos_b) - eps_neg
+        terms = featurizer.terms(xb, tb, pos_b, -spec.weight * d, spec.normalize)
+        acc = add_blocks(acc or None, [(off, b.sum(0, keepdim=True)) for off, b in terms])
+    return featurizer.features([(off, b / len(x)) for off, b in acc])[0]
 
 
 def image_query_features(

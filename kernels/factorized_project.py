@@ -16,74 +16,12 @@ and a feature is a pure function of (spec, layer index, gradient).
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Mapping
-from dataclasses import dataclass
-
 import torch
 
 from ctrak_fast import hashing
+from ctrak_fast.projection import FactorizedSpec, factorized_seeds
 
 from .rademacher_project import SUPPORTED_DTYPES, rademacher_project
-
-KIND = "factorized"
-
-
-@dataclass(frozen=True)
-class FactorizedSpec:
-    """Factorised projection: k_in columns for activations, k_out for output gradients.
-
-    The feature of a layer has ``k = k_out * k_in`` entries, indexed ``o * k_in + i``.
-
-    Examples:
-        >>> spec = FactorizedSpec(k_in=16, k_out=8, seed=3)
-        >>> FactorizedSpec.from_dict(spec.to_dict()) == spec, spec.k
-        (True, 128)
-    """
-
-    k_in: int
-    k_out: int
-    seed: int = 0
-    hash_version: int = hashing.HASH_VERSION
-
-    def __post_init__(self):
-        for name in ("k_in", "k_out"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
-        if not isinstance(self.seed, int):
-            raise TypeError(f"seed must be an int, got {type(self.seed).__name__}")
-        if self.hash_version != hashing.HASH_VERSION:
-            raise ValueError(
-                f"hash_version {self.hash_version} is not supported (this build: "
-                f"{hashing.HASH_VERSION})"
-            )
-
-    @property
-    def k(self) -> int:
-        return self.k_in * self.k_out
-
-    def to_dict(self) -> dict:
-        return {"kind": KIND, **dataclasses.asdict(self)}
-
-    @classmethod
-    def from_dict(cls, d: Mapping) -> FactorizedSpec:
-        d = dict(d)
-        kind = d.pop("kind", KIND)
-        if kind != KIND:
-            raise ValueError(f"not a factorized projection spec: kind={kind!r}")
-        return cls(**d)
-
-
-def factorized_seeds(seed: int, layer: int) -> tuple[int, int]:
-    """(seed_in, seed_out) for P_in and P_out of layer ``layer`` (0 <= layer < 2**31).
-
-    seed_side = mix32(seed_key(seed) ^ mix32(2 * layer + side)), side 0 = in, 1 = out.
-    """
-    if not isinstance(layer, int) or not 0 <= layer < 2**31:
-        raise ValueError(f"layer must be an int in [0, 2**31), got {layer!r}")
-    base = hashing.seed_key(seed)
-    return tuple(hashing.mix32_int(base ^ hashing.mix32_int(2 * layer + side)) for side in (0, 1))
 
 
 def _check(A: torch.Tensor, G: torch.Tensor, spec: FactorizedSpec) -> None:

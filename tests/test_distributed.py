@@ -54,7 +54,7 @@ class Counting:
 
     def __init__(self, inner: Featurizer, fail_at: int = 0) -> None:
         self.inner, self.fail_at, self.calls = inner, fail_at, 0
-        self.spec, self.projection = inner.spec, inner.projection
+        self.spec, self.projection, self.k = inner.spec, inner.projection, inner.k
 
     def meta(self):
         return self.inner.meta()

@@ -104,7 +104,7 @@ class _Wrap:
 
     def __init__(self, inner, call):
         self.inner, self.call = inner, call
-        self.spec, self.projection = inner.spec, inner.projection
+        self.spec, self.projection, self.k = inner.spec, inner.projection, inner.k
 
     def meta(self):
         return self.inner.meta()
@@ -169,3 +169,21 @@ def test_concept_query_is_mean_of_normalised_slider_grads(tiny_unet, draws):
         full[:, s.offset : s.offset + s.numel] = mean[:, off : off + s.numel]
         off += s.numel
     torch.testing.assert_close(q[:1], fz.projector.project(full), atol=1e-5, rtol=1e-4)
+
+
+def test_flipped_negative_averages_the_negatives(tiny_unet):
+    """c- as a list (the concept flipped to each other value): eps(c-) is their mean, so without
+    normalisation the feature is the mean of the single-negative features (the slider is linear
+    in d)."""
+    from ctrak_fast.models import flip_factor
+    from ctrak_fast.query import slider_features
+
+    fz = _featurizer(tiny_unet)
+    spec = ConceptQuerySpec(normalize=False)
+    pos = torch.tensor([1, 0])
+    flips = flip_factor(pos, 0, [3, 2])
+    assert [c.tolist() for c in flips] == [[0, 0], [2, 0]]
+    x, t = torch.randn(3, 3, 8, 8), torch.tensor([99, 499, 899])
+    both = slider_features(fz, spec, pos, flips, x, t)
+    each = [slider_features(fz, spec, pos, c, x, t) for c in flips]
+    torch.testing.assert_close(both, (each[0] + each[1]) / 2, atol=1e-6, rtol=1e-4)

@@ -140,7 +140,7 @@ class _Scaled:
 
     def __init__(self, inner, rows, factor) -> None:
         self.inner, self.rows, self.factor = inner, rows, factor
-        self.spec, self.projection = inner.spec, inner.projection
+        self.spec, self.projection, self.k = inner.spec, inner.projection, inner.k
 
     def meta(self):
         return self.inner.meta()

@@ -41,9 +41,9 @@ from torch import nn
 
 from .. import diffusion
 from ..featurize import FeatureSpec, Featurizer
-from ..grads import Blocks, add_blocks, blocks_sq_norm, scale_blocks
+from ..grads import Blocks
 from ..projection import ProjectionSpec
-from ..query import ConceptQuerySpec, draw_points
+from ..query import ConceptQuerySpec, draw_points, slider_features
 from ..store import model_fingerprint
 
 __all__ = [
@@ -671,36 +671,6 @@ def query_points(
     x = torch.cat([traj[t] for t in spec.timesteps])
     t = torch.tensor(spec.timesteps, dtype=torch.long).repeat_interleave(spec.n_draws)
     return x, t
-
-
-def slider_features(
-    featurizer: Featurizer,
-    spec: ConceptQuerySpec,
-    cond_pos: torch.Tensor,
-    cond_neg: torch.Tensor,
-    x: torch.Tensor,
-    t: torch.Tensor,
-    batch_size: int = 32,
-) -> torch.Tensor:
-    """Concept-slider feature [k] at given draw points (METHOD.md §5): per point the gradient of
-    mean((sg[eps(c+) + w d] - eps(c+))^2), d = eps(c+) - eps(c-), unit-normalised, averaged over
-    the points, projected. The same computation as query.concept_query_features.
-    cond_pos / cond_neg: one condition each (prompt id [1] or embedding [L, D]); x [n,C,h,w],
-    t [n]."""
-    model = featurizer.model
-    acc = None
-    for i in range(0, len(x), batch_size):
-        xb, tb = x[i : i + batch_size], t[i : i + batch_size]
-        pos_b, neg_b = _batched(cond_pos, len(xb)), _batched(cond_neg, len(xb))
-        with torch.no_grad():
-            d = model(xb, tb, pos_b) - model(xb, tb, neg_b)
-        blocks = featurizer.grads(xb, tb, pos_b, -spec.weight * d)
-        if spec.normalize:
-            norm = blocks_sq_norm(blocks).sqrt()
-            blocks = scale_blocks(blocks, torch.where(norm > 0, 1.0 / norm, torch.zeros_like(norm)))
-        acc = add_blocks(acc, [(off, b.sum(0, keepdim=True)) for off, b in blocks])
-    acc = [(off, b / len(x)) for off, b in acc]
-    return featurizer.projector.project_blocks(acc)[0]
 
 
 def prompt_query_features(
