@@ -386,5 +386,30 @@ def plot(rows, path) -> None:
     plt.close(fig)
 
 
+def _small_featurizer(projection):
+    args = argparse.Namespace(n=4, n_slow=16, timesteps=(99, 499))
+    model, schedule, spec, images, labels = _setup(args)
+    return _featurizer(model, schedule, spec, projection), images[:16], labels[:16]
+
+
+def test_featurize_dense_small(benchmark):
+    """pytest-benchmark entry: 16 images, 2 timesteps, dense k = 512 (tile cache warm)."""
+    from ctrak_fast.projection import ProjectionSpec
+
+    fz, x, c = _small_featurizer(ProjectionSpec(k=512))
+    fz(x, c)
+    phi, _ = benchmark(fz, x, c)
+    assert phi.shape == (16, 512)
+
+
+def test_featurize_factorized_small(benchmark):
+    """pytest-benchmark entry: the same with the factorised projection (4 x 4 per layer)."""
+    from ctrak_fast.projection import FactorizedSpec
+
+    fz, x, c = _small_featurizer(FactorizedSpec(k_in=4, k_out=4))
+    phi, _ = benchmark(fz, x, c)
+    assert phi.shape == (16, fz.k)
+
+
 if __name__ == "__main__":
     main()
