@@ -16,7 +16,7 @@ def _cmd_demo(a):
     cfg = QualityConfig(
         per_combo=a.per_combo, k=a.k, queries_per_combo=a.queries_per_combo, **_method_options(a)
     )
-    run_demo(a.out, cfg, progress=not a.quiet)
+    run_demo(a.out, cfg, progress=not a.quiet, assets=a.assets)
 
 
 def _method_options(a) -> dict:
@@ -32,8 +32,9 @@ def _method_options(a) -> dict:
     return {
         "methods": methods,
         "negative": a.negative,
+        "query_guidance": a.query_guidance,
         "dps": FeatureSpec(inversion_guidance=a.inversion_guidance, param_filter=a.param_filter),
-        "concept": ConceptQuerySpec(draws=a.draws),
+        "concept": ConceptQuerySpec(draws=a.draws, guidance=a.inversion_guidance),
     }
 
 
@@ -48,7 +49,7 @@ def _cmd_bench_quality(a):
         lambda_r=a.lambda_r,
         **_method_options(a),
     )
-    run_demo(a.out, cfg, progress=not a.quiet)
+    run_demo(a.out, cfg, progress=not a.quiet, assets=a.assets)
 
 
 def _cmd_train(a, rest):
@@ -396,7 +397,21 @@ def _add_method_args(p):
         help="c- of a concept query: factor nulled, or flipped to each other value",
     )
     p.add_argument("--draws", default="local", choices=["local", "global"])
-    p.add_argument("--inversion-guidance", type=float, default=7.5)
+    p.add_argument(
+        "--inversion-guidance",
+        type=float,
+        default=7.5,
+        help="CFG of the DDIM inversions (training features, local query draws) and of global "
+        "draws",
+    )
+    p.add_argument(
+        "--query-guidance", type=float, default=2.0, help="CFG of the generated query images"
+    )
+    p.add_argument(
+        "--assets",
+        default=str(Path(__file__).parent / "assets"),
+        help="folder with unet_/judge_shapes16.safetensors, shapes16.json (`ctrak train --out`)",
+    )
     p.add_argument(
         "--param-filter",
         help="regex on parameter names for Concept-TRAK's gradients (default: all), e.g. "

@@ -65,10 +65,17 @@ def write_gallery(results: dict, data_values, factors, path) -> Path:
     return gallery(rows, train.images, describe, path)
 
 
-def run_demo(out_dir="demo_out", cfg: QualityConfig | None = None, progress: bool = True) -> dict:
+def run_demo(
+    out_dir="demo_out",
+    cfg: QualityConfig | None = None,
+    progress: bool = True,
+    assets: str | Path = ASSETS,
+) -> dict:
+    """The benchmark on the model, judge and data of `assets` (default: the shipped ones; or the
+    --out folder of `ctrak train`)."""
     torch.manual_seed(0)
     out = Path(out_dir)
-    model, judge, data_cfg = shipped()
+    model, judge, data_cfg = shipped(assets=Path(assets))
     data = make_dataset(data_cfg)
     cfg = cfg or QualityConfig()
     results = run_quality(model, judge, data, cfg, out, progress=progress)

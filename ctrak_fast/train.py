@@ -48,6 +48,7 @@ def train_diffusion(
     lr: float = 4e-4,
     ema_decay: float = 0.999,
     cond_dropout: float = 0.1,
+    null_dropout: float = 0.1,
     seed: int = 0,
     progress: bool = True,
     model_kwargs: dict | None = None,
@@ -67,7 +68,10 @@ def train_diffusion(
             Every `checkpoint_every` steps the EMA goes to out_path + ".partial" (atomic, removed
             at the end): a killed run leaves a usable model there.
         cond_dropout: each factor is independently replaced by its null token with this
-            probability; trains CFG and the "factor removed" condition.
+            probability: trains the "factor removed" condition of concept queries.
+        null_dropout: every factor at once is replaced by its null token with this probability:
+            trains the unconditional model of classifier-free guidance (with per-factor dropout
+            alone, 0.1² = 1% of the samples, too few: CFG then breaks samples and inversions).
         time_budget_s: stop early when the wall time reaches it; the learning-rate decay follows
             progress = max(step / steps, elapsed / budget), so a budget-limited run still anneals.
         hflip: random horizontal flips; only for data whose labels survive mirroring (true of
@@ -124,6 +128,7 @@ def train_diffusion(
             flip = torch.rand(len(idx), generator=g) < 0.5
             x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
         drop = torch.rand(cond.shape, generator=g) < cond_dropout
+        drop |= (torch.rand(len(idx), generator=g) < null_dropout)[:, None]
         cond = torch.where(drop, null.expand_as(cond), cond)
         t = torch.randint(0, sched.num_train_timesteps, (len(idx),), generator=g)
         eps = torch.randn(x0.shape, generator=g)
@@ -298,7 +303,7 @@ def train_all(
     lr: float = 4e-4,
     judge_steps: int = 1500,
     eval_n: int = 32,
-    guidances: tuple[float, ...] = (2.0, 3.0),
+    guidances: tuple[float, ...] = (1.0, 2.0),
     samples_png: str | os.PathLike | None = None,
     seed: int = 0,
     progress: bool = True,

@@ -318,6 +318,16 @@ CASES = [
         r"--out .*/f exists and is not a directory",
     ),
     (
+        "bad-factorized",
+        lambda c: [*featurize_argv(c.assets, c.fresh), "--factorized", "4"],
+        r"--factorized wants K_IN,K_OUT, got '4'",
+    ),
+    (
+        "demo-unknown-method",
+        lambda c: ["demo", "--out", c.fresh, "--methods", "concept-trak,foo"],
+        r"unknown method\(s\) \['foo'\] in --methods",
+    ),
+    (
         "torchrun-env-incomplete",
         lambda c: c.with_env(featurize_argv(c.assets, c.fresh), RANK="1"),
         r"RANK and WORLD_SIZE must both be integers",
