@@ -185,9 +185,9 @@ def ddim_sample(
         record_timesteps: grid timesteps t whose x_t (state *before* denoising at t) is returned.
         stop_at: optional grid timestep; return as soon as x_{stop_at} is reached (x0 is then the
             Tweedie estimate at that point), for query draws that only need the trajectory.
-        clip_x0: clamp each step's x0 estimate to [-1, 1] (diffusers' clip_sample; keeps the first,
-            near-pure-noise steps from overshooting). False gives the exact DDIM ODE (inverse of
-            `ddim_invert`).
+        clip_x0: clamp each step's x0 estimate to [-1, 1] and continue with the eps it implies
+            (diffusers' clip_sample with use_clipped_model_output; keeps the first, near-pure-noise
+            steps from overshooting). False gives the exact DDIM ODE (inverse of `ddim_invert`).
 
     Returns: (x0 float32 [B, C, H, W] (not clamped), {t: x_t [B, C, H, W]} for the recorded t).
 
@@ -216,12 +216,16 @@ def ddim_sample(
             traj[t] = x.clone()
         eps = guided_eps(model, x, t, cond, neg_cond, guidance)
         x0 = tweedie_x0(x, eps, t, sch)
+        ab = sch.alpha_bar(t, x)
         if clip_x0:
+            # The step must use the eps that the clamped x0 implies (diffusers'
+            # use_clipped_model_output): mixing the clamped x0 with the raw eps breaks CFG samples.
             x0 = x0.clamp(-1.0, 1.0)
+            eps = (x - ab.sqrt() * x0) / (1 - ab).sqrt()
         if stop_at is not None and t == stop_at:
             return x0, traj
         t_prev = grid[i + 1] if i + 1 < len(grid) else -1
-        ab, ab_prev = sch.alpha_bar(t, x), sch.alpha_bar(t_prev, x)
+        ab_prev = sch.alpha_bar(t_prev, x)
         sigma = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt() if eta > 0 else 0.0
         x = ab_prev.sqrt() * x0 + (1 - ab_prev - sigma**2).clamp(min=0).sqrt() * eps
         if eta > 0 and t_prev >= 0:

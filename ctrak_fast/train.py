@@ -293,6 +293,45 @@ def sample_grid(
     plt.close(fig)
 
 
+def evaluation_report(
+    model: FactorUNet,
+    judge: ConceptJudge,
+    cfg: SyntheticConfig,
+    guidances: tuple[float, ...] = (1.0, 2.0),
+    eval_n: int = 32,
+    seed: int = 0,
+) -> dict:
+    """Judge accuracy of the model's samples per combination and guidance (the <name>_eval.json
+    that ships with a model), logged as it goes."""
+    combos = cfg.combos("all")
+    held = set(cfg.heldout)
+    report: dict = {"config": cfg.to_dict(), "n_per_combo": eval_n, "results": {}}
+    for w in guidances:
+        res = evaluate_generation(model, judge, combos, n=eval_n, guidance=w, seed=seed)
+        rows = {
+            f"{cfg.shapes[s]}/{cfg.colours[c]}": {"heldout": (s, c) in held, **r}
+            for (s, c), r in res.items()
+        }
+        seen_acc = float(np.mean([r["acc"] for k, r in res.items() if k not in held]))
+        held_acc = (
+            float(np.mean([r["acc"] for k, r in res.items() if k in held]))
+            if held
+            else float("nan")
+        )
+        report["results"][f"guidance_{w:g}"] = {
+            "seen_mean_acc": seen_acc,
+            "heldout_mean_acc": held_acc,
+            "per_combo": rows,
+        }
+        _log(f"guidance {w:g}: seen acc {seen_acc:.3f}, held-out acc {held_acc:.3f}")
+        for k, r in rows.items():
+            _log(
+                f"  {k:18s} {'HELD-OUT' if r['heldout'] else 'seen    '} acc {r['acc']:.3f} "
+                f"shape {r['shape_acc']:.3f} colour {r['colour_acc']:.3f}"
+            )
+    return report
+
+
 def train_all(
     out_dir: str | os.PathLike,
     name: str = "shapes16",
@@ -348,40 +387,12 @@ def train_all(
     )
     train_s = time.time() - t0
     judge = train_judge(cfg, paths["judge"], steps=judge_steps, seed=seed, progress=progress)
-    combos = cfg.combos("all")
-    held = set(cfg.heldout)
-    report = {
-        "config": cfg.to_dict(),
-        "train_seconds": round(train_s),
-        "n_per_combo": eval_n,
-        "results": {},
-    }
-    for w in guidances:
-        res = evaluate_generation(model, judge, combos, n=eval_n, guidance=w, seed=seed)
-        rows = {
-            f"{cfg.shapes[s]}/{cfg.colours[c]}": {"heldout": (s, c) in held, **r}
-            for (s, c), r in res.items()
-        }
-        seen_acc = float(np.mean([r["acc"] for k, r in res.items() if k not in held]))
-        held_acc = (
-            float(np.mean([r["acc"] for k, r in res.items() if k in held]))
-            if held
-            else float("nan")
-        )
-        report["results"][f"guidance_{w:g}"] = {
-            "seen_mean_acc": seen_acc,
-            "heldout_mean_acc": held_acc,
-            "per_combo": rows,
-        }
-        _log(f"guidance {w:g}: seen acc {seen_acc:.3f}, held-out acc {held_acc:.3f}")
-        for k, r in rows.items():
-            _log(
-                f"  {k:18s} {'HELD-OUT' if r['heldout'] else 'seen    '} acc {r['acc']:.3f} "
-                f"shape {r['shape_acc']:.3f} colour {r['colour_acc']:.3f}"
-            )
+    report = evaluation_report(model, judge, cfg, guidances, eval_n, seed)
+    report["train_seconds"] = round(train_s)
     tmp = Path(paths["eval"] + ".tmp")
     tmp.write_text(json.dumps(report, indent=2) + "\n")
     os.replace(tmp, paths["eval"])
+    combos, held = cfg.combos("all"), set(cfg.heldout)
     if samples_png:
         labels = [
             f"{cfg.shapes[s]}/{cfg.colours[c]}{' *' if (s, c) in held else ''}" for s, c in combos
