@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import inspect
 import json
 import os
 import re
@@ -451,11 +452,16 @@ class TextToImageAdapter(nn.Module):
         size = self.config["image_size"]
         x = torch.randn((n, self.config["in_channels"], size, size), generator=gen)
         x = (x * sch.init_noise_sigma).to(self.device)
+        # A DDIM step that clips x0 must go on with the eps of the clipped x0 (diffusers' default
+        # keeps the raw eps, which breaks guided samples; see diffusion.ddim_sample).
+        step_kw = {}
+        if "use_clipped_model_output" in inspect.signature(sch.step).parameters:
+            step_kw["use_clipped_model_output"] = True
         for t in sch.timesteps:
             eps = diffusion.guided_eps(
                 self, sch.scale_model_input(x, t), int(round(float(t))), pos, neg, guidance
             )
-            x = sch.step(eps, t, x, generator=gen).prev_sample
+            x = sch.step(eps, t, x, generator=gen, **step_kw).prev_sample
         return x.float()
 
     # -- identity --
