@@ -70,8 +70,8 @@ def train_diffusion(
         cond_dropout: each factor is independently replaced by its null token with this
             probability: trains the "factor removed" condition of concept queries.
         null_dropout: every factor at once is replaced by its null token with this probability:
-            trains the unconditional model of classifier-free guidance (with per-factor dropout
-            alone, 0.1² = 1% of the samples, too few: CFG then breaks samples and inversions).
+            trains the unconditional model of classifier-free guidance (per-factor dropout alone
+            shows it in 0.1² = 1% of the samples).
         time_budget_s: stop early when the wall time reaches it; the learning-rate decay follows
             progress = max(step / steps, elapsed / budget), so a budget-limited run still anneals.
         hflip: random horizontal flips; only for data whose labels survive mirroring (true of
