@@ -36,6 +36,7 @@ the same run with the same threads. The slow paths run on the first --n-slow ima
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import pathlib
 import subprocess
@@ -54,13 +55,15 @@ def _setup(args):
     from ctrak_fast.diffusion import NoiseSchedule
     from ctrak_fast.featurize import FeatureSpec
 
-    model = shipped_model()
+    device = torch.device(getattr(args, "device", "cpu"))
+    model = shipped_model().to(device)
     data = shipped_dataset()
     n_max = max(args.n * 4, args.n_slow)
     gen = torch.Generator().manual_seed(0)
     idx = torch.randperm(len(data.images), generator=gen)[:n_max]
     spec = FeatureSpec.baseline("dsm", timesteps=args.timesteps, normalize=False)
-    return model, NoiseSchedule.for_model(model), spec, data.images[idx], data.labels[idx]
+    images, labels = data.images[idx].to(device), data.labels[idx].to(device)
+    return model, NoiseSchedule.for_model(model), spec, images, labels
 
 
 def _featurizer(model, schedule, spec, projection, **kw):
@@ -109,7 +112,9 @@ def run_traker(model, schedule, spec, images, labels, k, batch, workdir):
     from ctrak_fast.diffusion import add_noise
     from ctrak_fast.featurize import fixed_noise
 
+    device = images.device
     noise = fixed_noise(spec.noise_seed, spec.timesteps, tuple(images.shape[1:]))
+    noise = {t: n.to(device) for t, n in noise.items()}
 
     class DSMOutput(AbstractModelOutput):
         """Sum over timesteps of mean((eps_theta(x_t) - eps)^2), x_t from the fixed noise."""
@@ -120,7 +125,7 @@ def run_traker(model, schedule, spec, images, labels, k, batch, workdir):
         def get_output(self, model, weights, buffers, x0, cond):
             total = 0.0
             for t in spec.timesteps:
-                tt = torch.full((1,), t, dtype=torch.long)
+                tt = torch.full((1,), t, dtype=torch.long, device=device)
                 eps = noise[t][None]
                 x_t = add_noise(x0[None], eps, tt, schedule)
                 out = functional_call(model, (weights, buffers), (x_t, tt, cond[None]))
@@ -128,7 +133,7 @@ def run_traker(model, schedule, spec, images, labels, k, batch, workdir):
             return total
 
         def get_out_to_loss_grad(self, model, weights, buffers, batch):
-            return torch.ones(len(batch[0]), 1)
+            return torch.ones(len(batch[0]), 1, device=device)
 
     n_params = sum(p.numel() for p in model.parameters())
     projector = BasicProjector(
@@ -136,16 +141,19 @@ def run_traker(model, schedule, spec, images, labels, k, batch, workdir):
         proj_dim=k,
         seed=0,
         proj_type=ProjectionType.rademacher,
-        device="cpu",
+        device=str(device),
         dtype=torch.float32,
     )
+    if device.type == "cuda" and importlib.util.find_spec("fast_jl") is not None:
+        projector = None  # TRAKer's default on a GPU: fast_jl's CudaProjector
     traker = TRAKer(
         model=model,
         task=DSMOutput(),
         train_set_size=len(images),
         save_dir=tempfile.mkdtemp(dir=workdir),
-        device="cpu",
+        device=str(device),
         projector=projector,
+        proj_dim=k,
         use_half_precision=False,
         logging_level=40,
     )
@@ -169,6 +177,8 @@ def worker(args) -> None:
     images, labels, n = images[: args.n], labels[: args.n], args.n
     workdir = args.worker_out
     workdir.mkdir(parents=True, exist_ok=True)
+    if images.is_cuda:
+        torch.cuda.reset_peak_memory_stats()
     with PeakRss() as mem:
         if args.mode == "floor":
             total, first, phi = run_floor(model, schedule, spec, images, labels, args.batch)
@@ -200,6 +210,8 @@ def worker(args) -> None:
         "samples/s steady": 1.0 / steady,
         "peak RSS MB": mem.delta / 2**20,
     }
+    if images.is_cuda:
+        row["peak GPU MB"] = torch.cuda.max_memory_allocated() / 2**20
     torch.save(phi[: args.n_slow].clone(), workdir / "features.pt")
     (workdir / "row.json").write_text(json.dumps(row))
 
@@ -218,6 +230,11 @@ def _passthrough(argv) -> list[str]:
     return out
 
 
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def run_floor(model, schedule, spec, images, labels, batch):
     """The least any per-sample method must do: one batched forward + backward of the loss per
     (batch, timestep), no per-sample work, no projection."""
@@ -230,10 +247,11 @@ def run_floor(model, schedule, spec, images, labels, batch):
         tb = time.perf_counter()
         x0, c = images[i : i + batch], labels[i : i + batch]
         for t in spec.timesteps:
-            tt = torch.full((len(x0),), t, dtype=torch.long)
-            eps = noise[t].expand_as(x0)
+            tt = torch.full((len(x0),), t, dtype=torch.long, device=x0.device)
+            eps = noise[t].to(x0.device).expand_as(x0)
             loss = (model(add_noise(x0, eps, tt, schedule), tt, c) - eps).pow(2).mean()
             loss.backward()
+        _sync(x0.device)
         first = first or time.perf_counter() - tb
     return time.perf_counter() - t0, first, torch.zeros(len(images), 1)
 
@@ -245,12 +263,15 @@ def gram_correlation(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.corrcoef(torch.stack([ga[off], gb[off]]))[0, 1])
 
 
-def matmul_gflops(n: int = 2048, reps: int = 3) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_gflops(n: int = 2048, reps: int = 3, device="cpu") -> float:
+    device = torch.device(device)
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     a @ b
+    _sync(device)
     t0 = time.perf_counter()
     for _ in range(reps):
         a @ b
+    _sync(device)
     return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
 
 
@@ -271,6 +292,11 @@ def main(argv=None) -> None:
     p.add_argument("--factorized", default="4,4", help="K_IN,K_OUT per layer")
     p.add_argument("--timesteps", default="99,199,299,399,499,599,699,799,899")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu, or cuda (Triton kernels; traker with fast_jl if installed)",
+    )
     p.add_argument("--skip", default="", help="comma-separated: reference,traker,scaling")
     p.add_argument("--json", default=None)
     p.add_argument("--plot", default=None, help="PNG bar chart of samples/s")
@@ -338,7 +364,7 @@ def main(argv=None) -> None:
     model, schedule, spec, images, labels = _setup(args)
     fz_dense = _featurizer(model, schedule, spec, ProjectionSpec(k=args.k))
     n_params = sum(p.numel() for p in model.parameters())
-    ceiling = matmul_gflops()
+    ceiling = matmul_gflops(device=args.device)
     flops = torch_flops(fz_dense, images[: args.batch], labels[: args.batch])
     flops += 2 * args.batch * n_params * args.k
     steady = next(r for r in rows if r["path"] == "ours/dense")["samples/s steady"]

@@ -7,9 +7,11 @@
 #      the float64 reference, host shards through the pinned double buffers, k up to 10^4)
 #   4. benchmarks/bench_kernels.py and, if present, benchmarks/bench_topk.py (with --device cuda:
 #      device-resident features, both kernels and torch timed against the measured device bandwidth)
+#   5. benchmarks/bench_featurize.py --device cuda (shipped model; needs diffusers and traker from
+#      .whl/; traker uses fast_jl's CudaProjector when fast_jl is importable, else BasicProjector)
 # Logs go to $OUT (if set) else ./gpu_check_out, at most 8 files (what the device tool returns):
-# env.log build.log pytest.log bench_kernels.log bench_kernels.json bench_topk.log bench_topk.json
-# summary.txt. Every step runs under its own timeout (together < 8 minutes); a failed step is
+# build.log pytest.log bench_kernels.log bench_kernels.json bench_topk.log bench_topk.json
+# bench_featurize.log summary.txt (the environment is at the top of summary.txt). Every step runs under its own timeout (together < 8 minutes); a failed step is
 # recorded and the next one still runs. Exit status: 0 only if every step that ran passed.
 #
 #   bash benchmarks/gpu_check.sh            # from the repository root
@@ -43,10 +45,9 @@ step() {
 }
 
 # --- environment -------------------------------------------------------------------------------
-: >"$LOG/env.log"
 if compgen -G ".whl/*.whl" >/dev/null; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl >>"$LOG/env.log" 2>&1 || note "wheels: install FAILED"
+    --target /tmp/site .whl/*.whl >>"$LOG/summary.txt" 2>&1 || note "wheels: install FAILED"
   export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" # Hopper machine code, not only PTX
@@ -68,8 +69,8 @@ import torch
 print("cuda", torch.version.cuda, "available", torch.cuda.is_available(),
       torch.cuda.get_device_name() if torch.cuda.is_available() else "")
 EOF
-} >>"$LOG/env.log" 2>&1
-cat "$LOG/env.log"
+} >>"$LOG/summary.txt" 2>&1
+cat "$LOG/summary.txt"
 
 # --- build -------------------------------------------------------------------------------------
 build() {
@@ -82,11 +83,11 @@ build() {
   [ -f setup.py ] && "$PY" setup.py build_ext --inplace
 }
 export -f build
-step build 140 bash -c build
+step build 120 bash -c build
 
 # --- tests -------------------------------------------------------------------------------------
 # Modules that need packages absent here (diffusers) fail to collect; the rest still run.
-step pytest 170 "$PY" -m pytest -m "cuda or triton" -q -rs -p no:cacheprovider \
+step pytest 150 "$PY" -m pytest -m "cuda or triton" -q -rs -p no:cacheprovider \
   --continue-on-collection-errors tests/
 
 # --- benchmarks --------------------------------------------------------------------------------
@@ -107,6 +108,9 @@ if [ -f benchmarks/bench_topk.py ]; then
   fi
   step bench_topk 60 "$PY" benchmarks/bench_topk.py ${topk_args[@]+"${topk_args[@]}"}
 fi
+
+step bench_featurize 60 "$PY" benchmarks/bench_featurize.py --device cuda --n 64 --n-slow 32 \
+  --skip scaling
 
 note "done in $(($(date +%s) - START))s, status $STATUS"
 exit $STATUS

@@ -460,7 +460,7 @@ class _UNet2DAdapter(nn.Module):
                     "this class-conditional model has no unconditional class: use guidance 1 "
                     "(the default of from_pipeline), or pass null_class= to from_pipeline"
                 )
-        out: Tensor = self.unet(x_t, tt, class_labels=labels).sample
+        out: Tensor = self.unet(x_t, tt.to(x_t.device), class_labels=labels).sample
         if self.prediction_type == "epsilon":
             return out
         ab = self.schedule.alpha_bar(tt, x_t)

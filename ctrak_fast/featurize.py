@@ -224,7 +224,7 @@ class Featurizer:
         noise = None if spec.inversion else self.noise(x0.shape[1:])
         acc, dsm_sum = None, torch.zeros(x0.shape[0], device=x0.device)
         for t in spec.timesteps:
-            tt = torch.full((x0.shape[0],), t, dtype=torch.long)
+            tt = torch.full((x0.shape[0],), t, dtype=torch.long, device=x0.device)
             eps_t = None if noise is None else noise[t].expand_as(x0)
             r, dsm = residual(
                 spec.loss, self.model, self.schedule, traj[t], tt, cond, x0=x0, noise=eps_t

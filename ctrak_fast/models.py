@@ -137,7 +137,7 @@ class FactorUNet(nn.Module):
             t = torch.tensor(t, dtype=torch.int64, device=x_t.device)
         if t.ndim == 0:
             t = t.expand(x_t.shape[0])
-        return self.unet(x_t, t, class_labels=self.embed(cond)).sample
+        return self.unet(x_t, t.to(x_t.device), class_labels=self.embed(cond)).sample
 
 
 def null_cond(n_values: list[int] | FactorUNet, batch: int, device=None) -> torch.Tensor:

@@ -115,7 +115,7 @@ def draw_points(
             schedule=sch,
         )
     x = torch.cat([traj[t] for t in spec.timesteps])
-    t = torch.tensor(spec.timesteps, dtype=torch.long).repeat_interleave(n)
+    t = torch.tensor(spec.timesteps, dtype=torch.long, device=x.device).repeat_interleave(n)
     return x, t
 
 

@@ -675,7 +675,8 @@ def query_points(
         clip_x0=False,
     )
     x = torch.cat([traj[t] for t in spec.timesteps])
-    t = torch.tensor(spec.timesteps, dtype=torch.long).repeat_interleave(spec.n_draws)
+    t = torch.tensor(spec.timesteps, dtype=torch.long, device=x.device)
+    t = t.repeat_interleave(spec.n_draws)
     return x, t
 
 
