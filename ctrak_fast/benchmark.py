@@ -7,7 +7,7 @@ the top-10 carry the query's *other* factor value), per factor and split.
 
 | method        | training features                  | query                                  |
 |---------------|------------------------------------|----------------------------------------|
-| concept-trak  | DPS loss, DDIM inversion, per-t norm| concept slider (c+, c- = factor nulled)  |
+| concept-trak  | DPS loss, DDIM inversion, per-t norm| concept slider (c+, c- = factor flipped) |
 | trak          | DSM loss at fixed noise            | same loss on the query image            |
 | d-trak        | mean(eps^2) at fixed noise         | same on the query image                 |
 | das           | d-trak rows x summed DSM loss      | d-trak query                            |
@@ -56,9 +56,9 @@ class QualityConfig:
     dps: FeatureSpec = field(default_factory=FeatureSpec)
     concept: ConceptQuerySpec = field(default_factory=ConceptQuerySpec)
     grad_backend: str = "hooks"
-    # c- of a concept query: the factor set to its null token, or flipped to each other value
-    # (eps averaged), as the paper's synthetic queries do.
-    negative: str = "null"
+    # c- of a concept query: the factor flipped to each other value (eps averaged), as the
+    # paper does on its synthetic data (METHOD.md §5), or set to its null token.
+    negative: str = "flip"
 
     def __post_init__(self):
         if self.negative not in ("null", "flip"):

@@ -392,9 +392,10 @@ def _add_method_args(p):
     )
     p.add_argument(
         "--negative",
-        default="null",
-        choices=["null", "flip"],
-        help="c- of a concept query: factor nulled, or flipped to each other value",
+        default="flip",
+        choices=["flip", "null"],
+        help="c- of a concept query: the factor flipped to each other value (the paper's "
+        "synthetic setting), or set to its null token",
     )
     p.add_argument("--draws", default="local", choices=["local", "global"])
     p.add_argument(
