@@ -321,13 +321,12 @@ def main(argv=None) -> None:
     def record(name, n, mode="dense", normalize=False, grad="hooks", proj="auto"):
         out = workdir / f"row{len(rows)}"
         cmd = [sys.executable, __file__, "--worker", name, "--worker-out", str(out)]
-        cmd += [f"--{a}={v}" for a, v in (("n", n), ("mode", mode), ("grad", grad),
-                                           ("proj", proj))]  # fmt: skip
+        cmd += [f"--n={n}", f"--mode={mode}", f"--grad={grad}", f"--proj={proj}"]
         cmd += ["--normalize"] * normalize + _passthrough(argv)
         subprocess.run(cmd, check=True)
         row = json.loads((out / "row.json").read_text())
         rows.append(row)
-        feats.setdefault(name, torch.load(out / "features.pt"))
+        feats.setdefault(name, torch.load(out / "features.pt", weights_only=True))
         print(format_table([row]), flush=True)
 
     n, ns = args.n, args.n_slow

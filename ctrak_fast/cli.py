@@ -9,14 +9,19 @@ import sys
 from pathlib import Path
 
 
-def _cmd_demo(a):
+def _cmd_demo(a, **extra):
+    """`ctrak demo` and `ctrak bench quality`: the benchmark at the sizes of their arguments."""
     from .benchmark import QualityConfig
-    from .demo import run_demo
+    from .demo import ASSETS, run_demo
 
     cfg = QualityConfig(
-        per_combo=a.per_combo, k=a.k, queries_per_combo=a.queries_per_combo, **_method_options(a)
+        per_combo=a.per_combo,
+        k=a.k,
+        queries_per_combo=a.queries_per_combo,
+        **_method_options(a),
+        **extra,
     )
-    run_demo(a.out, cfg, progress=not a.quiet, assets=a.assets)
+    run_demo(a.out, cfg, progress=not a.quiet, assets=a.assets or ASSETS)
 
 
 def _method_options(a) -> dict:
@@ -39,17 +44,7 @@ def _method_options(a) -> dict:
 
 
 def _cmd_bench_quality(a):
-    from .benchmark import QualityConfig
-    from .demo import run_demo
-
-    cfg = QualityConfig(
-        per_combo=a.per_combo,
-        k=a.k,
-        queries_per_combo=a.queries_per_combo,
-        lambda_r=a.lambda_r,
-        **_method_options(a),
-    )
-    run_demo(a.out, cfg, progress=not a.quiet, assets=a.assets)
+    _cmd_demo(a, lambda_r=a.lambda_r)
 
 
 def _cmd_train(a, rest):
@@ -410,8 +405,8 @@ def _add_method_args(p):
     )
     p.add_argument(
         "--assets",
-        default=str(Path(__file__).parent / "assets"),
-        help="folder with unet_/judge_shapes16.safetensors, shapes16.json (`ctrak train --out`)",
+        help="folder with unet_/judge_shapes16.safetensors, shapes16.json (`ctrak train --out`; "
+        "default: the shipped ones)",
     )
     p.add_argument(
         "--param-filter",

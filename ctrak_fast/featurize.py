@@ -90,7 +90,7 @@ class Featurizer:
         schedule: diffusion.NoiseSchedule of the model.
         spec: FeatureSpec.
         projection: ProjectionSpec (dense Rademacher over all selected parameters), or
-            kernels.FactorizedSpec (LoGra-style per-layer Kronecker projection of the Linear and
+            FactorizedSpec (LoGra-style per-layer Kronecker projection of the Linear and
             Conv2d weights, k = n_layers * k_in * k_out; see grads_factorized.py).
         null_cond: [F] int64 condition used as the negative of CFG inversion.
         grad_backend: "hooks" (batched capture) or "func" (torch.func reference).
@@ -168,15 +168,14 @@ class Featurizer:
         projected features as one block. Sum them with grads.add_blocks; finish with features()."""
         if self._factorized is not None:
             phi, sq = self._factorized(x_t, t, cond, r, 2.0 / r[0].numel(), norms=normalize)
-            if sq is not None:
-                norm = sq.sqrt()
-                phi = phi * torch.where(norm > 0, 1.0 / norm, torch.zeros_like(norm))[:, None]
-            return [(0, phi)]
-        blocks = self._grads(x_t, t, cond, r)
-        if normalize:
-            norm = blocks_sq_norm(blocks).sqrt()
-            blocks = scale_blocks(blocks, torch.where(norm > 0, 1.0 / norm, torch.zeros_like(norm)))
-        return blocks
+            blocks = [(0, phi)]
+        else:
+            blocks = self._grads(x_t, t, cond, r)
+            sq = blocks_sq_norm(blocks) if normalize else None
+        if sq is None:
+            return blocks
+        norm = sq.sqrt()  # zero gradients stay zero
+        return scale_blocks(blocks, torch.where(norm > 0, 1.0 / norm, torch.zeros_like(norm)))
 
     def features(self, acc: Blocks) -> torch.Tensor:
         """Summed terms -> features [B, k] float32."""

@@ -9,8 +9,7 @@ P = P_out ⊗ P_in of ``kernels.factorized_project``:
 (the formula of ``kernels.factorized_project``, whose signs it shares). A conv's A_b P_in is itself
 a convolution of the layer input with P_in as the kernel, so no im2col buffer is formed. P_in and
 P_out are small (in × k_in, out × k_out): they are hashed once per layer and cached on the device.
-
-and the exact norm for the per-timestep normalisation (METHOD.md §4) comes from the "ghost norm"
+The exact norm for the per-timestep normalisation (METHOD.md §4) comes from the "ghost norm"
 ||W_b||² = sum_{t,t'} (a_t·a_t')(g_t·g_t'), cost T² (in + out), or from W_b itself where
 out·in < T (in + out) makes that cheaper. A selected bias rides along as a constant-1 input column.
 Normalisation and embedding layers are not covered: their selected parameters are listed in
@@ -23,15 +22,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import hashing
 from .grads import parameter_layout
-from .projection import FactorizedSpec, factorized_seeds
+from .grads_hooks import capture_deltas, plain_conv
+from .projection import FactorizedSpec, factorized_matrices
 
 
 def _covered(mod: nn.Module) -> bool:
-    if isinstance(mod, nn.Conv2d):
-        return mod.groups == 1 and mod.padding_mode == "zeros" and isinstance(mod.padding, tuple)
-    return isinstance(mod, nn.Linear)
+    return isinstance(mod, nn.Linear) or plain_conv(mod)
 
 
 class FactorizedGrads:
@@ -84,28 +81,13 @@ class FactorizedGrads:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """-> (features [B, k] float32 in layer order, squared gradient norms [B] float32, or
         None without `norms`)."""
-        records: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        mods = {id(m) for m, _, _, _ in self.layers}
-
-        def capture(mod, inputs, output):
-            if id(mod) in mods and output.requires_grad:
-                records.setdefault(id(mod), []).append((inputs[0].detach(), output))
-
-        handles = [m.register_forward_hook(capture) for m, _, _, _ in self.layers]
-        try:
-            with torch.enable_grad():
-                eps = self.model(x_t.detach(), t, cond)
-                loss = (eps * r.detach()).sum() * scale
-                calls = [(key, a, o) for key, rec in records.items() for a, o in rec]
-                deltas = torch.autograd.grad(loss, [o for _, _, o in calls], allow_unused=True)
-        finally:
-            for h in handles:
-                h.remove()
+        calls = capture_deltas(
+            self.model, [m for m, _, _, _ in self.layers], x_t, t, cond, r, scale
+        )
         n = x_t.shape[0]
         grads: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        for (key, a, _), d in zip(calls, deltas, strict=True):
-            if d is not None:
-                grads.setdefault(key, []).append((a, d.detach()))
+        for mod, a, d in calls:
+            grads.setdefault(id(mod), []).append((a, d))
         feats, sq = [], x_t.new_zeros(n, dtype=torch.float32) if norms else None
         for mod, _, layer, bias in self.layers:
             pairs = grads.get(id(mod), [])
@@ -128,12 +110,8 @@ class FactorizedGrads:
         key = (layer, device)
         if key not in self._matrices:
             w = mod.weight
-            d_out, d_in = w.shape[0], w[0].numel()
-            s_in, s_out = factorized_seeds(self.spec.seed, layer)
-            self._matrices[key] = (
-                hashing.rademacher_block(s_in, 0, d_in + 1, self.spec.k_in).to(device),
-                hashing.rademacher_block(s_out, 0, d_out, self.spec.k_out).to(device),
-            )
+            mats = factorized_matrices(self.spec, layer, w[0].numel() + 1, w.shape[0])
+            self._matrices[key] = (mats[0].to(device), mats[1].to(device))
         return self._matrices[key]
 
 

@@ -26,10 +26,49 @@ from .grads import Blocks, ParamSlot, func_vjp
 _SUPPORTED = (nn.Linear, nn.Conv2d, nn.GroupNorm, nn.LayerNorm, nn.Embedding)
 
 
+def plain_conv(mod: nn.Module) -> bool:
+    """A Conv2d whose per-sample weight gradient is delta @ unfold(input)ᵀ."""
+    return (
+        isinstance(mod, nn.Conv2d)
+        and mod.groups == 1
+        and mod.padding_mode == "zeros"
+        and isinstance(mod.padding, tuple)
+    )
+
+
 def _supported(mod: nn.Module) -> bool:
     if isinstance(mod, nn.Conv2d):
-        return mod.groups == 1 and mod.padding_mode == "zeros" and isinstance(mod.padding, tuple)
+        return plain_conv(mod)
     return isinstance(mod, _SUPPORTED)
+
+
+def capture_deltas(
+    model: nn.Module, modules: list[nn.Module], x_t, t, cond, r, scale: float
+) -> list[tuple[nn.Module, torch.Tensor, torch.Tensor]]:
+    """One forward and one backward of scale * <eps(x_t, t, cond), r>: for every call of a module
+    in `modules`, (module, its input a, dloss/doutput delta), in call order. No parameter gradient
+    is computed; calls whose output does not reach the loss are left out."""
+    records: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []
+    hooked = {id(m) for m in modules}
+
+    def capture(mod, inputs, output):
+        if id(mod) in hooked and output.requires_grad:
+            records.append((mod, inputs[0].detach(), output))
+
+    handles = [m.register_forward_hook(capture) for m in modules]
+    try:
+        with torch.enable_grad():
+            eps = model(x_t.detach(), t, cond)
+            loss = (eps * r.detach()).sum() * scale
+            deltas = torch.autograd.grad(loss, [o for _, _, o in records], allow_unused=True)
+    finally:
+        for h in handles:
+            h.remove()
+    return [
+        (mod, a, d.detach())
+        for (mod, a, _), d in zip(records, deltas, strict=True)
+        if d is not None
+    ]
 
 
 class HookedGrads:
@@ -53,30 +92,12 @@ class HookedGrads:
         self.rest = [s for s in slots if s.name not in covered]
 
     def __call__(self, x_t, t, cond, r, scale: float) -> Blocks:
-        records: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []
-        hooked = {id(m) for m, _, _ in self.layers}
-
-        def capture(mod, inputs, output):
-            if id(mod) in hooked and output.requires_grad:
-                records.append((mod, inputs[0].detach(), output))
-
-        handles = [m.register_forward_hook(capture) for m, _, _ in self.layers]
-        try:
-            with torch.enable_grad():
-                eps = self.model(x_t.detach(), t, cond)
-                loss = (eps * r.detach()).sum() * scale
-                deltas = torch.autograd.grad(loss, [o for _, _, o in records], allow_unused=True)
-        finally:
-            for h in handles:
-                h.remove()
-
+        calls = capture_deltas(self.model, [m for m, _, _ in self.layers], x_t, t, cond, r, scale)
         grads: dict[str, torch.Tensor] = {}
         slots_of = {id(m): (w, b) for m, w, b in self.layers}
-        for (mod, a, _), delta in zip(records, deltas, strict=True):
-            if delta is None:
-                continue
+        for mod, a, delta in calls:
             w, b = slots_of[id(mod)]
-            gw, gb = _layer_grads(mod, a, delta.detach(), w is not None, b is not None)
+            gw, gb = _layer_grads(mod, a, delta, w is not None, b is not None)
             for slot, g in ((w, gw), (b, gb)):
                 if slot is not None:
                     g = g.flatten(1)

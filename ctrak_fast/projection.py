@@ -164,6 +164,18 @@ def factorized_seeds(seed: int, layer: int) -> tuple[int, int]:
     return tuple(hashing.mix32_int(base ^ hashing.mix32_int(2 * layer + side)) for side in (0, 1))
 
 
+def factorized_matrices(
+    spec: FactorizedSpec, layer: int, d_in: int, d_out: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(P_in [d_in, k_in], P_out [d_out, k_out]) float32 of layer ``layer``: entries
+    +-1/sqrt(k_in) and +-1/sqrt(k_out), so P_out ⊗ P_in has +-1/sqrt(k_out * k_in)."""
+    seed_in, seed_out = factorized_seeds(spec.seed, layer)
+    return (
+        hashing.rademacher_block(seed_in, 0, d_in, spec.k_in),
+        hashing.rademacher_block(seed_out, 0, d_out, spec.k_out),
+    )
+
+
 def dense_matrix(spec: ProjectionSpec, p: int) -> torch.Tensor:
     """The first p rows of the projection matrix, materialised (tests and small p only).
 

@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from ctrak_fast import hashing
-from ctrak_fast.projection import FactorizedSpec, factorized_seeds
+from ctrak_fast.projection import FactorizedSpec, factorized_matrices, factorized_seeds
 
 from .rademacher_project import SUPPORTED_DTYPES, rademacher_project
 
@@ -48,10 +47,8 @@ def factorized_project_reference(
     Args and returns as :func:`factorized_project`.
     """
     _check(A, G, spec)
-    seed_in, seed_out = factorized_seeds(spec.seed, layer)
-    d_in, d_out = A.shape[2], G.shape[2]
-    P_in = hashing.rademacher_block(seed_in, 0, d_in + int(bias), spec.k_in).to(A.device)
-    P_out = hashing.rademacher_block(seed_out, 0, d_out, spec.k_out).to(G.device)
+    P_in, P_out = factorized_matrices(spec, layer, A.shape[2] + int(bias), G.shape[2])
+    P_in, P_out = P_in.to(A.device), P_out.to(G.device)
     A = A.float()
     if bias:
         A = torch.cat([A, A.new_ones(*A.shape[:2], 1)], dim=2)
