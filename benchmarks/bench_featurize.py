@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import pathlib
 import subprocess
 import sys
@@ -275,10 +276,21 @@ def matmul_gflops(n: int = 2048, reps: int = 3, device="cpu") -> float:
     return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
 
 
+def _conv_backward_flops(grad_out, _x, w, *_args, out_shape=None, **_kw) -> int:
+    """Grouped-conv-aware count: each of grad input and grad weight costs the forward's
+    2 * |out| * |w[0]| (torch's default rule ignores groups, overcounting the batch-as-groups
+    per-sample weight gradients of grads_hooks.conv_weight_grads by the batch size)."""
+    mask = _args[-1]
+    fwd = 2 * math.prod(grad_out) * math.prod(w[1:])
+    return fwd * (int(mask[0]) + int(mask[1]))
+
+
 def torch_flops(fz, images, labels) -> int:
+    """FLOPs of the torch ops of one featurizer call (the C++ projection is not among them)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter:
+    rules = {torch.ops.aten.convolution_backward: _conv_backward_flops}
+    with FlopCounterMode(display=False, custom_mapping=rules) as counter:
         fz(images, labels)
     return counter.get_total_flops()
 

@@ -6,20 +6,22 @@
 Cases (all float32 on the CPU, same input):
 
 - ``ours/reference``: Projector with the torch reference hash, no cache (signs made per call).
-- ``ours/cpu``: Projector with the C++ tile generator (when ctrak_fast._C is built), no cache.
-- ``ours/cpu+cache``: the same with every tile cached, timed after one filling call (the steady
-  state of featurizing many batches): the cost is the matmul only.
+- ``ours/cpu``: Projector with the fused C++ kernel (when ctrak_fast._C is built): signs hashed
+  into an L1 panel and consumed there, never stored (csrc/project_impl.h); its best ISA variant.
+- ``ours/cpu [isa]``: the kernel's other ISA variants (AVX2, portable) called directly.
 - ``traker/BasicProjector``: TRAK's CPU projector (rademacher, its default block_size=100), which
-  regenerates its matrix block by block on every call, as ours does without the cache.
+  regenerates its matrix block by block on every call.
 - ``torch/dense``: ``x @ M`` with a stored [p, k] matrix (the memory-hungry upper bound).
 
-Method: every output is checked (signs equal to the hash on a slice, cached == uncached bitwise,
-norms as the JL property predicts) and timed: slow cases (> 5 s per call) once, others once to
-warm up and ``--reps`` times, reporting the median (min-max). The reference backend is timed on
-its first ``--reference-p`` rows and scaled linearly to p (its cost is exactly linear in p: one
-hash per entry), marked "extrapolated"; ``--full`` times it on all p. Cases needing a [p, k]
-float32 matrix in memory (8.2 GB at the defaults) are skipped, with the reason printed, when the
-machine has too little free memory. Ratios are against traker measured in the same run.
+Method: every output is checked (signs equal to the hash on a slice, the fused kernel against the
+reference on a slice, norms as the JL property predicts) and timed: slow cases (> 5 s per call)
+once, others once to warm up and ``--reps`` times, reporting the median (min-max). The reference
+backend is timed on its first ``--reference-p`` rows and scaled linearly to p (its cost is exactly
+linear in p: one hash per entry), marked "extrapolated"; ``--full`` times it on all p. Cases
+needing a [p, k] float32 matrix in memory (8.2 GB at the defaults) are skipped, with the reason
+printed, when the machine has too little free memory. Ratios are against traker measured in the
+same run; GFLOP/s (2 B p k per call) against a 2048^3 float32 torch matmul and the kernel's fma
+peak, measured in the same run.
 """
 
 from __future__ import annotations
@@ -163,22 +165,28 @@ def main() -> None:
     if not native_available():
         notes.append("ours/cpu skipped: ctrak_fast._C is not built (./dev setup)")
     else:
-        cpu = Projector(spec, p, backend="cpu", cache_bytes=0)
+        from ctrak_fast import _native
+
+        C = _native.load()
+        cpu = Projector(spec, p, backend="cpu")
         assert torch.equal(cpu.rows(0, 4096), p_small)
-        assert torch.equal(cpu.project_blocks([(0, x[:, :rp])]), want)  # same tiles, same sums
+        torch.testing.assert_close(cpu.project_blocks([(0, x[:, :rp])]), want, rtol=1e-5, atol=1e-4)
         times, first = measure(lambda: cpu.project(x), args.reps)
         check_norms(first, x, 1 / k)
-        record("ours/cpu", times)
-        if fits:
-            cached = Projector(spec, p, backend="cpu", cache_bytes=matrix_bytes)
-            assert torch.equal(cached.project(x), first)  # fills the cache
-            assert cached.cached_bytes == matrix_bytes
-            times, out = measure(lambda: cached.project(x), args.reps)
-            assert torch.equal(out, first)
-            record("ours/cpu+cache", times, note="(warm cache)")
-            del cached
-        else:
-            notes.append(f"ours/cpu+cache skipped: {no_room}")
+        record("ours/cpu", times, note=f"({C.cpu_isa()}, fused)")
+        threads = torch.get_num_threads()
+        for isa in C.cpu_isas()[1:]:
+
+            def call(isa=isa):
+                out = torch.zeros(B, k)
+                C.rademacher_project(0, 0, x.numpy(), k, out.numpy(), threads, isa)
+                return out
+
+            times, out = measure(call, args.reps)
+            torch.testing.assert_close(out, first, rtol=1e-4, atol=1e-4)
+            record(f"ours/cpu [{isa}]", times)
+        peak = C.cpu_fma_peak(0.5, threads) / 1e9
+        notes.append(f"fma peak of the {C.cpu_isa()} kernels: {peak:.0f} GFLOP/s")
 
     if fits:
         m = torch.empty(p, k).bernoulli_(0.5).mul_(2).sub_(1).div_(math.sqrt(k))
@@ -189,27 +197,33 @@ def main() -> None:
     else:
         notes.append(f"torch/dense skipped: {no_room}")
 
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    mm_times, _ = measure(lambda: a @ b, 3)
+    matmul = 2 * 2048**3 / statistics.median(mm_times) / 1e9
+    notes.append(f"2048^3 float32 torch matmul: {matmul:.0f} GFLOP/s")
     base = next((r["seconds"] for r in rows if r["case"].startswith("traker")), None)
     grad_bytes = B * p * 4
     print(
         f"\nprojection of B={B} x p={p:,} float32 gradients to k={k} "
         f"({env['cpu']}, {env['cores']} cores, torch {env['torch']})"
     )
-    print("| case | seconds (min-max, n) | samples/s | speed-up vs traker | GB/s read | note |")
+    print("| case | seconds (min-max, n) | samples/s | speed-up vs traker | GFLOP/s | note |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         r["samples_per_s"] = B / r["seconds"]
         r["speedup_vs_traker"] = base / r["seconds"] if base else None
         r["gb_per_s"] = grad_bytes / r["seconds"] / 1e9
+        r["gflop_per_s"] = 2 * B * p * k / r["seconds"] / 1e9
         sp = f"{r['speedup_vs_traker']:.2f}x" if base else "-"
         print(
             f"| {r['case']} | {r['seconds']:.3f} ({r['min']:.3f}-{r['max']:.3f}, {r['reps']}) "
-            f"| {r['samples_per_s']:.2f} | {sp} | {r['gb_per_s']:.3f} | {r['note']} |"
+            f"| {r['samples_per_s']:.2f} | {sp} | {r['gflop_per_s']:.1f} | {r['note']} |"
         )
     for n in notes:
         print(f"note: {n}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     result = {"bench": "projection", "batch": B, "p": p, "k": k, "env": env, "rows": rows}
+    result["matmul_gflops"] = matmul
     result["notes"] = notes
     args.json.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.json}")

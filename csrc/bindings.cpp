@@ -215,6 +215,43 @@ PYBIND11_MODULE(CTRAK_MODULE_NAME, m) {
       "Fill out [n_rows, k] float32 with rows row_start.. of the projection matrix: +-1/sqrt(k),\n"
       "bit-identical to ctrak_fast.hashing.rademacher_block(seed, row_start, n_rows, k).");
 
+  m.def(
+      "rademacher_project",
+      [](const py::object& seed, int64_t row_start, const py::array& x, int64_t k, py::array out,
+         int num_threads, const std::string& isa) {
+        const char* fn = "rademacher_project";
+        CHECK_ARG(row_start >= 0, "row_start must be >= 0");
+        CHECK_ARG(k >= 1, "k must be >= 1");
+        if (x.dtype().kind() != 'f' || x.dtype().itemsize() != 4)
+          throw py::type_error("rademacher_project: x must be float32");
+        if (out.dtype().kind() != 'f' || out.dtype().itemsize() != 4)
+          throw py::type_error("rademacher_project: out must be float32");
+        CHECK_ARG(x.ndim() == 2, "x must be [batch, n], got " + shape_str(x));
+        CHECK_ARG(x.shape(1) <= 1 || x.strides(1) == 4, "x rows must be contiguous");
+        CHECK_ARG(x.shape(0) <= 1 || (x.strides(0) > 0 && x.strides(0) % 4 == 0),
+                  "x must have a positive row stride");
+        CHECK_ARG(out.ndim() == 2 && out.shape(0) == x.shape(0) && out.shape(1) == k,
+                  "out must be [" + std::to_string(x.shape(0)) + ", " + std::to_string(k) +
+                      "], got " + shape_str(out));
+        check_c_contiguous(out, fn, "out");
+        CHECK_ARG(out.writeable(), "out must be writeable");
+        const py::object index = py::module_::import("operator").attr("index");
+        const auto seed32 = index(seed).attr("__and__")(0xFFFFFFFFu).cast<uint32_t>();
+        const auto* src = static_cast<const float*>(x.data());
+        const int64_t ldx = x.shape(0) > 1 ? x.strides(0) / 4 : x.shape(1);
+        float* dst = static_cast<float*>(out.mutable_data());
+        py::gil_scoped_release nogil;
+        ctrak::rademacher_project(seed32, static_cast<uint64_t>(row_start), src, ldx, x.shape(0),
+                                  x.shape(1), k, dst, num_threads, isa);
+      },
+      py::arg("seed"), py::arg("row_start"), py::arg("x"), py::arg("k"), py::arg("out"),
+      py::arg("num_threads") = 0, py::arg("isa") = "auto",
+      "out [batch, k] += x [batch, n] . rows row_start.. of the projection matrix of\n"
+      "ctrak_fast.hashing (+-1/sqrt(k)), the signs generated in registers, never stored. x: float32\n"
+      "with contiguous rows (any row stride). Sums run per chunk of a global grid of\n"
+      "PROJECT_GRID_ROWS rows: the bits do not depend on num_threads or other batch rows.");
+  m.attr("PROJECT_GRID_ROWS") = py::int_(ctrak::kProjectGridRows);
+
   py::class_<ctrak::MappedFile>(
       m, "MappedFile", py::buffer_protocol(),
       "Read-only shared memory map of a whole file, exposed as a read-only uint8 buffer\n"

@@ -106,6 +106,23 @@ struct TileArgs {
   int32_t dense;       // 1: leave every score in cbuf [tile_rows, m_pad] instead of selecting
 };
 
+// Rows of P per summation chunk of the fused projection (project_impl.h): a fixed global grid.
+constexpr int64_t kProjectGridRows = 4096;
+
+// One call of the fused projection (project_impl.h):
+//   out[b, j] += sum_i x[b * ldx + i] * P[row_start + i, j]   (b < batch, i < n, j < k)
+struct ProjectArgs {
+  const float* x;       // [batch, n] float32, row stride ldx
+  int64_t ldx;
+  int64_t batch;
+  int64_t n;
+  uint64_t row_start;   // global row of P for x's column 0
+  uint32_t seed_key;    // mix32(seed ^ kSeedSalt)
+  uint32_t scale_bits;  // float bits of 1/sqrt(k)
+  int64_t k;
+  float* out;           // [batch, k] float32, C-contiguous; accumulated into
+};
+
 // Entry points of one instruction-set variant.
 struct IsaKernels {
   const char* name;
@@ -117,6 +134,9 @@ struct IsaKernels {
   // out [n_rows, k] = +-scale with the hash's sign for rows row_start.. (single thread).
   void (*rademacher)(uint32_t seed_key, uint64_t row_start, int64_t n_rows, int64_t k,
                      float scale, float* out);
+  // Columns [j0, j1) of the fused projection (single thread); j0 a multiple of project_cols_align.
+  void (*project_cols)(const ProjectArgs& a, int64_t j0, int64_t j1);
+  int32_t project_cols_align;
   // iters x kFmaChains dependent-free vector fmas (the peak-FLOP/s probe); returns a value that
   // depends on all of them, so nothing is optimised away.
   float (*fma_loop)(int64_t iters);

@@ -207,7 +207,14 @@ float fma_loop(int64_t iters) {
   return sum;
 }
 
-const IsaKernels kKernels = {V::kName,     W,           V::kRowMultiple, &packed_floats,
-                             &pack_queries, &score_tile, &rademacher,     &fma_loop};
+}  // namespace
+
+#include "project_impl.h"
+
+namespace {
+
+const IsaKernels kKernels = {V::kName,     W,          V::kRowMultiple, &packed_floats,
+                             &pack_queries, &score_tile, &rademacher,     &project_cols,
+                             kProjNC,       &fma_loop};
 
 }  // namespace

@@ -118,6 +118,29 @@ void rademacher_tile(uint32_t seed, uint64_t row_start, int64_t n_rows, int64_t 
   });
 }
 
+void rademacher_project(uint32_t seed, uint64_t row_start, const float* x, int64_t ldx,
+                        int64_t batch, int64_t n, int64_t k, float* out, int num_threads,
+                        const std::string& isa) {
+  const IsaKernels* kern = select_isa(isa);
+  if (batch < 1 || n < 1) return;
+  const float scale = static_cast<float>(1.0 / std::pow(static_cast<double>(k), 0.5));
+  ProjectArgs a{x, ldx, batch, n, row_start, mix32(seed ^ kSeedSalt), 0, k, out};
+  std::memcpy(&a.scale_bits, &scale, 4);
+  // Threads own disjoint column ranges (whole panels): no reduction, and no effect on the bits.
+  const int64_t align = kern->project_cols_align;
+  const int64_t panels = (k + align - 1) / align;
+  int64_t tasks = 1;
+  if (batch * n * k >= kParallelMinFma) {
+    const int nt = num_threads > 0 ? num_threads : default_threads();
+    tasks = std::min<int64_t>(nt, panels);
+  }
+  parallel_for(tasks, static_cast<int>(tasks), [&](int64_t t, int) {
+    const int64_t j0 = panels * t / tasks * align;
+    const int64_t j1 = std::min(k, panels * (t + 1) / tasks * align);
+    if (j0 < j1) kern->project_cols(a, j0, j1);
+  });
+}
+
 struct TopKState::Slot {
   AlignedBuf<float> thr_top, thr_bot;  // [m_pad]
   std::vector<Entry> entries;           // [tails][m][cap]

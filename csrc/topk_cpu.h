@@ -24,6 +24,14 @@ const IsaKernels* select_isa(const std::string& name);
 void rademacher_tile(uint32_t seed, uint64_t row_start, int64_t n_rows, int64_t k, float* out,
                      int num_threads, const std::string& isa);
 
+// out [batch, k] float32 (C-contiguous) += x [batch, n] (row stride ldx) . rows
+// [row_start, row_start + n) of that matrix, the signs generated on the fly (never stored).
+// Every output is one fma chain over the rows in increasing order: the bits do not depend on
+// num_threads, and projecting x in row-ordered pieces gives the bits of projecting it whole.
+void rademacher_project(uint32_t seed, uint64_t row_start, const float* x, int64_t ldx,
+                        int64_t batch, int64_t n, int64_t k, float* out, int num_threads,
+                        const std::string& isa);
+
 // out[q * ldo + i] = score of row i for query q (i < n, q < m), float32: bit-identical to the
 // values TopKState selects for the same rows and queries (same kernels, same fma chain).
 // feat: [n, dim] in `dtype`; queries: [m, dim] float32; ldo >= n.

@@ -34,6 +34,20 @@ def rademacher_tile(
     """Fill out [n_rows, k] float32 with rows row_start.. of the projection matrix: +-1/sqrt(k),
     bit-identical to ctrak_fast.hashing.rademacher_block(seed, row_start, n_rows, k)."""
 
+def rademacher_project(
+    seed: int,
+    row_start: int,
+    x: npt.NDArray[np.float32],
+    k: int,
+    out: npt.NDArray[np.float32],
+    num_threads: int = 0,
+    isa: str = "auto",
+) -> None:
+    """out [batch, k] += x [batch, n] . rows row_start.. of the projection matrix (+-1/sqrt(k)),
+    signs generated on the fly; sums per chunk of a global grid of PROJECT_GRID_ROWS rows."""
+
+PROJECT_GRID_ROWS: int
+
 class MappedFile:
     """Read-only shared memory map of a whole file; a read-only uint8 buffer
     (np.frombuffer(mf, np.uint8) is a zero-copy view that keeps the mapping alive)."""

@@ -17,8 +17,8 @@ import torch
 from tqdm.auto import tqdm
 
 from . import diffusion
-from .grads import PerSampleGrads, add_blocks, blocks_sq_norm, scale_blocks
-from .losses import LOSSES, residual
+from .grads import PerSampleGrads, add_blocks, blocks_sq_norm, scale_blocks_
+from .losses import LOSSES, Residual
 from .projection import ProjectionSpec, Projector
 from .store import FeatureStore, model_fingerprint
 
@@ -165,9 +165,10 @@ class Featurizer:
     def terms(self, x_t, t, cond, r, normalize: bool) -> Blocks:
         """Per-sample gradients (2/D) J^T r, unit-normalised if asked, in the space where they are
         summed: parameter blocks (dense: projected once, after the sum) or, factorised, the
-        projected features as one block. Sum them with grads.add_blocks; finish with features()."""
+        projected features as one block. Sum them with grads.add_blocks; finish with features().
+        r: a tensor shaped like x_t, or a losses.Residual evaluated on the gradient's forward."""
         if self._factorized is not None:
-            phi, sq = self._factorized(x_t, t, cond, r, 2.0 / r[0].numel(), norms=normalize)
+            phi, sq = self._factorized(x_t, t, cond, r, 2.0 / x_t[0].numel(), norms=normalize)
             blocks = [(0, phi)]
         else:
             blocks = self._grads(x_t, t, cond, r)
@@ -175,7 +176,8 @@ class Featurizer:
         if sq is None:
             return blocks
         norm = sq.sqrt()  # zero gradients stay zero
-        return scale_blocks(blocks, torch.where(norm > 0, 1.0 / norm, torch.zeros_like(norm)))
+        # The blocks are fresh tensors of this call: scaled in place, no copy of the gradient.
+        return scale_blocks_(blocks, torch.where(norm > 0, 1.0 / norm, torch.zeros_like(norm)))
 
     def features(self, acc: Blocks) -> torch.Tensor:
         """Summed terms -> features [B, k] float32."""
@@ -225,11 +227,11 @@ class Featurizer:
         for t in spec.timesteps:
             tt = torch.full((x0.shape[0],), t, dtype=torch.long, device=x0.device)
             eps_t = None if noise is None else noise[t].expand_as(x0)
-            r, dsm = residual(
-                spec.loss, self.model, self.schedule, traj[t], tt, cond, x0=x0, noise=eps_t
-            )
-            acc = add_blocks(acc, self.terms(traj[t], tt, cond, r, spec.normalize))
-            dsm_sum += dsm
+            # r comes from the same forward as the gradient (one forward per timestep).
+            r = Residual(spec.loss, self.schedule, tt, x0=x0, noise=eps_t)
+            terms = self.terms(traj[t], tt, cond, r, spec.normalize)
+            acc = terms if acc is None else add_blocks(acc, terms)  # fresh: no copy to start
+            dsm_sum += r.dsm
         return acc, dsm_sum
 
     def __call__(self, x0: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -65,9 +65,11 @@ def blocks_sq_norm(blocks: Blocks) -> torch.Tensor:
     return sum(b.float().pow(2).sum(1) for _, b in blocks)
 
 
-def scale_blocks(blocks: Blocks, scale: torch.Tensor) -> Blocks:
-    """Multiply each sample's gradient by scale[b]: scale [B]."""
-    return [(off, b * scale[:, None].to(b.dtype)) for off, b in blocks]
+def scale_blocks_(blocks: Blocks, scale: torch.Tensor) -> Blocks:
+    """Multiply each sample's gradient by scale[b] (scale [B]) in place; returns blocks."""
+    for _, b in blocks:
+        b.mul_(scale[:, None].to(b.dtype))
+    return blocks
 
 
 def add_blocks(acc: Blocks | None, blocks: Blocks) -> Blocks:
@@ -123,13 +125,14 @@ class PerSampleGrads:
     def n_selected(self) -> int:
         return sum(s.numel for s in self.slots)
 
-    def __call__(
-        self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, r: torch.Tensor
-    ) -> Blocks:
-        """x_t, r: [B,C,H,W]; t: [B] int64; cond: [B,F] -> blocks [(offset, [B, n_param])]."""
-        scale = 2.0 / r[0].numel()
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, r) -> Blocks:
+        """x_t: [B,C,H,W]; t: [B] int64; cond: [B,F]; r: [B,C,H,W], or a losses.Residual (the
+        hooks evaluate it on their own forward) -> blocks [(offset, [B, n_param])]."""
+        scale = 2.0 / x_t[0].numel()
         if self._hooks is not None:
             return self._hooks(x_t, t, cond, r, scale)
+        if callable(r):
+            r = r.standalone(self.model, x_t, t, cond)
         return self._func(x_t, t, cond, r, scale)
 
     def _func(self, x_t, t, cond, r, scale) -> Blocks:

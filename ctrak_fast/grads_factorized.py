@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .grads import parameter_layout
-from .grads_hooks import capture_deltas, plain_conv
+from .grads_hooks import capture_deltas, conv_weight_grads, plain_conv
 from .projection import FactorizedSpec, factorized_matrices
 
 
@@ -81,7 +81,7 @@ class FactorizedGrads:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """-> (features [B, k] float32 in layer order, squared gradient norms [B] float32, or
         None without `norms`)."""
-        calls = capture_deltas(
+        calls, _ = capture_deltas(
             self.model, [m for m, _, _, _ in self.layers], x_t, t, cond, r, scale
         )
         n = x_t.shape[0]
@@ -98,10 +98,7 @@ class FactorizedGrads:
                 phi += torch.bmm(Gp.transpose(1, 2), Ap).flatten(1)
             feats.append(phi)
             if sq is not None and pairs:
-                sides = [_positions(mod, a, d) for a, d in pairs]
-                A = sides[0][0] if len(sides) == 1 else torch.cat([s[0] for s in sides], 1)
-                G = sides[0][1] if len(sides) == 1 else torch.cat([s[1] for s in sides], 1)
-                sq += _sq_norm(A, G, bias)
+                sq += _sq_norm(mod, pairs, bias)
         return torch.cat(feats, 1), sq
 
     def _signs(self, mod: nn.Module, layer: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,13 +138,32 @@ def _positions(mod: nn.Module, a: torch.Tensor, delta: torch.Tensor):
     return a.reshape(n, -1, a.shape[-1]), delta.reshape(n, -1, delta.shape[-1])
 
 
-def _sq_norm(A: torch.Tensor, G: torch.Tensor, bias: bool = False) -> torch.Tensor:
-    """||G_bᵀ [A_b | 1]||_F² per sample (the 1-column only with bias), by the cheaper of the
-    ghost-norm identity and W_b itself."""
-    T, d_in, d_out = A.shape[1], A.shape[2], G.shape[2]
-    A, G = A.float(), G.float()
-    if T * (d_in + d_out) < d_in * d_out:
+def _sq_norm(mod: nn.Module, pairs, bias: bool = False) -> torch.Tensor:
+    """||sum over calls of G_bᵀ [A_b | 1]||_F² per sample (the 1-column only with bias), by the
+    cheaper of the ghost-norm identity and W_b itself (a conv's by one grouped conv backward)."""
+    d_out, d_in = mod.weight.shape[0], mod.weight[0].numel()
+    positions = sum(d[0].numel() // d_out for _, d in pairs)
+    if positions * (d_in + d_out) < d_in * d_out:
+        sides = [_positions(mod, a, d) for a, d in pairs]
+        A = torch.cat([s[0] for s in sides], 1).float()
+        G = torch.cat([s[1] for s in sides], 1).float()
         gram = A @ A.transpose(1, 2) + 1.0 if bias else A @ A.transpose(1, 2)
         return (gram * (G @ G.transpose(1, 2))).sum((1, 2))
-    sq = torch.bmm(G.transpose(1, 2), A).pow(2).sum((1, 2))
-    return sq + G.sum(1).pow(2).sum(1) if bias else sq
+    W = sq = None
+    for a, d in pairs:
+        a, d = a.float(), d.float()
+        if isinstance(mod, nn.Conv2d):
+            w = conv_weight_grads(mod, a, d)
+        else:
+            A, G = _positions(mod, a, d)
+            w = torch.bmm(G.transpose(1, 2), A)
+        W = w if W is None else W + w
+        if bias:
+            g = (
+                d.flatten(2).sum(2)
+                if isinstance(mod, nn.Conv2d)
+                else _positions(mod, a, d)[1].sum(1)
+            )
+            sq = g if sq is None else sq + g
+    out = W.pow(2).sum((1, 2))
+    return out + sq.pow(2).sum(1) if bias else out

@@ -5,7 +5,7 @@ torch.autograd.grad(loss, outputs) gives every delta = dloss/do without computin
 gradient. Each sample's parameter gradient then follows layer by layer:
 
     Linear     W_b = sum_positions delta aᵀ                     (einsum)
-    Conv2d     W_b = delta @ unfold(a)ᵀ                          (bmm over im2col columns)
+    Conv2d     W_b = delta ⋆ a                                   (one grouped conv backward)
     GroupNorm  w_b = sum_positions delta * normalise(a),  b_b = sum delta
     LayerNorm  same, over the normalised trailing dims
     Embedding  W_b = one_hot(index)ᵀ delta
@@ -36,6 +36,35 @@ def plain_conv(mod: nn.Module) -> bool:
     )
 
 
+def conv_weight_grads(mod: nn.Conv2d, a: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """Per-sample weight gradients [B, out, in * kh * kw] of a plain_conv layer.
+
+    The batch is folded into the channels: the weight gradient of one convolution with B groups
+    is the B per-sample gradients. Twice as fast on CPU as delta @ unfold(a)ᵀ, and no im2col
+    buffer. Only the weight's shape is read: on the CPU a zero-stride view stands in for it."""
+    n, c_in = a.shape[:2]
+    c_out = delta.shape[1]
+    shape = (n * c_out, *mod.weight.shape[1:])
+    if a.device.type == "cpu":
+        weight = a.new_empty(1).as_strided(shape, (0,) * len(shape))
+    else:  # GPU libraries may insist on a dense weight; its values are never read
+        weight = a.new_empty(shape)
+    gw = torch.ops.aten.convolution_backward(
+        delta.reshape(1, n * c_out, *delta.shape[2:]),
+        a.reshape(1, n * c_in, *a.shape[2:]),
+        weight,
+        None,
+        mod.stride,
+        mod.padding,
+        mod.dilation,
+        False,
+        [0, 0],
+        n,
+        [False, True, False],
+    )[1]
+    return gw.reshape(n, c_out, -1)
+
+
 def _supported(mod: nn.Module) -> bool:
     if isinstance(mod, nn.Conv2d):
         return plain_conv(mod)
@@ -44,10 +73,13 @@ def _supported(mod: nn.Module) -> bool:
 
 def capture_deltas(
     model: nn.Module, modules: list[nn.Module], x_t, t, cond, r, scale: float
-) -> list[tuple[nn.Module, torch.Tensor, torch.Tensor]]:
+) -> tuple[list[tuple[nn.Module, torch.Tensor, torch.Tensor]], torch.Tensor]:
     """One forward and one backward of scale * <eps(x_t, t, cond), r>: for every call of a module
-    in `modules`, (module, its input a, dloss/doutput delta), in call order. No parameter gradient
-    is computed; calls whose output does not reach the loss are left out."""
+    in `modules`, (module, its input a, dloss/doutput delta), in call order, and r. No parameter
+    gradient is computed; calls whose output does not reach the loss are left out.
+
+    r: a tensor shaped like eps, or a callable r(eps, x) (losses.Residual) evaluated on this
+    forward's output, which saves the forward a separate residual would cost."""
     records: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []
     hooked = {id(m) for m in modules}
 
@@ -58,17 +90,20 @@ def capture_deltas(
     handles = [m.register_forward_hook(capture) for m in modules]
     try:
         with torch.enable_grad():
-            eps = model(x_t.detach(), t, cond)
-            loss = (eps * r.detach()).sum() * scale
+            x = x_t.detach().requires_grad_(getattr(r, "needs_input_grad", False))
+            eps = model(x, t, cond)
+            r = r(eps, x) if callable(r) else r.detach()
+            loss = (eps * r).sum() * scale
             deltas = torch.autograd.grad(loss, [o for _, _, o in records], allow_unused=True)
     finally:
         for h in handles:
             h.remove()
-    return [
+    calls = [
         (mod, a, d.detach())
         for (mod, a, _), d in zip(records, deltas, strict=True)
         if d is not None
     ]
+    return calls, r
 
 
 class HookedGrads:
@@ -92,7 +127,8 @@ class HookedGrads:
         self.rest = [s for s in slots if s.name not in covered]
 
     def __call__(self, x_t, t, cond, r, scale: float) -> Blocks:
-        calls = capture_deltas(self.model, [m for m, _, _ in self.layers], x_t, t, cond, r, scale)
+        modules = [m for m, _, _ in self.layers]
+        calls, r = capture_deltas(self.model, modules, x_t, t, cond, r, scale)
         grads: dict[str, torch.Tensor] = {}
         slots_of = {id(m): (w, b) for m, w, b in self.layers}
         for mod, a, delta in calls:
@@ -127,8 +163,7 @@ def _layer_grads(mod, a, delta, want_w: bool, want_b: bool):
             gb = d2.sum(1)
     elif isinstance(mod, nn.Conv2d):
         if want_w:
-            cols = F.unfold(a, mod.kernel_size, mod.dilation, mod.padding, mod.stride)
-            gw = torch.bmm(delta.flatten(2), cols.transpose(1, 2))
+            gw = conv_weight_grads(mod, a, delta)
         if want_b:
             gb = delta.sum((2, 3))
     elif isinstance(mod, nn.GroupNorm):

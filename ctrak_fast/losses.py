@@ -64,13 +64,62 @@ def dps_guidance(
     x_t, x0: [B, C, H, W]; t: [B] int64; cond: [B, F] -> v: [B, C, H, W].
     Samples do not interact, so the gradient of the summed loss is each sample's own gradient.
     """
-    with torch.enable_grad():
-        x = x_t.detach().requires_grad_(True)
-        eps = model(x, t, cond)
-        x0_hat = tweedie_x0(x, eps, t, schedule)
-        loss = _mean_per_sample((x0_hat - x0).pow(2)).sum()
-        (grad,) = torch.autograd.grad(loss, x)
-    return -grad
+    return Residual("dps", schedule, t, x0=x0).standalone(model, x_t, t, cond)
+
+
+class Residual:
+    """The residual r of a training-side loss (see the module table) as a function of the model
+    output, so that the forward whose Jacobian is taken also yields r (grads_hooks.capture_deltas
+    calls it between its forward and backward): one forward per (batch, timestep) instead of two.
+
+    ``res(eps, x)`` -> r [B, C, H, W] (detached); eps = model(x, t, cond) with x requiring grad
+    when ``needs_input_grad`` (dps differentiates x0_hat(x) with respect to x; the graph is kept
+    for the backward that follows). After a call, ``res.dsm`` holds the per-sample DSM loss at the
+    given noise (NaN without noise; it feeds DAS weights).
+
+    Examples:
+        >>> res = Residual("eps-norm", schedule, t)  # doctest: +SKIP
+        >>> r = res.standalone(model, x_t, t, cond)  # its own forward  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        loss: str,
+        schedule: NoiseSchedule,
+        t: torch.Tensor,
+        *,
+        x0: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+    ):
+        if loss not in LOSSES:
+            raise ValueError(f"unknown loss {loss!r}; expected one of {LOSSES}")
+        if loss == "dsm" and noise is None:
+            raise ValueError("the dsm loss needs the noise that made x_t")
+        if loss == "dps" and x0 is None:
+            raise ValueError("the dps loss needs the clean image x0")
+        self.loss, self.schedule, self.t, self.x0, self.noise = loss, schedule, t, x0, noise
+        self.needs_input_grad = loss == "dps"
+        self.dsm: torch.Tensor | None = None
+
+    def __call__(self, eps: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        eps_value = eps.detach()
+        if self.noise is not None:
+            self.dsm = dsm_loss(eps_value, self.noise).detach()
+        else:
+            self.dsm = torch.full(eps.shape[:1], float("nan"), device=eps.device)
+        if self.loss == "dps":  # v = -grad_x mean((x0_hat(x) - x0)^2), as dps_guidance
+            x0_hat = tweedie_x0(x, eps, self.t, self.schedule)
+            loss = _mean_per_sample((x0_hat - self.x0).pow(2)).sum()
+            (grad,) = torch.autograd.grad(loss, x, retain_graph=True)
+            return -grad.detach()
+        return eps_value - self.noise if self.loss == "dsm" else eps_value
+
+    def standalone(self, model, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor):
+        """r from a forward of its own (for paths that do not share theirs)."""
+        grad = self.needs_input_grad
+        with torch.set_grad_enabled(grad):
+            x = x_t.detach().requires_grad_(grad)
+            return self(model(x, t, cond), x)
 
 
 def residual(
@@ -88,18 +137,6 @@ def residual(
 
     Returns (r [B, C, H, W], dsm [B]); dsm is NaN where no noise is given (it feeds DAS weights).
     """
-    if loss not in LOSSES:
-        raise ValueError(f"unknown loss {loss!r}; expected one of {LOSSES}")
-    if loss == "dsm" and noise is None:
-        raise ValueError("the dsm loss needs the noise that made x_t")
-    eps = None
-    if loss != "dps" or noise is not None:
-        with torch.no_grad():
-            eps = model(x_t, t, cond)
-    if loss == "dps":
-        r = dps_guidance(model, schedule, x_t, t, cond, x0)
-    else:
-        r = eps - noise if loss == "dsm" else eps
-    nan = torch.full(x_t.shape[:1], float("nan"), device=x_t.device)
-    dsm = dsm_loss(eps, noise) if noise is not None else nan
-    return r.detach(), dsm.detach()
+    res = Residual(loss, schedule, t, x0=x0, noise=noise)
+    r = res.standalone(model, x_t, t, cond)
+    return r, res.dsm

@@ -2,27 +2,30 @@
 
 P[i, j] = +-1/sqrt(k) is a pure function of (seed, i, j) (hash version 1), so a projection never
 depends on batch size, chunking, thread count, device or backend, and features made on different
-machines are comparable. P is never stored whole: it is generated tile by tile (``tile_rows`` rows
-x k columns) and each tile is consumed by one float32 ``addmm``.
+machines are comparable. P is never stored whole.
 
-Backends differ in who makes the tiles (the matmul is the same), except triton, which fuses both:
+Backends:
 
-- ``"reference"``: :func:`ctrak_fast.hashing.rademacher_block` in torch (the specification; slow);
-- ``"cpu"``: ``ctrak_fast._C.rademacher_tile`` (C++, the same bits);
-- ``"triton"``: ``ctrak_fast.kernels.rademacher_project_blocks``, a fused generate-and-multiply
-  kernel (signs in registers, never in memory), used for CUDA inputs only;
+- ``"cpu"``: ``ctrak_fast._C.rademacher_project`` (C++, AVX-512 / AVX2 / portable): a fused
+  generate-and-multiply kernel; the signs of a 16 KiB panel are hashed into L1 and consumed there
+  by a register-tiled fma micro-kernel, so P never reaches memory (csrc/project_impl.h);
+- ``"triton"``: ``ctrak_fast.kernels.rademacher_project_blocks``, the same fusion on the GPU
+  (signs in registers), used for CUDA inputs only;
+- ``"reference"``: :func:`ctrak_fast.hashing.rademacher_block` in torch (the specification; slow),
+  tile by tile (``tile_rows`` rows x k columns), each tile consumed by one float32 ``addmm``;
 - ``"auto"``: triton for CUDA inputs when importable, else cpu when the extension is built, else
   reference (with a one-time warning).
 
-Summation order. The output is accumulated tile by tile in increasing row order over a fixed grid of
-``tile_rows`` rows. Within a grid tile the input rows are gathered into one contiguous float32
-buffer spanning the first to the last row given in that tile (rows not given are zero), so
-:meth:`Projector.project_blocks` does the same arithmetic whatever the chunking and order of the
-blocks: only the *set* of rows given matters. Results therefore agree with :meth:`Projector.project`
-of the zero-filled full vector to float32 rounding of the BLAS kernel (bitwise on one machine in
-practice); across batch sizes the BLAS kernel may change its summation order, so rows agree to
-float32 rounding (about 1e-6 relative), not bitwise. The Triton kernel (CUDA inputs) has its own
-order and agrees to float32 rounding as well.
+Summation order. The cpu backend sums every output per chunk of a fixed global grid of rows
+(``_C.PROJECT_GRID_ROWS``, one fma chain each, then the chunks in order; as accurate as a blocked
+BLAS) and hands each grid chunk to the kernel in one call, so the bits depend only on the values
+and the set of rows given: not on the chunking or order of the blocks, the thread count, or the
+other rows of the batch. The reference
+backend accumulates over a fixed grid of ``tile_rows`` rows; within a grid tile the input rows are
+gathered into one contiguous float32 buffer spanning the first to the last row given in that tile
+(rows not given are zero), so it too is invariant to chunking (bitwise on one machine in practice);
+across batch sizes the BLAS kernel may change its summation order (float32 rounding, about 1e-6
+relative). The Triton kernel (CUDA inputs) has its own order and agrees to float32 rounding.
 """
 
 from __future__ import annotations
@@ -212,6 +215,18 @@ def _native_tile_fn():
     return _native.load().rademacher_tile
 
 
+def _native_project_fn():
+    from . import _native
+
+    return _native.load().rademacher_project
+
+
+def _native_grid_rows() -> int:
+    from . import _native
+
+    return int(_native.load().PROJECT_GRID_ROWS)
+
+
 def _triton_project_fn():
     from .kernels import rademacher_project_blocks
 
@@ -236,19 +251,20 @@ class Projector:
         dim: number of rows of P, i.e. the length of the full (flattened) gradient. Blocks given
             to :meth:`project_blocks` must lie in [0, dim); dim may exceed 2**32.
         backend: "auto" | "reference" | "cpu" | "triton" (see the module docstring).
-        cache_bytes: memory budget for keeping generated sign tiles across calls. Tiles are kept in
-            order of first use until the budget is spent and never evicted, so with
-            ``dim * k * 4 <= cache_bytes`` every call after the first pays the matmul only, and a
-            smaller budget still caches a fixed prefix of the tiles. 0 disables the cache. It
-            saves ~99% of a reference-backend call and ~20% of a C++-backend call (whose tiles
-            cost little next to the matmul; benchmarks/bench_projection.py).
+        cache_bytes: memory budget for keeping reference-backend sign tiles across calls (the
+            fused cpu and triton backends never store signs). Tiles are kept in order of first use
+            until the budget is spent and never evicted, so with ``dim * k * 4 <= cache_bytes``
+            every call after the first pays the matmul only, and a smaller budget still caches a
+            fixed prefix of the tiles. 0 disables the cache. It saves ~99% of a reference call.
         device: device for the matmul and the cached tiles; None = the input's device.
-        tile_rows: rows per tile, the grid of the summation order; None (default) = the power of
+        tile_rows: rows per tile of the reference backend, the grid of its summation order (and
+            of :meth:`rows`); None (default) = the power of
             two nearest below ``TILE_BYTES / (4 k)``, within [64, 65536]: few, large matmuls (each
             one is a parallel region; on a busy machine their start-up dominates small ones),
             memory bounded whatever k. Keep the default to reproduce features bit for bit.
 
-    A Projector holds a scratch tile and the cache: use one per thread.
+    A Projector holds a scratch tile and the cache: use one per thread (the cpu backend's
+    kernel runs on ``torch.get_num_threads()`` threads of its own pool).
 
     Examples:
         >>> proj = Projector(ProjectionSpec(k=8, seed=1), dim=100, backend="reference")
@@ -288,6 +304,8 @@ class Projector:
         self._cache: dict[int, torch.Tensor] = {}
         self._cached_bytes = 0
         self._native = None
+        self._native_project = None
+        self._native_grid = 0
         self._scratch: np.ndarray | None = None
         # Where CPU-side tiles come from; CUDA inputs may still go to triton (see _use_triton).
         self.tile_backend = self._resolve_tile_backend(backend)
@@ -299,6 +317,8 @@ class Projector:
         if backend in ("cpu", "auto", "triton"):
             try:
                 self._native = _native_tile_fn()
+                self._native_project = _native_project_fn()
+                self._native_grid = _native_grid_rows()
                 return "cpu"
             except Exception as e:  # reported below, whatever it is
                 if backend == "cpu":
@@ -365,6 +385,8 @@ class Projector:
                 for o, x in blocks
             ]
             return _triton_project_fn()(blocks, self.spec.seed, self.k, out=out)
+        if self.tile_backend == "cpu" and device.type == "cpu":
+            return self._project_fused(blocks, out)
         for tile_start, lo, hi, pieces in self._tiles(blocks):
             if len(pieces) == 1:  # the common case: one parameter block covers the span
                 buf = pieces[0][1].to(device=device, dtype=torch.float32).contiguous()
@@ -373,6 +395,52 @@ class Projector:
                 for start, piece in pieces:
                     buf[:, start - lo : start - lo + piece.shape[1]].copy_(piece)
             out.addmm_(buf, self._signs(tile_start, lo, hi, device))
+        return out
+
+    def _project_fused(self, blocks: list[tuple[int, torch.Tensor]], out: torch.Tensor):
+        """The C++ generate-and-multiply kernel. It sums per chunk of a global grid of rows, so
+        every grid chunk must reach it in one call: the rows of whole chunks inside one block go
+        as a view, and the pieces of a chunk shared by several blocks are gathered into one
+        zero-filled buffer. The bits are then those of projecting the zero-filled vector whole."""
+        grid = self._native_grid
+        dst = out.numpy()
+
+        def call(row_start: int, x: torch.Tensor) -> None:
+            x = x.detach().to(device="cpu", dtype=torch.float32)
+            if (x.shape[1] > 1 and x.stride(1) != 1) or (x.shape[0] > 1 and x.stride(0) < 1):
+                x = x.contiguous()  # the kernel takes contiguous rows at a positive stride
+            # Follow torch's thread budget, so set_num_threads governs the whole projection.
+            self._native_project(
+                self.spec.seed, row_start, x.numpy(), self.k, dst, torch.get_num_threads()
+            )
+
+        shared: list[tuple[int, torch.Tensor]] = []  # pieces of the current partial chunk
+
+        def flush() -> None:
+            if len(shared) == 1:
+                call(*shared[0])
+            elif shared:
+                lo, hi = shared[0][0], shared[-1][0] + shared[-1][1].shape[1]
+                buf = torch.zeros(out.shape[0], hi - lo)
+                for start, piece in shared:
+                    buf[:, start - lo : start - lo + piece.shape[1]].copy_(piece)
+                call(lo, buf)
+            shared.clear()
+
+        for offset, x in blocks:  # sorted by offset, non-overlapping
+            pos, end = offset, offset + x.shape[1]
+            while pos < end:
+                chunk = pos // grid * grid
+                if shared and shared[0][0] // grid * grid != chunk:
+                    flush()
+                if pos == chunk and end - pos >= grid:  # whole chunks: one view
+                    stop = pos + (end - pos) // grid * grid
+                    call(pos, x[:, pos - offset : stop - offset])
+                else:
+                    stop = min(end, chunk + grid)
+                    shared.append((pos, x[:, pos - offset : stop - offset]))
+                pos = stop
+        flush()
         return out
 
     def _use_triton(self) -> bool:

@@ -1,7 +1,9 @@
 """Triton kernels for the projection of per-sample gradients (installed as ``ctrak_fast.kernels``).
 
 Every op dispatches CUDA tensors to its kernel and everything else to its torch reference, which is
-the specification (tests compare the two; ``force=`` chooses). The sign of every projection entry
+the specification (tests compare the two; ``force=`` chooses), except that
+:func:`rademacher_project` sends CPU tensors to the fused C++ kernel of ``ctrak_fast._C`` when it
+is built. The sign of every projection entry
 comes from the counter-based hash of :mod:`ctrak_fast.hashing`, bit for bit.
 
 - :func:`rademacher_project`, :func:`rademacher_project_blocks`: x @ P, P generated in registers.

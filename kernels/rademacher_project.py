@@ -244,6 +244,35 @@ def _check(x: torch.Tensor, seed: int, k: int, row_offset: int) -> None:
         raise ValueError(f"row_offset must be an int in [0, 2**63 - p), got {row_offset!r}")
 
 
+def _use_cpu_kernel(force: str | None, x: torch.Tensor) -> bool:
+    from ctrak_fast.projection import native_available
+
+    if force == "cpu":
+        if x.is_cuda:
+            raise ValueError("force='cpu' needs CPU tensors")
+        if not native_available():
+            raise RuntimeError("force='cpu' needs the compiled extension ctrak_fast._C")
+        return True
+    return force is None and x.device.type == "cpu" and native_available()
+
+
+def _cpu_launch(x, seed: int, k: int, row_offset: int, out, accumulate: bool) -> torch.Tensor:
+    """out (+)= x @ P with the fused C++ kernel (signs hashed into L1, never stored)."""
+    from ctrak_fast.projection import _native_project_fn
+
+    x = x.detach().float()
+    if x.shape[1] > 1 and x.stride(1) != 1 or x.shape[0] > 1 and x.stride(0) < 1:
+        x = x.contiguous()
+    dst = out if out.is_contiguous() else torch.zeros(out.shape, dtype=torch.float32)
+    if not accumulate or dst is not out:
+        dst.zero_()
+    if x.numel():
+        _native_project_fn()(seed, row_offset, x.numpy(), k, dst.numpy(), torch.get_num_threads())
+    if dst is out:
+        return out
+    return out.add_(dst) if accumulate else out.copy_(dst)
+
+
 def rademacher_project(
     x: torch.Tensor,
     seed: int,
@@ -267,8 +296,10 @@ def rademacher_project(
         out: optional [B, k] float32 on x's device, written (or added to, see ``accumulate``)
             and returned.
         accumulate: add the projection to ``out`` instead of overwriting it.
-        force: None = CUDA tensors -> Triton kernel, otherwise the torch reference;
-            "reference" or "triton" to choose (tests; "triton" on CPU needs the interpreter).
+        force: None = CUDA tensors -> Triton kernel, CPU tensors -> the fused C++ kernel
+            (``ctrak_fast._C.rademacher_project``) when built, else the torch reference;
+            "reference", "cpu" or "triton" to choose (tests; "triton" on CPU needs the
+            interpreter).
 
     Returns:
         [B, k] float32: equal to :func:`rademacher_project_reference` to float32 rounding.
@@ -290,6 +321,8 @@ def rademacher_project(
             f"out must be float32 [{B}, {k}] on {x.device}, got {out.dtype} {tuple(out.shape)} "
             f"on {out.device}"
         )
+    if _use_cpu_kernel(force, x):
+        return _cpu_launch(x, seed, k, row_offset, out, accumulate)
     if use_triton(force, x, out):
         return _launch(x, seed, k, row_offset, out, accumulate)
     ref = rademacher_project_reference(x, seed, k, row_offset)

@@ -69,14 +69,40 @@ def test_features_are_the_kronecker_projection_of_the_gradient(tiny_unet, param_
         assert not any(n.endswith(("to_q.weight", "conv1.weight")) for n in fg.skipped)
 
 
+def _conv_grads(conv, a, d):
+    """Per-sample (weight, bias) gradients of <conv(a), d> by torch.func."""
+
+    def one(a1, d1):
+        def inner(w, b):
+            return (torch.nn.functional.conv2d(a1[None], w, b, padding=1) * d1[None]).sum()
+
+        return torch.func.grad(inner, argnums=(0, 1))(conv.weight.detach(), conv.bias.detach())
+
+    return torch.func.vmap(one)(a, d)
+
+
 def test_ghost_norm_and_explicit_norm_agree():
     g = torch.Generator().manual_seed(0)
     for T, d_in, d_out in [(3, 40, 50), (60, 5, 4)]:  # ghost branch, then explicit
-        A, G = torch.randn(2, T, d_in, generator=g), torch.randn(2, T, d_out, generator=g)
+        lin = torch.nn.Linear(d_in, d_out)
+        pairs = [  # a layer called twice: the norm is of the summed gradient
+            (torch.randn(2, T, d_in, generator=g), torch.randn(2, T, d_out, generator=g))
+            for _ in range(2)
+        ]
+        A, G = (torch.cat(side, 1) for side in zip(*pairs, strict=True))
         for bias in (False, True):
-            A1 = torch.cat([A, torch.ones(2, T, 1)], 2) if bias else A
+            A1 = torch.cat([A, torch.ones(*A.shape[:2], 1)], 2) if bias else A
             want = torch.bmm(G.transpose(1, 2), A1).pow(2).sum((1, 2))
-            torch.testing.assert_close(_sq_norm(A, G, bias), want, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(_sq_norm(lin, pairs, bias), want, rtol=1e-5, atol=1e-5)
+    for size, c_in, c_out in [(2, 16, 32), (12, 3, 8)]:  # ghost branch, then grouped conv
+        conv = torch.nn.Conv2d(c_in, c_out, 3, padding=1)
+        a = torch.randn(2, c_in, size, size, generator=g)
+        d = torch.randn(2, c_out, size, size, generator=g)
+        for bias in (False, True):
+            want = _conv_grads(conv, a, d)
+            want = want[0].pow(2).sum((1, 2, 3, 4)) + (want[1].pow(2).sum(1) if bias else 0)
+            got = _sq_norm(conv, [(a, d)], bias)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_features_do_not_depend_on_the_batch(tiny_unet):

@@ -216,9 +216,25 @@ def test_rademacher_project_empty_and_errors():
         K.rademacher_project(rand(2, 3), 0, 4, force="gpu")
 
 
-def test_rademacher_project_cpu_dispatches_to_reference():
+def test_rademacher_project_cpu_dispatches_to_the_cpu_kernel_or_reference():
+    from ctrak_fast.projection import native_available
+
     x = torch.randn(2, 30)
-    assert torch.equal(K.rademacher_project(x, 1, 8), K.rademacher_project_reference(x, 1, 8))
+    ref = K.rademacher_project_reference(x, 1, 8)
+    if not native_available():
+        assert torch.equal(K.rademacher_project(x, 1, 8), ref)
+        with pytest.raises(RuntimeError, match="ctrak_fast._C"):
+            K.rademacher_project(x, 1, 8, force="cpu")
+        return
+    got = K.rademacher_project(x, 1, 8)
+    assert torch.equal(got, K.rademacher_project(x, 1, 8, force="cpu"))
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    # strided input, a non-contiguous out, accumulate, float16 input, offsets past 2**32
+    xs = torch.randn(50, 3).T.half()
+    out = torch.ones(8, 3).T
+    K.rademacher_project(xs, 5, 8, 2**32 + 1, out, accumulate=True, force="cpu")
+    want = 1 + K.rademacher_project_reference(xs.float(), 5, 8, 2**32 + 1)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- linear_grad_project

@@ -8,7 +8,17 @@ from torch.func import functional_call, grad, vmap
 
 from ctrak_fast.diffusion import NoiseSchedule, tweedie_x0
 from ctrak_fast.grads import PerSampleGrads, flatten_blocks
-from ctrak_fast.losses import dps_guidance, dps_loss, dsm_loss, eps_norm_loss, residual, slider_loss
+from ctrak_fast.grads_factorized import FactorizedGrads
+from ctrak_fast.losses import (
+    Residual,
+    dps_guidance,
+    dps_loss,
+    dsm_loss,
+    eps_norm_loss,
+    residual,
+    slider_loss,
+)
+from ctrak_fast.projection import FactorizedSpec
 
 B, TOL = 3, 2e-5  # float32 gradients of a ~45k-parameter model: agreement to ~1e-6 relative
 
@@ -79,6 +89,37 @@ def test_baseline_losses_match_their_residuals(tiny_unet, loss):
     torch.testing.assert_close(fast, literal, atol=TOL, rtol=1e-4)
     with torch.no_grad():
         torch.testing.assert_close(dsm, dsm_loss(tiny_unet(x, t, cond), noise))
+
+
+@pytest.mark.parametrize("loss", ["dps", "dsm", "eps-norm"])
+def test_residual_on_the_gradients_forward_equals_its_own_forward(tiny_unet, loss):
+    # The featurizer evaluates r on the forward whose Jacobian it takes (one forward, not two).
+    x, t, cond = _inputs(tiny_unet)
+    sch, noise, x0 = NoiseSchedule(), torch.randn_like(x), torch.rand_like(x) * 2 - 1
+    r, dsm = residual(loss, tiny_unet, sch, x, t, cond, x0=x0, noise=noise)
+    for backend in ("hooks", "func"):
+        grads = PerSampleGrads(tiny_unet, backend=backend)
+        res = Residual(loss, sch, t, x0=x0, noise=noise)
+        shared = flatten_blocks(grads(x, t, cond, res))
+        torch.testing.assert_close(
+            shared, flatten_blocks(grads(x, t, cond, r)), atol=1e-6, rtol=1e-5
+        )
+        torch.testing.assert_close(res.dsm, dsm)
+    fg = FactorizedGrads(tiny_unet, None, FactorizedSpec(k_in=2, k_out=3))
+    phi, sq = fg(x, t, cond, Residual(loss, sch, t, x0=x0, noise=noise), 0.5)
+    want_phi, want_sq = fg(x, t, cond, r, 0.5)
+    torch.testing.assert_close(phi, want_phi, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(sq, want_sq, atol=1e-9, rtol=1e-5)
+
+
+def test_residual_refuses_missing_inputs():
+    t = torch.tensor([1])
+    with pytest.raises(ValueError, match="noise"):
+        Residual("dsm", NoiseSchedule(), t)
+    with pytest.raises(ValueError, match="x0"):
+        Residual("dps", NoiseSchedule(), t)
+    with pytest.raises(ValueError, match="unknown loss"):
+        Residual("l2", NoiseSchedule(), t)
 
 
 def test_dps_guidance_matches_finite_differences(tiny_unet):

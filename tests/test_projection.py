@@ -174,19 +174,125 @@ def test_blocks_any_order_and_chunking(backend, cache_bytes):
         assert torch.equal(proj.project_blocks(rechunked[::-1]), proj.project(zero_filled))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_cache_holds_tiles_and_does_not_change_results(backend):
+def test_cache_holds_tiles_and_does_not_change_results():
     spec = ProjectionSpec(k=32, seed=2)
     x = torch.randn(3, 1000)
     tile_bytes = 128 * 32 * 4
     results = []
     for budget, want_cached in [(0, 0), (3 * tile_bytes, 3 * tile_bytes), (2**30, 1000 * 32 * 4)]:
-        proj = Projector(spec, 1000, backend=backend, cache_bytes=budget, tile_rows=128)
+        proj = Projector(spec, 1000, backend="reference", cache_bytes=budget, tile_rows=128)
         first = proj.project(x)
         assert proj.cached_bytes == want_cached
         assert torch.equal(proj.project(x), first)
         results.append(first)
     assert all(torch.equal(r, results[0]) for r in results)
+
+
+# ---- the fused C++ kernel (csrc/project_impl.h) --------------------------------------------
+
+needs_native = pytest.mark.skipif(not native_available(), reason="ctrak_fast._C not built")
+
+
+def _isas():
+    if not native_available():
+        return []
+    from ctrak_fast import _native
+
+    return _native.load().cpu_isas()
+
+
+@needs_native
+@pytest.mark.parametrize("isa", _isas() or ["none"])
+@pytest.mark.parametrize(
+    "batch,n,k,start",
+    [(1, 1, 1, 0), (3, 37, 5, 11), (7, 300, 65, 2**33 - 5), (13, 1000, 130, 7), (2, 70, 2048, 3)],
+)
+def test_fused_kernel_matches_the_oracle(isa, batch, n, k, start):
+    from ctrak_fast import _native
+
+    # Odd sizes: batch rows past the micro-tile, columns past the panel, rows past the panel.
+    x = torch.randn(batch, n)
+    want = x.double() @ hashing.rademacher_block(5, start, n, k).double()
+    out = torch.zeros(batch, k)
+    _native.load().rademacher_project(5, start, x.numpy(), k, out.numpy(), isa=isa)
+    # float32 fma chain of n terms of size |x|/sqrt(k): error ~ n * 2**-24 * |x| / sqrt(k).
+    atol = n * 6e-8 * 4 / math.sqrt(k)
+    torch.testing.assert_close(out.double(), want, rtol=0, atol=atol)
+    again = torch.ones(batch, k)  # it accumulates into out
+    _native.load().rademacher_project(5, start, x.numpy(), k, again.numpy(), isa=isa)
+    torch.testing.assert_close(again - 1, out, rtol=0, atol=2 * atol + 1e-6)
+
+
+@needs_native
+def test_fused_kernel_bits_do_not_depend_on_threads_batch_or_row_stride():
+    from ctrak_fast import _native
+
+    C = _native.load()
+    x = torch.randn(11, 5000)
+    outs = []
+    for threads in (1, 2, 3):
+        out = torch.zeros(11, 300)
+        C.rademacher_project(1, 40, x.numpy(), 300, out.numpy(), num_threads=threads)
+        outs.append(out)
+    assert all(torch.equal(o, outs[0]) for o in outs)
+    for lo, hi in [(0, 1), (3, 9)]:  # other rows of the batch do not matter, nor the row stride
+        out = torch.zeros(hi - lo, 300)
+        C.rademacher_project(1, 40, x[lo:hi].numpy(), 300, out.numpy())
+        assert torch.equal(out, outs[0][lo:hi])
+    wide = torch.zeros(11, 7000)
+    wide[:, 1000:6000] = x
+    out = torch.zeros(11, 300)
+    C.rademacher_project(1, 40, wide[:, 1000:6000].numpy(), 300, out.numpy())
+    assert torch.equal(out, outs[0])
+
+
+@needs_native
+def test_fused_kernel_refuses_bad_arguments():
+    import numpy as np
+
+    from ctrak_fast import _native
+
+    C = _native.load()
+    x = np.zeros((2, 10), np.float32)
+    with pytest.raises(ValueError, match="out must be \\[2, 4\\]"):
+        C.rademacher_project(0, 0, x, 4, np.zeros((2, 5), np.float32))
+    with pytest.raises(TypeError, match="x must be float32"):
+        C.rademacher_project(0, 0, x.astype(np.float64), 4, np.zeros((2, 4), np.float32))
+    with pytest.raises(ValueError, match="rows must be contiguous"):
+        C.rademacher_project(0, 0, np.zeros((10, 2), np.float32).T, 4, np.zeros((2, 4), np.float32))
+    with pytest.raises(ValueError, match="row_start"):
+        C.rademacher_project(0, -1, x, 4, np.zeros((2, 4), np.float32))
+
+
+@needs_native
+def test_cpu_blocks_across_the_summation_grid_give_the_same_bits():
+    from ctrak_fast import _native
+
+    grid = _native.load().PROJECT_GRID_ROWS
+    p, start = 2 * grid + 777, 50  # blocks from row 50: grid chunks straddle block edges
+    spec = ProjectionSpec(k=40, seed=3)
+    proj = Projector(spec, start + p, backend="cpu")
+    x = torch.randn(3, p)
+    full = proj.project_blocks([(start, x)])
+    want = x.double() @ dense_matrix(spec, start + p)[start:].double()
+    torch.testing.assert_close(full.double(), want, rtol=1e-5, atol=1e-4)
+    rng = random.Random(1)
+    edge = grid - start  # a cut exactly on the grid, and cuts one row either side
+    fixed = [
+        [(0, x[:, :edge]), (edge, x[:, edge:])],
+        [(0, x[:, : edge + 1]), (edge + 1, x[:, edge + 1 :])],
+    ]
+    for trial, blocks in enumerate(fixed + [_random_blocks(x, rng) for _ in range(8)]):
+        shifted = [(start + off, b) for off, b in blocks]
+        assert torch.equal(proj.project_blocks(shifted), full), trial
+
+
+@needs_native
+def test_cpu_backend_stores_no_signs():
+    proj = Projector(ProjectionSpec(k=32, seed=2), 1000, backend="cpu")
+    x = torch.randn(3, 1000)
+    torch.testing.assert_close(proj.project(x), x @ dense_matrix(proj.spec, 1000))
+    assert proj.cached_bytes == 0
 
 
 def test_reference_rows_are_made_in_bounded_chunks(monkeypatch):
@@ -209,6 +315,8 @@ def test_batch_size_does_not_change_rows(backend):
     x = torch.randn(16, 500)
     full = proj.project(x)
     for lo, hi in [(0, 1), (3, 8), (8, 16)]:
+        if backend == "cpu":  # one fma chain per output: the other rows cannot matter
+            assert torch.equal(proj.project(x[lo:hi]), full[lo:hi])
         # BLAS may pick another kernel for another batch size: float32 rounding, not bits.
         torch.testing.assert_close(proj.project(x[lo:hi]), full[lo:hi], rtol=1e-5, atol=1e-6)
 
