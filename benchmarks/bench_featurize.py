@@ -430,7 +430,7 @@ def _small_featurizer(projection):
 
 
 def test_featurize_dense_small(benchmark):
-    """pytest-benchmark entry: 16 images, 2 timesteps, dense k = 512 (tile cache warm)."""
+    """pytest-benchmark entry: 16 images, 2 timesteps, dense k = 512 (after one warm-up call)."""
     from ctrak_fast.projection import ProjectionSpec
 
     fz, x, c = _small_featurizer(ProjectionSpec(k=512))

@@ -2,6 +2,7 @@
 
     python benchmarks/bench_projection.py                  # B=16, p=10**6, k=2048
     python benchmarks/bench_projection.py --p 200000 --threads 1 --json out/proj.json
+    pytest benchmarks/bench_projection.py                  # small pytest-benchmark case
 
 Cases (all float32 on the CPU, same input):
 
@@ -227,6 +228,19 @@ def main() -> None:
     result["notes"] = notes
     args.json.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.json}")
+
+
+def test_projection_fused_cpu_small(benchmark):
+    """pytest-benchmark entry: B = 16, p = 2**17, k = 1024 through Projector's cpu backend (or the
+    reference where the extension is not built), checked against the stored matrix."""
+    B, p, k = 16, 2**17, 1024
+    x = torch.randn(B, p, generator=torch.Generator().manual_seed(0))
+    proj = Projector(ProjectionSpec(k=k), p, backend="cpu" if native_available() else "reference")
+    out = benchmark(proj.project, x)
+    want = x[:, :4096] @ hashing.rademacher_block(0, 0, 4096, k)
+    got = proj.project_blocks([(0, x[:, :4096])])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    check_norms(out, x, 1 / k)
 
 
 if __name__ == "__main__":

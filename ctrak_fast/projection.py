@@ -221,6 +221,17 @@ def _native_project_fn():
     return _native.load().rademacher_project
 
 
+def native_project_into(out: torch.Tensor, x: torch.Tensor, seed: int, row_start: int) -> None:
+    """out [B, k] (float32, C-contiguous, CPU) += x [B, n] @ P[row_start : row_start + n] with the
+    fused C++ kernel on ``torch.get_num_threads()`` threads (so set_num_threads governs it)."""
+    x = x.detach().to(device="cpu", dtype=torch.float32)
+    if (x.shape[1] > 1 and x.stride(1) != 1) or (x.shape[0] > 1 and x.stride(0) < 1):
+        x = x.contiguous()  # the kernel takes contiguous rows at a positive stride
+    if x.numel():
+        k = out.shape[1]
+        _native_project_fn()(seed, row_start, x.numpy(), k, out.numpy(), torch.get_num_threads())
+
+
 def _native_grid_rows() -> int:
     from . import _native
 
@@ -304,7 +315,6 @@ class Projector:
         self._cache: dict[int, torch.Tensor] = {}
         self._cached_bytes = 0
         self._native = None
-        self._native_project = None
         self._native_grid = 0
         self._scratch: np.ndarray | None = None
         # Where CPU-side tiles come from; CUDA inputs may still go to triton (see _use_triton).
@@ -317,7 +327,7 @@ class Projector:
         if backend in ("cpu", "auto", "triton"):
             try:
                 self._native = _native_tile_fn()
-                self._native_project = _native_project_fn()
+                _native_project_fn()
                 self._native_grid = _native_grid_rows()
                 return "cpu"
             except Exception as e:  # reported below, whatever it is
@@ -403,16 +413,9 @@ class Projector:
         as a view, and the pieces of a chunk shared by several blocks are gathered into one
         zero-filled buffer. The bits are then those of projecting the zero-filled vector whole."""
         grid = self._native_grid
-        dst = out.numpy()
 
         def call(row_start: int, x: torch.Tensor) -> None:
-            x = x.detach().to(device="cpu", dtype=torch.float32)
-            if (x.shape[1] > 1 and x.stride(1) != 1) or (x.shape[0] > 1 and x.stride(0) < 1):
-                x = x.contiguous()  # the kernel takes contiguous rows at a positive stride
-            # Follow torch's thread budget, so set_num_threads governs the whole projection.
-            self._native_project(
-                self.spec.seed, row_start, x.numpy(), self.k, dst, torch.get_num_threads()
-            )
+            native_project_into(out, x, self.spec.seed, row_start)
 
         shared: list[tuple[int, torch.Tensor]] = []  # pieces of the current partial chunk
 

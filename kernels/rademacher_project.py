@@ -258,16 +258,12 @@ def _use_cpu_kernel(force: str | None, x: torch.Tensor) -> bool:
 
 def _cpu_launch(x, seed: int, k: int, row_offset: int, out, accumulate: bool) -> torch.Tensor:
     """out (+)= x @ P with the fused C++ kernel (signs hashed into L1, never stored)."""
-    from ctrak_fast.projection import _native_project_fn
+    from ctrak_fast.projection import native_project_into
 
-    x = x.detach().float()
-    if x.shape[1] > 1 and x.stride(1) != 1 or x.shape[0] > 1 and x.stride(0) < 1:
-        x = x.contiguous()
     dst = out if out.is_contiguous() else torch.zeros(out.shape, dtype=torch.float32)
     if not accumulate or dst is not out:
         dst.zero_()
-    if x.numel():
-        _native_project_fn()(seed, row_offset, x.numpy(), k, dst.numpy(), torch.get_num_threads())
+    native_project_into(dst, x, seed, row_offset)
     if dst is out:
         return out
     return out.add_(dst) if accumulate else out.copy_(dst)
