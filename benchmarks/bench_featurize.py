@@ -8,8 +8,12 @@ Every path featurizes the same images of the shipped training set with the shipp
 noise, summed over the same timesteps, gradient w.r.t. all parameters, no per-timestep
 normalisation (TRAKer cannot normalise per timestep; the ``+norm`` rows add ours, exact norms).
 
-- ``ours/dense``: batched hooks (per-sample gradients layer by layer) + C++ Rademacher projection
-  (tiles cached after the first batch), written to a FeatureStore.
+- ``ours/dense``: batched hooks (per-sample gradients layer by layer, conv ones by one grouped
+  conv backward), summed over timesteps, then one projection by the fused C++ kernel, written to a
+  FeatureStore (on CUDA the device default is layerwise: see the next row).
+- ``ours/dense layerwise`` (CPU) / ``ours/dense materialised`` (CUDA): the other dense strategy,
+  each (batch, timestep) projected layer by layer (grads_layerwise.py; Triton-fused linear layers
+  on CUDA), never forming the B x p gradient; same features to float32 rounding.
 - ``ours/factorized``: LoGra-style Kronecker projection per Linear/Conv2d layer
   (``--factorized K_IN,K_OUT``, k = layers * K_IN * K_OUT, matching --k by default), never
   forming any per-sample gradient.
@@ -195,9 +199,10 @@ def worker(args) -> None:
             else:
                 projection = ProjectionSpec(k=args.k)
             spec = type(spec)(**{**spec.to_dict(), "normalize": args.normalize})
+            layerwise = {"auto": None, "on": True, "off": False}[args.layerwise]
             fz = _featurizer(
                 model, schedule, spec, projection, grad_backend=args.grad,
-                projector_backend=args.proj,
+                projector_backend=args.proj, layerwise=layerwise,
             )  # fmt: skip
             total, first, phi = run_ours(fz, images, labels, args.batch, workdir)
             k = fz.k
@@ -318,6 +323,7 @@ def main(argv=None) -> None:
     p.add_argument("--grad", default="hooks", help=argparse.SUPPRESS)
     p.add_argument("--proj", default="auto", help=argparse.SUPPRESS)
     p.add_argument("--normalize", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--layerwise", default="auto", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.timesteps = tuple(int(t) for t in args.timesteps.split(","))
     skip = set(filter(None, args.skip.split(",")))
@@ -330,10 +336,11 @@ def main(argv=None) -> None:
     workdir = pathlib.Path(tempfile.mkdtemp(prefix="bench_featurize_"))
     rows, feats = [], {}
 
-    def record(name, n, mode="dense", normalize=False, grad="hooks", proj="auto"):
+    def record(name, n, mode="dense", normalize=False, grad="hooks", proj="auto", layerwise="auto"):
         out = workdir / f"row{len(rows)}"
         cmd = [sys.executable, __file__, "--worker", name, "--worker-out", str(out)]
         cmd += [f"--n={n}", f"--mode={mode}", f"--grad={grad}", f"--proj={proj}"]
+        cmd += [f"--layerwise={layerwise}"]
         cmd += ["--normalize"] * normalize + _passthrough(argv)
         subprocess.run(cmd, check=True)
         row = json.loads((out / "row.json").read_text())
@@ -346,6 +353,12 @@ def main(argv=None) -> None:
     record("ours/factorized", n, mode="factorized")
     record("ours/dense+norm", n, normalize=True)
     record("ours/factorized+norm", n, mode="factorized", normalize=True)
+    # The other dense strategy than this device's default (grads_layerwise.py): layer by layer
+    # per timestep is the CUDA default (no B x p buffer), summing then projecting the CPU's.
+    if args.device == "cpu":
+        record("ours/dense layerwise", n, layerwise="on")
+    else:
+        record("ours/dense materialised", n, layerwise="off")
     if "scaling" not in skip:
         record("ours/dense", 4 * n)
         record("ours/factorized", 4 * n, mode="factorized")

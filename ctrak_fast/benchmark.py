@@ -128,7 +128,7 @@ def run_quality(
     shared: list[Featurizer] = []
 
     def featurizer(spec: FeatureSpec) -> Featurizer:
-        # All methods project with the same matrix: share one projector and its tile cache.
+        # All methods project with the same matrix: share one projector.
         fz = Featurizer(
             model,
             sch,

@@ -25,6 +25,7 @@ from .store import FeatureStore, model_fingerprint
 if TYPE_CHECKING:
     from .grads import Blocks
     from .grads_factorized import FactorizedGrads
+    from .grads_layerwise import LayerwiseDense
     from .projection import FactorizedSpec
 
 PAPER_TIMESTEPS = (99, 199, 299, 399, 499, 599, 699, 799, 899)
@@ -94,6 +95,9 @@ class Featurizer:
             Conv2d weights, k = n_layers * k_in * k_out; see grads_factorized.py).
         null_cond: [F] int64 condition used as the negative of CFG inversion.
         grad_backend: "hooks" (batched capture) or "func" (torch.func reference).
+        layerwise: dense projection only: project each (batch, timestep) layer by layer
+            (grads_layerwise.py; never forms the B × p gradient, Triton-fused on CUDA) instead
+            of summing gradients over timesteps and projecting once. None (default) = on CUDA.
 
     Examples:
         >>> spec, proj = FeatureSpec(), ProjectionSpec(k=512)  # doctest: +SKIP
@@ -108,10 +112,12 @@ class Featurizer:
     null_cond: torch.Tensor
     grad_backend: str = "hooks"
     projector_backend: str = "auto"
-    shared_projector: Projector | None = None  # reuse one projector (and its tile cache)
+    shared_projector: Projector | None = None  # one projector for several featurizers
+    layerwise: bool | None = None
     _grads: PerSampleGrads = field(init=False, repr=False)
     _projector: Projector = field(init=False, repr=False)
     _factorized: FactorizedGrads | None = field(init=False, repr=False, default=None)
+    _layerwise: LayerwiseDense | None = field(init=False, repr=False, default=None)
 
     def __post_init__(self):
         self._noise: dict[int, torch.Tensor] | None = None
@@ -131,6 +137,16 @@ class Featurizer:
         self._projector = shared or Projector(
             self.projection, self._grads.dim, backend=self.projector_backend
         )
+        layerwise = self.layerwise
+        if layerwise is None:
+            on_cuda = next(self.model.parameters()).is_cuda
+            layerwise = on_cuda and self.grad_backend == "hooks"
+        if layerwise:
+            if self.grad_backend != "hooks":
+                raise ValueError("layerwise projection needs grad_backend='hooks'")
+            from .grads_layerwise import LayerwiseDense
+
+            self._layerwise = LayerwiseDense(self.model, self.spec.param_filter, self.projection)
 
     @property
     def grads(self) -> PerSampleGrads:
@@ -164,11 +180,13 @@ class Featurizer:
 
     def terms(self, x_t, t, cond, r, normalize: bool) -> Blocks:
         """Per-sample gradients (2/D) J^T r, unit-normalised if asked, in the space where they are
-        summed: parameter blocks (dense: projected once, after the sum) or, factorised, the
-        projected features as one block. Sum them with grads.add_blocks; finish with features().
+        summed: parameter blocks (dense: projected once, after the sum) or, factorised or
+        layerwise, the projected features as one block. Sum them with grads.add_blocks; finish
+        with features().
         r: a tensor shaped like x_t, or a losses.Residual evaluated on the gradient's forward."""
-        if self._factorized is not None:
-            phi, sq = self._factorized(x_t, t, cond, r, 2.0 / x_t[0].numel(), norms=normalize)
+        projected = self._factorized or self._layerwise
+        if projected is not None:
+            phi, sq = projected(x_t, t, cond, r, 2.0 / x_t[0].numel(), norms=normalize)
             blocks = [(0, phi)]
         else:
             blocks = self._grads(x_t, t, cond, r)
@@ -181,7 +199,7 @@ class Featurizer:
 
     def features(self, acc: Blocks) -> torch.Tensor:
         """Summed terms -> features [B, k] float32."""
-        if self._factorized is not None:
+        if self._factorized is not None or self._layerwise is not None:
             return acc[0][1].float()
         return self._projector.project_blocks(acc)
 

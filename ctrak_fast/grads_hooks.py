@@ -126,28 +126,47 @@ class HookedGrads:
             covered.update(s.name for s in (w, b) if s is not None)
         self.rest = [s for s in slots if s.name not in covered]
 
-    def __call__(self, x_t, t, cond, r, scale: float) -> Blocks:
-        modules = [m for m, _, _ in self.layers]
-        calls, r = capture_deltas(self.model, modules, x_t, t, cond, r, scale)
-        grads: dict[str, torch.Tensor] = {}
-        slots_of = {id(m): (w, b) for m, w, b in self.layers}
+    def capture(self, x_t, t, cond, r, scale: float):
+        """capture_deltas over the hooked layers -> ({id(module): [(a, delta), ...]}, r)."""
+        calls, r = capture_deltas(
+            self.model, [m for m, _, _ in self.layers], x_t, t, cond, r, scale
+        )
+        pairs: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         for mod, a, delta in calls:
-            w, b = slots_of[id(mod)]
-            gw, gb = _layer_grads(mod, a, delta, w is not None, b is not None)
-            for slot, g in ((w, gw), (b, gb)):
-                if slot is not None:
-                    g = g.flatten(1)
-                    grads[slot.name] = grads[slot.name] + g if slot.name in grads else g
-        if self.rest:
-            for (_, g), s in zip(
-                func_vjp(self.model, self.rest, x_t, t, cond, r, scale), self.rest, strict=True
-            ):
-                grads[s.name] = g
+            pairs.setdefault(id(mod), []).append((a, delta))
+        return pairs, r
+
+    def rest_grads(self, x_t, t, cond, r: torch.Tensor, scale: float) -> Blocks:
+        """Gradients of the parameters no hook covers, by the torch.func reference."""
+        return func_vjp(self.model, self.rest, x_t, t, cond, r, scale) if self.rest else []
+
+    def __call__(self, x_t, t, cond, r, scale: float) -> Blocks:
+        pairs, r = self.capture(x_t, t, cond, r, scale)
+        grads: dict[str, torch.Tensor] = {}
+        for mod, w, b in self.layers:
+            for slot, g in zip((w, b), layer_grads(mod, pairs.get(id(mod), []), w, b), strict=True):
+                if g is not None:
+                    grads[slot.name] = g
+        for (_, g), s in zip(self.rest_grads(x_t, t, cond, r, scale), self.rest, strict=True):
+            grads[s.name] = g
         n = x_t.shape[0]
         return [
             (s.offset, grads[s.name] if s.name in grads else x_t.new_zeros(n, s.numel))
             for s in self.slots
         ]
+
+
+def layer_grads(mod, pairs, w: ParamSlot | None, b: ParamSlot | None):
+    """Per-sample (weight, bias) gradients [B, numel] of one layer summed over its calls `pairs`
+    [(a, delta), ...]; None where the slot is None or the layer was not called."""
+    gw = gb = None
+    for a, delta in pairs:
+        w1, b1 = _layer_grads(mod, a, delta, w is not None, b is not None)
+        if w1 is not None:
+            gw = w1.flatten(1) if gw is None else gw + w1.flatten(1)
+        if b1 is not None:
+            gb = b1.flatten(1) if gb is None else gb + b1.flatten(1)
+    return gw, gb
 
 
 def _layer_grads(mod, a, delta, want_w: bool, want_b: bool):

@@ -52,6 +52,37 @@ def test_per_timestep_normalisation_uses_exact_norm(tiny_unet, loss, inversion):
     )
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["materialised", "fused-linear"])
+@pytest.mark.parametrize("param_filter", [None, "attentions"])
+@pytest.mark.parametrize("loss,normalize", [("dps", True), ("eps-norm", False)])
+def test_layerwise_projection_equals_the_projected_gradient_sum(
+    tiny_unet, monkeypatch, fused, param_filter, loss, normalize
+):
+    # Layer by layer, per timestep, normalised after projecting: the same features as summing the
+    # normalised gradients in parameter space and projecting once (to float32 rounding).
+    from ctrak_fast import grads_layerwise
+
+    if fused:  # the wiring of the fused linear kernel (its CPU reference here; Triton on CUDA)
+        linear = lambda mod, calls, device: isinstance(mod, torch.nn.Linear)  # noqa: E731
+        monkeypatch.setattr(grads_layerwise, "_fused", linear)
+    x, cond, _ = _data(3)
+    kw = dict(loss=loss, normalize=normalize, param_filter=param_filter, inversion=loss == "dps")
+    spec = FeatureSpec(**{"timesteps": TS, "inversion_steps": 10, **kw})
+    fz = [
+        Featurizer(tiny_unet, NoiseSchedule(), spec, ProjectionSpec(k=24, seed=3), NULL, **extra)
+        for extra in ({"layerwise": False}, {"layerwise": True})
+    ]
+    assert fz[0]._layerwise is None and fz[1]._layerwise is not None
+    want, dsm_want = fz[0](x, cond)
+    got, dsm_got = fz[1](x, cond)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
+    torch.testing.assert_close(dsm_got, dsm_want, equal_nan=True)
+    with pytest.raises(ValueError, match="hooks"):
+        Featurizer(
+            tiny_unet, NoiseSchedule(), spec, ProjectionSpec(k=4), NULL, "func", layerwise=True
+        )
+
+
 def test_features_are_the_projected_gradient_sum(tiny_unet):
     x, cond, _ = _data(3)
     fz = _featurizer(tiny_unet, loss="dsm", inversion=False)
