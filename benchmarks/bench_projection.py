@@ -106,6 +106,24 @@ def check_norms(out: torch.Tensor, x: torch.Tensor, entry_sq: float) -> None:
     assert (ratio - 1).abs().max() < 6 * math.sqrt(2 / k), ratio  # relative sd is sqrt(2/k)
 
 
+def float32_error(x: torch.Tensor, out: torch.Tensor, seed: int, k: int, cols: int = 64):
+    """(error of `out`, error of float32 BLAS x @ P): max |. - exact| / max |exact| over the first
+    `cols` output columns, exact = float64 x @ P (P hashed in chunks of rows)."""
+    cs = torch.arange(cols)
+    P = torch.empty(x.shape[1], cols, dtype=torch.float64)
+    for a in range(0, x.shape[1], 2**16):
+        rows = torch.arange(a, min(a + 2**16, x.shape[1]))
+        P[a : a + len(rows)] = 1 - 2 * hashing.sign_bits(seed, rows, cs).double()
+    P /= math.sqrt(k)
+    exact = x.double() @ P
+    scale = exact.abs().max()
+    blas = x @ P.float()
+    return (
+        float((out[:, :cols].double() - exact).abs().max() / scale),
+        float((blas.double() - exact).abs().max() / scale),
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch", type=int, default=16)
@@ -175,6 +193,11 @@ def main() -> None:
         times, first = measure(lambda: cpu.project(x), args.reps)
         check_norms(first, x, 1 / k)
         record("ours/cpu", times, note=f"({C.cpu_isa()}, fused)")
+        err, err_blas = float32_error(x, first, spec.seed, k)
+        notes.append(
+            f"float32 error vs float64 (first 64 columns, max |diff| / max |exact|): ours/cpu "
+            f"{err:.1e}, float32 BLAS x @ P {err_blas:.1e}"
+        )
         threads = torch.get_num_threads()
         for isa in C.cpu_isas()[1:]:
 
