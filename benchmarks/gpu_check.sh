@@ -91,7 +91,7 @@ step pytest 150 "$PY" -m pytest -m "cuda or triton" -q -rs -p no:cacheprovider \
   --continue-on-collection-errors tests/
 
 # --- benchmarks --------------------------------------------------------------------------------
-step bench_kernels 90 "$PY" benchmarks/bench_kernels.py --rep-ms 100 --json "$LOG/bench_kernels.json"
+step bench_kernels 75 "$PY" benchmarks/bench_kernels.py --rep-ms 100 --json "$LOG/bench_kernels.json"
 
 if [ -f benchmarks/bench_topk.py ]; then
   topk_args=()
@@ -106,10 +106,10 @@ if [ -f benchmarks/bench_topk.py ]; then
   elif grep -q -- "--gpu" <<<"$help"; then
     topk_args+=(--gpu)
   fi
-  step bench_topk 60 "$PY" benchmarks/bench_topk.py ${topk_args[@]+"${topk_args[@]}"}
+  step bench_topk 45 "$PY" benchmarks/bench_topk.py ${topk_args[@]+"${topk_args[@]}"}
 fi
 
-step bench_featurize 60 "$PY" benchmarks/bench_featurize.py --device cuda --n 64 --n-slow 32 \
+step bench_featurize 90 "$PY" benchmarks/bench_featurize.py --device cuda --n 64 --n-slow 32 \
   --skip scaling
 
 note "done in $(($(date +%s) - START))s, status $STATUS"
