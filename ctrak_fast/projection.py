@@ -20,12 +20,12 @@ Summation order. The cpu backend sums every output per chunk of a fixed global g
 (``_C.PROJECT_GRID_ROWS``, one fma chain each, then the chunks in order; as accurate as a blocked
 BLAS) and hands each grid chunk to the kernel in one call, so the bits depend only on the values
 and the set of rows given: not on the chunking or order of the blocks, the thread count, or the
-other rows of the batch. The reference
-backend accumulates over a fixed grid of ``tile_rows`` rows; within a grid tile the input rows are
-gathered into one contiguous float32 buffer spanning the first to the last row given in that tile
-(rows not given are zero), so it too is invariant to chunking (bitwise on one machine in practice);
-across batch sizes the BLAS kernel may change its summation order (float32 rounding, about 1e-6
-relative). The Triton kernel (CUDA inputs) has its own order and agrees to float32 rounding.
+other rows of the batch. The reference backend accumulates over a fixed grid of ``tile_rows``
+rows; within a grid tile the input rows are gathered into one contiguous float32 buffer spanning
+the first to the last row given in that tile (rows not given are zero), so it too is invariant to
+chunking (bitwise on one machine in practice); across batch sizes the BLAS kernel may change its
+summation order (float32 rounding, about 1e-6 relative). The Triton kernel (CUDA inputs) has its
+own order and agrees to float32 rounding.
 """
 
 from __future__ import annotations
@@ -269,10 +269,10 @@ class Projector:
             fixed prefix of the tiles. 0 disables the cache. It saves ~99% of a reference call.
         device: device for the matmul and the cached tiles; None = the input's device.
         tile_rows: rows per tile of the reference backend, the grid of its summation order (and
-            of :meth:`rows`); None (default) = the power of
-            two nearest below ``TILE_BYTES / (4 k)``, within [64, 65536]: few, large matmuls (each
-            one is a parallel region; on a busy machine their start-up dominates small ones),
-            memory bounded whatever k. Keep the default to reproduce features bit for bit.
+            of :meth:`rows`); None (default) = the power of two nearest below
+            ``TILE_BYTES / (4 k)``, within [64, 65536]: few, large matmuls (each one is a parallel
+            region; on a busy machine their start-up dominates small ones), memory bounded
+            whatever k. Keep the default to reproduce features bit for bit.
 
     A Projector holds a scratch tile and the cache: use one per thread (the cpu backend's
     kernel runs on ``torch.get_num_threads()`` threads of its own pool).
