@@ -22,8 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .grads import parameter_layout
-from .grads_hooks import capture_deltas, conv_weight_grads, plain_conv
+from .grads_hooks import capture_deltas, layer_grads, layer_positions, plain_conv
 from .projection import FactorizedSpec, factorized_matrices
 
 
@@ -81,13 +82,10 @@ class FactorizedGrads:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """-> (features [B, k] float32 in layer order, squared gradient norms [B] float32, or
         None without `norms`)."""
-        calls, _ = capture_deltas(
+        grads, _ = capture_deltas(
             self.model, [m for m, _, _, _ in self.layers], x_t, t, cond, r, scale
         )
         n = x_t.shape[0]
-        grads: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        for mod, a, d in calls:
-            grads.setdefault(id(mod), []).append((a, d))
         feats, sq = [], x_t.new_zeros(n, dtype=torch.float32) if norms else None
         for mod, _, layer, bias in self.layers:
             pairs = grads.get(id(mod), [])
@@ -129,41 +127,14 @@ def _projected_sides(mod, a, delta, P_in, P_out, bias: bool):
     return (Ap + P_in[d_in] if bias else Ap), Gp
 
 
-def _positions(mod: nn.Module, a: torch.Tensor, delta: torch.Tensor):
-    """Layer input and output gradient as A [B, T, in], G [B, T, out]."""
-    n = a.shape[0]
-    if isinstance(mod, nn.Conv2d):
-        cols = F.unfold(a, mod.kernel_size, mod.dilation, mod.padding, mod.stride)
-        return cols.transpose(1, 2), delta.flatten(2).transpose(1, 2)
-    return a.reshape(n, -1, a.shape[-1]), delta.reshape(n, -1, delta.shape[-1])
-
-
 def _sq_norm(mod: nn.Module, pairs, bias: bool = False) -> torch.Tensor:
     """||sum over calls of G_bᵀ [A_b | 1]||_F² per sample (the 1-column only with bias), by the
-    cheaper of the ghost-norm identity and W_b itself (a conv's by one grouped conv backward)."""
+    cheaper of the ghost-norm identity and W_b itself (a conv's by one grouped conv backward,
+    without unfolding its input)."""
     d_out, d_in = mod.weight.shape[0], mod.weight[0].numel()
     positions = sum(d[0].numel() // d_out for _, d in pairs)
-    if positions * (d_in + d_out) < d_in * d_out:
-        sides = [_positions(mod, a, d) for a, d in pairs]
-        A = torch.cat([s[0] for s in sides], 1).float()
-        G = torch.cat([s[1] for s in sides], 1).float()
-        gram = A @ A.transpose(1, 2) + 1.0 if bias else A @ A.transpose(1, 2)
-        return (gram * (G @ G.transpose(1, 2))).sum((1, 2))
-    W = sq = None
-    for a, d in pairs:
-        a, d = a.float(), d.float()
-        if isinstance(mod, nn.Conv2d):
-            w = conv_weight_grads(mod, a, d)
-        else:
-            A, G = _positions(mod, a, d)
-            w = torch.bmm(G.transpose(1, 2), A)
-        W = w if W is None else W + w
-        if bias:
-            g = (
-                d.flatten(2).sum(2)
-                if isinstance(mod, nn.Conv2d)
-                else _positions(mod, a, d)[1].sum(1)
-            )
-            sq = g if sq is None else sq + g
-    out = W.pow(2).sum((1, 2))
-    return out + sq.pow(2).sum(1) if bias else out
+    if isinstance(mod, nn.Linear) or positions * (d_in + d_out) < d_in * d_out:
+        A, G = layer_positions(mod, pairs)
+        return kernels.linear_grad_sq_norm(A, G, bias=bias)  # picks ghost or W_b itself
+    gw, gb = layer_grads(mod, [(a.float(), d.float()) for a, d in pairs], True, bias)
+    return gw.pow(2).sum(1) + gb.pow(2).sum(1) if bias else gw.pow(2).sum(1)

@@ -71,12 +71,15 @@ def _supported(mod: nn.Module) -> bool:
     return isinstance(mod, _SUPPORTED)
 
 
+Pairs = list[tuple[torch.Tensor, torch.Tensor]]  # one layer's calls: [(input a, delta), ...]
+
+
 def capture_deltas(
     model: nn.Module, modules: list[nn.Module], x_t, t, cond, r, scale: float
-) -> tuple[list[tuple[nn.Module, torch.Tensor, torch.Tensor]], torch.Tensor]:
-    """One forward and one backward of scale * <eps(x_t, t, cond), r>: for every call of a module
-    in `modules`, (module, its input a, dloss/doutput delta), in call order, and r. No parameter
-    gradient is computed; calls whose output does not reach the loss are left out.
+) -> tuple[dict[int, Pairs], torch.Tensor]:
+    """One forward and one backward of scale * <eps(x_t, t, cond), r> -> ({id(module): [(its
+    input a, dloss/doutput delta) per call, in call order]}, r). No parameter gradient is computed;
+    calls whose output does not reach the loss are left out.
 
     r: a tensor shaped like eps, or a callable r(eps, x) (losses.Residual) evaluated on this
     forward's output, which saves the forward a separate residual would cost."""
@@ -98,12 +101,11 @@ def capture_deltas(
     finally:
         for h in handles:
             h.remove()
-    calls = [
-        (mod, a, d.detach())
-        for (mod, a, _), d in zip(records, deltas, strict=True)
-        if d is not None
-    ]
-    return calls, r
+    pairs: dict[int, Pairs] = {}
+    for (mod, a, _), d in zip(records, deltas, strict=True):
+        if d is not None:
+            pairs.setdefault(id(mod), []).append((a, d.detach()))
+    return pairs, r
 
 
 class HookedGrads:
@@ -126,15 +128,9 @@ class HookedGrads:
             covered.update(s.name for s in (w, b) if s is not None)
         self.rest = [s for s in slots if s.name not in covered]
 
-    def capture(self, x_t, t, cond, r, scale: float):
-        """capture_deltas over the hooked layers -> ({id(module): [(a, delta), ...]}, r)."""
-        calls, r = capture_deltas(
-            self.model, [m for m, _, _ in self.layers], x_t, t, cond, r, scale
-        )
-        pairs: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        for mod, a, delta in calls:
-            pairs.setdefault(id(mod), []).append((a, delta))
-        return pairs, r
+    def capture(self, x_t, t, cond, r, scale: float) -> tuple[dict[int, Pairs], torch.Tensor]:
+        """capture_deltas over the hooked layers."""
+        return capture_deltas(self.model, [m for m, _, _ in self.layers], x_t, t, cond, r, scale)
 
     def rest_grads(self, x_t, t, cond, r: torch.Tensor, scale: float) -> Blocks:
         """Gradients of the parameters no hook covers, by the torch.func reference."""
@@ -144,7 +140,9 @@ class HookedGrads:
         pairs, r = self.capture(x_t, t, cond, r, scale)
         grads: dict[str, torch.Tensor] = {}
         for mod, w, b in self.layers:
-            for slot, g in zip((w, b), layer_grads(mod, pairs.get(id(mod), []), w, b), strict=True):
+            calls = pairs.get(id(mod), [])
+            grads_wb = layer_grads(mod, calls, w is not None, b is not None)
+            for slot, g in zip((w, b), grads_wb, strict=True):
                 if g is not None:
                     grads[slot.name] = g
         for (_, g), s in zip(self.rest_grads(x_t, t, cond, r, scale), self.rest, strict=True):
@@ -156,17 +154,31 @@ class HookedGrads:
         ]
 
 
-def layer_grads(mod, pairs, w: ParamSlot | None, b: ParamSlot | None):
-    """Per-sample (weight, bias) gradients [B, numel] of one layer summed over its calls `pairs`
-    [(a, delta), ...]; None where the slot is None or the layer was not called."""
+def layer_grads(mod, pairs: Pairs, want_w: bool, want_b: bool):
+    """Per-sample (weight, bias) gradients [B, numel] of one layer summed over its calls `pairs`;
+    None where not wanted or the layer was not called."""
     gw = gb = None
     for a, delta in pairs:
-        w1, b1 = _layer_grads(mod, a, delta, w is not None, b is not None)
+        w1, b1 = _layer_grads(mod, a, delta, want_w, want_b)
         if w1 is not None:
             gw = w1.flatten(1) if gw is None else gw + w1.flatten(1)
         if b1 is not None:
             gb = b1.flatten(1) if gb is None else gb + b1.flatten(1)
     return gw, gb
+
+
+def layer_positions(mod: nn.Module, pairs: Pairs) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Linear or plain Conv2d layer's inputs and output gradients over all its calls as
+    A [B, T, in] (a conv's im2col columns) and G [B, T, out]: W_b = G_bᵀ A_b."""
+    As, Gs = [], []
+    for a, d in pairs:
+        n = a.shape[0]
+        if isinstance(mod, nn.Conv2d):
+            a = F.unfold(a, mod.kernel_size, mod.dilation, mod.padding, mod.stride).transpose(1, 2)
+            d = d.flatten(2).transpose(1, 2)
+        As.append(a.reshape(n, -1, a.shape[-1]))
+        Gs.append(d.reshape(n, -1, d.shape[-1]))
+    return torch.cat(As, 1), torch.cat(Gs, 1)
 
 
 def _layer_grads(mod, a, delta, want_w: bool, want_b: bool):

@@ -27,7 +27,7 @@ from torch import nn
 
 from . import kernels
 from .grads import parameter_layout
-from .grads_hooks import HookedGrads, layer_grads
+from .grads_hooks import HookedGrads, layer_grads, layer_positions
 from .projection import ProjectionSpec
 
 FUSED_MAX_T = 1024  # positions per sample up to which the fused linear kernel is used
@@ -64,8 +64,7 @@ class LayerwiseDense:
             if not calls:
                 continue
             if w is not None and _fused(mod, calls, x_t.device):
-                A = torch.cat([a.reshape(n, -1, a.shape[-1]) for a, _ in calls], 1)
-                G = torch.cat([d.reshape(n, -1, d.shape[-1]) for _, d in calls], 1)
+                A, G = layer_positions(mod, calls)
                 bias = None if b is None else b.offset
                 kernels.linear_grad_project(
                     A, G, seed, k, w.offset, bias_offset=bias, out=phi, accumulate=True
@@ -73,7 +72,8 @@ class LayerwiseDense:
                 if sq is not None:
                     sq += kernels.linear_grad_sq_norm(A, G, bias=b is not None)
                 continue
-            for slot, g in zip((w, b), layer_grads(mod, calls, w, b), strict=True):
+            grads_wb = layer_grads(mod, calls, w is not None, b is not None)
+            for slot, g in zip((w, b), grads_wb, strict=True):
                 if g is not None:
                     _project_into(phi, sq, g, seed, k, slot.offset)
         for off, g in self.hooked.rest_grads(x_t, t, cond, r, scale):

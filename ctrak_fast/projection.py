@@ -412,22 +412,18 @@ class Projector:
         every grid chunk must reach it in one call: the rows of whole chunks inside one block go
         as a view, and the pieces of a chunk shared by several blocks are gathered into one
         zero-filled buffer. The bits are then those of projecting the zero-filled vector whole."""
-        grid = self._native_grid
-
-        def call(row_start: int, x: torch.Tensor) -> None:
-            native_project_into(out, x, self.spec.seed, row_start)
-
+        grid, seed = self._native_grid, self.spec.seed
         shared: list[tuple[int, torch.Tensor]] = []  # pieces of the current partial chunk
 
         def flush() -> None:
             if len(shared) == 1:
-                call(*shared[0])
+                native_project_into(out, shared[0][1], seed, shared[0][0])
             elif shared:
                 lo, hi = shared[0][0], shared[-1][0] + shared[-1][1].shape[1]
                 buf = torch.zeros(out.shape[0], hi - lo)
                 for start, piece in shared:
                     buf[:, start - lo : start - lo + piece.shape[1]].copy_(piece)
-                call(lo, buf)
+                native_project_into(out, buf, seed, lo)
             shared.clear()
 
         for offset, x in blocks:  # sorted by offset, non-overlapping
@@ -438,7 +434,7 @@ class Projector:
                     flush()
                 if pos == chunk and end - pos >= grid:  # whole chunks: one view
                     stop = pos + (end - pos) // grid * grid
-                    call(pos, x[:, pos - offset : stop - offset])
+                    native_project_into(out, x[:, pos - offset : stop - offset], seed, pos)
                 else:
                     stop = min(end, chunk + grid)
                     shared.append((pos, x[:, pos - offset : stop - offset]))
