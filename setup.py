@@ -14,7 +14,6 @@ Environment switches:
 from __future__ import annotations
 
 import os
-import re
 import shlex
 import shutil
 import subprocess
@@ -25,15 +24,6 @@ from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
-
-
-def _version() -> str:
-    path = ROOT / "ctrak_fast" / "_version.py"
-    if path.exists():
-        match = re.search(r"""__version__\s*=\s*["']([^"']+)["']""", path.read_text())
-        if match:
-            return match.group(1)
-    return "0.1.0"
 
 
 def _torch_cuda() -> str | None:
@@ -116,25 +106,14 @@ def _packages() -> tuple[list[str], dict[str, str]]:
 
 packages, package_dir = _packages()
 
+# Metadata (name, version, dependencies, extras, the `ctrak` entry point) is PEP 621 in
+# pyproject.toml; this file only adds what it cannot say: the CMake-built extension and the
+# top-level kernels/ installed as ctrak_fast.kernels.
 setup(
-    name="ctrak-fast",
-    version=_version(),
-    description="Concept-level training-data attribution of diffusion models (Concept-TRAK)",
-    python_requires=">=3.10",
     packages=packages,
     package_dir=package_dir,
     package_data={"ctrak_fast": ["assets/*.safetensors", "assets/*.json", "py.typed", "_C.pyi"]},
     ext_modules=[CMakeExtension("ctrak_fast._C")],
     cmdclass={"build_ext": CMakeBuild},
-    install_requires=[
-        "torch>=2.3",
-        "numpy",
-        "safetensors>=0.4",
-        "diffusers>=0.30",
-        "tqdm",
-        "pillow",
-        "matplotlib",
-    ],
-    entry_points={"console_scripts": ["ctrak = ctrak_fast.cli:main"]},
     zip_safe=False,
 )

@@ -57,8 +57,8 @@ from common import PeakRss, environment, format_table, write_json  # noqa: E402
 
 def _setup(args):
     from ctrak_fast.api import shipped_dataset, shipped_model
-    from ctrak_fast.diffusion import NoiseSchedule
-    from ctrak_fast.featurize import FeatureSpec
+    from ctrak_fast.method.diffusion import NoiseSchedule
+    from ctrak_fast.method.featurize import FeatureSpec
 
     device = torch.device(getattr(args, "device", "cpu"))
     model = shipped_model().to(device)
@@ -73,15 +73,15 @@ def _setup(args):
 
 def _featurizer(model, schedule, spec, projection, **kw):
     """A Featurizer of the shipped model (null condition from the model)."""
-    from ctrak_fast.featurize import Featurizer
+    from ctrak_fast.method.featurize import Featurizer
 
     return Featurizer(model, schedule, spec, projection, model.null_cond(1)[0], **kw)
 
 
 def run_ours(fz, images, labels, batch, workdir):
     """featurize_dataset into a fresh store; returns (seconds, first-batch seconds, features)."""
-    from ctrak_fast.featurize import featurize_dataset
-    from ctrak_fast.store import FeatureStore
+    from ctrak_fast.engine.store import FeatureStore
+    from ctrak_fast.method.featurize import featurize_dataset
 
     first = {}
     inner = fz.__call__
@@ -114,8 +114,8 @@ def run_traker(model, schedule, spec, images, labels, k, batch, workdir):
     from trak.modelout_functions import AbstractModelOutput
     from trak.projectors import BasicProjector, ProjectionType
 
-    from ctrak_fast.diffusion import add_noise
-    from ctrak_fast.featurize import fixed_noise
+    from ctrak_fast.method.diffusion import add_noise
+    from ctrak_fast.method.featurize import fixed_noise
 
     device = images.device
     noise = fixed_noise(spec.noise_seed, spec.timesteps, tuple(images.shape[1:]))
@@ -176,7 +176,7 @@ def run_traker(model, schedule, spec, images, labels, k, batch, workdir):
 
 def worker(args) -> None:
     """One row in a fresh process, so that its peak RSS is its own."""
-    from ctrak_fast.projection import FactorizedSpec, ProjectionSpec
+    from ctrak_fast.engine.projection import FactorizedSpec, ProjectionSpec
 
     model, schedule, spec, images, labels = _setup(args)
     images, labels, n = images[: args.n], labels[: args.n], args.n
@@ -244,8 +244,8 @@ def _sync(device) -> None:
 def run_floor(model, schedule, spec, images, labels, batch):
     """The least any per-sample method must do: one batched forward + backward of the loss per
     (batch, timestep), no per-sample work, no projection."""
-    from ctrak_fast.diffusion import add_noise
-    from ctrak_fast.featurize import fixed_noise
+    from ctrak_fast.method.diffusion import add_noise
+    from ctrak_fast.method.featurize import fixed_noise
 
     noise = fixed_noise(spec.noise_seed, spec.timesteps, tuple(images.shape[1:]))
     t0, first = time.perf_counter(), None
@@ -329,7 +329,7 @@ def main(argv=None) -> None:
     skip = set(filter(None, args.skip.split(",")))
     torch.set_num_threads(args.threads)
 
-    from ctrak_fast.projection import ProjectionSpec
+    from ctrak_fast.engine.projection import ProjectionSpec
 
     if args.worker:
         return worker(args)
@@ -444,7 +444,7 @@ def _small_featurizer(projection):
 
 def test_featurize_dense_small(benchmark):
     """pytest-benchmark entry: 16 images, 2 timesteps, dense k = 512 (after one warm-up call)."""
-    from ctrak_fast.projection import ProjectionSpec
+    from ctrak_fast.engine.projection import ProjectionSpec
 
     fz, x, c = _small_featurizer(ProjectionSpec(k=512))
     fz(x, c)
@@ -454,7 +454,7 @@ def test_featurize_dense_small(benchmark):
 
 def test_featurize_factorized_small(benchmark):
     """pytest-benchmark entry: the same with the factorised projection (4 x 4 per layer)."""
-    from ctrak_fast.projection import FactorizedSpec
+    from ctrak_fast.engine.projection import FactorizedSpec
 
     fz, x, c = _small_featurizer(FactorizedSpec(k_in=4, k_out=4))
     phi, _ = benchmark(fz, x, c)

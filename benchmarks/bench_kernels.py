@@ -75,7 +75,7 @@ def _bench(fn, rep_ms: float) -> dict:
 
 def dense_P(seed: int, p: int, k: int, dtype: torch.dtype, device) -> torch.Tensor:
     """[p, k] projection matrix from the torch hash, generated on ``device`` in row chunks."""
-    from ctrak_fast import hashing
+    from ctrak_fast.kernels import hashing
 
     out = torch.empty(p, k, dtype=dtype, device=device)
     cols = torch.arange(k, device=device)
@@ -108,7 +108,7 @@ def ceilings(size: dict, dev: str, rep_ms: float) -> dict:
 
 
 def case_rademacher(K, dtype: torch.dtype, size: dict, dev: str, rep_ms: float) -> list[dict]:
-    from ctrak_fast import hashing
+    from ctrak_fast.kernels import hashing
 
     B, p, k, seed = 16, size["p"], size["k"], 0
     x = torch.randn(B, p, device=dev).to(dtype)

@@ -43,8 +43,11 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from ctrak_fast import hashing  # noqa: E402
-from ctrak_fast.projection import ProjectionSpec, Projector, native_available  # noqa: E402
+from ctrak_fast.kernels import hashing  # noqa: E402
+
+from ctrak_fast.engine.native import native_available  # noqa: E402
+from ctrak_fast.engine.projection import ProjectionSpec  # noqa: E402
+from ctrak_fast.engine.projector import Projector  # noqa: E402
 
 
 def environment() -> dict:
@@ -184,7 +187,7 @@ def main() -> None:
     if not native_available():
         notes.append("ours/cpu skipped: ctrak_fast._C is not built (./dev setup)")
     else:
-        from ctrak_fast import _native
+        from ctrak_fast.engine import native as _native
 
         C = _native.load()
         cpu = Projector(spec, p, backend="cpu")

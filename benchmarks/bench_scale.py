@@ -13,7 +13,7 @@ Steps, all in one process:
     independent fma chains of the ISA the kernels use (``_C.cpu_fma_peak``). The compute
     ceilings are measured before and after the searches and the higher value kept (the
     machine is shared: this is the conservative choice for the ratios);
- 3. our search (``ctrak_fast.search.topk`` on the FeatureStore): cold with and without
+ 3. our search (``ctrak_fast.engine.search.topk`` on the FeatureStore): cold with and without
     read-ahead at the benchmark's q (compute-bound here) and at a small q (--io-queries,
     read-bound), warm (repeated), warm with full sha256 verification; the small store warm.
     Each run records wall time, rows/s, file bytes/s, GFLOP/s and peak RSS (total and anon,
@@ -44,14 +44,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, format_table, time_fn, write_json  # noqa: E402
 
-from ctrak_fast import _native  # noqa: E402
-from ctrak_fast.search import (  # noqa: E402
-    fp32_error_bound,
+from ctrak_fast.engine import native as _native  # noqa: E402
+from ctrak_fast.engine.search import fp32_error_bound, topk, topk_reference
+from ctrak_fast.engine.store import (
+    FeatureStore,  # noqa: E402
     iter_store_shards,
-    topk,
-    topk_reference,
 )
-from ctrak_fast.store import FeatureStore  # noqa: E402
 
 # --- data --------------------------------------------------------------------------------------
 

@@ -37,15 +37,12 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from common import environment, format_table, time_fn  # noqa: E402
 
-from ctrak_fast import featurize  # noqa: E402
-from ctrak_fast.adapters.text2image import (  # noqa: E402
-    TextToImageAdapter,
-    make_featurizer,
-    prompt_query_features,
-)
-from ctrak_fast.featurize import FeatureSpec  # noqa: E402
-from ctrak_fast.projection import ProjectionSpec  # noqa: E402
-from ctrak_fast.query import ConceptQuerySpec  # noqa: E402
+from ctrak_fast.engine.projection import ProjectionSpec  # noqa: E402
+from ctrak_fast.method import featurize  # noqa: E402
+from ctrak_fast.method.featurize import FeatureSpec  # noqa: E402
+from ctrak_fast.method.query import ConceptQuerySpec  # noqa: E402
+from ctrak_fast.models.t2i_features import make_featurizer, prompt_query_features  # noqa: E402
+from ctrak_fast.models.text2image import TextToImageAdapter  # noqa: E402
 
 SD15_UNET = dict(
     sample_size=64,
@@ -209,7 +206,7 @@ def main(argv=None) -> dict:
     p.add_argument("--json", default="out/t2i_cost.json")
     args = p.parse_args(argv)
 
-    from ctrak_fast.adapters.tiny import load_t2i
+    from ctrak_fast.bench.tiny_text import load_t2i
 
     tiny = load_t2i(args.model)
     measured = time_tiny(tiny, args)

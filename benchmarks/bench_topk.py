@@ -36,8 +36,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import PeakRss, copy_bandwidth, environment, format_table, time_fn, write_json  # noqa: E402
 
-from ctrak_fast import _native  # noqa: E402
-from ctrak_fast.search import fp32_error_bound, topk, topk_reference  # noqa: E402
+from ctrak_fast.engine import native as _native  # noqa: E402
+from ctrak_fast.engine.search import fp32_error_bound, topk, topk_reference  # noqa: E402
 
 
 def make_features(n: int, dim: int, seed: int = 0, chunk: int = 1 << 16) -> torch.Tensor:

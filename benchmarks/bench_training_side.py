@@ -26,7 +26,7 @@ PAPER_T = (99, 199, 299, 399, 499, 599, 699, 799, 899)
 
 
 def recipes(filter_: str):
-    from ctrak_fast.featurize import FeatureSpec
+    from ctrak_fast.method.featurize import FeatureSpec
 
     return {
         "eps-norm, fixed noise (D-TRAK)": FeatureSpec.baseline("eps-norm"),
@@ -52,24 +52,23 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from ctrak_fast.benchmark import (
+    from ctrak_fast.bench.quality import (
         QualityConfig,
         _metrics_for,
         data_combos,
         make_queries,
-        train_subset,
     )
     from ctrak_fast.data import make_dataset
-    from ctrak_fast.demo import shipped
-    from ctrak_fast.diffusion import NoiseSchedule
-    from ctrak_fast.featurize import Featurizer
-    from ctrak_fast.projection import ProjectionSpec
-    from ctrak_fast.query import image_query_features
-    from ctrak_fast.scoring import Preconditioner
+    from ctrak_fast.engine.projection import ProjectionSpec
+    from ctrak_fast.engine.scoring import Preconditioner
+    from ctrak_fast.method.diffusion import NoiseSchedule
+    from ctrak_fast.method.featurize import Featurizer
+    from ctrak_fast.method.query import image_query_features
+    from ctrak_fast.models.shipped import shipped
 
     model, judge, data_cfg = shipped()
     data = make_dataset(data_cfg)
-    train = train_subset(data, args.per_combo)
+    train = data.train_subset(args.per_combo)
     schedule, null = NoiseSchedule.for_model(model), model.null_cond(1)[0]
     combos = data_combos(data, "seen")
     queries, _ = make_queries(model, judge, combos, QualityConfig(queries_per_combo=1), False)

@@ -10,8 +10,8 @@ Stability promise (full text in docs/API.md): within a minor series (0.y.z) no n
 and keyword arguments and deprecate (DeprecationWarning for at least one minor release) but not
 remove without that. Feature stores carry a format version (``STORE_FORMAT_VERSION``): every build
 reads all older versions and refuses newer ones. Everything not in ``__all__`` (engine modules
-such as ``ctrak_fast.featurize``, ``ctrak_fast.grads``, the CLI internals, ``ctrak_fast._C``) may
-change in any release.
+such as ``ctrak_fast.method.featurize``, ``ctrak_fast.engine.store``, the CLI internals,
+``ctrak_fast._C``) may change in any release.
 
 Names are loaded lazily so ``import ctrak_fast`` stays fast and works where the compiled
 extension ``ctrak_fast._C`` is missing (the first call that needs it says how to build it).
@@ -22,10 +22,10 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from ._version import __version__
+from ctrak_fast._version import __version__
 
 if TYPE_CHECKING:  # what static type checkers see; at run time __getattr__ imports on demand
-    from .api import (
+    from ctrak_fast.api import (
         METHODS,
         STORE_FORMAT_VERSION,
         Attribution,
@@ -36,13 +36,15 @@ if TYPE_CHECKING:  # what static type checkers see; at run time __getattr__ impo
         shipped_dataset,
         shipped_model,
     )
-    from .data import ConceptDataset
-    from .featurize import FeatureSpec
-    from .projection import FactorizedSpec, ProjectionSpec, Projector
-    from .query import ConceptQuerySpec
-    from .scoring import Preconditioner, gram
-    from .search import TopK, topk
-    from .store import FeatureStore, SpecMismatch, StoreError
+    from ctrak_fast.data import ConceptDataset
+    from ctrak_fast.engine.projection import FactorizedSpec, ProjectionSpec
+    from ctrak_fast.engine.projector import Projector
+    from ctrak_fast.engine.scoring import Preconditioner, gram
+    from ctrak_fast.engine.search import topk
+    from ctrak_fast.engine.search_inputs import TopK
+    from ctrak_fast.engine.store import FeatureStore, SpecMismatch, StoreError
+    from ctrak_fast.method.featurize import FeatureSpec
+    from ctrak_fast.method.query import ConceptQuerySpec
 
 _EXPORTS = {
     # the attribution API
@@ -57,19 +59,19 @@ _EXPORTS = {
     "shipped_dataset": "api",
     "ConceptDataset": "data",
     # specs
-    "FeatureSpec": "featurize",
-    "ConceptQuerySpec": "query",
-    "ProjectionSpec": "projection",
-    "FactorizedSpec": "projection",
+    "FeatureSpec": "method.featurize",
+    "ConceptQuerySpec": "method.query",
+    "ProjectionSpec": "engine.projection",
+    "FactorizedSpec": "engine.projection",
     # engine
-    "Projector": "projection",
-    "FeatureStore": "store",
-    "StoreError": "store",
-    "SpecMismatch": "store",
-    "gram": "scoring",
-    "Preconditioner": "scoring",
-    "topk": "search",
-    "TopK": "search",
+    "Projector": "engine.projector",
+    "FeatureStore": "engine.store",
+    "StoreError": "engine.store",
+    "SpecMismatch": "engine.store",
+    "gram": "engine.scoring",
+    "Preconditioner": "engine.scoring",
+    "topk": "engine.search",
+    "TopK": "engine.search",
 }
 
 __all__ = [

@@ -22,25 +22,34 @@ prompts, removing a concept deletes its phrase), or a diffusers DDPM/DDIM pipeli
 
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, TypeAlias
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from . import diffusion
-from .data import ConceptDataset
-from .featurize import FeatureSpec, Featurizer, featurize_dataset
-from .models import FactorUNet, drop_factor, load_model
-from .projection import FactorizedSpec, ProjectionSpec
-from .query import ConceptQuerySpec, concept_query_features, image_query_features
-from .scoring import Preconditioner, gram
-from .search import TopK, topk
-from .store import FORMAT_VERSION, FeatureStore, StoreError
+from ctrak_fast.conditions import (
+    ClassConditions,
+    Condition,
+    Conditions,
+    FactorConditions,
+    TextConditions,
+    describe,
+)
+from ctrak_fast.data import ConceptDataset
+from ctrak_fast.engine.projection import FactorizedSpec, ProjectionSpec
+from ctrak_fast.engine.scoring import Preconditioner, gram
+from ctrak_fast.engine.search import topk
+from ctrak_fast.engine.store import FORMAT_VERSION, FeatureStore, StoreError
+from ctrak_fast.method import diffusion
+from ctrak_fast.method.featurize import FeatureSpec, Featurizer, featurize_dataset
+from ctrak_fast.method.methods import GRADIENT_METHODS, get_method
+from ctrak_fast.method.query import ConceptQuerySpec, concept_query_features, image_query_features
+from ctrak_fast.models.shipped import shipped_dataset, shipped_model
+from ctrak_fast.models.unet2d import UNet2DAdapter
+from ctrak_fast.results import Attribution, Query, check_query_store, check_store_readable
 
 __all__ = [
     "METHODS",
@@ -54,65 +63,11 @@ __all__ = [
     "shipped_model",
 ]
 
-METHODS: tuple[str, ...] = ("concept-trak", "trak", "d-trak", "das")
-"""The attribution methods an Attributor implements (METHOD.md §3-6)."""
+METHODS: tuple[str, ...] = GRADIENT_METHODS
+"""The attribution methods an Attributor implements (the rows of method/methods.py with
+gradient features; METHOD.md §3-6)."""
 STORE_FORMAT_VERSION: int = FORMAT_VERSION
 """Newest FeatureStore format this build reads and writes; newer stores are refused."""
-
-Condition: TypeAlias = Tensor | str | Mapping[str, str | int] | int
-"""One condition c of the model, in any of the spellings its kind accepts.
-
-Factor models: "shape=triangle,colour=red", {"shape": "triangle"} or an int64 [F] tensor of value
-indices (factors not named get their null token). Text-to-image models: a prompt or an embedding
-[L, D]. Class-conditional pipelines: a class index."""
-
-_LOSS = {"concept-trak": "dps", "trak": "dsm", "d-trak": "eps-norm", "das": "eps-norm"}
-_CHECKED_META = ("model", "projection", "feature", "text2image")
-_ASSETS = Path(__file__).resolve().parent / "assets"
-_SHIPPED = "shapes16"
-
-
-# ---- the shipped model ---------------------------------------------------------------------------
-
-
-def shipped_model() -> FactorUNet:
-    """The tiny FactorUNet shipped in the package (16x16 shapes x colours; ~1.1M parameters).
-
-    Returns:
-        FactorUNet in eval mode, float32 on the CPU: eps(x_t [B,3,16,16], t [B] int64,
-        cond [B,2] int64) -> [B,3,16,16]; factors ("shape", "colour").
-
-    Examples:
-        >>> model = shipped_model()
-        >>> model.config["factors"], model.n_values
-        (['shape', 'colour'], [4, 4])
-    """
-    model = load_model(_ASSETS / f"unet_{_SHIPPED}.safetensors")
-    if not isinstance(model, FactorUNet):
-        raise TypeError(f"shipped checkpoint holds a {type(model).__name__}, not a FactorUNet")
-    return model
-
-
-def shipped_dataset(per_combo: int | None = None) -> ConceptDataset:
-    """The shipped model's training set (synthetic, regenerated bit-identically from its config).
-
-    Args:
-        per_combo: keep the first `per_combo` images of every (shape, colour) combination
-            (None: all 250 of each).
-
-    Returns:
-        ConceptDataset: images float32 [N,3,16,16] in [-1,1], labels int64 [N,2], ids int64 [N].
-
-    Examples:
-        >>> data = shipped_dataset(per_combo=2)
-        >>> data.images.shape, data.labels.dtype, data.factors
-        (torch.Size([28, 3, 16, 16]), torch.int64, ['shape', 'colour'])
-    """
-    from .benchmark import train_subset
-    from .data import SyntheticConfig, make_dataset
-
-    data = make_dataset(SyntheticConfig.load_json(_ASSETS / f"{_SHIPPED}.json"))
-    return data if per_combo is None else train_subset(data, per_combo)
 
 
 def das_store_path(store: str | os.PathLike[str]) -> Path:
@@ -126,382 +81,18 @@ def das_store_path(store: str | os.PathLike[str]) -> Path:
     return p.with_name(p.name + ".das")
 
 
-# ---- results -------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Query:
-    """Query features: one row per question asked (e.g. one per concept removed).
-
-    Attributes:
-        features: [m, k] float32, projected like the training features.
-        labels: m labels, e.g. ("-shape", "-colour") or ("image 0",).
-        meta: how the features were made (model fingerprint, feature / projection / query specs);
-            `Attributor.attribute` refuses a store whose meta differs.
-        image: the query image [C, H, W] float32 in [-1, 1] (pixels), or None.
-
-    Examples:
-        >>> q = Query(torch.zeros(2, 8), ("-shape", "-colour"))
-        >>> q.m, q.k
-        (2, 8)
-    """
-
-    features: Tensor
-    labels: tuple[str, ...]
-    meta: dict[str, Any] = field(default_factory=dict)
-    image: Tensor | None = None
-
-    def __post_init__(self) -> None:
-        f = self.features
-        if f.dim() != 2 or not f.is_floating_point():
-            raise ValueError(f"query features must be floating [m, k], got {list(f.shape)}")
-        object.__setattr__(self, "labels", tuple(str(s) for s in self.labels))
-        if len(self.labels) != f.shape[0]:
-            raise ValueError(f"{len(self.labels)} labels for {f.shape[0]} query rows")
-
-    @property
-    def m(self) -> int:
-        """Number of query rows."""
-        return int(self.features.shape[0])
-
-    @property
-    def k(self) -> int:
-        """Feature dimension (the projection's k)."""
-        return int(self.features.shape[1])
-
-    def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write one safetensors file ("queries" [m,k], optional "image" [1,C,H,W], JSON meta).
-
-        The format of `ctrak query`: `ctrak attribute --query PATH` reads it. Atomic (tmp +
-        rename).
-
-        Examples:
-            >>> import tempfile
-            >>> p = Query(torch.ones(1, 4), ("a",)).save(tempfile.mkdtemp() + "/q.safetensors")
-            >>> Query.load(p).labels
-            ('a',)
-        """
-        from safetensors.torch import save_file
-
-        out = Path(path)
-        tensors = {"queries": self.features.detach().float().cpu().contiguous()}
-        if self.image is not None:
-            tensors["image"] = self.image.detach().float().cpu().reshape(1, *self.image.shape)
-        meta = {**self.meta, "removed": list(self.labels)}
-        tmp = out.with_name(out.name + ".tmp")
-        save_file(tensors, str(tmp), metadata={"ctrak": json.dumps(meta)})
-        os.replace(tmp, out)
-        return out
-
-    @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> Query:
-        """Read a file written by :meth:`save` or by `ctrak query`."""
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {}).get("ctrak", "{}"))
-            features = f.get_tensor("queries")
-            image = f.get_tensor("image")[0] if "image" in f.keys() else None
-        labels = meta.pop("removed", None) or [f"query {i}" for i in range(len(features))]
-        return cls(features, tuple(labels), meta, image)
-
-
-@dataclass(frozen=True)
-class Attribution:
-    """Exact top-k training samples per query row, both tails (a tail not asked for is None).
-
-    Attributes:
-        top_ids: [m, k] int64 ids of the most supporting samples, best first.
-        top_scores: [m, k] float32 their scores (positive: the sample supports the query).
-        bottom_ids: [m, k] int64 ids of the most opposing samples, most negative first.
-        bottom_scores: [m, k] float32.
-        labels: the query's m row labels.
-        lambda_r: the relative damping used.
-
-    Examples:
-        >>> r = Attribution(torch.tensor([[3, 1]]), torch.tensor([[2.0, 1.0]]), None, None, ("q",))
-        >>> r.to_dict()["top"]
-        [{'label': 'q', 'ids': [3, 1], 'scores': [2.0, 1.0]}]
-    """
-
-    top_ids: Tensor | None
-    top_scores: Tensor | None
-    bottom_ids: Tensor | None
-    bottom_scores: Tensor | None
-    labels: tuple[str, ...]
-    lambda_r: float = 1.0
-
-    @classmethod
-    def from_topk(cls, res: TopK, labels: Sequence[str], lambda_r: float = 1.0) -> Attribution:
-        """Wrap a :class:`ctrak_fast.TopK` from :func:`ctrak_fast.topk`."""
-        return cls(
-            res.top_ids, res.top_values, res.bottom_ids, res.bottom_values, tuple(labels), lambda_r
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready: {"lambda_r", "top": [{"label", "ids", "scores"}, ...], "bottom": ...}."""
-        out: dict[str, Any] = {"lambda_r": self.lambda_r}
-        for tail, ids, scores in (
-            ("top", self.top_ids, self.top_scores),
-            ("bottom", self.bottom_ids, self.bottom_scores),
-        ):
-            if ids is not None and scores is not None:
-                out[tail] = [
-                    {"label": lab, "ids": i.tolist(), "scores": s.tolist()}
-                    for lab, i, s in zip(self.labels, ids, scores, strict=True)
-                ]
-        return out
-
-
-# ---- conditions per model kind -------------------------------------------------------------------
-
-
-class _Conditions:
-    """How one model kind spells conditions; subclasses per kind."""
-
-    def one(self, concept: Condition) -> Tensor:
-        raise NotImplementedError
-
-    def negatives(
-        self, concept: Condition, pos: Tensor, remove: str | Sequence[str] | None
-    ) -> list[tuple[str, Tensor]]:
-        raise NotImplementedError
-
-    def batch(self, conds: Any, n: int) -> Tensor:
-        """Training conditions of n samples as the model's cond tensor [n, ...]."""
-        if isinstance(conds, Tensor):
-            return conds
-        return torch.stack([self.one(c) for c in conds])
-
-
-class _FactorConditions(_Conditions):
-    def __init__(self, model: nn.Module) -> None:
-        cfg = getattr(model, "config", {})
-        self.n_values = [int(n) for n in model.n_values]  # type: ignore[union-attr]
-        self.factors: list[str] = list(
-            cfg.get("factors") or [f"factor{i}" for i in range(len(self.n_values))]
-        )
-        self.values: dict[str, list[str]] = dict(cfg.get("values") or {})
-
-    def _factor(self, name: str) -> int:
-        if name not in self.factors:
-            raise ValueError(f"unknown factor {name!r}; the model has {self.factors}")
-        return self.factors.index(name)
-
-    def one(self, concept: Condition) -> Tensor:
-        if isinstance(concept, Tensor):
-            if concept.shape != (len(self.n_values),) or concept.is_floating_point():
-                raise ValueError(
-                    f"a condition is int64 [{len(self.n_values)}], got {list(concept.shape)}"
-                )
-            return concept.to(torch.int64)
-        if isinstance(concept, str):
-            pairs: dict[str, str | int] = {}
-            for part in filter(None, (p.strip() for p in concept.split(","))):
-                if "=" not in part:
-                    raise ValueError(f"bad condition {part!r}: expected factor=value")
-                key, val = (s.strip() for s in part.split("=", 1))
-                pairs[key] = val
-            concept = pairs
-        if not isinstance(concept, Mapping):
-            raise TypeError(f"a factor condition is a str, a mapping or a tensor, not {concept!r}")
-        cond = list(self.n_values)  # null token everywhere, then the named factors
-        for name, value in concept.items():
-            f = self._factor(name)
-            if isinstance(value, int):
-                idx = value
-            else:
-                names = self.values.get(name, [])
-                if value not in names:
-                    raise ValueError(
-                        f"unknown value {value!r} of {name!r}; expected one of {names}"
-                    )
-                idx = names.index(value)
-            if not 0 <= idx < self.n_values[f]:
-                raise ValueError(f"value index {idx} of {name!r} out of [0, {self.n_values[f]})")
-            cond[f] = idx
-        return torch.tensor(cond, dtype=torch.int64)
-
-    def negatives(
-        self, concept: Condition, pos: Tensor, remove: str | Sequence[str] | None
-    ) -> list[tuple[str, Tensor]]:
-        names = [remove] if isinstance(remove, str) else list(remove or ())
-        if not names:  # default: every factor the condition sets, in turn
-            names = [f for i, f in enumerate(self.factors) if int(pos[i]) != self.n_values[i]]
-        out = []
-        for name in names:
-            f = self._factor(name)
-            if int(pos[f]) == self.n_values[f]:
-                raise ValueError(f"factor {name!r} is not set in the condition: nothing to remove")
-            out.append((f"-{name}", drop_factor(pos[None], f, self.n_values)[0]))
-        return out
-
-
-class _TextConditions(_Conditions):
-    """Text-to-image adapters: prompts become the adapter's condition kind, prompt ids int64 [1]
-    (its default) or embeddings [L, D] (adapters given embeddings with set_null_cond)."""
-
-    def __init__(self, adapter: Any, null_cond: Tensor) -> None:
-        self.adapter = adapter
-        self.ids = not null_cond.is_floating_point()
-
-    def one(self, concept: Condition) -> Tensor:
-        if isinstance(concept, Tensor):
-            return concept
-        if not isinstance(concept, str):
-            raise TypeError(f"a text-to-image condition is a prompt or a tensor: {concept!r}")
-        return self.batch([concept], 1)[0]
-
-    def negatives(
-        self, concept: Condition, pos: Tensor, remove: str | Sequence[str] | None
-    ) -> list[tuple[str, Tensor]]:
-        if not isinstance(concept, str):
-            raise ValueError("removing a phrase needs the prompt as text; or pass negatives=")
-        from .adapters.text2image import remove_phrase
-
-        phrases = [remove] if isinstance(remove, str) else list(remove or ())
-        if not phrases:
-            raise ValueError("a prompt query needs remove= (the concept's phrase) or negatives=")
-        return [(f"-{p}", self.one(remove_phrase(concept, p))) for p in phrases]
-
-    def batch(self, conds: Any, n: int) -> Tensor:
-        if isinstance(conds, Tensor):
-            return conds
-        captions = [str(c) for c in conds]
-        if self.ids:
-            return self.adapter.prompt_ids(captions)  # type: ignore[no-any-return]
-        unique = sorted(set(captions))
-        emb = self.adapter.encode_prompts(unique)
-        row = {c: i for i, c in enumerate(unique)}
-        return emb[torch.tensor([row[c] for c in captions])]  # type: ignore[no-any-return]
-
-
-class _ClassConditions(_Conditions):
-    """UNet2DModel pipelines: int64 [1] class index, or [0] for unconditional models."""
-
-    def __init__(self, n_classes: int | None) -> None:
-        self.n_classes = n_classes
-
-    def one(self, concept: Condition) -> Tensor:
-        if self.n_classes is None:
-            if isinstance(concept, Tensor) and concept.numel() == 0:
-                return concept.reshape(0).to(torch.int64)
-            raise ValueError("an unconditional model takes no condition (pass an empty tensor)")
-        if isinstance(concept, Tensor):
-            return concept.reshape(1).to(torch.int64)
-        if not isinstance(concept, int) or not 0 <= concept < self.n_classes:
-            raise ValueError(f"a condition is a class index in [0, {self.n_classes}): {concept!r}")
-        return torch.tensor([concept], dtype=torch.int64)
-
-    def negatives(
-        self, concept: Condition, pos: Tensor, remove: str | Sequence[str] | None
-    ) -> list[tuple[str, Tensor]]:
-        raise ValueError(
-            "a class-conditional or unconditional model has no concept to remove: pass "
-            "negatives=[another class] (the concept flipped), or use image_query"
-        )
-
-    def batch(self, conds: Any, n: int) -> Tensor:
-        if conds is None:
-            return torch.zeros(n, 0 if self.n_classes is None else 1, dtype=torch.int64)
-        if isinstance(conds, Tensor):
-            return conds.reshape(n, -1).to(torch.int64)
-        return super().batch(conds, n)
-
-
-# ---- diffusers UNet2DModel pipelines -------------------------------------------------------------
-
-
-class _UNet2DAdapter(nn.Module):
-    """A diffusers UNet2DModel (DDPMPipeline, DDIMPipeline, ...) as eps(x_t, t, cond).
-
-    cond: int64 [B, 1] class indices (models with `num_class_embeds`) or [B, 0] (unconditional).
-    The scheduler's prediction type ("epsilon", "v_prediction", "sample") is converted to eps.
-    Attention processors are untouched: the hooks gradient backend needs only Linear/Conv layers.
-    """
-
-    def __init__(self, unet: nn.Module, scheduler: Any, null_class: int | None = None) -> None:
-        super().__init__()
-        from .adapters.text2image import _sample_size, schedule_from_scheduler
-
-        cfg: Any = unet.config
-        if cfg.get("class_embed_type") not in (None, "timestep") and not cfg.get(
-            "num_class_embeds"
-        ):
-            raise ValueError(
-                f"UNet2DModel class_embed_type={cfg.class_embed_type!r} is unsupported"
-            )
-        self.unet = unet.eval()
-        self.n_classes: int | None = cfg.get("num_class_embeds")
-        if null_class is not None and (
-            self.n_classes is None or not 0 <= null_class < self.n_classes
-        ):
-            raise ValueError(f"null_class {null_class} is not a class of this model")
-        self.null_class = null_class
-        self.schedule = schedule_from_scheduler(scheduler)
-        self.prediction_type = scheduler.config.get("prediction_type", "epsilon")
-        if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
-            raise ValueError(f"unsupported prediction_type {self.prediction_type!r}")
-        self.config = {
-            "image_size": _sample_size(unet),
-            "in_channels": int(cfg.in_channels),
-            "schedule": self.schedule.config,
-        }
-
-    def forward(self, x_t: Tensor, t: Tensor | int, cond: Tensor) -> Tensor:
-        tt = t if isinstance(t, Tensor) else torch.tensor(t, dtype=torch.int64, device=x_t.device)
-        if tt.ndim == 0:
-            tt = tt.expand(x_t.shape[0])
-        labels = None
-        if self.n_classes is not None:
-            labels = cond.reshape(len(x_t), -1)[:, 0]
-            if (labels < 0).any():
-                raise ValueError(
-                    "this class-conditional model has no unconditional class: use guidance 1 "
-                    "(the default of from_pipeline), or pass null_class= to from_pipeline"
-                )
-        out: Tensor = self.unet(x_t, tt.to(x_t.device), class_labels=labels).sample
-        if self.prediction_type == "epsilon":
-            return out
-        ab = self.schedule.alpha_bar(tt, x_t)
-        if self.prediction_type == "v_prediction":
-            return ab.sqrt() * out + (1 - ab).sqrt() * x_t
-        return (x_t - ab.sqrt() * out) / (1 - ab).sqrt()
-
-    def null_cond(self, batch: int, device: torch.device | str | None = None) -> Tensor:
-        """[batch, 0] (unconditional) or [batch, 1] of the null class (-1: none)."""
-        if self.n_classes is None:
-            return torch.zeros(batch, 0, dtype=torch.int64, device=device)
-        cls = -1 if self.null_class is None else self.null_class
-        return torch.full((batch, 1), cls, dtype=torch.int64, device=device)
-
-
 # ---- the attributor ------------------------------------------------------------------------------
 
 
-def _describe(cond: Condition) -> str:
-    return str(cond.tolist()) if isinstance(cond, Tensor) else repr(cond)
-
-
 def _is_text_adapter(model: nn.Module) -> bool:
-    from .adapters.text2image import TextToImageAdapter
+    from ctrak_fast.models.text2image import TextToImageAdapter
 
     return isinstance(model, TextToImageAdapter)
 
 
 def _method_spec(method: str, spec: FeatureSpec | None) -> FeatureSpec:
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
-    if spec is None:
-        loss = _LOSS[method]
-        return FeatureSpec() if method == "concept-trak" else FeatureSpec.baseline(loss)
-    if spec.loss != _LOSS[method]:
-        raise ValueError(
-            f"method {method!r} uses loss {_LOSS[method]!r}, the spec has {spec.loss!r}"
-        )
-    if method == "das" and spec.inversion:
-        raise ValueError("method 'das' needs fixed-noise features (FeatureSpec(inversion=False))")
-    return spec
+    row = get_method(method, GRADIENT_METHODS)
+    return row.feature_spec() if spec is None else row.check_spec(spec)
 
 
 class Attributor:
@@ -558,9 +149,9 @@ class Attributor:
         spec = _method_spec(method, feature)
         projection = projection or ProjectionSpec()
         self._text = _is_text_adapter(model)
-        self._conds: _Conditions
+        self._conds: Conditions
         if self._text:
-            from .adapters.text2image import make_featurizer
+            from ctrak_fast.models.t2i_features import make_featurizer
 
             if not isinstance(projection, ProjectionSpec):
                 raise ValueError("text-to-image adapters support the dense ProjectionSpec only")
@@ -573,12 +164,12 @@ class Attributor:
             )
             if null_cond is not None:
                 fz.null_cond = null_cond
-            self._conds = _TextConditions(model, fz.null_cond)
+            self._conds = TextConditions(model, fz.null_cond)
         else:
-            if isinstance(model, _UNet2DAdapter):
-                self._conds = _ClassConditions(model.n_classes)
+            if isinstance(model, UNet2DAdapter):
+                self._conds = ClassConditions(model.n_classes)
             elif hasattr(model, "n_values"):
-                self._conds = _FactorConditions(model)
+                self._conds = FactorConditions(model)
             else:
                 raise TypeError(
                     f"{type(model).__name__} is not a known model kind: use a FactorUNet, a "
@@ -600,7 +191,8 @@ class Attributor:
             )
         self._fz = fz
         if query is None:
-            query = ConceptQuerySpec(weight=3.0 if self._text else 7.5, timesteps=fz.spec.timesteps)
+            base = {"weight": 3.0 if self._text else 7.5, "timesteps": fz.spec.timesteps}
+            query = ConceptQuerySpec(**{**base, **get_method(method).concept})
         self._query = query
         self._pre: tuple[tuple[str, ...], Preconditioner] | None = None  # last store's
 
@@ -653,11 +245,11 @@ class Attributor:
         kind = type(unet).__name__
         model: nn.Module
         if kind == "UNet2DConditionModel" or hasattr(unet.config, "cross_attention_dim"):
-            from .adapters.text2image import TextToImageAdapter
+            from ctrak_fast.models.text2image import TextToImageAdapter
 
             model = TextToImageAdapter.from_pipeline(pipe, dtype=dtype)
         elif kind == "UNet2DModel":
-            model = _UNet2DAdapter(unet, pipe.scheduler, null_class)
+            model = UNet2DAdapter(unet, pipe.scheduler, null_class)
             if null_class is None:  # no unconditional branch: classifier-free guidance is off
                 spec = kwargs.get("feature") or _method_spec(method, None)
                 if spec.inversion and spec.inversion_guidance != 1.0:
@@ -754,7 +346,7 @@ class Attributor:
         images, conds, ids = self._unpack(dataset)
         x0 = images
         if self._text:
-            from .adapters.text2image import encode_images_cached
+            from ctrak_fast.models.latent_cache import encode_images_cached
 
             x0 = encode_images_cached(self.model, images, ids, store)  # type: ignore[arg-type]
         return featurize_dataset(
@@ -766,7 +358,7 @@ class Attributor:
             batch_size=batch_size,
             shard_rows=shard_rows or batch_size * 16,
             dtype=dtype,
-            das_path=das_store_path(store) if self._method == "das" else None,
+            das_path=das_store_path(store) if get_method(self._method).das else None,
             progress=progress,
         )
 
@@ -775,7 +367,7 @@ class Attributor:
         if isinstance(dataset, ConceptDataset):
             images, conds, ids = dataset.images, dataset.labels, dataset.ids
             if self._text:  # captions in the words the tiny text-to-image model was trained on
-                from .adapters.tiny import caption
+                from ctrak_fast.bench.tiny_text import caption
 
                 conds = [caption(dataset.factors, dataset.values, r) for r in conds.tolist()]
         elif isinstance(dataset, tuple) and len(dataset) in (2, 3):
@@ -821,7 +413,7 @@ class Attributor:
             x0 = model.generate(cond, "", g, steps, seed=seed, n=n)  # type: ignore[operator]
             return model.decode_latents(x0)  # type: ignore[operator, no-any-return]
         if guidance is None:
-            guidance = 1.0 if isinstance(model, _UNet2DAdapter) else 3.0
+            guidance = 1.0 if isinstance(model, UNet2DAdapter) else 3.0
         gen = torch.Generator().manual_seed(seed)
         x0, _ = diffusion.ddim_sample(
             model,
@@ -880,7 +472,7 @@ class Attributor:
         if spec:
             qspec = ConceptQuerySpec(**{**qspec.to_dict(), **spec})
         pos = self._conds.one(concept)
-        if self._method != "concept-trak":
+        if get_method(self._method).query != "concept":
             if remove or negatives:
                 raise ValueError(f"{self._method} queries are whole-image: nothing to remove")
             if image is None:
@@ -888,7 +480,7 @@ class Attributor:
             q = self._image_query(image[None], pos[None], ("image",))
             return Query(q.features, q.labels, {**q.meta, "query": qspec.to_dict()}, image)
         negs = self._conds.negatives(concept, pos, remove) if remove or not negatives else []
-        negs += [(f"vs {_describe(c)}", self._conds.one(c)) for c in negatives]
+        negs += [(f"vs {describe(c)}", self._conds.one(c)) for c in negatives]
         if not negs:
             raise ValueError("nothing to remove: the condition sets no concept")
         if image is None and qspec.draws == "local":
@@ -896,12 +488,12 @@ class Attributor:
         x0 = None if image is None else self._x0(image[None])[0]
         conds = [c for _, c in negs]
         if self._text:
-            from .adapters.text2image import prompt_query_features
+            from ctrak_fast.models.t2i_features import prompt_query_features
 
             feats = prompt_query_features(self._fz, qspec, pos, conds, x0)
         else:
             feats = concept_query_features(self._fz, qspec, pos, conds, image=x0)
-        meta = {**self.meta(), "query": qspec.to_dict(), "concept": str(concept)}
+        meta = {**self.meta(), "kind": "concept", "query": qspec.to_dict(), "concept": str(concept)}
         return Query(feats, tuple(label for label, _ in negs), meta, image)
 
     def image_query(self, images: Tensor, conds: Any = None) -> Query:
@@ -922,7 +514,8 @@ class Attributor:
 
     def _image_query(self, images: Tensor, conds: Tensor, labels: tuple[str, ...]) -> Query:
         feats = image_query_features(self._fz, self._x0(images), conds)
-        return Query(feats, labels, self.meta(), images[0] if len(images) == 1 else None)
+        meta = {**self.meta(), "kind": "image"}
+        return Query(feats, labels, meta, images[0] if len(images) == 1 else None)
 
     # -- scores --
 
@@ -960,29 +553,20 @@ class Attributor:
         if feats.shape[-1] != st.k:
             raise ValueError(f"query features have k={feats.shape[-1]}, the store k={st.k}")
         if isinstance(query, Query):
-            st.check_compatible(
-                {key: query.meta[key] for key in _CHECKED_META if key in query.meta}
-            )
+            check_query_store(st, query.meta)
             labels = query.labels
         else:
             labels = tuple(f"query {i}" for i in range(len(feats)))
         u = self._preconditioner(st, lambda_r).solve(feats)
         scored = st
-        if self._method == "das":  # D-TRAK's preconditioner; rows scaled by the DSM loss
+        if get_method(self._method).das:  # D-TRAK's preconditioner; rows scaled by DSM loss
             scored = FeatureStore.open(das_store_path(st.path))
             self._check_store(scored, das=True)
         res = topk(scored, u, k, tails=tails, backend=backend)
         return Attribution.from_topk(res, labels, lambda_r)
 
     def _check_store(self, st: FeatureStore, das: bool = False) -> None:
-        version = st.manifest.get("format_version", 0)
-        if not isinstance(version, int) or version > STORE_FORMAT_VERSION:
-            raise StoreError(
-                f"store {st.path} has format version {version!r}; this build reads "
-                f"<= {STORE_FORMAT_VERSION}"
-            )
-        if not st.complete:
-            raise StoreError(f"store {st.path} is incomplete: finish it with featurize() (resumes)")
+        check_store_readable(st, STORE_FORMAT_VERSION)
         mine = self.meta()
         if das:
             if "das" not in st.meta:

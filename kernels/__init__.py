@@ -1,20 +1,20 @@
 """Triton kernels for the projection of per-sample gradients (installed as ``ctrak_fast.kernels``).
 
-Every op dispatches CUDA tensors to its kernel and everything else to its torch reference, which is
-the specification (tests compare the two; ``force=`` chooses), except that
-:func:`rademacher_project` sends CPU tensors to the fused C++ kernel of ``ctrak_fast._C`` when it
-is built. The sign of every projection entry
-comes from the counter-based hash of :mod:`ctrak_fast.hashing`, bit for bit.
+A leaf: it imports nothing of the package and takes plain seeds and sizes. Every op dispatches
+CUDA tensors to its kernel and everything else to its torch reference, which is the specification
+(tests compare the two; ``force=`` chooses); the engine (``ctrak_fast.engine.projector``) sends
+CPU tensors to the fused C++ kernel instead. The sign of every projection entry comes from the
+counter-based hash of :mod:`.hashing` (its torch reference), bit for bit.
 
 - :func:`rademacher_project`, :func:`rademacher_project_blocks`: x @ P, P generated in registers.
 - :func:`linear_grad_project`: per-sample linear-layer gradients sum_t g_t a_t^T projected
   tile by tile, never materialised; :func:`linear_grad_sq_norm` their exact squared norms.
-- :func:`factorized_project`: Kronecker (LoGra-style) per-layer projection, :class:`FactorizedSpec`.
+- :func:`factorized_project`: Kronecker (LoGra-style) per-layer projection.
 """
 
 from ._triton import HAS_TRITON, INTERPRET
 from .factorized_project import (
-    FactorizedSpec,
+    factorized_matrices,
     factorized_project,
     factorized_project_reference,
     factorized_seeds,
@@ -34,7 +34,7 @@ from .rademacher_project import (
 __all__ = [
     "HAS_TRITON",
     "INTERPRET",
-    "FactorizedSpec",
+    "factorized_matrices",
     "factorized_project",
     "factorized_project_reference",
     "factorized_seeds",

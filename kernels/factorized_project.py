@@ -9,29 +9,52 @@ i.e. the projection matrix is the Kronecker product P_out (x) P_in, with entries
 (:func:`rademacher_project` kernels, signs generated in registers) plus T * k_out * k_in for the
 small batched outer product (torch), against out * in * k for the dense projection.
 
-P_in and P_out are hashed Rademacher matrices (:mod:`ctrak_fast.hashing`) with their own seeds,
-derived from (spec.seed, layer) by :func:`factorized_seeds`, so every layer and side is independent
-and a feature is a pure function of (spec, layer index, gradient).
+P_in and P_out are hashed Rademacher matrices (:mod:`.hashing`) with their own seeds,
+derived from (seed, layer) by :func:`factorized_seeds`, so every layer and side is independent
+and a feature is a pure function of (k_in, k_out, seed, layer index, gradient).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ctrak_fast.projection import FactorizedSpec, factorized_matrices, factorized_seeds
-
+from . import hashing
 from .rademacher_project import SUPPORTED_DTYPES, rademacher_project
 
 
-def _check(A: torch.Tensor, G: torch.Tensor, spec: FactorizedSpec) -> None:
+def factorized_seeds(seed: int, layer: int) -> tuple[int, int]:
+    """(seed_in, seed_out) for P_in and P_out of layer ``layer`` (0 <= layer < 2**31).
+
+    seed_side = mix32(seed_key(seed) ^ mix32(2 * layer + side)), side 0 = in, 1 = out.
+    """
+    if not isinstance(layer, int) or not 0 <= layer < 2**31:
+        raise ValueError(f"layer must be an int in [0, 2**31), got {layer!r}")
+    base = hashing.seed_key(seed)
+    return tuple(hashing.mix32_int(base ^ hashing.mix32_int(2 * layer + side)) for side in (0, 1))
+
+
+def factorized_matrices(
+    k_in: int, k_out: int, seed: int, layer: int, d_in: int, d_out: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(P_in [d_in, k_in], P_out [d_out, k_out]) float32 of layer ``layer``: entries
+    +-1/sqrt(k_in) and +-1/sqrt(k_out), so P_out ⊗ P_in has +-1/sqrt(k_out * k_in)."""
+    seed_in, seed_out = factorized_seeds(seed, layer)
+    return (
+        hashing.rademacher_block(seed_in, 0, d_in, k_in),
+        hashing.rademacher_block(seed_out, 0, d_out, k_out),
+    )
+
+
+def _check(A: torch.Tensor, G: torch.Tensor, k_in: int, k_out: int) -> None:
     if A.ndim != 3 or G.ndim != 3 or A.shape[:2] != G.shape[:2]:
         raise ValueError(
             f"A and G must be [B, T, in] and [B, T, out], got {tuple(A.shape)}, {tuple(G.shape)}"
         )
     if A.dtype not in SUPPORTED_DTYPES or G.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"A and G must be float32/float16/bfloat16, got {A.dtype}, {G.dtype}")
-    if not isinstance(spec, FactorizedSpec):
-        raise TypeError(f"spec must be a FactorizedSpec, got {type(spec).__name__}")
+    for name, v in (("k_in", k_in), ("k_out", k_out)):
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
 
 
 def _outer(Gp: torch.Tensor, Ap: torch.Tensor) -> torch.Tensor:
@@ -40,14 +63,21 @@ def _outer(Gp: torch.Tensor, Ap: torch.Tensor) -> torch.Tensor:
 
 
 def factorized_project_reference(
-    A: torch.Tensor, G: torch.Tensor, spec: FactorizedSpec, layer: int, *, bias: bool = False
+    A: torch.Tensor,
+    G: torch.Tensor,
+    k_in: int,
+    k_out: int,
+    seed: int,
+    layer: int,
+    *,
+    bias: bool = False,
 ) -> torch.Tensor:
-    """Specification: dense P_in, P_out from :func:`ctrak_fast.hashing.rademacher_block`, float32.
+    """Specification: dense P_in, P_out from :func:`.hashing.rademacher_block`, float32.
 
     Args and returns as :func:`factorized_project`.
     """
-    _check(A, G, spec)
-    P_in, P_out = factorized_matrices(spec, layer, A.shape[2] + int(bias), G.shape[2])
+    _check(A, G, k_in, k_out)
+    P_in, P_out = factorized_matrices(k_in, k_out, seed, layer, A.shape[2] + int(bias), G.shape[2])
     P_in, P_out = P_in.to(A.device), P_out.to(G.device)
     A = A.float()
     if bias:
@@ -58,7 +88,9 @@ def factorized_project_reference(
 def factorized_project(
     A: torch.Tensor,
     G: torch.Tensor,
-    spec: FactorizedSpec,
+    k_in: int,
+    k_out: int,
+    seed: int,
     layer: int,
     *,
     bias: bool = False,
@@ -68,7 +100,7 @@ def factorized_project(
 
     Args:
         A: [B, T, in] layer inputs; G: [B, T, out] output gradients (float32/float16/bfloat16).
-        spec: the projection (k_in, k_out, seed).
+        k_in, k_out, seed: the projection (P_in has k_in columns, P_out k_out).
         layer: index of the layer in the model's parameter order; selects the seeds.
         bias: treat the layer as having a bias: A gets a constant-1 input (row ``in`` of P_in), so
             the bias gradient sum_t g_t is projected as the last column of W_b.
@@ -80,19 +112,19 @@ def factorized_project(
 
     Examples:
         >>> A, G = torch.randn(2, 6, 10), torch.randn(2, 6, 4)
-        >>> factorized_project(A, G, FactorizedSpec(k_in=8, k_out=4), layer=0).shape
+        >>> factorized_project(A, G, k_in=8, k_out=4, seed=0, layer=0).shape
         torch.Size([2, 32])
     """
-    _check(A, G, spec)
+    _check(A, G, k_in, k_out)
     if force == "reference" or (force is None and not (A.is_cuda and G.is_cuda)):
-        return factorized_project_reference(A, G, spec, layer, bias=bias)
-    seed_in, seed_out = factorized_seeds(spec.seed, layer)
+        return factorized_project_reference(A, G, k_in, k_out, seed, layer, bias=bias)
+    seed_in, seed_out = factorized_seeds(seed, layer)
     B, T, d_in = A.shape
     d_out = G.shape[2]
-    Ap = rademacher_project(A.reshape(B * T, d_in), seed_in, spec.k_in, force=force)
-    Gp = rademacher_project(G.reshape(B * T, d_out), seed_out, spec.k_out, force=force)
+    Ap = rademacher_project(A.reshape(B * T, d_in), seed_in, k_in, force=force)
+    Gp = rademacher_project(G.reshape(B * T, d_out), seed_out, k_out, force=force)
     if bias:
         # The constant-1 input contributes row d_in of P_in to every position.
         one = A.new_ones(1, 1, dtype=torch.float32)
-        Ap += rademacher_project(one, seed_in, spec.k_in, row_offset=d_in, force=force)
-    return _outer(Gp.view(B, T, spec.k_out), Ap.view(B, T, spec.k_in))
+        Ap += rademacher_project(one, seed_in, k_in, row_offset=d_in, force=force)
+    return _outer(Gp.view(B, T, k_out), Ap.view(B, T, k_in))

@@ -1,4 +1,4 @@
-"""Triton device functions for the counter-based hash of :mod:`ctrak_fast.hashing` (hash version 1).
+"""Triton device functions for the counter-based hash of :mod:`.hashing` (hash version 1).
 
 All arithmetic is on ``tl.uint32`` values: multiplications wrap modulo 2**32 and ``>>`` is a logical
 shift, exactly as the torch reference computes with int64 and masks.
@@ -18,8 +18,7 @@ AND/OR to turn bit 31 into an exact +-1.0 (:func:`pm_one`).
 
 import torch
 
-from ctrak_fast import hashing
-
+from . import hashing
 from ._triton import cdiv, check_runnable, jit, tl
 
 MIX_C1 = tl.constexpr(hashing.MIX_C1)
@@ -29,7 +28,7 @@ COL_MULT = tl.constexpr(hashing.COL_MULT)
 
 @jit
 def mix32(x):
-    """lowbias32 on uint32 (any shape) -> uint32; equal to :func:`ctrak_fast.hashing.mix32`."""
+    """lowbias32 on uint32 (any shape) -> uint32; equal to :func:`.hashing.mix32`."""
     x = x ^ (x >> 16)
     x = x * MIX_C1
     x = x ^ (x >> 15)
@@ -41,7 +40,7 @@ def mix32(x):
 def row_key(skey, rows):
     """skey: uint32 scalar ``hashing.seed_key(seed)``; rows: int64 global row indices (>= 0).
 
-    Returns uint32 keys, equal to :func:`ctrak_fast.hashing.row_keys`.
+    Returns uint32 keys, equal to :func:`.hashing.row_keys`.
     """
     lo = rows.to(tl.uint32)  # truncation: i mod 2**32
     hi = (rows >> 32).to(tl.uint32)
@@ -116,7 +115,7 @@ def sign_matrix(seed: int, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tens
         cols: int64 [m] output columns in [0, 2**31).
 
     Returns:
-        bool [n, m], True where the entry is negative; equals :func:`ctrak_fast.hashing.sign_bits`.
+        bool [n, m], True where the entry is negative; equals :func:`.hashing.sign_bits`.
     """
     if rows.ndim != 1 or cols.ndim != 1:
         raise ValueError("rows and cols must be 1-D")

@@ -29,8 +29,7 @@ import math
 
 import torch
 
-from ctrak_fast import hashing
-
+from . import hashing
 from ._triton import DOT_UPCAST, cdiv, jit, tl, use_triton
 from .hash import col_premixed, row_key_premixed, sign_word
 from .rademacher_project import (

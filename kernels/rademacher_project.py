@@ -1,6 +1,6 @@
 """Fused Rademacher projection ``x @ P[row_offset : row_offset + p]``, P generated in registers.
 
-P[i, j] = +-1/sqrt(k) is the matrix of :mod:`ctrak_fast.hashing`; it is never stored. Each program
+P[i, j] = +-1/sqrt(k) is the matrix of :mod:`.hashing`; it is never stored. Each program
 owns a (BLOCK_B x BLOCK_K) output tile and walks a range of rows in BLOCK_P steps: load the x tile,
 hash the (BLOCK_P x BLOCK_K) sign tile, and feed both to ``tl.dot`` with float32 accumulation.
 
@@ -28,8 +28,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ctrak_fast import hashing
-
+from . import hashing
 from ._triton import DOT_UPCAST, cdiv, jit, next_pow2, tl, use_triton
 from .hash import col_premixed, pm_one, row_key_premixed, sign_word
 
@@ -244,31 +243,6 @@ def _check(x: torch.Tensor, seed: int, k: int, row_offset: int) -> None:
         raise ValueError(f"row_offset must be an int in [0, 2**63 - p), got {row_offset!r}")
 
 
-def _use_cpu_kernel(force: str | None, x: torch.Tensor) -> bool:
-    from ctrak_fast.projection import native_available
-
-    if force == "cpu":
-        if x.is_cuda:
-            raise ValueError("force='cpu' needs CPU tensors")
-        if not native_available():
-            raise RuntimeError("force='cpu' needs the compiled extension ctrak_fast._C")
-        return True
-    return force is None and x.device.type == "cpu" and native_available()
-
-
-def _cpu_launch(x, seed: int, k: int, row_offset: int, out, accumulate: bool) -> torch.Tensor:
-    """out (+)= x @ P with the fused C++ kernel (signs hashed into L1, never stored)."""
-    from ctrak_fast.projection import native_project_into
-
-    dst = out if out.is_contiguous() else torch.zeros(out.shape, dtype=torch.float32)
-    if not accumulate or dst is not out:
-        dst.zero_()
-    native_project_into(dst, x, seed, row_offset)
-    if dst is out:
-        return out
-    return out.add_(dst) if accumulate else out.copy_(dst)
-
-
 def rademacher_project(
     x: torch.Tensor,
     seed: int,
@@ -281,7 +255,7 @@ def rademacher_project(
 ) -> torch.Tensor:
     """Project rows of x with the hashed Rademacher matrix: ``x @ P[row_offset : row_offset + p]``.
 
-    P[i, j] = +-1/sqrt(k), a pure function of (seed, i, j) (:mod:`ctrak_fast.hashing`), generated on
+    P[i, j] = +-1/sqrt(k), a pure function of (seed, i, j) (:mod:`.hashing`), generated on
     the fly: memory is O(B * k) whatever p.
 
     Args:
@@ -292,10 +266,10 @@ def rademacher_project(
         out: optional [B, k] float32 on x's device, written (or added to, see ``accumulate``)
             and returned.
         accumulate: add the projection to ``out`` instead of overwriting it.
-        force: None = CUDA tensors -> Triton kernel, CPU tensors -> the fused C++ kernel
-            (``ctrak_fast._C.rademacher_project``) when built, else the torch reference;
-            "reference", "cpu" or "triton" to choose (tests; "triton" on CPU needs the
-            interpreter).
+        force: None = CUDA tensors -> Triton kernel, else the torch reference; "reference" or
+            "triton" to choose (tests; "triton" on CPU needs the interpreter). The engine's
+            ``ctrak_fast.engine.projector.rademacher_project`` also sends CPU tensors to the
+            fused C++ kernel.
 
     Returns:
         [B, k] float32: equal to :func:`rademacher_project_reference` to float32 rounding.
@@ -317,8 +291,6 @@ def rademacher_project(
             f"out must be float32 [{B}, {k}] on {x.device}, got {out.dtype} {tuple(out.shape)} "
             f"on {out.device}"
         )
-    if _use_cpu_kernel(force, x):
-        return _cpu_launch(x, seed, k, row_offset, out, accumulate)
     if use_triton(force, x, out):
         return _launch(x, seed, k, row_offset, out, accumulate)
     ref = rademacher_project_reference(x, seed, k, row_offset)

@@ -37,7 +37,8 @@ SERVER = textwrap.dedent(
     import torch
     torch.set_num_threads(1)
     import torch.distributed
-    import ctrak_fast.benchmark, ctrak_fast.cli, ctrak_fast.distributed, ctrak_fast.models
+    import ctrak_fast.bench.quality, ctrak_fast.cli, ctrak_fast.method.distributed
+    import ctrak_fast.models.factor_unet
     import forkserver
     import tqdm
     tqdm.tqdm.monitor_interval = 0  # no monitor thread
@@ -239,7 +240,7 @@ def tiny_assets(
     import torch
 
     from ctrak_fast.data import SyntheticConfig
-    from ctrak_fast.models import FactorUNet, save_model
+    from ctrak_fast.models.factor_unet import FactorUNet, save_model
 
     torch.manual_seed(seed)
     model = FactorUNet(

@@ -12,18 +12,16 @@ import pytest
 import torch
 from torch import nn
 
-from ctrak_fast.adapters.text2image import (
+from ctrak_fast.engine.projection import ProjectionSpec
+from ctrak_fast.method.featurize import FeatureSpec
+from ctrak_fast.models.latent_cache import encode_images_cached, latent_cache_path
+from ctrak_fast.models.prompts import concept_prompts, remove_phrase
+from ctrak_fast.models.t2i_features import make_featurizer
+from ctrak_fast.models.text2image import (
     T2I_PARAM_FILTER,
     TextToImageAdapter,
-    concept_prompts,
-    encode_images_cached,
-    latent_cache_path,
-    make_featurizer,
-    remove_phrase,
     schedule_from_scheduler,
 )
-from ctrak_fast.featurize import FeatureSpec
-from ctrak_fast.projection import ProjectionSpec
 
 # ---- tiny components -----------------------------------------------------------------------------
 
@@ -280,7 +278,7 @@ def test_latent_cache_written_once_and_keyed(tmp_path, monkeypatch):
 def test_latent_cache_streams_image_files(tmp_path):
     from PIL import Image
 
-    from ctrak_fast.data.folder import _load_image
+    from ctrak_fast.data.folder import load_image
 
     ad = tiny_adapter()
     g = torch.Generator().manual_seed(0)
@@ -291,7 +289,7 @@ def test_latent_cache_streams_image_files(tmp_path):
         Image.fromarray(arr).save(files[-1])
     ids = torch.arange(5)
     got = encode_images_cached(ad, files, ids, tmp_path / "s", batch_size=2, image_size=16)
-    pixels = torch.stack([_load_image(f, 16) for f in files])  # resized to the model's 16x16
+    pixels = torch.stack([load_image(f, 16) for f in files])  # resized to the model's 16x16
     torch.testing.assert_close(got, ad.encode_images(pixels), rtol=1e-5, atol=1e-6)
     assert torch.equal(encode_images_cached(ad, files, ids, tmp_path / "s", image_size=16), got)
     Image.fromarray(arr[::-1].copy()).save(files[-1])  # an image changed: recomputed

@@ -7,7 +7,7 @@ import torch
 from test_adapters import TinyTextEncoder, WordTokenizer, perturb, tiny_unet, tiny_vae
 
 import ctrak_fast as cf
-from ctrak_fast.api import _UNet2DAdapter
+from ctrak_fast.models.unet2d import UNet2DAdapter
 
 T1 = cf.FeatureSpec(timesteps=(499,), inversion_steps=10)
 
@@ -38,7 +38,7 @@ def test_ddpm_pipeline_unconditional(tmp_path):
     att = cf.Attributor.from_pipeline(
         pipe, "trak", projection=cf.ProjectionSpec(k=16), feature=base
     )
-    assert isinstance(att.model, _UNet2DAdapter) and att.model.unet is pipe.unet  # no copy
+    assert isinstance(att.model, UNet2DAdapter) and att.model.unet is pipe.unet  # no copy
     ct = cf.Attributor.from_pipeline(pipe, projection=cf.ProjectionSpec(k=16))
     assert ct.feature_spec.inversion_guidance == 1.0  # no unconditional branch to guide with
     images = torch.rand(6, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1

@@ -7,11 +7,11 @@ import json
 
 import pytest
 
-from ctrak_fast.benchmark import METHODS, QualityConfig, run_quality
+from ctrak_fast.bench.quality import METHODS, QualityConfig, run_quality
 from ctrak_fast.data import make_dataset
-from ctrak_fast.demo import shipped
-from ctrak_fast.featurize import FeatureSpec
-from ctrak_fast.query import ConceptQuerySpec
+from ctrak_fast.method.featurize import FeatureSpec
+from ctrak_fast.method.query import ConceptQuerySpec
+from ctrak_fast.models.shipped import shipped
 
 TS = (299, 699)
 

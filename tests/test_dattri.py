@@ -20,8 +20,8 @@ pytest.importorskip("dattri", reason="dattri is not installed (optional: pip ins
 from dattri.task import AttributionTask  # noqa: E402
 
 from ctrak_fast import Preconditioner, ProjectionSpec, gram  # noqa: E402
+from ctrak_fast.engine.projection import dense_matrix  # noqa: E402
 from ctrak_fast.integrations.dattri import CTRAKAttributor  # noqa: E402
-from ctrak_fast.projection import dense_matrix  # noqa: E402
 
 
 def _ce_task(model: nn.Module) -> AttributionTask:

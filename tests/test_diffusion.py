@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from ctrak_fast.diffusion import (
+from ctrak_fast.method.diffusion import (
     NoiseSchedule,
     add_noise,
     ddim_invert,

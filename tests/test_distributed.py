@@ -17,8 +17,10 @@ import pytest
 import torch
 from forkserver import free_port, rank_env, shared_server, store_files, tiny_assets
 
-from ctrak_fast.diffusion import NoiseSchedule
-from ctrak_fast.distributed import (
+from ctrak_fast.engine.projection import ProjectionSpec
+from ctrak_fast.engine.store import FeatureStore, SpecMismatch, StoreError, merge_stores
+from ctrak_fast.method.diffusion import NoiseSchedule
+from ctrak_fast.method.distributed import (
     PARTS,
     DistContext,
     featurize_distributed,
@@ -27,9 +29,7 @@ from ctrak_fast.distributed import (
     part_path,
     plan_units,
 )
-from ctrak_fast.featurize import FeatureSpec, Featurizer, featurize_dataset
-from ctrak_fast.projection import ProjectionSpec
-from ctrak_fast.store import FeatureStore, SpecMismatch, StoreError, merge_stores
+from ctrak_fast.method.featurize import FeatureSpec, Featurizer, featurize_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 NULL = torch.tensor([3, 2])

@@ -63,7 +63,7 @@ def test_integration_python_runs():
 
 def test_integration_cli_lines_parse():
     """Every `ctrak ...` command of the CLI block parses with the real parser."""
-    from ctrak_fast.cli import build_parser
+    from ctrak_fast.cli.app import build_parser
 
     lines = [
         line.split("#")[0].strip()

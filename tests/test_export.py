@@ -1,4 +1,4 @@
-"""Full-score export (ctrak_fast.export): exact against the engine and the float64 reference,
+"""Full-score export (ctrak_fast.engine.export): exact against the engine and the float64 reference,
 streamed in blocks across uneven shards, atomic on failure."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from ctrak_fast import _native
-from ctrak_fast.export import export_scores
-from ctrak_fast.search import fp32_error_bound, topk
-from ctrak_fast.store import FeatureStore
+from ctrak_fast.engine import native as _native
+from ctrak_fast.engine.export import export_scores
+from ctrak_fast.engine.search import fp32_error_bound, topk
+from ctrak_fast.engine.store import FeatureStore
 
 C = _native.load()
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

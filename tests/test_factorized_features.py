@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from ctrak_fast.kernels import FactorizedSpec, factorized_seeds
+from ctrak_fast.kernels import factorized_seeds, hashing
 
-from ctrak_fast import hashing
-from ctrak_fast.diffusion import NoiseSchedule
-from ctrak_fast.featurize import FeatureSpec, Featurizer, featurize_dataset
-from ctrak_fast.grads import PerSampleGrads
-from ctrak_fast.grads_factorized import FactorizedGrads, _sq_norm
-from ctrak_fast.losses import residual
-from ctrak_fast.query import ConceptQuerySpec, concept_query_features
-from ctrak_fast.store import FeatureStore
+from ctrak_fast.engine.projection import FactorizedSpec
+from ctrak_fast.engine.store import FeatureStore
+from ctrak_fast.method.diffusion import NoiseSchedule
+from ctrak_fast.method.featurize import FeatureSpec, Featurizer, featurize_dataset
+from ctrak_fast.method.grads.factorized import FactorizedGrads, _sq_norm
+from ctrak_fast.method.grads.per_sample import PerSampleGrads
+from ctrak_fast.method.losses import residual
+from ctrak_fast.method.query import ConceptQuerySpec, concept_query_features
 
 NULL = torch.tensor([3, 2])
 SPEC = FactorizedSpec(k_in=4, k_out=3, seed=7)

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ctrak_fast.diffusion import NoiseSchedule
-from ctrak_fast.featurize import FeatureSpec, Featurizer, featurize_dataset
-from ctrak_fast.grads import blocks_sq_norm, flatten_blocks
-from ctrak_fast.projection import ProjectionSpec
-from ctrak_fast.query import ConceptQuerySpec, concept_query_features
-from ctrak_fast.store import FeatureStore
+from ctrak_fast.engine.projection import ProjectionSpec
+from ctrak_fast.engine.store import FeatureStore
+from ctrak_fast.method.diffusion import NoiseSchedule
+from ctrak_fast.method.featurize import FeatureSpec, Featurizer, featurize_dataset
+from ctrak_fast.method.grads.layout import blocks_sq_norm, flatten_blocks
+from ctrak_fast.method.query import ConceptQuerySpec, concept_query_features
 
 NULL = torch.tensor([3, 2])
 TS = (99, 499)  # two timesteps keep the tests fast; the formulas do not depend on how many
@@ -60,7 +60,7 @@ def test_layerwise_projection_equals_the_projected_gradient_sum(
 ):
     # Layer by layer, per timestep, normalised after projecting: the same features as summing the
     # normalised gradients in parameter space and projecting once (to float32 rounding).
-    from ctrak_fast import grads_layerwise
+    from ctrak_fast.method.grads import layerwise as grads_layerwise
 
     if fused:  # the wiring of the fused linear kernel (its CPU reference here; Triton on CUDA)
         linear = lambda mod, calls, device: isinstance(mod, torch.nn.Linear)  # noqa: E731
@@ -187,7 +187,7 @@ def test_concept_query_is_mean_of_normalised_slider_grads(tiny_unet, draws):
     q = concept_query_features(fz, spec, pos, negs, image=image)
     assert q.shape == (2, 16) and torch.isfinite(q).all()
     # Recompute the first query by hand from the same draw points.
-    from ctrak_fast.query import draw_points
+    from ctrak_fast.method.query import draw_points
 
     x, t = draw_points(fz, spec, pos, negs[0], image)
     with torch.no_grad():
@@ -206,8 +206,8 @@ def test_flipped_negative_averages_the_negatives(tiny_unet):
     """c- as a list (the concept flipped to each other value): eps(c-) is their mean, so without
     normalisation the feature is the mean of the single-negative features (the slider is linear
     in d)."""
-    from ctrak_fast.models import flip_factor
-    from ctrak_fast.query import slider_features
+    from ctrak_fast.method.query import slider_features
+    from ctrak_fast.models.factor_unet import flip_factor
 
     fz = _featurizer(tiny_unet)
     spec = ConceptQuerySpec(normalize=False)

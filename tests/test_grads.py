@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ctrak_fast.grads import PerSampleGrads, flatten_blocks, parameter_layout
+from ctrak_fast.method.grads.layout import flatten_blocks, parameter_layout
+from ctrak_fast.method.grads.per_sample import PerSampleGrads
 
 TOL = dict(atol=2e-6, rtol=1e-4)  # float32, different summation orders
 

@@ -29,8 +29,9 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 
 import pytest  # noqa: E402
+from ctrak_fast.kernels import hashing  # noqa: E402
 
-from ctrak_fast import hashing  # noqa: E402
+from ctrak_fast.engine.projection import FactorizedSpec  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -217,22 +218,23 @@ def test_rademacher_project_empty_and_errors():
 
 
 def test_rademacher_project_cpu_dispatches_to_the_cpu_kernel_or_reference():
-    from ctrak_fast.projection import native_available
+    from ctrak_fast.engine.native import native_available
+    from ctrak_fast.engine.projector import rademacher_project
 
     x = torch.randn(2, 30)
     ref = K.rademacher_project_reference(x, 1, 8)
     if not native_available():
-        assert torch.equal(K.rademacher_project(x, 1, 8), ref)
+        assert torch.equal(rademacher_project(x, 1, 8), ref)
         with pytest.raises(RuntimeError, match="ctrak_fast._C"):
-            K.rademacher_project(x, 1, 8, force="cpu")
+            rademacher_project(x, 1, 8, force="cpu")
         return
-    got = K.rademacher_project(x, 1, 8)
-    assert torch.equal(got, K.rademacher_project(x, 1, 8, force="cpu"))
+    got = rademacher_project(x, 1, 8)
+    assert torch.equal(got, rademacher_project(x, 1, 8, force="cpu"))
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
     # strided input, a non-contiguous out, accumulate, float16 input, offsets past 2**32
     xs = torch.randn(50, 3).T.half()
     out = torch.ones(8, 3).T
-    K.rademacher_project(xs, 5, 8, 2**32 + 1, out, accumulate=True, force="cpu")
+    rademacher_project(xs, 5, 8, 2**32 + 1, out, accumulate=True, force="cpu")
     want = 1 + K.rademacher_project_reference(xs.float(), 5, 8, 2**32 + 1)
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
 
@@ -315,13 +317,13 @@ def test_linear_grad_project_errors():
 
 
 def test_factorized_spec_roundtrip_and_seeds():
-    spec = K.FactorizedSpec(k_in=16, k_out=8, seed=3)
-    assert K.FactorizedSpec.from_dict(spec.to_dict()) == spec and spec.k == 128
+    spec = FactorizedSpec(k_in=16, k_out=8, seed=3)
+    assert FactorizedSpec.from_dict(spec.to_dict()) == spec and spec.k == 128
     assert spec.to_dict()["kind"] == "factorized"
     with pytest.raises(ValueError):
-        K.FactorizedSpec.from_dict({**spec.to_dict(), "kind": "rademacher"})
+        FactorizedSpec.from_dict({**spec.to_dict(), "kind": "rademacher"})
     with pytest.raises(ValueError):
-        K.FactorizedSpec(k_in=0, k_out=8)
+        FactorizedSpec(k_in=0, k_out=8)
     seeds = [s for layer in range(50) for s in K.factorized_seeds(3, layer)]
     assert len(set(seeds)) == 100
 
@@ -329,9 +331,9 @@ def test_factorized_spec_roundtrip_and_seeds():
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
 def test_factorized_reference_is_kronecker_projection(bias):
     # vec((G P_out)^T (A P_in)) == vec(W) @ (P_out kron P_in), W = G^T A (with a 1-input for bias).
-    spec = K.FactorizedSpec(k_in=6, k_out=5, seed=1)
+    spec = FactorizedSpec(k_in=6, k_out=5, seed=1)
     A, G = torch.randn(2, 7, 9), torch.randn(2, 7, 4)
-    y = K.factorized_project_reference(A, G, spec, layer=3, bias=bias)
+    y = K.factorized_project_reference(A, G, spec.k_in, spec.k_out, spec.seed, layer=3, bias=bias)
     s_in, s_out = K.factorized_seeds(1, 3)
     P_in = hashing.rademacher_block(s_in, 0, 9 + bias, 6, torch.float64)
     P_out = hashing.rademacher_block(s_out, 0, 4, 5, torch.float64)
@@ -344,11 +346,15 @@ def test_factorized_reference_is_kronecker_projection(bias):
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
 @pytest.mark.parametrize("dtype", ["f32", "bf16"])
 def test_factorized_project_matches_reference(bias, dtype):
-    spec = K.FactorizedSpec(k_in=20, k_out=3, seed=2**33 + 1)
+    spec = FactorizedSpec(k_in=20, k_out=3, seed=2**33 + 1)
     A = rand(3, 5, 33, dtype=DTYPES[dtype])
     G = rand(3, 5, 7, dtype=DTYPES[dtype])
-    y = K.factorized_project(A, G, spec, layer=11, bias=bias, force="triton")
-    ref = K.factorized_project_reference(A, G, spec, layer=11, bias=bias)
+    y = K.factorized_project(
+        A, G, spec.k_in, spec.k_out, spec.seed, layer=11, bias=bias, force="triton"
+    )
+    ref = K.factorized_project_reference(
+        A, G, spec.k_in, spec.k_out, spec.seed, layer=11, bias=bias
+    )
     assert y.shape == (3, 60) and y.dtype == torch.float32
     scale = ref.abs().max().item()
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5 * scale)
@@ -460,10 +466,10 @@ def test_cuda_linear_grad_project_large(dtype):
 
 @cuda
 def test_cuda_factorized_and_blocks():
-    spec = K.FactorizedSpec(k_in=64, k_out=32, seed=5)
+    spec = FactorizedSpec(k_in=64, k_out=32, seed=5)
     A, G = rand(8, 100, 700), rand(8, 100, 300)
-    y = K.factorized_project(A, G, spec, layer=2, bias=True)
-    ref = K.factorized_project_reference(A, G, spec, layer=2, bias=True)
+    y = K.factorized_project(A, G, spec.k_in, spec.k_out, spec.seed, layer=2, bias=True)
+    ref = K.factorized_project_reference(A, G, spec.k_in, spec.k_out, spec.seed, layer=2, bias=True)
     torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
     x = rand(4, 10_000)
     blocks = [(0, x[:, :3000]), (3000, x[:, 3000:])]

@@ -6,10 +6,12 @@ import pytest
 import torch
 from torch.func import functional_call, grad, vmap
 
-from ctrak_fast.diffusion import NoiseSchedule, tweedie_x0
-from ctrak_fast.grads import PerSampleGrads, flatten_blocks
-from ctrak_fast.grads_factorized import FactorizedGrads
-from ctrak_fast.losses import (
+from ctrak_fast.engine.projection import FactorizedSpec
+from ctrak_fast.method.diffusion import NoiseSchedule, tweedie_x0
+from ctrak_fast.method.grads.factorized import FactorizedGrads
+from ctrak_fast.method.grads.layout import flatten_blocks
+from ctrak_fast.method.grads.per_sample import PerSampleGrads
+from ctrak_fast.method.losses import (
     Residual,
     dps_guidance,
     dps_loss,
@@ -18,7 +20,6 @@ from ctrak_fast.losses import (
     residual,
     slider_loss,
 )
-from ctrak_fast.projection import FactorizedSpec
 
 B, TOL = 3, 2e-5  # float32 gradients of a ~45k-parameter model: agreement to ~1e-6 relative
 

@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from ctrak_fast.metrics import average_precision, precision_at, ranking_metrics
+from ctrak_fast.bench.metrics import average_precision, precision_at, ranking_metrics
 
 
 def test_precision_at():

@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from ctrak_fast.kernels import hashing
 
-from ctrak_fast import _native, hashing
+from ctrak_fast.engine import native as _native
 
 C = _native.load()
 
@@ -63,7 +64,7 @@ def test_rademacher_tile_threads_and_argument_checks():
 def test_isa_dispatch():
     isas = C.cpu_isas()
     assert isas[-1] == "generic" and C.cpu_isa() == isas[0]
-    code = "from ctrak_fast import _native; print(_native.load().cpu_isa())"
+    code = "from ctrak_fast.engine import native as _native; print(_native.load().cpu_isa())"
     assert run_python(code, CTRAK_CPU_ISA="generic") == "generic"
 
 
@@ -80,8 +81,8 @@ def test_load_error_says_how_to_build(monkeypatch):
 def test_package_imports_without_extension():
     code = (
         "import sys, warnings, torch; sys.modules['ctrak_fast._C'] = None\n"
-        "import ctrak_fast, ctrak_fast.search as s\n"
-        "from ctrak_fast import _native\n"
+        "import ctrak_fast, ctrak_fast.engine.search as s\n"
+        "from ctrak_fast.engine import native as _native\n"
         "assert not _native.available()\n"
         "f, u = torch.randn(20, 4), torch.randn(2, 4)\n"
         "with warnings.catch_warnings(record=True) as w:\n"

@@ -7,15 +7,12 @@ import random
 
 import pytest
 import torch
+from ctrak_fast.kernels import hashing
 
-from ctrak_fast import hashing, projection
-from ctrak_fast.projection import (
-    ProjectionSpec,
-    Projector,
-    default_tile_rows,
-    dense_matrix,
-    native_available,
-)
+from ctrak_fast.engine import projector
+from ctrak_fast.engine.native import native_available
+from ctrak_fast.engine.projection import ProjectionSpec, default_tile_rows, dense_matrix
+from ctrak_fast.engine.projector import Projector
 
 BACKENDS = ["reference"] + (["cpu"] if native_available() else [])
 M32 = 0xFFFFFFFF
@@ -196,7 +193,7 @@ needs_native = pytest.mark.skipif(not native_available(), reason="ctrak_fast._C 
 def _isas():
     if not native_available():
         return []
-    from ctrak_fast import _native
+    from ctrak_fast.engine import native as _native
 
     return _native.load().cpu_isas()
 
@@ -208,7 +205,7 @@ def _isas():
     [(1, 1, 1, 0), (3, 37, 5, 11), (7, 300, 65, 2**33 - 5), (13, 1000, 130, 7), (2, 70, 2048, 3)],
 )
 def test_fused_kernel_matches_the_oracle(isa, batch, n, k, start):
-    from ctrak_fast import _native
+    from ctrak_fast.engine import native as _native
 
     # Odd sizes: batch rows past the micro-tile, columns past the panel, rows past the panel.
     x = torch.randn(batch, n)
@@ -225,7 +222,7 @@ def test_fused_kernel_matches_the_oracle(isa, batch, n, k, start):
 
 @needs_native
 def test_fused_kernel_bits_do_not_depend_on_threads_batch_or_row_stride():
-    from ctrak_fast import _native
+    from ctrak_fast.engine import native as _native
 
     C = _native.load()
     x = torch.randn(11, 5000)
@@ -250,7 +247,7 @@ def test_fused_kernel_bits_do_not_depend_on_threads_batch_or_row_stride():
 def test_fused_kernel_refuses_bad_arguments():
     import numpy as np
 
-    from ctrak_fast import _native
+    from ctrak_fast.engine import native as _native
 
     C = _native.load()
     x = np.zeros((2, 10), np.float32)
@@ -266,7 +263,7 @@ def test_fused_kernel_refuses_bad_arguments():
 
 @needs_native
 def test_cpu_blocks_across_the_summation_grid_give_the_same_bits():
-    from ctrak_fast import _native
+    from ctrak_fast.engine import native as _native
 
     grid = _native.load().PROJECT_GRID_ROWS
     p, start = 2 * grid + 777, 50  # blocks from row 50: grid chunks straddle block edges
@@ -296,7 +293,7 @@ def test_cpu_backend_stores_no_signs():
 
 
 def test_reference_rows_are_made_in_bounded_chunks(monkeypatch):
-    monkeypatch.setattr(projection, "_REF_CHUNK", 64)  # 4 rows per hash call at k = 16
+    monkeypatch.setattr(projector, "_REF_CHUNK", 64)  # 4 rows per hash call at k = 16
     proj = Projector(ProjectionSpec(k=16, seed=6), 100, backend="reference")
     assert torch.equal(proj.rows(3, 37), _oracle(6, 3, 37, 16))
 

@@ -20,7 +20,7 @@ from forkserver import shared_server, store_files, tiny_assets
 from safetensors.torch import save_file
 
 from ctrak_fast.data import ConceptDataset
-from ctrak_fast.store import FeatureStore
+from ctrak_fast.engine.store import FeatureStore
 
 FEATURIZE = ["featurize", "--method", "d-trak", "--timesteps", "499", "--k", "16"]
 LAYOUT = ["--batch-size", "2", "--shard-rows", "4"]  # 24 images: 6 shards of 2 batches
@@ -152,10 +152,10 @@ class _Scaled:
 
 
 def test_features_overflowing_float16_are_named_too(tiny_unet, tmp_path, one_thread):
-    from ctrak_fast.diffusion import NoiseSchedule
-    from ctrak_fast.featurize import FeatureSpec, Featurizer, featurize_dataset
-    from ctrak_fast.projection import ProjectionSpec
-    from ctrak_fast.validation import NonFiniteFeatures
+    from ctrak_fast.engine.projection import ProjectionSpec
+    from ctrak_fast.engine.validation import NonFiniteFeatures
+    from ctrak_fast.method.diffusion import NoiseSchedule
+    from ctrak_fast.method.featurize import FeatureSpec, Featurizer, featurize_dataset
 
     spec = FeatureSpec(loss="eps-norm", inversion=False, timesteps=(499,))
     fz = Featurizer(tiny_unet, NoiseSchedule(), spec, ProjectionSpec(k=8), torch.tensor([3, 2]))

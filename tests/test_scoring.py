@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ctrak_fast.scoring import Preconditioner, damping, gram, score_dense
-from ctrak_fast.store import FeatureStore
+from ctrak_fast.engine.scoring import Preconditioner, damping, gram, score_dense
+from ctrak_fast.engine.store import FeatureStore
 
 K = 32
 
@@ -128,7 +128,7 @@ def test_shape_errors():
 
 
 def test_engine_example_end_to_end(tmp_path):
-    from ctrak_fast.engine_example import run_engine_example
+    from ctrak_fast.bench.engine_example import run_engine_example
 
     res = run_engine_example(tmp_path, k=64, progress=False)
     assert res["n_train"] == 2000 and len(res["tests"]) == 8

@@ -1,4 +1,4 @@
-"""Top-k search: the native engines against the float64 reference (ctrak_fast.search).
+"""Top-k search: the native engines against the float64 reference (ctrak_fast.engine.search).
 
 Policy (see the search module docstring): returned values equal the exact scores of the
 returned ids within fp32_error_bound; the j-th returned exact score is within twice the bound of
@@ -18,9 +18,10 @@ import numpy as np
 import pytest
 import torch
 
-from ctrak_fast import _native
-from ctrak_fast.search import TopK, fp32_error_bound, iter_store_shards, topk, topk_reference
-from ctrak_fast.store import FeatureStore, StoreError
+from ctrak_fast.engine import native as _native
+from ctrak_fast.engine.search import fp32_error_bound, topk, topk_reference
+from ctrak_fast.engine.search_inputs import TopK
+from ctrak_fast.engine.store import FeatureStore, StoreError, iter_store_shards
 
 C = _native.load()
 ISAS = C.cpu_isas()

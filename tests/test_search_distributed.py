@@ -1,4 +1,4 @@
-"""Distributed top-k (ctrak_fast.search_distributed): two gloo ranks on CPU give the single-process
+"""Distributed top-k (engine.search_distributed): two gloo ranks on CPU give the single-process
 result bit for bit; the exact merge of top-k lists; the shard split; `ctrak attribute` under two
 ranks. The two ranks run once per module (spawned processes) and save what they computed."""
 
@@ -14,10 +14,11 @@ import torch.multiprocessing as mp
 from safetensors.torch import save_file
 from test_search import check, make_data
 
-from ctrak_fast.scoring import gram
-from ctrak_fast.search import TopK, merge_topk, topk, topk_reference
-from ctrak_fast.search_distributed import rank_shards
-from ctrak_fast.store import FeatureStore
+from ctrak_fast.engine.scoring import gram
+from ctrak_fast.engine.search import merge_topk, topk, topk_reference
+from ctrak_fast.engine.search_distributed import rank_shards
+from ctrak_fast.engine.search_inputs import TopK
+from ctrak_fast.engine.store import FeatureStore
 
 META = {"model": "m" * 64, "projection": {"kind": "rademacher", "k": 32, "seed": 0}}
 # (store name, dtype, data kind, rows, shard_rows, queries, [(k, tails), ...])
@@ -39,7 +40,7 @@ def _write_store(path, name):
 
 def _worker(rank, world, root):
     from ctrak_fast import cli
-    from ctrak_fast.search_distributed import gram_distributed, topk_distributed
+    from ctrak_fast.engine.search_distributed import gram_distributed, topk_distributed
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{root}/rdzv", rank=rank, world_size=world)

@@ -5,15 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ctrak_fast import diffusion
 from ctrak_fast.data import SyntheticConfig, make_dataset
-from ctrak_fast.demo import ASSETS, DEFAULT_NAME
-from ctrak_fast.models import load_model
+from ctrak_fast.method import diffusion
+from ctrak_fast.models.factor_unet import load_model
+from ctrak_fast.models.shipped import ASSETS, SHIPPED
 
 
 def _shipped():
-    model = load_model(ASSETS / f"unet_{DEFAULT_NAME}.safetensors")
-    data = make_dataset(SyntheticConfig.load_json(ASSETS / f"{DEFAULT_NAME}.json"))
+    model = load_model(ASSETS / f"unet_{SHIPPED}.safetensors")
+    data = make_dataset(SyntheticConfig.load_json(ASSETS / f"{SHIPPED}.json"))
     return model, data
 
 
@@ -44,7 +44,7 @@ def test_guided_samples_show_the_condition_with_and_without_clipping():
     clamped-x0 step once reused the raw eps, which turned CFG-2 yellow circles green (judge
     accuracy 0.2) while unguided samples were right."""
     model, _ = _shipped()
-    judge = load_model(ASSETS / f"judge_{DEFAULT_NAME}.safetensors")
+    judge = load_model(ASSETS / f"judge_{SHIPPED}.safetensors")
     cond = torch.tensor([[0, 3], [2, 0], [0, 2]]).repeat_interleave(4, 0)  # yellow circle, ...
     for clip in (True, False):
         gen = torch.Generator().manual_seed(0)
@@ -61,15 +61,14 @@ def test_sign_convention_puts_concept_carriers_on_top():
     queries, the 10 most supporting training images (score > 0 side) carry the queried factor
     value more often than the 10 most opposing ones, for every query and factor. A flipped sign
     between training and query features would reverse this. Measured: 0.42 vs 0.13 on average."""
-    from ctrak_fast.benchmark import train_subset
-    from ctrak_fast.featurize import FeatureSpec, Featurizer
-    from ctrak_fast.models import drop_factor
-    from ctrak_fast.projection import ProjectionSpec
-    from ctrak_fast.query import ConceptQuerySpec, concept_query_features
-    from ctrak_fast.scoring import Preconditioner
+    from ctrak_fast.engine.projection import ProjectionSpec
+    from ctrak_fast.engine.scoring import Preconditioner
+    from ctrak_fast.method.featurize import FeatureSpec, Featurizer
+    from ctrak_fast.method.query import ConceptQuerySpec, concept_query_features
+    from ctrak_fast.models.factor_unet import drop_factor
 
     model, data = _shipped()
-    train = train_subset(data, 4)  # 56 images, 4 per seen combination
+    train = data.train_subset(4)  # 56 images, 4 per seen combination
     ts = (199, 499, 799)
     spec = FeatureSpec(timesteps=ts, inversion_steps=10)
     schedule = diffusion.NoiseSchedule.for_model(model)

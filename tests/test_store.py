@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ctrak_fast.store import (
+from ctrak_fast.engine.store import (
     FORMAT_VERSION,
     FeatureStore,
     SpecMismatch,

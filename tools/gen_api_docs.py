@@ -51,7 +51,7 @@ Before 1.0 the minor number plays the role of the major one:
   release while its `hash_version` is unchanged; a new hash is a new `hash_version`, and stores
   made with the old one stay readable and comparable among themselves.
 - **Not covered:** everything outside `__all__` (the engine modules such as
-  `ctrak_fast.featurize`, `ctrak_fast.grads`, `ctrak_fast.diffusion`, `ctrak_fast.adapters`, the
+  `ctrak_fast.engine`, `ctrak_fast.method`, `ctrak_fast.models`, `ctrak_fast.bench`, the
   CLI's internals, `ctrak_fast._C`, and attributes documented as engine objects, such as
   `Attributor.featurizer`), bit-exact floating-point results across machines or BLAS builds, and
   speed. `ctrak_fast.integrations.dattri` follows the promise for `CTRAKAttributor` but tracks

@@ -1,19 +1,12 @@
 """Concept datasets: images with one value per factor (shape, colour, ...).
 
-`ConceptDataset` is the one container every data source returns (synthetic renders, a user's
-image folder); it is defined here, before the submodules are imported, so they can import it.
+`ConceptDataset` (dataset.py) is the one container every data source returns: synthetic renders
+(synthetic.py) or a user's labelled image folder (folder.py).
 """
 
-from __future__ import annotations
-
-import json
-import os
-from dataclasses import dataclass, field
-from pathlib import Path
-
-import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+from .dataset import ConceptDataset
+from .folder import load_image_folder
+from .synthetic import SyntheticConfig, make_dataset, render
 
 __all__ = [
     "ConceptDataset",
@@ -22,129 +15,3 @@ __all__ = [
     "render",
     "load_image_folder",
 ]
-
-_FORMAT = "ctrak-concept-dataset/1"
-
-
-@dataclass
-class ConceptDataset:
-    """Images labelled with one value index per factor.
-
-    Attributes:
-        images: float32 [N, 3, H, W] in [-1, 1].
-        labels: int64 [N, F]; labels[i, f] indexes values[factors[f]].
-        ids: int64 [N] stable sample ids (what attribution results refer to).
-        factors: F factor names, e.g. ["shape", "colour"].
-        values: factor name -> list of value names.
-        heldout: (shape_idx, colour_idx) pairs absent from the data (synthetic data; [] otherwise).
-        meta: free-form JSON-serialisable provenance (e.g. the SyntheticConfig).
-
-    Examples:
-        >>> d = ConceptDataset(torch.zeros(2, 3, 8, 8), torch.tensor([[0, 1], [1, 0]]),
-        ...                    torch.arange(2), ["shape", "colour"],
-        ...                    {"shape": ["circle", "square"], "colour": ["red", "blue"]})
-        >>> len(d), d.describe(d.labels[0])
-        (2, 'shape=circle, colour=blue')
-    """
-
-    images: torch.Tensor
-    labels: torch.Tensor
-    ids: torch.Tensor
-    factors: list[str]
-    values: dict[str, list[str]]
-    heldout: list[tuple[int, int]] = field(default_factory=list)
-    meta: dict = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        n = self.images.shape[0]
-        if self.images.ndim != 4 or self.images.shape[1] != 3 or self.images.dtype != torch.float32:
-            raise ValueError(
-                f"images must be float32 [N,3,H,W], got {self.images.dtype} "
-                f"{tuple(self.images.shape)}"
-            )
-        if self.labels.shape != (n, len(self.factors)) or self.labels.dtype != torch.int64:
-            raise ValueError(
-                f"labels must be int64 [{n},{len(self.factors)}], got {tuple(self.labels.shape)}"
-            )
-        if self.ids.shape != (n,) or self.ids.dtype != torch.int64:
-            raise ValueError(f"ids must be int64 [{n}], got {tuple(self.ids.shape)}")
-        for f, name in enumerate(self.factors):
-            if n and (
-                self.labels[:, f].min() < 0 or self.labels[:, f].max() >= len(self.values[name])
-            ):
-                raise ValueError(
-                    f"labels of factor {name!r} out of range [0, {len(self.values[name])})"
-                )
-        self.heldout = [tuple(int(v) for v in p) for p in self.heldout]
-
-    def __len__(self) -> int:
-        return self.images.shape[0]
-
-    @property
-    def n_values(self) -> list[int]:
-        """Number of values per factor, in `factors` order (model embedding rows minus the null)."""
-        return [len(self.values[f]) for f in self.factors]
-
-    @property
-    def image_size(self) -> int:
-        return self.images.shape[-1]
-
-    def describe(self, label_row) -> str:
-        """Human-readable condition, e.g. 'shape=circle, colour=red'."""
-        pairs = zip(self.factors, label_row, strict=True)
-        return ", ".join(f"{f}={self.values[f][int(v)]}" for f, v in pairs)
-
-    def subset(self, mask_or_index) -> ConceptDataset:
-        """Rows selected by a boolean mask [N] or an index tensor; metadata shared."""
-        return ConceptDataset(
-            self.images[mask_or_index],
-            self.labels[mask_or_index],
-            self.ids[mask_or_index],
-            list(self.factors),
-            {k: list(v) for k, v in self.values.items()},
-            list(self.heldout),
-            dict(self.meta),
-        )
-
-    def save(self, path: str | os.PathLike) -> None:
-        """Write to one safetensors file (tensors + JSON metadata); atomic (tmp file + rename)."""
-        path = Path(path)
-        header = {
-            "format": _FORMAT,
-            "factors": self.factors,
-            "values": self.values,
-            "heldout": [list(p) for p in self.heldout],
-            "meta": self.meta,
-        }
-        tmp = path.with_name(path.name + ".tmp")
-        tensors = {
-            "images": self.images.contiguous(),
-            "labels": self.labels.contiguous(),
-            "ids": self.ids.contiguous(),
-        }
-        save_file(tensors, str(tmp), metadata={"ctrak": json.dumps(header)})
-        os.chmod(tmp, 0o644)  # safetensors creates 0600
-        os.replace(tmp, path)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> ConceptDataset:
-        with safe_open(str(path), framework="pt") as f:
-            header = json.loads((f.metadata() or {}).get("ctrak", "{}"))
-            if header.get("format") != _FORMAT:
-                raise ValueError(
-                    f"{path}: not a ctrak concept dataset (format {header.get('format')!r})"
-                )
-            t = {k: f.get_tensor(k) for k in ("images", "labels", "ids")}
-        return cls(
-            t["images"],
-            t["labels"],
-            t["ids"],
-            header["factors"],
-            header["values"],
-            [tuple(p) for p in header["heldout"]],
-            header.get("meta", {}),
-        )
-
-
-from .folder import load_image_folder  # noqa: E402
-from .synthetic import SyntheticConfig, make_dataset, render  # noqa: E402

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import ConceptDataset
+from .dataset import ConceptDataset
 
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 
@@ -41,7 +41,7 @@ def _read_labels(labels_file: Path) -> dict[str, dict[str, str]]:
     raise ValueError(f"{labels_file}: labels must be .json or .csv")
 
 
-def _load_image(path: Path, image_size: int) -> torch.Tensor:
+def load_image(path: Path, image_size: int) -> torch.Tensor:
     """float32 [3, S, S] in [-1, 1]; ValueError naming the file on any problem."""
     if not path.is_file():
         raise ValueError(f"image file missing: {path}")
@@ -119,7 +119,7 @@ def load_image_folder(
                 )
             row.append(values[f].index(v))
         labels.append(row)
-    images = torch.stack([_load_image(root / name, image_size) for name in names])
+    images = torch.stack([load_image(root / name, image_size) for name in names])
     return ConceptDataset(
         images=images,
         labels=torch.tensor(labels, dtype=torch.int64),

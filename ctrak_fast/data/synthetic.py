@@ -19,7 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import ConceptDataset
+from ctrak_fast.engine.atomic import atomic_write_text
+
+from .dataset import ConceptDataset
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross")
 # Saturated, well separated in RGB (yellow is darkened slightly to stay visible on white).
@@ -104,10 +106,7 @@ class SyntheticConfig:
         return cls(**d)
 
     def save_json(self, path: str | os.PathLike) -> None:
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def load_json(cls, path: str | os.PathLike) -> SyntheticConfig:

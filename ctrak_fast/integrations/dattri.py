@@ -60,10 +60,12 @@ except ImportError as e:  # pragma: no cover - exercised only without dattri
         "ctrak_fast.integrations.dattri needs dattri: pip install dattri (tested with 0.3.0)"
     ) from e
 
-from ..projection import ProjectionSpec, Projector
-from ..scoring import Preconditioner, gram
-from ..search import TopK, topk
-from ..store import FeatureStore, model_fingerprint
+from ctrak_fast.engine.projection import ProjectionSpec
+from ctrak_fast.engine.projector import Projector
+from ctrak_fast.engine.scoring import Preconditioner, gram
+from ctrak_fast.engine.search import topk
+from ctrak_fast.engine.search_inputs import TopK
+from ctrak_fast.engine.store import FeatureStore, model_fingerprint
 
 __all__ = ["CTRAKAttributor"]
 

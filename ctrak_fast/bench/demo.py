@@ -1,0 +1,86 @@
+"""`ctrak demo`: the concept benchmark on the shipped model: table, results.json, gallery."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ctrak_fast.bench.quality import QualityConfig, format_table, run_quality
+from ctrak_fast.bench.report import bar_plot, gallery
+from ctrak_fast.data import make_dataset
+from ctrak_fast.models.shipped import ASSETS, shipped
+
+
+def write_gallery(results: dict, data_values, factors, path) -> Path:
+    """One row per (gallery query, method): query | top-10 | bottom-5."""
+    train = results["_train"]
+
+    def describe(i: int) -> str:
+        s, c = train.labels[i].tolist()
+        return f"{data_values[factors[1]][c]} {data_values[factors[0]][s]}"
+
+    rows = []
+    for g in results["_gallery"]:
+        s, c = g["combo"]
+        name = f"{data_values[factors[1]][c]} {data_values[factors[0]][s]}"
+        tag = "held-out" if g["split"] == "heldout" else "seen"
+        for m, scores in g["scores"].items():
+            if m == "concept-trak":
+                for f, fname in enumerate(factors):
+                    rows.append(
+                        {
+                            "title": f"{tag} {name}\nCT: {fname}",
+                            "query": g["image"],
+                            "scores": scores[:, f],
+                        }
+                    )
+            elif m in ("d-trak", "trak"):
+                rows.append(
+                    {"title": f"{tag} {name}\n{m}", "query": g["image"], "scores": scores[:, 0]}
+                )
+    return gallery(rows, train.images, describe, path)
+
+
+def run_demo(
+    out_dir="demo_out",
+    cfg: QualityConfig | None = None,
+    progress: bool = True,
+    assets: str | Path = ASSETS,
+) -> dict:
+    """The benchmark on the model, judge and data of `assets` (default: the shipped ones; or the
+    --out folder of `ctrak train`)."""
+    torch.manual_seed(0)
+    out = Path(out_dir)
+    model, judge, data_cfg = shipped(assets=Path(assets))
+    data = make_dataset(data_cfg)
+    cfg = cfg or QualityConfig()
+    results = run_quality(model, judge, data, cfg, out, progress=progress)
+    write_gallery(results, data.values, data.factors, out / "gallery.png")
+    heldout = {
+        f"{m}": {
+            f: results["methods"][m]["heldout"][f].get("p@10", float("nan")) for f in data.factors
+        }
+        for m in results["methods"]
+    }
+    bar_plot(
+        {f: {m: heldout[m][f] for m in heldout} for f in data.factors},
+        "held-out combinations: P@10 per factor",
+        out / "heldout_p10.png",
+    )
+    return {k: v for k, v in results.items() if not k.startswith("_")}
+
+
+def summary(results: dict, out_dir) -> str:
+    """What `ctrak demo` prints: the table, the files written and the time taken."""
+    out = Path(out_dir)
+    timings = ", ".join(f"{k} {v:.0f} s" for k, v in results["timings"].items())
+    return (
+        f"{format_table(results)}\n\nwrote {out / 'results.json'}, {out / 'gallery.png'}, "
+        f"{out / 'heldout_p10.png'}\ntotal {results['seconds']:.0f} s; {timings}"
+    )
+
+
+def load_results(path) -> dict:
+    return json.loads(Path(path).read_text())

@@ -1,0 +1,220 @@
+"""What both concept benchmarks (factor tokens: quality.py; prompts: text_quality.py) share: one
+loop over the method table that featurizes the training set per method, scores each query with
+every method, and turns per-query metrics into the results dict.
+
+A benchmark supplies how its model makes featurizers and query features (a factor model's c- flips
+or nulls a factor; a prompt's c- deletes a phrase); everything else is here, so a method added to
+method/methods.py appears in both benchmarks without an edit.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ctrak_fast.engine.scoring import Preconditioner, gram, score_dense
+from ctrak_fast.engine.store import FeatureStore
+from ctrak_fast.method.featurize import FeatureSpec, Featurizer, featurize_dataset
+from ctrak_fast.method.methods import METHODS, Method, get_method
+from ctrak_fast.method.query import ConceptQuerySpec
+
+from .metrics import factor_metrics
+
+SPLITS = ("in_distribution", "heldout")
+
+
+class MethodSettings:
+    """Per-method specs of a benchmark config (a dataclass with `methods`, `dps`, `features` and
+    `concept` fields): the method table's defaults unless the config overrides them."""
+
+    def feature_spec(self, method: str) -> FeatureSpec:
+        """The training features of `method` in this run (dps: concept-trak's)."""
+        if method in self.features:
+            spec = self.features[method]
+        else:
+            spec = self.dps if method == "concept-trak" else METHODS[method].feature_spec()
+        return self.adjust_spec(spec)
+
+    def adjust_spec(self, spec: FeatureSpec) -> FeatureSpec:
+        """Hook for settings every method of a benchmark shares (e.g. a parameter filter)."""
+        return spec
+
+    def query_spec(self, row: Method) -> ConceptQuerySpec:
+        """Concept-query settings of a concept method: `concept`, then the method's own."""
+        return ConceptQuerySpec(**{**self.concept.to_dict(), **row.concept})
+
+    def check_methods(self) -> None:
+        for m in self.methods:
+            get_method(m)
+
+    def specs_dict(self) -> dict:
+        """The spec fields of to_dict()."""
+        return {
+            "dps": self.dps.to_dict(),
+            "concept": self.concept.to_dict(),
+            "features": {m: spec.to_dict() for m, spec in self.features.items()},
+        }
+
+
+@dataclass
+class TrainedMethods:
+    """Training-side state of every method of a run: featurizers and stores by the method that
+    made them, preconditioners by method (das shares d-trak's)."""
+
+    featurizers: dict[str, Featurizer] = field(default_factory=dict)
+    stores: dict[str, FeatureStore] = field(default_factory=dict)
+    preconditioners: dict[str, Preconditioner] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def featurize_methods(
+    methods: Sequence[str],
+    spec_for: Callable[[str], FeatureSpec],
+    make_featurizer: Callable[[FeatureSpec, Featurizer | None], Featurizer],
+    x0: torch.Tensor,
+    conds: torch.Tensor,
+    ids: torch.Tensor,
+    out_dir: Path,
+    *,
+    batch_size: int,
+    dtype: str,
+    lambda_r: float,
+    progress: bool = True,
+) -> TrainedMethods:
+    """Featurize x0 [N,...] / conds [N,...] / ids [N] once per store the methods need (in table
+    order; stores under out_dir/stores/<method>, resumed when present) and factor each Gram.
+
+    make_featurizer(spec, first): a featurizer for `spec`; `first` is the run's first featurizer
+    (None for the first), whose projector the others should share (one projection matrix)."""
+    rows = [METHODS[m] for m in methods]
+    need = {r.store_method for r in rows if r.has_features}
+    das_for = {r.store_method for r in rows if r.das}
+    out = TrainedMethods()
+    first: Featurizer | None = None
+    for name in (n for n in METHODS if n in need):
+        fz = make_featurizer(spec_for(name), first)
+        first = first or fz
+        out.featurizers[name] = fz
+        das = out_dir / "stores" / "das" if name in das_for else None
+        tic = time.time()
+        out.stores[name] = featurize_dataset(
+            fz,
+            x0,
+            conds,
+            ids,
+            out_dir / "stores" / name,
+            batch_size=batch_size,
+            shard_rows=batch_size * 16,
+            dtype=dtype,
+            das_path=das,
+            progress=progress,
+        )
+        out.timings[f"featurize {name}"] = time.time() - tic
+        if das is not None:
+            for r in rows:
+                if r.das and r.store_method == name:
+                    out.stores[r.name] = FeatureStore.open(das)
+    for r in rows:
+        if not r.has_features:
+            continue
+        base = r.store_method
+        if base not in out.preconditioners:
+            out.preconditioners[base] = Preconditioner(gram(out.stores[base]), lambda_r)
+        out.preconditioners[r.name] = out.preconditioners[base]
+    return out
+
+
+def method_scores(
+    trained: TrainedMethods,
+    methods: Sequence[str],
+    concept_features: Callable[[Method, Featurizer], torch.Tensor],
+    image_features: Callable[[Featurizer], torch.Tensor],
+    pixel_scores: Callable[[], torch.Tensor],
+    n_factors: int,
+) -> dict[str, torch.Tensor]:
+    """Scores [N, n_factors] of one query for every method: column f ranks the training set for
+    the query's factor f (whole-image methods give every factor the same column).
+
+    concept_features(row, featurizer) -> [n_factors, k]: one concept query per factor;
+    image_features(featurizer) -> [1, k]: the query image under the training recipe;
+    pixel_scores() -> [N, 1]."""
+    scores: dict[str, torch.Tensor] = {}
+    for name in methods:
+        row = METHODS[name]
+        if row.query == "pixel":
+            scores[name] = pixel_scores().expand(-1, n_factors)
+            continue
+        fz = trained.featurizers[row.store_method]
+        if row.query == "concept":
+            qf = concept_features(row, fz)
+        else:
+            qf = image_features(fz)
+        s = score_dense(trained.stores[name], trained.preconditioners[name].solve(qf))
+        scores[name] = s if row.query == "concept" else s.expand(-1, n_factors)
+    return scores
+
+
+def pixel_cosine(train_images: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of pixels: train_images [N,C,H,W], image [C,H,W] -> [N, 1]."""
+    a = torch.nn.functional.normalize(train_images.flatten(1), dim=1)
+    b = torch.nn.functional.normalize(image.flatten()[None], dim=1)
+    return a @ b.T
+
+
+def new_per_query(methods: Sequence[str], factors: Sequence[str]) -> dict:
+    """Per-query metric lists: per_query[method][split][factor] = [metrics of each query]."""
+    return {m: {s: {f: [] for f in factors} for s in SPLITS} for m in methods}
+
+
+def record_query(per_query: dict, scores: dict, labels, combo, split: str, factors) -> None:
+    """Append the metrics of one query (scores by method, [N, F]) to per_query."""
+    for m, s in scores.items():
+        for f, fname in enumerate(factors):
+            per_query[m][split][fname].append(factor_metrics(s[:, f], labels, combo, f))
+
+
+def mean_metrics(rows: list[dict]) -> dict:
+    """Mean of each metric over queries ({} for no query); NaN entries (AP without any relevant
+    item) are left out of their metric's mean."""
+    if not rows:
+        return {}
+    out = {}
+    for key in rows[0]:
+        vals = [r[key] for r in rows if r[key] == r[key]]
+        out[key] = sum(vals) / len(vals) if vals else float("nan")
+    return out
+
+
+def summarize(per_query: dict, labels: torch.Tensor, factors, values) -> dict:
+    """The results fields both benchmarks share: per-method means, chance, query counts."""
+    first = next(iter(per_query))
+    return {
+        "methods": {
+            m: {s: {f: mean_metrics(per_query[m][s][f]) for f in factors} for s in SPLITS}
+            for m in per_query
+        },
+        "chance": {
+            f: {v: (labels[:, i] == j).float().mean().item() for j, v in enumerate(values[f])}
+            for i, f in enumerate(factors)
+        },
+        "n_queries": {s: len(per_query[first][s][factors[0]]) for s in SPLITS},
+        "n_train": len(labels),
+    }
+
+
+__all__ = [
+    "SPLITS",
+    "MethodSettings",
+    "TrainedMethods",
+    "featurize_methods",
+    "mean_metrics",
+    "method_scores",
+    "new_per_query",
+    "pixel_cosine",
+    "record_query",
+    "summarize",
+]

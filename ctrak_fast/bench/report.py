@@ -1,0 +1,103 @@
+"""Pictures of results: the attribution gallery, sample grids and benchmark plots (PNG).
+
+Figures are drawn on `matplotlib.figure.Figure` objects with the Agg canvas: nothing here touches
+pyplot's global state or backend, so importing it never changes a caller's matplotlib set-up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+
+from ctrak_fast.engine.atomic import atomic_path
+
+
+def save_figure(fig: Figure, path, dpi: int = 110) -> Path:
+    """Write `fig` as PNG atomically (tmp + rename), creating the directory."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")
+    return path
+
+
+def image_rows(rows: Sequence[torch.Tensor], labels: Sequence[str] | None, path) -> Path:
+    """PNG of image rows: rows[r] is [n, 3, H, W] in [-1, 1], labelled on the left."""
+    n = max(len(x) for x in rows)
+    fig = Figure(figsize=(n * 0.8 + 1.8, len(rows) * 0.85))
+    axes = fig.subplots(len(rows), 1, squeeze=False)[:, 0]
+    for r, (ax, images) in enumerate(zip(axes, rows, strict=True)):
+        tiles = [np.pad(to_rgb(im), ((1, 1), (1, 1), (0, 0)), constant_values=0.5) for im in images]
+        ax.imshow(np.concatenate(tiles, 1), interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if labels:
+            ax.set_ylabel(labels[r], rotation=0, ha="right", va="center", fontsize=8)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def to_rgb(img: torch.Tensor):
+    """[3,H,W] in [-1,1] -> HxWx3 numpy in [0,1]."""
+    return ((img.clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy()
+
+
+def ranked(scores: torch.Tensor, n_top: int, n_bottom: int) -> tuple[list[int], list[int]]:
+    """Row indices of the n_top highest and n_bottom lowest scores (ties by index)."""
+    order = torch.sort(scores.double(), descending=True, stable=True).indices
+    return order[:n_top].tolist(), order[-n_bottom:].flip(0).tolist() if n_bottom else []
+
+
+def gallery(
+    rows: list[dict], images: torch.Tensor, describe, path, n_top: int = 10, n_bottom: int = 5
+):
+    """Write a PNG: each row is one (query, method) pair: the query image, its top-n_top and
+    bottom-n_bottom training images with score and label.
+
+    rows: dicts {"title": str, "query": [3,H,W], "scores": [N]}; images: [N,3,H,W] training images;
+    describe(i) -> short label of training row i.
+    """
+    cols = 1 + n_top + (1 + n_bottom if n_bottom else 0)
+    fig = Figure(figsize=(cols * 1.05, len(rows) * 1.45))
+    axes = fig.subplots(len(rows), cols, squeeze=False)
+    for r, row in enumerate(rows):
+        top, bottom = ranked(row["scores"], n_top, n_bottom)
+        cells = [("query", row["query"], row["title"])]
+        cells += [(f"+{row['scores'][i]:.2g}", images[i], describe(i)) for i in top]
+        if n_bottom:
+            cells.append(None)
+            cells += [(f"{row['scores'][i]:.2g}", images[i], describe(i)) for i in bottom]
+        for c, cell in enumerate(cells):
+            ax = axes[r, c]
+            ax.axis("off")
+            if cell is None:
+                ax.text(0.5, 0.5, "most\nopposing\n→", ha="center", va="center", fontsize=7)
+                continue
+            head, img, label = cell
+            ax.imshow(to_rgb(img), interpolation="nearest")
+            ax.set_title(f"{head}\n{label}", fontsize=5.5 if c else 6, pad=2)
+    fig.tight_layout(pad=0.3)
+    return save_figure(fig, path)
+
+
+def bar_plot(table: dict[str, dict[str, float]], title: str, path, ylabel: str = "P@10"):
+    """Grouped bars: table[group][series] -> value. Written atomically as PNG."""
+    groups = list(table)
+    series = list(next(iter(table.values())))
+    fig = Figure(figsize=(1.2 + 1.1 * len(groups), 3.2))
+    ax = fig.subplots()
+    width = 0.8 / len(series)
+    for i, s in enumerate(series):
+        xs = [g + (i - (len(series) - 1) / 2) * width for g in range(len(groups))]
+        ax.bar(xs, [table[g][s] for g in groups], width, label=s)
+    ax.set_xticks(range(len(groups)), groups, fontsize=7)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(0, 1.05)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    return save_figure(fig, path)

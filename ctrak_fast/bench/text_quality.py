@@ -1,0 +1,239 @@
+"""The synthetic concept benchmark with prompt queries, on a text-to-image model (issue #7).
+
+Same data, metrics and table as benchmark.py (the factor-token benchmark), but every condition is a
+caption embedded by the model's text encoder ("a red triangle"), and a concept query is a prompt
+and the phrase to attribute: c+ = "a red triangle", c- = remove_phrase(c+, "red") = "a triangle"
+for the colour, "a red" for the shape. Query images are sampled from the prompt through the
+diffusers scheduler API and kept when the ConceptJudge confirms them.
+
+| method       | training features (attn2 parameters) | query                               |
+|--------------|--------------------------------------|-------------------------------------|
+| concept-trak | DPS loss, DDIM inversion, per-t norm | slider: c+ prompt vs phrase removed |
+| trak         | DSM loss at fixed noise              | same loss on the query image        |
+| d-trak       | mean(eps^2) at fixed noise           | same on the query image             |
+| das          | d-trak rows x summed DSM loss        | d-trak query                        |
+| pixel        | -                                    | cosine similarity of pixels         |
+
+    ctrak t2i bench --out out/t2i_quality
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ctrak_fast.bench.harness import (
+    MethodSettings,
+    featurize_methods,
+    method_scores,
+    new_per_query,
+    pixel_cosine,
+    record_query,
+    summarize,
+)
+from ctrak_fast.bench.quality import (
+    METHODS,
+    data_combos,
+    format_table,
+)
+from ctrak_fast.bench.tiny_text import caption
+from ctrak_fast.data import ConceptDataset
+from ctrak_fast.engine.atomic import atomic_write_text
+from ctrak_fast.engine.projection import ProjectionSpec
+from ctrak_fast.method.featurize import FeatureSpec, Featurizer
+from ctrak_fast.method.query import ConceptQuerySpec, image_query_features
+from ctrak_fast.models.latent_cache import encode_images_cached
+from ctrak_fast.models.prompts import remove_phrase
+from ctrak_fast.models.t2i_features import make_featurizer, prompt_query_features
+from ctrak_fast.models.text2image import T2I_PARAM_FILTER, TextToImageAdapter
+
+__all__ = ["T2IQualityConfig", "run_t2i_quality", "make_prompt_queries"]
+
+
+@dataclass
+class T2IQualityConfig(MethodSettings):
+    """Benchmark settings (defaults sized for a ~20 minute run on 2 CPU cores)."""
+
+    per_combo: int = 50
+    k: int = 512
+    projection_seed: int = 0
+    queries_per_combo: int = 2
+    query_guidance: float = 3.0
+    query_candidates: int = 8
+    query_steps: int = 50
+    lambda_r: float = 1.0
+    batch_size: int = 32
+    store_dtype: str = "float32"
+    param_filter: str = T2I_PARAM_FILTER
+    seed: int = 0
+    methods: tuple[str, ...] = METHODS
+    dps: FeatureSpec = field(default_factory=FeatureSpec)
+    concept: ConceptQuerySpec = field(default_factory=ConceptQuerySpec)
+    features: dict[str, FeatureSpec] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.check_methods()
+
+    def adjust_spec(self, spec: FeatureSpec) -> FeatureSpec:
+        """Every method takes the same parameters (cross-attention by default)."""
+        return FeatureSpec.from_dict({**spec.to_dict(), "param_filter": self.param_filter})
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), **self.specs_dict()}
+
+
+def _prompt(data: ConceptDataset, combo) -> str:
+    return caption(data.factors, data.values, combo)
+
+
+def make_prompt_queries(adapter, judge, data, combos, cfg: T2IQualityConfig, progress=True):
+    """Sample `query_candidates` images per combination from its prompt (DDIM through the
+    scheduler API, CFG against ""), keep the judge-confirmed ones.
+
+    Returns ([{combo, prompt, seed, x0 [C,h,w], image [3,H,W]}], {combo: (accepted, tried)}).
+    """
+    queries, accepted = [], {}
+    for ci, combo in enumerate(tqdm(combos, desc="queries", disable=not progress)):
+        prompt = _prompt(data, combo)
+        seed = cfg.seed * 7919 + ci
+        x0 = adapter.generate(
+            prompt, "", cfg.query_guidance, cfg.query_steps, seed=seed, n=cfg.query_candidates
+        )
+        images = adapter.decode_latents(x0)
+        if not adapter.latent:  # a pixel model's query image is the clamped sample
+            x0 = images
+        ok = (judge.predict(images) == torch.tensor(combo)).all(1)
+        accepted[tuple(combo)] = (int(ok.sum()), cfg.query_candidates)
+        for i in ok.nonzero().flatten()[: cfg.queries_per_combo].tolist():
+            q = {"combo": tuple(combo), "prompt": prompt, "seed": seed, "x0": x0[i]}
+            queries.append({**q, "image": images[i]})
+    return queries, accepted
+
+
+def run_t2i_quality(
+    adapter: TextToImageAdapter,
+    judge,
+    data: ConceptDataset,
+    cfg: T2IQualityConfig,
+    out_dir,
+    progress: bool = True,
+) -> dict:
+    """Run the prompt benchmark; results dict shaped like benchmark.run_quality's (also written
+    to out_dir/results.json), so benchmark.format_table and demo.write_gallery apply."""
+    t0 = time.time()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    train = data.train_subset(cfg.per_combo)
+    labels = train.labels
+    captions = [_prompt(data, row) for row in labels.tolist()]
+    conds = adapter.prompt_ids(captions)  # int64 [N, 1]
+    proj = ProjectionSpec(k=cfg.k, seed=cfg.projection_seed)
+    # latents cached once for every method, next to the stores
+    x0_train = encode_images_cached(adapter, train.images, train.ids, out_dir / "train")
+
+    def make(spec: FeatureSpec, first: Featurizer | None) -> Featurizer:
+        return make_featurizer(adapter, spec, proj)
+
+    trained = featurize_methods(
+        cfg.methods,
+        cfg.feature_spec,
+        make,
+        x0_train,
+        conds,
+        train.ids,
+        out_dir,
+        batch_size=cfg.batch_size,
+        dtype=cfg.store_dtype,
+        lambda_r=cfg.lambda_r,
+        progress=progress,
+    )
+    timings = dict(trained.timings)
+    seen = [tuple(c) for c in data_combos(data, "seen")]
+    splits = {"in_distribution": seen, "heldout": list(data.heldout)}
+    per_query = new_per_query(cfg.methods, data.factors)
+    gallery, acceptance, n_factors = [], {}, len(data.factors)
+    tic = time.time()
+    for split, combos in splits.items():
+        queries, accepted = make_prompt_queries(adapter, judge, data, combos, cfg, progress)
+        acceptance[split] = {",".join(map(str, c)): v for c, v in accepted.items()}
+        for qi, q in enumerate(tqdm(queries, desc=f"attribute {split}", disable=not progress)):
+            combo, prompt = q["combo"], q["prompt"]
+
+            def concept(row, fz, combo=combo, prompt=prompt, q=q):
+                words = [data.values[f][v] for f, v in zip(data.factors, combo, strict=True)]
+                negs = [remove_phrase(prompt, w) for w in words]
+                return prompt_query_features(fz, cfg.query_spec(row), prompt, negs, q["x0"])
+
+            def whole_image(fz, prompt=prompt, q=q):
+                return image_query_features(fz, q["x0"][None], adapter.prompt_ids([prompt]))
+
+            def pixels(q=q):
+                return pixel_cosine(train.images, q["image"])
+
+            scores = method_scores(trained, cfg.methods, concept, whole_image, pixels, n_factors)
+            record_query(per_query, scores, labels, combo, split, data.factors)
+            if qi == 0:
+                gallery.append(
+                    {"split": split, "combo": combo, "image": q["image"], "scores": scores}
+                )
+    timings["queries + attribution"] = time.time() - tic
+    results = {
+        **summarize(per_query, labels, data.factors, data.values),
+        "query_acceptance": acceptance,
+        "k": cfg.k,
+        "seconds": time.time() - t0,
+        "timings": timings,
+        "config": cfg.to_dict(),
+        "model": {"text2image": adapter.describe(), "param_filter": cfg.param_filter},
+        "heldout_combos": [
+            {f: data.values[f][v] for f, v in zip(data.factors, c, strict=True)}
+            for c in data.heldout
+        ],
+    }
+    atomic_write_text(out_dir / "results.json", json.dumps(results, indent=2))
+    results["_gallery"] = gallery
+    results["_train"] = train
+    return results
+
+
+def run_from_args(a: argparse.Namespace) -> dict:
+    """The benchmark on the shipped tiny model and judge: table.md, results.json, gallery.png."""
+    from ctrak_fast.bench.demo import write_gallery
+    from ctrak_fast.bench.tiny_text import load_t2i
+    from ctrak_fast.data import SyntheticConfig, make_dataset
+    from ctrak_fast.models.factor_unet import load_model
+    from ctrak_fast.models.shipped import ASSETS
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    cfg = T2IQualityConfig(
+        per_combo=a.per_combo,
+        k=a.k,
+        queries_per_combo=a.queries_per_combo,
+        query_candidates=a.query_candidates,
+        query_guidance=a.query_guidance,
+        param_filter=a.param_filter,
+        methods=tuple(a.methods.split(",")),
+        lambda_r=a.lambda_r,
+        dps=FeatureSpec(inversion_steps=a.inversion_steps, inversion_guidance=a.inversion_guidance),
+        concept=ConceptQuerySpec(
+            draws=a.draws,
+            n_draws=a.n_draws,
+            steps=a.inversion_steps,
+            guidance=a.inversion_guidance,
+        ),
+    )
+    data = make_dataset(SyntheticConfig.load_json(a.data or ASSETS / "shapes16.json"))
+    judge = load_model(a.judge or ASSETS / "judge_shapes16.safetensors")
+    res = run_t2i_quality(load_t2i(a.model), judge, data, cfg, a.out, not a.quiet)
+    table = format_table(res)
+    (Path(a.out) / "table.md").write_text(table + "\n")
+    write_gallery(res, data.values, data.factors, Path(a.out) / "gallery.png")
+    return res

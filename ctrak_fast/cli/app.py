@@ -1,0 +1,240 @@
+"""`ctrak` command line. Every failure is one line on stderr and a non-zero exit."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from ctrak_fast.cli.bench import cmd_bench_quality, cmd_demo, cmd_train
+from ctrak_fast.cli.commands import (
+    cmd_attribute,
+    cmd_example,
+    cmd_featurize,
+    cmd_query,
+    cmd_report,
+    cmd_store,
+)
+from ctrak_fast.method.methods import FEATURIZE_METHODS, METHODS
+
+
+def _add_feature_args(p):
+    p.add_argument("--model", help="FactorUNet safetensors (default: the shipped model)")
+    p.add_argument("--method", default="concept-trak", choices=FEATURIZE_METHODS)
+    p.add_argument("--k", type=int, default=512, help="projection dimension")
+    p.add_argument("--proj-seed", type=int, default=0)
+    p.add_argument(
+        "--factorized",
+        metavar="K_IN,K_OUT",
+        help="LoGra-style per-layer Kronecker projection of Linear/Conv2d weights instead of the "
+        "dense one (k = layers * K_IN * K_OUT; --k is ignored)",
+    )
+    p.add_argument("--timesteps", help="comma-separated, default 99,199,...,899")
+    p.add_argument(
+        "--no-inversion", action="store_true", help="fixed noise instead of DDIM inversion"
+    )
+    p.add_argument("--inversion-guidance", type=float, default=7.5)
+    p.add_argument(
+        "--no-normalize", action="store_true", help="skip per-timestep unit normalisation"
+    )
+    p.add_argument("--param-filter", help="regex on parameter names (default: all parameters)")
+    p.add_argument("--grad-backend", default="hooks", choices=["hooks", "func"])
+
+
+def _add_method_args(p):
+    """Concept-TRAK ablation switches of the benchmark commands."""
+    p.add_argument(
+        "--methods",
+        default=",".join(METHODS),
+        help="comma-separated subset (ablations: concept-trak alone)",
+    )
+    p.add_argument(
+        "--negative",
+        default="flip",
+        choices=["flip", "null"],
+        help="c- of a concept query: the factor flipped to each other value (the paper's "
+        "synthetic setting), or set to its null token",
+    )
+    p.add_argument("--draws", default="local", choices=["local", "global"])
+    p.add_argument(
+        "--inversion-guidance",
+        type=float,
+        default=7.5,
+        help="CFG of the DDIM inversions (training features, local query draws) and of global "
+        "draws",
+    )
+    p.add_argument(
+        "--query-guidance", type=float, default=2.0, help="CFG of the generated query images"
+    )
+    p.add_argument(
+        "--assets",
+        help="folder with unet_/judge_shapes16.safetensors, shapes16.json (`ctrak train --out`; "
+        "default: the shipped ones)",
+    )
+    p.add_argument(
+        "--param-filter",
+        help="regex on parameter names for Concept-TRAK's gradients (default: all), e.g. "
+        "'time_emb_proj|factor_embeddings': the layers the condition enters through",
+    )
+
+
+def _add_data_args(p):
+    p.add_argument(
+        "--data",
+        help="SyntheticConfig JSON, or a ConceptDataset .safetensors file (default: shipped JSON)",
+    )
+    p.add_argument("--folder", help="a folder of images (with --labels) instead of synthetic data")
+    p.add_argument("--labels", help="labels file (JSON or CSV) for --folder")
+    p.add_argument("--image-size", type=int, default=16)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ctrak", description="Concept-level training-data attribution."
+    )
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    d = sub.add_parser(
+        "demo", help="benchmark every method on the shipped model; table, JSON, gallery"
+    )
+    d.add_argument("--out", default="demo_out")
+    d.add_argument("--per-combo", type=int, default=30)
+    d.add_argument("--k", type=int, default=512)
+    d.add_argument("--queries-per-combo", type=int, default=2)
+    d.add_argument("--quiet", action="store_true")
+    _add_method_args(d)
+
+    b = sub.add_parser("bench", help="benchmarks: `ctrak bench quality`")
+    bsub = b.add_subparsers(dest="bench", required=True)
+    q = bsub.add_parser("quality", help="the synthetic concept benchmark")
+    q.add_argument("--out", default="out/quality")
+    q.add_argument("--per-combo", type=int, default=250)
+    q.add_argument("--k", type=int, default=1024)
+    q.add_argument("--queries-per-combo", type=int, default=4)
+    q.add_argument("--lambda-r", type=float, default=1.0)
+    q.add_argument("--quiet", action="store_true")
+    _add_method_args(q)
+
+    sub.add_parser(
+        "train",
+        help="train the synthetic-concept model and judge (see `ctrak train -h`)",
+        add_help=False,
+    )
+
+    f = sub.add_parser("featurize", help="write training features into a store")
+    _add_feature_args(f)
+    _add_data_args(f)
+    f.add_argument("--out", required=True, help="store directory (resumed if it exists)")
+    f.add_argument("--das-out", help="also write DAS rows here (d-trak only)")
+    f.add_argument(
+        "--per-combo", type=int, default=0, help="first N images of each combination (0: all)"
+    )
+    f.add_argument("--batch-size", type=int, default=32)
+    f.add_argument("--shard-rows", type=int, default=1024, help="rows per shard (x batch size)")
+    f.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    f.add_argument(
+        "--nan-policy",
+        default="fail",
+        choices=["fail", "zero"],
+        help="samples with NaN/Inf features: fail naming their ids (default), or store zero "
+        "rows that the manifest lists",
+    )
+
+    qp = sub.add_parser("query", help="concept-slider query features for one concept")
+    _add_feature_args(qp)
+    qp.add_argument("--concept", required=True, help="c+, e.g. 'shape=triangle,colour=red'")
+    qp.add_argument("--remove", help="factor(s) removed for c- (default: each factor in turn)")
+    qp.add_argument("--draws", default="local", choices=["local", "global"])
+    qp.add_argument("--n-draws", type=int, default=4)
+    qp.add_argument("--weight", type=float, default=7.5)
+    qp.add_argument("--guidance", type=float, default=3.0, help="CFG of the generated query image")
+    qp.add_argument("--seed", type=int, default=0)
+    qp.add_argument("--out", required=True, help="query safetensors file")
+
+    at = sub.add_parser("attribute", help="top-k (both tails) of queries against a store")
+    at.add_argument("--store", required=True)
+    at.add_argument("--query", required=True)
+    at.add_argument("--k", type=int, default=10)
+    at.add_argument("--lambda-r", type=float, default=1.0)
+    at.add_argument("--out", help="JSON file (default: stdout)")
+    at.add_argument(
+        "--verify",
+        default="ids",
+        choices=["ids", "full", "none"],
+        help="shard checks while reading: sha256 of the ids (default), of whole files, or none",
+    )
+    at.add_argument("--export-scores", help="also write all scores (safetensors, streamed)")
+    at.add_argument("--export-queries", help="comma-separated query indices to export (all)")
+
+    r = sub.add_parser("report", help="PNG gallery of an attribute result")
+    _add_data_args(r)
+    r.add_argument("--result", required=True)
+    r.add_argument("--out", required=True)
+
+    s = sub.add_parser("store", help="inspect or verify a feature store")
+    s.add_argument("action", choices=["info", "verify"])
+    s.add_argument("path")
+
+    e = sub.add_parser("example", help="the engine's end-to-end example on a small MLP")
+    e.add_argument("--out", default="out/engine_example")
+    e.add_argument("--k", type=int, default=256)
+
+    from ctrak_fast.cli.t2i import add_t2i_commands
+
+    add_t2i_commands(sub)
+    return p
+
+
+def _cmd_t2i(a):
+    from ctrak_fast.cli.t2i import run_t2i
+
+    run_t2i(a)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    # The library logs (training progress, fallbacks); the CLI shows them on stderr.
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
+    if argv[:1] == ["train"]:
+        return _run(lambda: cmd_train(None, argv[1:]))
+    a = build_parser().parse_args(argv)
+    handlers = {
+        "demo": cmd_demo,
+        "featurize": cmd_featurize,
+        "query": cmd_query,
+        "attribute": cmd_attribute,
+        "report": cmd_report,
+        "store": cmd_store,
+        "example": cmd_example,
+        "bench": cmd_bench_quality,
+        "t2i": _cmd_t2i,
+    }
+    return _run(lambda: handlers[a.cmd](a))
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean "this input cannot be used": one line, no traceback. The package's own
+    error classes are looked up only if their module was imported (no import cost otherwise)."""
+    errors = [ValueError, OSError, ImportError, KeyError]
+    for module, name in (("engine.store", "StoreError"), ("method.dist_context", "RankFailed")):
+        loaded = sys.modules.get(f"ctrak_fast.{module}")
+        if loaded is not None:
+            errors.append(getattr(loaded, name))
+    return tuple(errors)
+
+
+def _run(fn) -> int:
+    try:
+        fn()
+    except Exception as e:
+        if os.environ.get("CTRAK_DEBUG") or not isinstance(e, _user_errors()):
+            raise
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"ctrak: error: {msg}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""`ctrak featurize | query | attribute | report | store | example`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from ctrak_fast.cli.inputs import featurizer, load_data, load_model
+
+
+def cmd_featurize(a):
+    """Single process, or one rank of a torchrun job (RANK/WORLD_SIZE in the environment)."""
+    from ctrak_fast.engine.validation import (
+        check_data_matches_model,
+        check_output_dir,
+        check_positive,
+    )
+    from ctrak_fast.method.distributed import DistContext, featurize_distributed
+
+    # Everything that can be checked is checked before the output is touched.
+    for name in ("k", "batch_size", "shard_rows"):
+        check_positive("--" + name.replace("_", "-"), getattr(a, name))
+    check_output_dir(a.out, "--out")
+    das = Path(a.das_out) if a.das_out else None
+    if das is not None:
+        check_output_dir(das, "--das-out")
+    model = load_model(a.model)
+    data = load_data(a, model)
+    if a.per_combo:
+        data = data.train_subset(a.per_combo)
+    check_data_matches_model(
+        data.images, data.labels, data.ids, model.config, data.factors, data.values
+    )
+    fz = featurizer(a, model)
+    with DistContext.from_env(device=next(model.parameters()).device) as ctx:
+        store = featurize_distributed(
+            fz,
+            data.images,
+            data.labels,
+            data.ids,
+            a.out,
+            batch_size=a.batch_size,
+            shard_rows=a.shard_rows,
+            dtype=a.dtype,
+            das_path=das,
+            nan_policy=a.nan_policy,
+            progress=ctx.rank == 0 and sys.stderr.isatty(),
+            dist_ctx=ctx,
+        )
+    if ctx.rank != 0:
+        return
+    print(f"{store.n_rows} rows x k={store.k} in {a.out}")
+    zeroed = store.zeroed_ids()
+    if zeroed:
+        shown = ", ".join(map(str, zeroed[:5])) + (", ..." if len(zeroed) > 5 else "")
+        print(
+            f"ctrak: warning: {len(zeroed)} sample(s) had non-finite features and are stored as "
+            f"zero rows (ids {shown}); {a.out}/manifest.json lists them",
+            file=sys.stderr,
+        )
+
+
+def cmd_query(a):
+    import torch
+
+    from ctrak_fast.conditions import FactorConditions
+    from ctrak_fast.engine.validation import check_output_path
+    from ctrak_fast.method import diffusion
+    from ctrak_fast.method.query import ConceptQuerySpec, concept_query_features
+    from ctrak_fast.results import Query
+
+    model = load_model(a.model)
+    out = check_output_path(a.out)
+    fz = featurizer(a, model)
+    conds = FactorConditions(model)
+    cond = conds.one(a.concept)
+    # Default: each factor the concept sets, in turn (a factor it leaves unset is already null).
+    negs = conds.negatives(a.concept, cond, a.remove.split(",") if a.remove else None)
+    removed = [label.removeprefix("-") for label, _ in negs]
+    spec = ConceptQuerySpec(draws=a.draws, n_draws=a.n_draws, weight=a.weight, seed=a.seed)
+    gen = torch.Generator().manual_seed(a.seed)
+    image, _ = diffusion.ddim_sample(model, cond[None], guidance=a.guidance, generator=gen)
+    image = image[0].clamp(-1, 1)
+    q = concept_query_features(fz, spec, cond, [c for _, c in negs], image=image)
+    meta = {**fz.meta(), "kind": "concept", "query": spec.to_dict(), "concept": a.concept}
+    Query(q, tuple(removed), meta, image).save(out)
+    removed_txt = ", ".join(removed)
+    print(f"{len(removed)} query feature(s) for {a.concept!r} (removed: {removed_txt}) -> {out}")
+
+
+def cmd_attribute(a):
+    from ctrak_fast.engine.export import export_scores
+    from ctrak_fast.engine.scoring import Preconditioner, gram
+    from ctrak_fast.engine.search import topk
+    from ctrak_fast.engine.search_distributed import (
+        distributed_session,
+        gram_distributed,
+        topk_distributed,
+    )
+    from ctrak_fast.engine.store import FeatureStore, iter_store_shards
+    from ctrak_fast.results import Attribution, Query, check_query_store, write_attribution
+
+    store = FeatureStore.open(a.store)
+    query = Query.load(a.query)
+    q = query.features
+    check_query_store(store, query.meta)
+    if a.k > store.n_rows:
+        raise ValueError(f"k={a.k} is larger than the store's {store.n_rows} rows")
+    sel = [int(i) for i in a.export_queries.split(",")] if a.export_queries else None
+    # Under torchrun every rank searches its block of shards; the lists are merged exactly.
+    with distributed_session() as (rank, world):
+        if world > 1:
+            u = Preconditioner(gram_distributed(store, verify=a.verify), a.lambda_r).solve(q)
+            res = topk_distributed(store, u, a.k, tails="both", verify=a.verify)
+        else:
+            g = gram(iter_store_shards(store, verify=a.verify))
+            u = Preconditioner(g, a.lambda_r).solve(q)
+            res = topk(store, u, a.k, tails="both", verify=a.verify)
+    if rank != 0:
+        return
+    if a.export_scores:
+        info = {"store": str(a.store), "query": str(a.query), "lambda_r": a.lambda_r}
+        export_scores(store, u, a.export_scores, queries=sel, verify=a.verify, meta=info)
+        print(f"scores of {len(sel or q)} queries x {store.n_rows} rows -> {a.export_scores}")
+    attribution = Attribution.from_topk(res, query.labels, a.lambda_r)
+    header = {"store": str(a.store), "query": str(a.query), "removed": list(query.labels)}
+    text = write_attribution(a.out, attribution, **header)
+    print(f"top-{a.k} of {len(q)} queries -> {a.out}" if a.out else text)
+
+
+def cmd_report(a):
+    import torch
+    from safetensors import safe_open
+
+    from ctrak_fast.bench.report import gallery
+
+    data = load_data(a)
+    res = json.loads(Path(a.result).read_text())
+    with safe_open(res["query"], framework="pt") as f:
+        image = f.get_tensor("image")[0]
+    row_of = {int(i): r for r, i in enumerate(data.ids.tolist())}
+    rows = []
+    for qi, (top, bottom) in enumerate(zip(res["top"], res["bottom"], strict=True)):
+        scores = torch.full((len(data),), float("nan"))
+        for i, s in zip(top["ids"] + bottom["ids"], top["scores"] + bottom["scores"], strict=True):
+            scores[row_of[int(i)]] = s
+        finite = torch.where(torch.isnan(scores), torch.zeros(()), scores)
+        mid = scores.isnan()
+        finite[mid] = 0.5 * (max(bottom["scores"]) + min(top["scores"])) if top["scores"] else 0.0
+        removed = (res.get("removed") or [""] * len(res["top"]))[qi]
+        rows.append({"title": f"query {qi}\nconcept: {removed}", "query": image, "scores": finite})
+
+    def describe(i):
+        return " ".join(
+            data.values[f][int(v)] for f, v in zip(data.factors, data.labels[i], strict=True)
+        )
+
+    gallery(
+        rows, data.images, describe, a.out, n_top=min(10, len(res["top"][0]["ids"])), n_bottom=5
+    )
+    print(f"gallery -> {a.out}")
+
+
+def cmd_store(a):
+    from ctrak_fast.engine.store import FeatureStore
+
+    store = FeatureStore.open(a.path)
+    if a.action == "info":
+        info = {
+            "path": str(a.path),
+            "rows": store.n_rows,
+            "k": store.k,
+            "dtype": store.dtype,
+            "shards": len(store.shards),
+            "meta": store.meta,
+        }
+        print(json.dumps(info, indent=1))
+        return
+    problems = store.verify()
+    if problems:
+        raise ValueError(f"store {a.path} is corrupt: " + "; ".join(problems))
+    print(f"ok: {store.n_rows} rows in {len(store.shards)} shards, checksums match")
+
+
+def cmd_example(a):
+    from ctrak_fast.bench.engine_example import run_engine_example
+
+    run_engine_example(a.out, k=a.k)

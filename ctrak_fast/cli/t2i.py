@@ -1,0 +1,357 @@
+"""`ctrak t2i ...`: concept attribution for text-to-image models (diffusers pipelines).
+
+    ctrak t2i featurize --model PIPELINE_DIR --images DIR --captions metadata.jsonl --out STORE
+    ctrak t2i query     --model PIPELINE_DIR --prompt "a pikachu in the style of picasso" \\
+                        --concept "a pikachu" --seed 7 --out q.safetensors
+    ctrak t2i attribute --store STORE --query q.safetensors --k 10
+    ctrak t2i bench     [text_benchmark options]   # the prompt concept benchmark
+
+--model is a diffusers pipeline folder (model_index.json), a checkpoint of the tiny model, or
+omitted (the shipped tiny model, whose training set is the shipped synthetic data). Imports are
+lazy: building the parser imports neither torch nor diffusers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+
+from ctrak_fast.method.methods import FEATURIZE_METHODS
+
+DEFAULT_FILTER = (
+    r"\.attn2\."  # = text2image.T2I_PARAM_FILTER (not imported: keeps the parser light)
+)
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def read_captions(root, captions_file=None) -> tuple[list[Path], list[str]]:
+    """The image files of a folder and their captions, in sorted file-name order (ids 0..N-1).
+
+    captions_file: `metadata.jsonl` (one {"file_name": ..., "text": ...} per line, the Hugging Face
+    imagefolder convention; default <root>/metadata.jsonl), JSON {file_name: caption}, or CSV
+    with columns file_name (or filename) and text (or caption).
+    """
+    root = Path(root)
+    path = Path(captions_file) if captions_file else root / "metadata.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"captions file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        table = {r["file_name"]: r["text"] for r in rows}
+    elif suffix == ".json":
+        table = {str(k): str(v) for k, v in json.loads(path.read_text()).items()}
+    elif suffix == ".csv":
+        with open(path, newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        name_col = "file_name" if rows and "file_name" in rows[0] else "filename"
+        text_col = "text" if rows and "text" in rows[0] else "caption"
+        if not rows or name_col not in rows[0] or text_col not in rows[0]:
+            raise ValueError(f"{path}: CSV needs file_name/filename and text/caption columns")
+        table = {r[name_col]: r[text_col] for r in rows}
+    else:
+        raise ValueError(f"{path}: captions must be .jsonl, .json or .csv")
+    if not table:
+        raise ValueError(f"{path}: no captions")
+    missing = [n for n in table if not (root / n).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} captioned image(s) missing, e.g. {root / missing[0]}"
+        )
+    names = sorted(table)
+    return [root / n for n in names], [table[n] for n in names]
+
+
+def _adapter(a):
+    import torch
+
+    dtype = getattr(torch, a.dtype)
+    if a.model and Path(a.model).is_dir():
+        from ctrak_fast.models.text2image import TextToImageAdapter
+
+        return TextToImageAdapter.from_pretrained(a.model, dtype=dtype)
+    from ctrak_fast.bench.tiny_text import load_t2i
+
+    return load_t2i(a.model, dtype=dtype)
+
+
+def _pixel_size(adapter) -> int:
+    scale = 2 ** (len(adapter.vae.config.block_out_channels) - 1) if adapter.latent else 1
+    return adapter.config["image_size"] * scale
+
+
+def _training_set(a):
+    """(images or image files, captions, ids): a captioned folder, or the shipped synthetic data."""
+    import torch
+
+    if a.images:
+        files, captions = read_captions(a.images, a.captions)
+        return files, captions, torch.arange(len(files), dtype=torch.int64)
+    from ctrak_fast.bench.tiny_text import caption
+    from ctrak_fast.data import SyntheticConfig, make_dataset
+    from ctrak_fast.models.shipped import ASSETS
+
+    data = make_dataset(SyntheticConfig.load_json(a.data or ASSETS / "shapes16.json"))
+    if a.per_combo:
+        data = data.train_subset(a.per_combo)
+    captions = [caption(data.factors, data.values, row) for row in data.labels.tolist()]
+    return data.images, captions, data.ids
+
+
+def _feature_spec(a, method: str = "concept-trak"):
+    """The method table's FeatureSpec with the flags given (inversion settings where it inverts)."""
+    from ctrak_fast.method.methods import get_method
+
+    row = get_method(method)
+    kw = {"param_filter": a.param_filter}
+    if a.timesteps:
+        kw["timesteps"] = tuple(int(t) for t in a.timesteps.split(","))
+    if row.inversion:
+        kw.update(
+            inversion=not a.no_inversion,
+            inversion_guidance=a.inversion_guidance,
+            inversion_steps=a.inversion_steps,
+        )
+    return row.feature_spec(**kw)
+
+
+def _featurizer(a, adapter, method="concept-trak"):
+    from ctrak_fast.engine.projection import ProjectionSpec
+    from ctrak_fast.models.t2i_features import make_featurizer
+
+    return make_featurizer(
+        adapter, _feature_spec(a, method), ProjectionSpec(k=a.k, seed=a.proj_seed)
+    )
+
+
+def _cmd_featurize(a):
+    from ctrak_fast.method.featurize import featurize_dataset
+    from ctrak_fast.models.latent_cache import encode_images_cached
+
+    adapter = _adapter(a)
+    images, captions, ids = _training_set(a)
+    fz = _featurizer(a, adapter, a.method)
+    x0 = encode_images_cached(adapter, images, ids, a.out, image_size=_pixel_size(adapter))
+    conds = adapter.prompt_ids(captions)
+    store = featurize_dataset(
+        fz,
+        x0,
+        conds,
+        ids,
+        a.out,
+        batch_size=a.batch_size,
+        shard_rows=a.batch_size * 16,
+        dtype=a.store_dtype,
+        das_path=Path(a.das_out) if a.das_out else None,
+    )
+    print(f"{store.n_rows} rows x k={store.k} in {a.out}")
+
+
+def _scheduler(name: str | None, adapter):
+    if not name:
+        return None
+    import diffusers
+
+    classes = {
+        "ddim": "DDIMScheduler",
+        "ddpm": "DDPMScheduler",
+        "euler": "EulerDiscreteScheduler",
+        "euler-a": "EulerAncestralDiscreteScheduler",
+        "dpm": "DPMSolverMultistepScheduler",
+        "pndm": "PNDMScheduler",
+    }
+    return getattr(diffusers, classes[name]).from_config(adapter.scheduler.config)
+
+
+def _cmd_query(a):
+    from ctrak_fast.data.folder import load_image
+    from ctrak_fast.engine.validation import check_output_path
+    from ctrak_fast.method.query import ConceptQuerySpec
+    from ctrak_fast.models.prompts import concept_prompts
+    from ctrak_fast.models.t2i_features import prompt_query_features
+    from ctrak_fast.results import Query
+
+    out = check_output_path(a.out)
+    adapter = _adapter(a)
+    negatives = concept_prompts(a.prompt, a.concept or (), a.negative_prompt or ())
+    labels = [f"-{c}" for c in a.concept or ()] + [f"vs {n!r}" for n in a.negative_prompt or ()]
+    fz = _featurizer(a, adapter)
+    spec = ConceptQuerySpec(
+        weight=a.weight,
+        draws=a.draws,
+        n_draws=a.n_draws,
+        guidance=a.inversion_guidance,
+        steps=a.inversion_steps,
+        seed=a.seed,
+        timesteps=fz.spec.timesteps,
+    )
+    if a.image:
+        image = load_image(Path(a.image), _pixel_size(adapter))[None]
+        x0 = adapter.encode_images(image)
+    else:  # the query image is regenerated from its prompt and seed
+        x0 = adapter.generate(
+            a.prompt,
+            "",
+            a.guidance,
+            a.steps,
+            seed=a.seed,
+            scheduler=_scheduler(a.scheduler, adapter),
+        )
+        image = adapter.decode_latents(x0)
+        if not adapter.latent:  # a pixel model's query image is the clamped sample
+            x0 = image
+    q = prompt_query_features(fz, spec, a.prompt, negatives, x0[0] if a.draws == "local" else None)
+    meta = {
+        **fz.meta(),
+        "kind": "concept",
+        "query": spec.to_dict(),
+        "prompt": a.prompt,
+        "negatives": negatives,
+    }
+    Query(q, tuple(labels), meta, image[0].float()).save(out)
+    print(f"{len(q)} query feature(s) for {a.prompt!r} (c-: {negatives}) -> {out}")
+
+
+def _cmd_attribute(a):
+    from ctrak_fast.engine.scoring import Preconditioner, gram
+    from ctrak_fast.engine.search import topk
+    from ctrak_fast.engine.store import FeatureStore
+    from ctrak_fast.results import Attribution, Query, check_query_store, write_attribution
+
+    store = FeatureStore.open(a.store)
+    query = Query.load(a.query)
+    q, meta = query.features, query.meta
+    if "text2image" not in meta:
+        raise ValueError(f"{a.query}: not a text-to-image query (made by `ctrak t2i query`?)")
+    # Same model, text encoder, VAE, projection and parameter subset, or the scores mean nothing.
+    check_query_store(store, meta)
+    if a.k > store.n_rows:
+        raise ValueError(f"k={a.k} is larger than the store's {store.n_rows} rows")
+    res = topk(store, Preconditioner(gram(store), a.lambda_r).solve(q), a.k, tails="both")
+    header = {
+        "store": str(a.store),
+        "query": str(a.query),
+        "prompt": meta.get("prompt"),
+        "removed": list(query.labels),
+    }
+    text = write_attribution(a.out, Attribution.from_topk(res, query.labels, a.lambda_r), **header)
+    print(f"top-{a.k} of {len(q)} queries -> {a.out}" if a.out else text)
+
+
+def _cmd_bench(a):
+    from ctrak_fast.bench.quality import format_table
+    from ctrak_fast.bench.text_quality import run_from_args
+
+    print(format_table(run_from_args(a)))
+
+
+def _model_args(p):
+    p.add_argument(
+        "--model", help="diffusers pipeline folder or tiny-model checkpoint (default: shipped)"
+    )
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help="UNet execution dtype")
+    p.add_argument("--k", type=int, default=512, help="projection dimension")
+    p.add_argument("--proj-seed", type=int, default=0)
+    p.add_argument(
+        "--param-filter",
+        default=DEFAULT_FILTER,
+        help=r"regex on UNet parameter names (default: cross-attention '\.attn2\.'; '.*': all)",
+    )
+    p.add_argument("--timesteps", help="comma-separated, default 99,199,...,899")
+    p.add_argument("--inversion-steps", type=int, default=50)
+    p.add_argument("--inversion-guidance", type=float, default=7.5)
+    p.add_argument(
+        "--no-inversion", action="store_true", help="fixed noise instead of DDIM inversion"
+    )
+
+
+def add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of the prompt benchmark (`ctrak t2i bench`)."""
+    p.add_argument("--out", default="out/t2i_quality")
+    p.add_argument("--model", help="t2i checkpoint (default: the shipped one)")
+    p.add_argument("--judge", help="ConceptJudge checkpoint (default: the shipped one)")
+    p.add_argument("--data", help="SyntheticConfig JSON (default: the shipped one)")
+    p.add_argument("--per-combo", type=int, default=50, help="training images per combination")
+    p.add_argument("--k", type=int, default=512)
+    p.add_argument("--queries-per-combo", type=int, default=2)
+    p.add_argument("--query-candidates", type=int, default=8, help="generated per combination")
+    p.add_argument("--query-guidance", type=float, default=3.0, help="CFG of the query images")
+    p.add_argument("--inversion-steps", type=int, default=50)
+    p.add_argument("--inversion-guidance", type=float, default=7.5, help="CFG of DDIM inversion")
+    p.add_argument("--n-draws", type=int, default=4)
+    p.add_argument("--draws", default="local", choices=["local", "global"])
+    p.add_argument("--lambda-r", type=float, default=1.0)
+    p.add_argument("--param-filter", default=r"\.attn2\.", help="default: cross-attention")
+    p.add_argument("--methods", default="concept-trak,trak,d-trak,das,pixel")
+    p.add_argument("--threads", type=int, help="torch threads (1 on a shared machine)")
+    p.add_argument("--quiet", action="store_true")
+
+
+def add_t2i_commands(subparsers) -> argparse.ArgumentParser:
+    """Register `t2i featurize|query|attribute|bench` under the main parser's subparsers.
+
+    Each leaf parser sets `t2i_handler`; the main CLI runs `a.t2i_handler(a)` (see run_t2i).
+    """
+    t = subparsers.add_parser(
+        "t2i", help="text-to-image models: prompt concepts (see `ctrak t2i -h`)"
+    )
+    sub = t.add_subparsers(dest="t2i_cmd", required=True)
+
+    f = sub.add_parser("featurize", help="training features of a captioned image set into a store")
+    _model_args(f)
+    f.add_argument("--images", help="image folder (default: the shipped synthetic data)")
+    f.add_argument(
+        "--captions", help="metadata.jsonl / .json / .csv (default: <images>/metadata.jsonl)"
+    )
+    f.add_argument("--data", help="SyntheticConfig JSON (without --images)")
+    f.add_argument(
+        "--per-combo", type=int, default=0, help="synthetic data: first N per combination"
+    )
+    f.add_argument("--method", default="concept-trak", choices=FEATURIZE_METHODS)
+    f.add_argument("--out", required=True, help="store directory (resumed if it exists)")
+    f.add_argument("--das-out", help="also write DAS rows here (d-trak only)")
+    f.add_argument("--batch-size", type=int, default=32)
+    f.add_argument("--store-dtype", default="float32", choices=DTYPES)
+    f.set_defaults(t2i_handler=_cmd_featurize)
+
+    q = sub.add_parser("query", help="concept query features of a prompt")
+    _model_args(q)
+    q.add_argument("--prompt", required=True, help="c+, e.g. 'a pikachu in the style of picasso'")
+    q.add_argument(
+        "--concept",
+        action="append",
+        help="phrase to attribute (repeatable): c- = prompt without it",
+    )
+    q.add_argument("--negative-prompt", action="append", help="an explicit c- (repeatable)")
+    q.add_argument("--draws", default="local", choices=["local", "global"])
+    q.add_argument("--n-draws", type=int, default=4)
+    q.add_argument("--weight", type=float, default=3.0, help="slider weight w (paper: 3 for text)")
+    q.add_argument(
+        "--image", help="the generated query image (PNG/JPG); default: regenerate from --seed"
+    )
+    q.add_argument("--seed", type=int, default=0, help="seed of the query image and of the draws")
+    q.add_argument("--guidance", type=float, default=7.5, help="CFG of the regenerated query image")
+    q.add_argument("--steps", type=int, default=50, help="sampling steps of the regenerated image")
+    q.add_argument("--scheduler", choices=["ddim", "ddpm", "euler", "euler-a", "dpm", "pndm"])
+    q.add_argument("--out", required=True, help="query safetensors file")
+    q.set_defaults(t2i_handler=_cmd_query)
+
+    at = sub.add_parser("attribute", help="top-k (both tails) of t2i queries against a store")
+    at.add_argument("--store", required=True)
+    at.add_argument("--query", required=True)
+    at.add_argument("--k", type=int, default=10)
+    at.add_argument("--lambda-r", type=float, default=1.0)
+    at.add_argument("--out", help="JSON file (default: stdout)")
+    at.set_defaults(t2i_handler=_cmd_attribute)
+
+    b = sub.add_parser("bench", help="the prompt concept benchmark on the shipped tiny model")
+    add_bench_arguments(b)
+    b.set_defaults(t2i_handler=_cmd_bench)
+    return t
+
+
+def run_t2i(a) -> None:
+    """Handler of the `t2i` command for the main CLI's dispatch table."""
+    a.t2i_handler(a)

@@ -1,0 +1,192 @@
+"""How each model kind spells a condition c, and what "the concept removed" (c-) is for it.
+
+- factor models (FactorUNet): "shape=triangle,colour=red", {"shape": "triangle"} or int64 [F]
+  value indices; removing a concept sets its factor to the null token;
+- text-to-image adapters: a prompt (or an embedding [L, D]); removing a concept deletes its phrase;
+- class-conditional diffusers pipelines: a class index; removing it gives the null class.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeAlias
+
+import torch
+from torch import Tensor, nn
+
+from ctrak_fast.models.factor_unet import drop_factor
+
+Condition: TypeAlias = Tensor | str | Mapping[str, str | int] | int
+"""One condition c of the model, in any of the spellings its kind accepts.
+
+Factor models: "shape=triangle,colour=red", {"shape": "triangle"} or an int64 [F] tensor of value
+indices (factors not named get their null token). Text-to-image models: a prompt or an embedding
+[L, D]. Class-conditional pipelines: a class index."""
+
+
+def describe(cond: Condition) -> str:
+    """A short printable form of a condition."""
+    return str(cond.tolist()) if isinstance(cond, Tensor) else repr(cond)
+
+
+class Conditions:
+    """How one model kind spells conditions; subclasses per kind."""
+
+    def one(self, concept: Condition) -> Tensor:
+        raise NotImplementedError
+
+    def negatives(
+        self, concept: Condition, pos: Tensor, remove: str | Sequence[str] | None
+    ) -> list[tuple[str, Tensor]]:
+        raise NotImplementedError
+
+    def batch(self, conds: Any, n: int) -> Tensor:
+        """Training conditions of n samples as the model's cond tensor [n, ...]."""
+        if isinstance(conds, Tensor):
+            return conds
+        return torch.stack([self.one(c) for c in conds])
+
+
+class FactorConditions(Conditions):
+    def __init__(self, model: nn.Module) -> None:
+        cfg = getattr(model, "config", {})
+        self.n_values = [int(n) for n in model.n_values]  # type: ignore[union-attr]
+        self.factors: list[str] = list(
+            cfg.get("factors") or [f"factor{i}" for i in range(len(self.n_values))]
+        )
+        self.values: dict[str, list[str]] = dict(cfg.get("values") or {})
+
+    def _factor(self, name: str) -> int:
+        if name not in self.factors:
+            raise ValueError(f"unknown factor {name!r}; the model has {self.factors}")
+        return self.factors.index(name)
+
+    def one(self, concept: Condition) -> Tensor:
+        if isinstance(concept, Tensor):
+            if concept.shape != (len(self.n_values),) or concept.is_floating_point():
+                raise ValueError(
+                    f"a condition is int64 [{len(self.n_values)}], got {list(concept.shape)}"
+                )
+            return concept.to(torch.int64)
+        if isinstance(concept, str):
+            pairs: dict[str, str | int] = {}
+            for part in filter(None, (p.strip() for p in concept.split(","))):
+                if "=" not in part:
+                    raise ValueError(f"bad condition {part!r}: expected factor=value")
+                key, val = (s.strip() for s in part.split("=", 1))
+                pairs[key] = val
+            concept = pairs
+        if not isinstance(concept, Mapping):
+            raise TypeError(f"a factor condition is a str, a mapping or a tensor, not {concept!r}")
+        cond = list(self.n_values)  # null token everywhere, then the named factors
+        for name, value in concept.items():
+            f = self._factor(name)
+            if isinstance(value, int):
+                idx = value
+            else:
+                names = self.values.get(name, [])
+                if value not in names:
+                    raise ValueError(
+                        f"unknown value {value!r} of factor {name!r}; expected one of {names}"
+                    )
+                idx = names.index(value)
+            if not 0 <= idx < self.n_values[f]:
+                raise ValueError(f"value index {idx} of {name!r} out of [0, {self.n_values[f]})")
+            cond[f] = idx
+        return torch.tensor(cond, dtype=torch.int64)
+
+    def negatives(
+        self, concept: Condition, pos: Tensor, remove: str | Sequence[str] | None
+    ) -> list[tuple[str, Tensor]]:
+        names = [remove] if isinstance(remove, str) else list(remove or ())
+        if not names:  # default: every factor the condition sets, in turn
+            names = [f for i, f in enumerate(self.factors) if int(pos[i]) != self.n_values[i]]
+        out = []
+        for name in names:
+            f = self._factor(name)
+            if int(pos[f]) == self.n_values[f]:
+                raise ValueError(f"factor {name!r} is not set in the condition: nothing to remove")
+            out.append((f"-{name}", drop_factor(pos[None], f, self.n_values)[0]))
+        return out
+
+
+class TextConditions(Conditions):
+    """Text-to-image adapters: prompts become the adapter's condition kind, prompt ids int64 [1]
+    (its default) or embeddings [L, D] (adapters given embeddings with set_null_cond)."""
+
+    def __init__(self, adapter: Any, null_cond: Tensor) -> None:
+        self.adapter = adapter
+        self.ids = not null_cond.is_floating_point()
+
+    def one(self, concept: Condition) -> Tensor:
+        if isinstance(concept, Tensor):
+            return concept
+        if not isinstance(concept, str):
+            raise TypeError(f"a text-to-image condition is a prompt or a tensor: {concept!r}")
+        return self.batch([concept], 1)[0]
+
+    def negatives(
+        self, concept: Condition, pos: Tensor, remove: str | Sequence[str] | None
+    ) -> list[tuple[str, Tensor]]:
+        if not isinstance(concept, str):
+            raise ValueError("removing a phrase needs the prompt as text; or pass negatives=")
+        from ctrak_fast.models.prompts import remove_phrase
+
+        phrases = [remove] if isinstance(remove, str) else list(remove or ())
+        if not phrases:
+            raise ValueError("a prompt query needs remove= (the concept's phrase) or negatives=")
+        return [(f"-{p}", self.one(remove_phrase(concept, p))) for p in phrases]
+
+    def batch(self, conds: Any, n: int) -> Tensor:
+        if isinstance(conds, Tensor):
+            return conds
+        captions = [str(c) for c in conds]
+        if self.ids:
+            return self.adapter.prompt_ids(captions)  # type: ignore[no-any-return]
+        unique = sorted(set(captions))
+        emb = self.adapter.encode_prompts(unique)
+        row = {c: i for i, c in enumerate(unique)}
+        return emb[torch.tensor([row[c] for c in captions])]  # type: ignore[no-any-return]
+
+
+class ClassConditions(Conditions):
+    """UNet2DModel pipelines: int64 [1] class index, or [0] for unconditional models."""
+
+    def __init__(self, n_classes: int | None) -> None:
+        self.n_classes = n_classes
+
+    def one(self, concept: Condition) -> Tensor:
+        if self.n_classes is None:
+            if isinstance(concept, Tensor) and concept.numel() == 0:
+                return concept.reshape(0).to(torch.int64)
+            raise ValueError("an unconditional model takes no condition (pass an empty tensor)")
+        if isinstance(concept, Tensor):
+            return concept.reshape(1).to(torch.int64)
+        if not isinstance(concept, int) or not 0 <= concept < self.n_classes:
+            raise ValueError(f"a condition is a class index in [0, {self.n_classes}): {concept!r}")
+        return torch.tensor([concept], dtype=torch.int64)
+
+    def negatives(
+        self, concept: Condition, pos: Tensor, remove: str | Sequence[str] | None
+    ) -> list[tuple[str, Tensor]]:
+        raise ValueError(
+            "a class-conditional or unconditional model has no concept to remove: pass "
+            "negatives=[another class] (the concept flipped), or use image_query"
+        )
+
+    def batch(self, conds: Any, n: int) -> Tensor:
+        if conds is None:
+            return torch.zeros(n, 0 if self.n_classes is None else 1, dtype=torch.int64)
+        if isinstance(conds, Tensor):
+            return conds.reshape(n, -1).to(torch.int64)
+        return super().batch(conds, n)
+
+
+__all__ = [
+    "ClassConditions",
+    "Condition",
+    "Conditions",
+    "FactorConditions",
+    "TextConditions",
+    "describe",
+]

@@ -1,0 +1,1 @@
+"""The model-agnostic engine: projection, feature stores, scoring, search, export."""

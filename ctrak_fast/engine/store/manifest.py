@@ -1,0 +1,162 @@
+"""The manifest of a FeatureStore: format versions, the spec fields, errors, fingerprints.
+
+See :mod:`ctrak_fast.engine.store` for the layout and the guarantees.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+FORMAT_VERSION = 2  # the newest manifest format this build reads and writes (see the docstring)
+
+MANIFEST = "manifest.json"
+
+LOCK_FILE = ".lock"
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+REQUIRED = ("format_version", "k", "dtype", "shard_rows", "meta", "n_rows", "shards")
+
+
+class StoreError(Exception):
+    """A store cannot be opened, read or written as asked; the message names the file."""
+
+
+class SpecMismatch(StoreError, ValueError):
+    """A spec (k, dtype, meta field, ...) differs from the store's. ``field`` names it."""
+
+    def __init__(self, path: Path | str, field: str, stored, given) -> None:
+        self.field, self.stored, self.given = field, stored, given
+        super().__init__(
+            f"spec mismatch in {field!r}: store {path} has {short(stored)}, got {short(given)}"
+        )
+
+
+MISSING = object()  # a key absent on one side of a comparison
+
+
+def short(v) -> str:
+    s = json.dumps(v, sort_keys=True) if v is not MISSING else "<missing>"
+    return s if len(s) <= 200 else s[:197] + "..."
+
+
+def created_by() -> str:
+    from ctrak_fast._version import __version__
+
+    return f"ctrak_fast {__version__}"
+
+
+def model_fingerprint(named_params) -> str:
+    """sha256 hex digest of parameter names, shapes, dtypes and values, in name order.
+
+    Args:
+        named_params: an ``nn.Module`` (its ``named_parameters()``), a mapping name -> tensor, or
+            an iterable of (name, tensor) pairs. Pass only the parameters that get gradients if a
+            filter is used, or the whole model to pin the checkpoint.
+
+    Examples:
+        >>> m = torch.nn.Linear(2, 3)
+        >>> model_fingerprint(m) == model_fingerprint(dict(m.named_parameters()))
+        True
+    """
+    if isinstance(named_params, torch.nn.Module):
+        items = list(named_params.named_parameters())
+    elif isinstance(named_params, Mapping):
+        items = list(named_params.items())
+    else:
+        items = list(named_params)
+    items.sort(key=lambda kv: kv[0])
+    names = [n for n, _ in items]
+    if len(set(names)) != len(names):
+        raise ValueError("model_fingerprint: duplicate parameter names")
+    h = hashlib.sha256(b"ctrak_fast model fingerprint v1\0")
+    for name, t in items:
+        t = t.detach().to("cpu").contiguous()
+        head = json.dumps([name, list(t.shape), str(t.dtype).removeprefix("torch.")]).encode()
+        h.update(len(head).to_bytes(8, "little") + head)  # length prefix: no ambiguous joins
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def canonical_json(obj) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def normalize_meta(meta) -> dict:
+    if meta is None:
+        return {}
+    if not isinstance(meta, Mapping):
+        raise StoreError(f"meta must be a JSON object (dict), got {type(meta).__name__}")
+    try:
+        return json.loads(canonical_json(meta))  # tuples -> lists: compare as stored
+    except (TypeError, ValueError) as e:
+        raise StoreError(f"meta must be JSON-serialisable with finite numbers: {e}") from e
+
+
+def first_difference(stored, given, field: str):
+    """Dotted path of the first difference between two JSON values, or None."""
+    if isinstance(stored, dict) and isinstance(given, dict):
+        for key in sorted(set(stored) | set(given)):
+            sub = first_difference(
+                stored.get(key, MISSING), given.get(key, MISSING), f"{field}.{key}"
+            )
+            if sub:
+                return sub
+        return None
+    if type(stored) is not type(given) or stored != given:
+        return field, stored, given
+    return None
+
+
+def manifest_bytes(manifest: dict) -> bytes:
+    return (json.dumps(manifest, indent=2, sort_keys=True, allow_nan=False) + "\n").encode()
+
+
+def read_manifest(path: Path) -> dict:
+    mpath = path / MANIFEST
+    if not mpath.is_file():
+        raise StoreError(f"{path} is not a feature store (no {MANIFEST})")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise StoreError(f"{mpath}: unreadable manifest: {e}") from e
+    if not isinstance(manifest, dict):
+        raise StoreError(f"{mpath}: manifest is not a JSON object")
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version < 1:
+        raise StoreError(f"{mpath}: missing or invalid format_version {version!r}")
+    if version > FORMAT_VERSION:
+        raise StoreError(
+            f"store {path} was written by a newer format version {version}; "
+            f"this build reads <= {FORMAT_VERSION}"
+        )
+    missing = [key for key in REQUIRED if key not in manifest]
+    if missing:
+        raise StoreError(f"{mpath}: manifest lacks {missing}")
+    if manifest["dtype"] not in DTYPES:
+        raise StoreError(f"{mpath}: unknown dtype {manifest['dtype']!r}")
+    return manifest
+
+
+def check_spec(k, dtype, shard_rows) -> None:
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise StoreError(f"k must be a positive int, got {k!r}")
+    if dtype not in DTYPES:
+        raise StoreError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if not isinstance(shard_rows, int) or isinstance(shard_rows, bool) or shard_rows < 1:
+        raise StoreError(f"shard_rows must be a positive int, got {shard_rows!r}")
+
+
+def with_version(manifest: dict) -> dict:
+    """The manifest with the oldest format version that describes it (see the module docstring)."""
+    zeroed = any(rec.get("zeroed_ids") for rec in manifest["shards"])
+    return dict(manifest, format_version=2 if zeroed else 1)
+
+
+def is_debris(name: str) -> bool:
+    return name.endswith(".tmp") or name == LOCK_FILE

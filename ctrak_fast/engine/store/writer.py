@@ -1,0 +1,200 @@
+"""The one writer of a FeatureStore: buffers rows into whole shards, commits each with the
+manifest, and holds the store's lock (flock on ``.lock``, which records the writer's pid).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import safetensors.torch
+import torch
+
+from ctrak_fast.engine.atomic import atomic_write, sha256_bytes
+from ctrak_fast.engine.store.manifest import (
+    LOCK_FILE,
+    MANIFEST,
+    StoreError,
+    manifest_bytes,
+    read_manifest,
+    with_version,
+)
+from ctrak_fast.engine.store.shards import SHARD_RE, check_shards
+
+if TYPE_CHECKING:
+    from ctrak_fast.engine.store.store import FeatureStore
+
+
+class StoreWriter:
+    """Appends rows to a store; holds the store's lock until closed.
+
+    Rows are buffered and written as one shard each time ``shard_rows`` are full; ``close()`` (or
+    leaving the ``with`` block normally) writes the last, partial shard and marks the store
+    complete. Leaving on an exception writes nothing more: the buffered rows are recomputed on
+    resume.
+    """
+
+    def __init__(self, store: FeatureStore) -> None:
+        self.store = store
+        self._lock_fd = acquire_lock(store.path)
+        self._buf: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # feats, ids, zeroed
+        self._buffered = 0
+        try:
+            # Re-read under the lock: the manifest may have changed since the store was opened.
+            store.adopt_manifest(read_manifest(store.path))
+            check_shards(store.path, store.live_manifest)
+            self._remove_debris()
+            self._reopen_partial_tail()
+        except BaseException:
+            self._release()
+            raise
+
+    def __enter__(self) -> StoreWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._release()
+
+    @property
+    def closed(self) -> bool:
+        return self._lock_fd is None
+
+    def append(
+        self, features: torch.Tensor, ids: torch.Tensor, zeroed: torch.Tensor | None = None
+    ) -> None:
+        """Add rows.
+
+        Args:
+            features: [n, k] floating tensor on any device (cast to the store dtype; must be finite
+                after the cast).
+            ids: [n] integer sample ids (stored as int64).
+            zeroed: optional bool [n]: rows that the caller replaced by zeros because their
+                features were not finite; they must be zero, and their ids are listed in the
+                shard's record (``FeatureStore.zeroed_ids``).
+        """
+        if self.closed:
+            raise StoreError(f"writer of {self.store.path} is closed")
+        k, dt = self.store.k, self.store.torch_dtype
+        if features.dim() != 2 or features.shape[1] != k or not features.is_floating_point():
+            raise StoreError(
+                f"features must be floating [n, {k}], got {list(features.shape)} {features.dtype}"
+            )
+        ids = torch.as_tensor(ids)
+        if ids.shape != (features.shape[0],) or ids.is_floating_point() or ids.is_complex():
+            raise StoreError(f"ids must be integer [{features.shape[0]}], got {list(ids.shape)}")
+        zeroed = torch.zeros(len(ids), dtype=torch.bool) if zeroed is None else zeroed.cpu()
+        if zeroed.shape != ids.shape or zeroed.dtype != torch.bool:
+            raise StoreError(f"zeroed must be bool [{len(ids)}], got {list(zeroed.shape)}")
+        if features.shape[0] == 0:
+            return
+        feats = features.detach().to(device="cpu", dtype=dt, copy=True).contiguous()
+        if feats[zeroed].any():
+            raise StoreError("rows marked as zeroed must hold zeros")
+        if not torch.isfinite(feats).all():
+            bad = (~torch.isfinite(feats)).any(1).nonzero()[:5, 0].tolist()
+            raise StoreError(
+                f"non-finite features at rows {bad} of this batch "
+                f"(after the cast to {self.store.dtype})"
+            )
+        ids = ids.detach().to(device="cpu", dtype=torch.int64, copy=True)
+        self._buf.append((feats, ids, zeroed.clone()))
+        self._buffered += feats.shape[0]
+        while self._buffered >= self.store.shard_rows:
+            self._write_shard(self.store.shard_rows)
+
+    def close(self) -> None:
+        """Write the partial last shard, mark the store complete and release the lock."""
+        if self.closed:
+            return
+        try:
+            if self._buffered:
+                self._write_shard(self._buffered)
+            if not self.store.complete:
+                self._commit(dict(self.store.live_manifest, complete=True))
+        finally:
+            self._release()
+
+    # -- internals --
+
+    def _write_shard(self, rows: int) -> None:
+        feats, ids, zeroed = (torch.cat(parts) for parts in zip(*self._buf, strict=True))
+        rest = self._buffered - rows
+        self._buf = [(feats[rows:], ids[rows:], zeroed[rows:])] if rest else []
+        self._buffered = rest
+        feats, ids = feats[:rows].contiguous(), ids[:rows].contiguous()
+        m = self.store.live_manifest
+        name = f"shard-{len(m['shards']):05d}.safetensors"
+        data = safetensors.torch.save({"features": feats, "ids": ids})
+        atomic_write(self.store.path / name, data)
+        record = {
+            "file": name,
+            "first_row": m["n_rows"],
+            "rows": rows,
+            "bytes": len(data),
+            "sha256": sha256_bytes(data),
+            "ids_sha256": sha256_bytes(ids.numpy().tobytes()),
+        }
+        if zeroed[:rows].any():  # absent otherwise: stores without zeroed rows stay version 1
+            record["zeroed_ids"] = ids[zeroed[:rows]].tolist()
+        self._commit(
+            dict(m, shards=[*m["shards"], record], n_rows=m["n_rows"] + rows, complete=False)
+        )
+
+    def _commit(self, manifest: dict) -> None:
+        manifest = with_version(manifest)
+        atomic_write(self.store.path / MANIFEST, manifest_bytes(manifest))
+        self.store.adopt_manifest(manifest)
+
+    def _remove_debris(self) -> None:
+        listed = {rec["file"] for rec in self.store.live_manifest["shards"]}
+        for p in self.store.path.iterdir():
+            stray_shard = SHARD_RE.fullmatch(p.name) and p.name not in listed
+            if p.name.endswith(".tmp") or stray_shard:
+                p.unlink()
+
+    def _reopen_partial_tail(self) -> None:
+        # A clean close left a short last shard: take its rows back into the buffer so shard
+        # boundaries depend only on the sequence of rows. Drop it from the manifest first, then
+        # delete the file: a crash in between leaves only a stray file, removed next time.
+        m = self.store.live_manifest
+        if not m["shards"] or m["shards"][-1]["rows"] >= m["shard_rows"]:
+            return
+        tail = m["shards"][-1]
+        feats, ids = self.store.read_shard(len(m["shards"]) - 1, check=True)
+        self._commit(
+            dict(m, shards=m["shards"][:-1], n_rows=m["n_rows"] - tail["rows"], complete=False)
+        )
+        (self.store.path / tail["file"]).unlink()
+        zeroed = torch.isin(ids, torch.tensor(tail.get("zeroed_ids", []), dtype=torch.int64))
+        self._buf = [(feats, ids, zeroed)]
+        self._buffered = feats.shape[0]
+
+    def _release(self) -> None:
+        if self._lock_fd is not None:
+            fd, self._lock_fd = self._lock_fd, None
+            release_lock(fd)
+
+
+def acquire_lock(path: Path) -> int:
+    fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise StoreError(f"store {path} is locked by another writer (pid {holder})") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def release_lock(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.ftruncate(fd, 0)
+    os.close(fd)  # closing the descriptor drops the flock

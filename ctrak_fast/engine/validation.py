@@ -1,0 +1,188 @@
+"""Input checks run before any work starts, so that bad input costs one clear line, not a
+half-written store or a traceback from deep inside a model.
+
+Every check raises :class:`InputError` (a ``ValueError``: the CLI prints it as one line and exits
+non-zero) whose message names the offending value, file or sample id. Checks are cheap next to
+featurization: one pass over the images at most.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+__all__ = [
+    "InputError",
+    "NonFiniteFeatures",
+    "check_training_data",
+    "check_data_matches_model",
+    "check_input_file",
+    "check_input_dir",
+    "check_output_dir",
+    "check_positive",
+]
+
+_SHOW = 5  # ids quoted in a message; the rest are counted
+
+
+class InputError(ValueError):
+    """Input that cannot be used as given; the message says what and where."""
+
+
+class NonFiniteFeatures(ValueError):
+    """Samples whose features (per-sample gradients) are not finite; ``ids``: those of the batch
+    where they were found."""
+
+    def __init__(self, ids: Sequence[int], why: str, hint: str = "") -> None:
+        self.ids = [int(i) for i in ids]
+        super().__init__(f"{why} for sample id(s) {_ids(self.ids)}" + (f"; {hint}" if hint else ""))
+
+
+def _ids(ids: Sequence[int]) -> str:
+    shown = ", ".join(str(int(i)) for i in ids[:_SHOW])
+    more = f", ... ({len(ids)} in all)" if len(ids) > _SHOW else ""
+    return f"[{shown}{more}]"
+
+
+def check_positive(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InputError(f"{name} must be a positive integer, got {value!r}")
+
+
+def check_training_data(images: torch.Tensor, conds, ids: torch.Tensor) -> None:
+    """images float [N, C, H, W] (pixels or latents), finite; conds: N conditions of any kind (a
+    tensor [N, ...], finite if floating, or a sequence such as captions); ids int [N], unique;
+    N >= 1.
+
+    Raises:
+        InputError: naming the sample ids of non-finite images or conditions, or duplicated ids.
+    """
+    if images.ndim != 4 or not images.is_floating_point():
+        raise InputError(f"images must be float [N, C, H, W], got {images.dtype} {_shape(images)}")
+    n = images.shape[0]
+    if n == 0:
+        raise InputError("empty dataset: nothing to featurize")
+    if ids.shape != (n,) or ids.is_floating_point():
+        raise InputError(f"ids must be int [{n}], got {ids.dtype} {_shape(ids)}")
+    if conds is not None and len(conds) != n:
+        raise InputError(f"{len(conds)} conditions for {n} images")
+    bad = ~torch.isfinite(images.reshape(n, -1)).all(1)
+    if bad.any():
+        raise InputError(f"images of sample id(s) {_ids(ids[bad].tolist())} contain NaN/Inf")
+    if isinstance(conds, torch.Tensor) and conds.is_floating_point():
+        bad = ~torch.isfinite(conds.reshape(n, -1)).all(1)
+        if bad.any():
+            raise InputError(f"conditions of sample id(s) {_ids(ids[bad].tolist())} are NaN/Inf")
+    uniq, counts = torch.unique(ids, return_counts=True)
+    if (counts > 1).any():
+        raise InputError(f"duplicate sample id(s) {_ids(uniq[counts > 1].tolist())}")
+
+
+def check_data_matches_model(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    ids: torch.Tensor,
+    config: Mapping,
+    factors: Sequence[str] | None = None,
+    values: Mapping[str, Sequence[str]] | None = None,
+) -> None:
+    """The images and labels are what the model (its ``config``, e.g. FactorUNet.config) expects.
+
+    Checks image size and channel count, the number of factors, and each label against the
+    model's value range. With names on both sides (a model saved with ``values``), the factors
+    must be the model's, in its order, and each value must have the model's index for it: labels
+    are indices, and another order would silently condition the model on other values.
+    """
+    size, channels = config.get("image_size"), config.get("in_channels", 3)
+    if images.shape[1] != channels:
+        raise InputError(f"images have {images.shape[1]} channel(s), the model expects {channels}")
+    if size is not None and tuple(images.shape[2:]) != (size, size):
+        h, w = images.shape[2:]
+        raise InputError(f"images are {h}x{w} pixels, the model expects {size}x{size}")
+    n_values = config.get("n_values")
+    if n_values is None:
+        return
+    if labels.shape[1] != len(n_values):
+        raise InputError(f"labels have {labels.shape[1]} factor(s), the model has {len(n_values)}")
+    model_factors, model_values = config.get("factors"), config.get("values")
+    if model_values and factors is not None and values is not None:
+        if list(factors) != list(model_factors):
+            raise InputError(
+                f"dataset factors {list(factors)} differ from the model's {model_factors}"
+            )
+        for f in model_factors:
+            for i, name in enumerate(values[f]):
+                theirs = model_values[f][i] if i < len(model_values[f]) else "<none>"
+                if name != theirs:
+                    raise InputError(
+                        f"dataset value {name!r} of factor {f!r} has index {i}, which is "
+                        f"{theirs!r} for the model (labels are indices into the model's values)"
+                    )
+    for f, n in enumerate(n_values):
+        bad = (labels[:, f] < 0) | (labels[:, f] >= n)
+        if bad.any():
+            name = (model_factors or [f"factor {f}"])[f]
+            raise InputError(
+                f"labels of {name!r} outside the model's {n} values for sample id(s) "
+                f"{_ids(ids[bad].tolist())}"
+            )
+
+
+def check_input_file(path, what: str) -> Path:
+    """An existing, readable regular file."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{what} not found: {p}")
+    if not p.is_file():
+        raise InputError(f"{what} is not a file: {p}")
+    if not os.access(p, os.R_OK):
+        raise InputError(f"{what} is not readable: {p}")
+    return p
+
+
+def check_input_dir(path, what: str) -> Path:
+    p = Path(path)
+    if not p.is_dir():
+        raise InputError(f"{what} not found or not a directory: {p}")
+    return p
+
+
+def check_output_dir(path, what: str = "output directory") -> Path:
+    """A directory that exists and is writable, or can be created: checked without creating
+    anything, so a refused run leaves no trace."""
+    p = Path(path)
+    if p.exists():
+        if not p.is_dir():
+            raise InputError(f"{what} {p} exists and is not a directory")
+        if not os.access(p, os.W_OK | os.X_OK):
+            raise InputError(f"{what} {p} is not writable")
+        return p
+    parent = p.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise InputError(f"cannot create {what} {p}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"cannot create {what} {p}: {parent} is not writable")
+    return p
+
+
+def check_output_path(path, what: str = "output file") -> Path:
+    """A file path whose directory exists and is writable, and that is not a directory: checked
+    before the work, so a run is not refused only after computing its result."""
+    p = Path(path)
+    if p.is_dir():
+        raise InputError(f"{what} {p} is a directory")
+    parent = p.absolute().parent
+    if not parent.is_dir():
+        raise InputError(f"cannot write {what} {p}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"cannot write {what} {p}: {parent} is not writable")
+    return p
+
+
+def _shape(t: torch.Tensor) -> list[int]:
+    return list(t.shape)

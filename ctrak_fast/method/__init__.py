@@ -1,0 +1,1 @@
+"""Concept-TRAK and its baselines: diffusion, losses, per-sample gradients, features, queries."""

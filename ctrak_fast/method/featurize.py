@@ -1,0 +1,355 @@
+"""Training-side features (METHOD.md §4, §6): per timestep x_t -> residual -> per-sample gradient ->
+unit normalisation -> sum over timesteps -> one projection per sample.
+
+Projection is linear, so sum_t P g_t / |g_t| = P (sum_t g_t / |g_t|): the normalised gradients are
+accumulated in parameter space (exact norms from the full per-sample gradient) and projected once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+from tqdm.auto import tqdm
+
+from ctrak_fast.engine.projection import ProjectionSpec
+from ctrak_fast.engine.projector import Projector
+from ctrak_fast.engine.store import FeatureStore, model_fingerprint
+from ctrak_fast.method import diffusion
+from ctrak_fast.method.grads.layout import add_blocks, blocks_sq_norm, scale_blocks_
+from ctrak_fast.method.grads.per_sample import PerSampleGrads
+from ctrak_fast.method.losses import LOSSES, Residual
+
+if TYPE_CHECKING:
+    from ctrak_fast.engine.projection import FactorizedSpec
+    from ctrak_fast.method.grads.factorized import FactorizedGrads
+    from ctrak_fast.method.grads.layerwise import LayerwiseDense
+    from ctrak_fast.method.grads.layout import Blocks
+
+PAPER_TIMESTEPS = (99, 199, 299, 399, 499, 599, 699, 799, 899)
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """How a training (or whole-image query) feature is made; serialised into the store manifest.
+
+    loss: "dps" (Concept-TRAK), "dsm" (TRAK) or "eps-norm" (D-TRAK / DAS).
+    inversion: x_t from deterministic DDIM inversion with CFG (Concept-TRAK) instead of fixed noise.
+
+    Examples:
+        >>> FeatureSpec().timesteps, FeatureSpec.baseline("dsm").inversion
+        ((99, 199, 299, 399, 499, 599, 699, 799, 899), False)
+    """
+
+    loss: str = "dps"
+    timesteps: tuple[int, ...] = PAPER_TIMESTEPS
+    inversion: bool = True
+    inversion_guidance: float = 7.5
+    inversion_steps: int = 50
+    normalize: bool = True
+    param_filter: str | None = None
+    noise_seed: int = 0
+
+    def __post_init__(self):
+        if self.loss not in LOSSES:
+            raise ValueError(f"unknown loss {self.loss!r}; expected one of {LOSSES}")
+        if not self.timesteps:
+            raise ValueError("timesteps must not be empty")
+        object.__setattr__(self, "timesteps", tuple(int(t) for t in self.timesteps))
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["timesteps"] = list(self.timesteps)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> FeatureSpec:
+        return cls(**{**d, "timesteps": tuple(d["timesteps"])})
+
+    @classmethod
+    def baseline(cls, loss: str, **kw) -> FeatureSpec:
+        """The whole-image baselines use fixed noise (no inversion)."""
+        return cls(loss=loss, inversion=False, **kw)
+
+
+def fixed_noise(
+    seed: int, timesteps: tuple[int, ...], shape: tuple[int, ...]
+) -> dict[int, torch.Tensor]:
+    """One noise image per timestep shared by all samples (METHOD.md §4 step 1, alternative)."""
+    gen = torch.Generator().manual_seed(seed)
+    return {t: torch.randn(shape, generator=gen) for t in timesteps}
+
+
+@dataclass
+class Featurizer:
+    """Turns (image, condition) batches into k-dimensional features.
+
+    Args:
+        model: eps model, model(x_t [B,C,H,W], t [B], cond [B,F]) -> [B,C,H,W].
+        schedule: diffusion.NoiseSchedule of the model.
+        spec: FeatureSpec.
+        projection: ProjectionSpec (dense Rademacher over all selected parameters), or
+            FactorizedSpec (LoGra-style per-layer Kronecker projection of the Linear and
+            Conv2d weights, k = n_layers * k_in * k_out; see grads_factorized.py).
+        null_cond: [F] int64 condition used as the negative of CFG inversion.
+        grad_backend: "hooks" (batched capture) or "func" (torch.func reference).
+        layerwise: dense projection only: project each (batch, timestep) layer by layer
+            (grads_layerwise.py; never forms the B × p gradient, Triton-fused on CUDA) instead
+            of summing gradients over timesteps and projecting once. None (default) = on CUDA.
+
+    Examples:
+        >>> spec, proj = FeatureSpec(), ProjectionSpec(k=512)  # doctest: +SKIP
+        >>> feat = Featurizer(model, schedule, spec, proj, null_cond)  # doctest: +SKIP
+        >>> phi, dsm = feat(x0, cond)  # [B, 512] float32, [B] float32  # doctest: +SKIP
+    """
+
+    model: torch.nn.Module
+    schedule: diffusion.NoiseSchedule
+    spec: FeatureSpec
+    projection: ProjectionSpec | FactorizedSpec
+    null_cond: torch.Tensor
+    grad_backend: str = "hooks"
+    projector_backend: str = "auto"
+    shared_projector: Projector | None = None  # one projector for several featurizers
+    layerwise: bool | None = None
+    _grads: PerSampleGrads = field(init=False, repr=False)
+    _projector: Projector = field(init=False, repr=False)
+    _factorized: FactorizedGrads | None = field(init=False, repr=False, default=None)
+    _layerwise: LayerwiseDense | None = field(init=False, repr=False, default=None)
+
+    def __post_init__(self):
+        self._noise: dict[int, torch.Tensor] | None = None
+        if not isinstance(self.projection, ProjectionSpec):
+            from ctrak_fast.method.grads.factorized import FactorizedGrads
+
+            if self.shared_projector is not None:
+                raise ValueError("a factorized projection has no shared projector")
+            self._factorized = FactorizedGrads(self.model, self.spec.param_filter, self.projection)
+            return
+        self._grads = PerSampleGrads(self.model, self.spec.param_filter, backend=self.grad_backend)
+        shared = self.shared_projector
+        if shared is not None and (shared.spec != self.projection or shared.dim != self._grads.dim):
+            raise ValueError(
+                "shared_projector does not match this featurizer's projection and model"
+            )
+        self._projector = shared or Projector(
+            self.projection, self._grads.dim, backend=self.projector_backend
+        )
+        layerwise = self.layerwise
+        if layerwise is None:
+            on_cuda = next(self.model.parameters()).is_cuda
+            layerwise = on_cuda and self.grad_backend == "hooks"
+        if layerwise:
+            if self.grad_backend != "hooks":
+                raise ValueError("layerwise projection needs grad_backend='hooks'")
+            from ctrak_fast.method.grads.layerwise import LayerwiseDense
+
+            self._layerwise = LayerwiseDense(self.model, self.spec.param_filter, self.projection)
+
+    @property
+    def grads(self) -> PerSampleGrads:
+        """Per-sample gradients (dense projection only)."""
+        if self._factorized is not None:
+            raise AttributeError("a factorized featurizer never forms per-sample gradients")
+        return self._grads
+
+    @property
+    def projector(self) -> Projector:
+        """The dense projector (dense projection only)."""
+        if self._factorized is not None:
+            raise AttributeError("a factorized featurizer has no dense projector")
+        return self._projector
+
+    @property
+    def k(self) -> int:
+        """Feature dimension."""
+        return self._factorized.k if self._factorized is not None else self.projection.k
+
+    def meta(self) -> dict:
+        """What a store must record so that features made elsewhere are comparable."""
+        proj = self.projection.to_dict()
+        if self._factorized is not None:
+            proj["layers"] = self._factorized.layer_names
+        return {
+            "model": model_fingerprint(self.model.named_parameters()),
+            "feature": self.spec.to_dict(),
+            "projection": proj,
+        }
+
+    def terms(self, x_t, t, cond, r, normalize: bool) -> Blocks:
+        """Per-sample gradients (2/D) J^T r, unit-normalised if asked, in the space where they are
+        summed: parameter blocks (dense: projected once, after the sum) or, factorised or
+        layerwise, the projected features as one block. Sum them with grads.add_blocks; finish
+        with features().
+        r: a tensor shaped like x_t, or a losses.Residual evaluated on the gradient's forward."""
+        projected = self._factorized or self._layerwise
+        if projected is not None:
+            phi, sq = projected(x_t, t, cond, r, 2.0 / x_t[0].numel(), norms=normalize)
+            blocks = [(0, phi)]
+        else:
+            blocks = self._grads(x_t, t, cond, r)
+            sq = blocks_sq_norm(blocks) if normalize else None
+        if sq is None:
+            return blocks
+        norm = sq.sqrt()  # zero gradients stay zero
+        # The blocks are fresh tensors of this call: scaled in place, no copy of the gradient.
+        return scale_blocks_(blocks, torch.where(norm > 0, 1.0 / norm, torch.zeros_like(norm)))
+
+    def features(self, acc: Blocks) -> torch.Tensor:
+        """Summed terms -> features [B, k] float32."""
+        if self._factorized is not None or self._layerwise is not None:
+            return acc[0][1].float()
+        return self._projector.project_blocks(acc)
+
+    def trajectory(self, x0: torch.Tensor, cond: torch.Tensor) -> dict[int, torch.Tensor]:
+        """x_t at every timestep of the spec: DDIM inversion (CFG vs null) or fixed noise."""
+        spec = self.spec
+        if spec.inversion:
+            neg = self.null_cond.expand_as(cond)
+            return diffusion.ddim_invert(
+                self.model,
+                x0,
+                cond,
+                neg_cond=neg,
+                guidance=spec.inversion_guidance,
+                steps=spec.inversion_steps,
+                record_timesteps=spec.timesteps,
+                schedule=self.schedule,
+            )
+        noise = self.noise(x0.shape[1:])
+        return {
+            t: diffusion.add_noise(x0, noise[t].expand_as(x0), t, self.schedule)
+            for t in spec.timesteps
+        }
+
+    def noise(self, shape) -> dict[int, torch.Tensor]:
+        if self._noise is None:
+            # Drawn on the CPU so the bits do not depend on the device, then moved to the model's.
+            device = next(self.model.parameters()).device
+            noise = fixed_noise(self.spec.noise_seed, self.spec.timesteps, tuple(shape))
+            self._noise = {t: n.to(device) for t, n in noise.items()}
+        return self._noise
+
+    def gradient_sum(self, x0: torch.Tensor, cond: torch.Tensor):
+        """Sum over timesteps of the (normalised) per-sample gradient terms (see terms()).
+
+        Returns (blocks, dsm_sum [B]): dsm_sum is the DSM loss at the fixed noise
+        summed over timesteps (DAS weights); NaN when x_t comes from inversion.
+        """
+        spec = self.spec
+        traj = self.trajectory(x0, cond)
+        noise = None if spec.inversion else self.noise(x0.shape[1:])
+        acc, dsm_sum = None, torch.zeros(x0.shape[0], device=x0.device)
+        for t in spec.timesteps:
+            tt = torch.full((x0.shape[0],), t, dtype=torch.long, device=x0.device)
+            eps_t = None if noise is None else noise[t].expand_as(x0)
+            # r comes from the same forward as the gradient (one forward per timestep).
+            r = Residual(spec.loss, self.schedule, tt, x0=x0, noise=eps_t)
+            terms = self.terms(traj[t], tt, cond, r, spec.normalize)
+            acc = terms if acc is None else add_blocks(acc, terms)  # fresh: no copy to start
+            dsm_sum += r.dsm
+        return acc, dsm_sum
+
+    def __call__(self, x0: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x0 [B,C,H,W] in [-1,1], cond [B,F] -> (features [B,k] float32, dsm_sum [B])."""
+        blocks, dsm_sum = self.gradient_sum(x0, cond)
+        return self.features(blocks), dsm_sum
+
+
+def featurize_dataset(
+    featurizer: Featurizer,
+    images: torch.Tensor,
+    conds: torch.Tensor,
+    ids: torch.Tensor,
+    path,
+    *,
+    batch_size: int = 32,
+    shard_rows: int = 1024,
+    dtype: str = "float32",
+    das_path=None,
+    nan_policy: str = "fail",
+    progress: bool = True,
+) -> FeatureStore:
+    """Write features of images [N,C,H,W] / conds [N,F] / ids [N] into a FeatureStore at `path`.
+
+    Resumes: samples already in the store are skipped; shards hold whole batches so a resumed run
+    writes the same bytes as an uninterrupted one. With `das_path`, a second store receives the DAS
+    rows (features scaled by the summed DSM loss; only for fixed-noise specs).
+
+    nan_policy: what to do with a sample whose features are not finite in the store dtype (a
+    NaN/Inf per-sample gradient, or a value that overflows float16). "fail" (default) raises
+    NonFiniteFeatures naming every such sample id of the batch; nothing of that batch is written,
+    so the run resumes once the data or model is fixed. "zero" stores zeros for those rows and
+    lists their ids in the shard records (`FeatureStore.zeroed_ids()`): the sample keeps its row,
+    so ids and shard boundaries stay those of a clean run, and scores 0 against every query.
+    """
+    from ctrak_fast.engine.validation import NonFiniteFeatures, check_positive, check_training_data
+
+    if nan_policy not in ("fail", "zero"):
+        raise ValueError(f"nan_policy must be 'fail' or 'zero', got {nan_policy!r}")
+    check_positive("batch_size", batch_size)
+    check_positive("shard_rows", shard_rows)
+    # Whole batches per shard: a resumed run, or a rank's slice, then sees the same batches as an
+    # uninterrupted run (batch composition changes the low bits of per-sample gradients).
+    if shard_rows % batch_size:
+        raise ValueError(
+            f"shard_rows ({shard_rows}) must be a multiple of batch_size ({batch_size})"
+        )
+    check_training_data(images, conds, ids)
+    meta = featurizer.meta()
+    k = featurizer.k
+    targets = [(path, meta)]
+    if das_path is not None:
+        if featurizer.spec.inversion:
+            raise ValueError("DAS weights need fixed-noise features (inversion off)")
+        das_meta = {**meta, "das": "d-trak rows scaled by the DSM loss summed over timesteps"}
+        targets.append((das_path, das_meta))
+    stores = [
+        FeatureStore.open_or_create(p, k=k, dtype=dtype, meta=m, shard_rows=shard_rows)
+        for p, m in targets
+    ]
+    present = []
+    for store in stores:
+        done = store.done_ids()
+        if len(done) > len(ids) or not torch.equal(done, ids[: len(done)].to(done.dtype)):
+            raise ValueError(
+                f"store {store.path} holds other samples than this dataset's first {len(done)}"
+            )
+        present.append(len(done))
+    start = min(present)
+    # A run killed after its last shard but before the closing manifest update left the store
+    # marked incomplete: open the writers anyway so that it ends as an uninterrupted run does.
+    if start == len(images) and all(s.complete for s in stores):
+        return stores[0]
+    store_dtype = stores[0].torch_dtype
+    with contextlib.ExitStack() as stack:
+        writers = [stack.enter_context(s.writer()) for s in stores]
+        bar = tqdm(
+            range(start, len(images), batch_size),
+            desc=f"featurize {featurizer.spec.loss}",
+            disable=not progress,
+            unit="batch",
+        )
+        for i in bar:
+            sl = slice(i, min(i + batch_size, len(images)))
+            phi, dsm = featurizer(images[sl], conds[sl])
+            outputs = [phi] if len(stores) == 1 else [phi, phi * dsm[:, None]]
+            nonfinite = torch.stack([~torch.isfinite(o).all(1) for o in outputs]).any(0).cpu()
+            overflow = torch.stack([~torch.isfinite(o.to(store_dtype)).all(1) for o in outputs])
+            overflow = overflow.any(0).cpu() & ~nonfinite
+            zeroed = nonfinite | overflow
+            if zeroed.any():
+                if nan_policy == "fail":
+                    why, bad = "NaN/Inf per-sample gradients", nonfinite
+                    if not nonfinite.any():
+                        why, bad = f"features that overflow {dtype}", overflow
+                    hint = "fix the data or model, or pass --nan-policy zero to store zero rows"
+                    raise NonFiniteFeatures(ids[sl][bad].tolist(), why, hint)
+                outputs = [torch.where(zeroed[:, None].to(o.device), 0.0, o) for o in outputs]
+            for w, rows, have in zip(writers, outputs, present, strict=True):
+                skip = max(0, have - i)  # rows this store already holds
+                if skip < len(rows):
+                    w.append(rows[skip:], ids[sl][skip:], zeroed=zeroed[skip:])
+    return stores[0]

@@ -1,0 +1,1 @@
+"""Per-sample gradients: torch.func reference, hooks, layerwise and factorised projection."""

@@ -1,0 +1,142 @@
+"""Training-side and query-side functions of Concept-TRAK and its baselines (METHOD.md §4-6).
+
+Each loss is written literally, as in the paper, on batched tensors; it returns one value per
+sample. Every one of them has a per-sample parameter gradient of the form
+
+    grad_theta loss = (2 / D) * J_theta^T r,        J_theta = d eps_theta(x_t, t, c) / d theta,
+
+for a detached *residual* r of the shape of eps. The featurizer uses that form (one vector-Jacobian
+product per sample, see grads.py); the literal losses are the specification the tests check.
+
+| loss      | literal form                                   | residual r      |
+|-----------|------------------------------------------------|-----------------|
+| dps       | mean((sg[eps - v] - eps)^2)                    | v               |
+| dsm       | mean((noise - eps)^2)                          | eps - noise     |
+| eps-norm  | mean(eps^2)                                    | eps             |
+| slider    | mean((sg[eps(c+) + w d] - eps(c+))^2)          | -w d            |
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ctrak_fast.method.diffusion import NoiseSchedule, tweedie_x0
+
+LOSSES = ("dps", "dsm", "eps-norm")
+
+
+def _mean_per_sample(x: torch.Tensor) -> torch.Tensor:
+    return x.flatten(1).mean(1)
+
+
+def dps_loss(eps: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Concept-TRAK training loss. eps, v: [B, C, H, W] -> [B]."""
+    return _mean_per_sample(((eps - v).detach() - eps).pow(2))
+
+
+def dsm_loss(eps: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Denoising score matching (TRAK). eps, noise: [B, C, H, W] -> [B]."""
+    return _mean_per_sample((noise - eps).pow(2))
+
+
+def eps_norm_loss(eps: torch.Tensor) -> torch.Tensor:
+    """D-TRAK's output function. eps: [B, C, H, W] -> [B]."""
+    return _mean_per_sample(eps.pow(2))
+
+
+def slider_loss(eps_pos: torch.Tensor, d: torch.Tensor, w: float) -> torch.Tensor:
+    """Concept-slider reward. eps_pos = eps(x_t, t, c+); d = eps(c+) - eps(c-), detached.
+
+    eps_pos, d: [B, C, H, W] -> [B]."""
+    return _mean_per_sample(((eps_pos + w * d).detach() - eps_pos).pow(2))
+
+
+def dps_guidance(
+    model,
+    schedule: NoiseSchedule,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    cond: torch.Tensor,
+    x0: torch.Tensor,
+) -> torch.Tensor:
+    """DPS direction v_t = -grad_{x_t} mean((x0_hat(x_t) - x0)^2), theta frozen.
+
+    x_t, x0: [B, C, H, W]; t: [B] int64; cond: [B, F] -> v: [B, C, H, W].
+    Samples do not interact, so the gradient of the summed loss is each sample's own gradient.
+    """
+    return Residual("dps", schedule, t, x0=x0).standalone(model, x_t, t, cond)
+
+
+class Residual:
+    """The residual r of a training-side loss (see the module table) as a function of the model
+    output, so that the forward whose Jacobian is taken also yields r (grads_hooks.capture_deltas
+    calls it between its forward and backward): one forward per (batch, timestep) instead of two.
+
+    ``res(eps, x)`` -> r [B, C, H, W] (detached); eps = model(x, t, cond) with x requiring grad
+    when ``needs_input_grad`` (dps differentiates x0_hat(x) with respect to x; the graph is kept
+    for the backward that follows). After a call, ``res.dsm`` holds the per-sample DSM loss at the
+    given noise (NaN without noise; it feeds DAS weights).
+
+    Examples:
+        >>> res = Residual("eps-norm", schedule, t)  # doctest: +SKIP
+        >>> r = res.standalone(model, x_t, t, cond)  # its own forward  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        loss: str,
+        schedule: NoiseSchedule,
+        t: torch.Tensor,
+        *,
+        x0: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+    ):
+        if loss not in LOSSES:
+            raise ValueError(f"unknown loss {loss!r}; expected one of {LOSSES}")
+        if loss == "dsm" and noise is None:
+            raise ValueError("the dsm loss needs the noise that made x_t")
+        if loss == "dps" and x0 is None:
+            raise ValueError("the dps loss needs the clean image x0")
+        self.loss, self.schedule, self.t, self.x0, self.noise = loss, schedule, t, x0, noise
+        self.needs_input_grad = loss == "dps"
+        self.dsm: torch.Tensor | None = None
+
+    def __call__(self, eps: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        eps_value = eps.detach()
+        if self.noise is not None:
+            self.dsm = dsm_loss(eps_value, self.noise).detach()
+        else:
+            self.dsm = torch.full(eps.shape[:1], float("nan"), device=eps.device)
+        if self.loss == "dps":  # v = -grad_x mean((x0_hat(x) - x0)^2), as dps_guidance
+            x0_hat = tweedie_x0(x, eps, self.t, self.schedule)
+            loss = _mean_per_sample((x0_hat - self.x0).pow(2)).sum()
+            (grad,) = torch.autograd.grad(loss, x, retain_graph=True)
+            return -grad.detach()
+        return eps_value - self.noise if self.loss == "dsm" else eps_value
+
+    def standalone(self, model, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor):
+        """r from a forward of its own (for paths that do not share theirs)."""
+        grad = self.needs_input_grad
+        with torch.set_grad_enabled(grad):
+            x = x_t.detach().requires_grad_(grad)
+            return self(model(x, t, cond), x)
+
+
+def residual(
+    loss: str,
+    model,
+    schedule: NoiseSchedule,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    cond: torch.Tensor,
+    *,
+    x0: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual r of a training-side loss (see the module table) and the per-sample DSM loss.
+
+    Returns (r [B, C, H, W], dsm [B]); dsm is NaN where no noise is given (it feeds DAS weights).
+    """
+    res = Residual(loss, schedule, t, x0=x0, noise=noise)
+    r = res.standalone(model, x_t, t, cond)
+    return r, res.dsm

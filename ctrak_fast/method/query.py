@@ -1,0 +1,188 @@
+"""Query-side features: the concept slider of Concept-TRAK (METHOD.md §5).
+
+A concept query is (c+, c-, w, draws): c+ holds the concept, c- is c+ with the concept removed
+(a factor set to its null token, or another value). At each draw point (x_t, t):
+
+    d = eps(x_t, t, c+) - eps(x_t, t, c-)                     (detached)
+    g = grad_theta mean((sg[eps(c+) + w d] - eps(c+))^2) = -(2w/D) J(c+)^T d
+
+Each point's gradient is normalised to unit norm, the points are averaged, and the mean is projected
+with the same projector as the training features. Draws:
+
+- local: stochastic DDIM inversion (eta) of one generated query image under c+ — the concept as it
+  appears in that image;
+- global: DDIM samples from x_T ~ N(0, I) with CFG (c+ vs c-) — the concept as the model makes it.
+
+Every draw contributes its x_t at all timesteps of the spec.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from ctrak_fast.method import diffusion
+from ctrak_fast.method.featurize import PAPER_TIMESTEPS, Featurizer
+from ctrak_fast.method.grads.layout import Blocks, add_blocks
+
+
+@dataclass(frozen=True)
+class ConceptQuerySpec:
+    """Options of a concept query (paper defaults where the paper states one).
+
+    weight: slider weight w (7.5 synthetic, 3 text-to-image). draws: "local" or "global".
+    n_draws: independent draws, each used at every timestep. eta: stochasticity of local inversion.
+    guidance: CFG scale of the draws (local: inversion under c+ vs null; global: c+ vs c-).
+
+    Examples:
+        >>> spec = ConceptQuerySpec(draws="global", n_draws=64)
+        >>> spec.weight, len(spec.timesteps)
+        (7.5, 9)
+    """
+
+    weight: float = 7.5
+    draws: str = "local"
+    n_draws: int = 4
+    eta: float = 0.1
+    guidance: float = 7.5
+    steps: int = 50
+    timesteps: tuple[int, ...] = PAPER_TIMESTEPS
+    normalize: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.draws not in ("local", "global"):
+            raise ValueError(f"draws must be 'local' or 'global', got {self.draws!r}")
+        if self.n_draws < 1:
+            raise ValueError("n_draws must be >= 1")
+        object.__setattr__(self, "timesteps", tuple(int(t) for t in self.timesteps))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["timesteps"] = list(self.timesteps)
+        return d
+
+
+Negative = torch.Tensor | Sequence[torch.Tensor]  # one c-, or several whose eps are averaged
+
+
+def _batched(cond: torch.Tensor, n: int) -> torch.Tensor:
+    """One condition (factor indices [F], or an embedding such as text states [L, D]) -> [n,...]."""
+    return cond.unsqueeze(0).expand(n, *cond.shape)
+
+
+def draw_points(
+    featurizer: Featurizer,
+    spec: ConceptQuerySpec,
+    cond_pos: torch.Tensor,
+    cond_neg: torch.Tensor | None = None,
+    image: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw points (x_t [n, C, H, W], t [n]) for a query; n = n_draws * len(timesteps)."""
+    model, sch = featurizer.model, featurizer.schedule
+    gen = torch.Generator().manual_seed(spec.seed)
+    n = spec.n_draws
+    pos = _batched(cond_pos, n)
+    if spec.draws == "local":
+        if image is None:
+            raise ValueError("local query draws need the query image")
+        traj = diffusion.ddim_invert_stochastic(
+            model,
+            image.reshape(1, *image.shape[-3:]).expand(n, -1, -1, -1),
+            pos,
+            neg_cond=_batched(featurizer.null_cond, 1),
+            guidance=spec.guidance,
+            steps=spec.steps,
+            record_timesteps=spec.timesteps,
+            eta=spec.eta,
+            generator=gen,
+            schedule=sch,
+        )
+    else:
+        neg = None if cond_neg is None else _batched(cond_neg, 1)
+        _, traj = diffusion.ddim_sample(
+            model,
+            pos,
+            neg_cond=neg,
+            guidance=spec.guidance,
+            steps=spec.steps,
+            generator=gen,
+            record_timesteps=spec.timesteps,
+            stop_at=min(spec.timesteps),
+            schedule=sch,
+            # x0 estimates are clamped to [-1, 1] only where the model says x0 lives there
+            # (pixels); a latent model's x0 is not confined.
+            clip_x0=getattr(model, "clip_sample", True),
+        )
+    x = torch.cat([traj[t] for t in spec.timesteps])
+    t = torch.tensor(spec.timesteps, dtype=torch.long, device=x.device).repeat_interleave(n)
+    return x, t
+
+
+def concept_query_features(
+    featurizer: Featurizer,
+    spec: ConceptQuerySpec,
+    cond_pos: torch.Tensor,
+    cond_negs: Sequence[Negative],
+    image: torch.Tensor | None = None,
+    batch_size: int = 32,
+) -> torch.Tensor:
+    """Concept-slider query features for one c+ and several c- (e.g. one per factor).
+
+    cond_pos: one condition (int64 [F] factor indices, or an embedding); cond_negs: one c- per
+    output row, each a condition of the same shape or a list of them (then eps(c-) is their mean:
+    the concept flipped to each of its other values); image: [C,H,W] (local draws).
+    Local draws depend only on c+, so all c- share them; global draws are made per c-.
+    Returns: [len(cond_negs), k] float32.
+    """
+    out = []
+    shared = draw_points(featurizer, spec, cond_pos, None, image) if spec.draws == "local" else None
+    for neg in cond_negs:
+        if shared is None:  # global draws: CFG c+ vs c- (vs null for a list of c-)
+            single = neg if isinstance(neg, torch.Tensor) else featurizer.null_cond
+            x, t = draw_points(featurizer, spec, cond_pos, single, image)
+        else:
+            x, t = shared
+        out.append(slider_features(featurizer, spec, cond_pos, neg, x, t, batch_size))
+    return torch.stack(out)
+
+
+def slider_features(
+    featurizer: Featurizer,
+    spec: ConceptQuerySpec,
+    cond_pos: torch.Tensor,
+    cond_neg: Negative,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    batch_size: int = 32,
+) -> torch.Tensor:
+    """Concept-slider feature [k] at given draw points (METHOD.md §5): per point the gradient of
+    mean((sg[eps(c+) + w d] - eps(c+))^2), d = eps(c+) - eps(c-), unit-normalised, averaged over
+    the points, projected. cond_pos: one condition; cond_neg: one condition, or a list whose
+    eps are averaged; x [n,C,h,w], t [n]."""
+    negs = [cond_neg] if isinstance(cond_neg, torch.Tensor) else list(cond_neg)
+    if len(x) == 0:
+        raise ValueError("a concept query needs at least one draw point")
+    model = featurizer.model
+    acc: Blocks = []
+    for i in range(0, len(x), batch_size):
+        xb, tb = x[i : i + batch_size], t[i : i + batch_size]
+        pos_b = _batched(cond_pos, len(xb))
+        with torch.no_grad():
+            eps_neg = sum(model(xb, tb, _batched(c, len(xb))) for c in negs) / len(negs)
+            d = model(xb, tb, pos_b) - eps_neg
+        terms = featurizer.terms(xb, tb, pos_b, -spec.weight * d, spec.normalize)
+        acc = add_blocks(acc or None, [(off, b.sum(0, keepdim=True)) for off, b in terms])
+    return featurizer.features([(off, b / len(x)) for off, b in acc])[0]
+
+
+def image_query_features(
+    featurizer: Featurizer, images: torch.Tensor, conds: torch.Tensor
+) -> torch.Tensor:
+    """Whole-image query features (TRAK / D-TRAK / DAS): the training-side recipe applied to the
+    query images. images [Q,C,H,W], conds [Q,F] -> [Q,k]."""
+    phi, _ = featurizer(images, conds)
+    return phi

@@ -1,0 +1,94 @@
+"""Training latents, VAE-encoded once and cached next to a store (keyed by the VAE fingerprint and a
+digest of the images), so an SD-size training set never sits in memory as pixels."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from ctrak_fast.engine.atomic import atomic_path
+from ctrak_fast.models.text2image import TextToImageAdapter
+
+
+def latent_cache_path(store_path: str | os.PathLike, vae_fingerprint: str) -> Path:
+    """`<store>.latents-<vae fingerprint[:16]>.safetensors`, next to the store directory."""
+    p = Path(store_path)
+    return p.with_name(f"{p.name}.latents-{vae_fingerprint[:16]}.safetensors")
+
+
+def _images_digest(images: torch.Tensor | Sequence, ids: torch.Tensor) -> str:
+    """sha256 of the images (tensor bytes, or each file's name and bytes) and the ids."""
+
+    h = hashlib.sha256()
+    if torch.is_tensor(images):
+        t = images.detach().float().contiguous()
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    else:
+        for f in images:
+            h.update(Path(f).name.encode() + b"\0")
+            h.update(hashlib.sha256(Path(f).read_bytes()).digest())
+    h.update(ids.detach().long().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _load_files(files: Sequence, image_size: int | None) -> torch.Tensor:
+    from ctrak_fast.data.folder import load_image
+
+    if image_size is None:
+        raise ValueError("image files need image_size (the model's pixel resolution)")
+    return torch.stack([load_image(Path(f), image_size) for f in files])
+
+
+def encode_images_cached(
+    adapter: TextToImageAdapter,
+    images: torch.Tensor | Sequence[str | os.PathLike],
+    ids: torch.Tensor,
+    store_path: str | os.PathLike,
+    batch_size: int = 16,
+    image_size: int | None = None,
+) -> torch.Tensor:
+    """x0 of the training images [N,C,h,w] float32, VAE-encoded once and cached next to the store.
+
+    images: float32 [N,3,H,W] in [-1,1], or N image files, read `batch_size` at a time and resized
+    to `image_size` (so an SD-size training set never sits in memory as pixels: 3 MB per 512x512
+    image, 64 kB as latents). The cache file is keyed by the VAE fingerprint (its name) and
+    records a digest of the images (or files) and ids; a cache of other images is recomputed and
+    replaced. Written atomically (tmp + os.replace). Pixel-space models return the images.
+    """
+    if not adapter.latent:
+        return images.float() if torch.is_tensor(images) else _load_files(images, image_size)
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    vae_fp = adapter.fingerprints()["vae"]
+    path = latent_cache_path(store_path, vae_fp)
+    digest = _images_digest(images, ids)
+    if path.is_file():
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("vae") == vae_fp and meta.get("images") == digest:
+                return f.get_tensor("latents")
+    if torch.is_tensor(images):
+        latents = adapter.encode_images(images, batch_size)
+    else:
+        files = list(images)
+        latents = torch.cat(
+            [
+                adapter.encode_images(_load_files(files[i : i + batch_size], image_size))
+                for i in range(0, len(files), batch_size)
+            ]
+        )
+    latents = latents.contiguous()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        save_file(
+            {"latents": latents, "ids": ids.long().contiguous()},
+            str(tmp),
+            metadata={"vae": vae_fp, "images": digest, "format": "ctrak-latents/1"},
+        )
+    return latents

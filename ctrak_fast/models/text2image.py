@@ -1,0 +1,473 @@
+"""Text-to-image diffusers models behind the engine's eps(x_t, t, cond) interface.
+
+`TextToImageAdapter` wraps a UNet2DConditionModel (and, optionally, an AutoencoderKL, a text encoder
+with its tokenizer and a diffusers scheduler) as one module
+
+    adapter(x_t [B,C,h,w] float32, t [B] int64, cond) -> eps [B,C,h,w] float32
+
+so Featurizer, the DDIM inversion/sampling of diffusion.py and the per-sample gradients work on it
+unchanged. x_t lives in latent space when there is a VAE (latents = scaling_factor * posterior mean
+of the VAE encoder), in pixel space otherwise. cond is either the text encoder's last hidden state
+[B,L,D] float, or prompt ids int64 [B,1] (`adapter.prompt_ids(prompts)`): the engine's integer
+condition contract, 8 bytes per training image instead of L*D floats; ids are embedded on use by
+the text encoder, with a small cache (a featurizer calls the UNet ~140 times per batch).
+
+Only the UNet is a sub-module: its parameters are the ones gradients and the model fingerprint are
+taken over ("all parameters" means all UNet parameters). The VAE and text encoder are held beside
+it; they enter the store manifest through their own fingerprints (`T2IFeaturizer.meta`).
+
+Precision: the UNet executes in `dtype` (float16 / bfloat16 / float32); inputs are cast down and
+outputs returned as float32, so samplers, inversion and the DPS guidance run in float32, and the
+per-sample gradients are cast to float32 before they are normalised, summed and projected. In
+float16 the gradients flowing through the UNet are scaled by `grad_scale` (static loss scaling, as
+AMP does) and unscaled at the boundaries, so the small deltas of a mean-over-pixels loss do not
+underflow; on overflow the featurizer retries with a smaller scale.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import os
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ctrak_fast.engine.store import model_fingerprint
+from ctrak_fast.method import diffusion
+
+__all__ = ["T2I_PARAM_FILTER", "TextToImageAdapter", "sample_size", "schedule_from_scheduler"]
+
+# Cross-attention of every transformer block (to_q, to_k, to_v, to_out): the text -> image pathway
+# and the paper's parameter subset for Stable Diffusion. Matches diffusers' module names
+# "...transformer_blocks.N.attn2.to_k.weight"; self-attention is attn1.
+T2I_PARAM_FILTER = r"\.attn2\."
+
+
+# ---- schedule ------------------------------------------------------------------------------------
+
+
+def schedule_from_scheduler(scheduler) -> diffusion.NoiseSchedule:
+    """The DDPM training schedule of any diffusers scheduler (DDPM, DDIM, PNDM, Euler, DPM-Solver,
+    ...): they all carry num_train_timesteps / beta_schedule / beta_start / beta_end in `config`."""
+    cfg = dict(scheduler.config)
+    if cfg.get("trained_betas") is not None:
+        raise ValueError("schedulers with trained_betas are not supported")
+    if cfg.get("rescale_betas_zero_snr"):
+        raise ValueError("zero-terminal-SNR schedules are not supported (alpha_bar_T = 0)")
+    return diffusion.NoiseSchedule(
+        num_train_timesteps=cfg.get("num_train_timesteps", 1000),
+        beta_schedule=cfg.get("beta_schedule", "linear"),
+        beta_start=cfg.get("beta_start", 1e-4),
+        beta_end=cfg.get("beta_end", 0.02),
+    )
+
+
+# ---- the adapter ---------------------------------------------------------------------------------
+
+
+class _GradScale(torch.autograd.Function):
+    """Identity forward; multiplies the incoming gradient by `scale` (vmap-compatible)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, scale):
+        return x.view_as(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.scale = inputs[1]
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
+
+
+def sample_size(unet) -> int:
+    s = unet.config.sample_size
+    if isinstance(s, (tuple, list)):
+        if s[0] != s[1]:
+            raise ValueError(f"non-square sample_size {s} is not supported")
+        s = s[0]
+    return int(s)
+
+
+def _last_hidden_state(out) -> torch.Tensor:
+    if torch.is_tensor(out):
+        return out
+    if getattr(out, "last_hidden_state", None) is not None:
+        return out.last_hidden_state
+    return out[0]
+
+
+class TextToImageAdapter(nn.Module):
+    """A diffusers text-to-image model as eps(x_t, t, cond) (see the module docstring).
+
+    Args:
+        unet: UNet2DConditionModel (any module called as unet(x, t, encoder_hidden_states=c)
+            returning `.sample`).
+        scheduler: a diffusers scheduler; its config gives the training schedule and the
+            prediction type ("epsilon", "v_prediction" and "sample" are converted to eps).
+        vae: AutoencoderKL or None (pixel-space model).
+        text_encoder, tokenizer: a transformers text model (CLIPTextModel, BertModel, ...) or any
+            module returning hidden states, and a callable tokenizer in the transformers style.
+            Optional: without them, conditions are passed as embeddings.
+        dtype: execution dtype of the UNet (default: its parameters' dtype).
+        max_length: token length of a prompt (default: tokenizer.model_max_length, e.g. 77).
+        text_attention_mask: pass the tokenizer's attention mask to the text encoder (default:
+            text_encoder.config.use_attention_mask, False for CLIP as in diffusers' pipelines).
+        grad_scale: float16 loss scale (default 2**10 for float16, 1 otherwise).
+        vae_dtype: the VAE runs once per image; float32 by default (SD VAEs overflow in float16).
+        prompt_cache: embeddings of prompt ids kept (most recently used first).
+
+    Examples (need a model; not doctests):
+            ad = TextToImageAdapter.from_pretrained("path/to/sd-1.5", dtype=torch.float16)
+            cond = ad.encode_prompts(["a pikachu in the style of picasso"])     # [1, 77, 768]
+            x0 = ad.encode_images(images)                    # [B, 4, 64, 64] latents
+            eps = ad(x_t, t, cond.expand(len(x_t), -1, -1))    # float32
+    """
+
+    def __init__(
+        self,
+        unet: nn.Module,
+        scheduler,
+        vae: nn.Module | None = None,
+        text_encoder: nn.Module | None = None,
+        tokenizer=None,
+        *,
+        dtype: torch.dtype | None = None,
+        max_length: int | None = None,
+        text_attention_mask: bool | None = None,
+        grad_scale: float | None = None,
+        vae_dtype: torch.dtype = torch.float32,
+        prompt_cache: int = 256,
+    ):
+        super().__init__()
+        self.unet = unet.eval()
+        self.compute_dtype = dtype or next(unet.parameters()).dtype
+        if self.compute_dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"unsupported execution dtype {self.compute_dtype}")
+        if next(unet.parameters()).dtype != self.compute_dtype:  # (diffusers warns on any .to)
+            self.unet.to(self.compute_dtype)
+        # Beside the module tree on purpose: gradients and the fingerprint cover the UNet only.
+        self._aux: dict[str, nn.Module | None] = {"vae": vae, "text_encoder": text_encoder}
+        if vae is not None:
+            vae.to(vae_dtype).eval().requires_grad_(False)
+        if text_encoder is not None:
+            text_encoder.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.scheduler = scheduler
+        self.schedule = schedule_from_scheduler(scheduler)
+        self.prediction_type = scheduler.config.get("prediction_type", "epsilon")
+        if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
+            raise ValueError(f"unsupported prediction_type {self.prediction_type!r}")
+        if max_length is None and tokenizer is not None:
+            max_length = int(tokenizer.model_max_length)
+        self.max_length = max_length
+        if text_attention_mask is None:
+            cfg = getattr(text_encoder, "config", None)
+            text_attention_mask = bool(getattr(cfg, "use_attention_mask", False))
+        self.text_attention_mask = text_attention_mask
+        default_scale = 2.0**10 if self.compute_dtype == torch.float16 else 1.0
+        self.grad_scale = float(default_scale if grad_scale is None else grad_scale)
+        # What diffusion.ddim_sample / NoiseSchedule.for_model read from a model.
+        self.config = {
+            "image_size": sample_size(unet),
+            "in_channels": int(unet.config.in_channels),
+            "schedule": self.schedule.config,
+        }
+        self._null: torch.Tensor | None = None
+        self._prompts: list[str] = []
+        self._prompt_index: dict[str, int] = {}
+        self._emb_cache: OrderedDict[int, torch.Tensor] = OrderedDict()
+        self.prompt_cache = prompt_cache
+        self._fingerprints: dict[str, str | None] = {}
+
+    # -- components --
+
+    @property
+    def vae(self) -> nn.Module | None:
+        return self._aux["vae"]
+
+    @property
+    def text_encoder(self) -> nn.Module | None:
+        return self._aux["text_encoder"]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def latent(self) -> bool:
+        return self.vae is not None
+
+    @property
+    def clip_sample(self) -> bool:
+        """Whether samplers may clamp x0 estimates to [-1, 1]: pixels yes, latents no."""
+        return not self.latent
+
+    def _apply(self, fn, recurse=True):
+        # .to(device) moves the VAE and text encoder too; they are not sub-modules.
+        super()._apply(fn, recurse)
+        for m in self._aux.values():
+            if m is not None:
+                m._apply(fn)
+        return self
+
+    # -- eps --
+
+    def forward(self, x_t: torch.Tensor, t, cond: torch.Tensor) -> torch.Tensor:
+        """x_t [B,C,h,w] float32, t [B] int64 (or int), cond [B,L,D] embeddings or [B,1] int64
+        prompt ids -> eps [B,C,h,w] float32."""
+        if not cond.is_floating_point():
+            cond = self.embed_ids(cond)
+        if not torch.is_tensor(t):
+            t = torch.tensor(t, dtype=torch.int64, device=x_t.device)
+        if t.ndim == 0:
+            t = t.expand(x_t.shape[0])
+        t, cond = t.to(x_t.device), cond.to(x_t.device)  # callers build t on the CPU
+        s = self.grad_scale
+        x = _GradScale.apply(x_t, 1.0 / s) if s != 1.0 else x_t
+        out = self.unet(
+            x.to(self.compute_dtype), t, encoder_hidden_states=cond.to(self.compute_dtype)
+        ).sample.float()
+        if s != 1.0:
+            out = _GradScale.apply(out, s)
+        if self.prediction_type == "epsilon":
+            return out
+        ab = self.schedule.alpha_bar(t, x_t)
+        if self.prediction_type == "v_prediction":
+            return ab.sqrt() * out + (1 - ab).sqrt() * x_t
+        return (x_t - ab.sqrt() * out) / (1 - ab).sqrt()  # "sample": out is x0
+
+    # -- text --
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: str | Sequence[str]) -> torch.Tensor:
+        """Prompts -> text encoder hidden states [B, max_length, D] float32."""
+        if self.text_encoder is None or self.tokenizer is None:
+            raise ValueError("this adapter has no text encoder/tokenizer: pass embeddings as cond")
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        batch = self.tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=self.max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        dev = next(self.text_encoder.parameters()).device
+        kw = {"attention_mask": batch["attention_mask"].to(dev)} if self.text_attention_mask else {}
+        return _last_hidden_state(self.text_encoder(batch["input_ids"].to(dev), **kw)).float()
+
+    def prompt_ids(self, prompts: str | Sequence[str]) -> torch.Tensor:
+        """Prompts -> condition ids int64 [B, 1]; each distinct prompt gets one id (per adapter).
+
+        Examples (a fresh adapter; not a doctest):
+                ad.prompt_ids(["a red triangle", "", "a red triangle"]).flatten().tolist()
+                # -> [0, 1, 0]
+        """
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        for p in prompts:
+            if p not in self._prompt_index:
+                self._prompt_index[p] = len(self._prompts)
+                self._prompts.append(p)
+        return torch.tensor([self._prompt_index[p] for p in prompts], dtype=torch.int64)[:, None]
+
+    def prompt_of(self, ids: torch.Tensor) -> list[str]:
+        """The prompts of condition ids [B, 1] (or [B])."""
+        return [self._prompts[i] for i in ids.reshape(len(ids), -1)[:, 0].tolist()]
+
+    def embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """Condition ids [B, 1] -> text states [B, L, D] float32 on the UNet's device (cached)."""
+        flat = ids.reshape(len(ids), -1)[:, 0].tolist()
+        if any(not 0 <= i < len(self._prompts) for i in flat):
+            raise ValueError(f"unknown prompt id in {sorted(set(flat))}: use adapter.prompt_ids()")
+        missing = sorted({i for i in flat if i not in self._emb_cache})
+        if missing:
+            emb = self.encode_prompts([self._prompts[i] for i in missing])
+            self._emb_cache.update(zip(missing, emb, strict=True))
+        for i in dict.fromkeys(flat):
+            self._emb_cache.move_to_end(i)
+        while len(self._emb_cache) > max(self.prompt_cache, len(set(flat))):
+            self._emb_cache.popitem(last=False)
+        return torch.stack([self._emb_cache[i] for i in flat]).to(self.device)
+
+    def _embedding(self, prompt: str | torch.Tensor) -> torch.Tensor:
+        """One prompt as text, id or embedding -> embedding [L, D] on the UNet's device."""
+        if isinstance(prompt, str):
+            return self.encode_prompts([prompt])[0].to(self.device)
+        if not prompt.is_floating_point():
+            return self.embed_ids(prompt.reshape(1, 1))[0]
+        return prompt.float().to(self.device)
+
+    def null_cond(self, batch: int = 1, device=None) -> torch.Tensor:
+        """The unconditional condition of CFG, the empty prompt, for a batch: prompt ids
+        int64 [batch, 1], or the embedding [batch, L, D] given to set_null_cond (adapters
+        without a text encoder, whose conditions are embeddings)."""
+        device = device or self.device
+        if self._null is not None:
+            return self._null.to(device).expand(batch, *self._null.shape).clone()
+        return self.prompt_ids([""]).to(device).expand(batch, 1).clone()
+
+    def set_null_cond(self, emb: torch.Tensor) -> None:
+        """Use embeddings as conditions: `emb` [L, D] is the unconditional one."""
+        self._null = emb.detach().float()
+
+    # -- latents --
+
+    def _vae_scale(self) -> tuple[float, float]:
+        cfg = self.vae.config
+        return float(cfg.scaling_factor), float(getattr(cfg, "shift_factor", None) or 0.0)
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+        """Images [B,3,H,W] in [-1,1] -> the diffusion model's x0 [B,C,h,w] float32.
+
+        With a VAE: (posterior mean - shift) * scaling_factor; the mean, not a sample, so the
+        features of an image are deterministic. Without: the images themselves.
+        """
+        if self.vae is None:
+            return images.float()
+        sf, shift = self._vae_scale()
+        vdt = next(self.vae.parameters()).dtype
+        out = []
+        for chunk in images.split(batch_size):
+            lat = self.vae.encode(chunk.to(self.device, vdt)).latent_dist.mean
+            out.append(((lat.float() - shift) * sf).cpu())
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def decode_latents(self, x0: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+        """x0 [B,C,h,w] -> images [B,3,H,W] float32 (clamped to [-1, 1])."""
+        if self.vae is None:
+            return x0.float().clamp(-1, 1)
+        sf, shift = self._vae_scale()
+        vdt = next(self.vae.parameters()).dtype
+        out = [
+            self.vae.decode((c.to(self.device, vdt) / sf) + shift).sample.float().cpu()
+            for c in x0.split(batch_size)
+        ]
+        return torch.cat(out).clamp(-1, 1)
+
+    # -- sampling through the scheduler API --
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt: str | torch.Tensor,
+        negative_prompt: str | torch.Tensor = "",
+        guidance: float = 7.5,
+        steps: int = 50,
+        seed: int = 0,
+        n: int = 1,
+        scheduler=None,
+    ) -> torch.Tensor:
+        """Sample x0 [n,C,h,w] with CFG through a diffusers scheduler (DDPM, DDIM, Euler, ...).
+
+        The scheduler is cloned with prediction_type="epsilon" (the adapter returns eps); default:
+        DDIMScheduler on this model's config. The same (prompt, seed, scheduler) gives the same
+        image, which is how a local query is reproduced from its seed. Prompts are text, prompt
+        ids (int64 [1]) or embeddings [L, D].
+        """
+        from diffusers import DDIMScheduler
+
+        sch = scheduler or DDIMScheduler.from_config(self.scheduler.config)
+        sch = type(sch).from_config(sch.config, prediction_type="epsilon")
+        sch.set_timesteps(steps)
+        pos, neg = self._embedding(prompt), self._embedding(negative_prompt)
+        pos, neg = pos.expand(n, *pos.shape), neg[None]
+        gen = torch.Generator().manual_seed(seed)
+        size = self.config["image_size"]
+        x = torch.randn((n, self.config["in_channels"], size, size), generator=gen)
+        x = (x * sch.init_noise_sigma).to(self.device)
+        # A DDIM step that clips x0 must go on with the eps of the clipped x0 (diffusers' default
+        # keeps the raw eps, which breaks guided samples; see diffusion.ddim_sample).
+        step_kw = {}
+        if "use_clipped_model_output" in inspect.signature(sch.step).parameters:
+            step_kw["use_clipped_model_output"] = True
+        for t in sch.timesteps:
+            eps = diffusion.guided_eps(
+                self, sch.scale_model_input(x, t), int(round(float(t))), pos, neg, guidance
+            )
+            x = sch.step(eps, t, x, generator=gen, **step_kw).prev_sample
+        return x.float()
+
+    # -- identity --
+
+    def fingerprints(self) -> dict[str, str | None]:
+        """sha256 of the VAE and text encoder parameters (None when absent); cached."""
+        if not self._fingerprints:
+            self._fingerprints = {
+                name: None if m is None else model_fingerprint(m) for name, m in self._aux.items()
+            }
+        return dict(self._fingerprints)
+
+    def describe(self) -> dict:
+        """What, beside the UNet's fingerprint, determines features (goes into store manifests)."""
+        return {
+            **self.fingerprints(),
+            "prediction_type": self.prediction_type,
+            "max_length": self.max_length,
+            "text_attention_mask": self.text_attention_mask,
+            "execution_dtype": str(self.compute_dtype).removeprefix("torch."),
+            "latent": self.latent,
+        }
+
+    # -- construction --
+
+    @classmethod
+    def from_pipeline(cls, pipe, **kw) -> TextToImageAdapter:
+        """From a diffusers pipeline object (StableDiffusionPipeline or any with unet/scheduler and
+        optional vae/text_encoder/tokenizer attributes)."""
+        return cls(
+            pipe.unet,
+            pipe.scheduler,
+            vae=getattr(pipe, "vae", None),
+            text_encoder=getattr(pipe, "text_encoder", None),
+            tokenizer=getattr(pipe, "tokenizer", None),
+            **kw,
+        )
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, **kw) -> TextToImageAdapter:
+        """From a local diffusers pipeline folder (model_index.json, unet/, scheduler/, and
+        optionally vae/, text_encoder/, tokenizer/). Only these five components are loaded (no
+        safety checker); nothing is downloaded."""
+        path = Path(path)
+        index_file = path / "model_index.json"
+        if not index_file.is_file():
+            raise FileNotFoundError(
+                f"{path}: not a diffusers pipeline folder (no model_index.json)"
+            )
+        index = json.loads(index_file.read_text())
+        parts = {}
+        for name in ("unet", "scheduler", "vae", "text_encoder", "tokenizer"):
+            entry = index.get(name)
+            if not entry or entry[0] is None or not (path / name).is_dir():
+                if name in ("unet", "scheduler"):
+                    raise FileNotFoundError(f"{path}: the pipeline has no {name}/ component")
+                parts[name] = None
+                continue
+            library, class_name = entry
+            try:
+                module = importlib.import_module(library)
+            except ImportError as e:
+                raise ImportError(
+                    f"loading {name} needs the {library!r} package (pip install {library})"
+                ) from e
+            loader = getattr(module, class_name)
+            load = getattr(loader, "from_pretrained", None) or loader.from_config
+            parts[name] = load(str(path / name), local_files_only=True)
+        return cls(
+            parts["unet"],
+            parts["scheduler"],
+            vae=parts["vae"],
+            text_encoder=parts["text_encoder"],
+            tokenizer=parts["tokenizer"],
+            **kw,
+        )

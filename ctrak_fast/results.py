@@ -1,0 +1,199 @@
+"""What a query and an attribution are on disk and in JSON, for every front (the Attributor,
+`ctrak query|attribute`, `ctrak t2i query|attribute`): one query file format, one attribute JSON,
+and one rule for which queries a store can score.
+
+The rule (:func:`check_query_store`): the query's model, projection, parameter filter and (for
+text-to-image models) text encoder / VAE / prediction type must be the store's. A whole-image query
+(``meta["kind"] == "image"``: the training recipe applied to the query image) must also have the
+store's whole feature spec; a concept query may be scored against any training loss.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from ctrak_fast.engine.atomic import atomic_path, atomic_write_text
+from ctrak_fast.engine.search_inputs import TopK
+from ctrak_fast.engine.store import FeatureStore, SpecMismatch, StoreError
+
+T2I_KEYS = ("vae", "text_encoder", "prediction_type", "max_length")
+
+
+@dataclass(frozen=True)
+class Query:
+    """Query features: one row per question asked (e.g. one per concept removed).
+
+    Attributes:
+        features: [m, k] float32, projected like the training features.
+        labels: m labels, e.g. ("-shape", "-colour") or ("image 0",).
+        meta: how the features were made (model fingerprint, feature / projection / query specs);
+            `Attributor.attribute` refuses a store whose meta differs.
+        image: the query image [C, H, W] float32 in [-1, 1] (pixels), or None.
+
+    Examples:
+        >>> import torch
+        >>> q = Query(torch.zeros(2, 8), ("-shape", "-colour"))
+        >>> q.m, q.k
+        (2, 8)
+    """
+
+    features: Tensor
+    labels: tuple[str, ...]
+    meta: dict[str, Any] = field(default_factory=dict)
+    image: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        f = self.features
+        if f.dim() != 2 or not f.is_floating_point():
+            raise ValueError(f"query features must be floating [m, k], got {list(f.shape)}")
+        object.__setattr__(self, "labels", tuple(str(s) for s in self.labels))
+        if len(self.labels) != f.shape[0]:
+            raise ValueError(f"{len(self.labels)} labels for {f.shape[0]} query rows")
+
+    @property
+    def m(self) -> int:
+        """Number of query rows."""
+        return int(self.features.shape[0])
+
+    @property
+    def k(self) -> int:
+        """Feature dimension (the projection's k)."""
+        return int(self.features.shape[1])
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write one safetensors file ("queries" [m,k], optional "image" [1,C,H,W], JSON meta).
+
+        The format of `ctrak query`: `ctrak attribute --query PATH` reads it. Atomic (tmp +
+        rename).
+
+        Examples:
+            >>> import tempfile, torch
+            >>> p = Query(torch.ones(1, 4), ("a",)).save(tempfile.mkdtemp() + "/q.safetensors")
+            >>> Query.load(p).labels
+            ('a',)
+        """
+        from safetensors.torch import save_file
+
+        out = Path(path)
+        tensors = {"queries": self.features.detach().float().cpu().contiguous()}
+        if self.image is not None:
+            tensors["image"] = self.image.detach().float().cpu().reshape(1, *self.image.shape)
+        meta = {**self.meta, "removed": list(self.labels)}
+        with atomic_path(out) as tmp:
+            save_file(tensors, str(tmp), metadata={"ctrak": json.dumps(meta)})
+        return out
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Query:
+        """Read a file written by :meth:`save` or by `ctrak query`."""
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("ctrak", "{}"))
+            features = f.get_tensor("queries")
+            image = f.get_tensor("image")[0] if "image" in f.keys() else None
+        labels = meta.pop("removed", None) or [f"query {i}" for i in range(len(features))]
+        return cls(features, tuple(labels), meta, image)
+
+
+@dataclass(frozen=True)
+class Attribution:
+    """Exact top-k training samples per query row, both tails (a tail not asked for is None).
+
+    Attributes:
+        top_ids: [m, k] int64 ids of the most supporting samples, best first.
+        top_scores: [m, k] float32 their scores (positive: the sample supports the query).
+        bottom_ids: [m, k] int64 ids of the most opposing samples, most negative first.
+        bottom_scores: [m, k] float32.
+        labels: the query's m row labels.
+        lambda_r: the relative damping used.
+
+    Examples:
+        >>> import torch
+        >>> r = Attribution(torch.tensor([[3, 1]]), torch.tensor([[2.0, 1.0]]), None, None, ("q",))
+        >>> r.to_dict()["top"]
+        [{'label': 'q', 'ids': [3, 1], 'scores': [2.0, 1.0]}]
+    """
+
+    top_ids: Tensor | None
+    top_scores: Tensor | None
+    bottom_ids: Tensor | None
+    bottom_scores: Tensor | None
+    labels: tuple[str, ...]
+    lambda_r: float = 1.0
+
+    @classmethod
+    def from_topk(cls, res: TopK, labels: Sequence[str], lambda_r: float = 1.0) -> Attribution:
+        """Wrap a :class:`ctrak_fast.TopK` from :func:`ctrak_fast.topk`."""
+        return cls(
+            res.top_ids, res.top_values, res.bottom_ids, res.bottom_values, tuple(labels), lambda_r
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: {"lambda_r", "top": [{"label", "ids", "scores"}, ...], "bottom": ...}."""
+        out: dict[str, Any] = {"lambda_r": self.lambda_r}
+        for tail, ids, scores in (
+            ("top", self.top_ids, self.top_scores),
+            ("bottom", self.bottom_ids, self.bottom_scores),
+        ):
+            if ids is not None and scores is not None:
+                out[tail] = [
+                    {"label": lab, "ids": i.tolist(), "scores": s.tolist()}
+                    for lab, i, s in zip(self.labels, ids, scores, strict=True)
+                ]
+        return out
+
+
+def check_query_store(store: FeatureStore, meta: Mapping[str, Any]) -> None:
+    """Refuse (SpecMismatch / StoreError naming the field) a query whose features mean nothing
+    against `store` (the rule of the module docstring). meta: the query's meta."""
+    keys = [k for k in ("model", "projection") if k in meta]
+    store.check_compatible({k: meta[k] for k in keys})
+    if "text2image" in meta or "text2image" in store.meta:
+        stored, given = store.meta.get("text2image", {}), meta.get("text2image", {})
+        for key in T2I_KEYS:
+            if stored.get(key) != given.get(key):
+                raise SpecMismatch(store.path, f"text2image.{key}", stored.get(key), given.get(key))
+    if "feature" not in meta:
+        return
+    if meta.get("kind") == "image":
+        store.check_compatible({"feature": meta["feature"]})
+        return
+    # Gradients of other parameters live in other projection rows.
+    q_filter = meta["feature"].get("param_filter")
+    s_filter = store.meta.get("feature", {}).get("param_filter")
+    if q_filter != s_filter:
+        raise SpecMismatch(store.path, "feature.param_filter", s_filter, q_filter)
+
+
+def check_store_readable(store: FeatureStore, format_version: int) -> None:
+    """Refuse a store of a newer format or an unfinished one."""
+    version = store.manifest.get("format_version", 0)
+    if not isinstance(version, int) or version > format_version:
+        raise StoreError(
+            f"store {store.path} has format version {version!r}; this build reads "
+            f"<= {format_version}"
+        )
+    if not store.complete:
+        raise StoreError(f"store {store.path} is incomplete: finish it with featurize() (resumes)")
+
+
+def write_attribution(
+    path: str | os.PathLike[str] | None, attribution: Attribution, **header: Any
+) -> str:
+    """The attribute JSON: `header` fields (store, query, removed, ...) then the attribution's;
+    written atomically to `path` when given. Returns the text."""
+    text = json.dumps({**header, **attribution.to_dict()}, indent=1)
+    if path:
+        atomic_write_text(path, text)
+    return text
+
+
+__all__ = ["Attribution", "Query", "check_query_store", "check_store_readable", "write_attribution"]
