@@ -46,7 +46,12 @@ from ctrak_fast.engine.store import FORMAT_VERSION, FeatureStore, StoreError
 from ctrak_fast.method import diffusion
 from ctrak_fast.method.featurize import FeatureSpec, Featurizer, featurize_dataset
 from ctrak_fast.method.methods import GRADIENT_METHODS, get_method
-from ctrak_fast.method.query import ConceptQuerySpec, concept_query_features, image_query_features
+from ctrak_fast.method.query import (
+    ConceptQuerySpec,
+    concept_query_features,
+    context_concept_features,
+    image_query_features,
+)
 from ctrak_fast.models.shipped import shipped_dataset, shipped_model
 from ctrak_fast.models.unet2d import UNet2DAdapter
 from ctrak_fast.results import Attribution, Query, check_query_store, check_store_readable
@@ -367,7 +372,7 @@ class Attributor:
         if isinstance(dataset, ConceptDataset):
             images, conds, ids = dataset.images, dataset.labels, dataset.ids
             if self._text:  # captions in the words the tiny text-to-image model was trained on
-                from ctrak_fast.bench.tiny_text import caption
+                from ctrak_fast.data.captions import caption
 
                 conds = [caption(dataset.factors, dataset.values, r) for r in conds.tolist()]
         elif isinstance(dataset, tuple) and len(dataset) in (2, 3):
@@ -479,7 +484,8 @@ class Attributor:
                 image = self.generate(concept, seed=qspec.seed)[0]
             q = self._image_query(image[None], pos[None], ("image",))
             return Query(q.features, q.labels, {**q.meta, "query": qspec.to_dict()}, image)
-        negs = self._conds.negatives(concept, pos, remove) if remove or not negatives else []
+        how = qspec.negative
+        negs = self._conds.negatives(concept, pos, remove, how) if remove or not negatives else []
         negs += [(f"vs {describe(c)}", self._conds.one(c)) for c in negatives]
         if not negs:
             raise ValueError("nothing to remove: the condition sets no concept")
@@ -487,7 +493,12 @@ class Attributor:
             image = self.generate(concept, seed=qspec.seed)[0]
         x0 = None if image is None else self._x0(image[None])[0]
         conds = [c for _, c in negs]
-        if self._text:
+        if qspec.contexts and isinstance(self._conds, FactorConditions):
+            # Each removed factor's concept in every context that shares it (other factors at
+            # each of their values), c- the factor removed there; explicit c- keep one context.
+            ctx = [self._conds.contexts(pos, label, c, how) for label, c in negs]
+            feats = context_concept_features(self._fz, qspec, pos, ctx, image=x0)
+        elif self._text:
             from ctrak_fast.models.t2i_features import prompt_query_features
 
             feats = prompt_query_features(self._fz, qspec, pos, conds, x0)

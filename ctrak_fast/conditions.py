@@ -14,7 +14,8 @@ from typing import Any, TypeAlias
 import torch
 from torch import Tensor, nn
 
-from ctrak_fast.models.factor_unet import drop_factor
+from ctrak_fast.method.query import Negative, concept_contexts
+from ctrak_fast.models.factor_unet import drop_factor, flip_factor
 
 Condition: TypeAlias = Tensor | str | Mapping[str, str | int] | int
 """One condition c of the model, in any of the spellings its kind accepts.
@@ -36,8 +37,12 @@ class Conditions:
         raise NotImplementedError
 
     def negatives(
-        self, concept: Condition, pos: Tensor, remove: str | Sequence[str] | None
-    ) -> list[tuple[str, Tensor]]:
+        self,
+        concept: Condition,
+        pos: Tensor,
+        remove: str | Sequence[str] | None,
+        how: str = "null",
+    ) -> list[tuple[str, Negative]]:
         raise NotImplementedError
 
     def batch(self, conds: Any, n: int) -> Tensor:
@@ -96,8 +101,12 @@ class FactorConditions(Conditions):
         return torch.tensor(cond, dtype=torch.int64)
 
     def negatives(
-        self, concept: Condition, pos: Tensor, remove: str | Sequence[str] | None
-    ) -> list[tuple[str, Tensor]]:
+        self,
+        concept: Condition,
+        pos: Tensor,
+        remove: str | Sequence[str] | None,
+        how: str = "null",
+    ) -> list[tuple[str, Negative]]:
         names = [remove] if isinstance(remove, str) else list(remove or ())
         if not names:  # default: every factor the condition sets, in turn
             names = [f for i, f in enumerate(self.factors) if int(pos[i]) != self.n_values[i]]
@@ -106,7 +115,32 @@ class FactorConditions(Conditions):
             f = self._factor(name)
             if int(pos[f]) == self.n_values[f]:
                 raise ValueError(f"factor {name!r} is not set in the condition: nothing to remove")
-            out.append((f"-{name}", drop_factor(pos[None], f, self.n_values)[0]))
+            out.append((f"-{name}", self.removed(pos, f, how)))
+        return out
+
+    def removed(self, cond: Tensor, f: int, how: str) -> Negative:
+        """c- of factor f's concept in cond: the factor nulled ("null"), or flipped to each of
+        its other values ("flip", eps averaged: the paper's synthetic queries)."""
+        if how == "flip":
+            return flip_factor(cond, f, self.n_values)
+        return drop_factor(cond[None], f, self.n_values)[0]
+
+    def contexts(
+        self, pos: Tensor, label: str, neg: Negative, how: str = "null"
+    ) -> list[tuple[Tensor, Negative]]:
+        """(c+, c-) pairs of the concept that `neg` removes from `pos`, in every context that
+        shares it: a removed factor ("-name") with each value of every other set factor, c- the
+        factor removed there as `how` says; an explicit c- ("vs ...") is its one context."""
+        if not label.startswith("-"):
+            return [(pos, neg)]
+        f = self._factor(label[1:])
+        out = []
+        for c in concept_contexts(pos, f, self.n_values):
+            # a context keeps the query's unset factors unset (null stays null)
+            c = torch.where(pos == torch.tensor(self.n_values), pos, c)
+            if any(torch.equal(c, seen) for seen, _ in out):
+                continue
+            out.append((c, self.removed(c, f, how)))
         return out
 
 
@@ -126,8 +160,12 @@ class TextConditions(Conditions):
         return self.batch([concept], 1)[0]
 
     def negatives(
-        self, concept: Condition, pos: Tensor, remove: str | Sequence[str] | None
-    ) -> list[tuple[str, Tensor]]:
+        self,
+        concept: Condition,
+        pos: Tensor,
+        remove: str | Sequence[str] | None,
+        how: str = "null",
+    ) -> list[tuple[str, Negative]]:
         if not isinstance(concept, str):
             raise ValueError("removing a phrase needs the prompt as text; or pass negatives=")
         from ctrak_fast.models.prompts import remove_phrase
@@ -167,8 +205,12 @@ class ClassConditions(Conditions):
         return torch.tensor([concept], dtype=torch.int64)
 
     def negatives(
-        self, concept: Condition, pos: Tensor, remove: str | Sequence[str] | None
-    ) -> list[tuple[str, Tensor]]:
+        self,
+        concept: Condition,
+        pos: Tensor,
+        remove: str | Sequence[str] | None,
+        how: str = "null",
+    ) -> list[tuple[str, Negative]]:
         raise ValueError(
             "a class-conditional or unconditional model has no concept to remove: pass "
             "negatives=[another class] (the concept flipped), or use image_query"

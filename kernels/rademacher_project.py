@@ -243,6 +243,23 @@ def _check(x: torch.Tensor, seed: int, k: int, row_offset: int) -> None:
         raise ValueError(f"row_offset must be an int in [0, 2**63 - p), got {row_offset!r}")
 
 
+def output_buffer(
+    x: torch.Tensor, k: int, out: torch.Tensor | None, accumulate: bool
+) -> torch.Tensor:
+    """The [B, k] float32 output of a projection of x [B, p]: `out` checked, or a new one."""
+    B = x.shape[0]
+    if out is None:
+        if accumulate:
+            raise ValueError("accumulate=True needs out")
+        return torch.empty(B, k, dtype=torch.float32, device=x.device)
+    if out.shape != (B, k) or out.dtype != torch.float32 or out.device != x.device:
+        raise ValueError(
+            f"out must be float32 [{B}, {k}] on {x.device}, got {out.dtype} {tuple(out.shape)} "
+            f"on {out.device}"
+        )
+    return out
+
+
 def rademacher_project(
     x: torch.Tensor,
     seed: int,
@@ -281,16 +298,7 @@ def rademacher_project(
         (torch.Size([4, 64]), torch.float32)
     """
     _check(x, seed, k, row_offset)
-    B = x.shape[0]
-    if out is None:
-        if accumulate:
-            raise ValueError("accumulate=True needs out")
-        out = torch.empty(B, k, dtype=torch.float32, device=x.device)
-    elif out.shape != (B, k) or out.dtype != torch.float32 or out.device != x.device:
-        raise ValueError(
-            f"out must be float32 [{B}, {k}] on {x.device}, got {out.dtype} {tuple(out.shape)} "
-            f"on {out.device}"
-        )
+    out = output_buffer(x, k, out, accumulate)
     if use_triton(force, x, out):
         return _launch(x, seed, k, row_offset, out, accumulate)
     ref = rademacher_project_reference(x, seed, k, row_offset)

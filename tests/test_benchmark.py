@@ -24,6 +24,7 @@ def test_quality_results_schema(tmp_path, negative):
         per_combo=1,
         k=32,
         queries_per_combo=1,
+        heldout_queries_per_combo=2,
         query_candidates=2,
         negative=negative,
         dps=FeatureSpec(timesteps=TS, inversion_steps=10),
@@ -38,7 +39,18 @@ def test_quality_results_schema(tmp_path, negative):
             assert set(by_factor) == {"shape", "colour"}
             for m in by_factor.values():
                 assert 0.0 <= m["p@10"] <= 1.0 and 0.0 <= m["ap"] <= 1.0
+                for key in ("p@10_ci", "ap_ci"):  # NaN-free where there are test queries
+                    lo, hi = m[key]
+                    assert lo <= hi
+                assert 0.0 <= m["p@10_fixed"] <= m["p@10_oracle"] <= 1.0
     assert set(saved["chance"]) == {"shape", "colour"}
     assert saved["n_train"] == 14 and saved["k"] == 32 and saved["seconds"] > 0
     assert saved["config"]["negative"] == negative
     assert res["n_queries"]["in_distribution"] >= 1
+    # the calibration rows and the lambda chosen on validation queries
+    for name in ("random", "random_oracle"):
+        for split in ("in_distribution", "heldout"):
+            assert set(saved["calibration"][name][split]) == {"shape", "colour"}
+    assert set(saved["lambda_r"]) == set(METHODS) - {"pixel"}
+    assert all(lam in saved["lambdas"] for lam in saved["lambda_r"].values())
+    assert "concept-trak - d-trak" in saved["paired"]

@@ -154,3 +154,24 @@ def test_folder_bad_inputs(tmp_path):
     )
     with pytest.raises(ValueError, match="labels file not found"):
         load_image_folder(tmp_path, tmp_path / "missing.json")
+
+
+def test_paper_2x2_setting_holds_out_the_red_triangle():
+    from ctrak_fast.data.synthetic import paper_config
+
+    cfg = paper_config(per_combo=6)
+    assert cfg.values == {"shape": ["triangle", "circle"], "colour": ["red", "blue"]}
+    assert cfg.heldout == [(0, 0)] and cfg.combos("heldout") == [(0, 0)]
+    data = make_dataset(cfg)
+    seen = sorted({tuple(r) for r in data.labels.tolist()})
+    assert seen == [(0, 1), (1, 0), (1, 1)] and len(data) == 18  # no red triangle is trained on
+    # The outline: dark pixels (all channels low) around each shape, none without the option.
+    outlined = render("circle", "blue", 6, seed=3, cfg=cfg)
+    plain = render("circle", "blue", 6, seed=3, cfg=SyntheticConfig())
+    dark = lambda x: ((x + 1) / 2).amax(1) < 0.35  # noqa: E731
+    assert dark(outlined).flatten(1).sum(1).min() > 3
+    assert dark(plain).sum() == 0
+    # Same seed, same nuisances: the outline only darkens the shape's border.
+    assert (outlined <= plain + 1e-6).all()
+    again = render("circle", "blue", 6, seed=3, cfg=cfg)
+    assert torch.equal(outlined, again)

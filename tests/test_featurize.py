@@ -16,7 +16,7 @@ NULL = torch.tensor([3, 2])
 TS = (99, 499)  # two timesteps keep the tests fast; the formulas do not depend on how many
 
 
-def _featurizer(model, **kw):
+def small_featurizer(model, **kw):
     spec = FeatureSpec(**{"timesteps": TS, "inversion_steps": 10, **kw})
     return Featurizer(
         model,
@@ -40,10 +40,10 @@ def _data(n=6):
 )
 def test_per_timestep_normalisation_uses_exact_norm(tiny_unet, loss, inversion):
     x, cond, _ = _data(3)
-    fz = _featurizer(tiny_unet, loss=loss, inversion=inversion, timesteps=(299,))
+    fz = small_featurizer(tiny_unet, loss=loss, inversion=inversion, timesteps=(299,))
     blocks, _ = fz.gradient_sum(x, cond)
     torch.testing.assert_close(blocks_sq_norm(blocks), torch.ones(3), atol=1e-5, rtol=0)
-    raw, _ = _featurizer(
+    raw, _ = small_featurizer(
         tiny_unet, loss=loss, inversion=inversion, timesteps=(299,), normalize=False
     ).gradient_sum(x, cond)
     g = flatten_blocks(raw)
@@ -85,7 +85,7 @@ def test_layerwise_projection_equals_the_projected_gradient_sum(
 
 def test_features_are_the_projected_gradient_sum(tiny_unet):
     x, cond, _ = _data(3)
-    fz = _featurizer(tiny_unet, loss="dsm", inversion=False)
+    fz = small_featurizer(tiny_unet, loss="dsm", inversion=False)
     blocks, _ = fz.gradient_sum(x, cond)
     phi, _ = fz(x, cond)
     torch.testing.assert_close(phi, fz.projector.project_blocks(blocks))
@@ -93,7 +93,7 @@ def test_features_are_the_projected_gradient_sum(tiny_unet):
 
 def test_featurize_resume_is_byte_identical(tiny_unet, tmp_path):
     x, cond, ids = _data(8)
-    fz = _featurizer(tiny_unet, loss="eps-norm", inversion=False)
+    fz = small_featurizer(tiny_unet, loss="eps-norm", inversion=False)
     featurize_dataset(
         fz, x, cond, ids, tmp_path / "full", batch_size=2, shard_rows=4, progress=False
     )
@@ -146,7 +146,7 @@ class _Wrap:
 
 def test_das_rows_are_dtrak_rows_times_dsm(tiny_unet, tmp_path):
     x, cond, ids = _data(4)
-    fz = _featurizer(tiny_unet, loss="eps-norm", inversion=False)
+    fz = small_featurizer(tiny_unet, loss="eps-norm", inversion=False)
     featurize_dataset(
         fz,
         x,
@@ -167,7 +167,7 @@ def test_das_rows_are_dtrak_rows_times_dsm(tiny_unet, tmp_path):
 
 def test_store_of_other_samples_is_refused(tiny_unet, tmp_path):
     x, cond, ids = _data(4)
-    fz = _featurizer(tiny_unet, loss="eps-norm", inversion=False)
+    fz = small_featurizer(tiny_unet, loss="eps-norm", inversion=False)
     featurize_dataset(fz, x, cond, ids, tmp_path / "s", batch_size=2, shard_rows=2, progress=False)
     with pytest.raises(ValueError, match="other samples"):
         featurize_dataset(
@@ -177,7 +177,7 @@ def test_store_of_other_samples_is_refused(tiny_unet, tmp_path):
 
 @pytest.mark.parametrize("draws", ["local", "global"])
 def test_concept_query_is_mean_of_normalised_slider_grads(tiny_unet, draws):
-    fz = _featurizer(tiny_unet)
+    fz = small_featurizer(tiny_unet)
     tiny_unet.config = {"image_size": 8, "in_channels": 3}
     tiny_unet.null_cond = lambda b, device=None: NULL.expand(b, -1)
     spec = ConceptQuerySpec(draws=draws, n_draws=2, steps=10, timesteps=TS, guidance=2.0)
@@ -209,7 +209,7 @@ def test_flipped_negative_averages_the_negatives(tiny_unet):
     from ctrak_fast.method.query import slider_features
     from ctrak_fast.models.factor_unet import flip_factor
 
-    fz = _featurizer(tiny_unet)
+    fz = small_featurizer(tiny_unet)
     spec = ConceptQuerySpec(normalize=False)
     pos = torch.tensor([1, 0])
     flips = flip_factor(pos, 0, [3, 2])

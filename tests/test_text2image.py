@@ -9,8 +9,9 @@ import pytest
 import torch
 from test_adapters import VOCAB, tiny_adapter, tiny_unet, tiny_vae
 
-from ctrak_fast.bench.tiny_text import caption, caption_table
+from ctrak_fast.bench.tiny_text import caption_table
 from ctrak_fast.data import SyntheticConfig, make_dataset
+from ctrak_fast.data.captions import caption
 from ctrak_fast.engine.projection import ProjectionSpec
 from ctrak_fast.method.featurize import FeatureSpec, featurize_dataset
 from ctrak_fast.method.query import ConceptQuerySpec, concept_query_features, draw_points
@@ -212,6 +213,7 @@ def test_prompt_benchmark_runs_end_to_end(tmp_path):
         per_combo=1,
         k=16,
         queries_per_combo=1,
+        heldout_queries_per_combo=1,
         query_candidates=2,
         query_steps=5,
         dps=FeatureSpec(**FAST),
@@ -219,6 +221,7 @@ def test_prompt_benchmark_runs_end_to_end(tmp_path):
     )
     judge = _OracleJudge(data_combos(data, "seen") + list(data.heldout))
     res = run_t2i_quality(ad, judge, data, cfg, tmp_path, progress=False)
+    # one query per combination: every one a test query (validation would be the second)
     assert res["n_train"] == 14 and res["n_queries"] == {"in_distribution": 14, "heldout": 2}
     for method, splits in res["methods"].items():
         for split in splits.values():

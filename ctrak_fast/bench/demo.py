@@ -10,7 +10,7 @@ import torch
 from ctrak_fast.bench.quality import QualityConfig, format_table, run_quality
 from ctrak_fast.bench.report import bar_plot, gallery
 from ctrak_fast.data import make_dataset
-from ctrak_fast.models.shipped import ASSETS, shipped
+from ctrak_fast.models.shipped import ASSETS, SHIPPED, shipped
 
 
 def write_gallery(results: dict, data_values, factors, path) -> Path:
@@ -48,12 +48,13 @@ def run_demo(
     cfg: QualityConfig | None = None,
     progress: bool = True,
     assets: str | Path = ASSETS,
+    name: str = SHIPPED,
 ) -> dict:
-    """The benchmark on the model, judge and data of `assets` (default: the shipped ones; or the
-    --out folder of `ctrak train`)."""
+    """The benchmark on the model, judge and data `name` of `assets` (default: the shipped
+    shapes16; or the --out folder and --name of `ctrak train`)."""
     torch.manual_seed(0)
     out = Path(out_dir)
-    model, judge, data_cfg = shipped(assets=Path(assets))
+    model, judge, data_cfg = shipped(name, assets=Path(assets))
     data = make_dataset(data_cfg)
     cfg = cfg or QualityConfig()
     results = run_quality(model, judge, data, cfg, out, progress=progress)

@@ -16,13 +16,12 @@ from pathlib import Path
 
 import torch
 
-from ctrak_fast.engine.scoring import Preconditioner, gram, score_dense
+from ctrak_fast.bench.protocol import QueryLog, expected_random, summarize_protocols
 from ctrak_fast.engine.store import FeatureStore
+from ctrak_fast.engine.sweep import LambdaSweep
 from ctrak_fast.method.featurize import FeatureSpec, Featurizer, featurize_dataset
 from ctrak_fast.method.methods import METHODS, Method, get_method
 from ctrak_fast.method.query import ConceptQuerySpec
-
-from .metrics import factor_metrics
 
 SPLITS = ("in_distribution", "heldout")
 
@@ -67,7 +66,8 @@ class TrainedMethods:
 
     featurizers: dict[str, Featurizer] = field(default_factory=dict)
     stores: dict[str, FeatureStore] = field(default_factory=dict)
-    preconditioners: dict[str, Preconditioner] = field(default_factory=dict)
+    sweeps: dict[str, LambdaSweep] = field(default_factory=dict)  # by store method
+    row_scale: dict[str, torch.Tensor] = field(default_factory=dict)  # das: [N] DSM weights
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -118,13 +118,17 @@ def featurize_methods(
             for r in rows:
                 if r.das and r.store_method == name:
                     out.stores[r.name] = FeatureStore.open(das)
-    for r in rows:
-        if not r.has_features:
-            continue
-        base = r.store_method
-        if base not in out.preconditioners:
-            out.preconditioners[base] = Preconditioner(gram(out.stores[base]), lambda_r)
-        out.preconditioners[r.name] = out.preconditioners[base]
+    # One eigendecomposition per store serves every lambda_r of the sweep.
+    for name in out.featurizers:
+        phi = out.stores[name].read_all()[0].double()
+        out.sweeps[name] = LambdaSweep(phi)
+        for r in rows:
+            if r.das and r.store_method == name:
+                das = out.stores[r.name].read_all()[0].double()
+                # DAS rows are the d-trak rows times each sample's summed DSM loss.
+                out.row_scale[r.name] = (
+                    (das * phi).sum(1) / (phi * phi).sum(1).clamp_min(1e-30)
+                ).float()
     return out
 
 
@@ -135,9 +139,11 @@ def method_scores(
     image_features: Callable[[Featurizer], torch.Tensor],
     pixel_scores: Callable[[], torch.Tensor],
     n_factors: int,
+    lambdas: Sequence[float],
 ) -> dict[str, torch.Tensor]:
-    """Scores [N, n_factors] of one query for every method: column f ranks the training set for
-    the query's factor f (whole-image methods give every factor the same column).
+    """Scores of one query for every method: [n_lambda, N, n_factors] (pixel: [1, N, n_factors]);
+    column f ranks the training set for the query's factor f (whole-image methods give every
+    factor the same column).
 
     concept_features(row, featurizer) -> [n_factors, k]: one concept query per factor;
     image_features(featurizer) -> [1, k]: the query image under the training recipe;
@@ -146,15 +152,14 @@ def method_scores(
     for name in methods:
         row = METHODS[name]
         if row.query == "pixel":
-            scores[name] = pixel_scores().expand(-1, n_factors)
+            scores[name] = pixel_scores()[None].expand(-1, -1, n_factors)
             continue
         fz = trained.featurizers[row.store_method]
-        if row.query == "concept":
-            qf = concept_features(row, fz)
-        else:
-            qf = image_features(fz)
-        s = score_dense(trained.stores[name], trained.preconditioners[name].solve(qf))
-        scores[name] = s if row.query == "concept" else s.expand(-1, n_factors)
+        qf = concept_features(row, fz) if row.query == "concept" else image_features(fz)
+        s = trained.sweeps[row.store_method].scores(qf, lambdas)  # [n_lambda, N, m]
+        if name in trained.row_scale:
+            s = s * trained.row_scale[name][None, :, None]
+        scores[name] = s if row.query == "concept" else s.expand(-1, -1, n_factors)
     return scores
 
 
@@ -165,56 +170,50 @@ def pixel_cosine(train_images: torch.Tensor, image: torch.Tensor) -> torch.Tenso
     return a @ b.T
 
 
-def new_per_query(methods: Sequence[str], factors: Sequence[str]) -> dict:
-    """Per-query metric lists: per_query[method][split][factor] = [metrics of each query]."""
-    return {m: {s: {f: [] for f in factors} for s in SPLITS} for m in methods}
-
-
-def record_query(per_query: dict, scores: dict, labels, combo, split: str, factors) -> None:
-    """Append the metrics of one query (scores by method, [N, F]) to per_query."""
-    for m, s in scores.items():
-        for f, fname in enumerate(factors):
-            per_query[m][split][fname].append(factor_metrics(s[:, f], labels, combo, f))
-
-
-def mean_metrics(rows: list[dict]) -> dict:
-    """Mean of each metric over queries ({} for no query); NaN entries (AP without any relevant
-    item) are left out of their metric's mean."""
-    if not rows:
-        return {}
-    out = {}
-    for key in rows[0]:
-        vals = [r[key] for r in rows if r[key] == r[key]]
-        out[key] = sum(vals) / len(vals) if vals else float("nan")
+def summarize(log: QueryLog, cfg, labels: torch.Tensor, data, splits: dict) -> dict:
+    """The results fields both benchmarks share: the three lambda protocols with CIs and the
+    calibration rows (protocol.py), the expected random ranking, chance, query counts, the
+    configuration and the held-out combinations. splits: {split: its combinations}."""
+    factors = list(data.factors)
+    out = summarize_protocols(log, cfg.methods)
+    out["expected_random"] = {
+        split: {f: expected_random(labels, combos, i) for i, f in enumerate(factors)}
+        for split, combos in splits.items()
+    }
+    out["chance"] = {
+        f: {v: (labels[:, i] == j).float().mean().item() for j, v in enumerate(data.values[f])}
+        for i, f in enumerate(factors)
+    }
+    out["n_train"] = len(labels)
+    out["lambdas"] = list(log.lambdas)
+    out["k"] = cfg.k
+    out["config"] = cfg.to_dict()
+    out["heldout_combos"] = [
+        {f: data.values[f][v] for f, v in zip(factors, c, strict=True)} for c in data.heldout
+    ]
     return out
 
 
-def summarize(per_query: dict, labels: torch.Tensor, factors, values) -> dict:
-    """The results fields both benchmarks share: per-method means, chance, query counts."""
-    first = next(iter(per_query))
-    return {
-        "methods": {
-            m: {s: {f: mean_metrics(per_query[m][s][f]) for f in factors} for s in SPLITS}
-            for m in per_query
-        },
-        "chance": {
-            f: {v: (labels[:, i] == j).float().mean().item() for j, v in enumerate(values[f])}
-            for i, f in enumerate(factors)
-        },
-        "n_queries": {s: len(per_query[first][s][factors[0]]) for s in SPLITS},
-        "n_train": len(labels),
-    }
+def at_chosen_lambda(gallery: list[dict], lambda_r: dict[str, float], lambdas) -> list[dict]:
+    """Gallery entries with each method's scores [N, F] at its chosen lambda_r (pixel: its one
+    ranking)."""
+    out = []
+    for g in gallery:
+        scores = {
+            m: s[lambdas.index(lambda_r[m])] if m in lambda_r else s[0]
+            for m, s in g["scores"].items()
+        }
+        out.append({**g, "scores": scores})
+    return out
 
 
 __all__ = [
+    "at_chosen_lambda",
     "SPLITS",
     "MethodSettings",
     "TrainedMethods",
     "featurize_methods",
-    "mean_metrics",
     "method_scores",
-    "new_per_query",
     "pixel_cosine",
-    "record_query",
     "summarize",
 ]

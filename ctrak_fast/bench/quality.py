@@ -20,20 +20,27 @@ from tqdm.auto import tqdm
 
 from ctrak_fast.bench.harness import (
     MethodSettings,
+    at_chosen_lambda,
     featurize_methods,
     method_scores,
-    new_per_query,
     pixel_cosine,
-    record_query,
     summarize,
 )
+from ctrak_fast.bench.protocol import LAMBDAS, QueryLog, query_roles
+from ctrak_fast.bench.stats import format_ci
 from ctrak_fast.data import ConceptDataset
 from ctrak_fast.engine.atomic import atomic_write_text
 from ctrak_fast.engine.projection import ProjectionSpec
 from ctrak_fast.method import diffusion
 from ctrak_fast.method.featurize import FeatureSpec, Featurizer
 from ctrak_fast.method.methods import METHODS as TABLE
-from ctrak_fast.method.query import ConceptQuerySpec, concept_query_features, image_query_features
+from ctrak_fast.method.query import (
+    ConceptQuerySpec,
+    concept_contexts,
+    concept_query_features,
+    context_concept_features,
+    image_query_features,
+)
 from ctrak_fast.models.factor_unet import drop_factor, flip_factor
 
 METHODS = tuple(TABLE)
@@ -45,12 +52,14 @@ class QualityConfig(MethodSettings):
     """Benchmark settings. Defaults are sized for the 2-core demo (see README)."""
 
     per_combo: int = 30  # training images per seen combination that are featurized
-    k: int = 512
+    k: int = 2048
     projection_seed: int = 0
-    queries_per_combo: int = 2
+    queries_per_combo: int = 2  # per seen combination
+    heldout_queries_per_combo: int = 8  # per held-out combination (half validation, half test)
     query_guidance: float = 2.0  # CFG of the generated query images (judge accuracy is best at 2)
     query_candidates: int = 8  # generated per combination; the judge keeps the correct ones
-    lambda_r: float = 1.0
+    lambda_r: float = 1.0  # kept for the config record; the protocols sweep `lambdas`
+    lambdas: tuple[float, ...] = LAMBDAS
     batch_size: int = 50
     store_dtype: str = "float32"
     seed: int = 0
@@ -73,20 +82,22 @@ class QualityConfig(MethodSettings):
         return {**asdict(self), **self.specs_dict()}
 
 
-def make_queries(model, judge, combos, cfg: QualityConfig, progress=True):
-    """Generate query images per combination and keep those the judge confirms.
+def make_queries(model, judge, combos, cfg: QualityConfig, keep: int, progress=True):
+    """Generate `query_candidates` images per combination (at least 2 * keep) and keep the first
+    `keep` the judge confirms.
 
-    Returns a list of dicts {combo: (s, c), image: [C,H,W], seed} and per-combo acceptance counts.
+    Returns a list of dicts {combo: (s, c), image: [C,H,W]} and per-combo acceptance counts.
     """
     queries, accepted = [], {}
+    n = max(cfg.query_candidates, 2 * keep)
     for ci, combo in enumerate(tqdm(combos, desc="queries", disable=not progress)):
         gen = torch.Generator().manual_seed(cfg.seed * 7919 + ci)
-        cond = torch.tensor(combo, dtype=torch.long)[None].expand(cfg.query_candidates, -1)
+        cond = torch.tensor(combo, dtype=torch.long)[None].expand(n, -1)
         x0, _ = diffusion.ddim_sample(model, cond, guidance=cfg.query_guidance, generator=gen)
         x0 = x0.clamp(-1, 1)
         ok = (judge.predict(x0) == cond).all(1)
-        accepted[tuple(combo)] = (int(ok.sum()), cfg.query_candidates)
-        for i in ok.nonzero().flatten()[: cfg.queries_per_combo].tolist():
+        accepted[tuple(combo)] = (int(ok.sum()), n)
+        for i in ok.nonzero().flatten()[:keep].tolist():
             queries.append({"combo": tuple(combo), "image": x0[i]})
     return queries, accepted
 
@@ -134,49 +145,55 @@ def run_quality(
         "heldout": list(data.heldout),
     }
     n_factors = len(data.factors)
-    per_query = new_per_query(cfg.methods, data.factors)
+    log = QueryLog(tuple(data.factors), cfg.lambdas)
     gallery, acceptance = [], {}
     tic = time.time()
     for split, combos in splits.items():
-        queries, accepted = make_queries(model, judge, combos, cfg, progress)
+        keep = cfg.heldout_queries_per_combo if split == "heldout" else cfg.queries_per_combo
+        queries, accepted = make_queries(model, judge, combos, cfg, keep, progress)
+        per_combo = [sum(q["combo"] == tuple(c) for q in queries) for c in combos]
+        roles = query_roles(combos, per_combo, heldout=split == "heldout")
         for qi, q in enumerate(tqdm(queries, desc=f"attribute {split}", disable=not progress)):
             combo, image = q["combo"], q["image"]
             cond = torch.tensor(combo, dtype=torch.long)
 
             def concept(row, fz, cond=cond, image=image):
+                spec = cfg.query_spec(row)
+                if spec.contexts:  # the concept in every context that shares it
+                    ctx = [
+                        [
+                            (c, negative(c, f, model, cfg.negative))
+                            for c in concept_contexts(cond, f, model.n_values)
+                        ]
+                        for f in range(n_factors)
+                    ]
+                    return context_concept_features(fz, spec, cond, ctx, image=image)
                 negs = [negative(cond, f, model, cfg.negative) for f in range(n_factors)]
-                return concept_query_features(fz, cfg.query_spec(row), cond, negs, image=image)
+                return concept_query_features(fz, spec, cond, negs, image=image)
+
+            def whole_image(fz, cond=cond, image=image):
+                return image_query_features(fz, image[None], cond[None])
+
+            def pixels(image=image):
+                return pixel_cosine(train.images, image)
 
             scores = method_scores(
-                trained,
-                cfg.methods,
-                concept,
-                lambda fz, cond=cond, image=image: image_query_features(
-                    fz, image[None], cond[None]
-                ),
-                lambda image=image: pixel_cosine(train.images, image),
-                n_factors,
+                trained, cfg.methods, concept, whole_image, pixels, n_factors, cfg.lambdas
             )
-            record_query(per_query, scores, labels, combo, split, data.factors)
+            log.record(scores, labels, combo, split, roles[qi], seed=cfg.seed * 100003 + qi)
             if qi == 0:
                 gallery.append({"split": split, "combo": combo, "image": image, "scores": scores})
         acceptance[split] = {f"{s},{c}": v for (s, c), v in accepted.items()}
     timings["queries + attribution"] = time.time() - tic
 
     results = {
-        **summarize(per_query, labels, data.factors, data.values),
+        **summarize(log, cfg, labels, data, splits),
         "query_acceptance": acceptance,
-        "k": cfg.k,
         "seconds": time.time() - t0,
         "timings": timings,
-        "config": cfg.to_dict(),
-        "heldout_combos": [
-            {f: data.values[f][v] for f, v in zip(data.factors, c, strict=True)}
-            for c in data.heldout
-        ],
     }
     atomic_write_text(out_dir / "results.json", json.dumps(results, indent=2))
-    results["_gallery"] = gallery
+    results["_gallery"] = at_chosen_lambda(gallery, results["lambda_r"], cfg.lambdas)
     results["_train"] = train
     return results
 
@@ -195,25 +212,71 @@ def data_combos(data: ConceptDataset, which: str) -> list[tuple[int, int]]:
 
 
 def format_table(results: dict) -> str:
-    """Markdown table: P@10 / AP per method, split and factor, with chance."""
+    """Markdown tables of the three lambda protocols (bench/protocol.py), on the test queries:
+    the headline (lambda_r chosen on validation queries) with bootstrap 95% CIs and the
+    calibration rows; fixed lambda_r = 1 and the oracle beside the random ranking under the same
+    oracle; the paired differences of the concept methods to D-TRAK and DAS."""
     factors = list(results["chance"])
-    head = "| method | " + " | ".join(
-        f"{s} {f} P@10 / AP" for s in ("in_distribution", "heldout") for f in factors
-    )
-    lines = [head + " |", "|---" * (1 + 2 * len(factors)) + "|"]
+    splits = ("in_distribution", "heldout")
+    short = {"in_distribution": "ID", "heldout": "held-out"}
+    cols = [(s, f) for s in splits for f in factors]
+    head = " | ".join(f"{short[s]} {f}" for s, f in cols)
+    n = results["n_queries"]
+    lines = [
+        f"P@10 [95% CI], test queries ({n['in_distribution']} ID, {n['heldout']} held-out), "
+        "lambda_r chosen on the validation queries:",
+        "",
+        f"| method | lambda_r | {head} |",
+        "|---" * (2 + len(cols)) + "|",
+    ]
     for m, by_split in results["methods"].items():
+        lam = results["lambda_r"].get(m)
         cells = []
-        for s in ("in_distribution", "heldout"):
-            for f in factors:
-                r = by_split.get(s, {}).get(f, {})
-                cells.append(f"{r['p@10']:.2f} / {r['ap']:.2f}" if r else "-")
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    chance = ", ".join(
-        f"{f}: {min(v.values()):.2f}-{max(v.values()):.2f}" for f, v in results["chance"].items()
-    )
+        for s, f in cols:
+            r = by_split[s][f]
+            cells.append(format_ci(r["p@10"], *r["p@10_ci"]))
+        lam_txt = f"{lam:g}" if lam is not None else "-"
+        lines.append(f"| {m} | {lam_txt} | " + " | ".join(cells) + " |")
+    cal = results["calibration"]
+    exp = results.get("expected_random", {})
+    if exp:
+        lines.append(
+            "| random ranking (expected) | - | "
+            + " | ".join(f"{exp[s][f]:.2f}" for s, f in cols)
+            + " |"
+        )
     lines.append(
-        f"\nchance P@10 (value frequency): {chance}; n_train={results['n_train']}, k={results['k']}"
+        "| random ranking (measured) | - | "
+        + " | ".join(f"{cal['random'][s][f]['p@10']:.2f}" for s, f in cols)
+        + " |"
     )
+    lines += [
+        "",
+        "P@10 under the other lambda protocols (test queries); the oracle picks the best lambda_r "
+        f"of {len(results['lambdas'])} per query with the labels:",
+        "",
+        f"| method | fixed lambda_r = 1: {head} | oracle (uses labels): {head} |",
+        "|---" * (1 + 2 * len(cols)) + "|",
+    ]
+    for m, by_split in results["methods"].items():
+        fixed = [f"{by_split[s][f]['p@10_fixed']:.2f}" for s, f in cols]
+        oracle = [f"{by_split[s][f]['p@10_oracle']:.2f}" for s, f in cols]
+        lines.append(f"| {m} | " + " | ".join(fixed + oracle) + " |")
+    rand = [f"{cal['random'][s][f]['p@10']:.2f}" for s, f in cols]
+    rand_or = [f"{cal['random_oracle'][s][f]['p@10']:.2f}" for s, f in cols]
+    lines.append("| random ranking | " + " | ".join(rand + rand_or) + " |")
+    if results.get("paired"):
+        lines += [
+            "",
+            "Paired difference of P@10 on the same test queries, mean [95% CI]:",
+            "",
+            f"| difference | {head} |",
+            "|---" * (1 + len(cols)) + "|",
+        ]
+        for name, by_split in results["paired"].items():
+            cells = [format_ci(*by_split[s][f]) for s, f in cols]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append(f"\nn_train={results['n_train']}, k={results['k']}")
     return "\n".join(lines)
 
 

@@ -30,24 +30,29 @@ from tqdm.auto import tqdm
 
 from ctrak_fast.bench.harness import (
     MethodSettings,
+    at_chosen_lambda,
     featurize_methods,
     method_scores,
-    new_per_query,
     pixel_cosine,
-    record_query,
     summarize,
 )
+from ctrak_fast.bench.protocol import LAMBDAS, QueryLog, query_roles
 from ctrak_fast.bench.quality import (
     METHODS,
     data_combos,
     format_table,
 )
-from ctrak_fast.bench.tiny_text import caption
 from ctrak_fast.data import ConceptDataset
+from ctrak_fast.data.captions import caption
 from ctrak_fast.engine.atomic import atomic_write_text
 from ctrak_fast.engine.projection import ProjectionSpec
 from ctrak_fast.method.featurize import FeatureSpec, Featurizer
-from ctrak_fast.method.query import ConceptQuerySpec, image_query_features
+from ctrak_fast.method.query import (
+    ConceptQuerySpec,
+    concept_contexts,
+    context_concept_features,
+    image_query_features,
+)
 from ctrak_fast.models.latent_cache import encode_images_cached
 from ctrak_fast.models.prompts import remove_phrase
 from ctrak_fast.models.t2i_features import make_featurizer, prompt_query_features
@@ -64,10 +69,12 @@ class T2IQualityConfig(MethodSettings):
     k: int = 512
     projection_seed: int = 0
     queries_per_combo: int = 2
+    heldout_queries_per_combo: int = 8
     query_guidance: float = 3.0
     query_candidates: int = 8
     query_steps: int = 50
     lambda_r: float = 1.0
+    lambdas: tuple[float, ...] = LAMBDAS
     batch_size: int = 32
     store_dtype: str = "float32"
     param_filter: str = T2I_PARAM_FILTER
@@ -92,7 +99,20 @@ def _prompt(data: ConceptDataset, combo) -> str:
     return caption(data.factors, data.values, combo)
 
 
-def make_prompt_queries(adapter, judge, data, combos, cfg: T2IQualityConfig, progress=True):
+def prompt_contexts(data: ConceptDataset, adapter, combo, f: int, word: str) -> list:
+    """(c+, c-) prompt ids of `word` (factor f's value in combo) in the caption of every
+    combination that shares it; c- the caption without the word."""
+    pairs = []
+    for c in concept_contexts(torch.tensor(combo), f, data.n_values):
+        caption_ctx = _prompt(data, tuple(c.tolist()))
+        ids = adapter.prompt_ids([caption_ctx, remove_phrase(caption_ctx, word)])
+        pairs.append((ids[0], ids[1]))
+    return pairs
+
+
+def make_prompt_queries(
+    adapter, judge, data, combos, cfg: T2IQualityConfig, keep: int, progress=True
+):
     """Sample `query_candidates` images per combination from its prompt (DDIM through the
     scheduler API, CFG against ""), keep the judge-confirmed ones.
 
@@ -102,15 +122,14 @@ def make_prompt_queries(adapter, judge, data, combos, cfg: T2IQualityConfig, pro
     for ci, combo in enumerate(tqdm(combos, desc="queries", disable=not progress)):
         prompt = _prompt(data, combo)
         seed = cfg.seed * 7919 + ci
-        x0 = adapter.generate(
-            prompt, "", cfg.query_guidance, cfg.query_steps, seed=seed, n=cfg.query_candidates
-        )
+        n = max(cfg.query_candidates, 2 * keep)
+        x0 = adapter.generate(prompt, "", cfg.query_guidance, cfg.query_steps, seed=seed, n=n)
         images = adapter.decode_latents(x0)
         if not adapter.latent:  # a pixel model's query image is the clamped sample
             x0 = images
         ok = (judge.predict(images) == torch.tensor(combo)).all(1)
-        accepted[tuple(combo)] = (int(ok.sum()), cfg.query_candidates)
-        for i in ok.nonzero().flatten()[: cfg.queries_per_combo].tolist():
+        accepted[tuple(combo)] = (int(ok.sum()), n)
+        for i in ok.nonzero().flatten()[:keep].tolist():
             q = {"combo": tuple(combo), "prompt": prompt, "seed": seed, "x0": x0[i]}
             queries.append({**q, "image": images[i]})
     return queries, accepted
@@ -156,19 +175,27 @@ def run_t2i_quality(
     timings = dict(trained.timings)
     seen = [tuple(c) for c in data_combos(data, "seen")]
     splits = {"in_distribution": seen, "heldout": list(data.heldout)}
-    per_query = new_per_query(cfg.methods, data.factors)
+    log = QueryLog(tuple(data.factors), cfg.lambdas)
     gallery, acceptance, n_factors = [], {}, len(data.factors)
     tic = time.time()
     for split, combos in splits.items():
-        queries, accepted = make_prompt_queries(adapter, judge, data, combos, cfg, progress)
+        keep = cfg.heldout_queries_per_combo if split == "heldout" else cfg.queries_per_combo
+        queries, accepted = make_prompt_queries(adapter, judge, data, combos, cfg, keep, progress)
         acceptance[split] = {",".join(map(str, c)): v for c, v in accepted.items()}
+        per_combo = [sum(q["combo"] == tuple(c) for q in queries) for c in combos]
+        roles = query_roles(combos, per_combo, heldout=split == "heldout")
         for qi, q in enumerate(tqdm(queries, desc=f"attribute {split}", disable=not progress)):
             combo, prompt = q["combo"], q["prompt"]
 
             def concept(row, fz, combo=combo, prompt=prompt, q=q):
+                spec = cfg.query_spec(row)
                 words = [data.values[f][v] for f, v in zip(data.factors, combo, strict=True)]
+                if spec.contexts:  # each word in the captions of every context that shares it
+                    ctx = [prompt_contexts(data, adapter, combo, f, w) for f, w in enumerate(words)]
+                    pos = adapter.prompt_ids([prompt])[0]
+                    return context_concept_features(fz, spec, pos, ctx, q["x0"])
                 negs = [remove_phrase(prompt, w) for w in words]
-                return prompt_query_features(fz, cfg.query_spec(row), prompt, negs, q["x0"])
+                return prompt_query_features(fz, spec, prompt, negs, q["x0"])
 
             def whole_image(fz, prompt=prompt, q=q):
                 return image_query_features(fz, q["x0"][None], adapter.prompt_ids([prompt]))
@@ -176,28 +203,24 @@ def run_t2i_quality(
             def pixels(q=q):
                 return pixel_cosine(train.images, q["image"])
 
-            scores = method_scores(trained, cfg.methods, concept, whole_image, pixels, n_factors)
-            record_query(per_query, scores, labels, combo, split, data.factors)
+            scores = method_scores(
+                trained, cfg.methods, concept, whole_image, pixels, n_factors, cfg.lambdas
+            )
+            log.record(scores, labels, combo, split, roles[qi], seed=cfg.seed * 100003 + qi)
             if qi == 0:
                 gallery.append(
                     {"split": split, "combo": combo, "image": q["image"], "scores": scores}
                 )
     timings["queries + attribution"] = time.time() - tic
     results = {
-        **summarize(per_query, labels, data.factors, data.values),
+        **summarize(log, cfg, labels, data, splits),
         "query_acceptance": acceptance,
-        "k": cfg.k,
         "seconds": time.time() - t0,
         "timings": timings,
-        "config": cfg.to_dict(),
         "model": {"text2image": adapter.describe(), "param_filter": cfg.param_filter},
-        "heldout_combos": [
-            {f: data.values[f][v] for f, v in zip(data.factors, c, strict=True)}
-            for c in data.heldout
-        ],
     }
     atomic_write_text(out_dir / "results.json", json.dumps(results, indent=2))
-    results["_gallery"] = gallery
+    results["_gallery"] = at_chosen_lambda(gallery, results["lambda_r"], cfg.lambdas)
     results["_train"] = train
     return results
 

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from ctrak_fast.bench.report import image_rows
 from ctrak_fast.bench.train import EMAWeights
 from ctrak_fast.data import ConceptDataset, SyntheticConfig, make_dataset
+from ctrak_fast.data.captions import caption
 from ctrak_fast.engine.atomic import atomic_path
 from ctrak_fast.method.diffusion import add_noise
 from ctrak_fast.models.shipped import ASSETS
@@ -43,8 +44,6 @@ MAX_LENGTH = 16
 
 # Where a factor's words go: "a {colour} {shape} with {texture} on a {background} background";
 # any other factor is appended as "with {factor} {value}".
-_ADJECTIVES, _NOUNS = ("colour",), ("shape",)
-_SUFFIX = {"texture": "with {}", "background": "on a {} background"}
 
 UNET_CONFIG = {
     "sample_size": 16,
@@ -66,33 +65,6 @@ SCHEDULER_CONFIG = {
     "prediction_type": "epsilon",
     "clip_sample": True,
 }
-
-
-def caption(factors: list[str], values: dict[str, list[str]], label_row, keep=None) -> str:
-    """Caption of one labelled image; factors with keep[f] False are left out, "" if none is kept.
-
-    Examples:
-        >>> v = {"shape": ["circle", "triangle"], "colour": ["red", "blue"]}
-        >>> caption(["shape", "colour"], v, [1, 0])
-        'a red triangle'
-        >>> caption(["shape", "colour"], v, [1, 0], keep=[False, True])
-        'a red'
-    """
-    keep = [True] * len(factors) if keep is None else list(keep)
-    if not any(keep):
-        return ""
-    pre, noun, suffix = [], [], []
-    for f, v, k in zip(factors, label_row, keep, strict=True):
-        if not k:
-            continue
-        word = values[f][int(v)]
-        if f in _ADJECTIVES:
-            pre.append(word)
-        elif f in _NOUNS:
-            noun.append(word)
-        else:
-            suffix.append(_SUFFIX.get(f, f"with {f} {{}}").format(word))
-    return " ".join(["a", *pre, *noun, *suffix])
 
 
 def load_text_encoder():

@@ -24,6 +24,7 @@ from torch import nn
 
 from ctrak_fast.bench.report import image_rows
 from ctrak_fast.data import ConceptDataset, SyntheticConfig, make_dataset, render
+from ctrak_fast.data.synthetic import paper_config
 from ctrak_fast.engine.atomic import atomic_write_text
 from ctrak_fast.method.diffusion import NoiseSchedule, add_noise, ddim_sample
 from ctrak_fast.models.factor_unet import ConceptJudge, FactorUNet, load_model, save_model
@@ -410,7 +411,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--name", default="shapes16")
     p.add_argument("--image-size", type=int, default=16)
     p.add_argument("--per-combo", type=int, default=250)
-    p.add_argument("--n-heldout", type=int, default=2)
+    p.add_argument("--n-heldout", type=int, default=2, help="Latin-square held-out pairs")
+    p.add_argument(
+        "--preset",
+        choices=["shapes", "paper"],
+        default="shapes",
+        help="shapes: 4 shapes x 4 colours; paper: the paper's 2 x 2 (outlined triangle/circle, "
+        "red/blue, red triangle held out)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=20_000)
     p.add_argument(
@@ -429,9 +437,12 @@ def main(argv: list[str] | None = None) -> None:
         help="noise schedule of a new model (ignored with --init-from)",
     )
     a = p.parse_args(argv)
-    cfg = SyntheticConfig(
-        image_size=a.image_size, per_combo=a.per_combo, n_heldout=a.n_heldout, seed=a.seed
-    )
+    if a.preset == "paper":
+        cfg = paper_config(per_combo=a.per_combo, image_size=a.image_size, seed=a.seed)
+    else:
+        cfg = SyntheticConfig(
+            image_size=a.image_size, per_combo=a.per_combo, n_heldout=a.n_heldout, seed=a.seed
+        )
     train_all(
         a.out,
         a.name,

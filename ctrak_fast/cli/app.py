@@ -69,8 +69,11 @@ def _add_method_args(p):
     )
     p.add_argument(
         "--assets",
-        help="folder with unet_/judge_shapes16.safetensors, shapes16.json (`ctrak train --out`; "
+        help="folder with unet_/judge_NAME.safetensors, NAME.json (`ctrak train --out`; "
         "default: the shipped ones)",
+    )
+    p.add_argument(
+        "--name", help="NAME of those files (default: shapes16; paper2x2 for bench paper)"
     )
     p.add_argument(
         "--param-filter",
@@ -100,8 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d.add_argument("--out", default="demo_out")
     d.add_argument("--per-combo", type=int, default=30)
-    d.add_argument("--k", type=int, default=512)
-    d.add_argument("--queries-per-combo", type=int, default=2)
+    d.add_argument("--k", type=int, default=2048)
+    d.add_argument("--queries-per-combo", type=int, default=2, help="per seen combination")
+    d.add_argument(
+        "--heldout-queries-per-combo",
+        type=int,
+        default=8,
+        help="per held-out combination (half validation, half test)",
+    )
     d.add_argument("--quiet", action="store_true")
     _add_method_args(d)
 
@@ -110,11 +119,23 @@ def build_parser() -> argparse.ArgumentParser:
     q = bsub.add_parser("quality", help="the synthetic concept benchmark")
     q.add_argument("--out", default="out/quality")
     q.add_argument("--per-combo", type=int, default=250)
-    q.add_argument("--k", type=int, default=1024)
-    q.add_argument("--queries-per-combo", type=int, default=4)
+    q.add_argument("--k", type=int, default=2048)
+    q.add_argument("--queries-per-combo", type=int, default=4, help="per seen combination")
+    q.add_argument("--heldout-queries-per-combo", type=int, default=8)
     q.add_argument("--lambda-r", type=float, default=1.0)
     q.add_argument("--quiet", action="store_true")
     _add_method_args(q)
+    pp = bsub.add_parser(
+        "paper", help="the paper's own 2 x 2 synthetic setting, in the paper's table layout"
+    )
+    pp.add_argument("--out", default="out/paper")
+    pp.add_argument("--per-combo", type=int, default=200)
+    pp.add_argument("--k", type=int, default=2048)
+    pp.add_argument("--queries-per-combo", type=int, default=8, help="per seen combination")
+    pp.add_argument("--heldout-queries-per-combo", type=int, default=16)
+    pp.add_argument("--lambda-r", type=float, default=1.0)
+    pp.add_argument("--quiet", action="store_true")
+    _add_method_args(pp)
 
     sub.add_parser(
         "train",
@@ -149,6 +170,13 @@ def build_parser() -> argparse.ArgumentParser:
     qp.add_argument("--n-draws", type=int, default=4)
     qp.add_argument("--weight", type=float, default=7.5)
     qp.add_argument("--guidance", type=float, default=3.0, help="CFG of the generated query image")
+    qp.add_argument("--image", help="the query image file (default: generated from --concept)")
+    qp.add_argument(
+        "--negative",
+        choices=["null", "flip"],
+        help="c- of a factor concept: the factor nulled, or flipped to each other value "
+        "(default: the method's; concept-trak-cond flips)",
+    )
     qp.add_argument("--seed", type=int, default=0)
     qp.add_argument("--out", required=True, help="query safetensors file")
 

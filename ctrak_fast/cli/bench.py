@@ -1,23 +1,31 @@
-"""`ctrak demo`, `ctrak bench quality`, `ctrak train`: the benchmarks behind the CLI."""
+"""`ctrak demo`, `ctrak bench quality|paper`, `ctrak train`: the benchmarks behind the CLI."""
 
 from __future__ import annotations
 
 
 def cmd_demo(a, **extra):
-    """`ctrak demo` and `ctrak bench quality`: the benchmark at the sizes of their arguments."""
+    """`ctrak demo`, `ctrak bench quality` and `ctrak bench paper`: the benchmark at the sizes of
+    their arguments, on the assets `a.name` (the paper's 2 x 2 replica for `bench paper`)."""
     from ctrak_fast.bench.demo import run_demo, summary
+    from ctrak_fast.bench.paper import PAPER_NAME, paper_table
     from ctrak_fast.bench.quality import QualityConfig
-    from ctrak_fast.models.shipped import ASSETS
+    from ctrak_fast.models.shipped import ASSETS, SHIPPED
 
     cfg = QualityConfig(
         per_combo=a.per_combo,
         k=a.k,
         queries_per_combo=a.queries_per_combo,
+        heldout_queries_per_combo=a.heldout_queries_per_combo,
         **method_options(a),
         **extra,
     )
-    results = run_demo(a.out, cfg, progress=not a.quiet, assets=a.assets or ASSETS)
+    paper = getattr(a, "bench", None) == "paper"
+    name = a.name or (PAPER_NAME if paper else SHIPPED)
+    results = run_demo(a.out, cfg, progress=not a.quiet, assets=a.assets or ASSETS, name=name)
     print(summary(results, a.out))
+    if paper:
+        print("\nThe paper's layout (P@10 averaged over the two concepts of each query):\n")
+        print(paper_table(results))
 
 
 def method_options(a) -> dict:

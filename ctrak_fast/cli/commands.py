@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from ctrak_fast.cli.inputs import featurizer, load_data, load_model
+from ctrak_fast.cli.inputs import feature_spec, featurizer, load_data, load_model, projection
 
 
 def cmd_featurize(a):
@@ -62,31 +62,33 @@ def cmd_featurize(a):
 
 
 def cmd_query(a):
-    import torch
-
-    from ctrak_fast.conditions import FactorConditions
-    from ctrak_fast.engine.validation import check_output_path
-    from ctrak_fast.method import diffusion
-    from ctrak_fast.method.query import ConceptQuerySpec, concept_query_features
-    from ctrak_fast.results import Query
+    """Query features of --concept through the Attributor of --method: a concept query (the
+    method's slider, c- per removed factor) or, for whole-image methods, the query image's."""
+    from ctrak_fast.api import Attributor
+    from ctrak_fast.data.folder import load_image
+    from ctrak_fast.engine.validation import check_input_file, check_output_path
 
     model = load_model(a.model)
     out = check_output_path(a.out)
-    fz = featurizer(a, model)
-    conds = FactorConditions(model)
-    cond = conds.one(a.concept)
-    # Default: each factor the concept sets, in turn (a factor it leaves unset is already null).
-    negs = conds.negatives(a.concept, cond, a.remove.split(",") if a.remove else None)
-    removed = [label.removeprefix("-") for label, _ in negs]
-    spec = ConceptQuerySpec(draws=a.draws, n_draws=a.n_draws, weight=a.weight, seed=a.seed)
-    gen = torch.Generator().manual_seed(a.seed)
-    image, _ = diffusion.ddim_sample(model, cond[None], guidance=a.guidance, generator=gen)
-    image = image[0].clamp(-1, 1)
-    q = concept_query_features(fz, spec, cond, [c for _, c in negs], image=image)
-    meta = {**fz.meta(), "kind": "concept", "query": spec.to_dict(), "concept": a.concept}
-    Query(q, tuple(removed), meta, image).save(out)
-    removed_txt = ", ".join(removed)
-    print(f"{len(removed)} query feature(s) for {a.concept!r} (removed: {removed_txt}) -> {out}")
+    att = Attributor(
+        model,
+        a.method,
+        feature=feature_spec(a),
+        projection=projection(a),
+        grad_backend=a.grad_backend,
+    )
+    if a.image:
+        size = int(model.config["image_size"])
+        image = load_image(check_input_file(a.image, "query image"), size)
+    else:  # the query image is generated from the concept and the seed
+        image = att.generate(a.concept, seed=a.seed, guidance=a.guidance)[0]
+    spec = {"draws": a.draws, "n_draws": a.n_draws, "weight": a.weight, "seed": a.seed}
+    if a.negative:
+        spec["negative"] = a.negative
+    remove = a.remove.split(",") if a.remove else None
+    q = att.query(a.concept, remove=remove, image=image, **spec)
+    q.save(out)
+    print(f"{q.m} query feature(s) for {a.concept!r} ({', '.join(q.labels)}) -> {out}")
 
 
 def cmd_attribute(a):

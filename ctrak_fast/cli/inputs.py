@@ -59,25 +59,28 @@ def feature_spec(a):
     return get_method(a.method).feature_spec(**kw)
 
 
+def projection(a):
+    """The projection of --k / --proj-seed, or --factorized K_IN,K_OUT."""
+    from ctrak_fast.engine.projection import FactorizedSpec, ProjectionSpec
+
+    if not a.factorized:
+        return ProjectionSpec(k=a.k, seed=a.proj_seed)
+    try:
+        k_in, k_out = (int(v) for v in a.factorized.split(","))
+    except ValueError:
+        raise ValueError(f"--factorized wants K_IN,K_OUT, got {a.factorized!r}") from None
+    return FactorizedSpec(k_in=k_in, k_out=k_out, seed=a.proj_seed)
+
+
 def featurizer(a, model):
-    from ctrak_fast.engine.projection import ProjectionSpec
     from ctrak_fast.method.diffusion import NoiseSchedule
     from ctrak_fast.method.featurize import Featurizer
 
-    projection = ProjectionSpec(k=a.k, seed=a.proj_seed)
-    if a.factorized:
-        from ctrak_fast.engine.projection import FactorizedSpec
-
-        try:
-            k_in, k_out = (int(v) for v in a.factorized.split(","))
-        except ValueError:
-            raise ValueError(f"--factorized wants K_IN,K_OUT, got {a.factorized!r}") from None
-        projection = FactorizedSpec(k_in=k_in, k_out=k_out, seed=a.proj_seed)
     return Featurizer(
         model,
         NoiseSchedule.for_model(model),
         feature_spec(a),
-        projection,
+        projection(a),
         model.null_cond(1)[0],
         grad_backend=a.grad_backend,
     )

@@ -89,8 +89,8 @@ def _training_set(a):
     if a.images:
         files, captions = read_captions(a.images, a.captions)
         return files, captions, torch.arange(len(files), dtype=torch.int64)
-    from ctrak_fast.bench.tiny_text import caption
     from ctrak_fast.data import SyntheticConfig, make_dataset
+    from ctrak_fast.data.captions import caption
     from ctrak_fast.models.shipped import ASSETS
 
     data = make_dataset(SyntheticConfig.load_json(a.data or ASSETS / "shapes16.json"))

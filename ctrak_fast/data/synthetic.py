@@ -38,6 +38,7 @@ SUPERSAMPLE = 4
 # Nuisance ranges, in units of the half image width ([-1, 1] coordinates).
 SIZE_RANGE = (0.50, 0.80)  # shape "radius"
 MAX_ROTATION_DEG = 25.0  # small enough that a square never turns into a diamond
+OUTLINE = 0.3  # outline width as a fraction of the shape's size (a 16x16 image needs a thick one)
 
 
 @dataclass
@@ -54,6 +55,7 @@ class SyntheticConfig:
     n_heldout: int = 2
     heldout: list[tuple[int, int]] | None = None
     seed: int = 0
+    outline: bool = False  # a black outline around the shape (the paper's synthetic images)
     factors: tuple[str, ...] = field(default=("shape", "colour"), init=False)
 
     def __post_init__(self) -> None:
@@ -150,8 +152,8 @@ def _shape_mask(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     raise ValueError(f"unknown shape {shape!r}")
 
 
-def _draw(shape: str, rgb, image_size: int, size, angle, cx, cy) -> np.ndarray:
-    """Render n images; size/angle/cx/cy: [n]. Returns float64 [n, 3, H, W] in [0, 1]."""
+def _coverage(shape: str, image_size: int, size, angle, cx, cy) -> np.ndarray:
+    """Area coverage [n, H, W] in [0, 1] of the shape in each output pixel."""
     s = image_size * SUPERSAMPLE
     g = (np.arange(s) + 0.5) / s * 2.0 - 1.0  # pixel centres in [-1, 1]
     y, x = -g[:, None], g[None, :]  # image rows run downwards; v points up
@@ -162,10 +164,22 @@ def _draw(shape: str, rgb, image_size: int, size, angle, cx, cy) -> np.ndarray:
     mask = _shape_mask(shape, u, v).astype(np.float64)
     n = mask.shape[0]
     # Box downsample = the exact area coverage of each output pixel (anti-aliasing).
-    alpha = mask.reshape(n, image_size, SUPERSAMPLE, image_size, SUPERSAMPLE).mean(axis=(2, 4))
+    return mask.reshape(n, image_size, SUPERSAMPLE, image_size, SUPERSAMPLE).mean(axis=(2, 4))
+
+
+def _draw(
+    shape: str, rgb, image_size: int, size, angle, cx, cy, outline: bool = False
+) -> np.ndarray:
+    """Render n images; size/angle/cx/cy: [n]. Returns float64 [n, 3, H, W] in [0, 1]. With
+    `outline`, the outer band of the shape (OUTLINE of its size) is black."""
+    alpha = _coverage(shape, image_size, size, angle, cx, cy)[:, None]
     bg = np.asarray(BACKGROUND)[None, :, None, None]
     fg = np.asarray(rgb)[None, :, None, None]
-    return bg * (1.0 - alpha[:, None]) + fg * alpha[:, None]
+    img = bg * (1.0 - alpha) + fg * alpha
+    if outline:
+        inner = _coverage(shape, image_size, size * (1.0 - OUTLINE), angle, cx, cy)[:, None]
+        img = img * (1.0 - (alpha - inner))  # the band between outer and inner shape: black
+    return img
 
 
 def render(
@@ -206,8 +220,25 @@ def render(
     out = np.empty((n, 3, image_size, image_size), dtype=np.float32)
     for i in range(0, n, chunk):  # bounds the supersampled buffer to ~chunk * (4S)^2 floats
         sl = slice(i, i + chunk)
-        out[sl] = _draw(shape, COLOURS[colour], image_size, size[sl], angle[sl], cx[sl], cy[sl])
+        out[sl] = _draw(
+            shape, COLOURS[colour], image_size, size[sl], angle[sl], cx[sl], cy[sl], cfg.outline
+        )
     return torch.from_numpy(out) * 2.0 - 1.0
+
+
+def paper_config(per_combo: int = 1000, image_size: int = 16, seed: int = 0) -> SyntheticConfig:
+    """The paper's own synthetic setting (Park et al., METHOD.md §9) at our image size: one
+    outlined triangle or circle, red or blue, on white, random position; red triangles held out.
+    (The paper: 64x64 images, 10,000 of them.)"""
+    return SyntheticConfig(
+        image_size=image_size,
+        shapes=("triangle", "circle"),
+        colours=("red", "blue"),
+        per_combo=per_combo,
+        heldout=[(0, 0)],
+        seed=seed,
+        outline=True,
+    )
 
 
 def make_dataset(cfg: SyntheticConfig | None = None, split: str = "train") -> ConceptDataset:

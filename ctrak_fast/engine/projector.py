@@ -40,6 +40,7 @@ from ctrak_fast.engine.native import (
     native_tile_fn,
 )
 from ctrak_fast.kernels import hashing
+from ctrak_fast.kernels.rademacher_project import output_buffer
 
 from .projection import (
     BACKENDS,
@@ -90,16 +91,7 @@ def rademacher_project(
         )
     # Argument checks are the kernel's: run them on an empty slice (no work).
     kernels.rademacher_project(x[:0], seed, k, row_offset, force="reference")
-    B = x.shape[0]
-    if out is None:
-        if accumulate:
-            raise ValueError("accumulate=True needs out")
-        out = torch.empty(B, k, dtype=torch.float32)
-    elif out.shape != (B, k) or out.dtype != torch.float32 or out.device != x.device:
-        raise ValueError(
-            f"out must be float32 [{B}, {k}] on {x.device}, got {out.dtype} {tuple(out.shape)} "
-            f"on {out.device}"
-        )
+    out = output_buffer(x, k, out, accumulate)
     dst = out if out.is_contiguous() else torch.zeros(out.shape, dtype=torch.float32)
     if not accumulate or dst is not out:
         dst.zero_()

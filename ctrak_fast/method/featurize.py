@@ -48,7 +48,12 @@ class FeatureSpec:
     inversion: bool = True
     inversion_guidance: float = 7.5
     inversion_steps: int = 50
-    normalize: bool = True
+    # True: the whole per-timestep gradient to unit norm (the paper). "layer": each module (its
+    # weight and bias together) to unit norm per timestep, so that no single layer (conv_out)
+    # decides the inner product (dense projection only). False: no normalisation.
+    normalize: bool | str = True
+    # A regex on parameter names, or CONDITION_PATH: the modules that read the condition, as the
+    # model declares them (grads/layout.py).
     param_filter: str | None = None
     noise_seed: int = 0
 
@@ -57,6 +62,8 @@ class FeatureSpec:
             raise ValueError(f"unknown loss {self.loss!r}; expected one of {LOSSES}")
         if not self.timesteps:
             raise ValueError("timesteps must not be empty")
+        if self.normalize not in (True, False, "layer"):
+            raise ValueError(f"normalize must be True, False or 'layer', got {self.normalize!r}")
         object.__setattr__(self, "timesteps", tuple(int(t) for t in self.timesteps))
 
     def to_dict(self) -> dict:
@@ -140,7 +147,7 @@ class Featurizer:
         layerwise = self.layerwise
         if layerwise is None:
             on_cuda = next(self.model.parameters()).is_cuda
-            layerwise = on_cuda and self.grad_backend == "hooks"
+            layerwise = on_cuda and self.grad_backend == "hooks" and self.spec.normalize != "layer"
         if layerwise:
             if self.grad_backend != "hooks":
                 raise ValueError("layerwise projection needs grad_backend='hooks'")
@@ -178,13 +185,17 @@ class Featurizer:
             "projection": proj,
         }
 
-    def terms(self, x_t, t, cond, r, normalize: bool) -> Blocks:
+    def terms(self, x_t, t, cond, r, normalize: bool | str) -> Blocks:
         """Per-sample gradients (2/D) J^T r, unit-normalised if asked, in the space where they are
         summed: parameter blocks (dense: projected once, after the sum) or, factorised or
         layerwise, the projected features as one block. Sum them with grads.add_blocks; finish
         with features().
         r: a tensor shaped like x_t, or a losses.Residual evaluated on the gradient's forward."""
         projected = self._factorized or self._layerwise
+        if normalize == "layer":
+            if projected is not None:
+                raise ValueError("normalize='layer' needs the dense projection (layerwise=False)")
+            return layer_normalize_(self._grads(x_t, t, cond, r), self._grads.slots)
         if projected is not None:
             phi, sq = projected(x_t, t, cond, r, 2.0 / x_t[0].numel(), norms=normalize)
             blocks = [(0, phi)]
@@ -256,6 +267,23 @@ class Featurizer:
         """x0 [B,C,H,W] in [-1,1], cond [B,F] -> (features [B,k] float32, dsm_sum [B])."""
         blocks, dsm_sum = self.gradient_sum(x0, cond)
         return self.features(blocks), dsm_sum
+
+
+def layer_normalize_(blocks: Blocks, slots) -> Blocks:
+    """Scale each module's per-sample gradient (all its parameter blocks together: weight and
+    bias) to unit L2 norm, in place; zero gradients stay zero. blocks [(offset, [B, n])] are in
+    slot order."""
+    groups: dict[str, list[torch.Tensor]] = {}
+    for slot, (off, b) in zip(slots, blocks, strict=True):
+        if slot.offset != off:
+            raise ValueError("blocks are not in the order of the parameter slots")
+        groups.setdefault(slot.name.rsplit(".", 1)[0], []).append(b)
+    for bs in groups.values():
+        norm = sum(b.float().pow(2).sum(1) for b in bs).sqrt()
+        scale = torch.where(norm > 0, 1.0 / norm, torch.zeros_like(norm))
+        for b in bs:
+            b.mul_(scale[:, None].to(b.dtype))
+    return blocks
 
 
 def featurize_dataset(

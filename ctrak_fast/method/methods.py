@@ -4,6 +4,8 @@ here.
 
 | method | training features | query |
 |---|---|---|
+| concept-trak-cond | concept-trak's on the condition path, per-layer norm | its slider, same |
+| | | parameters and norm, averaged over the concept's contexts |
 | concept-trak | DPS loss, DDIM inversion, per-t norm | concept slider: c+ vs c- (concept out) |
 | trak | DSM loss at fixed noise | the same loss on the query image |
 | d-trak | mean(eps^2) at fixed noise | the same on the query image |
@@ -21,6 +23,7 @@ if TYPE_CHECKING:  # imported on use: the CLI parser reads this table without im
     from .query import ConceptQuerySpec
 
 QUERY_KINDS = ("concept", "image", "pixel")
+CONDITION_PATH = "@condition"  # = grads.layout.CONDITION_PATH (not imported: no torch here)
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,18 @@ METHODS: dict[str, Method] = {
     m.name: m
     for m in (
         Method(
+            "concept-trak-cond",
+            "dps",
+            True,
+            "concept",
+            summary="Concept-TRAK on the condition path (ours): the paper's DPS features at "
+            "DDIM-inverted x_t and its concept slider, both restricted to the modules that read "
+            "the condition, normalised layer by layer, the slider averaged over the contexts "
+            "that share the concept",
+            feature={"normalize": "layer", "param_filter": CONDITION_PATH},
+            concept={"normalize": "layer", "contexts": True, "negative": "flip"},
+        ),
+        Method(
             "concept-trak",
             "dps",
             True,
@@ -142,6 +157,7 @@ def parse_methods(text: str, what: str = "--methods") -> tuple[str, ...]:
 
 
 __all__ = [
+    "CONDITION_PATH",
     "FEATURIZE_METHODS",
     "GRADIENT_METHODS",
     "METHODS",

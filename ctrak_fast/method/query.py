@@ -18,6 +18,7 @@ Every draw contributes its x_t at all timesteps of the spec.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -50,14 +51,22 @@ class ConceptQuerySpec:
     guidance: float = 7.5
     steps: int = 50
     timesteps: tuple[int, ...] = PAPER_TIMESTEPS
-    normalize: bool = True
+    normalize: bool | str = True  # True, False or "layer" (see FeatureSpec.normalize)
     seed: int = 0
+    # Average each concept's slider over the contexts that share it (the concept with every value
+    # of the other factors, or the other words of a prompt): what one context carries cancels.
+    contexts: bool = False
+    # c- of a factor concept (factor models): the factor set to its null token, or flipped to
+    # each of its other values (eps averaged), as the paper's synthetic queries do.
+    negative: str = "null"
 
     def __post_init__(self) -> None:
         if self.draws not in ("local", "global"):
             raise ValueError(f"draws must be 'local' or 'global', got {self.draws!r}")
         if self.n_draws < 1:
             raise ValueError("n_draws must be >= 1")
+        if self.negative not in ("null", "flip"):
+            raise ValueError(f"negative must be 'null' or 'flip', got {self.negative!r}")
         object.__setattr__(self, "timesteps", tuple(int(t) for t in self.timesteps))
 
     def to_dict(self) -> dict[str, Any]:
@@ -177,6 +186,45 @@ def slider_features(
         terms = featurizer.terms(xb, tb, pos_b, -spec.weight * d, spec.normalize)
         acc = add_blocks(acc or None, [(off, b.sum(0, keepdim=True)) for off, b in terms])
     return featurizer.features([(off, b / len(x)) for off, b in acc])[0]
+
+
+def concept_contexts(
+    cond: torch.Tensor, factor: int, n_values: Sequence[int]
+) -> list[torch.Tensor]:
+    """The conditions that share cond's value of `factor`: cond [F] with every other factor set
+    to each of its values (all combinations; cond itself is one of them)."""
+    others = [f for f in range(len(n_values)) if f != factor]
+    out = []
+    for vals in itertools.product(*(range(n_values[f]) for f in others)):
+        c = cond.clone()
+        for f, v in zip(others, vals, strict=True):
+            c[f] = v
+        out.append(c)
+    return out
+
+
+def context_concept_features(
+    featurizer: Featurizer,
+    spec: ConceptQuerySpec,
+    cond_pos: torch.Tensor,
+    contexts: Sequence[Sequence[tuple[torch.Tensor, Negative]]],
+    image: torch.Tensor | None = None,
+    batch_size: int = 32,
+) -> torch.Tensor:
+    """Context-averaged concept slider: row i is the mean slider feature over the (c+, c-) pairs
+    of contexts[i] (e.g. the concept paired with each value of the other factors, c- the concept
+    removed in that context). The draw points are the local draws of the query image under its
+    own condition cond_pos, shared by every context. Returns [len(contexts), k] float32."""
+    if spec.draws != "local":
+        raise ValueError("context-averaged concept queries use local draws of the query image")
+    x, t = draw_points(featurizer, spec, cond_pos, None, image)
+    rows = []
+    for pairs in contexts:
+        if not pairs:
+            raise ValueError("a concept needs at least one context")
+        feats = [slider_features(featurizer, spec, c, n, x, t, batch_size) for c, n in pairs]
+        rows.append(torch.stack(feats).mean(0))
+    return torch.stack(rows)
 
 
 def image_query_features(

@@ -57,6 +57,10 @@ class FactorUNet(nn.Module):
     forward(x_t [B,3,H,W] float32, t [B] int64 or scalar, cond [B,F] int64) -> eps [B,3,H,W].
     """
 
+    # The modules the condition enters through (grads/layout.py CONDITION_PATH): the factor
+    # embeddings, summed into the time embedding that every resnet reads via time_emb_proj.
+    condition_param_filter = r"time_emb_proj|factor_embeddings"
+
     def __init__(
         self,
         n_values: list[int],

@@ -132,6 +132,9 @@ class TextToImageAdapter(nn.Module):
             eps = ad(x_t, t, cond.expand(len(x_t), -1, -1))    # float32
     """
 
+    # The modules the prompt enters through (grads/layout.py CONDITION_PATH): cross-attention.
+    condition_param_filter = T2I_PARAM_FILTER
+
     def __init__(
         self,
         unet: nn.Module,

@@ -30,12 +30,33 @@ class ParamSlot:
         return n
 
 
+CONDITION_PATH = "@condition"
+"""param_filter value meaning: the modules through which the condition enters the model, as the
+model declares them in its `condition_param_filter` attribute (FactorUNet: the factor embeddings
+and every resnet's time-embedding projection, which adds the summed condition embedding; a
+text-to-image UNet: the cross-attention layers, attn2)."""
+
+
+def resolve_param_filter(model: nn.Module, param_filter: str | None) -> str | None:
+    """The regex a filter stands for on `model` (CONDITION_PATH -> the model's declaration)."""
+    if param_filter != CONDITION_PATH:
+        return param_filter
+    declared = getattr(model, "condition_param_filter", None)
+    if not isinstance(declared, str):
+        raise ValueError(
+            f"{type(model).__name__} declares no condition_param_filter: give the modules that "
+            "read the condition as a --param-filter regex"
+        )
+    return declared
+
+
 def parameter_layout(model: nn.Module, param_filter: str | None = None) -> list[ParamSlot]:
     """Slots of the parameters whose name matches the regex `param_filter` (all when None).
 
     Offsets follow `model.named_parameters()` order over *all* parameters, so they do not depend on
     the filter. Raises ValueError when the filter matches nothing.
     """
+    param_filter = resolve_param_filter(model, param_filter)
     pattern = re.compile(param_filter) if param_filter else None
     slots, offset = [], 0
     for name, p in model.named_parameters():
