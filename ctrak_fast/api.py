@@ -501,7 +501,8 @@ class Attributor:
         elif self._text:
             from ctrak_fast.models.t2i_features import prompt_query_features
 
-            feats = prompt_query_features(self._fz, qspec, pos, conds, x0)
+            # a prompt's c- is one prompt or embedding, never a list
+            feats = prompt_query_features(self._fz, qspec, pos, conds, x0)  # type: ignore[arg-type]
         else:
             feats = concept_query_features(self._fz, qspec, pos, conds, image=x0)
         meta = {**self.meta(), "kind": "concept", "query": qspec.to_dict(), "concept": str(concept)}

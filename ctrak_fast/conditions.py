@@ -134,7 +134,7 @@ class FactorConditions(Conditions):
         if not label.startswith("-"):
             return [(pos, neg)]
         f = self._factor(label[1:])
-        out = []
+        out: list[tuple[Tensor, Negative]] = []
         for c in concept_contexts(pos, f, self.n_values):
             # a context keeps the query's unset factors unset (null stays null)
             c = torch.where(pos == torch.tensor(self.n_values), pos, c)

@@ -10,32 +10,29 @@ import torch
 from ctrak_fast.bench.quality import QualityConfig, format_table, run_quality
 from ctrak_fast.bench.report import bar_plot, gallery
 from ctrak_fast.data import make_dataset
+from ctrak_fast.data.captions import caption
+from ctrak_fast.method.methods import METHODS
 from ctrak_fast.models.shipped import ASSETS, SHIPPED, shipped
 
 
 def write_gallery(results: dict, data_values, factors, path) -> Path:
-    """One row per (gallery query, method): query | top-10 | bottom-5."""
+    """One row per (gallery query, method): query | top-10 | bottom-5. Concept methods get a row
+    per concept asked for (titled with it); D-TRAK and TRAK one whole-image row."""
     train = results["_train"]
 
     def describe(i: int) -> str:
-        s, c = train.labels[i].tolist()
-        return f"{data_values[factors[1]][c]} {data_values[factors[0]][s]}"
+        return caption(factors, data_values, train.labels[i].tolist()).removeprefix("a ")
 
     rows = []
     for g in results["_gallery"]:
-        s, c = g["combo"]
-        name = f"{data_values[factors[1]][c]} {data_values[factors[0]][s]}"
+        name = caption(factors, data_values, g["combo"]).removeprefix("a ")
         tag = "held-out" if g["split"] == "heldout" else "seen"
         for m, scores in g["scores"].items():
-            if m == "concept-trak":
+            if METHODS[m].query == "concept":
                 for f, fname in enumerate(factors):
-                    rows.append(
-                        {
-                            "title": f"{tag} {name}\nCT: {fname}",
-                            "query": g["image"],
-                            "scores": scores[:, f],
-                        }
-                    )
+                    value = data_values[fname][g["combo"][f]]
+                    title = f"{tag} {name}\n{m}: {fname}={value}"
+                    rows.append({"title": title, "query": g["image"], "scores": scores[:, f]})
             elif m in ("d-trak", "trak"):
                 rows.append(
                     {"title": f"{tag} {name}\n{m}", "query": g["image"], "scores": scores[:, 0]}

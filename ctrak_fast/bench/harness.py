@@ -19,7 +19,12 @@ import torch
 from ctrak_fast.bench.protocol import QueryLog, expected_random, summarize_protocols
 from ctrak_fast.engine.store import FeatureStore
 from ctrak_fast.engine.sweep import LambdaSweep
-from ctrak_fast.method.featurize import FeatureSpec, Featurizer, featurize_dataset
+from ctrak_fast.method.featurize import (
+    FeatureSpec,
+    Featurizer,
+    InversionCache,
+    featurize_dataset,
+)
 from ctrak_fast.method.methods import METHODS, Method, get_method
 from ctrak_fast.method.query import ConceptQuerySpec
 
@@ -97,6 +102,8 @@ def featurize_methods(
     first: Featurizer | None = None
     for name in (n for n in METHODS if n in need):
         fz = make_featurizer(spec_for(name), first)
+        # one cache of DDIM inversions and query draws for every method of the run
+        fz.inversion_cache = first.inversion_cache if first else InversionCache()
         first = first or fz
         out.featurizers[name] = fz
         das = out_dir / "stores" / "das" if name in das_for else None

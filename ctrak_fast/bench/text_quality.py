@@ -230,6 +230,7 @@ def run_from_args(a: argparse.Namespace) -> dict:
     from ctrak_fast.bench.demo import write_gallery
     from ctrak_fast.bench.tiny_text import load_t2i
     from ctrak_fast.data import SyntheticConfig, make_dataset
+    from ctrak_fast.method.methods import parse_methods
     from ctrak_fast.models.factor_unet import load_model
     from ctrak_fast.models.shipped import ASSETS
 
@@ -240,10 +241,11 @@ def run_from_args(a: argparse.Namespace) -> dict:
         per_combo=a.per_combo,
         k=a.k,
         queries_per_combo=a.queries_per_combo,
+        heldout_queries_per_combo=a.heldout_queries_per_combo,
         query_candidates=a.query_candidates,
         query_guidance=a.query_guidance,
         param_filter=a.param_filter,
-        methods=tuple(a.methods.split(",")),
+        methods=parse_methods(a.methods),
         lambda_r=a.lambda_r,
         dps=FeatureSpec(inversion_steps=a.inversion_steps, inversion_guidance=a.inversion_guidance),
         concept=ConceptQuerySpec(

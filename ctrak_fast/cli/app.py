@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 
-from ctrak_fast.cli.bench import cmd_bench_quality, cmd_demo, cmd_train
+from ctrak_fast.cli.bench import cmd_demo, cmd_train
 from ctrak_fast.cli.commands import (
     cmd_attribute,
     cmd_example,
@@ -82,6 +82,23 @@ def _add_method_args(p):
     )
 
 
+def _add_benchmark_args(p, out: str, per_combo: int, queries: int, heldout: int) -> None:
+    """Sizes and switches of `demo` and `bench quality|paper` (their defaults differ)."""
+    p.add_argument("--out", default=out)
+    p.add_argument("--per-combo", type=int, default=per_combo, help="training images per combo")
+    p.add_argument("--k", type=int, default=2048)
+    p.add_argument("--queries-per-combo", type=int, default=queries, help="per seen combination")
+    p.add_argument(
+        "--heldout-queries-per-combo",
+        type=int,
+        default=heldout,
+        help="per held-out combination (half validation, half test)",
+    )
+    p.add_argument("--lambda-r", type=float, default=1.0, help="the fixed-lambda protocol's")
+    p.add_argument("--quiet", action="store_true")
+    _add_method_args(p)
+
+
 def _add_data_args(p):
     p.add_argument(
         "--data",
@@ -101,41 +118,16 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser(
         "demo", help="benchmark every method on the shipped model; table, JSON, gallery"
     )
-    d.add_argument("--out", default="demo_out")
-    d.add_argument("--per-combo", type=int, default=30)
-    d.add_argument("--k", type=int, default=2048)
-    d.add_argument("--queries-per-combo", type=int, default=2, help="per seen combination")
-    d.add_argument(
-        "--heldout-queries-per-combo",
-        type=int,
-        default=8,
-        help="per held-out combination (half validation, half test)",
-    )
-    d.add_argument("--quiet", action="store_true")
-    _add_method_args(d)
+    _add_benchmark_args(d, "demo_out", per_combo=30, queries=2, heldout=8)
 
-    b = sub.add_parser("bench", help="benchmarks: `ctrak bench quality`")
+    b = sub.add_parser("bench", help="benchmarks: `ctrak bench quality|paper`")
     bsub = b.add_subparsers(dest="bench", required=True)
     q = bsub.add_parser("quality", help="the synthetic concept benchmark")
-    q.add_argument("--out", default="out/quality")
-    q.add_argument("--per-combo", type=int, default=250)
-    q.add_argument("--k", type=int, default=2048)
-    q.add_argument("--queries-per-combo", type=int, default=4, help="per seen combination")
-    q.add_argument("--heldout-queries-per-combo", type=int, default=8)
-    q.add_argument("--lambda-r", type=float, default=1.0)
-    q.add_argument("--quiet", action="store_true")
-    _add_method_args(q)
+    _add_benchmark_args(q, "out/quality", per_combo=250, queries=4, heldout=8)
     pp = bsub.add_parser(
         "paper", help="the paper's own 2 x 2 synthetic setting, in the paper's table layout"
     )
-    pp.add_argument("--out", default="out/paper")
-    pp.add_argument("--per-combo", type=int, default=200)
-    pp.add_argument("--k", type=int, default=2048)
-    pp.add_argument("--queries-per-combo", type=int, default=8, help="per seen combination")
-    pp.add_argument("--heldout-queries-per-combo", type=int, default=16)
-    pp.add_argument("--lambda-r", type=float, default=1.0)
-    pp.add_argument("--quiet", action="store_true")
-    _add_method_args(pp)
+    _add_benchmark_args(pp, "out/paper", per_combo=200, queries=8, heldout=16)
 
     sub.add_parser(
         "train",
@@ -235,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         "report": cmd_report,
         "store": cmd_store,
         "example": cmd_example,
-        "bench": cmd_bench_quality,
+        "bench": cmd_demo,
         "t2i": _cmd_t2i,
     }
     return _run(lambda: handlers[a.cmd](a))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 
-def cmd_demo(a, **extra):
+def cmd_demo(a):
     """`ctrak demo`, `ctrak bench quality` and `ctrak bench paper`: the benchmark at the sizes of
     their arguments, on the assets `a.name` (the paper's 2 x 2 replica for `bench paper`)."""
     from ctrak_fast.bench.demo import run_demo, summary
@@ -16,8 +16,8 @@ def cmd_demo(a, **extra):
         k=a.k,
         queries_per_combo=a.queries_per_combo,
         heldout_queries_per_combo=a.heldout_queries_per_combo,
+        lambda_r=a.lambda_r,
         **method_options(a),
-        **extra,
     )
     paper = getattr(a, "bench", None) == "paper"
     name = a.name or (PAPER_NAME if paper else SHIPPED)
@@ -42,10 +42,6 @@ def method_options(a) -> dict:
         "dps": FeatureSpec(inversion_guidance=a.inversion_guidance, param_filter=a.param_filter),
         "concept": ConceptQuerySpec(draws=a.draws, guidance=a.inversion_guidance),
     }
-
-
-def cmd_bench_quality(a):
-    cmd_demo(a, lambda_r=a.lambda_r)
 
 
 def cmd_train(a, rest):

@@ -18,7 +18,7 @@ import csv
 import json
 from pathlib import Path
 
-from ctrak_fast.method.methods import FEATURIZE_METHODS
+from ctrak_fast.method.methods import FEATURIZE_METHODS, METHODS
 
 DEFAULT_FILTER = (
     r"\.attn2\."  # = text2image.T2I_PARAM_FILTER (not imported: keeps the parser light)
@@ -274,8 +274,11 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--judge", help="ConceptJudge checkpoint (default: the shipped one)")
     p.add_argument("--data", help="SyntheticConfig JSON (default: the shipped one)")
     p.add_argument("--per-combo", type=int, default=50, help="training images per combination")
-    p.add_argument("--k", type=int, default=512)
-    p.add_argument("--queries-per-combo", type=int, default=2)
+    p.add_argument("--k", type=int, default=2048)
+    p.add_argument("--queries-per-combo", type=int, default=2, help="per seen combination")
+    p.add_argument(
+        "--heldout-queries-per-combo", type=int, default=8, help="half validation, half test"
+    )
     p.add_argument("--query-candidates", type=int, default=8, help="generated per combination")
     p.add_argument("--query-guidance", type=float, default=3.0, help="CFG of the query images")
     p.add_argument("--inversion-steps", type=int, default=50)
@@ -284,7 +287,7 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draws", default="local", choices=["local", "global"])
     p.add_argument("--lambda-r", type=float, default=1.0)
     p.add_argument("--param-filter", default=r"\.attn2\.", help="default: cross-attention")
-    p.add_argument("--methods", default="concept-trak,trak,d-trak,das,pixel")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated, from the table")
     p.add_argument("--threads", type=int, help="torch threads (1 on a shared machine)")
     p.add_argument("--quiet", action="store_true")
 

@@ -8,6 +8,7 @@ accumulated in parameter space (exact norms from the full per-sample gradient) a
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
@@ -81,6 +82,22 @@ class FeatureSpec:
         return cls(loss=loss, inversion=False, **kw)
 
 
+class InversionCache(dict):
+    """DDIM trajectories {t: x_t} keyed by the inversion settings and the bytes of (x0, cond,
+    null condition): featurizers of one model whose recipes invert alike (e.g. concept-trak and
+    concept-trak-cond) invert each image once. Entries are exact results, never approximations;
+    memory is len(timesteps) images per cached image."""
+
+    @staticmethod
+    def key(settings: tuple, x0: torch.Tensor, cond: torch.Tensor, null: torch.Tensor) -> tuple:
+        h = hashlib.sha256()
+        for t in (x0, cond, null):
+            t = t.detach().cpu().contiguous()
+            h.update(str((t.dtype, tuple(t.shape))).encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+        return (settings, h.hexdigest())
+
+
 def fixed_noise(
     seed: int, timesteps: tuple[int, ...], shape: tuple[int, ...]
 ) -> dict[int, torch.Tensor]:
@@ -120,6 +137,8 @@ class Featurizer:
     grad_backend: str = "hooks"
     projector_backend: str = "auto"
     shared_projector: Projector | None = None  # one projector for several featurizers
+    # DDIM inversions shared by featurizers of one model that invert alike (InversionCache)
+    inversion_cache: InversionCache | None = None
     layerwise: bool | None = None
     _grads: PerSampleGrads = field(init=False, repr=False)
     _projector: Projector = field(init=False, repr=False)
@@ -218,8 +237,15 @@ class Featurizer:
         """x_t at every timestep of the spec: DDIM inversion (CFG vs null) or fixed noise."""
         spec = self.spec
         if spec.inversion:
+            key = None
+            if self.inversion_cache is not None:
+                settings = (id(self.model), spec.inversion_guidance, spec.inversion_steps)
+                settings += (spec.timesteps,)
+                key = self.inversion_cache.key(settings, x0, cond, self.null_cond)
+                if key in self.inversion_cache:
+                    return self.inversion_cache[key]
             neg = self.null_cond.expand_as(cond)
-            return diffusion.ddim_invert(
+            traj = diffusion.ddim_invert(
                 self.model,
                 x0,
                 cond,
@@ -229,6 +255,9 @@ class Featurizer:
                 record_timesteps=spec.timesteps,
                 schedule=self.schedule,
             )
+            if key is not None:
+                self.inversion_cache[key] = traj
+            return traj
         noise = self.noise(x0.shape[1:])
         return {
             t: diffusion.add_noise(x0, noise[t].expand_as(x0), t, self.schedule)

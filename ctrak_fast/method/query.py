@@ -95,9 +95,18 @@ def draw_points(
     gen = torch.Generator().manual_seed(spec.seed)
     n = spec.n_draws
     pos = _batched(cond_pos, n)
+    cache, key = featurizer.inversion_cache, None
     if spec.draws == "local":
         if image is None:
             raise ValueError("local query draws need the query image")
+        if cache is not None:  # concept methods of one model that draw alike share the draws
+            settings: tuple[object, ...] = (id(model), "local", n, spec.eta, spec.guidance)
+            settings += (spec.steps,)
+            settings += (spec.timesteps, spec.seed)
+            key = cache.key(settings, image, cond_pos, featurizer.null_cond)
+            if key in cache:
+                hit: tuple[torch.Tensor, torch.Tensor] = cache[key]
+                return hit
         traj = diffusion.ddim_invert_stochastic(
             model,
             image.reshape(1, *image.shape[-3:]).expand(n, -1, -1, -1),
@@ -128,6 +137,8 @@ def draw_points(
         )
     x = torch.cat([traj[t] for t in spec.timesteps])
     t = torch.tensor(spec.timesteps, dtype=torch.long, device=x.device).repeat_interleave(n)
+    if cache is not None and key is not None:
+        cache[key] = (x, t)
     return x, t
 
 
