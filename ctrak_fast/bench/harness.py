@@ -77,24 +77,26 @@ class TrainedMethods:
 
 
 def featurize_methods(
-    methods: Sequence[str],
-    spec_for: Callable[[str], FeatureSpec],
+    cfg: MethodSettings,
     make_featurizer: Callable[[FeatureSpec, Featurizer | None], Featurizer],
     x0: torch.Tensor,
     conds: torch.Tensor,
     ids: torch.Tensor,
     out_dir: Path,
-    *,
-    batch_size: int,
-    dtype: str,
-    lambda_r: float,
     progress: bool = True,
 ) -> TrainedMethods:
     """Featurize x0 [N,...] / conds [N,...] / ids [N] once per store the methods need (in table
     order; stores under out_dir/stores/<method>, resumed when present) and factor each Gram.
 
     make_featurizer(spec, first): a featurizer for `spec`; `first` is the run's first featurizer
-    (None for the first), whose projector the others should share (one projection matrix)."""
+    (None for the first), whose projector the others should share (one projection matrix).
+    cfg: a benchmark config (methods, feature_spec(), batch_size, store_dtype)."""
+    methods, spec_for, batch_size, dtype = (
+        cfg.methods,
+        cfg.feature_spec,
+        cfg.batch_size,
+        cfg.store_dtype,
+    )
     rows = [METHODS[m] for m in methods]
     need = {r.store_method for r in rows if r.has_features}
     das_for = {r.store_method for r in rows if r.das}

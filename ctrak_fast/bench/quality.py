@@ -127,17 +127,7 @@ def run_quality(
         )
 
     trained = featurize_methods(
-        cfg.methods,
-        cfg.feature_spec,
-        make_featurizer,
-        train.images,
-        train.labels,
-        train.ids,
-        out_dir,
-        batch_size=cfg.batch_size,
-        dtype=cfg.store_dtype,
-        lambda_r=cfg.lambda_r,
-        progress=progress,
+        cfg, make_featurizer, train.images, train.labels, train.ids, out_dir, progress
     )
     timings = dict(trained.timings)
     splits = {

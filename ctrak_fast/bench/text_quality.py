@@ -159,19 +159,7 @@ def run_t2i_quality(
     def make(spec: FeatureSpec, first: Featurizer | None) -> Featurizer:
         return make_featurizer(adapter, spec, proj)
 
-    trained = featurize_methods(
-        cfg.methods,
-        cfg.feature_spec,
-        make,
-        x0_train,
-        conds,
-        train.ids,
-        out_dir,
-        batch_size=cfg.batch_size,
-        dtype=cfg.store_dtype,
-        lambda_r=cfg.lambda_r,
-        progress=progress,
-    )
+    trained = featurize_methods(cfg, make, x0_train, conds, train.ids, out_dir, progress)
     timings = dict(trained.timings)
     seen = [tuple(c) for c in data_combos(data, "seen")]
     splits = {"in_distribution": seen, "heldout": list(data.heldout)}
