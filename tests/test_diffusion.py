@@ -143,3 +143,36 @@ def test_guidance_one_matches_cond_only():
     a, _ = ddim_sample(model, cond, x_T=x_T)
     b, _ = ddim_sample(model, cond, neg_cond=torch.tensor([[1]]), guidance=1.0, x_T=x_T)
     assert torch.allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("eps_at", ["next", "current"])
+def test_inversion_step_convention_by_hand(eps_at):
+    """Two DDIM inversion steps x0 -> t1 -> t2 computed by hand: "next" evaluates eps at the
+    target timestep, "current" (the authors' code) at the current one (from x0: at t1)."""
+    model = GaussianEps()
+    x0 = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    cond = torch.tensor([[0], [1]])
+    grid = ddim_timesteps(10, SCHED.num_train_timesteps)[::-1]
+    t1, t2 = grid[0], grid[1]
+    traj = ddim_invert(model, x0, cond, steps=10, record_timesteps=[t1, t2], eps_at=eps_at)
+
+    def eps(x, t):
+        return model(x, torch.full((2,), t), cond)
+
+    a1, a2 = SCHED.alpha_bar(t1, x0), SCHED.alpha_bar(t2, x0)
+    x1 = a1.sqrt() * x0 + (1 - a1).sqrt() * eps(x0, t1)  # the first step is the same for both
+    e = eps(x1, t2 if eps_at == "next" else t1)
+    x2 = a2.sqrt() * tweedie_x0(x1, e, t1, SCHED) + (1 - a2).sqrt() * e
+    torch.testing.assert_close(traj[t1], x1, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(traj[t2], x2, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="eps_at"):
+        ddim_invert(model, x0, cond, steps=10, eps_at="previous")
+
+
+def test_feature_spec_records_the_inversion_convention():
+    from ctrak_fast.method.featurize import FeatureSpec
+
+    spec = FeatureSpec(inversion_eps="current")
+    assert FeatureSpec.from_dict(spec.to_dict()) == spec and spec.to_dict()["inversion_eps"]
+    with pytest.raises(ValueError, match="inversion_eps"):
+        FeatureSpec(inversion_eps="t_i")

@@ -36,6 +36,12 @@ def _add_feature_args(p):
     )
     p.add_argument("--inversion-guidance", type=float, default=7.5)
     p.add_argument(
+        "--inversion-eps",
+        choices=["next", "current"],
+        default="next",
+        help="eps of the inversion step t_i -> t_i+1 at t_i+1, or at t_i (the authors' code)",
+    )
+    p.add_argument(
         "--no-normalize", action="store_true", help="skip per-timestep unit normalisation"
     )
     p.add_argument("--param-filter", help="regex on parameter names (default: all parameters)")
@@ -63,6 +69,12 @@ def _add_method_args(p):
         default=7.5,
         help="CFG of the DDIM inversions (training features, local query draws) and of global "
         "draws",
+    )
+    p.add_argument(
+        "--inversion-eps",
+        choices=["next", "current"],
+        default="next",
+        help="concept-trak's inversion step: eps at t_i+1 (ours) or at t_i (the authors' code)",
     )
     p.add_argument(
         "--query-guidance", type=float, default=2.0, help="CFG of the generated query images"

@@ -39,7 +39,11 @@ def method_options(a) -> dict:
         "methods": methods,
         "negative": a.negative,
         "query_guidance": a.query_guidance,
-        "dps": FeatureSpec(inversion_guidance=a.inversion_guidance, param_filter=a.param_filter),
+        "dps": FeatureSpec(
+            inversion_guidance=a.inversion_guidance,
+            inversion_eps=a.inversion_eps,
+            param_filter=a.param_filter,
+        ),
         "concept": ConceptQuerySpec(draws=a.draws, guidance=a.inversion_guidance),
     }
 

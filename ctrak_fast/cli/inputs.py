@@ -47,7 +47,7 @@ def feature_spec(a):
     """The --method's FeatureSpec (the method table's defaults) with the flags given."""
     from ctrak_fast.method.methods import get_method
 
-    kw = {"inversion_guidance": a.inversion_guidance}
+    kw = {"inversion_guidance": a.inversion_guidance, "inversion_eps": a.inversion_eps}
     if a.timesteps:
         kw["timesteps"] = tuple(int(t) for t in a.timesteps.split(","))
     if a.no_inversion:

@@ -234,9 +234,27 @@ def ddim_sample(
     return x, traj
 
 
+INVERSION_EPS = ("next", "current")
+
+
 def _invert(
-    model, x0, cond, neg_cond, guidance, steps, record_timesteps, schedule, eta, generator, progress
+    model,
+    x0,
+    cond,
+    neg_cond,
+    guidance,
+    steps,
+    record_timesteps,
+    schedule,
+    eta,
+    generator,
+    progress,
+    eps_at="next",
 ):
+    # eps_at: the timestep at which eps is evaluated for the step t_i -> t_{i+1}: "next"
+    # (t_{i+1}, ours) or "current" (t_i, the authors' code; the first step, from x0, uses t_1).
+    if eps_at not in INVERSION_EPS:
+        raise ValueError(f"eps_at must be one of {INVERSION_EPS}, got {eps_at!r}")
     sch = _schedule(model, schedule)
     grid = ddim_timesteps(steps, sch.num_train_timesteps)[::-1]  # ascending: 19, 39, ..., 999
     rec = _check_record(record_timesteps, grid)
@@ -249,7 +267,8 @@ def _invert(
     traj: dict[int, torch.Tensor] = {}
     t_cur = -1
     for t in tqdm(grid, disable=not progress, desc="ddim-invert", leave=False):
-        eps = guided_eps(model, x, t, cond, neg_cond, guidance)
+        t_eps = t if eps_at == "next" or t_cur < 0 else t_cur
+        eps = guided_eps(model, x, t_eps, cond, neg_cond, guidance)
         ab_cur, ab = sch.alpha_bar(t_cur, x), sch.alpha_bar(t, x)
         x0_hat = tweedie_x0(x, eps, t_cur, sch) if t_cur >= 0 else x
         if eta > 0:
@@ -278,12 +297,15 @@ def ddim_invert(
     record_timesteps: Iterable[int] | None = None,
     schedule: NoiseSchedule | None = None,
     progress: bool = False,
+    eps_at: str = "next",
 ) -> dict[int, torch.Tensor]:
     """Deterministic DDIM inversion (eta = 0) with CFG on the same grid as `ddim_sample`.
 
     Args:
         x0: float32 [B, C, H, W] in [-1, 1]; cond / neg_cond as in ddim_sample.
         record_timesteps: grid timesteps to return (None -> only the final t = grid max).
+        eps_at: "next": the step t_i -> t_{i+1} evaluates eps(x_{t_i}, t_{i+1}) (ours);
+            "current": eps(x_{t_i}, t_i), as the authors' code does.
     Returns: {t: x_t [B, C, H, W]}; stops after the largest requested timestep.
 
     Examples:
@@ -294,7 +316,18 @@ def ddim_invert(
             ddim_timesteps(steps, _schedule(model, schedule).num_train_timesteps)[0]
         ]
     return _invert(
-        model, x0, cond, neg_cond, guidance, steps, record_timesteps, schedule, 0.0, None, progress
+        model,
+        x0,
+        cond,
+        neg_cond,
+        guidance,
+        steps,
+        record_timesteps,
+        schedule,
+        0.0,
+        None,
+        progress,
+        eps_at,
     )
 
 

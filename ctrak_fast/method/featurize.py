@@ -49,6 +49,9 @@ class FeatureSpec:
     inversion: bool = True
     inversion_guidance: float = 7.5
     inversion_steps: int = 50
+    # eps of the inversion step t_i -> t_{i+1} at t_{i+1} ("next", ours) or at t_i ("current",
+    # the authors' synthetic-benchmark code, METHOD.md §10)
+    inversion_eps: str = "next"
     # True: the whole per-timestep gradient to unit norm (the paper). "layer": each module (its
     # weight and bias together) to unit norm per timestep, so that no single layer (conv_out)
     # decides the inner product (dense projection only). False: no normalisation.
@@ -63,6 +66,10 @@ class FeatureSpec:
             raise ValueError(f"unknown loss {self.loss!r}; expected one of {LOSSES}")
         if not self.timesteps:
             raise ValueError("timesteps must not be empty")
+        if self.inversion_eps not in ("next", "current"):
+            raise ValueError(
+                f"inversion_eps must be 'next' or 'current', got {self.inversion_eps!r}"
+            )
         if self.normalize not in (True, False, "layer"):
             raise ValueError(f"normalize must be True, False or 'layer', got {self.normalize!r}")
         object.__setattr__(self, "timesteps", tuple(int(t) for t in self.timesteps))
@@ -240,7 +247,7 @@ class Featurizer:
             key = None
             if self.inversion_cache is not None:
                 settings = (id(self.model), spec.inversion_guidance, spec.inversion_steps)
-                settings += (spec.timesteps,)
+                settings += (spec.timesteps, spec.inversion_eps)
                 key = self.inversion_cache.key(settings, x0, cond, self.null_cond)
                 if key in self.inversion_cache:
                     return self.inversion_cache[key]
@@ -254,6 +261,7 @@ class Featurizer:
                 steps=spec.inversion_steps,
                 record_timesteps=spec.timesteps,
                 schedule=self.schedule,
+                eps_at=spec.inversion_eps,
             )
             if key is not None:
                 self.inversion_cache[key] = traj
