@@ -237,20 +237,59 @@ def ddim_sample(
 INVERSION_EPS = ("next", "current")
 
 
-def _invert(
+@torch.no_grad()
+def ddim_invert(
     model,
-    x0,
-    cond,
-    neg_cond,
-    guidance,
-    steps,
-    record_timesteps,
-    schedule,
-    eta,
-    generator,
-    progress,
-    eps_at="next",
-):
+    x0: torch.Tensor,
+    cond: torch.Tensor,
+    neg_cond: torch.Tensor | None = None,
+    guidance: float = 1.0,
+    steps: int = 50,
+    record_timesteps: Iterable[int] | None = None,
+    schedule: NoiseSchedule | None = None,
+    progress: bool = False,
+    eps_at: str = "next",
+) -> dict[int, torch.Tensor]:
+    """Deterministic DDIM inversion (eta = 0) with CFG on the same grid as `ddim_sample`.
+
+    Args:
+        x0: float32 [B, C, H, W] in [-1, 1]; cond / neg_cond as in ddim_sample.
+        record_timesteps: grid timesteps to return (None -> only the final t = grid max).
+        eps_at: "next": the step t_i -> t_{i+1} evaluates eps(x_{t_i}, t_{i+1}) (ours);
+            "current": eps(x_{t_i}, t_i), as the authors' code does.
+    Returns: {t: x_t [B, C, H, W]}; stops after the largest requested timestep.
+
+    Examples:
+        >>> traj = ddim_invert(model, x0, labels, guidance=7.5, record_timesteps=T)
+    """
+    return ddim_invert_stochastic(
+        model, x0, cond, neg_cond, guidance, steps, record_timesteps, 0.0, None, schedule,
+        progress, eps_at,
+    )  # fmt: skip
+
+
+@torch.no_grad()
+def ddim_invert_stochastic(
+    model,
+    x0: torch.Tensor,
+    cond: torch.Tensor,
+    neg_cond: torch.Tensor | None = None,
+    guidance: float = 1.0,
+    steps: int = 50,
+    record_timesteps: Iterable[int] | None = None,
+    eta: float = 0.1,
+    generator: torch.Generator | None = None,
+    schedule: NoiseSchedule | None = None,
+    progress: bool = False,
+    eps_at: str = "next",
+) -> dict[int, torch.Tensor]:
+    """Stochastic DDIM inversion (local query draws, METHOD.md §5): as `ddim_invert`, but each
+    step also injects fresh noise of std sigma_t(eta), so repeated calls give different x_t
+    around the deterministic trajectory (eta = 0 is `ddim_invert`). Returns {t: x_t [B,C,H,W]}."""
+    if record_timesteps is None:
+        record_timesteps = [
+            ddim_timesteps(steps, _schedule(model, schedule).num_train_timesteps)[0]
+        ]
     # eps_at: the timestep at which eps is evaluated for the step t_i -> t_{i+1}: "next"
     # (t_{i+1}, ours) or "current" (t_i, the authors' code; the first step, from x0, uses t_1).
     if eps_at not in INVERSION_EPS:
@@ -284,84 +323,3 @@ def _invert(
             break
         t_cur = t
     return traj
-
-
-@torch.no_grad()
-def ddim_invert(
-    model,
-    x0: torch.Tensor,
-    cond: torch.Tensor,
-    neg_cond: torch.Tensor | None = None,
-    guidance: float = 1.0,
-    steps: int = 50,
-    record_timesteps: Iterable[int] | None = None,
-    schedule: NoiseSchedule | None = None,
-    progress: bool = False,
-    eps_at: str = "next",
-) -> dict[int, torch.Tensor]:
-    """Deterministic DDIM inversion (eta = 0) with CFG on the same grid as `ddim_sample`.
-
-    Args:
-        x0: float32 [B, C, H, W] in [-1, 1]; cond / neg_cond as in ddim_sample.
-        record_timesteps: grid timesteps to return (None -> only the final t = grid max).
-        eps_at: "next": the step t_i -> t_{i+1} evaluates eps(x_{t_i}, t_{i+1}) (ours);
-            "current": eps(x_{t_i}, t_i), as the authors' code does.
-    Returns: {t: x_t [B, C, H, W]}; stops after the largest requested timestep.
-
-    Examples:
-        >>> traj = ddim_invert(model, x0, labels, guidance=7.5, record_timesteps=T)
-    """
-    if record_timesteps is None:
-        record_timesteps = [
-            ddim_timesteps(steps, _schedule(model, schedule).num_train_timesteps)[0]
-        ]
-    return _invert(
-        model,
-        x0,
-        cond,
-        neg_cond,
-        guidance,
-        steps,
-        record_timesteps,
-        schedule,
-        0.0,
-        None,
-        progress,
-        eps_at,
-    )
-
-
-@torch.no_grad()
-def ddim_invert_stochastic(
-    model,
-    x0: torch.Tensor,
-    cond: torch.Tensor,
-    neg_cond: torch.Tensor | None = None,
-    guidance: float = 1.0,
-    steps: int = 50,
-    record_timesteps: Iterable[int] | None = None,
-    eta: float = 0.1,
-    generator: torch.Generator | None = None,
-    schedule: NoiseSchedule | None = None,
-    progress: bool = False,
-) -> dict[int, torch.Tensor]:
-    """Stochastic DDIM inversion (local query draws, METHOD.md §5): as `ddim_invert`, but each
-    step also injects fresh noise of std sigma_t(eta), so repeated calls give different x_t
-    around the deterministic trajectory. Returns {t: x_t [B, C, H, W]}."""
-    if record_timesteps is None:
-        record_timesteps = [
-            ddim_timesteps(steps, _schedule(model, schedule).num_train_timesteps)[0]
-        ]
-    return _invert(
-        model,
-        x0,
-        cond,
-        neg_cond,
-        guidance,
-        steps,
-        record_timesteps,
-        schedule,
-        eta,
-        generator,
-        progress,
-    )
