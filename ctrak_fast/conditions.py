@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeAlias
 
@@ -30,12 +31,14 @@ def describe(cond: Condition) -> str:
     return str(cond.tolist()) if isinstance(cond, Tensor) else repr(cond)
 
 
-class Conditions:
+class Conditions(ABC):
     """How one model kind spells conditions; subclasses per kind."""
 
+    @abstractmethod
     def one(self, concept: Condition) -> Tensor:
-        raise NotImplementedError
+        """One condition as the model's cond tensor."""
 
+    @abstractmethod
     def negatives(
         self,
         concept: Condition,
@@ -43,7 +46,7 @@ class Conditions:
         remove: str | Sequence[str] | None,
         how: str = "null",
     ) -> list[tuple[str, Negative]]:
-        raise NotImplementedError
+        """(label, c-) of each concept removed from `pos` (`how`: factor models only)."""
 
     def batch(self, conds: Any, n: int) -> Tensor:
         """Training conditions of n samples as the model's cond tensor [n, ...]."""

@@ -52,8 +52,12 @@ class MethodSettings:
         return ConceptQuerySpec(**{**self.concept.to_dict(), **row.concept})
 
     def check_methods(self) -> None:
+        """Every method is a table row; the fixed lambda_r is one of the sweep (checked before
+        any work)."""
         for m in self.methods:
             get_method(m)
+        if self.lambda_r not in self.lambdas:
+            raise ValueError(f"lambda_r {self.lambda_r:g} is not in the sweep {list(self.lambdas)}")
 
     def specs_dict(self) -> dict:
         """The spec fields of to_dict()."""
@@ -184,7 +188,7 @@ def summarize(log: QueryLog, cfg, labels: torch.Tensor, data, splits: dict) -> d
     calibration rows (protocol.py), the expected random ranking, chance, query counts, the
     configuration and the held-out combinations. splits: {split: its combinations}."""
     factors = list(data.factors)
-    out = summarize_protocols(log, cfg.methods)
+    out = summarize_protocols(log, cfg.methods, cfg.lambda_r)
     out["expected_random"] = {
         split: {f: expected_random(labels, combos, i) for i, f in enumerate(factors)}
         for split, combos in splits.items()

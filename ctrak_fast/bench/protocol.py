@@ -5,7 +5,7 @@ more held-out combinations, alternate held-out combinations). Every gradient met
 every lambda_r of the sweep (one eigendecomposition per store, engine/sweep.py), and three lambda
 protocols are reported on the TEST queries:
 
-- fixed: lambda_r = 1;
+- fixed: one lambda_r of the sweep, the config's `lambda_r` (default 1);
 - oracle (uses labels): the best lambda_r per query, the paper's protocol. Shown only beside the
   calibration row that puts a random ranking through the same protocol;
 - validation (the headline): one lambda_r per method, the best mean validation P@10, applied
@@ -95,7 +95,9 @@ def _metric_row(scores: torch.Tensor, labels, combo, f: int) -> np.ndarray:
     return np.array([m[k] for k in METRICS])
 
 
-def chosen_lambdas(log: QueryLog, methods: Sequence[str]) -> dict[str, float]:
+def chosen_lambdas(
+    log: QueryLog, methods: Sequence[str], fixed: float = FIXED_LAMBDA
+) -> dict[str, float]:
     """Rule (c): per gradient method, the lambda_r with the best mean validation P@10 over every
     validation query and factor. Reads only validation entries."""
     col = METRICS.index("p@10")
@@ -110,7 +112,7 @@ def chosen_lambdas(log: QueryLog, methods: Sequence[str]) -> dict[str, float]:
         ]
         val = [v for v in val if len(v)]
         if not val:  # no validation query (toy runs): the fixed lambda_r, never a test label
-            out[m] = FIXED_LAMBDA
+            out[m] = fixed
             continue
         per_lambda = np.concatenate(val, axis=0).T  # [n_lambda, n_val]
         out[m] = choose_lambda_on_validation(per_lambda, list(log.lambdas))
@@ -123,13 +125,15 @@ def _cell(values: np.ndarray) -> dict:
     return {"mean": mean, "ci": [lo, hi]}
 
 
-def summarize_protocols(log: QueryLog, methods: Sequence[str]) -> dict:
+def summarize_protocols(log: QueryLog, methods: Sequence[str], fixed: float = FIXED_LAMBDA) -> dict:
     """The results fields of the three protocols, on the test queries (see the module docstring).
 
     Returns {"methods": {m: {split: {factor: {...}}}}, "calibration": ..., "lambda_r": ...,
     "paired": ..., "n_queries": {split: n_test}, "n_val_queries": {split: n_val}}."""
-    lam = chosen_lambdas(log, methods)
-    fixed_i = log.lambdas.index(FIXED_LAMBDA)
+    if fixed not in log.lambdas:
+        raise ValueError(f"the fixed lambda_r {fixed:g} is not in the sweep {list(log.lambdas)}")
+    lam = chosen_lambdas(log, methods, fixed)
+    fixed_i = log.lambdas.index(fixed)
     splits = list(next(iter(log.entries.values())))
     per_test: dict = {}  # method -> split -> factor -> headline per-query P@10 (paired CIs)
     out: dict = {"methods": {}, "calibration": {"random": {}, "random_oracle": {}}}
@@ -161,6 +165,7 @@ def summarize_protocols(log: QueryLog, methods: Sequence[str]) -> dict:
                 best = v.max(1) if name == "random_oracle" else v[:, 0]
                 out["calibration"][name][split][f] = {"p@10": _cell(best)["mean"]}
     out["lambda_r"] = lam
+    out["lambda_fixed"] = fixed
     out["paired"] = paired_differences(per_test, methods)
     out["n_queries"] = {s: len(log.values(methods[0], s, log.factors[0], "test")) for s in splits}
     out["n_val_queries"] = {

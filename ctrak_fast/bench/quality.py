@@ -58,7 +58,7 @@ class QualityConfig(MethodSettings):
     heldout_queries_per_combo: int = 8  # per held-out combination (half validation, half test)
     query_guidance: float = 2.0  # CFG of the generated query images (judge accuracy is best at 2)
     query_candidates: int = 8  # generated per combination; the judge keeps the correct ones
-    lambda_r: float = 1.0  # kept for the config record; the protocols sweep `lambdas`
+    lambda_r: float = 1.0  # the fixed-lambda protocol's; must be one of `lambdas`
     lambdas: tuple[float, ...] = LAMBDAS
     batch_size: int = 50
     store_dtype: str = "float32"
@@ -204,7 +204,7 @@ def data_combos(data: ConceptDataset, which: str) -> list[tuple[int, int]]:
 def format_table(results: dict) -> str:
     """Markdown tables of the three lambda protocols (bench/protocol.py), on the test queries:
     the headline (lambda_r chosen on validation queries) with bootstrap 95% CIs and the
-    calibration rows; fixed lambda_r = 1 and the oracle beside the random ranking under the same
+    calibration rows; the fixed lambda_r and the oracle beside the random ranking under the same
     oracle; the paired differences of the concept methods to D-TRAK and DAS."""
     factors = list(results["chance"])
     splits = ("in_distribution", "heldout")
@@ -245,7 +245,8 @@ def format_table(results: dict) -> str:
         "P@10 under the other lambda protocols (test queries); the oracle picks the best lambda_r "
         f"of {len(results['lambdas'])} per query with the labels:",
         "",
-        f"| method | fixed lambda_r = 1: {head} | oracle (uses labels): {head} |",
+        f"| method | fixed lambda_r = {results['lambda_fixed']:g}: {head} | "
+        f"oracle (uses labels): {head} |",
         "|---" * (1 + 2 * len(cols)) + "|",
     ]
     for m, by_split in results["methods"].items():
