@@ -33,7 +33,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, format_table, write_json  # noqa: E402
 
-from ctrak_fast.engine.scoring import Preconditioner, damping, gram, score_dense  # noqa: E402
+from ctrak_fast.engine.gram import gram  # noqa: E402
+from ctrak_fast.engine.scoring import Preconditioner, damping, score_dense  # noqa: E402
 from ctrak_fast.engine.sweep import LambdaSweep  # noqa: E402
 
 DEFAULT_LAMBDAS = "1e-4,1e-3,1e-2,1e-1,1,1e1,1e2,1e3,1e4"

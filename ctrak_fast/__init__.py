@@ -37,9 +37,10 @@ if TYPE_CHECKING:  # what static type checkers see; at run time __getattr__ impo
         shipped_model,
     )
     from ctrak_fast.data import ConceptDataset
+    from ctrak_fast.engine.gram import gram
     from ctrak_fast.engine.projection import FactorizedSpec, ProjectionSpec
     from ctrak_fast.engine.projector import Projector
-    from ctrak_fast.engine.scoring import Preconditioner, gram
+    from ctrak_fast.engine.scoring import Preconditioner
     from ctrak_fast.engine.search import topk
     from ctrak_fast.engine.search_inputs import TopK
     from ctrak_fast.engine.store import FeatureStore, SpecMismatch, StoreError
@@ -68,7 +69,7 @@ _EXPORTS = {
     "FeatureStore": "engine.store",
     "StoreError": "engine.store",
     "SpecMismatch": "engine.store",
-    "gram": "engine.scoring",
+    "gram": "engine.gram",
     "Preconditioner": "engine.scoring",
     "topk": "engine.search",
     "TopK": "engine.search",

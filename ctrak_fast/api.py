@@ -40,7 +40,7 @@ from ctrak_fast.conditions import (
 )
 from ctrak_fast.data import ConceptDataset
 from ctrak_fast.engine.projection import FactorizedSpec, ProjectionSpec
-from ctrak_fast.engine.scoring import Preconditioner, gram
+from ctrak_fast.engine.scoring import DualPreconditioner, Preconditioner, precondition
 from ctrak_fast.engine.search import topk
 from ctrak_fast.engine.store import FORMAT_VERSION, FeatureStore, StoreError
 from ctrak_fast.method import diffusion
@@ -98,6 +98,10 @@ def _is_text_adapter(model: nn.Module) -> bool:
 def _method_spec(method: str, spec: FeatureSpec | None) -> FeatureSpec:
     row = get_method(method, GRADIENT_METHODS)
     return row.feature_spec() if spec is None else row.check_spec(spec)
+
+
+# Up to this k the Attributor keeps the Gram (k^2 doubles: 0.5 GB) for cheap lambda changes.
+KEEP_GRAM_MAX_K = 8192
 
 
 class Attributor:
@@ -199,7 +203,7 @@ class Attributor:
             base = {"weight": 3.0 if self._text else 7.5, "timesteps": fz.spec.timesteps}
             query = ConceptQuerySpec(**{**base, **get_method(method).concept})
         self._query = query
-        self._pre: tuple[tuple[str, ...], Preconditioner] | None = None  # last store's
+        self._pre: tuple[tuple[str, ...], Preconditioner | DualPreconditioner] | None = None
 
     # -- construction from a pipeline --
 
@@ -586,12 +590,18 @@ class Attributor:
             mine = {**mine, "das": st.meta["das"]}
         st.check_compatible(mine)
 
-    def _preconditioner(self, st: FeatureStore, lambda_r: float) -> Preconditioner:
-        """(G + λI)'s Cholesky factor; the last store's Gram is kept (k² float64: a λ sweep or
-        repeated queries pay one pass over the store)."""
+    def _preconditioner(
+        self, st: FeatureStore, lambda_r: float
+    ) -> Preconditioner | DualPreconditioner:
+        """(G + λI)'s factor, by the cheaper path (the N x N kernel when N < k). The last store's
+        Gram is kept up to k = KEEP_GRAM_MAX_K (a λ change or repeated queries then pay no pass
+        over the store); above it, G is factored in place and a new λ reads the store again."""
         key = (str(st.path.resolve()), *(s["sha256"] for s in st.shards))
+        keep = st.k <= KEEP_GRAM_MAX_K
         if self._pre is None or self._pre[0] != key:
-            self._pre = key, Preconditioner(gram(st), lambda_r)
+            self._pre = key, precondition(st, lambda_r, keep_gram=keep)
         elif self._pre[1].lambda_r != float(lambda_r):
-            self._pre = key, self._pre[1].with_lambda(lambda_r)
+            pre = self._pre[1]
+            can = pre.path == "dual" or pre.gram is not None
+            self._pre = key, pre.with_lambda(lambda_r) if can else precondition(st, lambda_r)
         return self._pre[1]

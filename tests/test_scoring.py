@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ctrak_fast.engine.scoring import Preconditioner, damping, gram, score_dense
+from ctrak_fast.engine.gram import gram
+from ctrak_fast.engine.scoring import Preconditioner, damping, score_dense
 from ctrak_fast.engine.store import FeatureStore
 
 K = 32

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ctrak_fast.engine.scoring import Preconditioner, damping, gram, score_dense
+from ctrak_fast.engine.gram import gram
+from ctrak_fast.engine.scoring import Preconditioner, damping, score_dense
 from ctrak_fast.engine.store import FeatureStore
 from ctrak_fast.engine.sweep import LambdaSweep
 
@@ -159,5 +160,5 @@ def test_bad_inputs_raise_clear_errors():
         LambdaSweep(gram=gram(phi), path="dual")
     with pytest.raises(ValueError, match=rf"gram must be \[{K}, {K}\]"):
         LambdaSweep(phi, gram=torch.eye(K + 1, dtype=torch.float64), path="primal")
-    with pytest.raises(ValueError, match="solve\\(\\) needs the primal path"):
-        sweep.solve(q, [1.0])  # N < k: dual
+    with pytest.raises(ValueError, match="not positive definite for lambda_r=\\[0.0\\]"):
+        sweep.solve(q, [0.0])  # N < k: G is singular

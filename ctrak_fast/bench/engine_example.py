@@ -23,9 +23,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from ctrak_fast.engine.gram import gram
 from ctrak_fast.engine.projection import ProjectionSpec
 from ctrak_fast.engine.projector import Projector
-from ctrak_fast.engine.scoring import Preconditioner, gram, score_dense
+from ctrak_fast.engine.scoring import Preconditioner, score_dense
 from ctrak_fast.engine.store import FeatureStore, model_fingerprint
 
 CLASSES = ("horizontal bar", "vertical bar", "diagonal", "blob")

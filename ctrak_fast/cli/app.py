@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 
+from ctrak_fast.cli.argtypes import lambda_list, positive_int
 from ctrak_fast.cli.bench import cmd_demo, cmd_train
 from ctrak_fast.cli.commands import (
     cmd_attribute,
@@ -16,6 +17,7 @@ from ctrak_fast.cli.commands import (
     cmd_report,
     cmd_store,
 )
+from ctrak_fast.engine.scoring_options import PATHS, PRECISIONS
 from ctrak_fast.method.methods import FEATURIZE_METHODS, METHODS
 
 
@@ -187,8 +189,26 @@ def build_parser() -> argparse.ArgumentParser:
     at = sub.add_parser("attribute", help="top-k (both tails) of queries against a store")
     at.add_argument("--store", required=True)
     at.add_argument("--query", required=True)
-    at.add_argument("--k", type=int, default=10)
-    at.add_argument("--lambda-r", type=float, default=1.0)
+    at.add_argument("--k", type=positive_int, default=10)
+    at.add_argument(
+        "--lambda-r",
+        type=lambda_list,
+        default=[1.0],
+        help="relative damping, or a comma-separated sweep (one eigendecomposition for all)",
+    )
+    at.add_argument(
+        "--scoring-path",
+        default="auto",
+        choices=list(PATHS),
+        help="primal: factor the k x k Gram; dual: the N x N kernel (auto: dual when N < k)",
+    )
+    at.add_argument(
+        "--gram-precision",
+        default="float64",
+        choices=list(PRECISIONS),
+        help="mixed: float32 products per chunk, float64 sums across chunks (2x faster)",
+    )
+    at.add_argument("--device", default=None, help="where the Gram is built and factored")
     at.add_argument("--out", help="JSON file (default: stdout)")
     at.add_argument(
         "--verify",

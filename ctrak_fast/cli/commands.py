@@ -93,7 +93,6 @@ def cmd_query(a):
 
 def cmd_attribute(a):
     from ctrak_fast.engine.export import export_scores
-    from ctrak_fast.engine.scoring import Preconditioner, gram
     from ctrak_fast.engine.search import topk
     from ctrak_fast.engine.search_distributed import (
         distributed_session,
@@ -101,6 +100,7 @@ def cmd_attribute(a):
         topk_distributed,
     )
     from ctrak_fast.engine.store import FeatureStore, iter_store_shards
+    from ctrak_fast.engine.sweep import choose_path, solve_queries
     from ctrak_fast.results import Attribution, Query, check_query_store, write_attribution
 
     store = FeatureStore.open(a.store)
@@ -110,25 +110,39 @@ def cmd_attribute(a):
     if a.k > store.n_rows:
         raise ValueError(f"k={a.k} is larger than the store's {store.n_rows} rows")
     sel = [int(i) for i in a.export_queries.split(",")] if a.export_queries else None
+    lambdas = a.lambda_r
+    path = choose_path(store.n_rows, store.k, a.scoring_path)
+    opts = {"path": path, "precision": a.gram_precision, "device": a.device}
     # Under torchrun every rank searches its block of shards; the lists are merged exactly.
     with distributed_session() as (rank, world):
-        if world > 1:
-            u = Preconditioner(gram_distributed(store, verify=a.verify), a.lambda_r).solve(q)
-            res = topk_distributed(store, u, a.k, tails="both", verify=a.verify)
-        else:
-            g = gram(iter_store_shards(store, verify=a.verify))
-            u = Preconditioner(g, a.lambda_r).solve(q)
-            res = topk(store, u, a.k, tails="both", verify=a.verify)
+        if world > 1 and path == "primal":
+            g = gram_distributed(store, verify=a.verify)
+            u = solve_queries(store, q, lambdas, gram_matrix=g)
+        else:  # the dual path reads the (small, N < k) store on every rank
+            u = solve_queries(iter_store_shards(store, verify=a.verify), q, lambdas, **opts)
+        u = u.reshape(-1, store.k)  # lambda-major: the m queries at lambdas[0], then ...
+        search = topk_distributed if world > 1 else topk
+        res = search(store, u, a.k, tails="both", verify=a.verify)
     if rank != 0:
         return
+    labels, removed = list(query.labels), list(query.labels)
+    if len(lambdas) > 1:
+        labels = [f"{lab} @ lambda_r={r:g}" for r in lambdas for lab in query.labels]
+        removed = removed * len(lambdas)
+    lam = lambdas[0] if len(lambdas) == 1 else list(lambdas)
     if a.export_scores:
-        info = {"store": str(a.store), "query": str(a.query), "lambda_r": a.lambda_r}
+        info = {"store": str(a.store), "query": str(a.query), "lambda_r": lam}
         export_scores(store, u, a.export_scores, queries=sel, verify=a.verify, meta=info)
-        print(f"scores of {len(sel or q)} queries x {store.n_rows} rows -> {a.export_scores}")
-    attribution = Attribution.from_topk(res, query.labels, a.lambda_r)
-    header = {"store": str(a.store), "query": str(a.query), "removed": list(query.labels)}
+        print(f"scores of {len(sel or u)} queries x {store.n_rows} rows -> {a.export_scores}")
+    attribution = Attribution.from_topk(res, labels, lam)
+    header = {
+        "store": str(a.store),
+        "query": str(a.query),
+        "removed": removed,
+        "scoring_path": path,
+    }
     text = write_attribution(a.out, attribution, **header)
-    print(f"top-{a.k} of {len(q)} queries -> {a.out}" if a.out else text)
+    print(f"top-{a.k} of {len(u)} queries -> {a.out}" if a.out else text)
 
 
 def cmd_report(a):

@@ -215,7 +215,7 @@ def _cmd_query(a):
 
 
 def _cmd_attribute(a):
-    from ctrak_fast.engine.scoring import Preconditioner, gram
+    from ctrak_fast.engine.scoring import precondition
     from ctrak_fast.engine.search import topk
     from ctrak_fast.engine.store import FeatureStore
     from ctrak_fast.results import Attribution, Query, check_query_store, write_attribution
@@ -229,7 +229,7 @@ def _cmd_attribute(a):
     check_query_store(store, meta)
     if a.k > store.n_rows:
         raise ValueError(f"k={a.k} is larger than the store's {store.n_rows} rows")
-    res = topk(store, Preconditioner(gram(store), a.lambda_r).solve(q), a.k, tails="both")
+    res = topk(store, precondition(store, a.lambda_r).solve(q), a.k, tails="both")
     header = {
         "store": str(a.store),
         "query": str(a.query),

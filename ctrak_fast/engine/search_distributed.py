@@ -196,7 +196,7 @@ def gram_distributed(
     Collective. Returns the same [k, k] float64 tensor (CPU) on every rank; it equals
     ``scoring.gram(store)`` up to the order of the float64 sums.
     """
-    from ctrak_fast.engine.scoring import gram
+    from ctrak_fast.engine.gram import gram
 
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     rows = [rec["rows"] for rec in store.manifest["shards"]]

@@ -24,7 +24,15 @@ from collections.abc import Sequence
 
 import torch
 
-PATHS = ("auto", "primal", "dual")
+from ctrak_fast.engine.gram import FeatureSource, load_features
+from ctrak_fast.engine.gram import gram as build_gram
+from ctrak_fast.engine.scoring import (
+    Preconditioner,
+    choose_path,
+    precondition,
+    source_shape,
+)
+from ctrak_fast.engine.scoring_options import PATHS
 
 
 def _as_lambda_rs(lambda_rs: Sequence[float]) -> list[float]:
@@ -163,9 +171,11 @@ class LambdaSweep:
         return q64
 
     def solve(self, q: torch.Tensor, lambda_rs: Sequence[float]) -> torch.Tensor:
-        """Preconditioned queries u = ((G + lam I)^-1 q^T)^T for each lambda (primal path only).
+        """Preconditioned queries u = ((G + lam I)^-1 q^T)^T for each lambda.
 
-        For a store too large to hold: score each u with search.topk, as Preconditioner.solve.
+        Score each u with search.topk, as Preconditioner.solve (a store too large to hold in
+        scores). The dual path takes the push-through form of scoring.DualPreconditioner:
+        u = (q - Phi^T U diag(1 / (d + lam)) U^T Phi q^T) / lam.
 
         Args:
             q: [m, k] or [k] query features. lambda_rs: the relative dampings.
@@ -177,13 +187,23 @@ class LambdaSweep:
             >>> phi, q = torch.randn(50, 8), torch.randn(3, 8)
             >>> LambdaSweep(phi, path="primal").solve(q, [0.1, 1.0]).shape
             torch.Size([2, 3, 8])
+            >>> torch.allclose(LambdaSweep(phi, path="dual").solve(q, [0.1, 1.0]),
+            ...                LambdaSweep(phi, path="primal").solve(q, [0.1, 1.0]))
+            True
         """
-        if self.path != "primal":
-            raise ValueError("solve() needs the primal path (path='primal')")
         lambda_rs = _as_lambda_rs(lambda_rs)
-        c = self.evecs.T @ self._check_q(q).T  # [k, m], shared by every lambda
-        w = self._weights(lambda_rs)  # [n_lambda, k]
-        return (self.evecs @ (w[:, :, None] * c)).transpose(1, 2)
+        q64 = self._check_q(q)
+        w = self._weights(lambda_rs)  # [n_lambda, r]
+        if self.path == "primal":
+            c = self.evecs.T @ q64.T  # [k, m], shared by every lambda
+            return (self.evecs @ (w[:, :, None] * c)).transpose(1, 2)
+        lams = torch.tensor([self.damping(r) for r in lambda_rs], dtype=torch.float64)
+        if not (lams > 0).all():
+            raise ValueError("the dual path needs lambda_r > 0 (G is singular when N < k)")
+        c = self.evecs.T @ (self.phi @ q64.T)  # [N, m]
+        a = self.evecs @ (w[:, :, None] * c)  # [n_lambda, N, m]: (K + lam I)^-1 Phi q^T
+        u = (q64.T[None] - self.phi.T @ a) / lams[:, None, None]  # [n_lambda, k, m]
+        return u.transpose(1, 2)
 
     def scores(self, q: torch.Tensor, lambda_rs: Sequence[float]) -> torch.Tensor:
         """score_i = phi_i . u for every training row, every query and every lambda.
@@ -215,4 +235,56 @@ class LambdaSweep:
         return (self.evecs @ (w[:, :, None] * c)).float()
 
 
-__all__ = ["LambdaSweep"]
+def solve_queries(
+    source: FeatureSource,
+    q: torch.Tensor,
+    lambda_rs: Sequence[float],
+    *,
+    path: str = "auto",
+    precision: str = "float64",
+    device: torch.device | str | None = None,
+    gram_matrix: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Preconditioned queries of a training set for one or many lambda_r: [n_lambda, m, k].
+
+    One lambda: one factorisation (scoring.precondition; the primal Gram factored in place).
+    Several: one eigendecomposition (LambdaSweep) of G or, on the dual path, of K.
+
+    Args:
+        source: the training features (a FeatureStore, a tensor or blocks).
+        q: [m, k] query features. lambda_rs: relative dampings.
+        path, precision, device: as scoring.precondition.
+        gram_matrix: a Gram already built (e.g. gram_distributed): the primal path then reads
+            no features.
+
+    Examples:
+        >>> phi, q = torch.randn(40, 16), torch.randn(2, 16)
+        >>> u = solve_queries(phi, q, [0.5, 2.0])
+        >>> torch.allclose(u[1], solve_queries(phi, q, [2.0])[0], rtol=1e-4, atol=1e-6)
+        True
+    """
+    lambda_rs = _as_lambda_rs(lambda_rs)
+    shape = source_shape(source)
+    if gram_matrix is not None:
+        chosen = "primal"
+    else:
+        chosen = choose_path(*shape, path) if shape else ("dual" if path == "dual" else "primal")
+    if len(lambda_rs) == 1:
+        if gram_matrix is not None:
+            pre = Preconditioner(gram_matrix, lambda_rs[0], inplace=True)
+        else:
+            pre = precondition(
+                source, lambda_rs[0], path=chosen, precision=precision, device=device
+            )
+        return pre.solve(q)[None] if q.dim() == 2 else pre.solve(q)[None, None]
+    if chosen == "dual":
+        sweep = LambdaSweep(load_features(source), path="dual")
+    else:
+        g = gram_matrix
+        if g is None:
+            g = build_gram(source, precision=precision, device=device).cpu()
+        sweep = LambdaSweep(gram=g)
+    return sweep.solve(q, lambda_rs).float()
+
+
+__all__ = ["LambdaSweep", "solve_queries"]

@@ -62,7 +62,7 @@ except ImportError as e:  # pragma: no cover - exercised only without dattri
 
 from ctrak_fast.engine.projection import ProjectionSpec
 from ctrak_fast.engine.projector import Projector
-from ctrak_fast.engine.scoring import Preconditioner, gram
+from ctrak_fast.engine.scoring import DualPreconditioner, Preconditioner, precondition
 from ctrak_fast.engine.search import topk
 from ctrak_fast.engine.search_inputs import TopK
 from ctrak_fast.engine.store import FeatureStore, model_fingerprint
@@ -119,7 +119,7 @@ class CTRAKAttributor(BaseAttributor):  # type: ignore[misc]
             self.projection, int(self._params.numel()), backend=projector_backend
         )
         self._store: FeatureStore | None = None
-        self._pre: Preconditioner | None = None
+        self._pre: Preconditioner | DualPreconditioner | None = None
 
     # -- features --
 
@@ -184,7 +184,7 @@ class CTRAKAttributor(BaseAttributor):  # type: ignore[misc]
                 w.append(phi, torch.arange(n, n + len(phi)))
                 n += len(phi)
         self._store = FeatureStore.open(path)
-        self._pre = Preconditioner(gram(self._store), self.lambda_r)
+        self._pre = precondition(self._store, self.lambda_r)
 
     @property
     def store(self) -> FeatureStore:

@@ -1,0 +1,137 @@
+"""Argument types of the CLI: every numeric, list and regex flag is checked here, at the edge,
+so a bad value is one `ctrak: error: argument --flag: ...` line before any work or any write.
+
+Each type raises argparse.ArgumentTypeError with a message that names the rule; argparse adds
+the flag's name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+
+
+def _number(text: str, kind, what: str):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+    if kind is float and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1.
+
+    Examples:
+        >>> positive_int("3")
+        3
+    """
+    value = _number(text, int, "an integer")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def nonneg_int(text: str) -> int:
+    """An integer >= 0."""
+    value = _number(text, int, "an integer")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """Any finite float."""
+    return _number(text, float, "a number")
+
+
+def positive_float(text: str) -> float:
+    """A finite float > 0."""
+    value = _number(text, float, "a number")
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value:g}")
+    return value
+
+
+def nonneg_float(text: str) -> float:
+    """A finite float >= 0."""
+    value = _number(text, float, "a number")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value:g}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """A float in [0, 1]."""
+    value = _number(text, float, "a number")
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value:g}")
+    return value
+
+
+def _list(text: str, item, what: str) -> list:
+    parts = [p.strip() for p in text.split(",")]
+    if not text.strip() or any(not p for p in parts):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of {what}")
+    return [item(p) for p in parts]
+
+
+def lambda_list(text: str) -> list[float]:
+    """One or more relative dampings, comma-separated, each finite and >= 0: "1" or "0.1,1,10".
+
+    Examples:
+        >>> lambda_list("0.1, 1,10")
+        [0.1, 1.0, 10.0]
+    """
+    values = _list(text, nonneg_float, "numbers")
+    if len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"{text!r} repeats a value")
+    return values
+
+
+def timestep_list(text: str) -> list[int]:
+    """Distinct integer timesteps >= 0, comma-separated (the model's schedule bounds them from
+    above; checked against it before any work).
+
+    Examples:
+        >>> timestep_list("99,499,899")
+        [99, 499, 899]
+    """
+    values = _list(text, nonneg_int, "integers")
+    if len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"{text!r} repeats a timestep")
+    return values
+
+
+def regex(text: str) -> str:
+    """A Python regular expression that compiles (or an @name the model resolves).
+
+    Examples:
+        >>> regex("conv_out|time_")
+        'conv_out|time_'
+    """
+    if text.startswith("@"):
+        return text
+    try:
+        re.compile(text)
+    except re.error as e:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a valid regular expression ({e})"
+        ) from None
+    return text
+
+
+__all__ = [
+    "finite_float",
+    "fraction",
+    "lambda_list",
+    "nonneg_float",
+    "nonneg_int",
+    "positive_float",
+    "positive_int",
+    "regex",
+    "timestep_list",
+]
