@@ -11,6 +11,7 @@
 #include <tuple>
 #include <utility>
 
+#include "checksum.h"
 #include "mapped_file.h"
 #include "topk_cpu.h"
 #ifdef CTRAK_WITH_CUDA
@@ -251,6 +252,42 @@ PYBIND11_MODULE(CTRAK_MODULE_NAME, m) {
       "with contiguous rows (any row stride). Sums run per chunk of a global grid of\n"
       "PROJECT_GRID_ROWS rows: the bits do not depend on num_threads or other batch rows.");
   m.attr("PROJECT_GRID_ROWS") = py::int_(ctrak::kProjectGridRows);
+
+  // A contiguous byte view of any buffer (bytes, numpy arrays, a MappedFile).
+  const auto bytes_of = [](const py::buffer& b, const char* fn) {
+    py::buffer_info info = b.request();
+    py::ssize_t expect = info.itemsize;
+    for (py::ssize_t d = info.ndim - 1; d >= 0; --d) {
+      CHECK_ARG(info.shape[d] <= 1 || info.strides[d] == expect, "the buffer must be contiguous");
+      expect *= info.shape[d];
+    }
+    return std::make_pair(static_cast<const uint8_t*>(info.ptr),
+                          static_cast<size_t>(info.size * info.itemsize));
+  };
+  m.def(
+      "crc32c",
+      [bytes_of](const py::buffer& data, uint32_t crc) {
+        const auto [ptr, n] = bytes_of(data, "crc32c");
+        py::gil_scoped_release nogil;
+        return ctrak::crc32c(ptr, n, crc);
+      },
+      py::arg("data"), py::arg("crc") = 0,
+      "CRC-32C (Castagnoli) of a contiguous buffer; crc continues a previous value. Runs\n"
+      "without the GIL (SSE4.2 instruction where the CPU has it).");
+  m.def(
+      "block_crc32c",
+      [bytes_of](const py::buffer& data, int64_t block) {
+        const char* fn = "block_crc32c";
+        CHECK_ARG(block > 0, "block must be > 0");
+        const auto [ptr, n] = bytes_of(data, fn);
+        py::gil_scoped_release nogil;
+        return ctrak::block_crc32c(ptr, n, static_cast<size_t>(block));
+      },
+      py::arg("data"), py::arg("block"),
+      "CRC-32C of the little-endian uint32 CRC-32C values of consecutive block-byte blocks\n"
+      "(three blocks interleaved per thread): the shard checksum of engine/checksum.py.");
+  m.def("crc32c_hardware", &ctrak::crc32c_hardware,
+        "True when the SSE4.2 CRC instruction is used (else a slice-by-8 table).");
 
   py::class_<ctrak::MappedFile>(
       m, "MappedFile", py::buffer_protocol(),

@@ -93,13 +93,25 @@ class Query:
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Query:
         """Read a file written by :meth:`save` or by `ctrak query`."""
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {}).get("ctrak", "{}"))
-            features = f.get_tensor("queries")
-            image = f.get_tensor("image")[0] if "image" in f.keys() else None
+        if not Path(path).is_file():
+            raise ValueError(f"query file {path} does not exist (or is not a file)")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = json.loads((f.metadata() or {}).get("ctrak", "{}"))
+                if "queries" not in f.keys():
+                    raise ValueError("it holds no 'queries' tensor (a store shard?)")
+                features = f.get_tensor("queries")
+                image = f.get_tensor("image")[0] if "image" in f.keys() else None
+        except (SafetensorError, ValueError, UnicodeDecodeError) as e:
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ValueError(f"{path}: not a query file of `ctrak query` ({first})") from None
+        if not isinstance(meta, dict):
+            raise ValueError(f"{path}: not a query file of `ctrak query` (metadata is not a dict)")
         labels = meta.pop("removed", None) or [f"query {i}" for i in range(len(features))]
+        if not isinstance(labels, list) or len(labels) != len(features):
+            raise ValueError(f"{path}: its labels do not match its {len(features)} query rows")
         return cls(features, tuple(labels), meta, image)
 
 
@@ -155,6 +167,14 @@ def check_query_store(store: FeatureStore, meta: Mapping[str, Any]) -> None:
     """Refuse (SpecMismatch / StoreError naming the field) a query whose features mean nothing
     against `store` (the rule of the module docstring). meta: the query's meta."""
     keys = [k for k in ("model", "projection") if k in meta]
+    if "projection" in meta and isinstance(store.meta.get("projection"), dict):
+        # The kind first: "dense store, factorised query" says more than the k that differs.
+        kinds = [
+            p.get("kind", "dense") if isinstance(p, dict) else p
+            for p in (store.meta["projection"], meta["projection"])
+        ]
+        if kinds[0] != kinds[1]:
+            raise SpecMismatch(store.path, "projection.kind", *kinds)
     store.check_compatible({k: meta[k] for k in keys})
     if "text2image" in meta or "text2image" in store.meta:
         stored, given = store.meta.get("text2image", {}), meta.get("text2image", {})

@@ -9,10 +9,9 @@ import torch
 
 from ctrak_fast.bench.quality import QualityConfig, format_table, run_quality
 from ctrak_fast.bench.report import bar_plot, gallery
-from ctrak_fast.data import make_dataset
 from ctrak_fast.data.captions import caption
 from ctrak_fast.method.methods import METHODS
-from ctrak_fast.models.shipped import ASSETS, SHIPPED, shipped
+from ctrak_fast.models.shipped import ASSETS, SHIPPED, asset_dataset, shipped
 
 
 def write_gallery(results: dict, data_values, factors, path) -> Path:
@@ -49,10 +48,17 @@ def run_demo(
 ) -> dict:
     """The benchmark on the model, judge and data `name` of `assets` (default: the shipped
     shapes16; or the --out folder and --name of `ctrak train`)."""
+    model, judge, data_spec = shipped(name, assets=Path(assets))
+    return run_benchmark(model, judge, asset_dataset(data_spec, model), out_dir, cfg, progress)
+
+
+def run_benchmark(
+    model, judge, data, out_dir, cfg: QualityConfig | None = None, progress: bool = True
+) -> dict:
+    """The benchmark of a model, its judge and its training data (any labelled data set, any
+    number of factors): results.json, gallery.png and heldout_p10.png in out_dir."""
     torch.manual_seed(0)
     out = Path(out_dir)
-    model, judge, data_cfg = shipped(name, assets=Path(assets))
-    data = make_dataset(data_cfg)
     cfg = cfg or QualityConfig()
     results = run_quality(model, judge, data, cfg, out, progress=progress)
     write_gallery(results, data.values, data.factors, out / "gallery.png")

@@ -1,36 +1,40 @@
-"""Training: the FactorUNet diffusion model, the ConceptJudge, and generation evaluation.
+"""Training the FactorUNet diffusion model (resumable), then its judge and evaluation
+(bench/judge.py), on synthetic data (train_all) or a labelled image folder (train_folder).
 
-    python -m ctrak_fast.bench.train --out ctrak_fast/assets --name shapes16 --time-budget 2400
+    ctrak train --out ctrak_fast/assets --name shapes16 --time-budget 2400
+    ctrak train --folder DIR --labels FILE --out OUT --name NAME
 
-writes <name>.json (the SyntheticConfig), unet_<name>.safetensors (EMA weights),
+write <name>.json (where the data comes from), unet_<name>.safetensors (EMA weights),
 judge_<name>.safetensors, <name>_eval.json (judge accuracy per combination) and a sample grid PNG.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import logging
-import math
 import os
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ctrak_fast.bench.report import image_rows
-from ctrak_fast.data import ConceptDataset, SyntheticConfig, make_dataset, render
-from ctrak_fast.data.synthetic import paper_config
+from ctrak_fast.bench.judge import (
+    combo_name,
+    evaluation_report,
+    sample_grid,
+    train_judge,
+    train_judge_on_data,
+)
+from ctrak_fast.bench.train_state import load_state, save_state
+from ctrak_fast.data import ConceptDataset, SyntheticConfig, make_dataset
 from ctrak_fast.engine.atomic import atomic_write_text
-from ctrak_fast.method.diffusion import NoiseSchedule, add_noise, ddim_sample
-from ctrak_fast.models.factor_unet import ConceptJudge, FactorUNet, load_model, save_model
-from ctrak_fast.models.shipped import ASSETS
+from ctrak_fast.method.diffusion import NoiseSchedule, add_noise
+from ctrak_fast.models.factor_unet import FactorUNet, load_model, save_model
 
-__all__ = ["train_diffusion", "train_judge", "evaluate_generation", "sample_grid", "train_all"]
+__all__ = ["SCHEDULES", "EMAWeights", "train_all", "train_diffusion", "train_folder"]
 
 
 log = logging.getLogger(__name__)
@@ -74,6 +78,7 @@ def train_diffusion(
     time_budget_s: float | None = None,
     hflip: bool = False,
     init_from: str | os.PathLike | None = None,
+    resume: bool = True,
 ) -> FactorUNet:
     """DDPM epsilon-prediction training of a FactorUNet on `dataset`; returns the EMA model (eval).
 
@@ -94,6 +99,10 @@ def train_diffusion(
             the synthetic shapes, whose rotation range is symmetric; train_all turns it on).
         init_from: continue from a saved FactorUNet (its config overrides model_kwargs); the
             optimiser starts fresh, the EMA starts from the loaded weights.
+        resume: every checkpoint also writes out_path + ".state" (train_state.py: model, EMA,
+            optimiser, data order, random state); a run started with a state there continues
+            from it (the same settings are required), so a killed run loses at most
+            `checkpoint_every` steps. The state is removed when training ends.
     Learning rate: linear warm-up, constant, then linear decay to 10% over the last 30% of progress.
     """
     torch.manual_seed(seed)
@@ -122,8 +131,25 @@ def train_diffusion(
     )
     t0 = time.time()
     perm, pos = torch.randperm(n, generator=g), 0
-    running, step = 0.0, 0
-    for step in range(1, steps + 1):
+    running, step, start = 0.0, 0, 1
+    state = f"{out_path}.state"
+    run = {
+        "n": n,
+        "n_values": dataset.n_values,
+        "steps": steps,
+        "batch_size": batch_size,
+        "lr": lr,
+        "seed": seed,
+        "budget": time_budget_s,
+        "params": n_params,
+    }
+    if resume and Path(state).exists():
+        perm, scalars = load_state(state, model, opt, ema.ema.shadow_params, g, run)
+        start, pos, running = scalars["step"] + 1, scalars["pos"], scalars["running"]
+        ema.ema.optimization_step = scalars["ema_step"]
+        t0 -= scalars["elapsed"]  # the budget counts the time before the kill too
+        log.info(f"resumed from {state} at step {scalars['step']}")
+    for step in range(start, steps + 1):
         elapsed = time.time() - t0
         frac = max(step / steps, elapsed / time_budget_s if time_budget_s else 0.0)
         if frac > 1.0:
@@ -164,8 +190,17 @@ def train_diffusion(
             running = 0.0
         if checkpoint_every and step % checkpoint_every == 0:
             save_model(ema.weights(), partial)
+            scalars = {
+                "step": step,
+                "pos": pos,
+                "running": running,
+                "elapsed": time.time() - t0,
+                "ema_step": ema.ema.optimization_step,
+            }
+            save_state(state, model, opt, ema.ema.shadow_params, g, perm, scalars, run)
     save_model(ema.weights(), out_path)
     Path(partial).unlink(missing_ok=True)
+    Path(state).unlink(missing_ok=True)
     el = time.time() - t0
     log.info(
         f"train_diffusion done: {step} steps in {el:.0f}s ({el / max(step, 1):.3f}s/step) "
@@ -174,153 +209,51 @@ def train_diffusion(
     return ema.weights()
 
 
-def _judge_pool(
-    cfg: SyntheticConfig, per_combo: int, seed: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    combos = cfg.combos("all")
-    x = torch.cat([render(s, c, per_combo, seed, cfg.image_size, cfg) for s, c in combos])
-    y = torch.tensor(combos, dtype=torch.int64).repeat_interleave(per_combo, dim=0)
-    return x, y
+# Noise schedules of `ctrak train --schedule` (NoiseSchedule configs).
+SCHEDULES = {
+    "cosine": {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2", "max_beta": 0.05},
+    "linear": {
+        "num_train_timesteps": 1000,
+        "beta_schedule": "linear",
+        "beta_start": 1e-4,
+        "beta_end": 0.02,
+    },
+}
 
 
-def train_judge(
-    cfg: SyntheticConfig,
-    out_path: str | os.PathLike,
-    steps: int = 1500,
-    batch_size: int = 128,
-    lr: float = 2e-3,
-    seed: int = 0,
-    per_combo: int = 500,
-    noise_aug: float = 0.1,
-    progress: bool = True,
-) -> ConceptJudge:
-    """Train the ConceptJudge on fresh renders of *all* combinations (held-out ones included: it is
-    an independent classifier). Small Gaussian pixel noise makes it robust to imperfect samples.
-    Logs the accuracy on a separate render set; returns the judge in eval mode."""
-    torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed)
-    # Seeds far from the dataset's so the judge never sees the exact training images.
-    x, y = _judge_pool(cfg, per_combo, seed + 7_000_001)
-    xv, yv = _judge_pool(cfg, 64, seed + 9_000_011)
-    judge = ConceptJudge(
-        [len(cfg.shapes), len(cfg.colours)],
-        factors=["shape", "colour"],
-        values=cfg.values,
-        image_size=cfg.image_size,
-    ).train()
-    opt = torch.optim.AdamW(judge.parameters(), lr=lr, weight_decay=1e-4)
-    t0 = time.time()
-    for step in range(1, steps + 1):
-        for group in opt.param_groups:
-            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
-        idx = torch.randint(0, len(x), (batch_size,), generator=g)
-        xb = x[idx]
-        xb = torch.where(torch.rand(len(idx), 1, 1, 1, generator=g) < 0.5, xb.flip(-1), xb)
-        xb = xb + noise_aug * torch.rand(len(idx), 1, 1, 1, generator=g) * torch.randn(
-            xb.shape, generator=g
-        )
-        loss = sum(F.cross_entropy(lg, y[idx, f]) for f, lg in enumerate(judge(xb)))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if progress and step % 250 == 0:
-            log.info(f"judge step {step}/{steps} loss {loss.item():.4f}")
-    judge.eval()
-    acc = (judge.predict(xv) == yv).float().mean(0).tolist()
-    log.info(f"judge done in {time.time() - t0:.0f}s; validation accuracy per factor {acc}")
-    save_model(judge, out_path)
-    return judge
-
-
-@torch.no_grad()
-def evaluate_generation(
-    model: FactorUNet,
-    judge: ConceptJudge,
-    combos: list[tuple[int, int]],
-    n: int = 32,
-    guidance: float = 2.0,
-    steps: int = 50,
-    seed: int = 0,
-    batch_size: int = 256,
-) -> dict[tuple[int, int], dict[str, float]]:
-    """Generate n images per combination (CFG against the all-null condition) and judge them.
-
-    Returns {(shape_idx, colour_idx): {"acc": both factors right, "<factor>_acc": per factor}}.
-    """
-    model.eval()
-    g = torch.Generator().manual_seed(seed)
-    cond = torch.tensor(combos, dtype=torch.int64).repeat_interleave(n, dim=0)
-    x_T = torch.randn(len(cond), 3, model.image_size, model.image_size, generator=g)
-    pred = torch.cat(
-        [
-            judge.predict(ddim_sample(model, c, guidance=guidance, steps=steps, x_T=xt)[0])
-            for c, xt in zip(cond.split(batch_size), x_T.split(batch_size), strict=True)
-        ]
-    )
-    names = judge.config["factors"]
-    out = {}
-    for i, combo in enumerate(combos):
-        ok = pred[i * n : (i + 1) * n] == cond[i * n : (i + 1) * n]
-        res = {"acc": ok.all(-1).float().mean().item()}
-        res.update({f"{name}_acc": ok[:, f].float().mean().item() for f, name in enumerate(names)})
-        out[tuple(combo)] = res
-    return out
-
-
-@torch.no_grad()
-def sample_grid(
-    model: FactorUNet,
-    combos: list[tuple[int, int]],
-    path: str | os.PathLike,
-    n_per: int = 8,
-    guidance: float = 2.0,
-    seed: int = 0,
-    labels: list[str] | None = None,
+def _write_eval(
+    model,
+    judge,
+    paths,
+    combos,
+    heldout,
+    factors,
+    values,
+    guidances,
+    eval_n,
+    seed,
+    samples_png,
+    extra,
 ) -> None:
-    """PNG with one row per combination, n_per samples each (row labels optional)."""
-    g = torch.Generator().manual_seed(seed)
-    cond = torch.tensor(combos, dtype=torch.int64).repeat_interleave(n_per, dim=0)
-    x, _ = ddim_sample(model, cond, guidance=guidance, generator=g)
-    image_rows(list(x.split(n_per)), labels, path)
+    report = evaluation_report(
+        model, judge, combos, heldout, factors, values, guidances, eval_n, seed, extra
+    )
+    report["judge_validation_accuracy"] = getattr(judge, "validation_accuracy", None)
+    atomic_write_text(paths["eval"], json.dumps(report, indent=2) + "\n")
+    if samples_png:
+        held = set(map(tuple, heldout))
+        labels = [combo_name(factors, values, c) + (" *" if c in held else "") for c in combos]
+        sample_grid(model, combos, samples_png, guidance=guidances[0], seed=seed, labels=labels)
+        paths["samples"] = str(samples_png)
 
 
-def evaluation_report(
-    model: FactorUNet,
-    judge: ConceptJudge,
-    cfg: SyntheticConfig,
-    guidances: tuple[float, ...] = (1.0, 2.0),
-    eval_n: int = 32,
-    seed: int = 0,
-) -> dict:
-    """Judge accuracy of the model's samples per combination and guidance (the <name>_eval.json
-    that ships with a model), logged as it goes."""
-    combos = cfg.combos("all")
-    held = set(cfg.heldout)
-    report: dict = {"config": cfg.to_dict(), "n_per_combo": eval_n, "results": {}}
-    for w in guidances:
-        res = evaluate_generation(model, judge, combos, n=eval_n, guidance=w, seed=seed)
-        rows = {
-            f"{cfg.shapes[s]}/{cfg.colours[c]}": {"heldout": (s, c) in held, **r}
-            for (s, c), r in res.items()
-        }
-        seen_acc = float(np.mean([r["acc"] for k, r in res.items() if k not in held]))
-        held_acc = (
-            float(np.mean([r["acc"] for k, r in res.items() if k in held]))
-            if held
-            else float("nan")
-        )
-        report["results"][f"guidance_{w:g}"] = {
-            "seen_mean_acc": seen_acc,
-            "heldout_mean_acc": held_acc,
-            "per_combo": rows,
-        }
-        log.info(f"guidance {w:g}: seen acc {seen_acc:.3f}, held-out acc {held_acc:.3f}")
-        for k, r in rows.items():
-            log.info(
-                f"  {k:18s} {'HELD-OUT' if r['heldout'] else 'seen    '} acc {r['acc']:.3f} "
-                f"shape {r['shape_acc']:.3f} colour {r['colour_acc']:.3f}"
-            )
-    return report
+def _paths(out: Path, name: str) -> dict[str, str]:
+    return {
+        "config": str(out / f"{name}.json"),
+        "unet": str(out / f"unet_{name}.safetensors"),
+        "judge": str(out / f"judge_{name}.safetensors"),
+        "eval": str(out / f"{name}_eval.json"),
+    }
 
 
 def train_all(
@@ -340,7 +273,7 @@ def train_all(
     init_from: str | os.PathLike | None = None,
     schedule: dict | None = None,
 ) -> dict[str, str]:
-    """Dataset -> diffusion model -> judge -> evaluation; returns the written paths.
+    """Synthetic dataset -> diffusion model -> judge -> evaluation; returns the written paths.
 
     Files in out_dir: <name>.json (SyntheticConfig; `make_dataset(SyntheticConfig.load_json(...))`
     regenerates the training set bit for bit), unet_<name>.safetensors, judge_<name>.safetensors,
@@ -350,12 +283,7 @@ def train_all(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg = cfg or SyntheticConfig(seed=seed)
-    paths = {
-        "config": str(out / f"{name}.json"),
-        "unet": str(out / f"unet_{name}.safetensors"),
-        "judge": str(out / f"judge_{name}.safetensors"),
-        "eval": str(out / f"{name}_eval.json"),
-    }
+    paths = _paths(out, name)
     cfg.save_json(paths["config"])
     ds = make_dataset(cfg)
     log.info(
@@ -376,89 +304,96 @@ def train_all(
         init_from=init_from,
         model_kwargs={"schedule": schedule} if schedule else None,
     )
-    train_s = time.time() - t0
+    train_s = round(time.time() - t0)
     judge = train_judge(cfg, paths["judge"], steps=judge_steps, seed=seed, progress=progress)
-    report = evaluation_report(model, judge, cfg, guidances, eval_n, seed)
-    report["train_seconds"] = round(train_s)
-    atomic_write_text(paths["eval"], json.dumps(report, indent=2) + "\n")
-    combos, held = cfg.combos("all"), set(cfg.heldout)
-    if samples_png:
-        labels = [
-            f"{cfg.shapes[s]}/{cfg.colours[c]}{' *' if (s, c) in held else ''}" for s, c in combos
-        ]
-        sample_grid(model, combos, samples_png, guidance=guidances[0], seed=seed, labels=labels)
-        paths["samples"] = str(samples_png)
+    extra = {"config": cfg.to_dict(), "train_seconds": train_s}
+    _write_eval(
+        model,
+        judge,
+        paths,
+        cfg.combos("all"),
+        cfg.heldout,
+        ["shape", "colour"],
+        cfg.values,
+        guidances,
+        eval_n,
+        seed,
+        samples_png,
+        extra,
+    )
     log.info(f"train_all done: {paths}")
     return paths
 
 
-SCHEDULES = {
-    "cosine": {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2", "max_beta": 0.05},
-    "linear": {
-        "num_train_timesteps": 1000,
-        "beta_schedule": "linear",
-        "beta_start": 1e-4,
-        "beta_end": 0.02,
-    },
-}
+def train_folder(
+    out_dir: str | os.PathLike,
+    folder: str | os.PathLike,
+    labels_file: str | os.PathLike,
+    name: str = "folder",
+    image_size: int = 16,
+    steps: int = 20_000,
+    time_budget_s: float | None = None,
+    batch_size: int = 64,
+    lr: float = 4e-4,
+    judge_steps: int = 1500,
+    eval_n: int = 16,
+    guidances: tuple[float, ...] = (1.0, 2.0),
+    seed: int = 0,
+    progress: bool = True,
+    checkpoint_every: int = 500,
+    model_kwargs: dict | None = None,
+) -> dict[str, str]:
+    """A labelled image folder (any number of factors) -> FactorUNet -> judge -> evaluation.
 
+    Held-out combinations come from the labels file (data/folder.read_labels). Writes in out_dir:
+    <name>.json (where the data is: folder, labels, image size; FolderData), unet_<name>, judge_
+    <name> (trained on the folder's images), <name>_eval.json (the judge's accuracy on samples of
+    every seen and held-out combination) and <name>_samples.png (one row per combination, held-out
+    ones marked *). Training resumes from its last checkpoint (train_diffusion, resume).
+    """
+    from ctrak_fast.data import load_image_folder
+    from ctrak_fast.models.shipped import FolderData
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(
-        description="Train the synthetic-concept diffusion model and judge."
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = _paths(out, name)
+    spec = FolderData(str(Path(folder).resolve()), str(Path(labels_file).resolve()), image_size)
+    ds = load_image_folder(spec.folder, spec.labels, image_size=image_size)
+    spec.save_json(paths["config"])
+    combos = sorted({tuple(r) for r in ds.labels.tolist()} | set(ds.heldout))
+    log.info(
+        f"dataset: {len(ds)} images, factors {ds.factors}, {len(combos)} combinations, "
+        f"held out {[combo_name(ds.factors, ds.values, c) for c in ds.heldout]}"
     )
-    p.add_argument("--out", default=str(ASSETS))
-    p.add_argument("--name", default="shapes16")
-    p.add_argument("--image-size", type=int, default=16)
-    p.add_argument("--per-combo", type=int, default=250)
-    p.add_argument("--n-heldout", type=int, default=2, help="Latin-square held-out pairs")
-    p.add_argument(
-        "--preset",
-        choices=["shapes", "paper"],
-        default="shapes",
-        help="shapes: 4 shapes x 4 colours; paper: the paper's 2 x 2 (outlined triangle/circle, "
-        "red/blue, red triangle held out)",
+    t0 = time.time()
+    model = train_diffusion(
+        ds,
+        paths["unet"],
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        time_budget_s=time_budget_s,
+        progress=progress,
+        checkpoint_every=checkpoint_every,
+        model_kwargs=model_kwargs,
     )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=20_000)
-    p.add_argument(
-        "--time-budget", type=float, default=None, help="seconds of diffusion training at most"
+    train_s = round(time.time() - t0)
+    judge = train_judge_on_data(ds, paths["judge"], steps=judge_steps, seed=seed, progress=progress)
+    extra = {"data": spec.to_dict(), "train_seconds": train_s}
+    _write_eval(
+        model,
+        judge,
+        paths,
+        combos,
+        ds.heldout,
+        ds.factors,
+        ds.values,
+        guidances,
+        eval_n,
+        seed,
+        out / f"{name}_samples.png",
+        extra,
     )
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=4e-4)
-    p.add_argument("--judge-steps", type=int, default=1500)
-    p.add_argument("--eval-n", type=int, default=32)
-    p.add_argument("--samples", default=None, help="PNG path for a sample grid")
-    p.add_argument("--init-from", default=None, help="continue from this FactorUNet checkpoint")
-    p.add_argument(
-        "--schedule",
-        choices=sorted(SCHEDULES),
-        default="cosine",
-        help="noise schedule of a new model (ignored with --init-from)",
-    )
-    a = p.parse_args(argv)
-    if a.preset == "paper":
-        cfg = paper_config(per_combo=a.per_combo, image_size=a.image_size, seed=a.seed)
-    else:
-        cfg = SyntheticConfig(
-            image_size=a.image_size, per_combo=a.per_combo, n_heldout=a.n_heldout, seed=a.seed
-        )
-    train_all(
-        a.out,
-        a.name,
-        cfg,
-        steps=a.steps,
-        time_budget_s=a.time_budget,
-        batch_size=a.batch_size,
-        lr=a.lr,
-        judge_steps=a.judge_steps,
-        eval_n=a.eval_n,
-        samples_png=a.samples,
-        seed=a.seed,
-        init_from=a.init_from,
-        schedule=SCHEDULES[a.schedule],
-    )
-
-
-if __name__ == "__main__":
-    main()
+    log.info(f"train_folder done: {paths}")
+    return paths

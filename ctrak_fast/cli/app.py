@@ -7,16 +7,27 @@ import logging
 import os
 import sys
 
-from ctrak_fast.cli.argtypes import lambda_list, positive_int
-from ctrak_fast.cli.bench import cmd_demo, cmd_train
+from ctrak_fast.cli.argtypes import (
+    CliParser,
+    finite_float,
+    lambda_list,
+    nonneg_float,
+    nonneg_int,
+    positive_int,
+    regex,
+    timestep_list,
+)
+from ctrak_fast.cli.bench import cmd_demo
 from ctrak_fast.cli.commands import (
     cmd_attribute,
     cmd_example,
     cmd_featurize,
+    cmd_labels,
     cmd_query,
     cmd_report,
     cmd_store,
 )
+from ctrak_fast.cli.train import add_train_args, cmd_train
 from ctrak_fast.engine.scoring_options import PATHS, PRECISIONS
 from ctrak_fast.method.methods import FEATURIZE_METHODS, METHODS
 
@@ -24,19 +35,21 @@ from ctrak_fast.method.methods import FEATURIZE_METHODS, METHODS
 def _add_feature_args(p):
     p.add_argument("--model", help="FactorUNet safetensors (default: the shipped model)")
     p.add_argument("--method", default="concept-trak", choices=FEATURIZE_METHODS)
-    p.add_argument("--k", type=int, default=512, help="projection dimension")
-    p.add_argument("--proj-seed", type=int, default=0)
+    p.add_argument("--k", type=positive_int, default=512, help="projection dimension")
+    p.add_argument("--proj-seed", type=nonneg_int, default=0)
     p.add_argument(
         "--factorized",
         metavar="K_IN,K_OUT",
         help="LoGra-style per-layer Kronecker projection of Linear/Conv2d weights instead of the "
         "dense one (k = layers * K_IN * K_OUT; --k is ignored)",
     )
-    p.add_argument("--timesteps", help="comma-separated, default 99,199,...,899")
+    p.add_argument(
+        "--timesteps", type=timestep_list, help="comma-separated, default 99,199,...,899"
+    )
     p.add_argument(
         "--no-inversion", action="store_true", help="fixed noise instead of DDIM inversion"
     )
-    p.add_argument("--inversion-guidance", type=float, default=7.5)
+    p.add_argument("--inversion-guidance", type=nonneg_float, default=7.5)
     p.add_argument(
         "--inversion-eps",
         choices=["next", "current"],
@@ -46,7 +59,9 @@ def _add_feature_args(p):
     p.add_argument(
         "--no-normalize", action="store_true", help="skip per-timestep unit normalisation"
     )
-    p.add_argument("--param-filter", help="regex on parameter names (default: all parameters)")
+    p.add_argument(
+        "--param-filter", type=regex, help="regex on parameter names (default: all parameters)"
+    )
     p.add_argument("--grad-backend", default="hooks", choices=["hooks", "func"])
 
 
@@ -67,7 +82,7 @@ def _add_method_args(p):
     p.add_argument("--draws", default="local", choices=["local", "global"])
     p.add_argument(
         "--inversion-guidance",
-        type=float,
+        type=nonneg_float,
         default=7.5,
         help="CFG of the DDIM inversions (training features, local query draws) and of global "
         "draws",
@@ -79,7 +94,7 @@ def _add_method_args(p):
         help="concept-trak's inversion step: eps at t_i+1 (ours) or at t_i (the authors' code)",
     )
     p.add_argument(
-        "--query-guidance", type=float, default=2.0, help="CFG of the generated query images"
+        "--query-guidance", type=nonneg_float, default=2.0, help="CFG of the generated query images"
     )
     p.add_argument(
         "--assets",
@@ -91,6 +106,7 @@ def _add_method_args(p):
     )
     p.add_argument(
         "--param-filter",
+        type=regex,
         help="regex on parameter names for Concept-TRAK's gradients (default: all), e.g. "
         "'time_emb_proj|factor_embeddings': the layers the condition enters through",
     )
@@ -99,16 +115,20 @@ def _add_method_args(p):
 def _add_benchmark_args(p, out: str, per_combo: int, queries: int, heldout: int) -> None:
     """Sizes and switches of `demo` and `bench quality|paper` (their defaults differ)."""
     p.add_argument("--out", default=out)
-    p.add_argument("--per-combo", type=int, default=per_combo, help="training images per combo")
-    p.add_argument("--k", type=int, default=2048)
-    p.add_argument("--queries-per-combo", type=int, default=queries, help="per seen combination")
+    p.add_argument(
+        "--per-combo", type=positive_int, default=per_combo, help="training images per combo"
+    )
+    p.add_argument("--k", type=positive_int, default=2048)
+    p.add_argument(
+        "--queries-per-combo", type=positive_int, default=queries, help="per seen combination"
+    )
     p.add_argument(
         "--heldout-queries-per-combo",
-        type=int,
+        type=positive_int,
         default=heldout,
         help="per held-out combination (half validation, half test)",
     )
-    p.add_argument("--lambda-r", type=float, default=1.0, help="the fixed-lambda protocol's")
+    p.add_argument("--lambda-r", type=nonneg_float, default=1.0, help="the fixed-lambda protocol's")
     p.add_argument("--quiet", action="store_true")
     _add_method_args(p)
 
@@ -120,13 +140,11 @@ def _add_data_args(p):
     )
     p.add_argument("--folder", help="a folder of images (with --labels) instead of synthetic data")
     p.add_argument("--labels", help="labels file (JSON or CSV) for --folder")
-    p.add_argument("--image-size", type=int, default=16)
+    p.add_argument("--image-size", type=positive_int, default=16)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="ctrak", description="Concept-level training-data attribution."
-    )
+    p = CliParser(prog="ctrak", description="Concept-level training-data attribution.")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     d = sub.add_parser(
@@ -136,18 +154,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="benchmarks: `ctrak bench quality|paper`")
     bsub = b.add_subparsers(dest="bench", required=True)
-    q = bsub.add_parser("quality", help="the synthetic concept benchmark")
+    q = bsub.add_parser(
+        "quality", help="the concept benchmark: synthetic, or a labelled folder (--folder)"
+    )
     _add_benchmark_args(q, "out/quality", per_combo=250, queries=4, heldout=8)
+    q.add_argument("--folder", help="benchmark on this labelled image folder (with --labels)")
+    q.add_argument("--labels", help="labels file of --folder (held-out combinations in it)")
+    q.add_argument("--model", help="the FactorUNet trained on --folder (`ctrak train --folder`)")
+    q.add_argument("--judge", help="its judge (default: judge_NAME beside unet_NAME)")
+    q.add_argument("--image-size", type=positive_int, default=16, help="of --folder's images")
     pp = bsub.add_parser(
         "paper", help="the paper's own 2 x 2 synthetic setting, in the paper's table layout"
     )
     _add_benchmark_args(pp, "out/paper", per_combo=200, queries=8, heldout=16)
 
-    sub.add_parser(
-        "train",
-        help="train the synthetic-concept model and judge (see `ctrak train -h`)",
-        add_help=False,
+    tr = sub.add_parser(
+        "train", help="train a FactorUNet and its judge: synthetic data, or --folder --labels"
     )
+    add_train_args(tr)
 
     f = sub.add_parser("featurize", help="write training features into a store")
     _add_feature_args(f)
@@ -155,10 +179,19 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--out", required=True, help="store directory (resumed if it exists)")
     f.add_argument("--das-out", help="also write DAS rows here (d-trak only)")
     f.add_argument(
-        "--per-combo", type=int, default=0, help="first N images of each combination (0: all)"
+        "--per-combo",
+        type=nonneg_int,
+        default=0,
+        help="first N images of each combination (0: all)",
     )
-    f.add_argument("--batch-size", type=int, default=32)
-    f.add_argument("--shard-rows", type=int, default=1024, help="rows per shard (x batch size)")
+    f.add_argument("--batch-size", type=positive_int, default=32)
+    f.add_argument(
+        "--shard-rows",
+        type=positive_int,
+        default=256,
+        help="feature rows per shard file, the unit of resume (256: a checkpoint every ~40 s "
+        "of concept-trak on 2 CPU cores)",
+    )
     f.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     f.add_argument(
         "--nan-policy",
@@ -173,9 +206,11 @@ def build_parser() -> argparse.ArgumentParser:
     qp.add_argument("--concept", required=True, help="c+, e.g. 'shape=triangle,colour=red'")
     qp.add_argument("--remove", help="factor(s) removed for c- (default: each factor in turn)")
     qp.add_argument("--draws", default="local", choices=["local", "global"])
-    qp.add_argument("--n-draws", type=int, default=4)
-    qp.add_argument("--weight", type=float, default=7.5)
-    qp.add_argument("--guidance", type=float, default=3.0, help="CFG of the generated query image")
+    qp.add_argument("--n-draws", type=positive_int, default=4)
+    qp.add_argument("--weight", type=finite_float, default=7.5)
+    qp.add_argument(
+        "--guidance", type=nonneg_float, default=3.0, help="CFG of the generated query image"
+    )
     qp.add_argument("--image", help="the query image file (default: generated from --concept)")
     qp.add_argument(
         "--negative",
@@ -183,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="c- of a factor concept: the factor nulled, or flipped to each other value "
         "(default: the method's; concept-trak-cond flips)",
     )
-    qp.add_argument("--seed", type=int, default=0)
+    qp.add_argument("--seed", type=nonneg_int, default=0)
     qp.add_argument("--out", required=True, help="query safetensors file")
 
     at = sub.add_parser("attribute", help="top-k (both tails) of queries against a store")
@@ -212,9 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
     at.add_argument("--out", help="JSON file (default: stdout)")
     at.add_argument(
         "--verify",
-        default="ids",
-        choices=["ids", "full", "none"],
-        help="shard checks while reading: sha256 of the ids (default), of whole files, or none",
+        default="crc",
+        choices=["crc", "ids", "full", "none"],
+        help="shard checks while reading: block CRC-32C of every byte (default, ~free), sha256 "
+        "of the ids, of whole files, or none",
     )
     at.add_argument("--export-scores", help="also write all scores (safetensors, streamed)")
     at.add_argument("--export-queries", help="comma-separated query indices to export (all)")
@@ -224,13 +260,20 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--result", required=True)
     r.add_argument("--out", required=True)
 
+    lb = sub.add_parser(
+        "labels", help="check a labelled image folder: images, factors, values, held-out combos"
+    )
+    lb.add_argument("--folder", required=True)
+    lb.add_argument("--labels", required=True, help="labels file (JSON or CSV)")
+    lb.add_argument("--image-size", type=positive_int, default=16)
+
     s = sub.add_parser("store", help="inspect or verify a feature store")
     s.add_argument("action", choices=["info", "verify"])
     s.add_argument("path")
 
     e = sub.add_parser("example", help="the engine's end-to-end example on a small MLP")
     e.add_argument("--out", default="out/engine_example")
-    e.add_argument("--k", type=int, default=256)
+    e.add_argument("--k", type=positive_int, default=256)
 
     from ctrak_fast.cli.t2i import add_t2i_commands
 
@@ -248,8 +291,6 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     # The library logs (training progress, fallbacks); the CLI shows them on stderr.
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
-    if argv[:1] == ["train"]:
-        return _run(lambda: cmd_train(None, argv[1:]))
     a = build_parser().parse_args(argv)
     handlers = {
         "demo": cmd_demo,
@@ -258,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
         "attribute": cmd_attribute,
         "report": cmd_report,
         "store": cmd_store,
+        "labels": cmd_labels,
+        "train": cmd_train,
         "example": cmd_example,
         "bench": cmd_demo,
         "t2i": _cmd_t2i,

@@ -2,7 +2,7 @@
 so a bad value is one `ctrak: error: argument --flag: ...` line before any work or any write.
 
 Each type raises argparse.ArgumentTypeError with a message that names the rule; argparse adds
-the flag's name.
+the flag's name, and CliParser prints it as the CLI's one error line (exit 1, no usage block).
 """
 
 from __future__ import annotations
@@ -10,6 +10,16 @@ from __future__ import annotations
 import argparse
 import math
 import re
+import sys
+
+
+class CliParser(argparse.ArgumentParser):
+    """argparse with the CLI's error contract: one `ctrak: error: ...` line, exit status 1.
+    Sub-commands inherit it (add_subparsers uses the parser's own class)."""
+
+    def error(self, message: str):
+        print(f"ctrak: error: {message.splitlines()[0]}", file=sys.stderr)
+        sys.exit(1)
 
 
 def _number(text: str, kind, what: str):
@@ -125,6 +135,7 @@ def regex(text: str) -> str:
 
 
 __all__ = [
+    "CliParser",
     "finite_float",
     "fraction",
     "lambda_list",

@@ -1,4 +1,4 @@
-"""`ctrak demo`, `ctrak bench quality|paper`, `ctrak train`: the benchmarks behind the CLI."""
+"""`ctrak demo`, `ctrak bench quality|paper`: the benchmarks behind the CLI."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from __future__ import annotations
 def cmd_demo(a):
     """`ctrak demo`, `ctrak bench quality` and `ctrak bench paper`: the benchmark at the sizes of
     their arguments, on the assets `a.name` (the paper's 2 x 2 replica for `bench paper`)."""
-    from ctrak_fast.bench.demo import run_demo, summary
+    from ctrak_fast.bench.demo import run_benchmark, run_demo, summary
     from ctrak_fast.bench.paper import PAPER_NAME, paper_table
     from ctrak_fast.bench.quality import QualityConfig
     from ctrak_fast.models.shipped import ASSETS, SHIPPED
@@ -21,7 +21,11 @@ def cmd_demo(a):
     )
     paper = getattr(a, "bench", None) == "paper"
     name = a.name or (PAPER_NAME if paper else SHIPPED)
-    results = run_demo(a.out, cfg, progress=not a.quiet, assets=a.assets or ASSETS, name=name)
+    if getattr(a, "folder", None) or getattr(a, "labels", None):
+        model, judge, data = folder_benchmark_inputs(a)
+        results = run_benchmark(model, judge, data, a.out, cfg, progress=not a.quiet)
+    else:
+        results = run_demo(a.out, cfg, progress=not a.quiet, assets=a.assets or ASSETS, name=name)
     print(summary(results, a.out))
     if paper:
         print("\nThe paper's layout (P@10 averaged over the two concepts of each query):\n")
@@ -48,7 +52,29 @@ def method_options(a) -> dict:
     }
 
 
-def cmd_train(a, rest):
-    from ctrak_fast.bench.train import main
+def folder_benchmark_inputs(a):
+    """(model, judge, data) of `bench quality --folder DIR --labels FILE --model M [--judge J]`:
+    the judge defaults to judge_NAME beside unet_NAME (as `ctrak train --folder` writes them)."""
+    from pathlib import Path
 
-    main(rest)
+    from ctrak_fast.cli.inputs import load_data, load_model
+    from ctrak_fast.engine.validation import InputError
+
+    if not (a.folder and a.labels and a.model):
+        raise InputError(
+            "bench quality --folder needs --labels and --model (`ctrak train --folder`)"
+        )
+    model = load_model(a.model)
+    judge_path = Path(a.judge) if a.judge else None
+    if judge_path is None:
+        stem = Path(a.model).name.removeprefix("unet_")
+        judge_path = Path(a.model).with_name(f"judge_{stem}")
+        if not judge_path.is_file():
+            raise InputError(f"no judge beside {a.model} ({judge_path.name}): pass --judge")
+    judge = load_model(judge_path)
+    if judge.config.get("factors") != model.config.get("factors"):
+        raise InputError(
+            f"{judge_path}: a judge of factors {judge.config.get('factors')}, the "
+            f"model's are {model.config.get('factors')}"
+        )
+    return model, judge, load_data(a, model)

@@ -45,7 +45,7 @@ def cmd_featurize(a):
             dtype=a.dtype,
             das_path=das,
             nan_policy=a.nan_policy,
-            progress=ctx.rank == 0 and sys.stderr.isatty(),
+            progress=ctx.rank == 0,  # a bar on a terminal, log lines otherwise
             dist_ctx=ctx,
         )
     if ctx.rank != 0:
@@ -138,6 +138,7 @@ def cmd_attribute(a):
     header = {
         "store": str(a.store),
         "query": str(a.query),
+        "concept": query.meta.get("concept"),
         "removed": removed,
         "scoring_path": path,
     }
@@ -157,15 +158,16 @@ def cmd_report(a):
         image = f.get_tensor("image")[0]
     row_of = {int(i): r for r, i in enumerate(data.ids.tolist())}
     rows = []
-    for qi, (top, bottom) in enumerate(zip(res["top"], res["bottom"], strict=True)):
+    for top, bottom in zip(res["top"], res["bottom"], strict=True):
         scores = torch.full((len(data),), float("nan"))
         for i, s in zip(top["ids"] + bottom["ids"], top["scores"] + bottom["scores"], strict=True):
             scores[row_of[int(i)]] = s
         finite = torch.where(torch.isnan(scores), torch.zeros(()), scores)
         mid = scores.isnan()
         finite[mid] = 0.5 * (max(bottom["scores"]) + min(top["scores"])) if top["scores"] else 0.0
-        removed = (res.get("removed") or [""] * len(res["top"]))[qi]
-        rows.append({"title": f"query {qi}\nconcept: {removed}", "query": image, "scores": finite})
+        # The concept asked for, then the row's question: which factor c- removed (and lambda).
+        asked = res.get("concept") or "whole image"
+        rows.append({"title": f"{asked}\n{top['label']}", "query": image, "scores": finite})
 
     def describe(i):
         return " ".join(
@@ -176,6 +178,22 @@ def cmd_report(a):
         rows, data.images, describe, a.out, n_top=min(10, len(res["top"][0]["ids"])), n_bottom=5
     )
     print(f"gallery -> {a.out}")
+
+
+def cmd_labels(a):
+    data = load_data(a)
+    counts = {}
+    for row in data.labels.tolist():
+        counts[tuple(row)] = counts.get(tuple(row), 0) + 1
+    print(f"{len(data)} images of {data.image_size}x{data.image_size} in {a.folder}")
+    for f in data.factors:
+        print(f"  {f}: {len(data.values[f])} values {data.values[f]}")
+    print(
+        f"  {len(counts)} combinations present, {min(counts.values())}-{max(counts.values())} "
+        "images each"
+    )
+    for combo in data.heldout:
+        print("  held out: " + data.describe(combo))
 
 
 def cmd_store(a):

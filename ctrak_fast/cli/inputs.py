@@ -49,7 +49,7 @@ def feature_spec(a):
 
     kw = {"inversion_guidance": a.inversion_guidance, "inversion_eps": a.inversion_eps}
     if a.timesteps:
-        kw["timesteps"] = tuple(int(t) for t in a.timesteps.split(","))
+        kw["timesteps"] = tuple(a.timesteps)
     if a.no_inversion:
         kw["inversion"] = False
     if a.no_normalize:

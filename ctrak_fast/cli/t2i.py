@@ -18,6 +18,14 @@ import csv
 import json
 from pathlib import Path
 
+from ctrak_fast.cli.argtypes import (
+    finite_float,
+    nonneg_float,
+    nonneg_int,
+    positive_int,
+    regex,
+    timestep_list,
+)
 from ctrak_fast.method.methods import FEATURIZE_METHODS, METHODS
 
 DEFAULT_FILTER = (
@@ -107,7 +115,7 @@ def _feature_spec(a, method: str = "concept-trak"):
     row = get_method(method)
     kw = {"param_filter": a.param_filter}
     if a.timesteps:
-        kw["timesteps"] = tuple(int(t) for t in a.timesteps.split(","))
+        kw["timesteps"] = tuple(a.timesteps)
     if row.inversion:
         kw.update(
             inversion=not a.no_inversion,
@@ -252,16 +260,19 @@ def _model_args(p):
         "--model", help="diffusers pipeline folder or tiny-model checkpoint (default: shipped)"
     )
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="UNet execution dtype")
-    p.add_argument("--k", type=int, default=512, help="projection dimension")
-    p.add_argument("--proj-seed", type=int, default=0)
+    p.add_argument("--k", type=positive_int, default=512, help="projection dimension")
+    p.add_argument("--proj-seed", type=nonneg_int, default=0)
     p.add_argument(
         "--param-filter",
+        type=regex,
         default=DEFAULT_FILTER,
         help=r"regex on UNet parameter names (default: cross-attention '\.attn2\.'; '.*': all)",
     )
-    p.add_argument("--timesteps", help="comma-separated, default 99,199,...,899")
-    p.add_argument("--inversion-steps", type=int, default=50)
-    p.add_argument("--inversion-guidance", type=float, default=7.5)
+    p.add_argument(
+        "--timesteps", type=timestep_list, help="comma-separated, default 99,199,...,899"
+    )
+    p.add_argument("--inversion-steps", type=positive_int, default=50)
+    p.add_argument("--inversion-guidance", type=nonneg_float, default=7.5)
     p.add_argument(
         "--no-inversion", action="store_true", help="fixed noise instead of DDIM inversion"
     )
@@ -273,22 +284,35 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="t2i checkpoint (default: the shipped one)")
     p.add_argument("--judge", help="ConceptJudge checkpoint (default: the shipped one)")
     p.add_argument("--data", help="SyntheticConfig JSON (default: the shipped one)")
-    p.add_argument("--per-combo", type=int, default=50, help="training images per combination")
-    p.add_argument("--k", type=int, default=2048)
-    p.add_argument("--queries-per-combo", type=int, default=2, help="per seen combination")
     p.add_argument(
-        "--heldout-queries-per-combo", type=int, default=8, help="half validation, half test"
+        "--per-combo", type=positive_int, default=50, help="training images per combination"
     )
-    p.add_argument("--query-candidates", type=int, default=8, help="generated per combination")
-    p.add_argument("--query-guidance", type=float, default=3.0, help="CFG of the query images")
-    p.add_argument("--inversion-steps", type=int, default=50)
-    p.add_argument("--inversion-guidance", type=float, default=7.5, help="CFG of DDIM inversion")
-    p.add_argument("--n-draws", type=int, default=4)
+    p.add_argument("--k", type=positive_int, default=2048)
+    p.add_argument("--queries-per-combo", type=positive_int, default=2, help="per seen combination")
+    p.add_argument(
+        "--heldout-queries-per-combo",
+        type=positive_int,
+        default=8,
+        help="half validation, half test",
+    )
+    p.add_argument(
+        "--query-candidates", type=positive_int, default=8, help="generated per combination"
+    )
+    p.add_argument(
+        "--query-guidance", type=nonneg_float, default=3.0, help="CFG of the query images"
+    )
+    p.add_argument("--inversion-steps", type=positive_int, default=50)
+    p.add_argument(
+        "--inversion-guidance", type=nonneg_float, default=7.5, help="CFG of DDIM inversion"
+    )
+    p.add_argument("--n-draws", type=positive_int, default=4)
     p.add_argument("--draws", default="local", choices=["local", "global"])
-    p.add_argument("--lambda-r", type=float, default=1.0)
-    p.add_argument("--param-filter", default=r"\.attn2\.", help="default: cross-attention")
+    p.add_argument("--lambda-r", type=nonneg_float, default=1.0)
+    p.add_argument(
+        "--param-filter", type=regex, default=r"\.attn2\.", help="default: cross-attention"
+    )
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated, from the table")
-    p.add_argument("--threads", type=int, help="torch threads (1 on a shared machine)")
+    p.add_argument("--threads", type=positive_int, help="torch threads (1 on a shared machine)")
     p.add_argument("--quiet", action="store_true")
 
 
@@ -310,12 +334,12 @@ def add_t2i_commands(subparsers) -> argparse.ArgumentParser:
     )
     f.add_argument("--data", help="SyntheticConfig JSON (without --images)")
     f.add_argument(
-        "--per-combo", type=int, default=0, help="synthetic data: first N per combination"
+        "--per-combo", type=positive_int, default=0, help="synthetic data: first N per combination"
     )
     f.add_argument("--method", default="concept-trak", choices=FEATURIZE_METHODS)
     f.add_argument("--out", required=True, help="store directory (resumed if it exists)")
     f.add_argument("--das-out", help="also write DAS rows here (d-trak only)")
-    f.add_argument("--batch-size", type=int, default=32)
+    f.add_argument("--batch-size", type=positive_int, default=32)
     f.add_argument("--store-dtype", default="float32", choices=DTYPES)
     f.set_defaults(t2i_handler=_cmd_featurize)
 
@@ -329,14 +353,22 @@ def add_t2i_commands(subparsers) -> argparse.ArgumentParser:
     )
     q.add_argument("--negative-prompt", action="append", help="an explicit c- (repeatable)")
     q.add_argument("--draws", default="local", choices=["local", "global"])
-    q.add_argument("--n-draws", type=int, default=4)
-    q.add_argument("--weight", type=float, default=3.0, help="slider weight w (paper: 3 for text)")
+    q.add_argument("--n-draws", type=positive_int, default=4)
+    q.add_argument(
+        "--weight", type=finite_float, default=3.0, help="slider weight w (paper: 3 for text)"
+    )
     q.add_argument(
         "--image", help="the generated query image (PNG/JPG); default: regenerate from --seed"
     )
-    q.add_argument("--seed", type=int, default=0, help="seed of the query image and of the draws")
-    q.add_argument("--guidance", type=float, default=7.5, help="CFG of the regenerated query image")
-    q.add_argument("--steps", type=int, default=50, help="sampling steps of the regenerated image")
+    q.add_argument(
+        "--seed", type=nonneg_int, default=0, help="seed of the query image and of the draws"
+    )
+    q.add_argument(
+        "--guidance", type=nonneg_float, default=7.5, help="CFG of the regenerated query image"
+    )
+    q.add_argument(
+        "--steps", type=positive_int, default=50, help="sampling steps of the regenerated image"
+    )
     q.add_argument("--scheduler", choices=["ddim", "ddpm", "euler", "euler-a", "dpm", "pndm"])
     q.add_argument("--out", required=True, help="query safetensors file")
     q.set_defaults(t2i_handler=_cmd_query)
@@ -344,8 +376,8 @@ def add_t2i_commands(subparsers) -> argparse.ArgumentParser:
     at = sub.add_parser("attribute", help="top-k (both tails) of t2i queries against a store")
     at.add_argument("--store", required=True)
     at.add_argument("--query", required=True)
-    at.add_argument("--k", type=int, default=10)
-    at.add_argument("--lambda-r", type=float, default=1.0)
+    at.add_argument("--k", type=positive_int, default=10)
+    at.add_argument("--lambda-r", type=nonneg_float, default=1.0)
     at.add_argument("--out", help="JSON file (default: stdout)")
     at.set_defaults(t2i_handler=_cmd_attribute)
 

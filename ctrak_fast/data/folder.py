@@ -1,12 +1,15 @@
 """A user's image folder plus a labels file, as a ConceptDataset.
 
-Labels file: JSON {filename: {factor: value, ...}, ...} or CSV with a `filename` column and one
-column per factor. Factor values are strings; each factor's values are sorted to give indices.
+Labels file: JSON {filename: {factor: value, ...}, ...}, JSON records {"samples": [...],
+"held_out": [...]}, or CSV with a `filename` column and one column per factor (read_labels).
+Factor values are strings; each factor's values are sorted to give indices.
 """
 
 from __future__ import annotations
 
 import csv
+import io
+import itertools
 import json
 import os
 from pathlib import Path
@@ -20,25 +23,112 @@ from .dataset import ConceptDataset
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 
 
-def _read_labels(labels_file: Path) -> dict[str, dict[str, str]]:
+def _no_duplicate_keys(pairs):
+    keys = [k for k, _ in pairs]
+    dup = sorted({k for k in keys if keys.count(k) > 1})
+    if dup:
+        raise ValueError(f"lists {dup[:3]} more than once")
+    return dict(pairs)
+
+
+def _label_value(labels_file: Path, name: str, factor: str, v) -> str:
+    if isinstance(v, bool) or not isinstance(v, str | int):
+        raise ValueError(f"{labels_file}: entry {name!r}: {factor} must be a string, got {v!r}")
+    return str(v)
+
+
+def _entry(labels_file: Path, name, d, skip: tuple[str, ...] = ()) -> tuple[str, dict[str, str]]:
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{labels_file}: an entry has no file name ({name!r})")
+    if not isinstance(d, dict):
+        raise ValueError(f"{labels_file}: entry {name!r} is not an object of factor values")
+    return name, {
+        str(f): _label_value(labels_file, name, str(f), v) for f, v in d.items() if f not in skip
+    }
+
+
+def read_labels(labels_file: str | os.PathLike) -> tuple[dict[str, dict[str, str]], list[dict]]:
+    """(filename -> {factor: value}, held-out combinations) of a labels file, in file order.
+
+    Formats (any number of factors; values are strings or integers):
+
+    - JSON mapping: ``{"img/0.png": {"digit": "3", "colour": "red"}, ...}``
+    - JSON records: ``{"samples": [{"file": "img/0.png", "digit": "3", ...}, ...],
+      "held_out": [{"digit": "3", "colour": "red"}, ...]}`` (``held_out`` optional; each entry
+      names the factor values of one combination absent from training, any subset of factors)
+    - CSV: a ``filename`` (or ``file``) column and one column per factor.
+
+    A file listed twice, a file that is not UTF-8, a malformed entry: ValueError naming the file.
+
+    Examples:
+        >>> import tempfile, pathlib
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "l.json"
+        >>> _ = p.write_text('{"samples": [{"file": "a.png", "d": 1}], "held_out": [{"d": "2"}]}')
+        >>> read_labels(p)
+        ({'a.png': {'d': '1'}}, [{'d': '2'}])
+    """
+    labels_file = Path(labels_file)
     if not labels_file.is_file():
         raise ValueError(f"labels file not found: {labels_file}")
-    if labels_file.suffix.lower() == ".json":
-        try:
-            raw = json.loads(labels_file.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{labels_file}: invalid JSON ({e})") from None
-        if not isinstance(raw, dict) or not all(isinstance(v, dict) for v in raw.values()):
-            raise ValueError(f"{labels_file}: expected {{filename: {{factor: value}}}}")
-        return {str(k): {str(f): str(v) for f, v in d.items()} for k, d in raw.items()}
-    if labels_file.suffix.lower() == ".csv":
-        with open(labels_file, newline="") as fh:
-            reader = csv.DictReader(fh)
-            if not reader.fieldnames or "filename" not in reader.fieldnames:
-                raise ValueError(f"{labels_file}: CSV needs a 'filename' column")
-            rows = list(reader)
-        return {r["filename"]: {k: v for k, v in r.items() if k != "filename"} for r in rows}
+    try:
+        text = labels_file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{labels_file}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    suffix = labels_file.suffix.lower()
+    try:
+        if suffix == ".json":
+            return _json_labels(labels_file, json.loads(text, object_pairs_hook=_no_duplicate_keys))
+        if suffix == ".csv":
+            return _csv_labels(labels_file, text), []
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{labels_file}: invalid JSON ({e})") from None
+    except ValueError as e:
+        msg = str(e)
+        raise ValueError(
+            msg if msg.startswith(str(labels_file)) else f"{labels_file}: {msg}"
+        ) from None
     raise ValueError(f"{labels_file}: labels must be .json or .csv")
+
+
+def _json_labels(labels_file: Path, raw) -> tuple[dict[str, dict[str, str]], list[dict]]:
+    if not isinstance(raw, dict):
+        raise ValueError('expected {filename: {factor: value}} or {"samples": [...]}')
+    if "samples" not in raw:
+        return dict(_entry(labels_file, k, d) for k, d in raw.items()), []
+    extra = sorted(set(raw) - {"samples", "held_out"})
+    if extra:
+        raise ValueError(f"unknown top-level keys {extra} (expected samples, held_out)")
+    samples, held = raw["samples"], raw.get("held_out", [])
+    if not isinstance(samples, list) or not isinstance(held, list):
+        raise ValueError("samples and held_out must be lists")
+    table: dict[str, dict[str, str]] = {}
+    for rec in samples:
+        name = rec.get("file") if isinstance(rec, dict) else None
+        name, row = _entry(labels_file, name, rec, skip=("file",))
+        if name in table:
+            raise ValueError(f"lists {name!r} more than once")
+        table[name] = row
+    combos = [_entry(labels_file, f"held_out[{i}]", c)[1] for i, c in enumerate(held)]
+    if any(not c for c in combos):
+        raise ValueError("a held_out combination names no factor")
+    return table, combos
+
+
+def _csv_labels(labels_file: Path, text: str) -> dict[str, dict[str, str]]:
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    fields = reader.fieldnames or []
+    key = "filename" if "filename" in fields else ("file" if "file" in fields else None)
+    if key is None:
+        raise ValueError("CSV needs a 'filename' column")
+    table: dict[str, dict[str, str]] = {}
+    for line, r in enumerate(reader, start=2):
+        if None in r or any(v is None for v in r.values()):
+            raise ValueError(f"line {line} has a different number of columns than the header")
+        name = r[key]
+        if name in table:
+            raise ValueError(f"lists {name!r} twice (line {line})")
+        table[name] = {k: v for k, v in r.items() if k != key}
+    return table
 
 
 def load_image(path: Path, image_size: int) -> torch.Tensor:
@@ -95,30 +185,42 @@ def load_image_folder(
     Raises ValueError naming the file for a missing/unreadable/non-RGB image or a missing label.
     """
     root, labels_file = Path(root), Path(labels_file)
-    table = _read_labels(labels_file)
+    table, held_combos = read_labels(labels_file)
     if not table:
         raise ValueError(f"{labels_file}: no entries")
     names = list(table)
+    seen_factors = list(dict.fromkeys(f for name in names for f in table[name]))
     if factors is None:  # union of the keys, in first-seen order, so a missing label is caught
-        factors = list(dict.fromkeys(f for name in names for f in table[name]))
+        factors = seen_factors
+    elif set(factors) != set(seen_factors):
+        raise ValueError(
+            f"{labels_file}: its factors {seen_factors} are not the model's {list(factors)}: "
+            "pass --model, the model trained on these labels (`ctrak train --folder`)"
+        )
     factors = list(factors)
     for name in names:
         missing = [f for f in factors if not table[name].get(f)]
         if missing:
             raise ValueError(f"{labels_file}: entry {name!r} has no value for factor(s) {missing}")
     if values is None:
-        values = {f: sorted({table[n][f] for n in names}) for f in factors}
-    labels = []
-    for name in names:
-        row = []
-        for f in factors:
-            v = table[name][f]
-            if v not in values[f]:
-                raise ValueError(
-                    f"{labels_file}: entry {name!r}: unknown {f} value {v!r}; known {values[f]}"
-                )
-            row.append(values[f].index(v))
-        labels.append(row)
+        named = {f: {c[f] for c in held_combos if f in c} for f in factors}
+        values = {f: sorted({table[n][f] for n in names} | named[f]) for f in factors}
+
+    def index(name: str, f: str, v: str) -> int:
+        if f not in values:
+            raise ValueError(f"{labels_file}: {name}: unknown factor {f!r}; factors {factors}")
+        if v not in values[f]:
+            raise ValueError(
+                f"{labels_file}: entry {name!r}: unknown {f} value {v!r}; known {values[f]}"
+            )
+        return values[f].index(v)
+
+    labels = [[index(name, f, table[name][f]) for f in factors] for name in names]
+    heldout = _expand_heldout(labels_file, held_combos, factors, values, index)
+    present = set(map(tuple, labels)) & set(heldout)
+    if present:
+        shown = {f: values[f][v] for f, v in zip(factors, sorted(present)[0], strict=True)}
+        raise ValueError(f"{labels_file}: held-out combination {shown} has training images")
     images = torch.stack([load_image(root / name, image_size) for name in names])
     return ConceptDataset(
         images=images,
@@ -126,6 +228,22 @@ def load_image_folder(
         ids=torch.arange(len(names), dtype=torch.int64),
         factors=factors,
         values={f: list(values[f]) for f in factors},
-        heldout=[],
+        heldout=heldout,
         meta={"folder": str(root), "labels_file": str(labels_file), "filenames": names},
     )
+
+
+def _expand_heldout(labels_file, combos, factors, values, index) -> list[tuple[int, ...]]:
+    """Full value tuples of the held-out combinations; a factor a combination does not name
+    ranges over all its values."""
+    out: list[tuple[int, ...]] = []
+    for i, combo in enumerate(combos):
+        axes = [
+            [index(f"held_out[{i}]", f, combo[f])] if f in combo else range(len(values[f]))
+            for f in factors
+        ]
+        unknown = sorted(set(combo) - set(factors))
+        if unknown:
+            raise ValueError(f"{labels_file}: held_out[{i}] names unknown factor(s) {unknown}")
+        out.extend(t for t in itertools.product(*axes) if t not in out)
+    return out

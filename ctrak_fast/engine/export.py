@@ -56,7 +56,7 @@ def export_scores(
     queries: Sequence[int] | None = None,
     backend: Literal["auto", "cpu", "reference"] = "auto",
     num_threads: int = 0,
-    verify: str = "ids",
+    verify: str = "crc",
     readahead: bool = True,
     buffer_bytes: int = _BUFFER_BYTES,
     meta: dict | None = None,

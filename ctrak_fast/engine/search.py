@@ -21,17 +21,18 @@ out of the page cache) and, with ``readahead``, a background thread maps and pop
 i + 1 while the engine scores shard i, so the disk reads overlap the compute. Memory is the
 mapped shards (at most three at a time, file-backed and reclaimable) plus the result, whatever N.
 
-What "verified" means at scale (``verify=``). Hashing every byte costs as much as scoring it
-(sha256 runs at ~1-2 GB/s per core; the CPU engine scores a k = 256 float16 shard at several
-GB/s), so the default checks what the answer is made of and leaves the bulk to the file system:
-    ``"ids"``   (default) FeatureStore.open has checked every shard's size and safetensors header
-                against the manifest; each shard's ids tensor is hashed (sha256, 8 bytes per row:
-                1/64 of a k = 256 float16 shard) and compared with the manifest before it is
-                scored, so every id the search returns is one the writer wrote. Corrupted
-                feature bytes are found by ``ctrak store verify`` / ``FeatureStore.verify``.
+What "verified" means at scale (``verify=``). sha256 runs at ~1-2 GB/s per core, slower than
+the search streams a store; the block CRC-32C of checksum.py runs at ~25 GB/s on one core, in the
+read-ahead thread, so every byte can be checked on every search (benchmarks/bench_verify.py: within
+noise of no check at all, k = 2048 float16, 16 queries):
+    ``"crc"``   (default) every shard's block CRC-32C (manifest ``crc32c``) is compared before it
+                is scored: any changed byte of features, ids or header is refused. Stores written
+                before the field existed get the ``"ids"`` check.
+    ``"ids"``   each shard's ids tensor is hashed (sha256) and compared with the manifest: every id
+                returned is one the writer wrote; corrupted feature bytes go unseen.
     ``"full"``  every shard file's sha256 is compared with the manifest before it is scored (in
                 the read-ahead thread, off the compute path but not free).
-    ``"none"``  size and header only.
+    ``"none"``  size and header only (FeatureStore.open checks those for every mode).
 
 Semantics shared by all engines: per query and tail the result is the first k rows in the total
 order (score descending for the top tail / ascending for the bottom tail, then id ascending),
@@ -167,7 +168,7 @@ def topk(
     backend: Backend = "auto",
     progress: bool = False,
     num_threads: int = 0,
-    verify: Verify = "ids",
+    verify: Verify = "crc",
     readahead: bool = True,
 ) -> TopK:
     """Exact top-k inner products of queries against every feature row, both tails.
@@ -184,7 +185,7 @@ def topk(
         backend: "auto", "cpu", "cuda" or "reference" (see the module docstring).
         progress: tqdm bar over shards when the source has more than one.
         num_threads: CPU engine threads (0: $OMP_NUM_THREADS, else every CPU this process may use).
-        verify: FeatureStore sources only: "ids", "full" or "none" (module docstring).
+        verify: FeatureStore sources only: "crc", "ids", "full" or "none" (module docstring).
         readahead: FeatureStore sources only: map and read shard i + 1 in a background thread
             while shard i is scored.
     Returns:

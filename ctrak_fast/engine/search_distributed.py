@@ -133,7 +133,7 @@ def topk_distributed(
     backend: str = "auto",
     group=None,
     num_threads: int = 0,
-    verify: Verify = "ids",
+    verify: Verify = "crc",
     readahead: bool = True,
     progress: bool = False,
 ) -> TopK:
@@ -189,7 +189,7 @@ def topk_distributed(
 
 
 def gram_distributed(
-    store: FeatureStore, group=None, verify: Verify = "ids", readahead: bool = True
+    store: FeatureStore, group=None, verify: Verify = "crc", readahead: bool = True
 ) -> Tensor:
     """G = Phi^T Phi of the whole store, each rank summing its shards, then all-reduced.
 

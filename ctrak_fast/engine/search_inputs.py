@@ -95,7 +95,7 @@ def check_features(features, ids, name: str) -> tuple[int, int]:
     return int(features.shape[0]), int(features.shape[1])
 
 
-def open_source(source, verify: str = "ids", readahead: bool = True):
+def open_source(source, verify: str = "crc", readahead: bool = True):
     """-> (iterable of (features, ids), n_rows or None, dim or None, n_shards or None, device)."""
     if isinstance(source, FeatureStore):
         shards = iter_store_shards(source, verify=verify, readahead=readahead)

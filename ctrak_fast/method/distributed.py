@@ -36,12 +36,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from ctrak_fast.engine.store import MANIFEST, FeatureStore, SpecMismatch, StoreError, merge_stores
 from ctrak_fast.engine.validation import InputError, check_positive, check_training_data
 from ctrak_fast.method.dist_context import DistContext, RankFailed
 from ctrak_fast.method.featurize import Featurizer, featurize_dataset
+from ctrak_fast.progress import progress as show_progress
 
 __all__ = [
     "DistContext",
@@ -167,7 +167,7 @@ def featurize_units(
     one (its rows were still buffered, a unit being one shard) is recomputed by the next run.
     """
     main, das = plan.targets[0], (plan.targets[1] if len(plan.targets) > 1 else None)
-    for unit in tqdm(units, desc="featurize units", unit="unit", disable=not progress):
+    for unit in show_progress(units, desc="featurize units", unit="unit", enabled=progress):
         sl = plan.rows(unit)
         featurize_dataset(
             featurizer,

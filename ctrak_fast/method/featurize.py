@@ -13,7 +13,6 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
-from tqdm.auto import tqdm
 
 from ctrak_fast.engine.projection import ProjectionSpec
 from ctrak_fast.engine.projector import Projector
@@ -22,6 +21,7 @@ from ctrak_fast.method import diffusion
 from ctrak_fast.method.grads.layout import add_blocks, blocks_sq_norm, scale_blocks_
 from ctrak_fast.method.grads.per_sample import PerSampleGrads
 from ctrak_fast.method.losses import LOSSES, Residual
+from ctrak_fast.progress import progress as show_progress
 
 if TYPE_CHECKING:
     from ctrak_fast.engine.projection import FactorizedSpec
@@ -154,6 +154,10 @@ class Featurizer:
 
     def __post_init__(self):
         self._noise: dict[int, torch.Tensor] | None = None
+        n_t = self.schedule.num_train_timesteps
+        outside = [t for t in self.spec.timesteps if not 0 <= t < n_t]
+        if outside:
+            raise ValueError(f"timesteps {outside} are outside the model's schedule (0..{n_t - 1})")
         if not isinstance(self.projection, ProjectionSpec):
             from ctrak_fast.method.grads.factorized import FactorizedGrads
 
@@ -391,10 +395,10 @@ def featurize_dataset(
     store_dtype = stores[0].torch_dtype
     with contextlib.ExitStack() as stack:
         writers = [stack.enter_context(s.writer()) for s in stores]
-        bar = tqdm(
+        bar = show_progress(
             range(start, len(images), batch_size),
             desc=f"featurize {featurizer.spec.loss}",
-            disable=not progress,
+            enabled=progress,
             unit="batch",
         )
         for i in bar:

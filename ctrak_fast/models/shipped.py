@@ -3,9 +3,12 @@ the synthetic data set they were trained on (regenerated bit-identically from it
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ctrak_fast.data import ConceptDataset, SyntheticConfig, make_dataset
+from ctrak_fast.data import ConceptDataset, SyntheticConfig, load_image_folder, make_dataset
+from ctrak_fast.engine.atomic import atomic_write_text
 
 from .factor_unet import FactorUNet, load_model
 
@@ -13,8 +16,45 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets"
 SHIPPED = "shapes16"
 
 
+@dataclass(frozen=True)
+class FolderData:
+    """Where a model trained by `ctrak train --folder` got its data: the <name>.json beside it
+    (a SyntheticConfig's JSON plays the same part for synthetic data)."""
+
+    folder: str
+    labels: str
+    image_size: int
+
+    def to_dict(self) -> dict:
+        return {"kind": "folder", **asdict(self)}
+
+    def save_json(self, path: str | Path) -> None:
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
+
+    def dataset(self, model: FactorUNet | None = None) -> ConceptDataset:
+        """The folder as a ConceptDataset, indexed by `model`'s values when given."""
+        names = {}
+        if model is not None and model.config.get("values"):
+            names = {"factors": model.config["factors"], "values": model.config["values"]}
+        return load_image_folder(self.folder, self.labels, image_size=self.image_size, **names)
+
+
+def load_data_spec(path: str | Path) -> SyntheticConfig | FolderData:
+    """The data description of <name>.json: a FolderData or a SyntheticConfig."""
+    d = json.loads(Path(path).read_text())
+    if isinstance(d, dict) and d.get("kind") == "folder":
+        return FolderData(str(d["folder"]), str(d["labels"]), int(d["image_size"]))
+    return SyntheticConfig.load_json(path)
+
+
+def asset_dataset(spec: SyntheticConfig | FolderData, model=None) -> ConceptDataset:
+    """The training set a data description names (synthetic: regenerated bit for bit)."""
+    return spec.dataset(model) if isinstance(spec, FolderData) else make_dataset(spec)
+
+
 def shipped(name: str = SHIPPED, assets: Path = ASSETS):
-    """(model, judge, SyntheticConfig) shipped in the package; a clear error if missing."""
+    """(model, judge, data description: SyntheticConfig or FolderData) of `name` in `assets`
+    (default: the checkpoints shipped in the package); a clear error if one is missing."""
     paths = {
         "unet": assets / f"unet_{name}.safetensors",
         "judge": assets / f"judge_{name}.safetensors",
@@ -28,7 +68,7 @@ def shipped(name: str = SHIPPED, assets: Path = ASSETS):
     return (
         load_model(paths["unet"]),
         load_model(paths["judge"]),
-        SyntheticConfig.load_json(paths["config"]),
+        load_data_spec(paths["config"]),
     )
 
 

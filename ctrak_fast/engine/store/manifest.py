@@ -138,9 +138,72 @@ def read_manifest(path: Path) -> dict:
     missing = [key for key in REQUIRED if key not in manifest]
     if missing:
         raise StoreError(f"{mpath}: manifest lacks {missing}")
-    if manifest["dtype"] not in DTYPES:
-        raise StoreError(f"{mpath}: unknown dtype {manifest['dtype']!r}")
+    check_manifest_types(mpath, manifest)
     return manifest
+
+
+def _is_int(v, low: int) -> bool:
+    return type(v) is int and v >= low
+
+
+def _is_hex(v, n: int = 64) -> bool:
+    return isinstance(v, str) and len(v) == n and all(c in "0123456789abcdef" for c in v)
+
+
+# Shard record fields: the check each value must pass (zeroed_ids and crc32c are optional).
+RECORD_FIELDS = {
+    "file": lambda v: isinstance(v, str),
+    "first_row": lambda v: _is_int(v, 0),
+    "rows": lambda v: _is_int(v, 1),
+    "bytes": lambda v: _is_int(v, 1),
+    "sha256": _is_hex,
+    "ids_sha256": _is_hex,
+}
+OPTIONAL_RECORD_FIELDS = {
+    "zeroed_ids": lambda v: isinstance(v, list) and all(type(i) is int for i in v),
+    "crc32c": lambda v: _is_int(v, 0) and v < 1 << 32,
+}
+
+
+def check_manifest_types(mpath: Path, m: dict) -> None:
+    """Every field of a manifest has the type and range the readers assume (StoreError naming
+    the field otherwise): a hand-edited or damaged manifest is refused here, not deep inside."""
+
+    def bad(what: str):
+        raise StoreError(f"{mpath}: {what}")
+
+    if not isinstance(m["dtype"], str) or m["dtype"] not in DTYPES:
+        bad(f"unknown dtype {m['dtype']!r}")
+    for key, low in (("k", 1), ("shard_rows", 1), ("n_rows", 0)):
+        if not _is_int(m[key], low):
+            bad(f"{key} must be an integer >= {low}, got {short(m[key])}")
+    if not isinstance(m["meta"], dict):
+        bad(f"meta must be a JSON object, got {short(m['meta'])}")
+    if not isinstance(m["shards"], list):
+        bad(f"shards must be a list of records, got {short(m['shards'])}")
+    if "spec_sha256" in m and m["spec_sha256"] != spec_sha256(m):
+        bad("k, dtype, shard_rows or meta was edited (spec_sha256 does not match)")
+    seen: set[str] = set()
+    for i, rec in enumerate(m["shards"]):
+        if not isinstance(rec, dict):
+            bad(f"shard record {i} is not an object: {short(rec)}")
+        for key, ok in RECORD_FIELDS.items():
+            if key not in rec or not ok(rec[key]):
+                bad(f"shard record {i}: bad or missing {key!r}: {short(rec.get(key, MISSING))}")
+        for key, ok in OPTIONAL_RECORD_FIELDS.items():
+            if key in rec and not ok(rec[key]):
+                bad(f"shard record {i}: bad {key!r}: {short(rec[key])}")
+        for key in ("file", "sha256"):
+            if (key, rec[key]) in seen:
+                bad(f"shard record {i} repeats the {key} of an earlier one ({rec[key][:16]})")
+            seen.add((key, rec[key]))
+
+
+def spec_sha256(manifest: Mapping) -> str:
+    """sha256 of what a store's features mean (k, dtype, shard_rows, meta): written on create,
+    checked on open, so an edit of meta.projection.k cannot pass unseen."""
+    spec = {key: manifest[key] for key in ("k", "dtype", "shard_rows", "meta")}
+    return hashlib.sha256(canonical_json(spec).encode()).hexdigest()
 
 
 def check_spec(k, dtype, shard_rows) -> None:

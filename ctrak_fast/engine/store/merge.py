@@ -18,6 +18,7 @@ from ctrak_fast.engine.store.manifest import (
     first_difference,
     manifest_bytes,
     read_manifest,
+    spec_sha256,
     with_version,
 )
 from ctrak_fast.engine.store.shards import check_shards, shard_file
@@ -74,6 +75,7 @@ def merge_stores(
             if m is None:
                 m = {key: src_m[key] for key in ("k", "dtype", "shard_rows", "meta")}
                 m.update(format_version=1, created_by=created_by(), n_rows=0, shards=[])
+                m["spec_sha256"] = spec_sha256(m)
             diff = next(
                 (
                     (field, m[field], src_m[field])

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from ctrak_fast.engine import native
+from ctrak_fast.engine.checksum import shard_checksum
 from ctrak_fast.engine.store.manifest import MANIFEST, StoreError
 
 if TYPE_CHECKING:
@@ -101,8 +102,11 @@ def check_shards(path: Path, manifest: dict) -> None:
         raise StoreError(f"{path / MANIFEST}: n_rows {manifest['n_rows']} != shard rows {total}")
 
 
-VERIFY = ("ids", "full", "none")
-Verify = Literal["ids", "full", "none"]
+# How much of each shard a reader checks as it maps it: the ids' sha256, the block CRC-32C of
+# every byte (checksum.py; stores written before it was recorded: the ids), the whole file's
+# sha256, or nothing.
+VERIFY = ("ids", "crc", "full", "none")
+Verify = Literal["ids", "crc", "full", "none"]
 
 _NP_DTYPES = {"float16": np.float16, "bfloat16": np.int16, "float32": np.float32}
 
@@ -149,7 +153,10 @@ def map_shard(store: FeatureStore, rec: dict, verify: str, populate: bool):
         views[name] = buf[8 + n_head + lo : 8 + n_head + hi]
     if verify == "full" and hashlib.sha256(buf).hexdigest() != rec["sha256"]:
         raise StoreError(f"{file}: sha256 mismatch, the shard is corrupt")
-    if verify == "ids" and hashlib.sha256(views["ids"]).hexdigest() != rec["ids_sha256"]:
+    if verify == "crc" and "crc32c" in rec:
+        if shard_checksum(mf) != rec["crc32c"]:
+            raise StoreError(f"{file}: crc32c mismatch, the shard is corrupt")
+    elif verify in ("ids", "crc") and hashlib.sha256(views["ids"]).hexdigest() != rec["ids_sha256"]:
         raise StoreError(f"{file}: sha256 of the ids mismatch, the shard is corrupt")
     feats = views["features"]
     ids = views["ids"]
@@ -166,7 +173,7 @@ def map_shard(store: FeatureStore, rec: dict, verify: str, populate: bool):
 def iter_store_shards(
     store: FeatureStore,
     shards: Sequence[int] | None = None,
-    verify: Verify = "ids",
+    verify: Verify = "crc",
     readahead: bool = True,
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """Yield (features [rows_i, k], ids [rows_i] int64) of a store's shards, memory-mapped.
@@ -174,7 +181,7 @@ def iter_store_shards(
     Args:
         store: an open FeatureStore.
         shards: indices of the shards to read, in that order (default: all).
-        verify: "ids", "full" or "none" (see the module docstring).
+        verify: "ids", "crc", "full" or "none" (VERIFY, above).
         readahead: a background thread maps, reads and checks shard i + 1 (MAP_POPULATE) while
             the caller works on shard i; without it pages are faulted in as the engine reads
             them (kernel read-ahead of the sequential mapping only).

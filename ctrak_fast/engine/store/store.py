@@ -45,7 +45,8 @@ import safetensors.torch
 import torch
 from safetensors import safe_open
 
-from ctrak_fast.engine.atomic import atomic_write, sha256_bytes, sha256_file
+from ctrak_fast.engine.atomic import atomic_write, sha256_bytes
+from ctrak_fast.engine.checksum import shard_checksum
 from ctrak_fast.engine.store.manifest import (
     DTYPES,
     MANIFEST,
@@ -59,6 +60,7 @@ from ctrak_fast.engine.store.manifest import (
     manifest_bytes,
     normalize_meta,
     read_manifest,
+    spec_sha256,
 )
 from ctrak_fast.engine.store.shards import check_header, check_shards, shard_file
 from ctrak_fast.engine.store.writer import StoreWriter
@@ -126,6 +128,7 @@ class FeatureStore:
             "complete": False,
             "shards": [],
         }
+        manifest["spec_sha256"] = spec_sha256(manifest)
         atomic_write(path / MANIFEST, manifest_bytes(manifest))
         return cls(path, manifest)
 
@@ -308,45 +311,60 @@ class FeatureStore:
         return [i for rec in self._m["shards"] for i in rec.get("zeroed_ids", [])]
 
     def verify(self) -> list[str]:
-        """Re-hash every shard; return one line per problem (empty list: the store is intact).
+        """Re-read every shard; return one line per problem (empty list: the store is intact).
 
-        Finds missing, truncated or extended files, bad headers and any changed byte.
+        Checks at least everything a reader checks, and more: missing, truncated or extended
+        files, bad headers, any changed byte (sha256, and crc32c where recorded), the ids' own
+        sha256, ids repeated within or across shards, and zeroed rows. The manifest's fields and
+        its spec checksum were checked when the store was opened.
         """
         problems = []
         total = 0
+        all_ids = []
         for rec in self._m["shards"]:
+            name = rec["file"]
             try:
-                file = shard_file(self.path, rec["file"])
+                file = shard_file(self.path, name)
+                problems.extend(f"{name}: {p}" for p in self._verify_shard(file, rec, all_ids))
             except StoreError as e:
                 problems.append(str(e))
-                continue
-            name = rec["file"]
-            if rec.get("first_row") != total:
-                problems.append(f"{name}: first_row {rec.get('first_row')} != expected {total}")
+            if rec["first_row"] != total:
+                problems.append(f"{name}: first_row {rec['first_row']} != expected {total}")
             total += rec["rows"]
-            if not file.is_file():
-                problems.append(f"{name}: missing")
-                continue
-            size = file.stat().st_size
-            if size != rec["bytes"]:
-                problems.append(f"{name}: {size} bytes, manifest says {rec['bytes']} (truncated?)")
-                continue
-            if sha256_file(file) != rec["sha256"]:
-                problems.append(f"{name}: sha256 mismatch (corrupt bytes)")
-                continue
-            try:
-                check_header(file, rec["rows"], self.k, self.dtype, size)
-            except StoreError as e:
-                problems.append(f"{name}: {e}")
-                continue
-            if rec.get("zeroed_ids"):
-                tensors = safetensors.torch.load(file.read_bytes())
-                zeroed = torch.isin(tensors["ids"], torch.tensor(rec["zeroed_ids"]))
-                if int(zeroed.sum()) != len(rec["zeroed_ids"]) or tensors["features"][zeroed].any():
-                    problems.append(f"{name}: zeroed_ids do not match the shard's ids and rows")
         if total != self.n_rows:
             problems.append(f"{MANIFEST}: n_rows {self.n_rows} != sum of shard rows {total}")
+        if all_ids:
+            ids = torch.cat(all_ids)
+            uniq, counts = torch.unique(ids, return_counts=True)
+            if len(uniq) != len(ids):
+                repeated = uniq[counts > 1][:3].tolist()
+                problems.append(f"{int((counts > 1).sum())} ids appear more than once {repeated}")
         return problems
+
+    def _verify_shard(self, file: Path, rec: dict, all_ids: list) -> list[str]:
+        if not file.is_file():
+            return ["missing"]
+        data = file.read_bytes()
+        if len(data) != rec["bytes"]:
+            return [f"{len(data)} bytes, manifest says {rec['bytes']} (truncated?)"]
+        if sha256_bytes(data) != rec["sha256"]:
+            return ["sha256 mismatch (corrupt bytes)"]
+        if "crc32c" in rec and shard_checksum(data) != rec["crc32c"]:
+            return ["crc32c mismatch (the manifest's checksum was edited?)"]
+        try:
+            check_header(file, rec["rows"], self.k, self.dtype, len(data))
+        except StoreError as e:
+            return [str(e)]
+        tensors = safetensors.torch.load(data)
+        ids = tensors["ids"]
+        all_ids.append(ids)
+        if sha256_bytes(ids.numpy().tobytes()) != rec["ids_sha256"]:
+            return ["ids_sha256 does not match the shard's ids (edited manifest?)"]
+        if rec.get("zeroed_ids"):
+            zeroed = torch.isin(ids, torch.tensor(rec["zeroed_ids"]))
+            if int(zeroed.sum()) != len(rec["zeroed_ids"]) or tensors["features"][zeroed].any():
+                return ["zeroed_ids do not match the shard's ids and rows"]
+        return []
 
     # -- writing --
 

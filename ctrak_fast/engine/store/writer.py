@@ -14,6 +14,7 @@ import safetensors.torch
 import torch
 
 from ctrak_fast.engine.atomic import atomic_write, sha256_bytes
+from ctrak_fast.engine.checksum import shard_checksum
 from ctrak_fast.engine.store.manifest import (
     LOCK_FILE,
     MANIFEST,
@@ -139,6 +140,7 @@ class StoreWriter:
             "bytes": len(data),
             "sha256": sha256_bytes(data),
             "ids_sha256": sha256_bytes(ids.numpy().tobytes()),
+            "crc32c": shard_checksum(data),  # the whole file, checked as the search streams it
         }
         if zeroed[:rows].any():  # absent otherwise: stores without zeroed rows stay version 1
             record["zeroed_ids"] = ids[zeroed[:rows]].tolist()
