@@ -428,6 +428,11 @@ EXPECT = {
     argtypes.lambda_list: lambda t: _distinct([_float(p, 0.0) for p in _parts(t)]),
     argtypes.timestep_list: lambda t: _distinct([_int(p, 0) for p in _parts(t)]),
     argtypes.regex: _regex,
+    argtypes.width_list: lambda t: (
+        BAD
+        if (v := [_int(p, 1) for p in _parts(t)]) == [] or BAD in v or any(w % 8 for w in v)
+        else tuple(v)
+    ),
 }
 
 

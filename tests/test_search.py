@@ -302,14 +302,17 @@ def test_corrupt_shards_are_named(tmp_path):
     _flip(shard, 3)
     with pytest.raises(StoreError, match=r"shard-00001\.safetensors: sha256 mismatch"):
         topk(store, u, 5, verify="full")
-    topk(store, u, 5, verify="ids")  # by design: feature bytes are FeatureStore.verify's job
+    for readahead in (True, False):  # the default check: block CRC-32C of every byte
+        with pytest.raises(StoreError, match=r"shard-00001\.safetensors: crc32c mismatch"):
+            topk(store, u, 5, readahead=readahead)
+    topk(store, u, 5, verify="ids")  # by design: "ids" leaves feature bytes to store verify
     header = int.from_bytes(shard.read_bytes()[:8], "little")
     data = bytearray(shard.read_bytes())
     data[8 + header + 5] ^= 0x01  # an id byte
     shard.write_bytes(bytes(data))
     for readahead in (True, False):
         with pytest.raises(StoreError, match=r"shard-00001\.safetensors: sha256 of the ids"):
-            topk(store, u, 5, readahead=readahead)
+            topk(store, u, 5, readahead=readahead, verify="ids")
     shard.write_bytes(bytes(data[:-8]))
     with pytest.raises(StoreError, match=r"bytes, manifest says"):
         topk(store, u, 5, verify="none")

@@ -58,6 +58,7 @@ class QualityConfig(MethodSettings):
     heldout_queries_per_combo: int = 8  # per held-out combination (half validation, half test)
     query_guidance: float = 2.0  # CFG of the generated query images (judge accuracy is best at 2)
     query_candidates: int = 8  # generated per combination; the judge keeps the correct ones
+    confirm_queries: bool = True  # False: keep the first candidates whatever the judge says
     lambda_r: float = 1.0  # the fixed-lambda protocol's; must be one of `lambdas`
     lambdas: tuple[float, ...] = LAMBDAS
     batch_size: int = 50
@@ -86,7 +87,7 @@ def make_queries(model, judge, combos, cfg: QualityConfig, keep: int, progress=T
     """Generate `query_candidates` images per combination (at least 2 * keep) and keep the first
     `keep` the judge confirms.
 
-    Returns a list of dicts {combo: (s, c), image: [C,H,W]} and per-combo acceptance counts.
+    Returns a list of dicts {combo: value indices, image: [C,H,W]} and per-combo acceptance counts.
     """
     queries, accepted = [], {}
     n = max(cfg.query_candidates, 2 * keep)
@@ -97,7 +98,8 @@ def make_queries(model, judge, combos, cfg: QualityConfig, keep: int, progress=T
         x0 = x0.clamp(-1, 1)
         ok = (judge.predict(x0) == cond).all(1)
         accepted[tuple(combo)] = (int(ok.sum()), n)
-        for i in ok.nonzero().flatten()[:keep].tolist():
+        keep_ok = ok if cfg.confirm_queries else torch.ones_like(ok)
+        for i in keep_ok.nonzero().flatten()[:keep].tolist():
             queries.append({"combo": tuple(combo), "image": x0[i]})
     return queries, accepted
 
@@ -141,6 +143,12 @@ def run_quality(
     for split, combos in splits.items():
         keep = cfg.heldout_queries_per_combo if split == "heldout" else cfg.queries_per_combo
         queries, accepted = make_queries(model, judge, combos, cfg, keep, progress)
+        if not queries:
+            raise ValueError(
+                f"the judge confirmed none of the {sum(n for _, n in accepted.values())} images "
+                f"generated for the {split.replace('_', '-')} combinations: the model cannot draw "
+                "them yet (train it longer), or pass --keep-unconfirmed to benchmark anyway"
+            )
         per_combo = [sum(q["combo"] == tuple(c) for q in queries) for c in combos]
         roles = query_roles(combos, per_combo, heldout=split == "heldout")
         for qi, q in enumerate(tqdm(queries, desc=f"attribute {split}", disable=not progress)):
@@ -173,7 +181,7 @@ def run_quality(
             log.record(scores, labels, combo, split, roles[qi], seed=cfg.seed * 100003 + qi)
             if qi == 0:
                 gallery.append({"split": split, "combo": combo, "image": image, "scores": scores})
-        acceptance[split] = {f"{s},{c}": v for (s, c), v in accepted.items()}
+        acceptance[split] = {",".join(map(str, c)): v for c, v in accepted.items()}
     timings["queries + attribution"] = time.time() - tic
 
     results = {

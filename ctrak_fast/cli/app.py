@@ -163,6 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--model", help="the FactorUNet trained on --folder (`ctrak train --folder`)")
     q.add_argument("--judge", help="its judge (default: judge_NAME beside unet_NAME)")
     q.add_argument("--image-size", type=positive_int, default=16, help="of --folder's images")
+    q.add_argument(
+        "--keep-unconfirmed",
+        action="store_true",
+        help="use generated query images the judge does not confirm (a model that cannot draw "
+        "its concepts yet; results.json records it)",
+    )
     pp = bsub.add_parser(
         "paper", help="the paper's own 2 x 2 synthetic setting, in the paper's table layout"
     )

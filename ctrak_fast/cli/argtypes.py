@@ -116,6 +116,21 @@ def timestep_list(text: str) -> list[int]:
     return values
 
 
+def width_list(text: str) -> tuple[int, ...]:
+    """UNet widths per resolution level, "32,64,64": each a positive multiple of 8 (its GroupNorm
+    has 8 groups).
+
+    Examples:
+        >>> width_list("8,16")
+        (8, 16)
+    """
+    values = tuple(_list(text, positive_int, "integers"))
+    bad = [w for w in values if w % 8]
+    if bad:
+        raise argparse.ArgumentTypeError(f"widths must be multiples of 8, got {bad}")
+    return values
+
+
 def regex(text: str) -> str:
     """A Python regular expression that compiles (or an @name the model resolves).
 
@@ -145,4 +160,5 @@ __all__ = [
     "positive_int",
     "regex",
     "timestep_list",
+    "width_list",
 ]

@@ -17,6 +17,7 @@ def cmd_demo(a):
         queries_per_combo=a.queries_per_combo,
         heldout_queries_per_combo=a.heldout_queries_per_combo,
         lambda_r=a.lambda_r,
+        confirm_queries=not getattr(a, "keep_unconfirmed", False),
         **method_options(a),
     )
     paper = getattr(a, "bench", None) == "paper"

@@ -3,7 +3,7 @@ labelled image folder (`--folder DIR --labels FILE`)."""
 
 from __future__ import annotations
 
-from ctrak_fast.cli.argtypes import nonneg_int, positive_float, positive_int
+from ctrak_fast.cli.argtypes import nonneg_int, positive_float, positive_int, width_list
 
 
 def add_train_args(p) -> None:
@@ -46,11 +46,26 @@ def add_train_args(p) -> None:
     p.add_argument("--samples", default=None, help="PNG path for a sample grid (synthetic)")
     p.add_argument("--init-from", default=None, help="continue from this FactorUNet checkpoint")
     p.add_argument(
+        "--channels",
+        type=width_list,
+        default=(32, 64, 64),
+        help="UNet widths per resolution level, attention in the last (a new --folder model)",
+    )
+    p.add_argument(
         "--schedule",
         choices=["cosine", "linear"],
         default="cosine",
         help="noise schedule of a new model (ignored with --init-from)",
     )
+
+
+def unet_kwargs(a, schedules: dict) -> dict:
+    n = len(a.channels)
+    return {
+        "schedule": schedules[a.schedule],
+        "block_out_channels": a.channels,
+        "attention": (False,) * (n - 1) + (True,),
+    }
 
 
 def cmd_train(a) -> None:
@@ -81,7 +96,7 @@ def cmd_train(a) -> None:
             name=a.name or "folder",
             image_size=a.image_size,
             **common,
-            model_kwargs={"schedule": SCHEDULES[a.schedule]},
+            model_kwargs=unet_kwargs(a, SCHEDULES),
         )
     else:
         if a.preset == "paper":
