@@ -170,7 +170,7 @@ def test_solve_queries_sweeps_equal_single_lambdas(path):
     )
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.cuda
 def test_gram_and_factor_on_cuda_equal_cpu():
     phi, q = torch.randn(300, 96), torch.randn(4, 96)
     g = gram(phi, device="cuda")
@@ -178,6 +178,8 @@ def test_gram_and_factor_on_cuda_equal_cpu():
     torch.testing.assert_close(g.cpu(), gram(phi), rtol=1e-10, atol=1e-10)
     u = Preconditioner(g, 1.0, inplace=True).solve(q.cuda(), torch.float64)
     torch.testing.assert_close(u.cpu(), _direct(phi, q, 1.0), rtol=1e-8, atol=1e-10)
+    mixed = gram(phi, precision="mixed", device="cuda")  # float32 products: no TF32 allowed
+    torch.testing.assert_close(mixed.cpu(), gram(phi), rtol=1e-5, atol=1e-4)
 
 
 def test_cli_attribute_paths_and_sweep_agree(tmp_path):

@@ -16,6 +16,7 @@ peak memory is the float64 result plus a few hundred MB, whatever N and k:
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 
 import torch
@@ -108,6 +109,31 @@ def gram(
     """
     dtype = _compute_dtype(precision)
     device = torch.device(device or "cpu")
+    with _exact_float32(device):
+        g = _accumulate(source, progress, chunk_rows, dtype, device)
+    if g is None:
+        if isinstance(source, FeatureStore):
+            return torch.zeros(source.k, source.k, dtype=torch.float64, device=device)
+        raise ValueError("gram: no features")
+    return mirror_lower(g)
+
+
+@contextlib.contextmanager
+def _exact_float32(device: torch.device):
+    """IEEE float32 products on CUDA: no TF32 (a 10-bit mantissa) whatever the caller set."""
+    if device.type != "cuda":
+        yield
+        return
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def _accumulate(source, progress, chunk_rows, dtype, device) -> torch.Tensor | None:
+    """G's lower block triangle, summed chunk by chunk (None without any block)."""
     g = None
     for feats in _store_blocks(source, progress):
         if g is None:
@@ -122,11 +148,7 @@ def gram(
                     g[j0:, j0:j1].addmm_(c[:, j0:].T, c[:, j0:j1])
                 else:
                     g[j0:, j0:j1] += c[:, j0:].T @ c[:, j0:j1]
-    if g is None:
-        if isinstance(source, FeatureStore):
-            return torch.zeros(source.k, source.k, dtype=torch.float64, device=device)
-        raise ValueError("gram: no features")
-    return mirror_lower(g)
+    return g
 
 
 def load_features(source: FeatureSource, device: torch.device | str | None = None) -> torch.Tensor:
@@ -144,7 +166,7 @@ def load_features(source: FeatureSource, device: torch.device | str | None = Non
     widths = {b.shape[1] for b in blocks}
     if len(widths) != 1 or any(b.dim() != 2 for b in blocks):
         raise ValueError(f"feature blocks must all be [n, k], got widths {sorted(widths)}")
-    return torch.cat(blocks) if len(blocks) > 1 else blocks[0].contiguous()
+    return torch.cat(blocks)  # a copy: blocks may be read-only views of mapped shards
 
 
 def phi_matmul(phi: torch.Tensor, x: torch.Tensor, transpose: bool = False) -> torch.Tensor:

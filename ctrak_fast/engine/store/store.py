@@ -62,7 +62,12 @@ from ctrak_fast.engine.store.manifest import (
     read_manifest,
     spec_sha256,
 )
-from ctrak_fast.engine.store.shards import check_header, check_shards, shard_file
+from ctrak_fast.engine.store.shards import (
+    check_header,
+    check_shards,
+    iter_store_shards,
+    shard_file,
+)
 from ctrak_fast.engine.store.writer import StoreWriter
 
 
@@ -375,9 +380,11 @@ class FeatureStore:
 
 def iter_features(source) -> Iterable[torch.Tensor]:
     """Feature blocks [n_i, k] from a FeatureStore, a [N, k] tensor, one (features, ids) pair, or
-    an iterable of tensors or (features, ids) pairs (the inputs search.topk accepts too)."""
+    an iterable of tensors or (features, ids) pairs (the inputs search.topk accepts too). A
+    store's shards are memory-mapped with read-ahead and checked as the search checks them
+    (iter_store_shards, block CRC-32C); the blocks are read-only views."""
     if isinstance(source, FeatureStore):
-        return (f for f, _ in source.iter_shards())
+        return (f for f, _ in iter_store_shards(source))
     if isinstance(source, tuple) and len(source) == 2 and isinstance(source[0], torch.Tensor):
         source = source[0]
     if isinstance(source, torch.Tensor):
