@@ -18,11 +18,12 @@ step labels "$CTRAK" labels --folder "$OUT/digits" --labels "$OUT/digits/labels.
 step train "$CTRAK" train --folder "$OUT/digits" --labels "$OUT/digits/labels.json" \
   --out "$OUT/model" --name digits --time-budget 600 --eval-n 8
 step featurize "$CTRAK" featurize --model "$OUT/model/unet_digits.safetensors" \
-  --folder "$OUT/digits" --labels "$OUT/digits/labels.json" --out "$OUT/store"
+  --method concept-trak-cond --folder "$OUT/digits" --labels "$OUT/digits/labels.json" \
+  --out "$OUT/store"
 step query "$CTRAK" query --model "$OUT/model/unet_digits.safetensors" \
-  --concept digit=3,colour=red --out "$OUT/q.safetensors"
+  --method concept-trak-cond --concept digit=3,colour=red --out "$OUT/q.safetensors"
 step attribute "$CTRAK" attribute --store "$OUT/store" --query "$OUT/q.safetensors" --k 10 \
-  --out "$OUT/hits.json"
+  --lambda-r 1000 --out "$OUT/hits.json"
 step report "$CTRAK" report --folder "$OUT/digits" --labels "$OUT/digits/labels.json" \
   --result "$OUT/hits.json" --out "$OUT/gallery.png"
 step bench "$CTRAK" bench quality --folder "$OUT/digits" --labels "$OUT/digits/labels.json" \
