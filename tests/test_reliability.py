@@ -297,7 +297,11 @@ CASES = [
         lambda c: [*featurize_argv(c.assets, c.fresh), "--batch-size", "3"],
         r"shard_rows \(4\) must be a multiple of batch_size \(3\)",
     ),
-    ("k-zero", lambda c: [*featurize_argv(c.assets, c.fresh), "--k", "0"], r"argument --k: must be >= 1, got 0"),
+    (
+        "k-zero",
+        lambda c: [*featurize_argv(c.assets, c.fresh), "--k", "0"],
+        r"argument --k: must be >= 1, got 0",
+    ),
     (
         "missing-model",
         lambda c: featurize_argv((c.tmp / "nope.safetensors", c.assets[1]), c.fresh),
