@@ -602,6 +602,6 @@ class Attributor:
             self._pre = key, precondition(st, lambda_r, keep_gram=keep)
         elif self._pre[1].lambda_r != float(lambda_r):
             pre = self._pre[1]
-            can = pre.path == "dual" or pre.gram is not None
+            can = isinstance(pre, DualPreconditioner) or pre.gram is not None
             self._pre = key, pre.with_lambda(lambda_r) if can else precondition(st, lambda_r)
         return self._pre[1]

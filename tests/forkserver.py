@@ -16,6 +16,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -273,3 +274,12 @@ def tiny_assets(
 def store_files(path: Path) -> dict[str, bytes]:
     """Every file of a store directory but the (empty) lock file, by name."""
     return {p.name: p.read_bytes() for p in sorted(Path(path).iterdir()) if p.name != ".lock"}
+
+
+PROGRESS = re.compile(r"\[\d\d:\d\d:\d\d\] featurize [\w -]+: \d+/\d+ (batch|unit) ")
+
+
+def not_progress(stderr: str) -> list[str]:
+    """stderr lines without the progress log lines (ctrak_fast.progress: stderr of a child is
+    not a terminal, so progress comes as log lines beside the one error line)."""
+    return [line for line in stderr.splitlines() if not PROGRESS.match(line)]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from forkserver import shared_server, store_files, tiny_assets
+from forkserver import not_progress, shared_server, store_files, tiny_assets
 from safetensors.torch import save_file
 
 from ctrak_fast.data import ConceptDataset
@@ -25,12 +25,6 @@ from ctrak_fast.engine.store import FeatureStore
 FEATURIZE = ["featurize", "--method", "d-trak", "--timesteps", "499", "--k", "16"]
 LAYOUT = ["--batch-size", "2", "--shard-rows", "4"]  # 24 images: 6 shards of 2 batches
 REPO = Path(__file__).resolve().parents[1]
-PROGRESS = re.compile(r"\[\d\d:\d\d:\d\d\] featurize [\w-]+: \d+/\d+ batch ")
-
-
-def not_progress(stderr: str) -> list[str]:
-    """stderr without the progress log lines (ctrak_fast.progress: a log is not a terminal)."""
-    return [line for line in stderr.splitlines() if not PROGRESS.match(line)]
 
 
 @pytest.fixture(scope="module")

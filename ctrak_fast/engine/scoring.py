@@ -73,7 +73,8 @@ def _chol_solve(u: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """x = (U^T U)^-1 b for the factor of _cholesky_inplace; b: [n, m]. Two triangular solves
     (torch.cholesky_solve would copy U into a fresh n x n buffer)."""
     y = torch.linalg.solve_triangular(u.mT, b, upper=False)
-    return torch.linalg.solve_triangular(u, y, upper=True)
+    x: torch.Tensor = torch.linalg.solve_triangular(u, y, upper=True)
+    return x
 
 
 def _check_lambda_r(lambda_r: float) -> float:
@@ -240,7 +241,7 @@ def source_shape(source: FeatureSource) -> tuple[int, int] | None:
     if isinstance(source, tuple) and len(source) == 2 and isinstance(source[0], torch.Tensor):
         source = source[0]
     if isinstance(source, torch.Tensor) and source.dim() == 2:
-        return tuple(source.shape)
+        return int(source.shape[0]), int(source.shape[1])
     return None
 
 
