@@ -16,7 +16,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from ctrak_fast.bench.harness import (
     MethodSettings,
@@ -42,6 +41,7 @@ from ctrak_fast.method.query import (
     image_query_features,
 )
 from ctrak_fast.models.factor_unet import drop_factor, flip_factor
+from ctrak_fast.progress import progress as show_progress
 
 METHODS = tuple(TABLE)
 METRICS = ("p@1", "p@5", "p@10", "ap", "specificity")
@@ -91,7 +91,9 @@ def make_queries(model, judge, combos, cfg: QualityConfig, keep: int, progress=T
     """
     queries, accepted = [], {}
     n = max(cfg.query_candidates, 2 * keep)
-    for ci, combo in enumerate(tqdm(combos, desc="queries", disable=not progress)):
+    for ci, combo in enumerate(
+        show_progress(combos, desc="queries", unit="combination", enabled=progress)
+    ):
         gen = torch.Generator().manual_seed(cfg.seed * 7919 + ci)
         cond = torch.tensor(combo, dtype=torch.long)[None].expand(n, -1)
         x0, _ = diffusion.ddim_sample(model, cond, guidance=cfg.query_guidance, generator=gen)
@@ -151,7 +153,9 @@ def run_quality(
             )
         per_combo = [sum(q["combo"] == tuple(c) for q in queries) for c in combos]
         roles = query_roles(combos, per_combo, heldout=split == "heldout")
-        for qi, q in enumerate(tqdm(queries, desc=f"attribute {split}", disable=not progress)):
+        for qi, q in enumerate(
+            show_progress(queries, desc=f"attribute {split}", unit="query", enabled=progress)
+        ):
             combo, image = q["combo"], q["image"]
             cond = torch.tensor(combo, dtype=torch.long)
 

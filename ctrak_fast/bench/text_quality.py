@@ -26,7 +26,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from ctrak_fast.bench.harness import (
     MethodSettings,
@@ -57,6 +56,7 @@ from ctrak_fast.models.latent_cache import encode_images_cached
 from ctrak_fast.models.prompts import remove_phrase
 from ctrak_fast.models.t2i_features import make_featurizer, prompt_query_features
 from ctrak_fast.models.text2image import T2I_PARAM_FILTER, TextToImageAdapter
+from ctrak_fast.progress import progress as show_progress
 
 __all__ = ["T2IQualityConfig", "run_t2i_quality", "make_prompt_queries"]
 
@@ -119,7 +119,9 @@ def make_prompt_queries(
     Returns ([{combo, prompt, seed, x0 [C,h,w], image [3,H,W]}], {combo: (accepted, tried)}).
     """
     queries, accepted = [], {}
-    for ci, combo in enumerate(tqdm(combos, desc="queries", disable=not progress)):
+    for ci, combo in enumerate(
+        show_progress(combos, desc="queries", unit="combination", enabled=progress)
+    ):
         prompt = _prompt(data, combo)
         seed = cfg.seed * 7919 + ci
         n = max(cfg.query_candidates, 2 * keep)
@@ -172,7 +174,9 @@ def run_t2i_quality(
         acceptance[split] = {",".join(map(str, c)): v for c, v in accepted.items()}
         per_combo = [sum(q["combo"] == tuple(c) for q in queries) for c in combos]
         roles = query_roles(combos, per_combo, heldout=split == "heldout")
-        for qi, q in enumerate(tqdm(queries, desc=f"attribute {split}", disable=not progress)):
+        for qi, q in enumerate(
+            show_progress(queries, desc=f"attribute {split}", unit="query", enabled=progress)
+        ):
             combo, prompt = q["combo"], q["prompt"]
 
             def concept(row, fz, combo=combo, prompt=prompt, q=q):
