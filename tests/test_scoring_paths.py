@@ -170,6 +170,19 @@ def test_solve_queries_sweeps_equal_single_lambdas(path):
     )
 
 
+def test_primal_sweeps_too_large_for_eigh_take_one_cholesky_per_lambda(monkeypatch):
+    import ctrak_fast.engine.sweep as sweep
+
+    phi, q = _spectrum_features(30, 20, seed=4), torch.randn(3, 20)
+    lambdas = [0.1, 1.0, 10.0]
+    by_eigh = solve_queries(phi, q, lambdas, path="primal")
+    monkeypatch.setattr(sweep, "eigh_fits", lambda k, memory_bytes=None: False)
+    by_cholesky = sweep.solve_queries(phi, q, lambdas, path="primal")
+    torch.testing.assert_close(
+        by_cholesky, by_eigh, rtol=1e-4, atol=1e-5 * float(by_eigh.abs().max())
+    )
+
+
 @pytest.mark.cuda
 def test_gram_and_factor_on_cuda_equal_cpu():
     phi, q = torch.randn(300, 96), torch.randn(4, 96)

@@ -20,6 +20,7 @@ N = 420, 9 lambdas: 0.05 s against 12.6 s). benchmarks/bench_lambda_sweep.py mea
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 
 import torch
@@ -278,13 +279,29 @@ def solve_queries(
             )
         return pre.solve(q)[None] if q.dim() == 2 else pre.solve(q)[None, None]
     if chosen == "dual":
-        sweep = LambdaSweep(load_features(source), path="dual")
-    else:
-        g = gram_matrix
-        if g is None:
-            g = build_gram(source, precision=precision, device=device).cpu()
-        sweep = LambdaSweep(gram=g)
-    return sweep.solve(q, lambda_rs).float()
+        return LambdaSweep(load_features(source), path="dual").solve(q, lambda_rs).float()
+    g = gram_matrix
+    if g is None:
+        g = build_gram(source, precision=precision, device=device).cpu()
+    if not eigh_fits(g.shape[0]):
+        # eigh needs ~4 k^2 doubles (34 GB at k = 32768): one Cholesky of a copy per lambda
+        # instead (2 k^2), G read from memory each time, not from the store.
+        us = [Preconditioner(g, r).solve(q) for r in lambda_rs]  # each: G + one factor
+        return torch.stack(us).reshape(len(lambda_rs), -1, g.shape[0])
+    return LambdaSweep(gram=g).solve(q, lambda_rs).float()
 
 
-__all__ = ["LambdaSweep", "solve_queries"]
+def eigh_fits(k: int, memory_bytes: int | None = None) -> bool:
+    """Whether a float64 eigh of a k x k matrix (~4 k^2 doubles: the matrix, its symmetrised
+    copy, the eigenvectors and LAPACK's workspace) fits in 80% of this machine's memory.
+
+    Examples:
+        >>> eigh_fits(4096, memory_bytes=24 << 30), eigh_fits(32768, memory_bytes=24 << 30)
+        (True, False)
+    """
+    if memory_bytes is None:
+        memory_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return 4 * k * k * 8 <= 0.8 * memory_bytes
+
+
+__all__ = ["LambdaSweep", "eigh_fits", "solve_queries"]
