@@ -20,9 +20,11 @@ Guarantees:
 - Self-description: the manifest records the caller's ``meta`` (model fingerprint, projection spec,
   loss, timesteps, ...); resuming or querying with a different spec raises :class:`SpecMismatch`
   naming the field.
-- Integrity: ``open`` checks every shard's size and header (cheap); reading checks each shard's
-  sha256 by default (one hash per shard read, small next to any computation on the features);
-  :meth:`FeatureStore.verify` re-hashes everything and names each bad shard.
+- Integrity: ``open`` checks every manifest field's type, the spec checksum (``spec_sha256`` over
+  k, dtype, shard_rows and meta) and every shard's size and header (cheap); the search checks each
+  shard's block CRC-32C (``crc32c``, engine/checksum.py) as it streams it; :meth:`read_shard`
+  checks the file's sha256; :meth:`FeatureStore.verify` re-reads everything (sha256, CRC-32C, the
+  ids' sha256, ids repeated across shards) and names each bad shard.
 - Zeroed rows: a writer may store a row as zeros in place of a non-finite feature
   (``append(..., zeroed=mask)``); the shard's record lists those ids (``zeroed_ids``), so the
   substitution is never silent.
