@@ -77,6 +77,21 @@ def _chol_solve(u: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def all_finite(t: torch.Tensor, block_rows: int = 1024) -> bool:
+    """No NaN / Inf in t, checked block_rows rows at a time: torch.isfinite(t) of a whole
+    k x k Gram would allocate several more k^2 buffers (0.7 GB at k = 8192, measured).
+
+    Examples:
+        >>> all_finite(torch.ones(5, 3)), all_finite(torch.tensor([[1.0, float("nan")]]))
+        (True, False)
+    """
+    rows = t.reshape(-1, t.shape[-1]) if t.dim() > 1 else t.reshape(1, -1)
+    return all(
+        bool(torch.isfinite(rows[i : i + block_rows]).all())
+        for i in range(0, len(rows), block_rows)
+    )
+
+
 def _check_lambda_r(lambda_r: float) -> float:
     lambda_r = float(lambda_r)
     if not lambda_r >= 0 or lambda_r == float("inf"):
@@ -128,7 +143,7 @@ class Preconditioner:
         else:
             self.gram = gram.detach().to(device=device, dtype=torch.float64)
             a = self.gram.clone()
-        if not torch.isfinite(a.diagonal()).all() or not torch.isfinite(a).all():
+        if not all_finite(a):
             raise ValueError("gram has non-finite entries (NaN/Inf features in the store?)")
         self.k = a.shape[0]
         self.lam = damping(a, self.lambda_r)
@@ -198,7 +213,7 @@ class DualPreconditioner:
         if self.lambda_r == 0:
             raise ValueError("the dual path needs lambda_r > 0 (G is singular when N < k)")
         self.phi = phi.detach().to(torch.float32)
-        if not torch.isfinite(self.phi).all():
+        if not all_finite(self.phi):
             raise ValueError("features have non-finite entries (NaN/Inf in the store?)")
         self.n, self.k = self.phi.shape
         self.kernel = kernel(self.phi, precision) if kernel_matrix is None else kernel_matrix
@@ -298,6 +313,7 @@ __all__ = [
     "PATHS",
     "DualPreconditioner",
     "Preconditioner",
+    "all_finite",
     "choose_path",
     "damping",
     "precondition",

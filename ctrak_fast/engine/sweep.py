@@ -29,6 +29,7 @@ from ctrak_fast.engine.gram import FeatureSource, load_features
 from ctrak_fast.engine.gram import gram as build_gram
 from ctrak_fast.engine.scoring import (
     Preconditioner,
+    all_finite,
     choose_path,
     precondition,
     source_shape,
@@ -114,7 +115,7 @@ class LambdaSweep:
         if phi.dim() != 2 or phi.shape[0] == 0 or phi.shape[1] == 0:
             raise ValueError(f"phi must be a non-empty [N, k] tensor, got {list(phi.shape)}")
         p = phi.detach().to(device="cpu", dtype=torch.float64)
-        if not torch.isfinite(p).all():
+        if not all_finite(p):
             raise ValueError("phi has non-finite entries")
         return p
 
@@ -125,7 +126,7 @@ class LambdaSweep:
             if gram.dim() != 2 or tuple(gram.shape) != (self.k, self.k):
                 raise ValueError(f"gram must be [{self.k}, {self.k}], got {list(gram.shape)}")
             g = gram.detach().to(device="cpu", dtype=torch.float64)
-            if not torch.isfinite(g).all():
+            if not all_finite(g):
                 raise ValueError("gram has non-finite entries")
         return (g + g.T) / 2  # eigh reads one triangle; make both agree
 
