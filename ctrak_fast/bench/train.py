@@ -351,14 +351,13 @@ def train_folder(
     every seen and held-out combination) and <name>_samples.png (one row per combination, held-out
     ones marked *). Training resumes from its last checkpoint (train_diffusion, resume).
     """
-    from ctrak_fast.data import load_image_folder
     from ctrak_fast.models.shipped import FolderData
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = _paths(out, name)
     spec = FolderData(str(Path(folder).resolve()), str(Path(labels_file).resolve()), image_size)
-    ds = load_image_folder(spec.folder, spec.labels, image_size=image_size)
+    ds = spec.dataset()
     spec.save_json(paths["config"])
     combos = sorted({tuple(r) for r in ds.labels.tolist()} | set(ds.heldout))
     log.info(
