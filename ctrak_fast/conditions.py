@@ -15,6 +15,7 @@ from typing import Any, TypeAlias
 import torch
 from torch import Tensor, nn
 
+from ctrak_fast.method.negatives import DrawnNegative
 from ctrak_fast.method.query import Negative, concept_contexts
 from ctrak_fast.models.factor_unet import drop_factor, flip_factor
 
@@ -29,6 +30,19 @@ indices (factors not named get their null token). Text-to-image models: a prompt
 def describe(cond: Condition) -> str:
     """A short printable form of a condition."""
     return str(cond.tolist()) if isinstance(cond, Tensor) else repr(cond)
+
+
+def factor_negative(cond: Tensor, f: int, n_values: Sequence[int], how: str) -> Negative:
+    """c- of factor f's concept in cond [F]: the factor nulled ("null"), flipped to each of its
+    other values ("flip", eps averaged: the paper's synthetic queries), or set to one random other
+    value per draw ("random", the authors' code; two values: the single flipped c-)."""
+    if how == "flip":
+        return flip_factor(cond, f, list(n_values))
+    if how == "random":
+        return DrawnNegative(tuple(flip_factor(cond, f, list(n_values))))
+    if how != "null":
+        raise ValueError(f"a factor's c- is 'null', 'flip' or 'random', got {how!r}")
+    return drop_factor(cond[None], f, list(n_values))[0]
 
 
 class Conditions(ABC):
@@ -122,11 +136,8 @@ class FactorConditions(Conditions):
         return out
 
     def removed(self, cond: Tensor, f: int, how: str) -> Negative:
-        """c- of factor f's concept in cond: the factor nulled ("null"), or flipped to each of
-        its other values ("flip", eps averaged: the paper's synthetic queries)."""
-        if how == "flip":
-            return flip_factor(cond, f, self.n_values)
-        return drop_factor(cond[None], f, self.n_values)[0]
+        """c- of factor f's concept in cond (factor_negative)."""
+        return factor_negative(cond, f, self.n_values, how)
 
     def contexts(
         self, pos: Tensor, label: str, neg: Negative, how: str = "null"

@@ -5,7 +5,8 @@ judge-confirmed query images for seen (in-distribution) and held-out (shape, col
 attribute each query, and score the rankings against the exact labels: P@1/5/10, AP over the full
 ranking, and specificity (how many of the top-10 also carry the query's other factor values), per
 factor and split. A concept method's c- is the factor flipped to each other value (the paper's
-synthetic setting) or set to its null token (`negative`).
+synthetic setting), set to one random other value per draw (the authors' code) or to its null
+token (`negative`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from ctrak_fast.bench.harness import (
 )
 from ctrak_fast.bench.protocol import LAMBDAS, QueryLog, query_roles
 from ctrak_fast.bench.stats import format_ci
+from ctrak_fast.conditions import factor_negative
 from ctrak_fast.data import ConceptDataset
 from ctrak_fast.engine.atomic import atomic_write_text
 from ctrak_fast.engine.projection import ProjectionSpec
@@ -40,7 +42,6 @@ from ctrak_fast.method.query import (
     context_concept_features,
     image_query_features,
 )
-from ctrak_fast.models.factor_unet import drop_factor, flip_factor
 from ctrak_fast.progress import progress as show_progress
 
 METHODS = tuple(TABLE)
@@ -68,16 +69,23 @@ class QualityConfig(MethodSettings):
     dps: FeatureSpec = field(default_factory=FeatureSpec)
     concept: ConceptQuerySpec = field(default_factory=ConceptQuerySpec)
     grad_backend: str = "hooks"
-    # c- of a concept query: the factor flipped to each other value (eps averaged), as the
-    # paper does on its synthetic data (METHOD.md §5), or set to its null token.
+    # c- of a concept query (conditions.factor_negative): "flip" to each other value (eps
+    # averaged), as the paper does on its synthetic data (METHOD.md §5), "random" (one other
+    # value per draw, the authors' code) or "null". A method's own setting wins.
     negative: str = "flip"
     # FeatureSpec per method where it departs from the method table's (dps: concept-trak's).
     features: dict[str, FeatureSpec] = field(default_factory=dict)
 
     def __post_init__(self):
-        if self.negative not in ("null", "flip"):
-            raise ValueError(f"negative must be 'null' or 'flip', got {self.negative!r}")
+        if self.negative not in ("null", "flip", "random"):
+            raise ValueError(f"negative must be 'null', 'flip' or 'random', got {self.negative!r}")
         self.check_methods()
+
+    def query_spec(self, row) -> ConceptQuerySpec:
+        """`concept` with this run's c- (`negative`), then the method's own settings."""
+        return ConceptQuerySpec(
+            **{**self.concept.to_dict(), "negative": self.negative, **row.concept}
+        )
 
     def to_dict(self) -> dict:
         return {**asdict(self), **self.specs_dict()}
@@ -164,13 +172,16 @@ def run_quality(
                 if spec.contexts:  # the concept in every context that shares it
                     ctx = [
                         [
-                            (c, negative(c, f, model, cfg.negative))
+                            (c, factor_negative(c, f, model.n_values, spec.negative))
                             for c in concept_contexts(cond, f, model.n_values)
                         ]
                         for f in range(n_factors)
                     ]
                     return context_concept_features(fz, spec, cond, ctx, image=image)
-                negs = [negative(cond, f, model, cfg.negative) for f in range(n_factors)]
+                negs = [
+                    factor_negative(cond, f, model.n_values, spec.negative)
+                    for f in range(n_factors)
+                ]
                 return concept_query_features(fz, spec, cond, negs, image=image)
 
             def whole_image(fz, cond=cond, image=image):
@@ -198,12 +209,6 @@ def run_quality(
     results["_gallery"] = at_chosen_lambda(gallery, results["lambda_r"], cfg.lambdas)
     results["_train"] = train
     return results
-
-
-def negative(cond: torch.Tensor, f: int, model, how: str):
-    """c- of a concept query for factor f: the factor flipped to each of its other values (eps
-    averaged; the paper's synthetic setting) or set to its null token."""
-    return flip_factor(cond, f, model) if how == "flip" else drop_factor(cond[None], f, model)[0]
 
 
 def data_combos(data: ConceptDataset, which: str) -> list[tuple[int, int]]:

@@ -30,6 +30,7 @@ from ctrak_fast.cli.commands import (
 from ctrak_fast.cli.train import add_train_args, cmd_train
 from ctrak_fast.engine.scoring_options import PATHS, PRECISIONS
 from ctrak_fast.method.methods import FEATURIZE_METHODS, METHODS
+from ctrak_fast.method.recipes import INVERSION_NEGATIVES, RECIPES
 
 
 def _add_feature_args(p):
@@ -50,12 +51,7 @@ def _add_feature_args(p):
         "--no-inversion", action="store_true", help="fixed noise instead of DDIM inversion"
     )
     p.add_argument("--inversion-guidance", type=nonneg_float, default=7.5)
-    p.add_argument(
-        "--inversion-eps",
-        choices=["next", "current"],
-        default="next",
-        help="eps of the inversion step t_i -> t_i+1 at t_i+1, or at t_i (the authors' code)",
-    )
+    _add_recipe_args(p)
     p.add_argument(
         "--no-normalize", action="store_true", help="skip per-timestep unit normalisation"
     )
@@ -65,19 +61,59 @@ def _add_feature_args(p):
     p.add_argument("--grad-backend", default="hooks", choices=["hooks", "func"])
 
 
+def _add_recipe_args(p) -> None:
+    """--recipe and the training-side knobs where the authors' code differs (recipes.py)."""
+    p.add_argument(
+        "--recipe",
+        default="ours",
+        choices=list(RECIPES),
+        help="ours, or the authors' synthetic-benchmark code (paper); each flag below overrides it",
+    )
+    p.add_argument(
+        "--inversion-eps",
+        choices=["next", "current"],
+        help="eps of the inversion step t_i -> t_i+1 at t_i+1 (ours), or at t_i (paper)",
+    )
+    p.add_argument(
+        "--inversion-negative",
+        choices=list(INVERSION_NEGATIVES),
+        help="CFG negative of the training inversion: null token (ours), a random other value "
+        "per factor redrawn every step (paper), or every factor flipped (two-valued factors)",
+    )
+
+
+def _add_draw_args(p) -> None:
+    """Query-side knobs where the authors' code differs (recipes.py)."""
+    p.add_argument(
+        "--negative",
+        choices=["flip", "null", "random"],
+        help="c- of a concept query: the factor flipped to each other value (the paper's "
+        "synthetic setting; default), set to its null token, or one random other value per draw "
+        "(paper)",
+    )
+    p.add_argument(
+        "--draw-cfg",
+        choices=["null", "negative"],
+        help="CFG negative of local draws: the null token (ours) or the query's c- (paper)",
+    )
+    p.add_argument(
+        "--global-sampler",
+        choices=["ddim", "ddpm"],
+        help="global draws: DDIM (ours) or ancestral DDPM (paper)",
+    )
+    p.add_argument(
+        "--global-points",
+        choices=["all", "random"],
+        help="global draws used at every timestep (ours) or stopped at one random one (paper)",
+    )
+
+
 def _add_method_args(p):
     """Concept-TRAK ablation switches of the benchmark commands."""
     p.add_argument(
         "--methods",
         default=",".join(METHODS),
         help="comma-separated subset (ablations: concept-trak alone)",
-    )
-    p.add_argument(
-        "--negative",
-        default="flip",
-        choices=["flip", "null"],
-        help="c- of a concept query: the factor flipped to each other value (the paper's "
-        "synthetic setting), or set to its null token",
     )
     p.add_argument("--draws", default="local", choices=["local", "global"])
     p.add_argument(
@@ -87,12 +123,8 @@ def _add_method_args(p):
         help="CFG of the DDIM inversions (training features, local query draws) and of global "
         "draws",
     )
-    p.add_argument(
-        "--inversion-eps",
-        choices=["next", "current"],
-        default="next",
-        help="concept-trak's inversion step: eps at t_i+1 (ours) or at t_i (the authors' code)",
-    )
+    _add_recipe_args(p)
+    _add_draw_args(p)
     p.add_argument(
         "--query-guidance", type=nonneg_float, default=2.0, help="CFG of the generated query images"
     )
@@ -157,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = bsub.add_parser(
         "quality", help="the concept benchmark: synthetic, or a labelled folder (--folder)"
     )
-    _add_benchmark_args(q, "out/quality", per_combo=250, queries=4, heldout=8)
+    _add_benchmark_args(q, "out/quality", per_combo=250, queries=5, heldout=8)
     q.add_argument("--folder", help="benchmark on this labelled image folder (with --labels)")
     q.add_argument("--labels", help="labels file of --folder (held-out combinations in it)")
     q.add_argument("--model", help="the FactorUNet trained on --folder (`ctrak train --folder`)")
@@ -212,18 +244,15 @@ def build_parser() -> argparse.ArgumentParser:
     qp.add_argument("--concept", required=True, help="c+, e.g. 'shape=triangle,colour=red'")
     qp.add_argument("--remove", help="factor(s) removed for c- (default: each factor in turn)")
     qp.add_argument("--draws", default="local", choices=["local", "global"])
-    qp.add_argument("--n-draws", type=positive_int, default=4)
+    qp.add_argument(
+        "--n-draws", type=positive_int, help="default 4 (the paper recipe's global draws: 36)"
+    )
     qp.add_argument("--weight", type=finite_float, default=7.5)
     qp.add_argument(
         "--guidance", type=nonneg_float, default=3.0, help="CFG of the generated query image"
     )
     qp.add_argument("--image", help="the query image file (default: generated from --concept)")
-    qp.add_argument(
-        "--negative",
-        choices=["null", "flip"],
-        help="c- of a factor concept: the factor nulled, or flipped to each other value "
-        "(default: the method's; concept-trak-cond flips)",
-    )
+    _add_draw_args(qp)
     qp.add_argument("--seed", type=nonneg_int, default=0)
     qp.add_argument("--out", required=True, help="query safetensors file")
 

@@ -35,21 +35,23 @@ def cmd_demo(a):
 
 def method_options(a) -> dict:
     """Concept-TRAK options of `demo` / `bench quality` as QualityConfig fields."""
+    from ctrak_fast.cli.inputs import recipe_knobs
     from ctrak_fast.method.featurize import FeatureSpec
     from ctrak_fast.method.methods import parse_methods
     from ctrak_fast.method.query import ConceptQuerySpec
+    from ctrak_fast.method.recipes import recipe_options
 
     methods = parse_methods(a.methods)
+    # --recipe sets concept-trak's knobs (concept-trak-cond keeps its own, the method table's)
+    feature, concept = recipe_options(a.recipe, a.draws, recipe_knobs(a))
     return {
         "methods": methods,
-        "negative": a.negative,
+        "negative": concept.pop("negative", "flip"),
         "query_guidance": a.query_guidance,
         "dps": FeatureSpec(
-            inversion_guidance=a.inversion_guidance,
-            inversion_eps=a.inversion_eps,
-            param_filter=a.param_filter,
+            inversion_guidance=a.inversion_guidance, param_filter=a.param_filter, **feature
         ),
-        "concept": ConceptQuerySpec(draws=a.draws, guidance=a.inversion_guidance),
+        "concept": ConceptQuerySpec(draws=a.draws, guidance=a.inversion_guidance, **concept),
     }
 
 

@@ -6,7 +6,14 @@ import json
 import sys
 from pathlib import Path
 
-from ctrak_fast.cli.inputs import feature_spec, featurizer, load_data, load_model, projection
+from ctrak_fast.cli.inputs import (
+    feature_spec,
+    featurizer,
+    load_data,
+    load_model,
+    projection,
+    recipe_knobs,
+)
 
 
 def cmd_featurize(a):
@@ -67,6 +74,7 @@ def cmd_query(a):
     from ctrak_fast.api import Attributor
     from ctrak_fast.data.folder import load_image
     from ctrak_fast.engine.validation import check_input_file, check_output_path
+    from ctrak_fast.method.recipes import recipe_options
 
     model = load_model(a.model)
     out = check_output_path(a.out)
@@ -82,9 +90,10 @@ def cmd_query(a):
         image = load_image(check_input_file(a.image, "query image"), size)
     else:  # the query image is generated from the concept and the seed
         image = att.generate(a.concept, seed=a.seed, guidance=a.guidance)[0]
-    spec = {"draws": a.draws, "n_draws": a.n_draws, "weight": a.weight, "seed": a.seed}
-    if a.negative:
-        spec["negative"] = a.negative
+    _, concept = recipe_options(a.recipe, a.draws, recipe_knobs(a))
+    spec = {"n_draws": 4, **concept, "draws": a.draws, "weight": a.weight, "seed": a.seed}
+    if a.n_draws:
+        spec["n_draws"] = a.n_draws
     remove = a.remove.split(",") if a.remove else None
     q = att.query(a.concept, remove=remove, image=image, **spec)
     q.save(out)

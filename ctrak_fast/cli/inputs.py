@@ -46,8 +46,10 @@ def load_model(path):
 def feature_spec(a):
     """The --method's FeatureSpec (the method table's defaults) with the flags given."""
     from ctrak_fast.method.methods import get_method
+    from ctrak_fast.method.recipes import recipe_options
 
-    kw = {"inversion_guidance": a.inversion_guidance, "inversion_eps": a.inversion_eps}
+    feature, _ = recipe_options(a.recipe, getattr(a, "draws", "local"), recipe_knobs(a))
+    kw = {"inversion_guidance": a.inversion_guidance, **feature}
     if a.timesteps:
         kw["timesteps"] = tuple(a.timesteps)
     if a.no_inversion:
@@ -84,3 +86,15 @@ def featurizer(a, model):
         model.null_cond(1)[0],
         grad_backend=a.grad_backend,
     )
+
+
+def recipe_knobs(a) -> dict:
+    """The recipe knobs given as flags (None: the recipe's)."""
+    return {
+        "inversion_eps": a.inversion_eps,
+        "inversion_negative": a.inversion_negative,
+        "negative": getattr(a, "negative", None),
+        "draw_cfg": getattr(a, "draw_cfg", None),
+        "sampler": getattr(a, "global_sampler", None),
+        "points": getattr(a, "global_points", None),
+    }

@@ -14,7 +14,7 @@ null-text inversion (Mokady et al. 2023): eps(x_{t_prev}, t) ~ eps(x_t, t).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from diffusers import DDPMScheduler
@@ -242,7 +242,7 @@ def ddim_invert(
     model,
     x0: torch.Tensor,
     cond: torch.Tensor,
-    neg_cond: torch.Tensor | None = None,
+    neg_cond: torch.Tensor | Callable[[int], torch.Tensor] | None = None,
     guidance: float = 1.0,
     steps: int = 50,
     record_timesteps: Iterable[int] | None = None,
@@ -273,7 +273,7 @@ def ddim_invert_stochastic(
     model,
     x0: torch.Tensor,
     cond: torch.Tensor,
-    neg_cond: torch.Tensor | None = None,
+    neg_cond: torch.Tensor | Callable[[int], torch.Tensor] | None = None,
     guidance: float = 1.0,
     steps: int = 50,
     record_timesteps: Iterable[int] | None = None,
@@ -285,7 +285,10 @@ def ddim_invert_stochastic(
 ) -> dict[int, torch.Tensor]:
     """Stochastic DDIM inversion (local query draws, METHOD.md §5): as `ddim_invert`, but each
     step also injects fresh noise of std sigma_t(eta), so repeated calls give different x_t
-    around the deterministic trajectory (eta = 0 is `ddim_invert`). Returns {t: x_t [B,C,H,W]}."""
+    around the deterministic trajectory (eta = 0 is `ddim_invert`). Returns {t: x_t [B,C,H,W]}.
+
+    neg_cond may also be a callable step -> [B, ...]: a CFG negative redrawn at every step (the
+    authors' random other condition, negatives.InversionNegatives)."""
     if record_timesteps is None:
         record_timesteps = [
             ddim_timesteps(steps, _schedule(model, schedule).num_train_timesteps)[0]
@@ -301,13 +304,16 @@ def ddim_invert_stochastic(
     x = x0.to(device=device, dtype=torch.float32)
     b = x.shape[0]
     cond = _expand_cond(cond, b).to(device)
-    neg_cond = None if neg_cond is None else _expand_cond(neg_cond, b).to(device)
+    negative_at = neg_cond if callable(neg_cond) else None
+    if negative_at is None and neg_cond is not None:
+        neg_cond = _expand_cond(neg_cond, b).to(device)
     last = max(rec) if rec else grid[-1]
     traj: dict[int, torch.Tensor] = {}
     t_cur = -1
-    for t in tqdm(grid, disable=not progress, desc="ddim-invert", leave=False):
+    for step, t in enumerate(tqdm(grid, disable=not progress, desc="ddim-invert", leave=False)):
         t_eps = t if eps_at == "next" or t_cur < 0 else t_cur
-        eps = guided_eps(model, x, t_eps, cond, neg_cond, guidance)
+        neg = neg_cond if negative_at is None else _expand_cond(negative_at(step), b).to(device)
+        eps = guided_eps(model, x, t_eps, cond, neg, guidance)
         ab_cur, ab = sch.alpha_bar(t_cur, x), sch.alpha_bar(t, x)
         x0_hat = tweedie_x0(x, eps, t_cur, sch) if t_cur >= 0 else x
         if eta > 0:

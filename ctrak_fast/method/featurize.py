@@ -21,6 +21,8 @@ from ctrak_fast.method import diffusion
 from ctrak_fast.method.grads.layout import add_blocks, blocks_sq_norm, scale_blocks_
 from ctrak_fast.method.grads.per_sample import PerSampleGrads
 from ctrak_fast.method.losses import LOSSES, Residual
+from ctrak_fast.method.negatives import InversionNegatives
+from ctrak_fast.method.recipes import INVERSION_NEGATIVES
 from ctrak_fast.progress import progress as show_progress
 
 if TYPE_CHECKING:
@@ -52,6 +54,10 @@ class FeatureSpec:
     # eps of the inversion step t_i -> t_{i+1} at t_{i+1} ("next", ours) or at t_i ("current",
     # the authors' synthetic-benchmark code, METHOD.md §10)
     inversion_eps: str = "next"
+    # CFG negative of the inversion (factor models): the null token ("null", ours), each factor a
+    # random other value redrawn every step ("random", the authors' code), or every factor
+    # flipped ("flip", two-valued factors). negatives.py.
+    inversion_negative: str = "null"
     # True: the whole per-timestep gradient to unit norm (the paper). "layer": each module (its
     # weight and bias together) to unit norm per timestep, so that no single layer (conv_out)
     # decides the inner product (dense projection only). False: no normalisation.
@@ -69,6 +75,11 @@ class FeatureSpec:
         if self.inversion_eps not in ("next", "current"):
             raise ValueError(
                 f"inversion_eps must be 'next' or 'current', got {self.inversion_eps!r}"
+            )
+        if self.inversion_negative not in INVERSION_NEGATIVES:
+            raise ValueError(
+                f"inversion_negative must be one of {INVERSION_NEGATIVES}, "
+                f"got {self.inversion_negative!r}"
             )
         if self.normalize not in (True, False, "layer"):
             raise ValueError(f"normalize must be True, False or 'layer', got {self.normalize!r}")
@@ -245,17 +256,28 @@ class Featurizer:
         return self._projector.project_blocks(acc)
 
     def trajectory(self, x0: torch.Tensor, cond: torch.Tensor) -> dict[int, torch.Tensor]:
-        """x_t at every timestep of the spec: DDIM inversion (CFG vs null) or fixed noise."""
+        """x_t at every timestep of the spec: DDIM inversion (CFG vs the spec's inversion
+        negative) or fixed noise."""
         spec = self.spec
         if spec.inversion:
             key = None
             if self.inversion_cache is not None:
                 settings = (id(self.model), spec.inversion_guidance, spec.inversion_steps)
-                settings += (spec.timesteps, spec.inversion_eps)
+                settings += (spec.timesteps, spec.inversion_eps, spec.inversion_negative)
+                settings += (spec.noise_seed,)
                 key = self.inversion_cache.key(settings, x0, cond, self.null_cond)
                 if key in self.inversion_cache:
                     return self.inversion_cache[key]
-            neg = self.null_cond.expand_as(cond)
+            neg: torch.Tensor | InversionNegatives = self.null_cond.expand_as(cond)
+            if spec.inversion_negative != "null":
+                n_values = getattr(self.model, "n_values", None)
+                if n_values is None:
+                    raise ValueError(
+                        f"inversion_negative={spec.inversion_negative!r} needs a factor model"
+                    )
+                neg = InversionNegatives(
+                    spec.inversion_negative, x0, cond, n_values, spec.noise_seed
+                )
             traj = diffusion.ddim_invert(
                 self.model,
                 x0,

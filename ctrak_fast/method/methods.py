@@ -108,7 +108,12 @@ METHODS: dict[str, Method] = {
             "the condition, normalised layer by layer, the slider averaged over the contexts "
             "that share the concept",
             feature={"normalize": "layer", "param_filter": CONDITION_PATH},
-            concept={"normalize": "layer", "contexts": True, "negative": "flip"},
+            concept={
+                "normalize": "layer",
+                "contexts": True,
+                "negative": "flip",
+                "draw_cfg": "null",
+            },
         ),
         Method(
             "concept-trak",

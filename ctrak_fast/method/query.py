@@ -28,6 +28,7 @@ import torch
 from ctrak_fast.method import diffusion
 from ctrak_fast.method.featurize import PAPER_TIMESTEPS, Featurizer
 from ctrak_fast.method.grads.layout import Blocks, add_blocks
+from ctrak_fast.method.negatives import DrawnNegative, sample_seed
 
 
 @dataclass(frozen=True)
@@ -35,8 +36,10 @@ class ConceptQuerySpec:
     """Options of a concept query (paper defaults where the paper states one).
 
     weight: slider weight w (7.5 synthetic, 3 text-to-image). draws: "local" or "global".
-    n_draws: independent draws, each used at every timestep. eta: stochasticity of local inversion.
-    guidance: CFG scale of the draws (local: inversion under c+ vs null; global: c+ vs c-).
+    n_draws: independent draws, each used at every timestep (or at one, see `points`).
+    eta: stochasticity of local inversion.
+    guidance: CFG scale of the draws (local: inversion under c+ vs `draw_cfg`; global: c+ vs c-).
+    The authors' recipe (recipes.py) sets draw_cfg, negative, sampler and points otherwise.
 
     Examples:
         >>> spec = ConceptQuerySpec(draws="global", n_draws=64)
@@ -58,15 +61,32 @@ class ConceptQuerySpec:
     contexts: bool = False
     # c- of a factor concept (factor models): the factor set to its null token, or flipped to
     # each of its other values (eps averaged), as the paper's synthetic queries do.
+    # "random": one other value per draw (negatives.DrawnNegative, the authors' code; with two
+    # values the single flipped c-).
     negative: str = "null"
+    # CFG negative of local draws (the inversion): the null token (ours) or the query's c-
+    # ("negative", the authors'); global draws always guide against c-.
+    draw_cfg: str = "null"
+    # Global draws: DDIM (ours) or ancestral DDPM (eta = 1, the authors'); each draw used at every
+    # timestep ("all", ours) or stopped at one random timestep of the set ("random", theirs).
+    sampler: str = "ddim"
+    points: str = "all"
 
     def __post_init__(self) -> None:
-        if self.draws not in ("local", "global"):
-            raise ValueError(f"draws must be 'local' or 'global', got {self.draws!r}")
+        choices = {
+            "draws": ("local", "global"),
+            "negative": ("null", "flip", "random"),
+            "draw_cfg": ("null", "negative"),
+            "sampler": ("ddim", "ddpm"),
+            "points": ("all", "random"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.n_draws < 1:
             raise ValueError("n_draws must be >= 1")
-        if self.negative not in ("null", "flip"):
-            raise ValueError(f"negative must be 'null' or 'flip', got {self.negative!r}")
+        if self.points == "random" and self.draws != "global":
+            raise ValueError("points='random' stops global draws early: it needs draws='global'")
         object.__setattr__(self, "timesteps", tuple(int(t) for t in self.timesteps))
 
     def to_dict(self) -> dict[str, Any]:
@@ -75,7 +95,15 @@ class ConceptQuerySpec:
         return d
 
 
-Negative = torch.Tensor | Sequence[torch.Tensor]  # one c-, or several whose eps are averaged
+# one c-, several whose eps are averaged, or one drawn per draw
+Negative = torch.Tensor | Sequence[torch.Tensor] | DrawnNegative
+
+
+@dataclass(frozen=True)
+class PointNegatives:
+    """One c- per draw point, [n_points, ...] (a DrawnNegative's draws, spread over points)."""
+
+    conds: torch.Tensor
 
 
 def _batched(cond: torch.Tensor, n: int) -> torch.Tensor:
@@ -83,26 +111,42 @@ def _batched(cond: torch.Tensor, n: int) -> torch.Tensor:
     return cond.unsqueeze(0).expand(n, *cond.shape)
 
 
+def point_draws(spec: ConceptQuerySpec) -> torch.Tensor:
+    """The draw each point of draw_points comes from, int64 [n_points]: points are timestep-major
+    (all draws at t_1, then at t_2, ...), or one per draw with points="random"."""
+    draws = torch.arange(spec.n_draws)
+    return draws if spec.points == "random" else draws.repeat(len(spec.timesteps))
+
+
 def draw_points(
     featurizer: Featurizer,
     spec: ConceptQuerySpec,
     cond_pos: torch.Tensor,
-    cond_neg: torch.Tensor | None = None,
+    cond_neg: torch.Tensor | PointNegatives | None = None,
     image: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draw points (x_t [n, C, H, W], t [n]) for a query; n = n_draws * len(timesteps)."""
+    """Draw points (x_t [n, C, H, W], t [n]) for a query; n = n_draws * len(timesteps), or
+    n_draws with points="random" (point_draws gives each point's draw).
+
+    cond_neg: the CFG negative of the draws, one c- or PointNegatives with one per draw; global
+    draws and local draws with draw_cfg="negative" use it (None: the null token)."""
     model, sch = featurizer.model, featurizer.schedule
     gen = torch.Generator().manual_seed(spec.seed)
     n = spec.n_draws
     pos = _batched(cond_pos, n)
+    neg = None
+    if cond_neg is not None and (spec.draws == "global" or spec.draw_cfg == "negative"):
+        neg = cond_neg.conds if isinstance(cond_neg, PointNegatives) else _batched(cond_neg, 1)
     cache, key = featurizer.inversion_cache, None
     if spec.draws == "local":
         if image is None:
             raise ValueError("local query draws need the query image")
+        if spec.draw_cfg == "negative" and neg is None:
+            raise ValueError("draw_cfg='negative' needs the query's c- for the inversion")
         if cache is not None:  # concept methods of one model that draw alike share the draws
             settings: tuple[object, ...] = (id(model), "local", n, spec.eta, spec.guidance)
-            settings += (spec.steps,)
-            settings += (spec.timesteps, spec.seed)
+            settings += (spec.steps, spec.timesteps, spec.seed)
+            settings += (None if neg is None else sample_seed(0, neg),)
             key = cache.key(settings, image, cond_pos, featurizer.null_cond)
             if key in cache:
                 hit: tuple[torch.Tensor, torch.Tensor] = cache[key]
@@ -111,7 +155,7 @@ def draw_points(
             model,
             image.reshape(1, *image.shape[-3:]).expand(n, -1, -1, -1),
             pos,
-            neg_cond=_batched(featurizer.null_cond, 1),
+            neg_cond=_batched(featurizer.null_cond, 1) if neg is None else neg,
             guidance=spec.guidance,
             steps=spec.steps,
             record_timesteps=spec.timesteps,
@@ -120,26 +164,59 @@ def draw_points(
             schedule=sch,
         )
     else:
-        neg = None if cond_neg is None else _batched(cond_neg, 1)
+        stops = None
+        if spec.points == "random":  # each draw stopped at one random timestep of the set
+            stops = torch.tensor(spec.timesteps)[
+                torch.randint(len(spec.timesteps), (n,), generator=gen)
+            ]
         _, traj = diffusion.ddim_sample(
             model,
             pos,
             neg_cond=neg,
             guidance=spec.guidance,
             steps=spec.steps,
+            eta=1.0 if spec.sampler == "ddpm" else 0.0,  # DDIM at eta = 1 is ancestral DDPM
             generator=gen,
             record_timesteps=spec.timesteps,
-            stop_at=min(spec.timesteps),
+            stop_at=min(spec.timesteps) if stops is None else int(stops.min()),
             schedule=sch,
             # x0 estimates are clamped to [-1, 1] only where the model says x0 lives there
             # (pixels); a latent model's x0 is not confined.
             clip_x0=getattr(model, "clip_sample", True),
         )
+        if stops is not None:
+            x = torch.stack([traj[int(ts)][i] for i, ts in enumerate(stops)])
+            return x, stops.to(device=x.device, dtype=torch.long)
     x = torch.cat([traj[t] for t in spec.timesteps])
     t = torch.tensor(spec.timesteps, dtype=torch.long, device=x.device).repeat_interleave(n)
     if cache is not None and key is not None:
         cache[key] = (x, t)
     return x, t
+
+
+def draw_negatives(
+    spec: ConceptQuerySpec, cond_neg: Negative
+) -> tuple[torch.Tensor | PointNegatives | None, Negative | PointNegatives]:
+    """(CFG negative of the draws, c- of the slider at the points) of one query row.
+
+    A DrawnNegative is drawn once per draw (seeded by spec.seed and its choices) and both use it;
+    one c- is both; several c- (eps averaged) leave the draws to the null token, except a single
+    one, which is one c-."""
+    if isinstance(cond_neg, DrawnNegative):
+        gen = torch.Generator().manual_seed(sample_seed(spec.seed, *cond_neg.choices))
+        per_draw = cond_neg.draw(spec.n_draws, gen)
+        return PointNegatives(per_draw), PointNegatives(per_draw[point_draws(spec)])
+    if isinstance(cond_neg, torch.Tensor):
+        return cond_neg, cond_neg
+    negs = list(cond_neg)
+    if len(negs) == 1:
+        return negs[0], negs[0]
+    if spec.draws == "local" and spec.draw_cfg == "negative":
+        raise ValueError(
+            "draw_cfg='negative' inverts under one c- per draw: use negative='random' (or a "
+            "two-valued factor), not several c- averaged"
+        )
+    return None, negs
 
 
 def concept_query_features(
@@ -153,20 +230,20 @@ def concept_query_features(
     """Concept-slider query features for one c+ and several c- (e.g. one per factor).
 
     cond_pos: one condition (int64 [F] factor indices, or an embedding); cond_negs: one c- per
-    output row, each a condition of the same shape or a list of them (then eps(c-) is their mean:
-    the concept flipped to each of its other values); image: [C,H,W] (local draws).
-    Local draws depend only on c+, so all c- share them; global draws are made per c-.
+    output row, each a condition of the same shape, a list of them (then eps(c-) is their mean:
+    the concept flipped to each of its other values) or a DrawnNegative (one per draw);
+    image: [C,H,W] (local draws).
+    Local draws under CFG vs null depend only on c+, so all c- share them; otherwise (global
+    draws, draw_cfg="negative") draws are made per c-.
     Returns: [len(cond_negs), k] float32.
     """
     out = []
-    shared = draw_points(featurizer, spec, cond_pos, None, image) if spec.draws == "local" else None
+    shared = spec.draws == "local" and spec.draw_cfg == "null"
+    points = draw_points(featurizer, spec, cond_pos, None, image) if shared else None
     for neg in cond_negs:
-        if shared is None:  # global draws: CFG c+ vs c- (vs null for a list of c-)
-            single = neg if isinstance(neg, torch.Tensor) else featurizer.null_cond
-            x, t = draw_points(featurizer, spec, cond_pos, single, image)
-        else:
-            x, t = shared
-        out.append(slider_features(featurizer, spec, cond_pos, neg, x, t, batch_size))
+        draw_neg, slider_neg = draw_negatives(spec, neg)
+        x, t = points or draw_points(featurizer, spec, cond_pos, draw_neg, image)
+        out.append(slider_features(featurizer, spec, cond_pos, slider_neg, x, t, batch_size))
     return torch.stack(out)
 
 
@@ -174,25 +251,38 @@ def slider_features(
     featurizer: Featurizer,
     spec: ConceptQuerySpec,
     cond_pos: torch.Tensor,
-    cond_neg: Negative,
+    cond_neg: Negative | PointNegatives,
     x: torch.Tensor,
     t: torch.Tensor,
     batch_size: int = 32,
 ) -> torch.Tensor:
     """Concept-slider feature [k] at given draw points (METHOD.md §5): per point the gradient of
     mean((sg[eps(c+) + w d] - eps(c+))^2), d = eps(c+) - eps(c-), unit-normalised, averaged over
-    the points, projected. cond_pos: one condition; cond_neg: one condition, or a list whose
-    eps are averaged; x [n,C,h,w], t [n]."""
-    negs = [cond_neg] if isinstance(cond_neg, torch.Tensor) else list(cond_neg)
+    the points, projected. cond_pos: one condition; cond_neg: one condition, a list whose eps
+    are averaged, or PointNegatives (one c- per point); x [n,C,h,w], t [n]."""
+    if isinstance(cond_neg, DrawnNegative):
+        raise ValueError("a DrawnNegative is drawn per draw first (draw_negatives)")
     if len(x) == 0:
         raise ValueError("a concept query needs at least one draw point")
+    per_point = cond_neg.conds if isinstance(cond_neg, PointNegatives) else None
+    if per_point is not None and len(per_point) != len(x):
+        raise ValueError(f"{len(per_point)} point negatives for {len(x)} draw points")
+    if per_point is not None:
+        negs: list[torch.Tensor] = []
+    elif isinstance(cond_neg, torch.Tensor):
+        negs = [cond_neg]
+    else:
+        negs = list(cond_neg)
     model = featurizer.model
     acc: Blocks = []
     for i in range(0, len(x), batch_size):
         xb, tb = x[i : i + batch_size], t[i : i + batch_size]
         pos_b = _batched(cond_pos, len(xb))
         with torch.no_grad():
-            eps_neg = sum(model(xb, tb, _batched(c, len(xb))) for c in negs) / len(negs)
+            if per_point is not None:
+                eps_neg = model(xb, tb, per_point[i : i + batch_size].to(xb.device))
+            else:
+                eps_neg = sum(model(xb, tb, _batched(c, len(xb))) for c in negs) / len(negs)
             d = model(xb, tb, pos_b) - eps_neg
         terms = featurizer.terms(xb, tb, pos_b, -spec.weight * d, spec.normalize)
         acc = add_blocks(acc or None, [(off, b.sum(0, keepdim=True)) for off, b in terms])
@@ -226,14 +316,20 @@ def context_concept_features(
     of contexts[i] (e.g. the concept paired with each value of the other factors, c- the concept
     removed in that context). The draw points are the local draws of the query image under its
     own condition cond_pos, shared by every context. Returns [len(contexts), k] float32."""
-    if spec.draws != "local":
-        raise ValueError("context-averaged concept queries use local draws of the query image")
+    if spec.draws != "local" or spec.draw_cfg != "null":
+        raise ValueError(
+            "context-averaged concept queries share local draws of the query image under CFG vs "
+            "null (draws='local', draw_cfg='null')"
+        )
     x, t = draw_points(featurizer, spec, cond_pos, None, image)
     rows = []
     for pairs in contexts:
         if not pairs:
             raise ValueError("a concept needs at least one context")
-        feats = [slider_features(featurizer, spec, c, n, x, t, batch_size) for c, n in pairs]
+        feats = [
+            slider_features(featurizer, spec, c, draw_negatives(spec, n)[1], x, t, batch_size)
+            for c, n in pairs
+        ]
         rows.append(torch.stack(feats).mean(0))
     return torch.stack(rows)
 
