@@ -264,11 +264,12 @@ def slider_features(
         raise ValueError("a DrawnNegative is drawn per draw first (draw_negatives)")
     if len(x) == 0:
         raise ValueError("a concept query needs at least one draw point")
-    per_point = cond_neg.conds if isinstance(cond_neg, PointNegatives) else None
-    if per_point is not None and len(per_point) != len(x):
-        raise ValueError(f"{len(per_point)} point negatives for {len(x)} draw points")
-    if per_point is not None:
-        negs: list[torch.Tensor] = []
+    per_point: torch.Tensor | None = None
+    negs: list[torch.Tensor] = []
+    if isinstance(cond_neg, PointNegatives):
+        per_point = cond_neg.conds
+        if len(per_point) != len(x):
+            raise ValueError(f"{len(per_point)} point negatives for {len(x)} draw points")
     elif isinstance(cond_neg, torch.Tensor):
         negs = [cond_neg]
     else:
