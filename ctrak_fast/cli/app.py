@@ -134,7 +134,9 @@ def _add_method_args(p):
         "default: the shipped ones)",
     )
     p.add_argument(
-        "--name", help="NAME of those files (default: shapes16; paper2x2 for bench paper)"
+        "--name",
+        help="NAME of those files (default: shapes16 for demo, shapes16lat for bench quality, "
+        "paper2x2 for bench paper)",
     )
     p.add_argument(
         "--param-filter",

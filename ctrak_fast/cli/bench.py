@@ -5,11 +5,12 @@ from __future__ import annotations
 
 def cmd_demo(a):
     """`ctrak demo`, `ctrak bench quality` and `ctrak bench paper`: the benchmark at the sizes of
-    their arguments, on the assets `a.name` (the paper's 2 x 2 replica for `bench paper`)."""
+    their arguments, on the assets `a.name` (default: the demo's shapes16, the Latin-square
+    shapes16lat for `bench quality`, the paper's 2 x 2 replica for `bench paper`)."""
     from ctrak_fast.bench.demo import run_benchmark, run_demo, summary
     from ctrak_fast.bench.paper import PAPER_NAME, paper_table
     from ctrak_fast.bench.quality import QualityConfig
-    from ctrak_fast.models.shipped import ASSETS, SHIPPED
+    from ctrak_fast.models.shipped import ASSETS, FULL_SIZE, SHIPPED
 
     cfg = QualityConfig(
         per_combo=a.per_combo,
@@ -20,8 +21,9 @@ def cmd_demo(a):
         confirm_queries=not getattr(a, "keep_unconfirmed", False),
         **method_options(a),
     )
-    paper = getattr(a, "bench", None) == "paper"
-    name = a.name or (PAPER_NAME if paper else SHIPPED)
+    bench = getattr(a, "bench", None)
+    paper = bench == "paper"
+    name = a.name or {"paper": PAPER_NAME, "quality": FULL_SIZE}.get(bench, SHIPPED)
     if getattr(a, "folder", None) or getattr(a, "labels", None):
         model, judge, data = folder_benchmark_inputs(a)
         results = run_benchmark(model, judge, data, a.out, cfg, progress=not a.quiet)
