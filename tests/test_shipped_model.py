@@ -98,16 +98,15 @@ def test_full_size_assets_hold_out_a_latin_square_the_model_draws():
     """`bench quality`'s model (FULL_SIZE): 4 held-out combinations, each shape and each colour
     held out once; N >= the default k = 2048; CFG-2 samples of the held-out combinations are what
     the judge expects, so that 8 of the 16 candidates drawn per combination can be confirmed."""
-    from ctrak_fast.models.shipped import FULL_SIZE
+    from ctrak_fast.models.shipped import FULL_SIZE, shipped
 
-    cfg = SyntheticConfig.load_json(ASSETS / f"{FULL_SIZE}.json")
+    model, judge, cfg = shipped(FULL_SIZE)  # what `bench quality` loads
+    assert isinstance(cfg, SyntheticConfig)
     held = [tuple(c) for c in cfg.heldout]
     assert len(held) == 4
     assert sorted(s for s, _ in held) == [0, 1, 2, 3]
     assert sorted(c for _, c in held) == [0, 1, 2, 3]
-    assert cfg.per_combo * (16 - len(held)) >= 2048
-    model = load_model(ASSETS / f"unet_{FULL_SIZE}.safetensors")
-    judge = load_model(ASSETS / f"judge_{FULL_SIZE}.safetensors")
+    assert cfg.per_combo * (len(cfg.shapes) * len(cfg.colours) - len(held)) >= 2048
     cond = torch.tensor(held).repeat_interleave(4, 0)
     x, _ = diffusion.ddim_sample(
         model, cond, guidance=2.0, steps=25, generator=torch.Generator().manual_seed(0)
