@@ -27,6 +27,7 @@ from ctrak_fast.bench.harness import (
     summarize,
 )
 from ctrak_fast.bench.protocol import LAMBDAS, QueryLog, query_roles
+from ctrak_fast.bench.queries import make_queries
 from ctrak_fast.bench.stats import format_ci
 from ctrak_fast.conditions import factor_negative
 from ctrak_fast.data import ConceptDataset
@@ -59,6 +60,10 @@ class QualityConfig(MethodSettings):
     heldout_queries_per_combo: int = 8  # per held-out combination (half validation, half test)
     query_guidance: float = 2.0  # CFG of the generated query images (judge accuracy is best at 2)
     query_candidates: int = 8  # generated per combination; the judge keeps the correct ones
+    # contrast guidance of the query images and the judge's confidence floor (bench/queries.py;
+    # 0: plain CFG and the judge's argmax, the shipped results' queries)
+    query_contrast: float = 0.0
+    query_confidence: float = 0.0
     confirm_queries: bool = True  # False: keep the first candidates whatever the judge says
     lambda_r: float = 1.0  # the fixed-lambda protocol's; must be one of `lambdas`
     lambdas: tuple[float, ...] = LAMBDAS
@@ -77,6 +82,11 @@ class QualityConfig(MethodSettings):
     features: dict[str, FeatureSpec] = field(default_factory=dict)
 
     def __post_init__(self):
+        if self.query_contrast < 0 or not 0 <= self.query_confidence <= 1:
+            raise ValueError(
+                f"query_contrast must be >= 0 and query_confidence in [0, 1], got "
+                f"{self.query_contrast} and {self.query_confidence}"
+            )
         if self.negative not in ("null", "flip", "random"):
             raise ValueError(f"negative must be 'null', 'flip' or 'random', got {self.negative!r}")
         self.check_methods()
@@ -89,29 +99,6 @@ class QualityConfig(MethodSettings):
 
     def to_dict(self) -> dict:
         return {**asdict(self), **self.specs_dict()}
-
-
-def make_queries(model, judge, combos, cfg: QualityConfig, keep: int, progress=True):
-    """Generate `query_candidates` images per combination (at least 2 * keep) and keep the first
-    `keep` the judge confirms.
-
-    Returns a list of dicts {combo: value indices, image: [C,H,W]} and per-combo acceptance counts.
-    """
-    queries, accepted = [], {}
-    n = max(cfg.query_candidates, 2 * keep)
-    for ci, combo in enumerate(
-        show_progress(combos, desc="queries", unit="combination", enabled=progress)
-    ):
-        gen = torch.Generator().manual_seed(cfg.seed * 7919 + ci)
-        cond = torch.tensor(combo, dtype=torch.long)[None].expand(n, -1)
-        x0, _ = diffusion.ddim_sample(model, cond, guidance=cfg.query_guidance, generator=gen)
-        x0 = x0.clamp(-1, 1)
-        ok = (judge.predict(x0) == cond).all(1)
-        accepted[tuple(combo)] = (int(ok.sum()), n)
-        keep_ok = ok if cfg.confirm_queries else torch.ones_like(ok)
-        for i in keep_ok.nonzero().flatten()[:keep].tolist():
-            queries.append({"combo": tuple(combo), "image": x0[i]})
-    return queries, accepted
 
 
 def run_quality(
@@ -152,7 +139,19 @@ def run_quality(
     tic = time.time()
     for split, combos in splits.items():
         keep = cfg.heldout_queries_per_combo if split == "heldout" else cfg.queries_per_combo
-        queries, accepted = make_queries(model, judge, combos, cfg, keep, progress)
+        queries, accepted = make_queries(
+            model,
+            judge,
+            combos,
+            keep,
+            cfg.query_candidates,
+            cfg.query_guidance,
+            contrast=cfg.query_contrast,
+            min_confidence=cfg.query_confidence,
+            confirm=cfg.confirm_queries,
+            seed=cfg.seed,
+            progress=progress,
+        )
         if not queries:
             raise ValueError(
                 f"the judge confirmed none of the {sum(n for _, n in accepted.values())} images "

@@ -10,6 +10,7 @@ import sys
 from ctrak_fast.cli.argtypes import (
     CliParser,
     finite_float,
+    fraction,
     lambda_list,
     nonneg_float,
     nonneg_int,
@@ -126,9 +127,6 @@ def _add_method_args(p):
     _add_recipe_args(p)
     _add_draw_args(p)
     p.add_argument(
-        "--query-guidance", type=nonneg_float, default=2.0, help="CFG of the generated query images"
-    )
-    p.add_argument(
         "--assets",
         help="folder with unet_/judge_NAME.safetensors, NAME.json (`ctrak train --out`; "
         "default: the shipped ones)",
@@ -146,7 +144,43 @@ def _add_method_args(p):
     )
 
 
-def _add_benchmark_args(p, out: str, per_combo: int, queries: int, heldout: int) -> None:
+# The query sampler of `demo` / `bench quality` (plain CFG 2, the judge's argmax), and of `bench
+# paper`, whose model draws the held-out red triangle only under contrast guidance (README).
+PLAIN_QUERIES = {"guidance": 2.0, "contrast": 0.0, "confidence": 0.0, "candidates": 8}
+PAPER_QUERIES = {"guidance": 1.0, "contrast": 3.0, "confidence": 0.95, "candidates": 160}
+
+
+def _add_query_args(p, d: dict) -> None:
+    p.add_argument(
+        "--query-guidance",
+        type=nonneg_float,
+        default=d["guidance"],
+        help="CFG of the generated query images",
+    )
+    p.add_argument(
+        "--query-contrast",
+        type=nonneg_float,
+        default=d["contrast"],
+        help="contrast guidance of the query images: each factor pushed away from its other "
+        "values (0: off)",
+    )
+    p.add_argument(
+        "--query-confidence",
+        type=fraction,
+        default=d["confidence"],
+        help="the judge's softmax a query needs on every factor (0: its argmax alone)",
+    )
+    p.add_argument(
+        "--query-candidates",
+        type=positive_int,
+        default=d["candidates"],
+        help="images generated per combination (at least 2 x the queries kept)",
+    )
+
+
+def _add_benchmark_args(
+    p, out: str, per_combo: int, queries: int, heldout: int, sampler: dict = PLAIN_QUERIES
+) -> None:
     """Sizes and switches of `demo` and `bench quality|paper` (their defaults differ)."""
     p.add_argument("--out", default=out)
     p.add_argument(
@@ -164,6 +198,7 @@ def _add_benchmark_args(p, out: str, per_combo: int, queries: int, heldout: int)
     )
     p.add_argument("--lambda-r", type=nonneg_float, default=1.0, help="the fixed-lambda protocol's")
     p.add_argument("--quiet", action="store_true")
+    _add_query_args(p, sampler)
     _add_method_args(p)
 
 
@@ -206,7 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     pp = bsub.add_parser(
         "paper", help="the paper's own 2 x 2 synthetic setting, in the paper's table layout"
     )
-    _add_benchmark_args(pp, "out/paper", per_combo=200, queries=8, heldout=16)
+    _add_benchmark_args(
+        pp, "out/paper", per_combo=200, queries=8, heldout=16, sampler=PAPER_QUERIES
+    )
 
     tr = sub.add_parser(
         "train", help="train a FactorUNet and its judge: synthetic data, or --folder --labels"

@@ -50,6 +50,9 @@ def method_options(a) -> dict:
         "methods": methods,
         "negative": concept.pop("negative", "flip"),
         "query_guidance": a.query_guidance,
+        "query_contrast": a.query_contrast,
+        "query_confidence": a.query_confidence,
+        "query_candidates": a.query_candidates,
         "dps": FeatureSpec(
             inversion_guidance=a.inversion_guidance, param_filter=a.param_filter, **feature
         ),

@@ -214,16 +214,28 @@ class ConceptJudge(nn.Module):
         h = self.features(images).mean(dim=(2, 3))
         return [head(h) for head in self.heads]
 
-    @torch.no_grad()
     def predict(self, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
         """images [B,3,H,W] in [-1,1] -> int64 [B, F] predicted value index per factor."""
+        return self.predict_with_confidence(images, batch_size)[0]
+
+    @torch.no_grad()
+    def predict_with_confidence(
+        self, images: torch.Tensor, batch_size: int = 512
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """images [B,3,H,W] in [-1,1] -> (int64 [B, F] predicted value per factor, float32 [B, F]
+        the softmax probability of that value)."""
         was = self.training
         self.eval()
-        out = []
+        preds, confs = [], []
         for chunk in images.split(batch_size):
-            out.append(torch.stack([lg.argmax(-1) for lg in self(chunk.clamp(-1, 1))], dim=-1))
+            best = [lg.softmax(-1).max(-1) for lg in self(chunk.clamp(-1, 1))]
+            confs.append(torch.stack([b.values for b in best], -1))
+            preds.append(torch.stack([b.indices for b in best], -1))
         self.train(was)
-        return torch.cat(out) if out else torch.empty(0, len(self.n_values), dtype=torch.int64)
+        if not preds:
+            f = len(self.n_values)
+            return torch.empty(0, f, dtype=torch.int64), torch.empty(0, f)
+        return torch.cat(preds), torch.cat(confs)
 
 
 _KINDS = {"FactorUNet": FactorUNet, "ConceptJudge": ConceptJudge}
