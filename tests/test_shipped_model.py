@@ -121,7 +121,7 @@ def test_paper_replica_holds_out_the_red_triangle_that_contrast_guidance_draws()
     blue), the contrast-guided sampler `bench paper` draws its queries with does: measured here
     10 of 48 against 2 of 48 (25 DDIM steps; 28 of 160 in the benchmark's 50-step run)."""
     from ctrak_fast.bench.paper import PAPER_NAME
-    from ctrak_fast.bench.queries import ContrastGuided
+    from ctrak_fast.bench.queries import ContrastGuided, judge_confirms
     from ctrak_fast.cli.app import PAPER_QUERIES
     from ctrak_fast.models.shipped import shipped
 
@@ -136,8 +136,7 @@ def test_paper_replica_holds_out_the_red_triangle_that_contrast_guidance_draws()
         x, _ = diffusion.ddim_sample(
             sampler, cond, guidance=guidance, steps=25, generator=torch.Generator().manual_seed(0)
         )
-        pred, conf = judge.predict_with_confidence(x)
-        return ((pred == cond) & (conf >= PAPER_QUERIES["confidence"])).all(1).sum().item()
+        return judge_confirms(judge, x, cond, PAPER_QUERIES["confidence"]).sum().item()
 
     plain = confirmed(model, 2.0)
     contrast = confirmed(

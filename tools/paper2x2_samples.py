@@ -15,7 +15,7 @@ import torch
 
 from ctrak_fast.bench.judge import combo_name
 from ctrak_fast.bench.paper import PAPER_NAME
-from ctrak_fast.bench.queries import ContrastGuided
+from ctrak_fast.bench.queries import ContrastGuided, judge_confirms
 from ctrak_fast.bench.report import image_rows
 from ctrak_fast.cli.app import PAPER_QUERIES
 from ctrak_fast.method.diffusion import ddim_sample
@@ -53,9 +53,9 @@ def main() -> None:
         g = torch.Generator().manual_seed(1)
         cond = torch.tensor(held)[None].expand(a.n, -1)
         x, _ = ddim_sample(sampler, cond, guidance=guidance, generator=g)
-        pred, conf = judge.predict_with_confidence(x.clamp(-1, 1))
-        right = (pred == cond).all(1)
-        sure = right & (conf >= PAPER_QUERIES["confidence"]).all(1)
+        x = x.clamp(-1, 1)
+        right = judge_confirms(judge, x, cond)
+        sure = judge_confirms(judge, x, cond, PAPER_QUERIES["confidence"])
         report[name] = {
             "judge_argmax": right.float().mean().item(),
             "confirmed": sure.float().mean().item(),

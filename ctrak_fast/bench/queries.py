@@ -21,7 +21,7 @@ from torch import nn
 from ctrak_fast.method import diffusion
 from ctrak_fast.progress import progress as show_progress
 
-__all__ = ["ContrastGuided", "make_queries"]
+__all__ = ["ContrastGuided", "judge_confirms", "make_queries"]
 
 
 class ContrastGuided(nn.Module):
@@ -65,6 +65,14 @@ class ContrastGuided(nn.Module):
         return out
 
 
+def judge_confirms(
+    judge, images: torch.Tensor, cond: torch.Tensor, min_confidence: float = 0.0
+) -> torch.Tensor:
+    """bool [B]: the judge's argmax is cond [B, F] on every factor, softmax ≥ min_confidence."""
+    pred, conf = judge.predict_with_confidence(images)
+    return ((pred == cond) & (conf >= min_confidence)).all(1)
+
+
 def make_queries(
     model,
     judge,
@@ -94,8 +102,7 @@ def make_queries(
         cond = torch.tensor(combo, dtype=torch.long)[None].expand(n, -1)
         x0, _ = diffusion.ddim_sample(sampler, cond, guidance=guidance, generator=gen)
         x0 = x0.clamp(-1, 1)
-        pred, conf = judge.predict_with_confidence(x0)
-        ok = ((pred == cond) & (conf >= min_confidence)).all(1)
+        ok = judge_confirms(judge, x0, cond, min_confidence)
         accepted[tuple(combo)] = (int(ok.sum()), n)
         keep_ok = ok if confirm else torch.ones_like(ok)
         for i in keep_ok.nonzero().flatten()[:keep].tolist():

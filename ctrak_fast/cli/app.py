@@ -150,32 +150,34 @@ PLAIN_QUERIES = {"guidance": 2.0, "contrast": 0.0, "confidence": 0.0, "candidate
 PAPER_QUERIES = {"guidance": 1.0, "contrast": 3.0, "confidence": 0.95, "candidates": 160}
 
 
-def _add_query_args(p, d: dict) -> None:
-    p.add_argument(
-        "--query-guidance",
-        type=nonneg_float,
-        default=d["guidance"],
-        help="CFG of the generated query images",
-    )
-    p.add_argument(
+# flag, key of the defaults above, type, help
+QUERY_FLAGS = (
+    ("--query-guidance", "guidance", nonneg_float, "CFG of the generated query images"),
+    (
         "--query-contrast",
-        type=nonneg_float,
-        default=d["contrast"],
-        help="contrast guidance of the query images: each factor pushed away from its other "
-        "values (0: off)",
-    )
-    p.add_argument(
+        "contrast",
+        nonneg_float,
+        "contrast guidance of the query images: each factor pushed away from its other values "
+        "(0: off)",
+    ),
+    (
         "--query-confidence",
-        type=fraction,
-        default=d["confidence"],
-        help="the judge's softmax a query needs on every factor (0: its argmax alone)",
-    )
-    p.add_argument(
+        "confidence",
+        fraction,
+        "the judge's softmax a query needs on every factor (0: its argmax alone)",
+    ),
+    (
         "--query-candidates",
-        type=positive_int,
-        default=d["candidates"],
-        help="images generated per combination (at least 2 x the queries kept)",
-    )
+        "candidates",
+        positive_int,
+        "images generated per combination (at least 2 x the queries kept)",
+    ),
+)
+
+
+def _add_query_args(p, defaults: dict) -> None:
+    for flag, key, kind, text in QUERY_FLAGS:
+        p.add_argument(flag, type=kind, default=defaults[key], help=text)
 
 
 def _add_benchmark_args(
