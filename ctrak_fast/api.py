@@ -89,6 +89,16 @@ def das_store_path(store: str | os.PathLike[str]) -> Path:
 # ---- the attributor ------------------------------------------------------------------------------
 
 
+def _region_meta(region: Any) -> Any:
+    """What a query's meta records of its region: the box (x0, y0, x1, y1), or a mask's pixel
+    count and bounding box (what galleries outline)."""
+    if isinstance(region, Tensor):
+        ys, xs = (region != 0).nonzero(as_tuple=True)
+        box = [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
+        return {"mask_pixels": int(len(xs)), "bbox": box}
+    return [int(v) for v in region]
+
+
 def _is_text_adapter(model: nn.Module) -> bool:
     from ctrak_fast.models.text2image import TextToImageAdapter
 
@@ -354,6 +364,10 @@ class Attributor:
         """
         images, conds, ids = self._unpack(dataset)
         x0 = images
+        if get_method(self._method).complete_captions and hasattr(self.model, "n_values"):
+            from ctrak_fast.method.completion import complete_captions
+
+            conds = complete_captions(self.model, images, conds, self.model.n_values)
         if self._text:
             from ctrak_fast.models.latent_cache import encode_images_cached
 
@@ -374,7 +388,7 @@ class Attributor:
     def _unpack(self, dataset: ConceptDataset | tuple[Any, ...]) -> tuple[Tensor, Tensor, Tensor]:
         conds: Any
         if isinstance(dataset, ConceptDataset):
-            images, conds, ids = dataset.images, dataset.labels, dataset.ids
+            images, conds, ids = dataset.images, dataset.captions, dataset.ids
             if self._text:  # captions in the words the tiny text-to-image model was trained on
                 from ctrak_fast.data.captions import caption
 
@@ -448,6 +462,7 @@ class Attributor:
         *,
         negatives: Sequence[Condition] = (),
         image: Tensor | None = None,
+        region: Any = None,
         **spec: Any,
     ) -> Query:
         """Query features of a concept: the concept slider (concept-trak), or the whole-image
@@ -463,6 +478,9 @@ class Attributor:
             image: the query image [C,H,W] pixels in [-1,1]: local draws start from it, the
                 baselines featurize it. Default: generated from c+ with `seed` (see
                 :meth:`generate`).
+            region: where in the image the concept is: a box (x0, y0, x1, y1) in pixels or a
+                mask [H, W]; the query's loss is restricted to it (mapped onto the latent grid
+                of latent models). Needs local draws (an image to point into).
             **spec: overrides of the query spec (e.g. draws="global", n_draws=16, weight=3.0).
 
         Returns:
@@ -481,12 +499,14 @@ class Attributor:
         if spec:
             qspec = ConceptQuerySpec(**{**qspec.to_dict(), **spec})
         pos = self._conds.one(concept)
+        if region is not None and qspec.draws != "local":
+            raise ValueError("a region points into the query image: it needs draws='local'")
         if get_method(self._method).query != "concept":
             if remove or negatives:
                 raise ValueError(f"{self._method} queries are whole-image: nothing to remove")
             if image is None:
                 image = self.generate(concept, seed=qspec.seed)[0]
-            q = self._image_query(image[None], pos[None], ("image",))
+            q = self._image_query(image[None], pos[None], ("image",), region)
             return Query(q.features, q.labels, {**q.meta, "query": qspec.to_dict()}, image)
         how = qspec.negative
         negs = self._conds.negatives(concept, pos, remove, how) if remove or not negatives else []
@@ -496,42 +516,75 @@ class Attributor:
         if image is None and qspec.draws == "local":
             image = self.generate(concept, seed=qspec.seed)[0]
         x0 = None if image is None else self._x0(image[None])[0]
+        weight = None if image is None or x0 is None else self._region(region, image, x0)
         conds = [c for _, c in negs]
         if qspec.contexts and isinstance(self._conds, FactorConditions):
             # Each removed factor's concept in every context that shares it (other factors at
             # each of their values), c- the factor removed there; explicit c- keep one context.
             ctx = [self._conds.contexts(pos, label, c, how) for label, c in negs]
-            feats = context_concept_features(self._fz, qspec, pos, ctx, image=x0)
+            feats = context_concept_features(self._fz, qspec, pos, ctx, image=x0, region=weight)
         elif self._text:
+            if weight is not None:
+                raise ValueError("region queries of text-to-image models are not supported yet")
             from ctrak_fast.models.t2i_features import prompt_query_features
 
             # a prompt's c- is one prompt or embedding, never a list
             feats = prompt_query_features(self._fz, qspec, pos, conds, x0)  # type: ignore[arg-type]
         else:
-            feats = concept_query_features(self._fz, qspec, pos, conds, image=x0)
+            feats = concept_query_features(self._fz, qspec, pos, conds, image=x0, region=weight)
         meta = {**self.meta(), "kind": "concept", "query": qspec.to_dict(), "concept": str(concept)}
+        if region is not None:
+            meta["region"] = _region_meta(region)
         return Query(feats, tuple(label for label, _ in negs), meta, image)
 
-    def image_query(self, images: Tensor, conds: Any = None) -> Query:
+    def image_query(self, images: Tensor, conds: Any = None, region: Any = None) -> Query:
         """Whole-image query features: the training-side recipe applied to query images
         (TRAK / D-TRAK / DAS queries; for concept-trak, the DPS features of the images).
 
         Args:
             images: [Q, C, H, W] float32 pixels in [-1, 1].
             conds: their conditions (as in :meth:`featurize`; None for unconditional models).
+            region: "where did *this part* come from?": a box (x0, y0, x1, y1) in pixels or a
+                mask [H, W], the same for every image; the loss is restricted to it (mapped onto
+                the latent grid of latent models).
 
         Returns:
             Query with features [Q, k] float32, labels "image 0", "image 1", ...
+
+        Examples:
+            >>> att = Attributor(shipped_model(), "d-trak", projection=ProjectionSpec(k=32))
+            >>> img = shipped_dataset(per_combo=1).images[:1]
+            >>> q = att.image_query(img, torch.tensor([[0, 0]]), region=(0, 0, 8, 8))
+            >>> q.features.shape, q.meta["region"]
+            (torch.Size([1, 32]), [0, 0, 8, 8])
         """
         if images.dim() != 4:
             raise ValueError(f"images must be [Q, C, H, W], got {list(images.shape)}")
         cond_t = self._conds.batch(conds, len(images))
-        return self._image_query(images, cond_t, tuple(f"image {i}" for i in range(len(images))))
+        labels = tuple(f"image {i}" for i in range(len(images)))
+        return self._image_query(images, cond_t, labels, region)
 
-    def _image_query(self, images: Tensor, conds: Tensor, labels: tuple[str, ...]) -> Query:
-        feats = image_query_features(self._fz, self._x0(images), conds)
+    def _image_query(
+        self, images: Tensor, conds: Tensor, labels: tuple[str, ...], region: Any = None
+    ) -> Query:
+        x0 = self._x0(images)
+        weight = self._region(region, images[0], x0[0])
+        feats = image_query_features(self._fz, x0, conds, weight)
         meta = {**self.meta(), "kind": "image"}
+        if region is not None:
+            meta["region"] = _region_meta(region)
         return Query(feats, labels, meta, images[0] if len(images) == 1 else None)
+
+    @staticmethod
+    def _region(region: Any, image: Tensor, x0: Tensor) -> Tensor | None:
+        """The loss weight [1, 1, h, w] of `region` (pixels of `image` [C, H, W]) on the grid of
+        the model's x0 [c, h, w] (latents for latent models); None for no region."""
+        if region is None:
+            return None
+        from ctrak_fast.method.losses import region_mask, region_weight
+
+        mask = region_mask(region, image.shape[-2], image.shape[-1])
+        return region_weight(mask, (x0.shape[-2], x0.shape[-1]))
 
     # -- scores --
 

@@ -26,6 +26,7 @@ def test_quality_results_schema(tmp_path, negative):
         queries_per_combo=1,
         heldout_queries_per_combo=2,
         query_candidates=2,
+        min_test_queries=0,
         negative=negative,
         dps=FeatureSpec(timesteps=TS, inversion_steps=10),
         concept=ConceptQuerySpec(timesteps=TS, steps=10, n_draws=1),
@@ -54,3 +55,81 @@ def test_quality_results_schema(tmp_path, negative):
     assert set(saved["lambda_r"]) == set(METHODS) - {"pixel"}
     assert all(lam in saved["lambdas"] for lam in saved["lambda_r"].values())
     assert "concept-trak - d-trak" in saved["paired"]
+
+
+@pytest.mark.slow
+def test_incomplete_captions_benchmark(tmp_path):
+    """Half of each factor's captions dropped: the training side reads the captions, the metrics
+    what the images show; the caption-lookup rows, AP and the uncaptioned recall are reported."""
+    import torch
+
+    from ctrak_fast.bench.protocol import CAPTION_LOOKUP, COMPLETED_LOOKUP
+    from ctrak_fast.bench.tables import format_table
+    from ctrak_fast.data import SyntheticConfig
+
+    model, judge, data_cfg = shipped()
+    data = make_dataset(SyntheticConfig(**{**data_cfg.to_dict(), "caption_drop": 0.5}))
+    methods = ("concept-trak-cond", "concept-trak-complete", "d-trak", "pixel")
+    cfg = QualityConfig(
+        per_combo=3,
+        k=32,
+        queries_per_combo=1,
+        heldout_queries_per_combo=2,
+        query_candidates=2,
+        min_test_queries=0,
+        methods=methods,
+        select_lambda_by="ap",
+        dps=FeatureSpec(timesteps=TS, inversion_steps=10),
+        concept=ConceptQuerySpec(timesteps=TS, steps=10, n_draws=1),
+    )
+    res = run_quality(model, judge, data, cfg, tmp_path, progress=False)
+    train = res["_train"]
+    assert train.uncaptioned.any() and not torch.equal(train.captions, train.labels)
+    assert "complete captions" in res["timings"]
+    assert (tmp_path / "stores" / "concept-trak-complete").is_dir()  # its own conditions
+    for name in (CAPTION_LOOKUP, COMPLETED_LOOKUP):
+        cell = res["calibration"][name]["heldout"]["colour"]
+        assert 0.0 <= cell["ap"] <= 1.0 and 0.0 <= cell["recall_uncaptioned"] <= 1.0
+    cell = res["methods"]["concept-trak-cond"]["heldout"]["colour"]
+    assert 0.0 <= cell["recall_uncaptioned"] <= 1.0 and "recall_uncaptioned_ci" in cell
+    assert res["select_lambda_by"] == "ap"
+    assert "concept-trak-complete - caption-lookup" in res["paired_ap"]
+    table = format_table(res)
+    assert "| caption-lookup |" in table and "Recall of the uncaptioned carriers" in table
+
+
+@pytest.mark.slow
+def test_complete_captions_share_the_store(tmp_path):
+    """With every caption complete, completion changes nothing: concept-trak-complete reads
+    concept-trak-cond's store and scores the same."""
+    model, judge, data_cfg = shipped()
+    cfg = QualityConfig(
+        per_combo=1,
+        k=32,
+        queries_per_combo=1,
+        heldout_queries_per_combo=2,
+        query_candidates=2,
+        min_test_queries=0,
+        methods=("concept-trak-cond", "concept-trak-complete"),
+        dps=FeatureSpec(timesteps=TS, inversion_steps=10),
+        concept=ConceptQuerySpec(timesteps=TS, steps=10, n_draws=1),
+    )
+    res = run_quality(model, judge, make_dataset(data_cfg), cfg, tmp_path, progress=False)
+    assert not (tmp_path / "stores" / "concept-trak-complete").exists()
+    a, b = res["methods"]["concept-trak-cond"], res["methods"]["concept-trak-complete"]
+    assert a == b
+    lookup = res["calibration"]["caption-lookup"]["heldout"]["shape"]
+    assert lookup["ap"] == 1.0  # every carrier first (P@10 is bounded by 3 carriers here)
+
+
+def test_too_few_test_queries_are_refused_before_featurizing(tmp_path):
+    model, judge, data_cfg = shipped()
+    cfg = QualityConfig(
+        per_combo=1, k=32, queries_per_combo=1, heldout_queries_per_combo=2, query_candidates=2
+    )
+    with pytest.raises(
+        ValueError,
+        match="only 2 judge-confirmed test queries in the heldout split, below the floor of 8",
+    ):
+        run_quality(model, judge, make_dataset(data_cfg), cfg, tmp_path, progress=False)
+    assert not (tmp_path / "stores").exists()

@@ -198,6 +198,36 @@ CLI_CASES = [  # (name, argv maker, expected message)
         r"nodir",
     ),
     (
+        "empty region box",
+        lambda w: [
+            "query",
+            "--model",
+            w[1],
+            "--concept",
+            "shape=circle",
+            "--region",
+            "4,4,2,8",
+            "--out",
+            w[0] / "rq.safetensors",
+        ],  # fmt: skip
+        r"argument --region: '4,4,2,8' is empty",
+    ),
+    (
+        "region box outside the image",
+        lambda w: [
+            "query",
+            "--model",
+            w[1],
+            "--concept",
+            "shape=circle",
+            "--region",
+            "0,0,40,8",
+            "--out",
+            w[0] / "rq.safetensors",
+        ],  # fmt: skip
+        r"the region box \(0, 0, 40, 8\) is not inside the 8 x 8 image",
+    ),
+    (
         "lambda list with a repeat",
         lambda w: [*attribute(w, w[0] / "q.safetensors"), "--lambda-r", "1,1"],
         r"repeats a value",

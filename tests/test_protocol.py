@@ -47,7 +47,8 @@ def _log(seed: int, best_val: int, n: int = 12) -> QueryLog:
                 for name in ("random", "random_oracle"):
                     for q in range(n):
                         k = 1 if name == "random" else len(LAMBDAS)
-                        log.add(name, split, "val" if q % 2 else "test", f, rng.random((k, 5)))
+                        role = "val" if q % 2 else "test"
+                        log.add(name, split, role, f, rng.random((k, len(METRICS))))
     return log
 
 

@@ -204,7 +204,8 @@ class _OracleJudge:
 
 
 def test_prompt_benchmark_runs_end_to_end(tmp_path):
-    from ctrak_fast.bench.quality import data_combos, format_table
+    from ctrak_fast.bench.quality import data_combos
+    from ctrak_fast.bench.tables import format_table
     from ctrak_fast.bench.text_quality import T2IQualityConfig, run_t2i_quality
 
     data = make_dataset(SyntheticConfig(image_size=8, per_combo=2))

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import torch
 
-from ctrak_fast.bench.quality import QualityConfig, format_table, run_quality
+from ctrak_fast.bench.quality import QualityConfig, run_quality
 from ctrak_fast.bench.report import bar_plot, gallery
+from ctrak_fast.bench.tables import format_table
 from ctrak_fast.data.captions import caption
 from ctrak_fast.method.methods import METHODS
 from ctrak_fast.models.shipped import ASSETS, SHIPPED, asset_dataset, shipped
@@ -19,8 +20,10 @@ def write_gallery(results: dict, data_values, factors, path) -> Path:
     per concept asked for (titled with it); D-TRAK and TRAK one whole-image row."""
     train = results["_train"]
 
-    def describe(i: int) -> str:
-        return caption(factors, data_values, train.labels[i].tolist()).removeprefix("a ")
+    def describe(i: int) -> str:  # what image i shows; [-f]: its caption leaves f out
+        shown = caption(factors, data_values, train.labels[i].tolist()).removeprefix("a ")
+        gaps = [f for f, gap in zip(factors, train.uncaptioned[i].tolist(), strict=True) if gap]
+        return shown + (f" [{','.join('-' + f for f in gaps)}]" if gaps else "")
 
     rows = []
     for g in results["_gallery"]:

@@ -9,6 +9,7 @@ method/methods.py appears in both benchmarks without an edit.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -78,6 +79,7 @@ class TrainedMethods:
     sweeps: dict[str, LambdaSweep] = field(default_factory=dict)  # by store method
     row_scale: dict[str, torch.Tensor] = field(default_factory=dict)  # das: [N] DSM weights
     timings: dict[str, float] = field(default_factory=dict)
+    completed: torch.Tensor | None = None  # the captions as the model completed them
 
 
 def featurize_methods(
@@ -88,13 +90,17 @@ def featurize_methods(
     ids: torch.Tensor,
     out_dir: Path,
     progress: bool = True,
+    complete: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> TrainedMethods:
     """Featurize x0 [N,...] / conds [N,...] / ids [N] once per store the methods need (in table
     order; stores under out_dir/stores/<method>, resumed when present) and factor each Gram.
 
     make_featurizer(spec, first): a featurizer for `spec`; `first` is the run's first featurizer
     (None for the first), whose projector the others should share (one projection matrix).
-    cfg: a benchmark config (methods, feature_spec(), batch_size, store_dtype)."""
+    cfg: a benchmark config (methods, feature_spec(), batch_size, store_dtype).
+    complete(x0, conds): the captions as the model completes them (method/completion.py), the
+    conditions of the methods with `complete_captions`; None: conds. A method whose spec and
+    conditions equal an earlier method's shares its store (no second featurization)."""
     methods, spec_for, batch_size, dtype = (
         cfg.methods,
         cfg.feature_spec,
@@ -106,7 +112,24 @@ def featurize_methods(
     das_for = {r.store_method for r in rows if r.das}
     out = TrainedMethods()
     first: Featurizer | None = None
+    completed = None
+    if complete is not None and any(METHODS[n].complete_captions for n in need):
+        tic = time.time()
+        completed = complete(x0, conds)
+        out.timings["complete captions"] = time.time() - tic
+    if completed is not None and not torch.equal(completed, conds):  # else nothing to complete
+        out.completed = completed
+    made: dict[tuple, str] = {}  # (spec, completed?) -> the method whose store holds it
+    alias: dict[str, str] = {}
     for name in (n for n in METHODS if n in need):
+        own = completed if METHODS[name].complete_captions and completed is not None else conds
+        key = (json.dumps(spec_for(name).to_dict(), sort_keys=True), torch.equal(own, conds))
+        if key in made and name not in das_for:
+            alias[name] = made[key]
+            out.featurizers[name] = out.featurizers[made[key]]
+            out.stores[name] = out.stores[made[key]]
+            continue
+        made[key] = name
         fz = make_featurizer(spec_for(name), first)
         # one cache of DDIM inversions and query draws for every method of the run
         fz.inversion_cache = first.inversion_cache if first else InversionCache()
@@ -117,7 +140,7 @@ def featurize_methods(
         out.stores[name] = featurize_dataset(
             fz,
             x0,
-            conds,
+            own,
             ids,
             out_dir / "stores" / name,
             batch_size=batch_size,
@@ -133,6 +156,9 @@ def featurize_methods(
                     out.stores[r.name] = FeatureStore.open(das)
     # One eigendecomposition per store serves every lambda_r of the sweep.
     for name in out.featurizers:
+        if name in alias:
+            out.sweeps[name] = out.sweeps[alias[name]]
+            continue
         phi = out.stores[name].read_all()[0].double()
         out.sweeps[name] = LambdaSweep(phi)
         for r in rows:
@@ -188,7 +214,8 @@ def summarize(log: QueryLog, cfg, labels: torch.Tensor, data, splits: dict) -> d
     calibration rows (protocol.py), the expected random ranking, chance, query counts, the
     configuration and the held-out combinations. splits: {split: its combinations}."""
     factors = list(data.factors)
-    out = summarize_protocols(log, cfg.methods, cfg.lambda_r)
+    select_by = getattr(cfg, "select_lambda_by", "p@10")
+    out = summarize_protocols(log, cfg.methods, cfg.lambda_r, select_by)
     out["expected_random"] = {
         split: {f: expected_random(labels, combos, i) for i, f in enumerate(factors)}
         for split, combos in splits.items()

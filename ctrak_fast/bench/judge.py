@@ -112,7 +112,9 @@ def train_judge_on_data(
     **kw,
 ) -> ConceptJudge:
     """The judge of a labelled folder: its own images, a random `val_fraction` held back to
-    measure it (no flips by default: a folder's labels may not survive mirroring)."""
+    measure it (no flips by default: a folder's labels may not survive mirroring). Images with an
+    unknown value (no caption, no truth) are left out."""
+    data = data.subset(data.known)
     g = torch.Generator().manual_seed(seed + 13)
     order = torch.randperm(len(data), generator=g)
     n_val = max(1, int(len(data) * val_fraction)) if len(data) > 1 else 0

@@ -36,12 +36,44 @@ def ranking_metrics(
     return out
 
 
-def factor_metrics(scores: torch.Tensor, labels: torch.Tensor, combo, f: int) -> dict[str, float]:
+def uncaptioned_recall(
+    scores: torch.Tensor, relevant: torch.Tensor, uncaptioned: torch.Tensor
+) -> float:
+    """The fraction of the uncaptioned carriers (relevant & uncaptioned) ranked within the top R,
+    R = the number of carriers: what a caption lookup cannot find (it ranks every captioned
+    carrier first). NaN when no carrier is uncaptioned. scores [N]; relevant, uncaptioned bool [N].
+
+    Examples:
+        >>> rel = torch.tensor([True, True, False, False])
+        >>> unc = torch.tensor([False, True, False, True])
+        >>> uncaptioned_recall(torch.tensor([0.0, 3.0, 2.0, 1.0]), rel, unc)
+        1.0
+    """
+    hidden = relevant & uncaptioned
+    if not hidden.any():
+        return float("nan")
+    order = torch.sort(scores.double(), descending=True, stable=True).indices
+    top = order[: int(relevant.sum())]
+    return hidden[top].sum().item() / hidden.sum().item()
+
+
+def factor_metrics(
+    scores: torch.Tensor,
+    labels: torch.Tensor,
+    combo,
+    f: int,
+    uncaptioned: torch.Tensor | None = None,
+) -> dict[str, float]:
     """Metrics of one query for its factor f: relevant = training rows with the query's value of
     factor f. Specificity: the fraction of the top-10 that also carry the query's value of every
-    other factor, averaged over those factors (any number of factors).
-    scores [N]; labels int64 [N, F]; combo: the query's F value indices."""
-    m = ranking_metrics(scores, labels[:, f] == combo[f])
+    other factor, averaged over those factors (any number of factors). "recall_uncaptioned":
+    uncaptioned_recall of the carriers whose caption leaves factor f out (NaN without any).
+    scores [N]; labels int64 [N, F] (what the images show); combo: the query's F value indices;
+    uncaptioned: bool [N, F] (None: every caption complete)."""
+    relevant = labels[:, f] == combo[f]
+    m = ranking_metrics(scores, relevant)
+    hidden = uncaptioned[:, f] if uncaptioned is not None else torch.zeros_like(relevant)
+    m["recall_uncaptioned"] = uncaptioned_recall(scores, relevant, hidden)
     top10 = torch.sort(scores.double(), descending=True, stable=True).indices[:10]
     others = [g for g in range(labels.shape[1]) if g != f]
     if others:

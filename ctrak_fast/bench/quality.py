@@ -28,12 +28,12 @@ from ctrak_fast.bench.harness import (
 )
 from ctrak_fast.bench.protocol import LAMBDAS, QueryLog, query_roles
 from ctrak_fast.bench.queries import make_queries
-from ctrak_fast.bench.stats import format_ci
 from ctrak_fast.conditions import factor_negative
 from ctrak_fast.data import ConceptDataset
 from ctrak_fast.engine.atomic import atomic_write_text
 from ctrak_fast.engine.projection import ProjectionSpec
 from ctrak_fast.method import diffusion
+from ctrak_fast.method.completion import complete_captions
 from ctrak_fast.method.featurize import FeatureSpec, Featurizer
 from ctrak_fast.method.methods import METHODS as TABLE
 from ctrak_fast.method.query import (
@@ -65,7 +65,12 @@ class QualityConfig(MethodSettings):
     query_contrast: float = 0.0
     query_confidence: float = 0.0
     confirm_queries: bool = True  # False: keep the first candidates whatever the judge says
+    # fewer test queries in a split: refused (or, keeping unconfirmed queries, marked underpowered)
+    min_test_queries: int = 8
     lambda_r: float = 1.0  # the fixed-lambda protocol's; must be one of `lambdas`
+    # the validation metric that chooses lambda_r: "p@10", or "ap" where P@10 saturates on the
+    # captioned carriers (incomplete captions)
+    select_lambda_by: str = "p@10"
     lambdas: tuple[float, ...] = LAMBDAS
     batch_size: int = 50
     store_dtype: str = "float32"
@@ -125,41 +130,35 @@ def run_quality(
             shared_projector=first.projector if first else None,  # one projection matrix
         )
 
-    trained = featurize_methods(
-        cfg, make_featurizer, train.images, train.labels, train.ids, out_dir, progress
-    )
-    timings = dict(trained.timings)
+    def complete(x0: torch.Tensor, captions: torch.Tensor) -> torch.Tensor:
+        return complete_captions(model, x0, captions, model.n_values, seed=cfg.seed)
+
     splits = {
         "in_distribution": [tuple(c) for c in data_combos(data, "seen")],
         "heldout": list(data.heldout),
     }
+    tic = time.time()
+    drawn = {split: draw_split(model, judge, split, combos, cfg, progress)
+             for split, combos in splits.items()}  # fmt: skip
+    underpowered = check_power(drawn, cfg)  # before any featurization
+    query_seconds = time.time() - tic
+    # the training side reads what the model was told (captions); the metrics what images show
+    trained = featurize_methods(
+        cfg,
+        make_featurizer,
+        train.images,
+        train.captions,
+        train.ids,
+        out_dir,
+        progress,
+        complete=complete,
+    )
+    timings = dict(trained.timings)
     n_factors = len(data.factors)
     log = QueryLog(tuple(data.factors), cfg.lambdas)
     gallery, acceptance = [], {}
     tic = time.time()
-    for split, combos in splits.items():
-        keep = cfg.heldout_queries_per_combo if split == "heldout" else cfg.queries_per_combo
-        queries, accepted = make_queries(
-            model,
-            judge,
-            combos,
-            keep,
-            cfg.query_candidates,
-            cfg.query_guidance,
-            contrast=cfg.query_contrast,
-            min_confidence=cfg.query_confidence,
-            confirm=cfg.confirm_queries,
-            seed=cfg.seed,
-            progress=progress,
-        )
-        if not queries:
-            raise ValueError(
-                f"the judge confirmed none of the {sum(n for _, n in accepted.values())} images "
-                f"generated for the {split.replace('_', '-')} combinations: the model cannot draw "
-                "them yet (train it longer), or pass --keep-unconfirmed to benchmark anyway"
-            )
-        per_combo = [sum(q["combo"] == tuple(c) for q in queries) for c in combos]
-        roles = query_roles(combos, per_combo, heldout=split == "heldout")
+    for split, (queries, accepted, roles) in drawn.items():
         for qi, q in enumerate(
             show_progress(queries, desc=f"attribute {split}", unit="query", enabled=progress)
         ):
@@ -192,14 +191,24 @@ def run_quality(
             scores = method_scores(
                 trained, cfg.methods, concept, whole_image, pixels, n_factors, cfg.lambdas
             )
-            log.record(scores, labels, combo, split, roles[qi], seed=cfg.seed * 100003 + qi)
+            log.record(
+                scores,
+                labels,
+                combo,
+                split,
+                roles[qi],
+                seed=cfg.seed * 100003 + qi,
+                captions=train.captions,
+                completed=trained.completed,
+            )
             if qi == 0:
                 gallery.append({"split": split, "combo": combo, "image": image, "scores": scores})
         acceptance[split] = {",".join(map(str, c)): v for c, v in accepted.items()}
-    timings["queries + attribution"] = time.time() - tic
+    timings["queries + attribution"] = time.time() - tic + query_seconds
 
     results = {
         **summarize(log, cfg, labels, data, splits),
+        "underpowered": underpowered,
         "query_acceptance": acceptance,
         "seconds": time.time() - t0,
         "timings": timings,
@@ -210,81 +219,56 @@ def run_quality(
     return results
 
 
+def draw_split(model, judge, split: str, combos, cfg: QualityConfig, progress: bool):
+    """The judge-confirmed query images of one split: (queries, acceptance, roles)."""
+    keep = cfg.heldout_queries_per_combo if split == "heldout" else cfg.queries_per_combo
+    queries, accepted = make_queries(
+        model,
+        judge,
+        combos,
+        keep,
+        cfg.query_candidates,
+        cfg.query_guidance,
+        contrast=cfg.query_contrast,
+        min_confidence=cfg.query_confidence,
+        confirm=cfg.confirm_queries,
+        seed=cfg.seed,
+        progress=progress,
+    )
+    if not queries:
+        raise ValueError(
+            f"the judge confirmed none of the {sum(n for _, n in accepted.values())} images "
+            f"generated for the {split.replace('_', '-')} combinations: the model cannot draw "
+            "them yet (train it longer), or pass --keep-unconfirmed to benchmark anyway"
+        )
+    per_combo = [sum(q["combo"] == tuple(c) for q in queries) for c in combos]
+    return queries, accepted, query_roles(combos, per_combo, heldout=split == "heldout")
+
+
+def check_power(drawn: dict, cfg: QualityConfig) -> dict[str, int]:
+    """Refuse a run with fewer than cfg.min_test_queries test queries in a split (a CI over a
+    handful of queries decides nothing), unless it keeps unconfirmed queries: then the splits
+    below the floor are returned ({split: test queries}) and marked in the results."""
+    low = {
+        split: roles.count("test")
+        for split, (_, _, roles) in drawn.items()
+        if roles.count("test") < cfg.min_test_queries
+    }
+    if low and cfg.confirm_queries:
+        split, n = next(iter(low.items()))
+        raise ValueError(
+            f"only {n} judge-confirmed test queries in the {split.replace('_', '-')} split, below "
+            f"the floor of {cfg.min_test_queries}: generate more candidates "
+            "(--query-candidates), or pass --keep-unconfirmed to run it marked underpowered"
+        )
+    return low
+
+
 def data_combos(data: ConceptDataset, which: str) -> list[tuple[int, int]]:
-    combos = sorted({tuple(r) for r in data.labels.tolist()})
+    combos = data.combos()
     if which == "seen":
         return [c for c in combos if c not in set(data.heldout)]
     return combos
-
-
-def format_table(results: dict) -> str:
-    """Markdown tables of the three lambda protocols (bench/protocol.py), on the test queries:
-    the headline (lambda_r chosen on validation queries) with bootstrap 95% CIs and the
-    calibration rows; the fixed lambda_r and the oracle beside the random ranking under the same
-    oracle; the paired differences of the concept methods to D-TRAK and DAS."""
-    factors = list(results["chance"])
-    splits = ("in_distribution", "heldout")
-    short = {"in_distribution": "ID", "heldout": "held-out"}
-    cols = [(s, f) for s in splits for f in factors]
-    head = " | ".join(f"{short[s]} {f}" for s, f in cols)
-    n = results["n_queries"]
-    lines = [
-        f"P@10 [95% CI], test queries ({n['in_distribution']} ID, {n['heldout']} held-out), "
-        "lambda_r chosen on the validation queries:",
-        "",
-        f"| method | lambda_r | {head} |",
-        "|---" * (2 + len(cols)) + "|",
-    ]
-    for m, by_split in results["methods"].items():
-        lam = results["lambda_r"].get(m)
-        cells = []
-        for s, f in cols:
-            r = by_split[s][f]
-            cells.append(format_ci(r["p@10"], *r["p@10_ci"]))
-        lam_txt = f"{lam:g}" if lam is not None else "-"
-        lines.append(f"| {m} | {lam_txt} | " + " | ".join(cells) + " |")
-    cal = results["calibration"]
-    exp = results.get("expected_random", {})
-    if exp:
-        lines.append(
-            "| random ranking (expected) | - | "
-            + " | ".join(f"{exp[s][f]:.2f}" for s, f in cols)
-            + " |"
-        )
-    lines.append(
-        "| random ranking (measured) | - | "
-        + " | ".join(f"{cal['random'][s][f]['p@10']:.2f}" for s, f in cols)
-        + " |"
-    )
-    lines += [
-        "",
-        "P@10 under the other lambda protocols (test queries); the oracle picks the best lambda_r "
-        f"of {len(results['lambdas'])} per query with the labels:",
-        "",
-        f"| method | fixed lambda_r = {results['lambda_fixed']:g}: {head} | "
-        f"oracle (uses labels): {head} |",
-        "|---" * (1 + 2 * len(cols)) + "|",
-    ]
-    for m, by_split in results["methods"].items():
-        fixed = [f"{by_split[s][f]['p@10_fixed']:.2f}" for s, f in cols]
-        oracle = [f"{by_split[s][f]['p@10_oracle']:.2f}" for s, f in cols]
-        lines.append(f"| {m} | " + " | ".join(fixed + oracle) + " |")
-    rand = [f"{cal['random'][s][f]['p@10']:.2f}" for s, f in cols]
-    rand_or = [f"{cal['random_oracle'][s][f]['p@10']:.2f}" for s, f in cols]
-    lines.append("| random ranking | " + " | ".join(rand + rand_or) + " |")
-    if results.get("paired"):
-        lines += [
-            "",
-            "Paired difference of P@10 on the same test queries, mean [95% CI]:",
-            "",
-            f"| difference | {head} |",
-            "|---" * (1 + len(cols)) + "|",
-        ]
-        for name, by_split in results["paired"].items():
-            cells = [format_ci(*by_split[s][f]) for s, f in cols]
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines.append(f"\nn_train={results['n_train']}, k={results['k']}")
-    return "\n".join(lines)
 
 
 def gallery_entries(results: dict):
@@ -292,4 +276,4 @@ def gallery_entries(results: dict):
     return results.get("_gallery", [])
 
 
-__all__ = ["QualityConfig", "run_quality", "format_table", "METHODS"]
+__all__ = ["QualityConfig", "run_quality", "METHODS"]

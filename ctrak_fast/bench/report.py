@@ -58,8 +58,9 @@ def gallery(
     """Write a PNG: each row is one (query, method) pair: the query image, its top-n_top and
     bottom-n_bottom training images with score and label.
 
-    rows: dicts {"title": str, "query": [3,H,W], "scores": [N]}; images: [N,3,H,W] training images;
-    describe(i) -> short label of training row i.
+    rows: dicts {"title": str, "query": [3,H,W], "scores": [N]}, and "region" where the query
+    named one (a box [x0, y0, x1, y1], or a mask's {"bbox": [...]}: outlined on the query);
+    images: [N,3,H,W] training images; describe(i) -> short label of training row i.
     """
     cols = 1 + n_top + (1 + n_bottom if n_bottom else 0)
     fig = Figure(figsize=(cols * 1.05, len(rows) * 1.45))
@@ -79,9 +80,25 @@ def gallery(
                 continue
             head, img, label = cell
             ax.imshow(to_rgb(img), interpolation="nearest")
+            if c == 0 and row.get("region") is not None:
+                outline_region(ax, row["region"])
             ax.set_title(f"{head}\n{label}", fontsize=5.5 if c else 6, pad=2)
     fig.tight_layout(pad=0.3)
     return save_figure(fig, path)
+
+
+def outline_region(ax, region) -> None:
+    """Outline a query's region on its image axis: a box [x0, y0, x1, y1] in pixels (solid), or
+    a mask's bounding box {"bbox": [...]} (dashed)."""
+    from matplotlib.patches import Rectangle
+
+    box, style = (region["bbox"], "--") if isinstance(region, dict) else (region, "-")
+    x0, y0, x1, y1 = box
+    ax.add_patch(
+        Rectangle(
+            (x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, ec="magenta", lw=1.2, ls=style
+        )
+    )
 
 
 def bar_plot(table: dict[str, dict[str, float]], title: str, path, ylabel: str = "P@10"):

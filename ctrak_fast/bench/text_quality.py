@@ -36,11 +36,8 @@ from ctrak_fast.bench.harness import (
     summarize,
 )
 from ctrak_fast.bench.protocol import LAMBDAS, QueryLog, query_roles
-from ctrak_fast.bench.quality import (
-    METHODS,
-    data_combos,
-    format_table,
-)
+from ctrak_fast.bench.quality import METHODS, data_combos
+from ctrak_fast.bench.tables import format_table
 from ctrak_fast.data import ConceptDataset
 from ctrak_fast.data.captions import caption
 from ctrak_fast.engine.atomic import atomic_write_text

@@ -122,7 +122,8 @@ def train_diffusion(
     partial = f"{out_path}.partial"
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     null = model.null_index
-    images, labels = dataset.images, dataset.labels
+    # the model learns what it is told: the captions (null tokens where a caption is missing)
+    images, labels = dataset.images, dataset.captions
     n = len(dataset)
     n_params = sum(p.numel() for p in model.parameters())
     log.info(
@@ -288,7 +289,8 @@ def train_all(
     ds = make_dataset(cfg)
     log.info(
         f"dataset: {len(ds)} images, "
-        f"held out {[(cfg.shapes[s], cfg.colours[c]) for s, c in cfg.heldout]}"
+        f"held out {[(cfg.shapes[s], cfg.colours[c]) for s, c in cfg.heldout]}, "
+        f"uncaptioned per factor {ds.uncaptioned.sum(0).tolist()}"
     )
     t0 = time.time()
     model = train_diffusion(
@@ -359,7 +361,7 @@ def train_folder(
     spec = FolderData(str(Path(folder).resolve()), str(Path(labels_file).resolve()), image_size)
     ds = spec.dataset()
     spec.save_json(paths["config"])
-    combos = sorted({tuple(r) for r in ds.labels.tolist()} | set(ds.heldout))
+    combos = sorted(set(ds.combos()) | set(ds.heldout))
     log.info(
         f"dataset: {len(ds)} images, factors {ds.factors}, {len(combos)} combinations, "
         f"held out {[combo_name(ds.factors, ds.values, c) for c in ds.heldout]}"

@@ -16,6 +16,7 @@ from ctrak_fast.cli.argtypes import (
     nonneg_int,
     positive_int,
     regex,
+    region_box,
     timestep_list,
 )
 from ctrak_fast.cli.bench import cmd_demo
@@ -200,8 +201,21 @@ def _add_benchmark_args(
     )
     p.add_argument("--lambda-r", type=nonneg_float, default=1.0, help="the fixed-lambda protocol's")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--threads", type=positive_int, help="torch threads (default: torch's)")
+    p.add_argument(
+        "--min-test-queries",
+        type=nonneg_int,
+        default=8,
+        help="refuse (before any featurization) a split with fewer judge-confirmed test queries",
+    )
     _add_query_args(p, sampler)
     _add_method_args(p)
+
+
+TRUTH_HELP = (
+    "what the images show where their captions leave a factor out (a labels file of the same "
+    "format; default: the captions): the benchmark's ground truth, never what the model is told"
+)
 
 
 def _add_data_args(p):
@@ -223,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_benchmark_args(d, "demo_out", per_combo=30, queries=2, heldout=8)
 
-    b = sub.add_parser("bench", help="benchmarks: `ctrak bench quality|paper`")
+    b = sub.add_parser("bench", help="benchmarks: `ctrak bench quality|paper|partial`")
     bsub = b.add_subparsers(dest="bench", required=True)
     q = bsub.add_parser(
         "quality", help="the concept benchmark: synthetic, or a labelled folder (--folder)"
@@ -231,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_benchmark_args(q, "out/quality", per_combo=250, queries=5, heldout=8)
     q.add_argument("--folder", help="benchmark on this labelled image folder (with --labels)")
     q.add_argument("--labels", help="labels file of --folder (held-out combinations in it)")
+    q.add_argument("--truth", help=TRUTH_HELP)
     q.add_argument("--model", help="the FactorUNet trained on --folder (`ctrak train --folder`)")
     q.add_argument("--judge", help="its judge (default: judge_NAME beside unet_NAME)")
     q.add_argument("--image-size", type=positive_int, default=16, help="of --folder's images")
@@ -245,6 +260,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_benchmark_args(
         pp, "out/paper", per_combo=200, queries=8, heldout=16, sampler=PAPER_QUERIES
+    )
+
+    pc = bsub.add_parser(
+        "partial",
+        help="incomplete captions: half of each factor's captions left out of training; scored "
+        "against what the images show (AP, recall of the uncaptioned carriers)",
+    )
+    _add_benchmark_args(pc, "out/partial", per_combo=30, queries=2, heldout=8)
+    pc.add_argument(
+        "--select-lambda-by",
+        choices=["ap", "p@10"],
+        default="ap",
+        help="the validation metric that chooses lambda_r (P@10 saturates on captioned carriers)",
     )
 
     tr = sub.add_parser(
@@ -293,6 +321,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--guidance", type=nonneg_float, default=3.0, help="CFG of the generated query image"
     )
     qp.add_argument("--image", help="the query image file (default: generated from --concept)")
+    where = qp.add_mutually_exclusive_group()
+    where.add_argument(
+        "--region",
+        type=region_box,
+        help="x0,y0,x1,y1: the part of the query image the concept is in (pixels of the image "
+        "at the model's size); the query's loss is restricted to it",
+    )
+    where.add_argument(
+        "--mask", help="a PNG of the query image's size: its non-black pixels are the region"
+    )
     _add_draw_args(qp)
     qp.add_argument("--seed", type=nonneg_int, default=0)
     qp.add_argument("--out", required=True, help="query safetensors file")
@@ -341,6 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     lb.add_argument("--folder", required=True)
     lb.add_argument("--labels", required=True, help="labels file (JSON or CSV)")
+    lb.add_argument("--truth", help=TRUTH_HELP)
     lb.add_argument("--image-size", type=positive_int, default=16)
 
     s = sub.add_parser("store", help="inspect or verify a feature store")

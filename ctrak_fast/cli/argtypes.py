@@ -116,6 +116,23 @@ def timestep_list(text: str) -> list[int]:
     return values
 
 
+def region_box(text: str) -> tuple[int, int, int, int]:
+    """A box "x0,y0,x1,y1" in pixels of the query image: x0 < x1, y0 < y1 (the image's size
+    bounds it; checked once the image is read).
+
+    Examples:
+        >>> region_box("0,4, 8,12")
+        (0, 4, 8, 12)
+    """
+    values = _list(text, nonneg_int, "integers")
+    if len(values) != 4:
+        raise argparse.ArgumentTypeError(f"{text!r} is not four integers x0,y0,x1,y1")
+    x0, y0, x1, y1 = values
+    if not (x0 < x1 and y0 < y1):
+        raise argparse.ArgumentTypeError(f"{text!r} is empty: it needs x0 < x1 and y0 < y1")
+    return (x0, y0, x1, y1)
+
+
 def width_list(text: str) -> tuple[int, ...]:
     """UNet widths per resolution level, "32,64,64": each a positive multiple of 8 (its GroupNorm
     has 8 groups).

@@ -4,13 +4,19 @@ from __future__ import annotations
 
 
 def cmd_demo(a):
-    """`ctrak demo`, `ctrak bench quality` and `ctrak bench paper`: the benchmark at the sizes of
-    their arguments, on the assets `a.name` (default: the demo's shapes16, the Latin-square
-    shapes16lat for `bench quality`, the paper's 2 x 2 replica for `bench paper`)."""
+    """`ctrak demo`, `ctrak bench quality|paper|partial`: the benchmark at the sizes of their
+    arguments, on the assets `a.name` (default: the demo's shapes16, the Latin-square
+    shapes16lat for `bench quality`, the paper's 2 x 2 replica for `bench paper`, shapes16partial,
+    trained on incomplete captions, for `bench partial`)."""
     from ctrak_fast.bench.demo import run_benchmark, run_demo, summary
     from ctrak_fast.bench.paper import PAPER_NAME, paper_table
     from ctrak_fast.bench.quality import QualityConfig
-    from ctrak_fast.models.shipped import ASSETS, FULL_SIZE, SHIPPED
+    from ctrak_fast.models.shipped import ASSETS, FULL_SIZE, PARTIAL, SHIPPED
+
+    if getattr(a, "threads", None):
+        import torch
+
+        torch.set_num_threads(a.threads)
 
     cfg = QualityConfig(
         per_combo=a.per_combo,
@@ -19,11 +25,15 @@ def cmd_demo(a):
         heldout_queries_per_combo=a.heldout_queries_per_combo,
         lambda_r=a.lambda_r,
         confirm_queries=not getattr(a, "keep_unconfirmed", False),
+        select_lambda_by=getattr(a, "select_lambda_by", "p@10"),
+        min_test_queries=a.min_test_queries,
         **method_options(a),
     )
     bench = getattr(a, "bench", None)
     paper = bench == "paper"
-    name = a.name or {"paper": PAPER_NAME, "quality": FULL_SIZE}.get(bench, SHIPPED)
+    name = a.name or {"paper": PAPER_NAME, "quality": FULL_SIZE, "partial": PARTIAL}.get(
+        bench, SHIPPED
+    )
     if getattr(a, "folder", None) or getattr(a, "labels", None):
         model, judge, data = folder_benchmark_inputs(a)
         results = run_benchmark(model, judge, data, a.out, cfg, progress=not a.quiet)

@@ -37,14 +37,14 @@ def cmd_featurize(a):
     if a.per_combo:
         data = data.train_subset(a.per_combo)
     check_data_matches_model(
-        data.images, data.labels, data.ids, model.config, data.factors, data.values
+        data.images, data.captions, data.ids, model.config, data.factors, data.values
     )
     fz = featurizer(a, model)
     with DistContext.from_env(device=next(model.parameters()).device) as ctx:
         store = featurize_distributed(
             fz,
             data.images,
-            data.labels,
+            data.captions,  # what the model is told: a left-out factor is its null token
             data.ids,
             a.out,
             batch_size=a.batch_size,
@@ -72,8 +72,9 @@ def cmd_query(a):
     """Query features of --concept through the Attributor of --method: a concept query (the
     method's slider, c- per removed factor) or, for whole-image methods, the query image's."""
     from ctrak_fast.api import Attributor
-    from ctrak_fast.data.folder import load_image
+    from ctrak_fast.data.folder import load_image, load_mask
     from ctrak_fast.engine.validation import check_input_file, check_output_path
+    from ctrak_fast.method.losses import region_mask
     from ctrak_fast.method.recipes import recipe_options
 
     model = load_model(a.model)
@@ -85,8 +86,10 @@ def cmd_query(a):
         projection=projection(a),
         grad_backend=a.grad_backend,
     )
+    size = int(model.config["image_size"])
+    if a.region:  # refused before any image is read or drawn
+        region_mask(a.region, size, size)
     if a.image:
-        size = int(model.config["image_size"])
         image = load_image(check_input_file(a.image, "query image"), size)
     else:  # the query image is generated from the concept and the seed
         image = att.generate(a.concept, seed=a.seed, guidance=a.guidance)[0]
@@ -95,7 +98,10 @@ def cmd_query(a):
     if a.n_draws:
         spec["n_draws"] = a.n_draws
     remove = a.remove.split(",") if a.remove else None
-    q = att.query(a.concept, remove=remove, image=image, **spec)
+    region = a.region
+    if a.mask:
+        region = load_mask(check_input_file(a.mask, "region mask"), image.shape[-2:])
+    q = att.query(a.concept, remove=remove, image=image, region=region, **spec)
     q.save(out)
     print(f"{q.m} query feature(s) for {a.concept!r} ({', '.join(q.labels)}) -> {out}")
 
@@ -160,11 +166,13 @@ def cmd_report(a):
     from safetensors import safe_open
 
     from ctrak_fast.bench.report import gallery
+    from ctrak_fast.results import Query
 
     data = load_data(a)
     res = json.loads(Path(a.result).read_text())
     with safe_open(res["query"], framework="pt") as f:
         image = f.get_tensor("image")[0]
+    region = Query.load(res["query"]).meta.get("region")
     row_of = {int(i): r for r, i in enumerate(data.ids.tolist())}
     rows = []
     for top, bottom in zip(res["top"], res["bottom"], strict=True):
@@ -176,12 +184,12 @@ def cmd_report(a):
         finite[mid] = 0.5 * (max(bottom["scores"]) + min(top["scores"])) if top["scores"] else 0.0
         # The concept asked for, then the row's question: which factor c- removed (and lambda).
         asked = res.get("concept") or "whole image"
-        rows.append({"title": f"{asked}\n{top['label']}", "query": image, "scores": finite})
+        title = f"{asked}\n{top['label']}"
+        rows.append({"title": title, "query": image, "scores": finite, "region": region})
 
-    def describe(i):
-        return " ".join(
-            data.values[f][int(v)] for f, v in zip(data.factors, data.labels[i], strict=True)
-        )
+    def describe(i):  # the values an image shows ("?" where unknown)
+        pairs = zip(data.factors, data.labels[i].tolist(), strict=True)
+        return " ".join(data.values[f][v] if v < len(data.values[f]) else "?" for f, v in pairs)
 
     gallery(
         rows, data.images, describe, a.out, n_top=min(10, len(res["top"][0]["ids"])), n_bottom=5
@@ -191,18 +199,25 @@ def cmd_report(a):
 
 def cmd_labels(a):
     data = load_data(a)
-    counts = {}
-    for row in data.labels.tolist():
-        counts[tuple(row)] = counts.get(tuple(row), 0) + 1
+    counts: dict[tuple, int] = {}
+    for row, gap in zip(data.captions.tolist(), data.uncaptioned.any(1).tolist(), strict=True):
+        if not gap:
+            counts[tuple(row)] = counts.get(tuple(row), 0) + 1
     print(f"{len(data)} images of {data.image_size}x{data.image_size} in {a.folder}")
-    for f in data.factors:
-        print(f"  {f}: {len(data.values[f])} values {data.values[f]}")
-    print(
-        f"  {len(counts)} combinations present, {min(counts.values())}-{max(counts.values())} "
-        "images each"
-    )
+    missing = data.uncaptioned.sum(0).tolist()
+    for f, n in zip(data.factors, missing, strict=True):
+        gap = f"; {n} image(s) without it (the model's null token)" if n else ""
+        print(f"  {f}: {len(data.values[f])} values {data.values[f]}{gap}")
+    if counts:
+        print(
+            f"  {len(counts)} combinations fully captioned, {min(counts.values())}-"
+            f"{max(counts.values())} images each"
+        )
     for combo in data.heldout:
         print("  held out: " + data.describe(combo))
+    unknown = (~data.known).sum().item()
+    if unknown:
+        print(f"  {unknown} image(s) with a value nobody states (no caption, no --truth)")
 
 
 def cmd_store(a):

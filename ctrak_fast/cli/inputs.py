@@ -17,7 +17,12 @@ def load_data(a, model=None):
         if not a.labels:
             raise InputError("--folder needs --labels (a JSON or CSV labels file)")
         check_input_file(a.labels, "labels file")
-        return load_image_folder(a.folder, a.labels, image_size=a.image_size, **names)
+        truth = getattr(a, "truth", None)
+        if truth:
+            check_input_file(truth, "truth file")
+        return load_image_folder(
+            a.folder, a.labels, image_size=a.image_size, truth_file=truth, **names
+        )
     from ctrak_fast.models.shipped import ASSETS, SHIPPED
 
     path = check_input_file(a.data or ASSETS / f"{SHIPPED}.json", "dataset file")

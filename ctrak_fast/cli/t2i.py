@@ -249,7 +249,7 @@ def _cmd_attribute(a):
 
 
 def _cmd_bench(a):
-    from ctrak_fast.bench.quality import format_table
+    from ctrak_fast.bench.tables import format_table
     from ctrak_fast.bench.text_quality import run_from_args
 
     print(format_table(run_from_args(a)))

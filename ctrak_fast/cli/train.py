@@ -3,7 +3,13 @@ labelled image folder (`--folder DIR --labels FILE`)."""
 
 from __future__ import annotations
 
-from ctrak_fast.cli.argtypes import nonneg_int, positive_float, positive_int, width_list
+from ctrak_fast.cli.argtypes import (
+    fraction,
+    nonneg_int,
+    positive_float,
+    positive_int,
+    width_list,
+)
 
 
 def add_train_args(p) -> None:
@@ -31,6 +37,13 @@ def add_train_args(p) -> None:
         help="synthetic data: shapes: 4 shapes x 4 colours; paper: the paper's 2 x 2 (outlined "
         "triangle/circle, red/blue, red triangle held out)",
     )
+    p.add_argument(
+        "--caption-drop",
+        type=fraction,
+        default=0.0,
+        help="synthetic data only: leave each factor out of the caption (the model's null "
+        "token) for this fraction of the training images, drawn per factor from --seed",
+    )
     p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument("--steps", type=positive_int, default=20_000)
     p.add_argument(
@@ -40,6 +53,7 @@ def add_train_args(p) -> None:
         help="seconds of diffusion training at most",
     )
     p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--threads", type=positive_int, help="torch threads (default: torch's)")
     p.add_argument("--lr", type=positive_float, default=4e-4)
     p.add_argument("--judge-steps", type=positive_int, default=1500)
     p.add_argument("--eval-n", type=positive_int, default=32, help="samples judged per combination")
@@ -69,12 +83,16 @@ def unet_kwargs(a, schedules: dict) -> dict:
 
 
 def cmd_train(a) -> None:
+    import torch
+
     from ctrak_fast.bench.train import SCHEDULES, train_all, train_folder
     from ctrak_fast.data import SyntheticConfig
     from ctrak_fast.data.synthetic import paper_config
     from ctrak_fast.engine.validation import InputError, check_input_dir, check_input_file
     from ctrak_fast.models.shipped import ASSETS
 
+    if a.threads:
+        torch.set_num_threads(a.threads)
     common = {
         "steps": a.steps,
         "time_budget_s": a.time_budget,
@@ -103,7 +121,11 @@ def cmd_train(a) -> None:
             cfg = paper_config(per_combo=a.per_combo, image_size=a.image_size, seed=a.seed)
         else:
             cfg = SyntheticConfig(
-                image_size=a.image_size, per_combo=a.per_combo, n_heldout=a.n_heldout, seed=a.seed
+                image_size=a.image_size,
+                per_combo=a.per_combo,
+                n_heldout=a.n_heldout,
+                seed=a.seed,
+                caption_drop=a.caption_drop,
             )
         paths = train_all(
             a.out or str(ASSETS),

@@ -4,12 +4,13 @@
 (synthetic.py) or a user's labelled image folder (folder.py).
 """
 
-from .dataset import ConceptDataset
+from .dataset import ConceptDataset, drop_captions
 from .folder import load_image_folder
 from .synthetic import SyntheticConfig, make_dataset, render
 
 __all__ = [
     "ConceptDataset",
+    "drop_captions",
     "SyntheticConfig",
     "make_dataset",
     "render",

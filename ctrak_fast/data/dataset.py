@@ -1,4 +1,11 @@
-"""ConceptDataset: labelled images (one value index per factor), what every data source returns."""
+"""ConceptDataset: labelled images (one value index per factor), what every data source returns.
+
+Two label sets are kept apart: `labels`, what each image shows (the ground truth of every
+benchmark), and `captions`, what the model is told (training and featurization). They differ where
+a caption leaves a factor out: that factor's caption is the model's null token, index n_values[f].
+In `labels` the same index means "unknown" (a folder whose caption leaves the factor out and whose
+truth file does not say): such an image counts as a carrier of no value.
+"""
 
 from __future__ import annotations
 
@@ -22,12 +29,15 @@ class ConceptDataset:
 
     Attributes:
         images: float32 [N, 3, H, W] in [-1, 1].
-        labels: int64 [N, F]; labels[i, f] indexes values[factors[f]].
+        labels: int64 [N, F]; labels[i, f] indexes values[factors[f]]: what image i shows
+            (n_values[f]: unknown).
         ids: int64 [N] stable sample ids (what attribution results refer to).
         factors: F factor names, e.g. ["shape", "colour"].
         values: factor name -> list of value names.
         heldout: (shape_idx, colour_idx) pairs absent from the data (synthetic data; [] otherwise).
         meta: free-form JSON-serialisable provenance (e.g. the SyntheticConfig).
+        captions: int64 [N, F], what the model is told of each image: labels[i, f], or the null
+            index n_values[f] where the caption leaves factor f out. None: the labels.
 
     Examples:
         >>> d = ConceptDataset(torch.zeros(2, 3, 8, 8), torch.tensor([[0, 1], [1, 0]]),
@@ -44,6 +54,7 @@ class ConceptDataset:
     values: dict[str, list[str]]
     heldout: list[tuple[int, int]] = field(default_factory=list)
     meta: dict = field(default_factory=dict)
+    captions: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         n = self.images.shape[0]
@@ -60,10 +71,26 @@ class ConceptDataset:
             raise ValueError(f"ids must be int64 [{n}], got {tuple(self.ids.shape)}")
         for f, name in enumerate(self.factors):
             if n and (
-                self.labels[:, f].min() < 0 or self.labels[:, f].max() >= len(self.values[name])
+                self.labels[:, f].min() < 0 or self.labels[:, f].max() > len(self.values[name])
             ):
                 raise ValueError(
-                    f"labels of factor {name!r} out of range [0, {len(self.values[name])})"
+                    f"labels of factor {name!r} out of range [0, {len(self.values[name])}] "
+                    "(the last index: unknown)"
+                )
+        if self.captions is None:
+            self.captions = self.labels
+        if self.captions.shape != self.labels.shape or self.captions.dtype != torch.int64:
+            raise ValueError(
+                f"captions must be int64 {tuple(self.labels.shape)}, got "
+                f"{self.captions.dtype} {tuple(self.captions.shape)}"
+            )
+        for f, name in enumerate(self.factors):
+            if n and (
+                self.captions[:, f].min() < 0 or self.captions[:, f].max() > len(self.values[name])
+            ):
+                raise ValueError(
+                    f"captions of factor {name!r} out of range [0, {len(self.values[name])}] "
+                    "(the last index is the null token: not captioned)"
                 )
         self.heldout = [tuple(int(v) for v in p) for p in self.heldout]
 
@@ -76,13 +103,30 @@ class ConceptDataset:
         return [len(self.values[f]) for f in self.factors]
 
     @property
+    def known(self) -> torch.Tensor:
+        """bool [N]: every factor of image i has a known value (benchmark and judge rows)."""
+        return (self.labels < torch.tensor(self.n_values, dtype=torch.int64)).all(1)
+
+    def combos(self) -> list[tuple[int, ...]]:
+        """The fully known label combinations present, sorted."""
+        return sorted({tuple(r) for r in self.labels[self.known].tolist()})
+
+    @property
+    def uncaptioned(self) -> torch.Tensor:
+        """bool [N, F]: factor f of image i is not in its caption."""
+        return self.captions == torch.tensor(self.n_values, dtype=torch.int64)
+
+    @property
     def image_size(self) -> int:
         return self.images.shape[-1]
 
     def describe(self, label_row) -> str:
         """Human-readable condition, e.g. 'shape=circle, colour=red'."""
         pairs = zip(self.factors, label_row, strict=True)
-        return ", ".join(f"{f}={self.values[f][int(v)]}" for f, v in pairs)
+        return ", ".join(
+            f"{f}={self.values[f][int(v)] if int(v) < len(self.values[f]) else '?'}"
+            for f, v in pairs
+        )
 
     def subset(self, mask_or_index) -> ConceptDataset:
         """Rows selected by a boolean mask [N] or an index tensor; metadata shared."""
@@ -94,6 +138,7 @@ class ConceptDataset:
             {k: list(v) for k, v in self.values.items()},
             list(self.heldout),
             dict(self.meta),
+            self.captions[mask_or_index],
         )
 
     def train_subset(self, per_combo: int) -> ConceptDataset:
@@ -119,6 +164,8 @@ class ConceptDataset:
             "labels": self.labels.contiguous(),
             "ids": self.ids.contiguous(),
         }
+        if not torch.equal(self.captions, self.labels):
+            tensors["captions"] = self.captions.contiguous()
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata={"ctrak": json.dumps(header)})
 
@@ -131,6 +178,7 @@ class ConceptDataset:
                     f"{path}: not a ctrak concept dataset (format {header.get('format')!r})"
                 )
             t = {k: f.get_tensor(k) for k in ("images", "labels", "ids")}
+            captions = f.get_tensor("captions") if "captions" in f.keys() else None
         return cls(
             t["images"],
             t["labels"],
@@ -139,4 +187,25 @@ class ConceptDataset:
             header["values"],
             [tuple(p) for p in header["heldout"]],
             header.get("meta", {}),
+            captions,
         )
+
+
+def drop_captions(
+    labels: torch.Tensor, n_values: list[int], fraction: float, seed: int
+) -> torch.Tensor:
+    """Captions of `labels` [N, F] (int64) with factor f replaced by its null index n_values[f]
+    on round(fraction * N) rows, drawn independently for each factor from `seed`.
+
+    Examples:
+        >>> c = drop_captions(torch.zeros(4, 2, dtype=torch.int64), [3, 5], 0.5, seed=0)
+        >>> (c == torch.tensor([3, 5])).sum(0).tolist()
+        [2, 2]
+    """
+    gen = torch.Generator().manual_seed(int(seed) * 7919 + 0xCA9)
+    captions = labels.clone()
+    n_drop = round(fraction * len(labels))
+    for f, null in enumerate(n_values):
+        rows = torch.randperm(len(labels), generator=gen)[:n_drop]
+        captions[rows, f] = null
+    return captions

@@ -2,7 +2,9 @@
 
 Labels file: JSON {filename: {factor: value, ...}, ...}, JSON records {"samples": [...],
 "held_out": [...]}, or CSV with a `filename` column and one column per factor (read_labels).
-Factor values are strings; each factor's values are sorted to give indices.
+Factor values are strings; each factor's values are sorted to give indices. A value may be
+missing (the key absent, `null` or `""`): the caption leaves that factor out, and the model is
+told its null token. A second labels file (`truth_file`) can say what such images show.
 """
 
 from __future__ import annotations
@@ -31,10 +33,16 @@ def _no_duplicate_keys(pairs):
     return dict(pairs)
 
 
+MISSING = ""
+"""A factor the caption leaves out (absent, null or "" in the labels file)."""
+
+
 def _label_value(labels_file: Path, name: str, factor: str, v) -> str:
+    if v is None:
+        return MISSING
     if isinstance(v, bool) or not isinstance(v, str | int):
         raise ValueError(f"{labels_file}: entry {name!r}: {factor} must be a string, got {v!r}")
-    return str(v)
+    return str(v).strip() if isinstance(v, str) else str(v)
 
 
 def _entry(labels_file: Path, name, d, skip: tuple[str, ...] = ()) -> tuple[str, dict[str, str]]:
@@ -109,8 +117,8 @@ def _json_labels(labels_file: Path, raw) -> tuple[dict[str, dict[str, str]], lis
             raise ValueError(f"lists {name!r} more than once")
         table[name] = row
     combos = [_entry(labels_file, f"held_out[{i}]", c)[1] for i, c in enumerate(held)]
-    if any(not c for c in combos):
-        raise ValueError("a held_out combination names no factor")
+    if any(not c or MISSING in c.values() for c in combos):
+        raise ValueError("a held_out combination names no factor, or a factor without a value")
     return table, combos
 
 
@@ -127,7 +135,7 @@ def _csv_labels(labels_file: Path, text: str) -> dict[str, dict[str, str]]:
         name = r[key]
         if name in table:
             raise ValueError(f"lists {name!r} twice (line {line})")
-        table[name] = {k: v for k, v in r.items() if k != key}
+        table[name] = {k: v.strip() for k, v in r.items() if k != key}
     return table
 
 
@@ -163,12 +171,31 @@ def load_image(path: Path, image_size: int) -> torch.Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous() / 127.5 - 1.0
 
 
+def load_mask(path: Path, size) -> torch.Tensor:
+    """A region mask PNG -> float32 [H, W] at the query image's `size` (H, W; resized by nearest
+    neighbour, as the query image is resized to the model's size): 1 where it is not black."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            gray = im.convert("L")
+    except Exception as e:  # PIL raises many types for corrupt files
+        raise ValueError(f"{path}: unreadable mask ({type(e).__name__}: {e})") from None
+    h, w = int(size[0]), int(size[1])
+    if gray.size != (w, h):
+        gray = gray.resize((w, h), Image.Resampling.NEAREST)
+    mask = torch.from_numpy(np.asarray(gray, dtype=np.float32) > 0).float()
+    if mask.sum() == 0:
+        raise ValueError(f"{path}: the mask is all black (an empty region)")
+    return mask
+
+
 def load_image_folder(
     root: str | os.PathLike,
     labels_file: str | os.PathLike,
     image_size: int = 16,
     factors: list[str] | None = None,
     values: dict[str, list[str]] | None = None,
+    truth_file: str | os.PathLike | None = None,
 ) -> ConceptDataset:
     """Load the images named in `labels_file` (paths relative to `root`) into a ConceptDataset.
 
@@ -180,15 +207,21 @@ def load_image_folder(
         factors: factor order (default: every factor named in the file, in first-seen order).
         values: per-factor value lists fixing the index order (default: sorted values seen);
             pass the training set's `values` to load a query folder with the same indices.
+        truth_file: what the images show, where it differs from their captions (a labels file
+            of the same format, naming files of `labels_file`); default: the captions.
 
-    Returns: ConceptDataset with images float32 [N, 3, S, S] in [-1, 1], labels int64 [N, F].
-    Raises ValueError naming the file for a missing/unreadable/non-RGB image or a missing label.
+    Returns: ConceptDataset with images float32 [N, 3, S, S] in [-1, 1], captions int64 [N, F]
+    (a missing value: the null index n_values[f]) and labels: the truth file's value, else the
+    caption's, else unknown (n_values[f]).
+    Raises ValueError naming the file for a missing/unreadable/non-RGB image, a factor that no
+    image has a value for, or a truth file naming another file or factor.
     """
     root, labels_file = Path(root), Path(labels_file)
     table, held_combos = read_labels(labels_file)
     if not table:
         raise ValueError(f"{labels_file}: no entries")
     names = list(table)
+    truth = _read_truth(truth_file, names) if truth_file is not None else {}
     seen_factors = list(dict.fromkeys(f for name in names for f in table[name]))
     if factors is None:  # union of the keys, in first-seen order, so a missing label is caught
         factors = seen_factors
@@ -198,15 +231,23 @@ def load_image_folder(
             "pass --model, the model trained on these labels (`ctrak train --folder`)"
         )
     factors = list(factors)
-    for name in names:
-        missing = [f for f in factors if not table[name].get(f)]
-        if missing:
-            raise ValueError(f"{labels_file}: entry {name!r} has no value for factor(s) {missing}")
+    unknown = sorted({f for row in truth.values() for f in row} - set(factors))
+    if unknown:
+        raise ValueError(f"{truth_file}: factor(s) {unknown} are not in {labels_file}")
     if values is None:
         named = {f: {c[f] for c in held_combos if f in c} for f in factors}
-        values = {f: sorted({table[n][f] for n in names} | named[f]) for f in factors}
+        stated = {
+            f: {src[n].get(f, MISSING) for src in (table, truth) for n in names if n in src}
+            for f in factors
+        }
+        values = {f: sorted((stated[f] | named[f]) - {MISSING}) for f in factors}
+        empty = [f for f in factors if not values[f]]
+        if empty:
+            raise ValueError(f"{labels_file}: no image has a value for factor(s) {empty}")
 
     def index(name: str, f: str, v: str) -> int:
+        if v == MISSING:
+            return len(values[f])
         if f not in values:
             raise ValueError(f"{labels_file}: {name}: unknown factor {f!r}; factors {factors}")
         if v not in values[f]:
@@ -215,7 +256,13 @@ def load_image_folder(
             )
         return values[f].index(v)
 
-    labels = [[index(name, f, table[name][f]) for f in factors] for name in names]
+    captions = [[index(name, f, table[name].get(f, MISSING)) for f in factors] for name in names]
+    labels = [list(row) for row in captions]  # the truth: the captions where no file says
+    for i, name in enumerate(names):
+        for j, f in enumerate(factors):
+            shown = truth.get(name, {}).get(f, MISSING)
+            if shown != MISSING:
+                labels[i][j] = index(name, f, shown)
     heldout = _expand_heldout(labels_file, held_combos, factors, values, index)
     present = set(map(tuple, labels)) & set(heldout)
     if present:
@@ -230,7 +277,17 @@ def load_image_folder(
         values={f: list(values[f]) for f in factors},
         heldout=heldout,
         meta={"folder": str(root), "labels_file": str(labels_file), "filenames": names},
+        captions=torch.tensor(captions, dtype=torch.int64),
     )
+
+
+def _read_truth(truth_file, names: list[str]) -> dict[str, dict[str, str]]:
+    """The truth file's table; every file it names must be one of `names`."""
+    table, _ = read_labels(truth_file)
+    stray = [n for n in table if n not in set(names)]
+    if stray:
+        raise ValueError(f"{truth_file}: names {stray[:3]}, not in the labels file")
+    return table
 
 
 def _expand_heldout(labels_file, combos, factors, values, index) -> list[tuple[int, ...]]:

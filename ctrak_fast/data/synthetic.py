@@ -21,7 +21,7 @@ import torch
 
 from ctrak_fast.engine.atomic import atomic_write_text
 
-from .dataset import ConceptDataset
+from .dataset import ConceptDataset, drop_captions
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross")
 # Saturated, well separated in RGB (yellow is darkened slightly to stay visible on white).
@@ -56,6 +56,10 @@ class SyntheticConfig:
     heldout: list[tuple[int, int]] | None = None
     seed: int = 0
     outline: bool = False  # a black outline around the shape (the paper's synthetic images)
+    # Incomplete captions: each factor's caption is dropped (the model is told its null token)
+    # for this fraction of the training images, drawn per factor from `seed`. The images still
+    # show the value: `labels` keep the truth, `captions` what the model was told.
+    caption_drop: float = 0.0
     factors: tuple[str, ...] = field(default=("shape", "colour"), init=False)
 
     def __post_init__(self) -> None:
@@ -68,6 +72,8 @@ class SyntheticConfig:
             raise ValueError(f"unknown shapes/colours {unknown}; known: {SHAPES}, {tuple(COLOURS)}")
         if self.image_size < 8:
             raise ValueError("image_size must be >= 8")
+        if not 0.0 <= self.caption_drop < 1.0:
+            raise ValueError(f"caption_drop must be in [0, 1), got {self.caption_drop}")
         if self.heldout is None:
             self.heldout = latin_heldout(
                 len(self.shapes), len(self.colours), self.n_heldout, self.seed
@@ -97,6 +103,8 @@ class SyntheticConfig:
         d.pop("factors")
         d["shapes"], d["colours"] = list(self.shapes), list(self.colours)
         d["heldout"] = [list(p) for p in self.heldout]
+        if not self.caption_drop:  # configs of complete captions stay as they were written
+            d.pop("caption_drop")
         return d
 
     @classmethod
@@ -254,9 +262,14 @@ def make_dataset(cfg: SyntheticConfig | None = None, split: str = "train") -> Co
     seed = cfg.seed if split == "train" else cfg.seed + 1_000_003
     images = torch.cat([render(s, c, cfg.per_combo, seed, cfg.image_size, cfg) for s, c in combos])
     labels = torch.tensor(combos, dtype=torch.int64).repeat_interleave(cfg.per_combo, dim=0)
+    captions = None
+    if cfg.caption_drop and split == "train":
+        n_values = [len(cfg.shapes), len(cfg.colours)]
+        captions = drop_captions(labels, n_values, cfg.caption_drop, seed)
     return ConceptDataset(
         images=images,
         labels=labels,
+        captions=captions,
         ids=torch.arange(len(images), dtype=torch.int64),
         factors=["shape", "colour"],
         values=cfg.values,

@@ -92,7 +92,8 @@ def check_data_matches_model(
     """The images and labels are what the model (its ``config``, e.g. FactorUNet.config) expects.
 
     Checks image size and channel count, the number of factors, and each label against the
-    model's value range. With names on both sides (a model saved with ``values``), the factors
+    model's value range (index n_values[f], the null token, stands for a caption that leaves
+    factor f out). With names on both sides (a model saved with ``values``), the factors
     must be the model's, in its order, and each value must have the model's index for it: labels
     are indices, and another order would silently condition the model on other values.
     """
@@ -122,11 +123,12 @@ def check_data_matches_model(
                         f"{theirs!r} for the model (labels are indices into the model's values)"
                     )
     for f, n in enumerate(n_values):
-        bad = (labels[:, f] < 0) | (labels[:, f] >= n)
+        bad = (labels[:, f] < 0) | (labels[:, f] > n)  # index n: the null token, not captioned
         if bad.any():
             name = (model_factors or [f"factor {f}"])[f]
             raise InputError(
-                f"labels of {name!r} outside the model's {n} values for sample id(s) "
+                f"labels of {name!r} outside the model's {n} values (and its null token) for "
+                "sample id(s) "
                 f"{_ids(ids[bad].tolist())}"
             )
 

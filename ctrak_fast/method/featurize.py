@@ -20,7 +20,7 @@ from ctrak_fast.engine.store import FeatureStore, model_fingerprint
 from ctrak_fast.method import diffusion
 from ctrak_fast.method.grads.layout import add_blocks, blocks_sq_norm, scale_blocks_
 from ctrak_fast.method.grads.per_sample import PerSampleGrads
-from ctrak_fast.method.losses import LOSSES, Residual
+from ctrak_fast.method.losses import LOSSES, RegionResidual, Residual
 from ctrak_fast.method.negatives import InversionNegatives
 from ctrak_fast.method.recipes import INVERSION_NEGATIVES
 from ctrak_fast.progress import progress as show_progress
@@ -306,8 +306,10 @@ class Featurizer:
             self._noise = {t: n.to(device) for t, n in noise.items()}
         return self._noise
 
-    def gradient_sum(self, x0: torch.Tensor, cond: torch.Tensor):
+    def gradient_sum(self, x0: torch.Tensor, cond: torch.Tensor, region=None):
         """Sum over timesteps of the (normalised) per-sample gradient terms (see terms()).
+        region: a weight [1, 1, h, w] (losses.region_weight) restricting the loss to a region of
+        the image (queries; None: the whole image).
 
         Returns (blocks, dsm_sum [B]): dsm_sum is the DSM loss at the fixed noise
         summed over timesteps (DAS weights); NaN when x_t comes from inversion.
@@ -321,14 +323,19 @@ class Featurizer:
             eps_t = None if noise is None else noise[t].expand_as(x0)
             # r comes from the same forward as the gradient (one forward per timestep).
             r = Residual(spec.loss, self.schedule, tt, x0=x0, noise=eps_t)
+            if region is not None:
+                r = RegionResidual(r, region)
             terms = self.terms(traj[t], tt, cond, r, spec.normalize)
             acc = terms if acc is None else add_blocks(acc, terms)  # fresh: no copy to start
             dsm_sum += r.dsm
         return acc, dsm_sum
 
-    def __call__(self, x0: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x0 [B,C,H,W] in [-1,1], cond [B,F] -> (features [B,k] float32, dsm_sum [B])."""
-        blocks, dsm_sum = self.gradient_sum(x0, cond)
+    def __call__(
+        self, x0: torch.Tensor, cond: torch.Tensor, region=None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x0 [B,C,H,W] in [-1,1], cond [B,F] -> (features [B,k] float32, dsm_sum [B]);
+        region: see gradient_sum."""
+        blocks, dsm_sum = self.gradient_sum(x0, cond, region)
         return self.features(blocks), dsm_sum
 
 

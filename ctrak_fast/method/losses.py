@@ -122,6 +122,84 @@ class Residual:
             return self(model(x, t, cond), x)
 
 
+def region_mask(region, height: int, width: int) -> torch.Tensor:
+    """A region of an image as a mask [height, width] float32: a box (x0, y0, x1, y1) in pixels
+    (x0, y0 inclusive, x1, y1 exclusive), or a mask [height, width] (non-zero: inside).
+
+    Examples:
+        >>> region_mask((1, 0, 3, 2), 3, 4).tolist()
+        [[0.0, 1.0, 1.0, 0.0], [0.0, 1.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0]]
+    """
+    if isinstance(region, torch.Tensor):
+        if tuple(region.shape) != (height, width):
+            raise ValueError(
+                f"the region mask is {list(region.shape)}, the image {height} x {width}"
+            )
+        if not torch.isfinite(region.float()).all():
+            raise ValueError("the region mask holds NaN or Inf")
+        mask = (region.float() != 0).float()
+    else:
+        if len(region) != 4 or any(int(v) != v for v in region):
+            raise ValueError(f"a region box is four whole pixels (x0, y0, x1, y1), got {region}")
+        x0, y0, x1, y1 = (int(v) for v in region)
+        if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
+            raise ValueError(
+                f"the region box {(x0, y0, x1, y1)} is not inside the {width} x {height} image "
+                "with x0 < x1 and y0 < y1"
+            )
+        mask = torch.zeros(height, width)
+        mask[y0:y1, x0:x1] = 1.0
+    if mask.sum() == 0:
+        raise ValueError("the region is empty")
+    return mask
+
+
+def region_weight(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The per-pixel weight that restricts a loss mean to a region: mask [H, W] (any size; 1 in
+    the region, fractions allowed) resampled to the model's grid `size` (h, w) by area (a latent
+    model's grid: each latent cell weighs the part of its pixels inside), then scaled so that
+    mean(weight * l) = sum over the region of l / its area. Returns [1, 1, h, w].
+
+    Examples:
+        >>> m = torch.zeros(4, 4); m[:2, :2] = 1
+        >>> w = region_weight(m, (4, 4)); w.sum().item(), w[0, 0, 0, 0].item()
+        (16.0, 4.0)
+    """
+    if mask.dim() != 2:
+        raise ValueError(f"a region mask is [H, W], got {list(mask.shape)}")
+    m = mask.float().clamp(0, 1)[None, None]
+    if tuple(m.shape[-2:]) != tuple(size):
+        m = torch.nn.functional.interpolate(m, size=tuple(size), mode="area")
+    total = m.sum()
+    if total <= 0:
+        raise ValueError("the region is empty")
+    return m * (m[0, 0].numel() / total)
+
+
+class RegionResidual:
+    """A residual (a tensor, or a Residual evaluated on the gradient's forward) restricted to a
+    region: r * weight (region_weight), the residual of the loss mean taken over the region only.
+    The per-sample DSM loss it reports stays the whole image's (DAS weights are the training
+    side's)."""
+
+    def __init__(self, inner, weight: torch.Tensor):
+        self.inner, self.weight = inner, weight
+        self.needs_input_grad = getattr(inner, "needs_input_grad", False)
+
+    @property
+    def dsm(self) -> torch.Tensor | None:
+        return getattr(self.inner, "dsm", None)
+
+    def __call__(self, eps: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        r = self.inner(eps, x) if callable(self.inner) else self.inner
+        return r * self.weight.to(r.device)
+
+    def standalone(self, model, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor):
+        if not callable(self.inner):
+            return self.inner * self.weight.to(self.inner.device)
+        return self.inner.standalone(model, x_t, t, cond) * self.weight.to(x_t.device)
+
+
 def residual(
     loss: str,
     model,

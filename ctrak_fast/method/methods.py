@@ -6,6 +6,8 @@ here.
 |---|---|---|
 | concept-trak-cond | concept-trak's on the condition path, per-layer norm | its slider, same |
 | | | parameters and norm, averaged over the concept's contexts |
+| concept-trak-complete | concept-trak-cond's, each image under its caption as the | the same |
+| | model completes it (completion.py: a left-out factor -> its best-denoising value) | |
 | concept-trak | DPS loss, DDIM inversion, per-t norm | concept slider: c+ vs c- (concept out) |
 | trak | DSM loss at fixed noise | the same loss on the query image |
 | d-trak | mean(eps^2) at fixed noise | the same on the query image |
@@ -37,6 +39,9 @@ class Method:
     das: scores are D-TRAK scores times the sample's summed DSM loss (rows of a second store).
     store: the method whose training store this one reads (das: d-trak's, with its DAS rows).
     feature: further FeatureSpec defaults; concept: ConceptQuerySpec defaults of concept queries.
+    complete_captions: the training side conditions each image on its caption as the model
+        completes it (method/completion.py) rather than as written; with complete captions it
+        is the method without completion.
 
     Examples:
         >>> METHODS["concept-trak"].feature_spec().loss, METHODS["das"].store
@@ -52,6 +57,7 @@ class Method:
     summary: str = ""
     feature: dict[str, Any] = field(default_factory=dict)
     concept: dict[str, Any] = field(default_factory=dict)
+    complete_captions: bool = False
 
     def __post_init__(self) -> None:
         if self.query not in QUERY_KINDS:
@@ -114,6 +120,23 @@ METHODS: dict[str, Method] = {
                 "negative": "flip",
                 "draw_cfg": "null",
             },
+        ),
+        Method(
+            "concept-trak-complete",
+            "dps",
+            True,
+            "concept",
+            summary="concept-trak-cond with each training image conditioned on its caption as "
+            "the model completes it: a factor the caption leaves out gets the value under which "
+            "the model denoises the image best",
+            feature={"normalize": "layer", "param_filter": CONDITION_PATH},
+            concept={
+                "normalize": "layer",
+                "contexts": True,
+                "negative": "flip",
+                "draw_cfg": "null",
+            },
+            complete_captions=True,
         ),
         Method(
             "concept-trak",

@@ -226,6 +226,7 @@ def concept_query_features(
     cond_negs: Sequence[Negative],
     image: torch.Tensor | None = None,
     batch_size: int = 32,
+    region: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Concept-slider query features for one c+ and several c- (e.g. one per factor).
 
@@ -234,7 +235,8 @@ def concept_query_features(
     the concept flipped to each of its other values) or a DrawnNegative (one per draw);
     image: [C,H,W] (local draws).
     Local draws under CFG vs null depend only on c+, so all c- share them; otherwise (global
-    draws, draw_cfg="negative") draws are made per c-.
+    draws, draw_cfg="negative") draws are made per c-. region: a weight [1, 1, h, w]
+    (losses.region_weight) restricting the slider loss to a region of the image.
     Returns: [len(cond_negs), k] float32.
     """
     out = []
@@ -243,7 +245,9 @@ def concept_query_features(
     for neg in cond_negs:
         draw_neg, slider_neg = draw_negatives(spec, neg)
         x, t = points or draw_points(featurizer, spec, cond_pos, draw_neg, image)
-        out.append(slider_features(featurizer, spec, cond_pos, slider_neg, x, t, batch_size))
+        out.append(
+            slider_features(featurizer, spec, cond_pos, slider_neg, x, t, batch_size, region)
+        )
     return torch.stack(out)
 
 
@@ -255,11 +259,13 @@ def slider_features(
     x: torch.Tensor,
     t: torch.Tensor,
     batch_size: int = 32,
+    region: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Concept-slider feature [k] at given draw points (METHOD.md §5): per point the gradient of
     mean((sg[eps(c+) + w d] - eps(c+))^2), d = eps(c+) - eps(c-), unit-normalised, averaged over
     the points, projected. cond_pos: one condition; cond_neg: one condition, a list whose eps
-    are averaged, or PointNegatives (one c- per point); x [n,C,h,w], t [n]."""
+    are averaged, or PointNegatives (one c- per point); x [n,C,h,w], t [n]; region: a weight
+    [1, 1, h, w] (losses.region_weight): the mean over the region only (residual -w d weight)."""
     if isinstance(cond_neg, DrawnNegative):
         raise ValueError("a DrawnNegative is drawn per draw first (draw_negatives)")
     if len(x) == 0:
@@ -285,7 +291,10 @@ def slider_features(
             else:
                 eps_neg = sum(model(xb, tb, _batched(c, len(xb))) for c in negs) / len(negs)
             d = model(xb, tb, pos_b) - eps_neg
-        terms = featurizer.terms(xb, tb, pos_b, -spec.weight * d, spec.normalize)
+        r = -spec.weight * d
+        if region is not None:  # the slider's mean over the region only
+            r = r * region.to(r.device)
+        terms = featurizer.terms(xb, tb, pos_b, r, spec.normalize)
         acc = add_blocks(acc or None, [(off, b.sum(0, keepdim=True)) for off, b in terms])
     return featurizer.features([(off, b / len(x)) for off, b in acc])[0]
 
@@ -312,11 +321,13 @@ def context_concept_features(
     contexts: Sequence[Sequence[tuple[torch.Tensor, Negative]]],
     image: torch.Tensor | None = None,
     batch_size: int = 32,
+    region: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Context-averaged concept slider: row i is the mean slider feature over the (c+, c-) pairs
     of contexts[i] (e.g. the concept paired with each value of the other factors, c- the concept
     removed in that context). The draw points are the local draws of the query image under its
-    own condition cond_pos, shared by every context. Returns [len(contexts), k] float32."""
+    own condition cond_pos, shared by every context. region: see slider_features.
+    Returns [len(contexts), k] float32."""
     if spec.draws != "local" or spec.draw_cfg != "null":
         raise ValueError(
             "context-averaged concept queries share local draws of the query image under CFG vs "
@@ -328,7 +339,9 @@ def context_concept_features(
         if not pairs:
             raise ValueError("a concept needs at least one context")
         feats = [
-            slider_features(featurizer, spec, c, draw_negatives(spec, n)[1], x, t, batch_size)
+            slider_features(
+                featurizer, spec, c, draw_negatives(spec, n)[1], x, t, batch_size, region
+            )
             for c, n in pairs
         ]
         rows.append(torch.stack(feats).mean(0))
@@ -336,9 +349,13 @@ def context_concept_features(
 
 
 def image_query_features(
-    featurizer: Featurizer, images: torch.Tensor, conds: torch.Tensor
+    featurizer: Featurizer,
+    images: torch.Tensor,
+    conds: torch.Tensor,
+    region: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Whole-image query features (TRAK / D-TRAK / DAS): the training-side recipe applied to the
-    query images. images [Q,C,H,W], conds [Q,F] -> [Q,k]."""
-    phi, _ = featurizer(images, conds)
+    query images. images [Q,C,H,W], conds [Q,F] -> [Q,k]; region: a weight [1, 1, h, w]
+    (losses.region_weight) restricting the loss to a region of the images."""
+    phi, _ = featurizer(images, conds, region)
     return phi

@@ -16,6 +16,8 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets"
 SHIPPED = "shapes16"  # the demo's: 2 held-out combinations
 # `bench quality`'s: the same grid with 4 held-out combinations, a Latin square over 4 x 4
 FULL_SIZE = "shapes16lat"
+# `bench partial`'s: the demo's grid trained with half of each factor's captions left out
+PARTIAL = "shapes16partial"
 
 
 @dataclass(frozen=True)
