@@ -16,21 +16,26 @@ from ctrak_fast.models.shipped import shipped
 TS = (299, 699)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("negative", ["flip", "null"])
-def test_quality_results_schema(tmp_path, negative):
-    model, judge, data_cfg = shipped()
-    cfg = QualityConfig(
+def toy_config(**kw) -> QualityConfig:
+    """The benchmark at toy size (a handful of queries: no query floor)."""
+    base = dict(
         per_combo=1,
         k=32,
         queries_per_combo=1,
         heldout_queries_per_combo=2,
         query_candidates=2,
         min_test_queries=0,
-        negative=negative,
         dps=FeatureSpec(timesteps=TS, inversion_steps=10),
         concept=ConceptQuerySpec(timesteps=TS, steps=10, n_draws=1),
     )
+    return QualityConfig(**{**base, **kw})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("negative", ["flip", "null"])
+def test_quality_results_schema(tmp_path, negative):
+    model, judge, data_cfg = shipped()
+    cfg = toy_config(negative=negative)
     res = run_quality(model, judge, make_dataset(data_cfg), cfg, tmp_path, progress=False)
     saved = json.loads((tmp_path / "results.json").read_text())
     assert set(saved["methods"]) == set(METHODS)
@@ -70,18 +75,7 @@ def test_incomplete_captions_benchmark(tmp_path):
     model, judge, data_cfg = shipped()
     data = make_dataset(SyntheticConfig(**{**data_cfg.to_dict(), "caption_drop": 0.5}))
     methods = ("concept-trak-cond", "concept-trak-complete", "d-trak", "pixel")
-    cfg = QualityConfig(
-        per_combo=3,
-        k=32,
-        queries_per_combo=1,
-        heldout_queries_per_combo=2,
-        query_candidates=2,
-        min_test_queries=0,
-        methods=methods,
-        select_lambda_by="ap",
-        dps=FeatureSpec(timesteps=TS, inversion_steps=10),
-        concept=ConceptQuerySpec(timesteps=TS, steps=10, n_draws=1),
-    )
+    cfg = toy_config(per_combo=3, methods=methods, select_lambda_by="ap")
     res = run_quality(model, judge, data, cfg, tmp_path, progress=False)
     train = res["_train"]
     assert train.uncaptioned.any() and not torch.equal(train.captions, train.labels)
@@ -103,17 +97,7 @@ def test_complete_captions_share_the_store(tmp_path):
     """With every caption complete, completion changes nothing: concept-trak-complete reads
     concept-trak-cond's store and scores the same."""
     model, judge, data_cfg = shipped()
-    cfg = QualityConfig(
-        per_combo=1,
-        k=32,
-        queries_per_combo=1,
-        heldout_queries_per_combo=2,
-        query_candidates=2,
-        min_test_queries=0,
-        methods=("concept-trak-cond", "concept-trak-complete"),
-        dps=FeatureSpec(timesteps=TS, inversion_steps=10),
-        concept=ConceptQuerySpec(timesteps=TS, steps=10, n_draws=1),
-    )
+    cfg = toy_config(methods=("concept-trak-cond", "concept-trak-complete"))
     res = run_quality(model, judge, make_dataset(data_cfg), cfg, tmp_path, progress=False)
     assert not (tmp_path / "stores" / "concept-trak-complete").exists()
     a, b = res["methods"]["concept-trak-cond"], res["methods"]["concept-trak-complete"]
@@ -124,9 +108,7 @@ def test_complete_captions_share_the_store(tmp_path):
 
 def test_too_few_test_queries_are_refused_before_featurizing(tmp_path):
     model, judge, data_cfg = shipped()
-    cfg = QualityConfig(
-        per_combo=1, k=32, queries_per_combo=1, heldout_queries_per_combo=2, query_candidates=2
-    )
+    cfg = toy_config(min_test_queries=8)
     with pytest.raises(
         ValueError,
         match="only 2 judge-confirmed test queries in the heldout split, below the floor of 8",

@@ -218,3 +218,40 @@ def test_labels_command_counts_missing_captions(tmp_path, capsys):
     assert "colour: 2 values ['blue', 'red']; 2 image(s) without it" in out
     assert "shape: 1 values ['square']\n" in out
     assert "2 combinations fully captioned, 1-1 images each" in out
+
+
+def test_stamped_mark_generator_and_its_truth(tmp_path):
+    """The uncaptioned mark: a seeded fraction of the images, position over the whole image, size
+    and tint jittered, the other images untouched; the truth (where) travels with the dataset."""
+    from ctrak_fast.data.marks import SIZES, glyph, stamp_marks
+
+    images = torch.ones(200, 3, 16, 16)
+    x, marked, boxes = stamp_marks(images, 0.15, seed=3)
+    again, _, _ = stamp_marks(images, 0.15, seed=3)
+    assert torch.equal(x, again) and int(marked.sum()) == 30
+    assert torch.equal(x[~marked], images[~marked]) and (boxes[~marked] == -1).all()
+    b = boxes[marked]
+    sizes = (b[:, 2] - b[:, 0]).tolist()
+    assert set(sizes) <= set(SIZES) and len(set(sizes)) > 1  # size jitter
+    assert torch.equal(b[:, 2] - b[:, 0], b[:, 3] - b[:, 1])
+    assert len({(int(r[0]), int(r[1])) for r in b}) > 20  # positions vary: no fixed region
+    assert (b[:, :2] >= 0).all() and (b[:, 2:] <= 16).all()
+    for i in marked.nonzero().flatten().tolist()[:5]:  # pixels change only inside the box
+        x0, y0, x1, y1 = boxes[i].tolist()
+        inside = torch.zeros(16, 16, dtype=torch.bool)
+        inside[y0:y1, x0:x1] = glyph(x1 - x0) > 0
+        changed = (x[i] != images[i]).any(0)
+        assert torch.equal(changed, inside)
+    darkest = [x[i].min().item() for i in marked.nonzero().flatten().tolist()]
+    assert max(darkest) - min(darkest) > 0.05  # tint and opacity jitter
+    # synthetic data: never captioned, its truth saved and loaded with the dataset
+    ds = make_dataset(SyntheticConfig(per_combo=10, mark_fraction=0.15))
+    assert int(ds.marked.sum()) == round(0.15 * len(ds))
+    assert torch.equal(ds.captions, ds.labels)  # no caption names the mark
+    plain = make_dataset(SyntheticConfig(per_combo=10))
+    assert torch.equal(ds.images[~ds.marked], plain.images[~ds.marked])
+    ds.save(tmp_path / "m.safetensors")
+    back = ConceptDataset.load(tmp_path / "m.safetensors")
+    assert torch.equal(back.marks, ds.marks)
+    assert back.subset(ds.marked).marked.all()
+    assert "mark_fraction" not in SyntheticConfig().to_dict()

@@ -139,6 +139,22 @@ def featurize(world, out, *extra):
     ]
 
 
+def region_query(world, box: str) -> list:
+    """`ctrak query` of the tiny model with --region `box`."""
+    out = world[0] / "rq.safetensors"
+    return [
+        "query",
+        "--model",
+        world[1],
+        "--concept",
+        "shape=circle",
+        "--region",
+        box,
+        "--out",
+        out,
+    ]
+
+
 def attribute(world, query):
     return ["attribute", "--store", world[0] / "store", "--query", query, "--k", "2"]
 
@@ -199,32 +215,12 @@ CLI_CASES = [  # (name, argv maker, expected message)
     ),
     (
         "empty region box",
-        lambda w: [
-            "query",
-            "--model",
-            w[1],
-            "--concept",
-            "shape=circle",
-            "--region",
-            "4,4,2,8",
-            "--out",
-            w[0] / "rq.safetensors",
-        ],  # fmt: skip
+        lambda w: region_query(w, "4,4,2,8"),
         r"argument --region: '4,4,2,8' is empty",
     ),
     (
         "region box outside the image",
-        lambda w: [
-            "query",
-            "--model",
-            w[1],
-            "--concept",
-            "shape=circle",
-            "--region",
-            "0,0,40,8",
-            "--out",
-            w[0] / "rq.safetensors",
-        ],  # fmt: skip
+        lambda w: region_query(w, "0,0,40,8"),
         r"the region box \(0, 0, 40, 8\) is not inside the 8 x 8 image",
     ),
     (

@@ -143,3 +143,28 @@ def test_paper_replica_holds_out_the_red_triangle_that_contrast_guidance_draws()
         ContrastGuided(model, PAPER_QUERIES["contrast"]), PAPER_QUERIES["guidance"]
     )
     assert contrast >= 3 and contrast > 2 * plain, (contrast, plain)
+
+
+def test_partial_caption_model_was_told_half_its_captions_and_still_reads_them():
+    """`bench partial`'s model (PARTIAL): half of each factor's captions were left out of its
+    training (the null token); it draws seen combinations the judge confirms, and the captions it
+    completes from the pixels (concept-trak-complete) are right for >= 90% of the uncaptioned
+    training images (measured 0.97 shape, 0.94 colour on the benchmark's 420 images)."""
+    from ctrak_fast.method.completion import complete_captions
+    from ctrak_fast.models.shipped import PARTIAL, asset_dataset, shipped
+
+    model, judge, cfg = shipped(PARTIAL)
+    assert isinstance(cfg, SyntheticConfig) and cfg.caption_drop == 0.5
+    data = asset_dataset(cfg, model)
+    assert data.uncaptioned.sum(0).tolist() == [len(data) // 2] * 2
+    train = data.train_subset(8)
+    done = complete_captions(model, train.images, train.captions, model.n_values)
+    hidden = train.uncaptioned
+    for f in range(2):
+        acc = (done[hidden[:, f], f] == train.labels[hidden[:, f], f]).float().mean().item()
+        assert acc >= 0.9, (f, acc)
+    seen = torch.tensor(cfg.combos("seen")).repeat_interleave(2, 0)
+    x, _ = diffusion.ddim_sample(
+        model, seen, guidance=2.0, steps=25, generator=torch.Generator().manual_seed(0)
+    )
+    assert (judge.predict(x) == seen).all(1).float().mean().item() >= 0.85

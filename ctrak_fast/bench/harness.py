@@ -188,13 +188,17 @@ def method_scores(
     image_features(featurizer) -> [1, k]: the query image under the training recipe;
     pixel_scores() -> [N, 1]."""
     scores: dict[str, torch.Tensor] = {}
+    made: dict[tuple, torch.Tensor] = {}  # one query per featurizer and query recipe
     for name in methods:
         row = METHODS[name]
         if row.query == "pixel":
             scores[name] = pixel_scores()[None].expand(-1, -1, n_factors)
             continue
         fz = trained.featurizers[row.store_method]
-        qf = concept_features(row, fz) if row.query == "concept" else image_features(fz)
+        key = (id(fz), row.query, json.dumps(row.concept, sort_keys=True))
+        if key not in made:
+            made[key] = concept_features(row, fz) if row.query == "concept" else image_features(fz)
+        qf = made[key]
         s = trained.sweeps[row.store_method].scores(qf, lambdas)  # [n_lambda, N, m]
         if name in trained.row_scale:
             s = s * trained.row_scale[name][None, :, None]

@@ -290,7 +290,7 @@ def train_all(
     log.info(
         f"dataset: {len(ds)} images, "
         f"held out {[(cfg.shapes[s], cfg.colours[c]) for s, c in cfg.heldout]}, "
-        f"uncaptioned per factor {ds.uncaptioned.sum(0).tolist()}"
+        f"uncaptioned per factor {ds.uncaptioned.sum(0).tolist()}, marked {int(ds.marked.sum())}"
     )
     t0 = time.time()
     model = train_diffusion(

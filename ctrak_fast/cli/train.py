@@ -44,6 +44,13 @@ def add_train_args(p) -> None:
         help="synthetic data only: leave each factor out of the caption (the model's null "
         "token) for this fraction of the training images, drawn per factor from --seed",
     )
+    p.add_argument(
+        "--mark-fraction",
+        type=fraction,
+        default=0.0,
+        help="synthetic data only: stamp an uncaptioned mark (a small glyph, position, size and "
+        "tint jittered) on this fraction of the training images",
+    )
     p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument("--steps", type=positive_int, default=20_000)
     p.add_argument(
@@ -126,6 +133,7 @@ def cmd_train(a) -> None:
                 n_heldout=a.n_heldout,
                 seed=a.seed,
                 caption_drop=a.caption_drop,
+                mark_fraction=a.mark_fraction,
             )
         paths = train_all(
             a.out or str(ASSETS),

@@ -38,6 +38,8 @@ class ConceptDataset:
         meta: free-form JSON-serialisable provenance (e.g. the SyntheticConfig).
         captions: int64 [N, F], what the model is told of each image: labels[i, f], or the null
             index n_values[f] where the caption leaves factor f out. None: the labels.
+        marks: int64 [N, 4], where an uncaptioned mark is stamped on image i (x0, y0, x1, y1;
+            -1 where none: data/marks.py); None: no image carries one.
 
     Examples:
         >>> d = ConceptDataset(torch.zeros(2, 3, 8, 8), torch.tensor([[0, 1], [1, 0]]),
@@ -55,6 +57,7 @@ class ConceptDataset:
     heldout: list[tuple[int, int]] = field(default_factory=list)
     meta: dict = field(default_factory=dict)
     captions: torch.Tensor | None = None
+    marks: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         n = self.images.shape[0]
@@ -92,6 +95,10 @@ class ConceptDataset:
                     f"captions of factor {name!r} out of range [0, {len(self.values[name])}] "
                     "(the last index is the null token: not captioned)"
                 )
+        if self.marks is not None and (
+            self.marks.shape != (n, 4) or self.marks.dtype != torch.int64
+        ):
+            raise ValueError(f"marks must be int64 [{n}, 4], got {tuple(self.marks.shape)}")
         self.heldout = [tuple(int(v) for v in p) for p in self.heldout]
 
     def __len__(self) -> int:
@@ -101,6 +108,13 @@ class ConceptDataset:
     def n_values(self) -> list[int]:
         """Number of values per factor, in `factors` order (model embedding rows minus the null)."""
         return [len(self.values[f]) for f in self.factors]
+
+    @property
+    def marked(self) -> torch.Tensor:
+        """bool [N]: image i carries the stamped mark (never captioned)."""
+        if self.marks is None:
+            return torch.zeros(len(self), dtype=torch.bool)
+        return self.marks[:, 0] >= 0
 
     @property
     def known(self) -> torch.Tensor:
@@ -139,6 +153,7 @@ class ConceptDataset:
             list(self.heldout),
             dict(self.meta),
             self.captions[mask_or_index],
+            None if self.marks is None else self.marks[mask_or_index],
         )
 
     def train_subset(self, per_combo: int) -> ConceptDataset:
@@ -166,6 +181,8 @@ class ConceptDataset:
         }
         if not torch.equal(self.captions, self.labels):
             tensors["captions"] = self.captions.contiguous()
+        if self.marks is not None:
+            tensors["marks"] = self.marks.contiguous()
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata={"ctrak": json.dumps(header)})
 
@@ -179,6 +196,7 @@ class ConceptDataset:
                 )
             t = {k: f.get_tensor(k) for k in ("images", "labels", "ids")}
             captions = f.get_tensor("captions") if "captions" in f.keys() else None
+            marks = f.get_tensor("marks") if "marks" in f.keys() else None
         return cls(
             t["images"],
             t["labels"],
@@ -188,6 +206,7 @@ class ConceptDataset:
             [tuple(p) for p in header["heldout"]],
             header.get("meta", {}),
             captions,
+            marks,
         )
 
 

@@ -22,6 +22,7 @@ import torch
 from ctrak_fast.engine.atomic import atomic_write_text
 
 from .dataset import ConceptDataset, drop_captions
+from .marks import stamp_marks
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross")
 # Saturated, well separated in RGB (yellow is darkened slightly to stay visible on white).
@@ -60,6 +61,9 @@ class SyntheticConfig:
     # for this fraction of the training images, drawn per factor from `seed`. The images still
     # show the value: `labels` keep the truth, `captions` what the model was told.
     caption_drop: float = 0.0
+    # An uncaptioned mark (data/marks.py) stamped on this fraction of the training images; the
+    # dataset's `marks` record where (the truth), no caption ever names it.
+    mark_fraction: float = 0.0
     factors: tuple[str, ...] = field(default=("shape", "colour"), init=False)
 
     def __post_init__(self) -> None:
@@ -74,6 +78,8 @@ class SyntheticConfig:
             raise ValueError("image_size must be >= 8")
         if not 0.0 <= self.caption_drop < 1.0:
             raise ValueError(f"caption_drop must be in [0, 1), got {self.caption_drop}")
+        if not 0.0 <= self.mark_fraction <= 1.0:
+            raise ValueError(f"mark_fraction must be in [0, 1], got {self.mark_fraction}")
         if self.heldout is None:
             self.heldout = latin_heldout(
                 len(self.shapes), len(self.colours), self.n_heldout, self.seed
@@ -103,8 +109,9 @@ class SyntheticConfig:
         d.pop("factors")
         d["shapes"], d["colours"] = list(self.shapes), list(self.colours)
         d["heldout"] = [list(p) for p in self.heldout]
-        if not self.caption_drop:  # configs of complete captions stay as they were written
-            d.pop("caption_drop")
+        for key in ("caption_drop", "mark_fraction"):  # configs without stay as they were written
+            if not d[key]:
+                d.pop(key)
         return d
 
     @classmethod
@@ -266,10 +273,14 @@ def make_dataset(cfg: SyntheticConfig | None = None, split: str = "train") -> Co
     if cfg.caption_drop and split == "train":
         n_values = [len(cfg.shapes), len(cfg.colours)]
         captions = drop_captions(labels, n_values, cfg.caption_drop, seed)
+    marks = None
+    if cfg.mark_fraction and split == "train":
+        images, _, marks = stamp_marks(images, cfg.mark_fraction, seed)
     return ConceptDataset(
         images=images,
         labels=labels,
         captions=captions,
+        marks=marks,
         ids=torch.arange(len(images), dtype=torch.int64),
         factors=["shape", "colour"],
         values=cfg.values,

@@ -101,6 +101,15 @@ class Method:
         return spec
 
 
+# concept-trak-cond's knobs (ours), shared by the rows built on it
+COND_FEATURE: dict[str, Any] = {"normalize": "layer", "param_filter": CONDITION_PATH}
+COND_QUERY: dict[str, Any] = {
+    "normalize": "layer",
+    "contexts": True,
+    "negative": "flip",
+    "draw_cfg": "null",
+}
+
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
@@ -113,13 +122,8 @@ METHODS: dict[str, Method] = {
             "DDIM-inverted x_t and its concept slider, both restricted to the modules that read "
             "the condition, normalised layer by layer, the slider averaged over the contexts "
             "that share the concept",
-            feature={"normalize": "layer", "param_filter": CONDITION_PATH},
-            concept={
-                "normalize": "layer",
-                "contexts": True,
-                "negative": "flip",
-                "draw_cfg": "null",
-            },
+            feature=COND_FEATURE,
+            concept=COND_QUERY,
         ),
         Method(
             "concept-trak-complete",
@@ -129,13 +133,8 @@ METHODS: dict[str, Method] = {
             summary="concept-trak-cond with each training image conditioned on its caption as "
             "the model completes it: a factor the caption leaves out gets the value under which "
             "the model denoises the image best",
-            feature={"normalize": "layer", "param_filter": CONDITION_PATH},
-            concept={
-                "normalize": "layer",
-                "contexts": True,
-                "negative": "flip",
-                "draw_cfg": "null",
-            },
+            feature=COND_FEATURE,
+            concept=COND_QUERY,
             complete_captions=True,
         ),
         Method(
