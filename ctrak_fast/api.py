@@ -364,10 +364,11 @@ class Attributor:
         """
         images, conds, ids = self._unpack(dataset)
         x0 = images
-        if get_method(self._method).complete_captions and hasattr(self.model, "n_values"):
+        n_values = getattr(self.model, "n_values", None)  # factor models complete captions
+        if get_method(self._method).complete_captions and n_values is not None:
             from ctrak_fast.method.completion import complete_captions
 
-            conds = complete_captions(self.model, images, conds, self.model.n_values)
+            conds = complete_captions(self.model, images, conds, [int(n) for n in n_values])
         if self._text:
             from ctrak_fast.models.latent_cache import encode_images_cached
 

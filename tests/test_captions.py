@@ -255,3 +255,24 @@ def test_stamped_mark_generator_and_its_truth(tmp_path):
     assert torch.equal(back.marks, ds.marks)
     assert back.subset(ds.marked).marked.all()
     assert "mark_fraction" not in SyntheticConfig().to_dict()
+
+
+def test_attributor_featurizes_concept_trak_complete_under_the_completed_captions(tmp_path):
+    from ctrak_fast.api import Attributor
+    from ctrak_fast.engine.projection import ProjectionSpec
+    from ctrak_fast.method.featurize import FeatureSpec
+
+    model = FactorUNet([4, 4], image_size=16, block_out_channels=(8, 8),
+                       attention=(False, False), norm_num_groups=4).eval()  # fmt: skip
+    ds = make_dataset(SyntheticConfig(per_combo=1, caption_drop=0.5))
+    spec = FeatureSpec(timesteps=(499,), inversion_steps=10, normalize="layer",
+                       param_filter="@condition")  # fmt: skip
+    att = Attributor(model, "concept-trak-complete", projection=ProjectionSpec(k=32), feature=spec)
+    got = att.featurize(ds, tmp_path / "a").read_all()[0]
+    done = complete_captions(model, ds.images, ds.captions, model.n_values)
+    assert not torch.equal(done, ds.captions)
+    cond = Attributor(model, "concept-trak-cond", projection=ProjectionSpec(k=32), feature=spec)
+    want = cond.featurize((ds.images, done, ds.ids), tmp_path / "b").read_all()[0]
+    plain = cond.featurize(ds, tmp_path / "c").read_all()[0]
+    torch.testing.assert_close(got, want)
+    assert not torch.allclose(got, plain)
