@@ -16,6 +16,8 @@ import argparse
 import json
 from pathlib import Path
 
+import torch
+
 from ctrak_fast.bench.demo import run_benchmark
 from ctrak_fast.bench.quality import QualityConfig
 from ctrak_fast.engine.atomic import atomic_write_text
@@ -45,6 +47,9 @@ VARIANTS = {
     },
     # the paper's Concept-TRAK on every parameter (per-timestep norm, no contexts)
     "paper-all": {"methods": ("concept-trak",)},
+    # every training image featurized under the null condition (no caption read at all), on the
+    # condition path and on every parameter
+    "null-captions": {"methods": ("concept-trak-cond", "concept-trak"), "null_captions": True},
 }
 
 
@@ -60,8 +65,13 @@ def main() -> None:
     summary_path = Path(a.out) / "variants.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     for name in names:
-        cfg = QualityConfig(select_lambda_by="ap", **VARIANTS[name])
-        res = run_benchmark(model, judge, data, Path(a.out) / name, cfg, progress=False)
+        knobs = dict(VARIANTS[name])
+        data_v = data
+        if knobs.pop("null_captions", False):  # the captions replaced by the null token
+            data_v = data.subset(torch.ones(len(data), dtype=torch.bool))
+            data_v.captions = torch.tensor(data.n_values).expand_as(data.labels).clone()
+        cfg = QualityConfig(select_lambda_by="ap", **knobs)
+        res = run_benchmark(model, judge, data_v, Path(a.out) / name, cfg, progress=False)
         for m in cfg.methods:
             summary[f"{name}: {m}"] = {
                 "lambda_r": res["lambda_r"][m],
