@@ -141,8 +141,8 @@ def test_walk_featurize_query_attribute_report_benchmark(walk):
     results = json.loads((root / "bench" / "results.json").read_text())
     assert set(results["chance"]) == {"digit", "colour", "background"}
     assert "P@10" in bench.stdout
-    # a handful of queries, unconfirmed ones kept: the run is marked underpowered, not refused
-    assert set(results["underpowered"]) == {"in_distribution", "heldout"}
+    # a handful of held-out queries, unconfirmed ones kept: marked underpowered, not refused
+    assert "heldout" in results["underpowered"]
     assert "UNDERPOWERED" in bench.stdout
 
 
