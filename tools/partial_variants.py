@@ -13,6 +13,7 @@ Writes OUT/<variant>/results.json and OUT/variants.json, and prints one table.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -68,8 +69,8 @@ def main() -> None:
         knobs = dict(VARIANTS[name])
         data_v = data
         if knobs.pop("null_captions", False):  # the captions replaced by the null token
-            data_v = data.subset(torch.ones(len(data), dtype=torch.bool))
-            data_v.captions = torch.tensor(data.n_values).expand_as(data.labels).clone()
+            null = torch.tensor(data.n_values).expand_as(data.labels).clone()
+            data_v = dataclasses.replace(data, captions=null)
         cfg = QualityConfig(select_lambda_by="ap", **knobs)
         res = run_benchmark(model, judge, data_v, Path(a.out) / name, cfg, progress=False)
         for m in cfg.methods:

@@ -36,6 +36,9 @@ class MethodSettings:
     """Per-method specs of a benchmark config (a dataclass with `methods`, `dps`, `features` and
     `concept` fields): the method table's defaults unless the config overrides them."""
 
+    # the validation metric that chooses lambda_r (a config may make it a field: QualityConfig)
+    select_lambda_by: str = "p@10"
+
     def feature_spec(self, method: str) -> FeatureSpec:
         """The training features of `method` in this run (dps: concept-trak's)."""
         if method in self.features:
@@ -218,8 +221,7 @@ def summarize(log: QueryLog, cfg, labels: torch.Tensor, data, splits: dict) -> d
     calibration rows (protocol.py), the expected random ranking, chance, query counts, the
     configuration and the held-out combinations. splits: {split: its combinations}."""
     factors = list(data.factors)
-    select_by = getattr(cfg, "select_lambda_by", "p@10")
-    out = summarize_protocols(log, cfg.methods, cfg.lambda_r, select_by)
+    out = summarize_protocols(log, cfg.methods, cfg.lambda_r, cfg.select_lambda_by)
     out["expected_random"] = {
         split: {f: expected_random(labels, combos, i) for i, f in enumerate(factors)}
         for split, combos in splits.items()
