@@ -28,6 +28,7 @@ from ctrak_fast.bench.judge import (
     train_judge,
     train_judge_on_data,
 )
+from ctrak_fast.bench.mark_judge import train_mark_judge
 from ctrak_fast.bench.train_state import load_state, save_state
 from ctrak_fast.data import ConceptDataset, SyntheticConfig, make_dataset
 from ctrak_fast.engine.atomic import atomic_write_text
@@ -278,7 +279,8 @@ def train_all(
 
     Files in out_dir: <name>.json (SyntheticConfig; `make_dataset(SyntheticConfig.load_json(...))`
     regenerates the training set bit for bit), unet_<name>.safetensors, judge_<name>.safetensors,
-    <name>_eval.json. The diffusion model goes first: it is what everything else waits for.
+    <name>_eval.json, and markjudge_<name>.safetensors where cfg stamps a mark (mark_judge.py).
+    The diffusion model goes first: it is what everything else waits for.
     schedule: NoiseSchedule config for a new model (default models.DEFAULT_SCHEDULE).
     """
     out = Path(out_dir)
@@ -308,6 +310,9 @@ def train_all(
     )
     train_s = round(time.time() - t0)
     judge = train_judge(cfg, paths["judge"], steps=judge_steps, seed=seed, progress=progress)
+    if cfg.mark_fraction:  # the detector that confirms `bench mark`'s queries
+        paths["mark_judge"] = str(out / f"markjudge_{name}.safetensors")
+        train_mark_judge(cfg, paths["mark_judge"], judge_steps, seed=seed, progress=progress)
     extra = {"config": cfg.to_dict(), "train_seconds": train_s}
     _write_eval(
         model,

@@ -228,6 +228,32 @@ def _add_data_args(p):
     p.add_argument("--image-size", type=positive_int, default=16)
 
 
+def _add_mark_parser(bsub) -> None:
+    from ctrak_fast.bench.mark import MARK_METHODS
+
+    pm = bsub.add_parser(
+        "mark",
+        help="an uncaptioned mark stamped on 15%% of the training images: find them from a "
+        "region of a generated image that shows it",
+    )
+    pm.add_argument("--out", default="out/mark")
+    pm.add_argument("--per-combo", type=positive_int, default=30, help="training images per combo")
+    pm.add_argument("--k", type=positive_int, default=2048)
+    pm.add_argument(
+        "--candidates", type=positive_int, default=320, help="samples the mark judge looks at"
+    )
+    pm.add_argument(
+        "--queries", type=positive_int, default=24, help="kept: half validation, half test"
+    )
+    pm.add_argument("--min-test-queries", type=nonneg_int, default=8)
+    pm.add_argument("--guidance", type=nonneg_float, default=2.0, help="CFG of the samples")
+    pm.add_argument("--methods", default=",".join(MARK_METHODS))
+    pm.add_argument("--assets", help="folder with unet_/judge_/markjudge_NAME, NAME.json")
+    pm.add_argument("--name", help="NAME of those files (default: shapes16mark)")
+    pm.add_argument("--threads", type=positive_int, help="torch threads (default: torch's)")
+    pm.add_argument("--quiet", action="store_true")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = CliParser(prog="ctrak", description="Concept-level training-data attribution.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -237,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_benchmark_args(d, "demo_out", per_combo=30, queries=2, heldout=8)
 
-    b = sub.add_parser("bench", help="benchmarks: `ctrak bench quality|paper|partial`")
+    b = sub.add_parser("bench", help="benchmarks: `ctrak bench quality|paper|partial|mark`")
     bsub = b.add_subparsers(dest="bench", required=True)
     q = bsub.add_parser(
         "quality", help="the concept benchmark: synthetic, or a labelled folder (--folder)"
@@ -276,6 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="ap",
         help="the validation metric that chooses lambda_r (P@10 saturates on captioned carriers)",
     )
+
+    _add_mark_parser(bsub)
 
     tr = sub.add_parser(
         "train", help="train a FactorUNet and its judge: synthetic data, or --folder --labels"

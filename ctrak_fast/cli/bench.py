@@ -17,6 +17,8 @@ def cmd_demo(a):
         import torch
 
         torch.set_num_threads(a.threads)
+    if getattr(a, "bench", None) == "mark":
+        return cmd_mark(a)
 
     cfg = QualityConfig(
         per_combo=a.per_combo,
@@ -96,3 +98,41 @@ def folder_benchmark_inputs(a):
             f"model's are {model.config.get('factors')}"
         )
     return model, judge, load_data(a, model)
+
+
+def cmd_mark(a) -> None:
+    """`ctrak bench mark`: the uncaptioned-mark benchmark on the assets `a.name` (default: the
+    shipped shapes16mark): table, results.json and a gallery of one test query."""
+    from pathlib import Path
+
+    from ctrak_fast.bench.mark import MarkConfig, run_mark, write_mark_gallery
+    from ctrak_fast.bench.mark_scoring import mark_table
+    from ctrak_fast.data import make_dataset
+    from ctrak_fast.engine.validation import InputError
+    from ctrak_fast.method.methods import parse_methods
+    from ctrak_fast.models.factor_unet import load_model
+    from ctrak_fast.models.shipped import ASSETS, MARKED, shipped
+
+    name, assets = a.name or MARKED, Path(a.assets) if a.assets else ASSETS
+    mark_path = assets / f"markjudge_{name}.safetensors"
+    if not mark_path.is_file():
+        raise InputError(f"no mark judge {mark_path} (`ctrak train --mark-fraction` writes it)")
+    model, judge, spec = shipped(name, assets)
+    if not getattr(spec, "mark_fraction", 0):
+        raise InputError(f"{name}: its training set has no stamped mark (--mark-fraction)")
+    cfg = MarkConfig(
+        per_combo=a.per_combo,
+        k=a.k,
+        candidates=a.candidates,
+        queries=a.queries,
+        min_test_queries=a.min_test_queries,
+        guidance=a.guidance,
+        methods=parse_methods(a.methods),
+    )
+    results = run_mark(
+        model, judge, load_model(mark_path), make_dataset(spec), cfg, a.out, not a.quiet
+    )
+    png = write_mark_gallery(results, Path(a.out) / "gallery.png")
+    timings = ", ".join(f"{k} {v:.0f} s" for k, v in results["timings"].items())
+    print(f"{mark_table(results)}\n\nwrote {Path(a.out) / 'results.json'}, {png}")
+    print(f"total {results['seconds']:.0f} s; {timings}")

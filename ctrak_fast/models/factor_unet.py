@@ -1,4 +1,5 @@
-"""The factor-conditioned diffusion model (FactorUNet) and the concept judge (ConceptJudge).
+"""The factor-conditioned diffusion model (FactorUNet) and its judges: the concept judge
+(ConceptJudge) and the detector of an uncaptioned mark (MarkJudge).
 
 Conditioning: each factor f has an embedding table with n_values[f] + 1 rows; the last row is
 the null token ("factor removed"), trained by per-factor condition dropout. The per-factor
@@ -27,6 +28,7 @@ from ctrak_fast.engine.atomic import atomic_path
 __all__ = [
     "FactorUNet",
     "ConceptJudge",
+    "MarkJudge",
     "save_model",
     "load_model",
     "drop_factor",
@@ -238,11 +240,55 @@ class ConceptJudge(nn.Module):
         return torch.cat(preds), torch.cat(confs)
 
 
-_KINDS = {"FactorUNet": FactorUNet, "ConceptJudge": ConceptJudge}
+class MarkJudge(nn.Module):
+    """A fully convolutional detector of the uncaptioned mark (data/marks.py): a logit per pixel
+    that the pixel lies in a mark's box. Its receptive field (9 x 9) covers the largest glyph and
+    no more, so it reads the glyph itself, never where or on what it is drawn.
+
+    forward(images [B,3,H,W] in [-1,1]) -> logits [B, H, W].
+    """
+
+    def __init__(self, width: int = 32, image_size: int = 16):
+        super().__init__()
+        self.config = {"kind": "MarkJudge", "width": int(width), "image_size": int(image_size)}
+        w = int(width)
+        layers: list[nn.Module] = []
+        for cin in (3, w, w, w):
+            layers += [nn.Conv2d(cin, w, 3, 1, 1), nn.SiLU()]
+        self.net = nn.Sequential(*layers, nn.Conv2d(w, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images)[:, 0]
+
+    @torch.no_grad()
+    def detect(
+        self, images: torch.Tensor, threshold: float = 0.5, reach: int = 4
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """images [B,3,H,W] in [-1,1] -> (score [B]: the largest per-pixel probability, boxes
+        int64 [B, 4]: (x0, y0, x1, y1) around the pixels above `threshold` within `reach` pixels
+        of the most probable one; -1 where the score is below `threshold`)."""
+        was = self.training
+        self.eval()
+        prob = torch.sigmoid(self(images.clamp(-1, 1)))
+        self.train(was)
+        b, h, w = prob.shape
+        score, at = prob.flatten(1).max(1)
+        boxes = torch.full((b, 4), -1, dtype=torch.int64)
+        ys, xs = torch.arange(h)[:, None], torch.arange(w)[None, :]
+        for i in (score >= threshold).nonzero().flatten().tolist():
+            cy, cx = divmod(int(at[i]), w)
+            near = ((ys - cy).abs() <= reach) & ((xs - cx).abs() <= reach)
+            on = (prob[i] >= threshold) & near
+            rows, cols = on.any(1).nonzero().flatten(), on.any(0).nonzero().flatten()
+            boxes[i] = torch.tensor([cols[0], rows[0], cols[-1] + 1, rows[-1] + 1])
+        return score, boxes
+
+
+_KINDS = {"FactorUNet": FactorUNet, "ConceptJudge": ConceptJudge, "MarkJudge": MarkJudge}
 
 
 def save_model(
-    model: FactorUNet | ConceptJudge, path: str | os.PathLike, dtype=torch.float32
+    model: FactorUNet | ConceptJudge | MarkJudge, path: str | os.PathLike, dtype=torch.float32
 ) -> None:
     """Weights (in `dtype`) + config JSON in one safetensors file; atomic (tmp + os.replace)."""
     path = Path(path)
@@ -265,7 +311,7 @@ def _build(config: dict) -> nn.Module:
     return _KINDS[kind](**config)
 
 
-def load_model(path: str | os.PathLike, device="cpu") -> FactorUNet | ConceptJudge:
+def load_model(path: str | os.PathLike, device="cpu") -> FactorUNet | ConceptJudge | MarkJudge:
     """Rebuild the model from the file's config and load its weights as float32; eval mode."""
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}

@@ -18,6 +18,8 @@ SHIPPED = "shapes16"  # the demo's: 2 held-out combinations
 FULL_SIZE = "shapes16lat"
 # `bench partial`'s: the demo's grid trained with half of each factor's captions left out
 PARTIAL = "shapes16partial"
+# `bench mark`'s: the demo's grid with an uncaptioned mark stamped on 15% of the images
+MARKED = "shapes16mark"
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,112 @@
+"""The mark judge: an independent detector of the uncaptioned mark (data/marks.py), which confirms
+that a generated query image shows the mark and says where (`ctrak bench mark`).
+
+Trained on fresh renders of every combination, stamped by the same generator as the training set
+but from seeds far from it, so it never sees a training image. Small pixel noise and blur make it
+robust to the softer marks a diffusion model draws.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+from ctrak_fast.data import SyntheticConfig, render
+from ctrak_fast.data.marks import stamp_marks
+from ctrak_fast.models.factor_unet import MarkJudge, save_model
+
+log = logging.getLogger(__name__)
+
+POS_WEIGHT = 4.0  # a box covers ~5% of an image's pixels: weigh them up
+
+
+def marked_pool(
+    cfg: SyntheticConfig, per_combo: int, seed: int, fraction: float = 0.5
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Renders of every combination with the mark stamped on `fraction` of them: (images
+    [N,3,S,S], marked bool [N], box masks float [N,S,S], 1 inside a mark's box)."""
+    combos = cfg.combos("all")
+    x = torch.cat([render(s, c, per_combo, seed, cfg.image_size, cfg) for s, c in combos])
+    x, marked, boxes = stamp_marks(x, fraction, seed)
+    n, s = len(x), cfg.image_size
+    masks = torch.zeros(n, s, s)
+    for i in marked.nonzero().flatten().tolist():
+        x0, y0, x1, y1 = boxes[i].tolist()
+        masks[i, y0:y1, x0:x1] = 1.0
+    return x, marked, masks
+
+
+def detection_report(judge: MarkJudge, x: torch.Tensor, marked: torch.Tensor, masks) -> dict:
+    """Accuracy of the image-level call, its rates on marked and unmarked images, and the mean
+    IoU of the found box with the true one on the marked images."""
+    score, boxes = judge.detect(x)
+    found = score >= 0.5
+    ious = []
+    for i in (marked & found).nonzero().flatten().tolist():
+        x0, y0, x1, y1 = boxes[i].tolist()
+        pred = torch.zeros_like(masks[i])
+        pred[y0:y1, x0:x1] = 1.0
+        ious.append(((pred * masks[i]).sum() / ((pred + masks[i]) > 0).sum()).item())
+    return {
+        "accuracy": (found == marked).float().mean().item(),
+        "found_on_marked": found[marked].float().mean().item(),
+        "found_on_unmarked": found[~marked].float().mean().item(),
+        "box_iou": sum(ious) / len(ious) if ious else float("nan"),
+    }
+
+
+def train_mark_judge(
+    cfg: SyntheticConfig,
+    out_path: str | os.PathLike,
+    steps: int = 1500,
+    seed: int = 0,
+    per_combo: int = 150,
+    batch_size: int = 128,
+    lr: float = 2e-3,
+    progress: bool = True,
+) -> MarkJudge:
+    """Train, report on fresh validation renders (judge.validation, logged) and save a MarkJudge."""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    x, _, masks = marked_pool(cfg, per_combo, seed + 5_000_011)
+    val = marked_pool(cfg, 32, seed + 6_000_007)
+    judge = MarkJudge(image_size=cfg.image_size).train()
+    opt = torch.optim.AdamW(judge.parameters(), lr=lr, weight_decay=1e-4)
+    blur = torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]]) / 16
+    blur = blur.expand(3, 1, 3, 3)
+    t0 = time.time()
+    for step in range(1, steps + 1):
+        for group in opt.param_groups:
+            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+        idx = torch.randint(0, len(x), (batch_size,), generator=g)
+        xb, mb = x[idx], masks[idx]
+        flip = torch.rand(len(idx), generator=g) < 0.5
+        xb = torch.where(flip[:, None, None, None], xb.flip(-1), xb)
+        mb = torch.where(flip[:, None, None], mb.flip(-1), mb)
+        soft = torch.rand(len(idx), 1, 1, 1, generator=g)  # half of them blurred a little
+        xb = torch.where(soft < 0.5, F.conv2d(xb, blur, padding=1, groups=3), xb)
+        xb = xb + 0.1 * torch.rand(len(idx), 1, 1, 1, generator=g) * torch.randn(
+            xb.shape, generator=g
+        )
+        loss = F.binary_cross_entropy_with_logits(
+            judge(xb), mb, pos_weight=torch.tensor(POS_WEIGHT)
+        )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if progress and step % 250 == 0:
+            log.info(f"mark judge step {step}/{steps} loss {loss.item():.4f}")
+    judge.eval()
+    report = detection_report(judge, *val)
+    log.info(f"mark judge done in {time.time() - t0:.0f}s; validation {report}")
+    judge.validation = report
+    save_model(judge, out_path)
+    return judge
+
+
+__all__ = ["detection_report", "marked_pool", "train_mark_judge"]
