@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from ctrak_fast.bench.quality import METHODS, QualityConfig, run_quality
 from ctrak_fast.data import make_dataset
@@ -60,6 +61,15 @@ def test_quality_results_schema(tmp_path, negative):
     assert set(saved["lambda_r"]) == set(METHODS) - {"pixel"}
     assert all(lam in saved["lambdas"] for lam in saved["lambda_r"].values())
     assert "concept-trak - d-trak" in saved["paired"]
+    # each query's top ids: the pixel row's are the pixel ranking of that query (N = 14 < 100)
+    q = saved["queries"][0]
+    assert {q["split"], q["role"]} <= {"in_distribution", "heldout", "validation", "test"}
+    pixel = q["top"]["pixel"]["shape"]
+    assert len(pixel["ids"]) == 14 and pixel["scores"] == sorted(pixel["scores"], reverse=True)
+    train = res["_train"]
+    first = next(g for g in res["_gallery"] if g["split"] == q["split"])
+    want = torch.argsort(first["scores"]["pixel"][:, 0], descending=True, stable=True)
+    assert pixel["ids"][:3] == train.ids[want[:3]].tolist()
 
 
 @pytest.mark.slow

@@ -243,18 +243,47 @@ def summarize(log: QueryLog, cfg, labels: torch.Tensor, data, splits: dict) -> d
 def at_chosen_lambda(gallery: list[dict], lambda_r: dict[str, float], lambdas) -> list[dict]:
     """Gallery entries with each method's scores [N, F] at its chosen lambda_r (pixel: its one
     ranking)."""
-    out = []
-    for g in gallery:
-        scores = {
-            m: s[lambdas.index(lambda_r[m])] if m in lambda_r else s[0]
-            for m, s in g["scores"].items()
+    return [
+        {**g, "scores": {m: chosen_row(m, lambda_r, lambdas, s) for m, s in g["scores"].items()}}
+        for g in gallery
+    ]
+
+
+TOP = 100  # each query's top training ids and scores kept in results.json, per method
+
+
+def chosen_row(method: str, lambda_r: dict, lambdas, scores: torch.Tensor) -> torch.Tensor:
+    """`method`'s scores [N, ...] at its chosen lambda_r (a one-row ranking: that row)."""
+    return scores[list(lambdas).index(lambda_r[method])] if len(scores) > 1 else scores[0]
+
+
+def top_entries(
+    scores: dict[str, torch.Tensor], lambda_r: dict, lambdas, ids: torch.Tensor, factors=None,
+    top: int = TOP,
+) -> dict:  # fmt: skip
+    """Each method's `top` training ids and scores at its chosen lambda_r, so that a new baseline
+    or metric can be scored later without recomputing: {method: {"ids", "scores"}} for scores
+    [n_lambda, N]; {method: {factor: {...}}} for scores [n_lambda, N, F] and `factors`."""
+
+    def best(v: torch.Tensor) -> dict:
+        t = torch.topk(v.float(), min(top, len(v)))
+        return {
+            "ids": ids[t.indices].tolist(),
+            "scores": [float(f"{x:.5g}") for x in t.values.tolist()],
         }
-        out.append({**g, "scores": scores})
+
+    out = {}
+    for m, s in scores.items():
+        v = chosen_row(m, lambda_r, lambdas, s)
+        out[m] = best(v) if factors is None else {f: best(v[:, i]) for i, f in enumerate(factors)}
     return out
 
 
 __all__ = [
+    "TOP",
     "at_chosen_lambda",
+    "chosen_row",
+    "top_entries",
     "SPLITS",
     "MethodSettings",
     "TrainedMethods",

@@ -25,7 +25,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ctrak_fast.bench.harness import MethodSettings, featurize_methods, pixel_cosine
+from ctrak_fast.bench.harness import (
+    TOP,
+    MethodSettings,
+    chosen_row,
+    featurize_methods,
+    pixel_cosine,
+    top_entries,
+)
 from ctrak_fast.bench.mark_scoring import (
     MARK_METRICS,
     mark_metrics,
@@ -75,7 +82,7 @@ class MarkConfig(MethodSettings):
     batch_size: int = 50
     store_dtype: str = "float32"
     seed: int = 0
-    top: int = 100  # each query's top ids and scores kept in results.json, per row
+    top: int = TOP  # each query's top ids and scores kept in results.json, per row
     methods: tuple[str, ...] = MARK_METHODS
     dps: FeatureSpec = field(default_factory=FeatureSpec)
     concept: ConceptQuerySpec = field(default_factory=ConceptQuerySpec)
@@ -120,7 +127,7 @@ def draw_mark_queries(model, mark_judge, combos, cfg: MarkConfig, progress: bool
                         "image": x0[i],
                         "box": box,
                         "score": float(score[i]),
-                    }  # fmt: skip
+                    }
                 )
     return queries, found
 
@@ -224,8 +231,8 @@ def run_mark(
                 "combo": list(q["combo"]),
                 "box": q["box"],
                 "judge_score": q["score"],
-                "top": top_ids(kept[i], chosen, lambdas, cfg.top, train.ids),
-            }  # fmt: skip
+                "top": top_entries(kept[i], chosen, lambdas, train.ids, top=cfg.top),
+            }
             for i, (q, r) in enumerate(zip(queries, roles, strict=True))
         ],
         "judge": getattr(mark_judge, "validation", None),
@@ -237,7 +244,7 @@ def run_mark(
     }
     atomic_write_text(out_dir / "results.json", json.dumps(results, indent=2))
     results["_gallery"] = [
-        {"query": q, "scores": {r: s[lambda_row(r, chosen, lambdas, s)] for r, s in sc.items()}}
+        {"query": q, "scores": {r: chosen_row(r, chosen, lambdas, s) for r, s in sc.items()}}
         for q, sc in zip(queries, kept, strict=True)
         if q is queries[roles.index("test")]
     ]
@@ -258,24 +265,6 @@ def write_mark_gallery(results: dict, path, rows=GALLERY_ROWS) -> Path:
         if row in entry["scores"]
     ]
     return gallery(shown, train.images, lambda i: "MARK" if marked[i] else "", path, 10, 0)
-
-
-def lambda_row(row: str, chosen: dict, lambdas: list, s: torch.Tensor) -> int:
-    """The index of `row`'s chosen lambda_r in its scores `s` (one-row scores: 0)."""
-    return lambdas.index(chosen[row]) if len(s) > 1 else 0
-
-
-def top_ids(scores: dict, chosen: dict, lambdas: list, top: int, ids: torch.Tensor) -> dict:
-    """Each row's `top` training ids and scores at its chosen lambda_r, for later scoring."""
-    out = {}
-    for row, s in scores.items():
-        v = s[lambda_row(row, chosen, lambdas, s)]
-        best = torch.topk(v, min(top, len(v)))
-        out[row] = {
-            "ids": ids[best.indices].tolist(),
-            "scores": [float(f"{x:.5g}") for x in best.values.tolist()],
-        }
-    return out
 
 
 __all__ = ["MARK_METHODS", "MarkConfig", "draw_mark_queries", "run_mark", "write_mark_gallery"]

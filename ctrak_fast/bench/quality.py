@@ -25,6 +25,7 @@ from ctrak_fast.bench.harness import (
     method_scores,
     pixel_cosine,
     summarize,
+    top_entries,
 )
 from ctrak_fast.bench.protocol import LAMBDAS, QueryLog, query_roles
 from ctrak_fast.bench.queries import make_queries
@@ -156,7 +157,7 @@ def run_quality(
     timings = dict(trained.timings)
     n_factors = len(data.factors)
     log = QueryLog(tuple(data.factors), cfg.lambdas)
-    gallery, acceptance = [], {}
+    gallery, acceptance, kept = [], {}, []
     tic = time.time()
     for split, (queries, accepted, roles) in drawn.items():
         for qi, q in enumerate(
@@ -201,13 +202,24 @@ def run_quality(
                 captions=train.captions,
                 completed=trained.completed,
             )
+            kept.append({"split": split, "role": roles[qi], "combo": list(combo), "scores": scores})
             if qi == 0:
                 gallery.append({"split": split, "combo": combo, "image": image, "scores": scores})
         acceptance[split] = {",".join(map(str, c)): v for c, v in accepted.items()}
     timings["queries + attribution"] = time.time() - tic + query_seconds
 
+    results = summarize(log, cfg, labels, data, splits)
+    results["queries"] = [  # each query's top ids, to score a new baseline without recomputing
+        {
+            **{k: q[k] for k in ("split", "role", "combo")},
+            "top": top_entries(
+                q["scores"], results["lambda_r"], cfg.lambdas, train.ids, data.factors
+            ),
+        }
+        for q in kept
+    ]
     results = {
-        **summarize(log, cfg, labels, data, splits),
+        **results,
         "underpowered": underpowered,
         "query_acceptance": acceptance,
         "seconds": time.time() - t0,
