@@ -1,9 +1,9 @@
 """The mark judge: an independent detector of the uncaptioned mark (data/marks.py), which confirms
 that a generated query image shows the mark and says where (`ctrak bench mark`).
 
-Trained on fresh renders of every combination, stamped by the same generator as the training set
-but from seeds far from it, so it never sees a training image. Small pixel noise and blur make it
-robust to the softer marks a diffusion model draws.
+Trained on images stamped by the same generator as the training set but from seeds of its own:
+for synthetic data, fresh renders of every combination (it never sees a training image). Small
+pixel noise and blur make it robust to the softer marks a diffusion model draws.
 """
 
 from __future__ import annotations
@@ -25,20 +25,22 @@ log = logging.getLogger(__name__)
 POS_WEIGHT = 4.0  # a box covers ~5% of an image's pixels: weigh them up
 
 
-def marked_pool(
-    cfg: SyntheticConfig, per_combo: int, seed: int, fraction: float = 0.5
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Renders of every combination with the mark stamped on `fraction` of them: (images
-    [N,3,S,S], marked bool [N], box masks float [N,S,S], 1 inside a mark's box)."""
-    combos = cfg.combos("all")
-    x = torch.cat([render(s, c, per_combo, seed, cfg.image_size, cfg) for s, c in combos])
-    x, marked, boxes = stamp_marks(x, fraction, seed)
-    n, s = len(x), cfg.image_size
-    masks = torch.zeros(n, s, s)
+def stamped(images: torch.Tensor, seed: int, fraction: float = 0.5):
+    """`images` with the mark stamped on `fraction` of them: (images [N,3,S,S], marked bool
+    [N], box masks float [N,S,S], 1 inside a mark's box)."""
+    x, marked, boxes = stamp_marks(images, fraction, seed)
+    masks = torch.zeros(len(x), *x.shape[-2:])
     for i in marked.nonzero().flatten().tolist():
         x0, y0, x1, y1 = boxes[i].tolist()
         masks[i, y0:y1, x0:x1] = 1.0
     return x, marked, masks
+
+
+def synthetic_pool(cfg: SyntheticConfig, per_combo: int, seed: int) -> torch.Tensor:
+    """Fresh renders of every combination (seeds far from the training set's: the judge never
+    sees a training image)."""
+    combos = cfg.combos("all")
+    return torch.cat([render(s, c, per_combo, seed, cfg.image_size, cfg) for s, c in combos])
 
 
 def detection_report(judge: MarkJudge, x: torch.Tensor, marked: torch.Tensor, masks) -> dict:
@@ -61,21 +63,26 @@ def detection_report(judge: MarkJudge, x: torch.Tensor, marked: torch.Tensor, ma
 
 
 def train_mark_judge(
-    cfg: SyntheticConfig,
+    images: torch.Tensor,
     out_path: str | os.PathLike,
     steps: int = 1500,
     seed: int = 0,
-    per_combo: int = 150,
     batch_size: int = 128,
     lr: float = 2e-3,
     progress: bool = True,
 ) -> MarkJudge:
-    """Train, report on fresh validation renders (judge.validation, logged) and save a MarkJudge."""
+    """Train a MarkJudge on `images` [N,3,S,S] (unmarked; half of them get a stamp from seeds of
+    the judge's own, twice over), report on a held-back tenth stamped afresh (judge.validation,
+    logged) and save it."""
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    x, _, masks = marked_pool(cfg, per_combo, seed + 5_000_011)
-    val = marked_pool(cfg, 32, seed + 6_000_007)
-    judge = MarkJudge(image_size=cfg.image_size).train()
+    order = torch.randperm(len(images), generator=g)
+    n_val = max(1, len(images) // 10)
+    fit = images[order[n_val:]]
+    parts = [stamped(fit, seed + 5_000_011), stamped(fit, seed + 5_500_003)]
+    x, masks = torch.cat([p[0] for p in parts]), torch.cat([p[2] for p in parts])
+    val = stamped(images[order[:n_val]], seed + 6_000_007)
+    judge = MarkJudge(image_size=images.shape[-1]).train()
     opt = torch.optim.AdamW(judge.parameters(), lr=lr, weight_decay=1e-4)
     blur = torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]]) / 16
     blur = blur.expand(3, 1, 3, 3)
@@ -109,4 +116,4 @@ def train_mark_judge(
     return judge
 
 
-__all__ = ["detection_report", "marked_pool", "train_mark_judge"]
+__all__ = ["detection_report", "stamped", "synthetic_pool", "train_mark_judge"]

@@ -28,7 +28,7 @@ from ctrak_fast.bench.judge import (
     train_judge,
     train_judge_on_data,
 )
-from ctrak_fast.bench.mark_judge import train_mark_judge
+from ctrak_fast.bench.mark_judge import synthetic_pool, train_mark_judge
 from ctrak_fast.bench.train_state import load_state, save_state
 from ctrak_fast.data import ConceptDataset, SyntheticConfig, make_dataset
 from ctrak_fast.engine.atomic import atomic_write_text
@@ -312,7 +312,8 @@ def train_all(
     judge = train_judge(cfg, paths["judge"], steps=judge_steps, seed=seed, progress=progress)
     if cfg.mark_fraction:  # the detector that confirms `bench mark`'s queries
         paths["mark_judge"] = str(out / f"markjudge_{name}.safetensors")
-        train_mark_judge(cfg, paths["mark_judge"], judge_steps, seed=seed, progress=progress)
+        pool = synthetic_pool(cfg, 150, seed + 5_000_011)
+        train_mark_judge(pool, paths["mark_judge"], judge_steps, seed=seed, progress=progress)
     extra = {"config": cfg.to_dict(), "train_seconds": train_s}
     _write_eval(
         model,
