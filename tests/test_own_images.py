@@ -192,3 +192,25 @@ def test_a_killed_training_resumes_from_its_checkpoint(tmp_path, monkeypatch):
             train.train_diffusion(ds, tmp_path / "other.safetensors", **kw)
         monkeypatch.undo()
         train.train_diffusion(ds, tmp_path / "other.safetensors", **{**kw, "lr": 1e-3})
+
+
+def test_a_folder_with_a_stamped_mark_trains_its_detector_and_reaches_bench_mark(tmp_path):
+    """`train --folder --mark-fraction`: the mark's truth is in <name>.json (regenerated with
+    the data), a MarkJudge is written beside the model, and `bench mark` reads them; this
+    30-step model draws no mark, so the benchmark refuses before featurizing, in one line."""
+    from ctrak_fast.models.shipped import asset_dataset, load_data_spec
+
+    labels = make_digit_folder(tmp_path / "digits", per_combo=2)
+    args = ["--out", tmp_path / "m", "--name", "digits", "--steps", "30", *TINY]
+    ctrak("train", "--folder", tmp_path / "digits", "--labels", labels, *args,
+          "--mark-fraction", "0.25")  # fmt: skip
+    assert (tmp_path / "m" / "markjudge_digits.safetensors").is_file()
+    spec = load_data_spec(tmp_path / "m" / "digits.json")
+    assert spec.mark_fraction == 0.25
+    data = asset_dataset(spec)
+    assert int(data.marked.sum()) == 10 and (data.marks[data.marked] >= 0).all()
+    res = ctrak("bench", "mark", "--assets", tmp_path / "m", "--name", "digits", "--out",
+                tmp_path / "b", "--candidates", "8", "--k", "64", check=False)  # fmt: skip
+    assert res.returncode == 1, res.stderr[-2000:]
+    assert res.stderr.strip().splitlines()[-1].startswith("ctrak: error: the mark judge found")
+    assert not (tmp_path / "b" / "stores").exists()

@@ -102,16 +102,16 @@ def folder_benchmark_inputs(a):
 
 def cmd_mark(a) -> None:
     """`ctrak bench mark`: the uncaptioned-mark benchmark on the assets `a.name` (default: the
-    shipped shapes16mark): table, results.json and a gallery of one test query."""
+    shipped shapes16mark; or a folder model of `ctrak train --folder --mark-fraction`): table,
+    results.json and a gallery of one test query."""
     from pathlib import Path
 
     from ctrak_fast.bench.mark import MarkConfig, run_mark, write_mark_gallery
     from ctrak_fast.bench.mark_scoring import mark_table
-    from ctrak_fast.data import make_dataset
     from ctrak_fast.engine.validation import InputError
     from ctrak_fast.method.methods import parse_methods
     from ctrak_fast.models.factor_unet import load_model
-    from ctrak_fast.models.shipped import ASSETS, MARKED, shipped
+    from ctrak_fast.models.shipped import ASSETS, MARKED, asset_dataset, shipped
 
     name, assets = a.name or MARKED, Path(a.assets) if a.assets else ASSETS
     mark_path = assets / f"markjudge_{name}.safetensors"
@@ -130,7 +130,7 @@ def cmd_mark(a) -> None:
         methods=parse_methods(a.methods),
     )
     results = run_mark(
-        model, judge, load_model(mark_path), make_dataset(spec), cfg, a.out, not a.quiet
+        model, judge, load_model(mark_path), asset_dataset(spec, model), cfg, a.out, not a.quiet
     )
     png = write_mark_gallery(results, Path(a.out) / "gallery.png")
     timings = ", ".join(f"{k} {v:.0f} s" for k, v in results["timings"].items())

@@ -48,8 +48,9 @@ def add_train_args(p) -> None:
         "--mark-fraction",
         type=fraction,
         default=0.0,
-        help="synthetic data only: stamp an uncaptioned mark (a small glyph, position, size and "
-        "tint jittered) on this fraction of the training images",
+        help="stamp an uncaptioned mark (a small glyph, position, size and tint jittered) on this "
+        "fraction of the training images (synthetic or --folder), and train its detector "
+        "(markjudge_NAME) for `ctrak bench mark`",
     )
     p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument("--steps", type=positive_int, default=20_000)
@@ -92,7 +93,7 @@ def unet_kwargs(a, schedules: dict) -> dict:
 def cmd_train(a) -> None:
     import torch
 
-    from ctrak_fast.bench.train import SCHEDULES, train_all, train_folder
+    from ctrak_fast.bench.train_assets import SCHEDULES, train_all, train_folder
     from ctrak_fast.data import SyntheticConfig
     from ctrak_fast.data.synthetic import paper_config
     from ctrak_fast.engine.validation import InputError, check_input_dir, check_input_file
@@ -122,6 +123,7 @@ def cmd_train(a) -> None:
             image_size=a.image_size,
             **common,
             model_kwargs=unet_kwargs(a, SCHEDULES),
+            mark_fraction=a.mark_fraction,
         )
     else:
         if a.preset == "paper":

@@ -4,10 +4,11 @@ the synthetic data set they were trained on (regenerated bit-identically from it
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from ctrak_fast.data import ConceptDataset, SyntheticConfig, load_image_folder, make_dataset
+from ctrak_fast.data.marks import stamp_marks
 from ctrak_fast.engine.atomic import atomic_write_text
 
 from .factor_unet import FactorUNet, load_model
@@ -30,9 +31,15 @@ class FolderData:
     folder: str
     labels: str
     image_size: int
+    # an uncaptioned mark stamped on this fraction of the images (data/marks.py), from mark_seed
+    mark_fraction: float = 0.0
+    mark_seed: int = 0
 
     def to_dict(self) -> dict:
-        return {"kind": "folder", **asdict(self)}
+        d = {"kind": "folder", **asdict(self)}
+        if not self.mark_fraction:  # files without a mark stay as they were written
+            del d["mark_fraction"], d["mark_seed"]
+        return d
 
     def save_json(self, path: str | Path) -> None:
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
@@ -42,14 +49,22 @@ class FolderData:
         names = {}
         if model is not None and model.config.get("values"):
             names = {"factors": model.config["factors"], "values": model.config["values"]}
-        return load_image_folder(self.folder, self.labels, image_size=self.image_size, **names)
+        data = load_image_folder(self.folder, self.labels, image_size=self.image_size, **names)
+        if not self.mark_fraction:
+            return data
+        images, _, marks = stamp_marks(data.images, self.mark_fraction, self.mark_seed)
+        return replace(data, images=images, marks=marks)
 
 
 def load_data_spec(path: str | Path) -> SyntheticConfig | FolderData:
     """The data description of <name>.json: a FolderData or a SyntheticConfig."""
     d = json.loads(Path(path).read_text())
     if isinstance(d, dict) and d.get("kind") == "folder":
-        return FolderData(str(d["folder"]), str(d["labels"]), int(d["image_size"]))
+        mark = {
+            "mark_fraction": float(d.get("mark_fraction", 0.0)),
+            "mark_seed": int(d.get("mark_seed", 0)),
+        }
+        return FolderData(str(d["folder"]), str(d["labels"]), int(d["image_size"]), **mark)
     return SyntheticConfig.load_json(path)
 
 
