@@ -32,6 +32,28 @@ def _render_pool(cfg: SyntheticConfig, per_combo: int, seed: int):
     return x, y
 
 
+def train_steps(net: torch.nn.Module, batch_loss, steps: int, lr: float, what: str, progress):
+    """AdamW (weight decay 1e-4) with a cosine learning rate over `steps`; batch_loss() -> the
+    loss of a fresh batch. Logs every 250 steps."""
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    for step in range(1, steps + 1):
+        for group in opt.param_groups:
+            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+        loss = batch_loss()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if progress and step % 250 == 0:
+            log.info(f"{what} step {step}/{steps} loss {loss.item():.4f}")
+
+
+def pixel_noise(x: torch.Tensor, scale: float, g: torch.Generator) -> torch.Tensor:
+    """x [B,...] plus Gaussian pixel noise of a random strength in [0, scale) per image: judges
+    robust to imperfect samples."""
+    strength = scale * torch.rand(len(x), *([1] * (x.dim() - 1)), generator=g)
+    return x + strength * torch.randn(x.shape, generator=g)
+
+
 def fit_judge(
     train: tuple[torch.Tensor, torch.Tensor],
     val: tuple[torch.Tensor, torch.Tensor],
@@ -55,24 +77,17 @@ def fit_judge(
     judge = ConceptJudge(
         [len(values[f]) for f in factors], factors=factors, values=values, image_size=x.shape[-1]
     ).train()
-    opt = torch.optim.AdamW(judge.parameters(), lr=lr, weight_decay=1e-4)
-    t0 = time.time()
-    for step in range(1, steps + 1):
-        for group in opt.param_groups:
-            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+
+    def batch_loss() -> torch.Tensor:
         idx = torch.randint(0, len(x), (batch_size,), generator=g)
         xb = x[idx]
         if hflip:
             xb = torch.where(torch.rand(len(idx), 1, 1, 1, generator=g) < 0.5, xb.flip(-1), xb)
-        xb = xb + noise_aug * torch.rand(len(idx), 1, 1, 1, generator=g) * torch.randn(
-            xb.shape, generator=g
-        )
-        loss = sum(F.cross_entropy(lg, y[idx, f]) for f, lg in enumerate(judge(xb)))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if progress and step % 250 == 0:
-            log.info(f"judge step {step}/{steps} loss {loss.item():.4f}")
+        xb = pixel_noise(xb, noise_aug, g)
+        return sum(F.cross_entropy(lg, y[idx, f]) for f, lg in enumerate(judge(xb)))
+
+    t0 = time.time()
+    train_steps(judge, batch_loss, steps, lr, "judge", progress)
     judge.eval()
     acc = (judge.predict(val[0]) == val[1]).float().mean(0).tolist()
     log.info(f"judge done in {time.time() - t0:.0f}s; validation accuracy per factor {acc}")

@@ -9,13 +9,13 @@ pixel noise and blur make it robust to the softer marks a diffusion model draws.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 
 import torch
 import torch.nn.functional as F
 
+from ctrak_fast.bench.judge import pixel_noise, train_steps
 from ctrak_fast.data import SyntheticConfig, render
 from ctrak_fast.data.marks import stamp_marks
 from ctrak_fast.models.factor_unet import MarkJudge, save_model
@@ -83,13 +83,10 @@ def train_mark_judge(
     x, masks = torch.cat([p[0] for p in parts]), torch.cat([p[2] for p in parts])
     val = stamped(images[order[:n_val]], seed + 6_000_007)
     judge = MarkJudge(image_size=images.shape[-1]).train()
-    opt = torch.optim.AdamW(judge.parameters(), lr=lr, weight_decay=1e-4)
     blur = torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]]) / 16
     blur = blur.expand(3, 1, 3, 3)
-    t0 = time.time()
-    for step in range(1, steps + 1):
-        for group in opt.param_groups:
-            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+
+    def batch_loss() -> torch.Tensor:
         idx = torch.randint(0, len(x), (batch_size,), generator=g)
         xb, mb = x[idx], masks[idx]
         flip = torch.rand(len(idx), generator=g) < 0.5
@@ -97,17 +94,13 @@ def train_mark_judge(
         mb = torch.where(flip[:, None, None], mb.flip(-1), mb)
         soft = torch.rand(len(idx), 1, 1, 1, generator=g)  # half of them blurred a little
         xb = torch.where(soft < 0.5, F.conv2d(xb, blur, padding=1, groups=3), xb)
-        xb = xb + 0.1 * torch.rand(len(idx), 1, 1, 1, generator=g) * torch.randn(
-            xb.shape, generator=g
-        )
-        loss = F.binary_cross_entropy_with_logits(
+        xb = pixel_noise(xb, 0.1, g)
+        return F.binary_cross_entropy_with_logits(
             judge(xb), mb, pos_weight=torch.tensor(POS_WEIGHT)
         )
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if progress and step % 250 == 0:
-            log.info(f"mark judge step {step}/{steps} loss {loss.item():.4f}")
+
+    t0 = time.time()
+    train_steps(judge, batch_loss, steps, lr, "mark judge", progress)
     judge.eval()
     report = detection_report(judge, *val)
     log.info(f"mark judge done in {time.time() - t0:.0f}s; validation {report}")
