@@ -119,20 +119,20 @@ def marked_inputs():
     from ctrak_fast.data import make_dataset
     from ctrak_fast.models.shipped import shipped
 
-    model, judge, spec = shipped()
+    model, _, spec = shipped()
     data = make_dataset(dataclasses.replace(spec, mark_fraction=0.2, per_combo=20))
-    return model, judge, data
+    return model, data
 
 
 def test_mark_benchmark_refuses_before_featurizing(tmp_path, marked_inputs):
     from ctrak_fast.bench.mark import MarkConfig, run_mark
 
-    model, judge, data = marked_inputs
+    model, data = marked_inputs
     cfg = MarkConfig(
         per_combo=3, k=64, candidates=8, queries=4, min_test_queries=2, threshold=1.0
     )  # a probability of 1.0 is never reached: nothing is found
     with pytest.raises(ValueError, match="found the mark in 0 of 8"):
-        run_mark(model, judge, MarkJudge(width=8), data, cfg, tmp_path, progress=False)
+        run_mark(model, MarkJudge(width=8), data, cfg, tmp_path, progress=False)
     assert not (tmp_path / "stores").exists()
 
 
@@ -143,7 +143,7 @@ def test_mark_benchmark_end_to_end(tmp_path, marked_inputs):
     from ctrak_fast.bench.mark import MarkConfig, run_mark, write_mark_gallery
     from ctrak_fast.bench.mark_scoring import mark_table
 
-    model, judge, data = marked_inputs
+    model, data = marked_inputs
     cfg = MarkConfig(
         per_combo=4,
         k=64,
@@ -156,7 +156,7 @@ def test_mark_benchmark_end_to_end(tmp_path, marked_inputs):
         methods=("d-trak", "das", "pixel"),
         top=5,
     )
-    res = run_mark(model, judge, MarkJudge(width=8), data, cfg, tmp_path, progress=False)
+    res = run_mark(model, MarkJudge(width=8), data, cfg, tmp_path, progress=False)
     saved = json.loads((tmp_path / "results.json").read_text())
     rows = set(saved["rows"])
     assert {"d-trak · region", "d-trak · whole image", "das · region", "random"} <= rows

@@ -49,7 +49,7 @@ def main() -> None:
     )
     a = p.parse_args()
     assets = Path(a.assets)
-    model, judge, spec = shipped(a.name, assets)
+    model, _, spec = shipped(a.name, assets)
     mark_judge = load_model(assets / f"markjudge_{a.name}.safetensors")
     data = asset_dataset(spec, model)
     summary = {}
@@ -59,7 +59,7 @@ def main() -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
         if same_stores and a.stores_from and not (out_dir / "stores").exists():
             (out_dir / "stores").symlink_to(Path(a.stores_from).resolve() / "stores")
-        res = run_mark(model, judge, mark_judge, data, MarkConfig(**overrides), out_dir)
+        res = run_mark(model, mark_judge, data, MarkConfig(**overrides), out_dir)
         print(f"\n## variant {name}\n\n{mark_table(res)}")
         summary[name] = {
             row: {"validation_ap": r["validation"]["ap"], "test_ap": r["test"]["ap"][0]}

@@ -159,7 +159,7 @@ def query_scores(trained, cfg: MarkConfig, train, q) -> dict[str, torch.Tensor]:
 
 
 def run_mark(
-    model, judge, mark_judge, data: ConceptDataset, cfg: MarkConfig, out_dir, progress=True
+    model, mark_judge, data: ConceptDataset, cfg: MarkConfig, out_dir, progress=True
 ) -> dict:
     """Run the benchmark; returns the results dict (also written to out_dir/results.json)."""
     t0 = time.time()

@@ -117,7 +117,7 @@ def cmd_mark(a) -> None:
     mark_path = assets / f"markjudge_{name}.safetensors"
     if not mark_path.is_file():
         raise InputError(f"no mark judge {mark_path} (`ctrak train --mark-fraction` writes it)")
-    model, judge, spec = shipped(name, assets)
+    model, _, spec = shipped(name, assets)
     if not getattr(spec, "mark_fraction", 0):
         raise InputError(f"{name}: its training set has no stamped mark (--mark-fraction)")
     cfg = MarkConfig(
@@ -130,7 +130,7 @@ def cmd_mark(a) -> None:
         methods=parse_methods(a.methods),
     )
     results = run_mark(
-        model, judge, load_model(mark_path), asset_dataset(spec, model), cfg, a.out, not a.quiet
+        model, load_model(mark_path), asset_dataset(spec, model), cfg, a.out, not a.quiet
     )
     png = write_mark_gallery(results, Path(a.out) / "gallery.png")
     timings = ", ".join(f"{k} {v:.0f} s" for k, v in results["timings"].items())
