@@ -1,4 +1,5 @@
-"""`ctrak` command line. Every failure is one line on stderr and a non-zero exit."""
+"""`ctrak` command line. Every failure is one line on stderr: exit 2 for a usage error (the
+parser's, argtypes.CliParser), 1 for any other."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import logging
 import os
 import sys
 
+from ctrak_fast._version import __version__
 from ctrak_fast.cli.argtypes import (
     CliParser,
     finite_float,
@@ -37,9 +39,14 @@ from ctrak_fast.method.recipes import INVERSION_NEGATIVES, RECIPES
 
 def _add_feature_args(p):
     p.add_argument("--model", help="FactorUNet safetensors (default: the shipped model)")
-    p.add_argument("--method", default="concept-trak", choices=FEATURIZE_METHODS)
+    p.add_argument(
+        "--method",
+        default="concept-trak",
+        choices=FEATURIZE_METHODS,
+        help="the attribution method (a row of method/methods.py)",
+    )
     p.add_argument("--k", type=positive_int, default=512, help="projection dimension")
-    p.add_argument("--proj-seed", type=nonneg_int, default=0)
+    p.add_argument("--proj-seed", type=nonneg_int, default=0, help="seed of the random projection")
     p.add_argument(
         "--factorized",
         metavar="K_IN,K_OUT",
@@ -52,7 +59,9 @@ def _add_feature_args(p):
     p.add_argument(
         "--no-inversion", action="store_true", help="fixed noise instead of DDIM inversion"
     )
-    p.add_argument("--inversion-guidance", type=nonneg_float, default=7.5)
+    p.add_argument(
+        "--inversion-guidance", type=nonneg_float, default=7.5, help="CFG of the DDIM inversion"
+    )
     _add_recipe_args(p)
     p.add_argument(
         "--no-normalize", action="store_true", help="skip per-timestep unit normalisation"
@@ -60,7 +69,12 @@ def _add_feature_args(p):
     p.add_argument(
         "--param-filter", type=regex, help="regex on parameter names (default: all parameters)"
     )
-    p.add_argument("--grad-backend", default="hooks", choices=["hooks", "func"])
+    p.add_argument(
+        "--grad-backend",
+        default="hooks",
+        choices=["hooks", "func"],
+        help="per-sample gradients: fused hooks, or the torch.func reference",
+    )
 
 
 def _add_recipe_args(p) -> None:
@@ -117,7 +131,12 @@ def _add_method_args(p):
         default=",".join(METHODS),
         help="comma-separated subset (ablations: concept-trak alone)",
     )
-    p.add_argument("--draws", default="local", choices=["local", "global"])
+    p.add_argument(
+        "--draws",
+        default="local",
+        choices=["local", "global"],
+        help="query draws: DDIM inversions of the query image (local) or fresh samples (global)",
+    )
     p.add_argument(
         "--inversion-guidance",
         type=nonneg_float,
@@ -185,11 +204,11 @@ def _add_benchmark_args(
     p, out: str, per_combo: int, queries: int, heldout: int, sampler: dict = PLAIN_QUERIES
 ) -> None:
     """Sizes and switches of `demo` and `bench quality|paper` (their defaults differ)."""
-    p.add_argument("--out", default=out)
+    p.add_argument("--out", default=out, help="output folder (tables, results.json, PNGs)")
     p.add_argument(
         "--per-combo", type=positive_int, default=per_combo, help="training images per combo"
     )
-    p.add_argument("--k", type=positive_int, default=2048)
+    p.add_argument("--k", type=positive_int, default=2048, help="projection dimension")
     p.add_argument(
         "--queries-per-combo", type=positive_int, default=queries, help="per seen combination"
     )
@@ -200,7 +219,7 @@ def _add_benchmark_args(
         help="per held-out combination (half validation, half test)",
     )
     p.add_argument("--lambda-r", type=nonneg_float, default=1.0, help="the fixed-lambda protocol's")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--threads", type=positive_int, help="torch threads (default: torch's)")
     p.add_argument(
         "--min-test-queries",
@@ -225,7 +244,9 @@ def _add_data_args(p):
     )
     p.add_argument("--folder", help="a folder of images (with --labels) instead of synthetic data")
     p.add_argument("--labels", help="labels file (JSON or CSV) for --folder")
-    p.add_argument("--image-size", type=positive_int, default=16)
+    p.add_argument(
+        "--image-size", type=positive_int, default=16, help="side the images are resized to"
+    )
 
 
 def _add_mark_parser(bsub) -> None:
@@ -236,26 +257,32 @@ def _add_mark_parser(bsub) -> None:
         help="an uncaptioned mark stamped on 15%% of the training images: find them from a "
         "region of a generated image that shows it",
     )
-    pm.add_argument("--out", default="out/mark")
+    pm.add_argument("--out", default="out/mark", help="output folder (tables, results.json)")
     pm.add_argument("--per-combo", type=positive_int, default=30, help="training images per combo")
-    pm.add_argument("--k", type=positive_int, default=2048)
+    pm.add_argument("--k", type=positive_int, default=2048, help="projection dimension")
     pm.add_argument(
         "--candidates", type=positive_int, default=320, help="samples the mark judge looks at"
     )
     pm.add_argument(
         "--queries", type=positive_int, default=24, help="kept: half validation, half test"
     )
-    pm.add_argument("--min-test-queries", type=nonneg_int, default=8)
+    pm.add_argument(
+        "--min-test-queries",
+        type=nonneg_int,
+        default=8,
+        help="refuse (before any featurization) a split with fewer test queries",
+    )
     pm.add_argument("--guidance", type=nonneg_float, default=2.0, help="CFG of the samples")
-    pm.add_argument("--methods", default=",".join(MARK_METHODS))
+    pm.add_argument("--methods", default=",".join(MARK_METHODS), help="comma-separated subset")
     pm.add_argument("--assets", help="folder with unet_/judge_/markjudge_NAME, NAME.json")
     pm.add_argument("--name", help="NAME of those files (default: shapes16mark)")
     pm.add_argument("--threads", type=positive_int, help="torch threads (default: torch's)")
-    pm.add_argument("--quiet", action="store_true")
+    pm.add_argument("--quiet", action="store_true", help="no progress output")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = CliParser(prog="ctrak", description="Concept-level training-data attribution.")
+    p.add_argument("--version", action="version", version=f"ctrak {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     d = sub.add_parser(
@@ -321,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="first N images of each combination (0: all)",
     )
-    f.add_argument("--batch-size", type=positive_int, default=32)
+    f.add_argument("--batch-size", type=positive_int, default=32, help="samples per gradient batch")
     f.add_argument(
         "--shard-rows",
         type=positive_int,
@@ -329,7 +356,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="feature rows per shard file, the unit of resume (256: a checkpoint every ~40 s "
         "of concept-trak on 2 CPU cores)",
     )
-    f.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    f.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "float16", "bfloat16"],
+        help="storage dtype of the features",
+    )
     f.add_argument(
         "--nan-policy",
         default="fail",
@@ -342,11 +374,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_feature_args(qp)
     qp.add_argument("--concept", required=True, help="c+, e.g. 'shape=triangle,colour=red'")
     qp.add_argument("--remove", help="factor(s) removed for c- (default: each factor in turn)")
-    qp.add_argument("--draws", default="local", choices=["local", "global"])
+    qp.add_argument(
+        "--draws",
+        default="local",
+        choices=["local", "global"],
+        help="query draws: DDIM inversions of the query image (local) or fresh samples (global)",
+    )
     qp.add_argument(
         "--n-draws", type=positive_int, help="default 4 (the paper recipe's global draws: 36)"
     )
-    qp.add_argument("--weight", type=finite_float, default=7.5)
+    qp.add_argument("--weight", type=finite_float, default=7.5, help="slider weight w")
     qp.add_argument(
         "--guidance", type=nonneg_float, default=3.0, help="CFG of the generated query image"
     )
@@ -362,13 +399,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--mask", help="a PNG of the query image's size: its non-black pixels are the region"
     )
     _add_draw_args(qp)
-    qp.add_argument("--seed", type=nonneg_int, default=0)
+    qp.add_argument(
+        "--seed", type=nonneg_int, default=0, help="seed of the query image and of the draws"
+    )
     qp.add_argument("--out", required=True, help="query safetensors file")
 
     at = sub.add_parser("attribute", help="top-k (both tails) of queries against a store")
-    at.add_argument("--store", required=True)
-    at.add_argument("--query", required=True)
-    at.add_argument("--k", type=positive_int, default=10)
+    at.add_argument("--store", required=True, help="feature store directory (`ctrak featurize`)")
+    at.add_argument("--query", required=True, help="query file (`ctrak query`)")
+    at.add_argument(
+        "--k", type=positive_int, default=10, help="training samples kept per query and tail"
+    )
     at.add_argument(
         "--lambda-r",
         type=lambda_list,
@@ -401,24 +442,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("report", help="PNG gallery of an attribute result")
     _add_data_args(r)
-    r.add_argument("--result", required=True)
-    r.add_argument("--out", required=True)
+    r.add_argument("--result", required=True, help="attribute JSON (`ctrak attribute --out`)")
+    r.add_argument("--out", required=True, help="PNG file")
 
     lb = sub.add_parser(
         "labels", help="check a labelled image folder: images, factors, values, held-out combos"
     )
-    lb.add_argument("--folder", required=True)
+    lb.add_argument("--folder", required=True, help="the image folder")
     lb.add_argument("--labels", required=True, help="labels file (JSON or CSV)")
     lb.add_argument("--truth", help=TRUTH_HELP)
-    lb.add_argument("--image-size", type=positive_int, default=16)
+    lb.add_argument(
+        "--image-size", type=positive_int, default=16, help="side the images are resized to"
+    )
 
     s = sub.add_parser("store", help="inspect or verify a feature store")
-    s.add_argument("action", choices=["info", "verify"])
-    s.add_argument("path")
+    s.add_argument(
+        "action",
+        choices=["info", "verify"],
+        help="info: manifest summary; verify: re-read and check every byte",
+    )
+    s.add_argument("path", help="store directory")
 
     e = sub.add_parser("example", help="the engine's end-to-end example on a small MLP")
-    e.add_argument("--out", default="out/engine_example")
-    e.add_argument("--k", type=positive_int, default=256)
+    e.add_argument("--out", default="out/engine_example", help="output folder")
+    e.add_argument("--k", type=positive_int, default=256, help="projection dimension")
 
     from ctrak_fast.cli.t2i import add_t2i_commands
 

@@ -261,7 +261,7 @@ def _model_args(p):
     )
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="UNet execution dtype")
     p.add_argument("--k", type=positive_int, default=512, help="projection dimension")
-    p.add_argument("--proj-seed", type=nonneg_int, default=0)
+    p.add_argument("--proj-seed", type=nonneg_int, default=0, help="seed of the random projection")
     p.add_argument(
         "--param-filter",
         type=regex,
@@ -271,8 +271,12 @@ def _model_args(p):
     p.add_argument(
         "--timesteps", type=timestep_list, help="comma-separated, default 99,199,...,899"
     )
-    p.add_argument("--inversion-steps", type=positive_int, default=50)
-    p.add_argument("--inversion-guidance", type=nonneg_float, default=7.5)
+    p.add_argument(
+        "--inversion-steps", type=positive_int, default=50, help="DDIM steps of the inversion"
+    )
+    p.add_argument(
+        "--inversion-guidance", type=nonneg_float, default=7.5, help="CFG of the DDIM inversion"
+    )
     p.add_argument(
         "--no-inversion", action="store_true", help="fixed noise instead of DDIM inversion"
     )
@@ -280,14 +284,14 @@ def _model_args(p):
 
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     """Options of the prompt benchmark (`ctrak t2i bench`)."""
-    p.add_argument("--out", default="out/t2i_quality")
+    p.add_argument("--out", default="out/t2i_quality", help="output folder (tables, JSON)")
     p.add_argument("--model", help="t2i checkpoint (default: the shipped one)")
     p.add_argument("--judge", help="ConceptJudge checkpoint (default: the shipped one)")
     p.add_argument("--data", help="SyntheticConfig JSON (default: the shipped one)")
     p.add_argument(
         "--per-combo", type=positive_int, default=50, help="training images per combination"
     )
-    p.add_argument("--k", type=positive_int, default=2048)
+    p.add_argument("--k", type=positive_int, default=2048, help="projection dimension")
     p.add_argument("--queries-per-combo", type=positive_int, default=2, help="per seen combination")
     p.add_argument(
         "--heldout-queries-per-combo",
@@ -301,19 +305,28 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--query-guidance", type=nonneg_float, default=3.0, help="CFG of the query images"
     )
-    p.add_argument("--inversion-steps", type=positive_int, default=50)
+    p.add_argument(
+        "--inversion-steps", type=positive_int, default=50, help="DDIM steps of the inversion"
+    )
     p.add_argument(
         "--inversion-guidance", type=nonneg_float, default=7.5, help="CFG of DDIM inversion"
     )
-    p.add_argument("--n-draws", type=positive_int, default=4)
-    p.add_argument("--draws", default="local", choices=["local", "global"])
-    p.add_argument("--lambda-r", type=nonneg_float, default=1.0)
+    p.add_argument("--n-draws", type=positive_int, default=4, help="query draws per query")
+    p.add_argument(
+        "--draws",
+        default="local",
+        choices=["local", "global"],
+        help="query draws: DDIM inversions of the query image (local) or fresh samples (global)",
+    )
+    p.add_argument(
+        "--lambda-r", type=nonneg_float, default=1.0, help="relative damping of the Gram"
+    )
     p.add_argument(
         "--param-filter", type=regex, default=r"\.attn2\.", help="default: cross-attention"
     )
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated, from the table")
     p.add_argument("--threads", type=positive_int, help="torch threads (1 on a shared machine)")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
 
 
 def add_t2i_commands(subparsers) -> argparse.ArgumentParser:
@@ -336,11 +349,18 @@ def add_t2i_commands(subparsers) -> argparse.ArgumentParser:
     f.add_argument(
         "--per-combo", type=positive_int, default=0, help="synthetic data: first N per combination"
     )
-    f.add_argument("--method", default="concept-trak", choices=FEATURIZE_METHODS)
+    f.add_argument(
+        "--method",
+        default="concept-trak",
+        choices=FEATURIZE_METHODS,
+        help="the attribution method (a row of method/methods.py)",
+    )
     f.add_argument("--out", required=True, help="store directory (resumed if it exists)")
     f.add_argument("--das-out", help="also write DAS rows here (d-trak only)")
-    f.add_argument("--batch-size", type=positive_int, default=32)
-    f.add_argument("--store-dtype", default="float32", choices=DTYPES)
+    f.add_argument("--batch-size", type=positive_int, default=32, help="samples per gradient batch")
+    f.add_argument(
+        "--store-dtype", default="float32", choices=DTYPES, help="storage dtype of the features"
+    )
     f.set_defaults(t2i_handler=_cmd_featurize)
 
     q = sub.add_parser("query", help="concept query features of a prompt")
@@ -352,8 +372,13 @@ def add_t2i_commands(subparsers) -> argparse.ArgumentParser:
         help="phrase to attribute (repeatable): c- = prompt without it",
     )
     q.add_argument("--negative-prompt", action="append", help="an explicit c- (repeatable)")
-    q.add_argument("--draws", default="local", choices=["local", "global"])
-    q.add_argument("--n-draws", type=positive_int, default=4)
+    q.add_argument(
+        "--draws",
+        default="local",
+        choices=["local", "global"],
+        help="query draws: DDIM inversions of the query image (local) or fresh samples (global)",
+    )
+    q.add_argument("--n-draws", type=positive_int, default=4, help="query draws per query")
     q.add_argument(
         "--weight", type=finite_float, default=3.0, help="slider weight w (paper: 3 for text)"
     )
@@ -369,15 +394,23 @@ def add_t2i_commands(subparsers) -> argparse.ArgumentParser:
     q.add_argument(
         "--steps", type=positive_int, default=50, help="sampling steps of the regenerated image"
     )
-    q.add_argument("--scheduler", choices=["ddim", "ddpm", "euler", "euler-a", "dpm", "pndm"])
+    q.add_argument(
+        "--scheduler",
+        choices=["ddim", "ddpm", "euler", "euler-a", "dpm", "pndm"],
+        help="sampler of the regenerated query image (default: the pipeline's own)",
+    )
     q.add_argument("--out", required=True, help="query safetensors file")
     q.set_defaults(t2i_handler=_cmd_query)
 
     at = sub.add_parser("attribute", help="top-k (both tails) of t2i queries against a store")
-    at.add_argument("--store", required=True)
-    at.add_argument("--query", required=True)
-    at.add_argument("--k", type=positive_int, default=10)
-    at.add_argument("--lambda-r", type=nonneg_float, default=1.0)
+    at.add_argument("--store", required=True, help="feature store (`ctrak t2i featurize`)")
+    at.add_argument("--query", required=True, help="query file (`ctrak t2i query`)")
+    at.add_argument(
+        "--k", type=positive_int, default=10, help="training samples kept per query and tail"
+    )
+    at.add_argument(
+        "--lambda-r", type=nonneg_float, default=1.0, help="relative damping of the Gram"
+    )
     at.add_argument("--out", help="JSON file (default: stdout)")
     at.set_defaults(t2i_handler=_cmd_attribute)
 
