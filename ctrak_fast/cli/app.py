@@ -33,6 +33,7 @@ from ctrak_fast.cli.commands import (
 )
 from ctrak_fast.cli.train import add_train_args, cmd_train
 from ctrak_fast.engine.scoring_options import PATHS, PRECISIONS
+from ctrak_fast.exports import FORMATS
 from ctrak_fast.method.methods import FEATURIZE_METHODS, METHODS
 from ctrak_fast.method.recipes import INVERSION_NEGATIVES, RECIPES
 
@@ -429,7 +430,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="mixed: float32 products per chunk, float64 sums across chunks (2x faster)",
     )
     at.add_argument("--device", default=None, help="where the Gram is built and factored")
-    at.add_argument("--out", help="JSON file (default: stdout)")
+    at.add_argument("--out", help="output file (default: stdout; parquet needs a file)")
+    at.add_argument(
+        "--format",
+        default="json",
+        choices=list(FORMATS),
+        help="json: the result with its header; csv / parquet: one row per (query, tail, rank) "
+        "with id and score (parquet needs pyarrow)",
+    )
     at.add_argument(
         "--verify",
         default="crc",
@@ -483,7 +491,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     # The library logs (training progress, fallbacks); the CLI shows them on stderr.
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
-    a = build_parser().parse_args(argv)
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    if getattr(a, "format", "json") == "parquet" and not a.out:
+        parser.error("--format parquet needs --out (a binary file, not for stdout)")
     handlers = {
         "demo": cmd_demo,
         "featurize": cmd_featurize,

@@ -26,6 +26,7 @@ from ctrak_fast.cli.argtypes import (
     regex,
     timestep_list,
 )
+from ctrak_fast.exports import FORMATS
 from ctrak_fast.method.methods import FEATURIZE_METHODS, METHODS
 
 DEFAULT_FILTER = (
@@ -226,8 +227,10 @@ def _cmd_attribute(a):
     from ctrak_fast.engine.scoring import precondition
     from ctrak_fast.engine.search import topk
     from ctrak_fast.engine.store import FeatureStore
+    from ctrak_fast.exports import require_format
     from ctrak_fast.results import Attribution, Query, check_query_store, write_attribution
 
+    require_format(a.format)  # a missing pyarrow is said before any work
     store = FeatureStore.open(a.store)
     query = Query.load(a.query)
     q, meta = query.features, query.meta
@@ -244,8 +247,9 @@ def _cmd_attribute(a):
         "prompt": meta.get("prompt"),
         "removed": list(query.labels),
     }
-    text = write_attribution(a.out, Attribution.from_topk(res, query.labels, a.lambda_r), **header)
-    print(f"top-{a.k} of {len(q)} queries -> {a.out}" if a.out else text)
+    attribution = Attribution.from_topk(res, query.labels, a.lambda_r)
+    text = write_attribution(a.out, attribution, a.format, **header)
+    print(f"top-{a.k} of {len(q)} queries -> {a.out}" if a.out else text.rstrip("\n"))
 
 
 def _cmd_bench(a):
@@ -411,7 +415,13 @@ def add_t2i_commands(subparsers) -> argparse.ArgumentParser:
     at.add_argument(
         "--lambda-r", type=nonneg_float, default=1.0, help="relative damping of the Gram"
     )
-    at.add_argument("--out", help="JSON file (default: stdout)")
+    at.add_argument("--out", help="output file (default: stdout; parquet needs a file)")
+    at.add_argument(
+        "--format",
+        default="json",
+        choices=list(FORMATS),
+        help="as in `ctrak attribute` (parquet needs pyarrow)",
+    )
     at.set_defaults(t2i_handler=_cmd_attribute)
 
     b = sub.add_parser("bench", help="the prompt concept benchmark on the shipped tiny model")
