@@ -101,3 +101,9 @@ def test_every_default_is_shown_or_stated():
             if "default" not in formatter._get_help_string(action):
                 hidden.append(f"{name} {action.option_strings[0]}")
     assert hidden == [], hidden
+
+
+def test_every_help_page_renders():
+    """A literal % in a help text or a default would make argparse's %-formatting raise."""
+    for name, parser in parsers(build_parser()):
+        assert parser.format_help().startswith(f"usage: {name}"), name

@@ -136,7 +136,8 @@ def _add_method_args(p):
         "--draws",
         default="local",
         choices=["local", "global"],
-        help="query draws: DDIM inversions of the query image (local) or fresh samples (global)",
+        help="query draws: stochastic DDIM inversions of the query image (local) or samples "
+        "from noise (global)",
     )
     p.add_argument(
         "--inversion-guidance",
@@ -379,7 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--draws",
         default="local",
         choices=["local", "global"],
-        help="query draws: DDIM inversions of the query image (local) or fresh samples (global)",
+        help="query draws: stochastic DDIM inversions of the query image (local) or samples "
+        "from noise (global)",
     )
     qp.add_argument(
         "--n-draws", type=positive_int, help="default 4 (the paper recipe's global draws: 36)"

@@ -320,7 +320,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
         "--draws",
         default="local",
         choices=["local", "global"],
-        help="query draws: DDIM inversions of the query image (local) or fresh samples (global)",
+        help="query draws: stochastic DDIM inversions of the query image (local) or samples "
+        "from noise (global)",
     )
     p.add_argument(
         "--lambda-r", type=nonneg_float, default=1.0, help="relative damping of the Gram"
@@ -380,7 +381,8 @@ def add_t2i_commands(subparsers) -> argparse.ArgumentParser:
         "--draws",
         default="local",
         choices=["local", "global"],
-        help="query draws: DDIM inversions of the query image (local) or fresh samples (global)",
+        help="query draws: stochastic DDIM inversions of the query image (local) or samples "
+        "from noise (global)",
     )
     q.add_argument("--n-draws", type=positive_int, default=4, help="query draws per query")
     q.add_argument(
