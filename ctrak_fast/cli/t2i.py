@@ -18,21 +18,15 @@ import csv
 import json
 from pathlib import Path
 
+from ctrak_fast.cli.arggroups import DTYPES, add_t2i_bench_args, add_t2i_model_args
 from ctrak_fast.cli.argtypes import (
     finite_float,
     nonneg_float,
     nonneg_int,
     positive_int,
-    regex,
-    timestep_list,
 )
 from ctrak_fast.exports import FORMATS
-from ctrak_fast.method.methods import FEATURIZE_METHODS, METHODS
-
-DEFAULT_FILTER = (
-    r"\.attn2\."  # = text2image.T2I_PARAM_FILTER (not imported: keeps the parser light)
-)
-DTYPES = ("float32", "float16", "bfloat16")
+from ctrak_fast.method.methods import FEATURIZE_METHODS
 
 
 def read_captions(root, captions_file=None) -> tuple[list[Path], list[str]]:
@@ -259,81 +253,6 @@ def _cmd_bench(a):
     print(format_table(run_from_args(a)))
 
 
-def _model_args(p):
-    p.add_argument(
-        "--model", help="diffusers pipeline folder or tiny-model checkpoint (default: shipped)"
-    )
-    p.add_argument("--dtype", default="float32", choices=DTYPES, help="UNet execution dtype")
-    p.add_argument("--k", type=positive_int, default=512, help="projection dimension")
-    p.add_argument("--proj-seed", type=nonneg_int, default=0, help="seed of the random projection")
-    p.add_argument(
-        "--param-filter",
-        type=regex,
-        default=DEFAULT_FILTER,
-        help=r"regex on UNet parameter names (default: cross-attention '\.attn2\.'; '.*': all)",
-    )
-    p.add_argument(
-        "--timesteps", type=timestep_list, help="comma-separated, default 99,199,...,899"
-    )
-    p.add_argument(
-        "--inversion-steps", type=positive_int, default=50, help="DDIM steps of the inversion"
-    )
-    p.add_argument(
-        "--inversion-guidance", type=nonneg_float, default=7.5, help="CFG of the DDIM inversion"
-    )
-    p.add_argument(
-        "--no-inversion", action="store_true", help="fixed noise instead of DDIM inversion"
-    )
-
-
-def add_bench_arguments(p: argparse.ArgumentParser) -> None:
-    """Options of the prompt benchmark (`ctrak t2i bench`)."""
-    p.add_argument("--out", default="out/t2i_quality", help="output folder (tables, JSON)")
-    p.add_argument("--model", help="t2i checkpoint (default: the shipped one)")
-    p.add_argument("--judge", help="ConceptJudge checkpoint (default: the shipped one)")
-    p.add_argument("--data", help="SyntheticConfig JSON (default: the shipped one)")
-    p.add_argument(
-        "--per-combo", type=positive_int, default=50, help="training images per combination"
-    )
-    p.add_argument("--k", type=positive_int, default=2048, help="projection dimension")
-    p.add_argument("--queries-per-combo", type=positive_int, default=2, help="per seen combination")
-    p.add_argument(
-        "--heldout-queries-per-combo",
-        type=positive_int,
-        default=8,
-        help="half validation, half test",
-    )
-    p.add_argument(
-        "--query-candidates", type=positive_int, default=8, help="generated per combination"
-    )
-    p.add_argument(
-        "--query-guidance", type=nonneg_float, default=3.0, help="CFG of the query images"
-    )
-    p.add_argument(
-        "--inversion-steps", type=positive_int, default=50, help="DDIM steps of the inversion"
-    )
-    p.add_argument(
-        "--inversion-guidance", type=nonneg_float, default=7.5, help="CFG of DDIM inversion"
-    )
-    p.add_argument("--n-draws", type=positive_int, default=4, help="query draws per query")
-    p.add_argument(
-        "--draws",
-        default="local",
-        choices=["local", "global"],
-        help="query draws: stochastic DDIM inversions of the query image (local) or samples "
-        "from noise (global)",
-    )
-    p.add_argument(
-        "--lambda-r", type=nonneg_float, default=1.0, help="relative damping of the Gram"
-    )
-    p.add_argument(
-        "--param-filter", type=regex, default=r"\.attn2\.", help="default: cross-attention"
-    )
-    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated, from the table")
-    p.add_argument("--threads", type=positive_int, help="torch threads (1 on a shared machine)")
-    p.add_argument("--quiet", action="store_true", help="no progress output")
-
-
 def add_t2i_commands(subparsers) -> argparse.ArgumentParser:
     """Register `t2i featurize|query|attribute|bench` under the main parser's subparsers.
 
@@ -345,7 +264,7 @@ def add_t2i_commands(subparsers) -> argparse.ArgumentParser:
     sub = t.add_subparsers(dest="t2i_cmd", required=True)
 
     f = sub.add_parser("featurize", help="training features of a captioned image set into a store")
-    _model_args(f)
+    add_t2i_model_args(f)
     f.add_argument("--images", help="image folder (default: the shipped synthetic data)")
     f.add_argument(
         "--captions", help="metadata.jsonl / .json / .csv (default: <images>/metadata.jsonl)"
@@ -369,7 +288,7 @@ def add_t2i_commands(subparsers) -> argparse.ArgumentParser:
     f.set_defaults(t2i_handler=_cmd_featurize)
 
     q = sub.add_parser("query", help="concept query features of a prompt")
-    _model_args(q)
+    add_t2i_model_args(q)
     q.add_argument("--prompt", required=True, help="c+, e.g. 'a pikachu in the style of picasso'")
     q.add_argument(
         "--concept",
@@ -427,7 +346,7 @@ def add_t2i_commands(subparsers) -> argparse.ArgumentParser:
     at.set_defaults(t2i_handler=_cmd_attribute)
 
     b = sub.add_parser("bench", help="the prompt concept benchmark on the shipped tiny model")
-    add_bench_arguments(b)
+    add_t2i_bench_args(b)
     b.set_defaults(t2i_handler=_cmd_bench)
     return t
 
