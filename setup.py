@@ -92,8 +92,11 @@ class CMakeBuild(build_ext):
 
 
 def _packages() -> tuple[list[str], dict[str, str]]:
-    """ctrak_fast and its subpackages, plus the top-level kernels/ as ctrak_fast.kernels."""
-    packages = find_packages(include=["ctrak_fast", "ctrak_fast.*"])
+    """ctrak_fast and its subpackages (assets/ included), plus the top-level kernels/ as
+    ctrak_fast.kernels."""
+    # assets/ holds data only (no __init__.py): declared as a package of its own, or setuptools
+    # prints a screen of warnings about an importable folder missing from `packages`.
+    packages = [*find_packages(include=["ctrak_fast", "ctrak_fast.*"]), "ctrak_fast.assets"]
     package_dir = {"": "."}
     if (ROOT / "kernels").is_dir():
         packages.append("ctrak_fast.kernels")
@@ -112,7 +115,10 @@ packages, package_dir = _packages()
 setup(
     packages=packages,
     package_dir=package_dir,
-    package_data={"ctrak_fast": ["assets/*.safetensors", "assets/*.json", "py.typed", "_C.pyi"]},
+    package_data={
+        "ctrak_fast": ["py.typed", "_C.pyi"],
+        "ctrak_fast.assets": ["*.safetensors", "*.json"],
+    },
     ext_modules=[CMakeExtension("ctrak_fast._C")],
     cmdclass={"build_ext": CMakeBuild},
     zip_safe=False,

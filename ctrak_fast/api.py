@@ -356,7 +356,8 @@ class Attributor:
             store: directory; an existing store of the same spec and samples is resumed.
             batch_size: samples per gradient batch. shard_rows: rows per shard (a multiple of
                 batch_size; default 16 batches). dtype: storage dtype of the features.
-            progress: show a progress bar.
+            progress: show progress: a tqdm bar when stderr is a terminal, else INFO lines of
+                the logger ``ctrak_fast.progress`` (on stderr when logging is not configured).
 
         Returns:
             The FeatureStore: features [N, k] in `dtype`, ids int64 [N], meta = :meth:`meta`.

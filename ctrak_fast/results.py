@@ -22,8 +22,10 @@ from torch import Tensor
 from ctrak_fast.engine.atomic import atomic_path, atomic_write_text
 from ctrak_fast.engine.search_inputs import TopK
 from ctrak_fast.engine.store import FeatureStore, SpecMismatch, StoreError
+from ctrak_fast.exports import csv_text, require_format, write_parquet
 
 T2I_KEYS = ("vae", "text_encoder", "prediction_type", "max_length")
+TABLE_COLUMNS = ("query", "label", "lambda_r", "tail", "rank", "id", "score")
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,15 @@ class Query:
         object.__setattr__(self, "labels", tuple(str(s) for s in self.labels))
         if len(self.labels) != f.shape[0]:
             raise ValueError(f"{len(self.labels)} labels for {f.shape[0]} query rows")
+
+    def __repr__(self) -> str:
+        """Shapes and labels, never the tensors (a query of k = 32768 would fill the screen)."""
+        image = "None" if self.image is None else list(self.image.shape)
+        return (
+            f"Query(m={self.m}, k={self.k}, labels={_short(self.labels)}, "
+            f"dtype={str(self.features.dtype).removeprefix('torch.')}, image={image}, "
+            f"meta keys={sorted(self.meta)})"
+        )
 
     @property
     def m(self) -> int:
@@ -132,6 +143,8 @@ class Attribution:
         >>> r = Attribution(torch.tensor([[3, 1]]), torch.tensor([[2.0, 1.0]]), None, None, ("q",))
         >>> r.to_dict()["top"]
         [{'label': 'q', 'ids': [3, 1], 'scores': [2.0, 1.0]}]
+        >>> r
+        Attribution(m=1, k=2, tails=('top',), lambda_r=1.0, labels=('q',))
     """
 
     top_ids: Tensor | None
@@ -148,19 +161,79 @@ class Attribution:
             res.top_ids, res.top_values, res.bottom_ids, res.bottom_values, tuple(labels), lambda_r
         )
 
+    def __repr__(self) -> str:
+        """Sizes, tails, damping and labels, never the tensors."""
+        ids = self.top_ids if self.top_ids is not None else self.bottom_ids
+        k = 0 if ids is None else int(ids.shape[1])
+        tails = tuple(tail for tail, *_ in self._tails())
+        return (
+            f"Attribution(m={len(self.labels)}, k={k}, tails={tails}, "
+            f"lambda_r={self.lambda_r!r}, labels={_short(self.labels)})"
+        )
+
+    def _tails(self) -> list[tuple[str, Tensor, Tensor]]:
+        pairs = (
+            ("top", self.top_ids, self.top_scores),
+            ("bottom", self.bottom_ids, self.bottom_scores),
+        )
+        return [(t, i, s) for t, i, s in pairs if i is not None and s is not None]
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: {"lambda_r", "top": [{"label", "ids", "scores"}, ...], "bottom": ...}."""
         out: dict[str, Any] = {"lambda_r": self.lambda_r}
-        for tail, ids, scores in (
-            ("top", self.top_ids, self.top_scores),
-            ("bottom", self.bottom_ids, self.bottom_scores),
-        ):
-            if ids is not None and scores is not None:
-                out[tail] = [
-                    {"label": lab, "ids": i.tolist(), "scores": s.tolist()}
-                    for lab, i, s in zip(self.labels, ids, scores, strict=True)
-                ]
+        for tail, ids, scores in self._tails():
+            out[tail] = [
+                {"label": lab, "ids": i.tolist(), "scores": s.tolist()}
+                for lab, i, s in zip(self.labels, ids, scores, strict=True)
+            ]
         return out
+
+    def to_columns(self) -> dict[str, list[Any]]:
+        """The result as one long table, a row per (query row, tail, rank): columns "query" (row
+        index), "label", "lambda_r" (of that row: a sweep's rows are lambda-major), "tail"
+        ("top" | "bottom"), "rank" (1 = best), "id" and "score". What CSV, parquet and
+        :meth:`to_pandas` hold.
+
+        Examples:
+            >>> import torch
+            >>> ids, scores = torch.tensor([[3, 1]]), torch.tensor([[2.0, 1.0]])
+            >>> r = Attribution(ids, scores, None, None, ("q",))
+            >>> r.to_columns()["id"], r.to_columns()["rank"]
+            ([3, 1], [1, 2])
+        """
+        cols: dict[str, list[Any]] = {name: [] for name in TABLE_COLUMNS}
+        lambdas = self.lambda_r if isinstance(self.lambda_r, list | tuple) else [self.lambda_r]
+        per_lambda = max(1, len(self.labels) // len(lambdas))
+        for tail, ids, scores in self._tails():
+            for row, (label, i, s) in enumerate(zip(self.labels, ids, scores, strict=True)):
+                n = len(i)
+                cols["query"] += [row] * n
+                cols["label"] += [label] * n
+                cols["lambda_r"] += [float(lambdas[min(row // per_lambda, len(lambdas) - 1)])] * n
+                cols["tail"] += [tail] * n
+                cols["rank"] += list(range(1, n + 1))
+                cols["id"] += [int(x) for x in i.tolist()]
+                cols["score"] += [float(x) for x in s.tolist()]
+        return cols
+
+    def to_pandas(self) -> Any:
+        """The :meth:`to_columns` table as a pandas DataFrame (pandas is optional: an ImportError
+        says how to install it).
+
+        Examples:
+            >>> import torch
+            >>> ids, scores = torch.tensor([[3, 1]]), torch.tensor([[2.0, 1.0]])
+            >>> r = Attribution(ids, scores, None, None, ("q",))
+            >>> r.to_pandas()[["tail", "rank", "id", "score"]].values.tolist()
+            [['top', 1, 3, 2.0], ['top', 2, 1, 1.0]]
+        """
+        try:
+            import pandas as pd
+        except ImportError:
+            raise ImportError(
+                "Attribution.to_pandas() needs pandas (an optional dependency): pip install pandas"
+            ) from None
+        return pd.DataFrame(self.to_columns())
 
 
 def check_query_store(store: FeatureStore, meta: Mapping[str, Any]) -> None:
@@ -206,14 +279,38 @@ def check_store_readable(store: FeatureStore, format_version: int) -> None:
 
 
 def write_attribution(
-    path: str | os.PathLike[str] | None, attribution: Attribution, **header: Any
+    path: str | os.PathLike[str] | None,
+    attribution: Attribution,
+    fmt: str = "json",
+    **header: Any,
 ) -> str:
-    """The attribute JSON: `header` fields (store, query, removed, ...) then the attribution's;
-    written atomically to `path` when given. Returns the text."""
-    text = json.dumps({**header, **attribution.to_dict()}, indent=1)
+    """The attribute result, written atomically to `path` when given. Returns the text ("" for
+    parquet, which needs a `path`).
+
+    fmt "json": `header` fields (store, query, removed, ...) then :meth:`Attribution.to_dict`.
+    "csv": the :meth:`Attribution.to_columns` table (the header is left out). "parquet": that
+    table, with the header as JSON in the schema metadata under "ctrak" (needs pyarrow).
+    """
+    require_format(fmt)
+    if fmt == "parquet":
+        if not path:
+            raise ValueError("parquet is written to a file: give its path")
+        write_parquet(path, attribution.to_columns(), {**header, "lambda_r": attribution.lambda_r})
+        return ""
+    if fmt == "csv":
+        text = csv_text(attribution.to_columns())
+    else:
+        text = json.dumps({**header, **attribution.to_dict()}, indent=1)
     if path:
         atomic_write_text(path, text)
     return text
+
+
+def _short(labels: Sequence[str], keep: int = 4) -> str:
+    """A label tuple in a repr: the first `keep` and how many more."""
+    if len(labels) <= keep:
+        return repr(tuple(labels))
+    return repr(tuple(labels[:keep]))[:-1] + f", ... {len(labels) - keep} more)"
 
 
 __all__ = ["Attribution", "Query", "check_query_store", "check_store_readable", "write_attribution"]

@@ -1,5 +1,6 @@
 """The bad inputs of docs/CONTRACTS.md, one by one: each gives its one `ctrak: error:` line (the
-message the table shows), exit 1, and nothing new on disk. The table must list every case here.
+message the table shows), exit 2 for a bad flag (a usage error) or 1, and nothing new on disk.
+The table must list every case here.
 
 The generic corpus is tests/test_fuzz.py; these are the named cases of a hostile pass (#16).
 """
@@ -231,13 +232,25 @@ CLI_CASES = [  # (name, argv maker, expected message)
 ]
 
 
+# Refused by the parser (a flag's argparse type): usage errors, exit 2 like argparse's own.
+USAGE_CASES = {
+    "param-filter regex",
+    "negative timestep",
+    "timesteps not integers",
+    "negative per-combo",
+    "empty region box",
+    "lambda list with a repeat",
+}
+
+
 @pytest.mark.parametrize("name,argv,message", CLI_CASES, ids=[c[0] for c in CLI_CASES])
 def test_bad_flags_and_files(world, name, argv, message):
     root = world[0]
     before = listing(root)
     rc, _, err = run(argv(world))
     print(f"CASE {name}: {err.strip()}")
-    assert rc == 1 and re.search(message, err) and len(err.strip().splitlines()) == 1, err
+    assert rc == (2 if name in USAGE_CASES else 1), (rc, err)
+    assert re.search(message, err) and len(err.strip().splitlines()) == 1, err
     assert listing(root) == before  # e.g. no 0-row store left by a bad --timesteps
 
 

@@ -21,6 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 HAS_DATTRI = importlib.util.find_spec("dattri") is not None
 # Docstrings whose Examples featurize or sample with the shipped model: seconds, not milliseconds.
 SLOW_DOCTESTS = {"Attributor", "Attributor.query"}
+# Docstrings whose Examples need an optional dependency: skipped without it.
+OPTIONAL_DOCTESTS = {"Attribution.to_pandas": "pandas"}
 
 
 @pytest.fixture(autouse=True)
@@ -116,12 +118,17 @@ def issubclass_safe(obj: object, cls: type) -> bool:
     return inspect.isclass(obj) and issubclass(obj, cls)
 
 
+def _doctest_marks(name: str) -> list:
+    marks = [pytest.mark.slow] if name in SLOW_DOCTESTS else []
+    needs = OPTIONAL_DOCTESTS.get(name)
+    if needs and importlib.util.find_spec(needs) is None:
+        marks.append(pytest.mark.skip(reason=f"{needs} is not installed (optional)"))
+    return marks
+
+
 @pytest.mark.parametrize(
     "test",
-    [
-        pytest.param(t, id=t.name, marks=[pytest.mark.slow] if t.name in SLOW_DOCTESTS else [])
-        for t in _DOCTESTS
-    ],
+    [pytest.param(t, id=t.name, marks=_doctest_marks(t.name)) for t in _DOCTESTS],
 )
 def test_docstring_examples(test: doctest.DocTest):
     runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)

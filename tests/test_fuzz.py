@@ -1,7 +1,8 @@
 """A fuzz corpus of hostile inputs (hypothesis, >= 1,000 cases, deterministic).
 
 Every case runs the real CLI in-process (`ctrak_fast.cli.app.main`) and must either work with
-correct results, or print exactly one `ctrak: error:` line, exit 1 and leave nothing new on disk.
+correct results, or print exactly one `ctrak: error:` line, exit 1 (2 for a flag value the parser
+refuses) and leave nothing new on disk.
 The corpus covers manifests, shard files, query files, labels files (JSON and CSV) and every
 numeric / list / regex flag of the parser. It is derandomised: a failure prints its example and
 reproduces on every run (hypothesis's `print_blob` gives the seed blob to replay it).
@@ -538,7 +539,7 @@ def test_flag_values(which, text):
             ns = build_parser().parse_args([*argv, f"{flag}={text}"])
         except SystemExit as e:
             lines = err.getvalue().strip().splitlines()
-            assert e.code == 1 and len(lines) == 1 and lines[0].startswith("ctrak: error:"), lines
+            assert e.code == 2 and len(lines) == 1 and lines[0].startswith("ctrak: error:"), lines
             assert expected is BAD, (flag, text, err.getvalue())
             return
     assert expected is not BAD, (flag, text)

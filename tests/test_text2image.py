@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 
 import pytest
@@ -181,6 +182,12 @@ def test_cli_featurize_query_attribute(tmp_path, capsys):
     out = json.loads(res.read_text())
     assert out["removed"] == ["-red", "-triangle"] and len(out["top"]) == 2
     assert all(len(set(r["ids"])) == 3 and set(r["ids"]) <= {0, 1, 2, 3} for r in out["top"])
+    table = tmp_path / "res.csv"  # the same result as a table (--format, #30)
+    _run(["t2i", "attribute", "--store", str(store), "--query", str(q), "--k", "3", "--format",
+          "csv", "--out", str(table)])  # fmt: skip
+    with open(table, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["tail"] == "top"]
+    assert [int(r["id"]) for r in rows] == [i for r in out["top"] for i in r["ids"]]
     # A query over another parameter subset does not score against this store.
     q2 = tmp_path / "q2.safetensors"
     _run(["t2i", "query", "--model", str(pipe), "--prompt", "a red triangle", "--concept", "red",

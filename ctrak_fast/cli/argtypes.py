@@ -2,7 +2,8 @@
 so a bad value is one `ctrak: error: argument --flag: ...` line before any work or any write.
 
 Each type raises argparse.ArgumentTypeError with a message that names the rule; argparse adds
-the flag's name, and CliParser prints it as the CLI's one error line (exit 1, no usage block).
+the flag's name, and CliParser prints it as the CLI's one error line (exit 2, argparse's status
+for a usage error; no usage block).
 """
 
 from __future__ import annotations
@@ -12,14 +13,35 @@ import math
 import re
 import sys
 
+USAGE_ERROR = 2  # argparse's exit status for a bad command line; every other failure exits 1
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Help that shows each option's default: "(default: X)" appended unless the default is
+    None / False (nothing to show) or the help already says what the default is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        nothing = default is None or default is False or default == argparse.SUPPRESS
+        if nothing or "default" in text or not action.option_strings:
+            return text
+        shown = ",".join(map(str, default)) if isinstance(default, list | tuple) else default
+        # help strings are %-formatted by argparse: a literal % must be doubled
+        return f"{text} (default: {str(shown).replace('%', '%%')})".lstrip()
+
 
 class CliParser(argparse.ArgumentParser):
-    """argparse with the CLI's error contract: one `ctrak: error: ...` line, exit status 1.
-    Sub-commands inherit it (add_subparsers uses the parser's own class)."""
+    """argparse with the CLI's error contract: one `ctrak: error: ...` line, exit status 2 (a
+    usage error; argparse's own status). Sub-commands inherit it (add_subparsers uses the
+    parser's own class), and with it the help formatter that shows defaults."""
+
+    def __init__(self, *args, formatter_class=DefaultsHelpFormatter, **kwargs) -> None:
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
 
     def error(self, message: str):
         print(f"ctrak: error: {message.splitlines()[0]}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(USAGE_ERROR)
 
 
 def _number(text: str, kind, what: str):
@@ -167,7 +189,9 @@ def regex(text: str) -> str:
 
 
 __all__ = [
+    "USAGE_ERROR",
     "CliParser",
+    "DefaultsHelpFormatter",
     "finite_float",
     "fraction",
     "lambda_list",

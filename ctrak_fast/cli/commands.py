@@ -116,8 +116,10 @@ def cmd_attribute(a):
     )
     from ctrak_fast.engine.store import FeatureStore, iter_store_shards
     from ctrak_fast.engine.sweep import choose_path, solve_queries
+    from ctrak_fast.exports import require_format
     from ctrak_fast.results import Attribution, Query, check_query_store, write_attribution
 
+    require_format(a.format)  # a missing pyarrow is said before any work
     store = FeatureStore.open(a.store)
     query = Query.load(a.query)
     q = query.features
@@ -157,8 +159,8 @@ def cmd_attribute(a):
         "removed": removed,
         "scoring_path": path,
     }
-    text = write_attribution(a.out, attribution, **header)
-    print(f"top-{a.k} of {len(u)} queries -> {a.out}" if a.out else text)
+    text = write_attribution(a.out, attribution, a.format, **header)
+    print(f"top-{a.k} of {len(u)} queries -> {a.out}" if a.out else text.rstrip("\n"))
 
 
 def cmd_report(a):

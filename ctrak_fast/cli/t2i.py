@@ -18,20 +18,15 @@ import csv
 import json
 from pathlib import Path
 
+from ctrak_fast.cli.arggroups import DTYPES, add_t2i_bench_args, add_t2i_model_args
 from ctrak_fast.cli.argtypes import (
     finite_float,
     nonneg_float,
     nonneg_int,
     positive_int,
-    regex,
-    timestep_list,
 )
-from ctrak_fast.method.methods import FEATURIZE_METHODS, METHODS
-
-DEFAULT_FILTER = (
-    r"\.attn2\."  # = text2image.T2I_PARAM_FILTER (not imported: keeps the parser light)
-)
-DTYPES = ("float32", "float16", "bfloat16")
+from ctrak_fast.exports import FORMATS
+from ctrak_fast.method.methods import FEATURIZE_METHODS
 
 
 def read_captions(root, captions_file=None) -> tuple[list[Path], list[str]]:
@@ -226,8 +221,10 @@ def _cmd_attribute(a):
     from ctrak_fast.engine.scoring import precondition
     from ctrak_fast.engine.search import topk
     from ctrak_fast.engine.store import FeatureStore
+    from ctrak_fast.exports import require_format
     from ctrak_fast.results import Attribution, Query, check_query_store, write_attribution
 
+    require_format(a.format)  # a missing pyarrow is said before any work
     store = FeatureStore.open(a.store)
     query = Query.load(a.query)
     q, meta = query.features, query.meta
@@ -244,8 +241,9 @@ def _cmd_attribute(a):
         "prompt": meta.get("prompt"),
         "removed": list(query.labels),
     }
-    text = write_attribution(a.out, Attribution.from_topk(res, query.labels, a.lambda_r), **header)
-    print(f"top-{a.k} of {len(q)} queries -> {a.out}" if a.out else text)
+    attribution = Attribution.from_topk(res, query.labels, a.lambda_r)
+    text = write_attribution(a.out, attribution, a.format, **header)
+    print(f"top-{a.k} of {len(q)} queries -> {a.out}" if a.out else text.rstrip("\n"))
 
 
 def _cmd_bench(a):
@@ -253,67 +251,6 @@ def _cmd_bench(a):
     from ctrak_fast.bench.text_quality import run_from_args
 
     print(format_table(run_from_args(a)))
-
-
-def _model_args(p):
-    p.add_argument(
-        "--model", help="diffusers pipeline folder or tiny-model checkpoint (default: shipped)"
-    )
-    p.add_argument("--dtype", default="float32", choices=DTYPES, help="UNet execution dtype")
-    p.add_argument("--k", type=positive_int, default=512, help="projection dimension")
-    p.add_argument("--proj-seed", type=nonneg_int, default=0)
-    p.add_argument(
-        "--param-filter",
-        type=regex,
-        default=DEFAULT_FILTER,
-        help=r"regex on UNet parameter names (default: cross-attention '\.attn2\.'; '.*': all)",
-    )
-    p.add_argument(
-        "--timesteps", type=timestep_list, help="comma-separated, default 99,199,...,899"
-    )
-    p.add_argument("--inversion-steps", type=positive_int, default=50)
-    p.add_argument("--inversion-guidance", type=nonneg_float, default=7.5)
-    p.add_argument(
-        "--no-inversion", action="store_true", help="fixed noise instead of DDIM inversion"
-    )
-
-
-def add_bench_arguments(p: argparse.ArgumentParser) -> None:
-    """Options of the prompt benchmark (`ctrak t2i bench`)."""
-    p.add_argument("--out", default="out/t2i_quality")
-    p.add_argument("--model", help="t2i checkpoint (default: the shipped one)")
-    p.add_argument("--judge", help="ConceptJudge checkpoint (default: the shipped one)")
-    p.add_argument("--data", help="SyntheticConfig JSON (default: the shipped one)")
-    p.add_argument(
-        "--per-combo", type=positive_int, default=50, help="training images per combination"
-    )
-    p.add_argument("--k", type=positive_int, default=2048)
-    p.add_argument("--queries-per-combo", type=positive_int, default=2, help="per seen combination")
-    p.add_argument(
-        "--heldout-queries-per-combo",
-        type=positive_int,
-        default=8,
-        help="half validation, half test",
-    )
-    p.add_argument(
-        "--query-candidates", type=positive_int, default=8, help="generated per combination"
-    )
-    p.add_argument(
-        "--query-guidance", type=nonneg_float, default=3.0, help="CFG of the query images"
-    )
-    p.add_argument("--inversion-steps", type=positive_int, default=50)
-    p.add_argument(
-        "--inversion-guidance", type=nonneg_float, default=7.5, help="CFG of DDIM inversion"
-    )
-    p.add_argument("--n-draws", type=positive_int, default=4)
-    p.add_argument("--draws", default="local", choices=["local", "global"])
-    p.add_argument("--lambda-r", type=nonneg_float, default=1.0)
-    p.add_argument(
-        "--param-filter", type=regex, default=r"\.attn2\.", help="default: cross-attention"
-    )
-    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated, from the table")
-    p.add_argument("--threads", type=positive_int, help="torch threads (1 on a shared machine)")
-    p.add_argument("--quiet", action="store_true")
 
 
 def add_t2i_commands(subparsers) -> argparse.ArgumentParser:
@@ -327,7 +264,7 @@ def add_t2i_commands(subparsers) -> argparse.ArgumentParser:
     sub = t.add_subparsers(dest="t2i_cmd", required=True)
 
     f = sub.add_parser("featurize", help="training features of a captioned image set into a store")
-    _model_args(f)
+    add_t2i_model_args(f)
     f.add_argument("--images", help="image folder (default: the shipped synthetic data)")
     f.add_argument(
         "--captions", help="metadata.jsonl / .json / .csv (default: <images>/metadata.jsonl)"
@@ -336,15 +273,22 @@ def add_t2i_commands(subparsers) -> argparse.ArgumentParser:
     f.add_argument(
         "--per-combo", type=positive_int, default=0, help="synthetic data: first N per combination"
     )
-    f.add_argument("--method", default="concept-trak", choices=FEATURIZE_METHODS)
+    f.add_argument(
+        "--method",
+        default="concept-trak",
+        choices=FEATURIZE_METHODS,
+        help="the attribution method (a row of method/methods.py)",
+    )
     f.add_argument("--out", required=True, help="store directory (resumed if it exists)")
     f.add_argument("--das-out", help="also write DAS rows here (d-trak only)")
-    f.add_argument("--batch-size", type=positive_int, default=32)
-    f.add_argument("--store-dtype", default="float32", choices=DTYPES)
+    f.add_argument("--batch-size", type=positive_int, default=32, help="samples per gradient batch")
+    f.add_argument(
+        "--store-dtype", default="float32", choices=DTYPES, help="storage dtype of the features"
+    )
     f.set_defaults(t2i_handler=_cmd_featurize)
 
     q = sub.add_parser("query", help="concept query features of a prompt")
-    _model_args(q)
+    add_t2i_model_args(q)
     q.add_argument("--prompt", required=True, help="c+, e.g. 'a pikachu in the style of picasso'")
     q.add_argument(
         "--concept",
@@ -352,8 +296,14 @@ def add_t2i_commands(subparsers) -> argparse.ArgumentParser:
         help="phrase to attribute (repeatable): c- = prompt without it",
     )
     q.add_argument("--negative-prompt", action="append", help="an explicit c- (repeatable)")
-    q.add_argument("--draws", default="local", choices=["local", "global"])
-    q.add_argument("--n-draws", type=positive_int, default=4)
+    q.add_argument(
+        "--draws",
+        default="local",
+        choices=["local", "global"],
+        help="query draws: stochastic DDIM inversions of the query image (local) or samples "
+        "from noise (global)",
+    )
+    q.add_argument("--n-draws", type=positive_int, default=4, help="query draws per query")
     q.add_argument(
         "--weight", type=finite_float, default=3.0, help="slider weight w (paper: 3 for text)"
     )
@@ -369,20 +319,34 @@ def add_t2i_commands(subparsers) -> argparse.ArgumentParser:
     q.add_argument(
         "--steps", type=positive_int, default=50, help="sampling steps of the regenerated image"
     )
-    q.add_argument("--scheduler", choices=["ddim", "ddpm", "euler", "euler-a", "dpm", "pndm"])
+    q.add_argument(
+        "--scheduler",
+        choices=["ddim", "ddpm", "euler", "euler-a", "dpm", "pndm"],
+        help="sampler of the regenerated query image (default: the pipeline's own)",
+    )
     q.add_argument("--out", required=True, help="query safetensors file")
     q.set_defaults(t2i_handler=_cmd_query)
 
     at = sub.add_parser("attribute", help="top-k (both tails) of t2i queries against a store")
-    at.add_argument("--store", required=True)
-    at.add_argument("--query", required=True)
-    at.add_argument("--k", type=positive_int, default=10)
-    at.add_argument("--lambda-r", type=nonneg_float, default=1.0)
-    at.add_argument("--out", help="JSON file (default: stdout)")
+    at.add_argument("--store", required=True, help="feature store (`ctrak t2i featurize`)")
+    at.add_argument("--query", required=True, help="query file (`ctrak t2i query`)")
+    at.add_argument(
+        "--k", type=positive_int, default=10, help="training samples kept per query and tail"
+    )
+    at.add_argument(
+        "--lambda-r", type=nonneg_float, default=1.0, help="relative damping of the Gram"
+    )
+    at.add_argument("--out", help="output file (default: stdout; parquet needs a file)")
+    at.add_argument(
+        "--format",
+        default="json",
+        choices=list(FORMATS),
+        help="as in `ctrak attribute` (parquet needs pyarrow)",
+    )
     at.set_defaults(t2i_handler=_cmd_attribute)
 
     b = sub.add_parser("bench", help="the prompt concept benchmark on the shipped tiny model")
-    add_bench_arguments(b)
+    add_t2i_bench_args(b)
     b.set_defaults(t2i_handler=_cmd_bench)
     return t
 

@@ -22,7 +22,9 @@ def add_train_args(p) -> None:
         "--labels",
         help="labels file of --folder (JSON or CSV; held-out combinations are read from it)",
     )
-    p.add_argument("--image-size", type=positive_int, default=16)
+    p.add_argument(
+        "--image-size", type=positive_int, default=16, help="side of the training images"
+    )
     p.add_argument("--per-combo", type=positive_int, default=250, help="synthetic data only")
     p.add_argument(
         "--n-heldout",
@@ -52,18 +54,24 @@ def add_train_args(p) -> None:
         "fraction of the training images (synthetic or --folder), and train its detector "
         "(markjudge_NAME) for `ctrak bench mark`",
     )
-    p.add_argument("--seed", type=nonneg_int, default=0)
-    p.add_argument("--steps", type=positive_int, default=20_000)
+    p.add_argument(
+        "--seed", type=nonneg_int, default=0, help="seed of the data, initialisation and training"
+    )
+    p.add_argument(
+        "--steps", type=positive_int, default=20_000, help="diffusion training steps at most"
+    )
     p.add_argument(
         "--time-budget",
         type=positive_float,
         default=None,
         help="seconds of diffusion training at most",
     )
-    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--batch-size", type=positive_int, default=64, help="training batch size")
     p.add_argument("--threads", type=positive_int, help="torch threads (default: torch's)")
-    p.add_argument("--lr", type=positive_float, default=4e-4)
-    p.add_argument("--judge-steps", type=positive_int, default=1500)
+    p.add_argument("--lr", type=positive_float, default=4e-4, help="learning rate (AdamW)")
+    p.add_argument(
+        "--judge-steps", type=positive_int, default=1500, help="training steps of the judge"
+    )
     p.add_argument("--eval-n", type=positive_int, default=32, help="samples judged per combination")
     p.add_argument("--samples", default=None, help="PNG path for a sample grid (synthetic)")
     p.add_argument("--init-from", default=None, help="continue from this FactorUNet checkpoint")
