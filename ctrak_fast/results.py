@@ -86,8 +86,13 @@ class Query:
         if self.image is not None:
             tensors["image"] = self.image.detach().float().cpu().reshape(1, *self.image.shape)
         meta = {**self.meta, "removed": list(self.labels)}
+        from safetensors import SafetensorError
+
         with atomic_path(out) as tmp:
-            save_file(tensors, str(tmp), metadata={"ctrak": json.dumps(meta)})
+            try:
+                save_file(tensors, str(tmp), metadata={"ctrak": json.dumps(meta)})
+            except SafetensorError as e:  # e.g. a full disk: an OSError, one line in the CLI
+                raise OSError(f"cannot write {out}: {str(e).splitlines()[0]}") from e
         return out
 
     @classmethod
@@ -201,8 +206,7 @@ def check_store_readable(store: FeatureStore, format_version: int) -> None:
             f"store {store.path} has format version {version!r}; this build reads "
             f"<= {format_version}"
         )
-    if not store.complete:
-        raise StoreError(f"store {store.path} is incomplete: finish it with featurize() (resumes)")
+    store.check_complete()
 
 
 def write_attribution(

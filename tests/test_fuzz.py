@@ -14,6 +14,7 @@ import contextlib
 import io
 import json
 import math
+import os
 import re
 import shutil
 from pathlib import Path
@@ -51,6 +52,20 @@ def run(argv: list[str]) -> tuple[int, str, str]:
 
 def listing(root: Path) -> set[str]:
     return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+def snapshot(root: Path) -> dict[str, bytes | str | None]:
+    """Every path under root: a file's bytes, a symlink's target, None for a folder."""
+    out: dict[str, bytes | str | None] = {}
+    for p in root.rglob("*"):
+        name = str(p.relative_to(root))
+        if p.is_symlink():
+            out[name] = os.readlink(p)
+        elif p.is_file():
+            out[name] = p.read_bytes()
+        else:
+            out[name] = None
+    return out
 
 
 def check_contract(rc: int, err: str, before: set[str], after: set[str]) -> bool:

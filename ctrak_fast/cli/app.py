@@ -368,6 +368,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="shard checks while reading: block CRC-32C of every byte (default, ~free), sha256 "
         "of the ids, of whole files, or none",
     )
+    at.add_argument(
+        "--allow-partial",
+        action="store_true",
+        help="score an incomplete store (a killed or running featurize) over the rows it has",
+    )
     at.add_argument("--export-scores", help="also write all scores (safetensors, streamed)")
     at.add_argument("--export-queries", help="comma-separated query indices to export (all)")
 

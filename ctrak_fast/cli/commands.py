@@ -19,6 +19,7 @@ from ctrak_fast.cli.inputs import (
 def cmd_featurize(a):
     """Single process, or one rank of a torchrun job (RANK/WORLD_SIZE in the environment)."""
     from ctrak_fast.engine.validation import (
+        InputError,
         check_data_matches_model,
         check_output_dir,
         check_positive,
@@ -32,6 +33,8 @@ def cmd_featurize(a):
     das = Path(a.das_out) if a.das_out else None
     if das is not None:
         check_output_dir(das, "--das-out")
+        if das.resolve() == Path(a.out).resolve():
+            raise InputError(f"--das-out and --out name the same store {das}")
     model = load_model(a.model)
     data = load_data(a, model)
     if a.per_combo:
@@ -73,12 +76,13 @@ def cmd_query(a):
     method's slider, c- per removed factor) or, for whole-image methods, the query image's."""
     from ctrak_fast.api import Attributor
     from ctrak_fast.data.folder import load_image, load_mask
-    from ctrak_fast.engine.validation import check_input_file, check_output_path
+    from ctrak_fast.engine.validation import check_input_file, check_outputs
     from ctrak_fast.method.losses import region_mask
     from ctrak_fast.method.recipes import recipe_options
 
+    check_outputs({"--out": a.out}, {"--model": a.model, "--image": a.image, "--mask": a.mask})
+    out = Path(a.out)
     model = load_model(a.model)
-    out = check_output_path(a.out)
     att = Attributor(
         model,
         a.method,
@@ -116,9 +120,16 @@ def cmd_attribute(a):
     )
     from ctrak_fast.engine.store import FeatureStore, iter_store_shards
     from ctrak_fast.engine.sweep import choose_path, solve_queries
+    from ctrak_fast.engine.validation import check_outputs
     from ctrak_fast.results import Attribution, Query, check_query_store, write_attribution
 
+    check_outputs(
+        {"--out": a.out, "--export-scores": a.export_scores},
+        {"--store": Path(a.store) / "manifest.json", "--query": a.query},
+    )
     store = FeatureStore.open(a.store)
+    if not a.allow_partial:
+        store.check_complete()
     query = Query.load(a.query)
     q = query.features
     check_query_store(store, query.meta)
@@ -166,8 +177,11 @@ def cmd_report(a):
     from safetensors import safe_open
 
     from ctrak_fast.bench.report import gallery
+    from ctrak_fast.engine.validation import check_outputs
     from ctrak_fast.results import Query
 
+    inputs = {f"--{n}": getattr(a, n) for n in ("result", "data", "labels", "truth")}
+    check_outputs({"--out": a.out}, inputs)
     data = load_data(a)
     res = json.loads(Path(a.result).read_text())
     with safe_open(res["query"], framework="pt") as f:
@@ -231,6 +245,8 @@ def cmd_store(a):
             "k": store.k,
             "dtype": store.dtype,
             "shards": len(store.shards),
+            "complete": store.complete,
+            "expected_rows": store.expected_rows,
             "meta": store.meta,
         }
         print(json.dumps(info, indent=1))
@@ -238,7 +254,8 @@ def cmd_store(a):
     problems = store.verify()
     if problems:
         raise ValueError(f"store {a.path} is corrupt: " + "; ".join(problems))
-    print(f"ok: {store.n_rows} rows in {len(store.shards)} shards, checksums match")
+    store.check_complete()  # intact but unfinished is not "ok": attribute would refuse it
+    print(f"ok: {store.n_rows} rows in {len(store.shards)} shards, complete, checksums match")
 
 
 def cmd_example(a):

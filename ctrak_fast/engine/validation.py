@@ -22,6 +22,8 @@ __all__ = [
     "check_input_file",
     "check_input_dir",
     "check_output_dir",
+    "check_output_path",
+    "check_outputs",
     "check_positive",
 ]
 
@@ -184,6 +186,38 @@ def check_output_path(path, what: str = "output file") -> Path:
     if not os.access(parent, os.W_OK | os.X_OK):
         raise InputError(f"cannot write {what} {p}: {parent} is not writable")
     return p
+
+
+def check_outputs(outputs: Mapping[str, object], inputs: Mapping[str, object]) -> None:
+    """Output files (flag -> path, None: not given) that may be written: each in an existing,
+    writable directory (check_output_path), none the same file as an input of the command
+    (flag -> path; resolved, symlinks and hard links included) or as another output, and none
+    inside a feature store (a folder holding manifest.json). Run before any work: a refused
+    command has computed nothing and overwritten nothing."""
+    given = {flag: Path(str(p)) for flag, p in outputs.items() if p is not None}
+    sources = {flag: Path(str(p)) for flag, p in inputs.items() if p is not None}
+    seen: dict[Path, str] = {}
+    for flag, path in given.items():
+        check_output_path(path, f"{flag} file")
+        real = path.resolve()
+        if real in seen:
+            raise InputError(f"{flag} and {seen[real]} name the same file {path}")
+        seen[real] = flag
+        for src_flag, src in sources.items():
+            if _same_file(real, src):
+                raise InputError(f"{flag} {path} is the input {src_flag}: it would be overwritten")
+        for parent in real.parents:
+            if (parent / "manifest.json").is_file():
+                raise InputError(f"{flag} {path} is inside the feature store {parent}")
+
+
+def _same_file(real: Path, src: Path) -> bool:
+    if real == src.resolve():
+        return True
+    try:  # another name of the same inode (a hard link)
+        return real.exists() and src.exists() and os.path.samefile(real, src)
+    except OSError:
+        return False
 
 
 def _shape(t: torch.Tensor) -> list[int]:

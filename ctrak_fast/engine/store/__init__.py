@@ -18,7 +18,7 @@ from ctrak_fast.engine.store.manifest import (
 from ctrak_fast.engine.store.merge import merge_stores
 from ctrak_fast.engine.store.shards import iter_store_shards
 from ctrak_fast.engine.store.store import FeatureStore, iter_features
-from ctrak_fast.engine.store.writer import StoreWriter
+from ctrak_fast.engine.store.writer import StoreWriter, remove_empty_store
 
 __all__ = [
     "DTYPES",
@@ -33,4 +33,5 @@ __all__ = [
     "iter_store_shards",
     "merge_stores",
     "model_fingerprint",
+    "remove_empty_store",
 ]

@@ -57,7 +57,9 @@ from ctrak_fast.engine.store.manifest import (
     StoreError,
     check_spec,
     created_by,
+    describe_rows,
     first_difference,
+    is_complete,
     is_debris,
     manifest_bytes,
     normalize_meta,
@@ -70,7 +72,7 @@ from ctrak_fast.engine.store.shards import (
     iter_store_shards,
     shard_file,
 )
-from ctrak_fast.engine.store.writer import StoreWriter
+from ctrak_fast.engine.store.writer import StoreWriter, remove_empty_store
 
 
 class FeatureStore:
@@ -103,6 +105,7 @@ class FeatureStore:
         dtype: str = "float16",
         meta: Mapping | None = None,
         shard_rows: int = 1024,
+        expected_rows: int | None = None,
     ) -> FeatureStore:
         """Make a new, empty store in ``path`` (created, or an empty directory).
 
@@ -110,6 +113,8 @@ class FeatureStore:
             k: feature dimension. dtype: "float16" | "bfloat16" | "float32" (storage dtype).
             meta: JSON-serialisable spec of how the features were made.
             shard_rows: rows per shard (the last shard may be shorter).
+            expected_rows: the rows the store will hold when complete, if known (recorded so
+                that an unfinished store can say how far it got; see :meth:`writer`).
         """
         path = Path(path)
         check_spec(k, dtype, shard_rows)
@@ -135,6 +140,8 @@ class FeatureStore:
             "complete": False,
             "shards": [],
         }
+        if expected_rows is not None:
+            manifest["expected_rows"] = expected_rows
         manifest["spec_sha256"] = spec_sha256(manifest)
         atomic_write(path / MANIFEST, manifest_bytes(manifest))
         return cls(path, manifest)
@@ -156,6 +163,7 @@ class FeatureStore:
         dtype: str = "float16",
         meta: Mapping | None = None,
         shard_rows: int = 1024,
+        expected_rows: int | None = None,
     ) -> FeatureStore:
         """Open ``path`` to resume it if it holds a store, else :meth:`create` it.
 
@@ -164,16 +172,31 @@ class FeatureStore:
         """
         path = Path(path)
         if not (path / MANIFEST).exists():
-            return cls.create(path, k, dtype=dtype, meta=meta, shard_rows=shard_rows)
+            return cls.create(
+                path, k, dtype=dtype, meta=meta, shard_rows=shard_rows, expected_rows=expected_rows
+            )
         store = cls.open(path)
         check_spec(k, dtype, shard_rows)
-        for field, given in (("k", k), ("dtype", dtype), ("shard_rows", shard_rows)):
-            if store._m[field] != given:
-                raise SpecMismatch(path, field, store._m[field], given)
-        diff = first_difference(store._m["meta"], normalize_meta(meta), "meta")
-        if diff:
-            raise SpecMismatch(path, *diff)
+        try:
+            store.check_spec(k, dtype, shard_rows, meta)
+        except SpecMismatch:
+            # A run that failed before its first shard (e.g. NaN weights) left a store of no
+            # rows: it must not block the right command, and holds nothing to lose.
+            if store.n_rows or not remove_empty_store(path):
+                raise
+            return cls.create(
+                path, k, dtype=dtype, meta=meta, shard_rows=shard_rows, expected_rows=expected_rows
+            )
         return store
+
+    def check_spec(self, k: int, dtype: str, shard_rows: int, meta: Mapping | None) -> None:
+        """Raise SpecMismatch naming the first of k, dtype, shard_rows, meta.* that differs."""
+        for field, given in (("k", k), ("dtype", dtype), ("shard_rows", shard_rows)):
+            if self._m[field] != given:
+                raise SpecMismatch(self.path, field, self._m[field], given)
+        diff = first_difference(self._m["meta"], normalize_meta(meta), "meta")
+        if diff:
+            raise SpecMismatch(self.path, *diff)
 
     # -- description --
 
@@ -209,8 +232,22 @@ class FeatureStore:
 
     @property
     def complete(self) -> bool:
-        """True when the last writer closed cleanly (all its rows are on disk)."""
-        return bool(self._m.get("complete", False))
+        """True when the last writer closed cleanly with all its rows on disk (all
+        ``expected_rows`` of them, where the manifest records that number)."""
+        return is_complete(self._m)
+
+    @property
+    def expected_rows(self) -> int | None:
+        """The rows the store holds when complete, if its writer was told (else None)."""
+        return self._m.get("expected_rows")
+
+    def check_complete(self) -> None:
+        """Raise StoreError naming the rows present and expected unless the store is complete."""
+        if not self.complete:
+            raise StoreError(
+                f"store {self.path} is incomplete: {describe_rows(self._m)} (killed, or a writer "
+                "is still running): rerun the command that wrote it to finish it"
+            )
 
     @property
     def manifest(self) -> dict:
@@ -375,9 +412,10 @@ class FeatureStore:
 
     # -- writing --
 
-    def writer(self) -> StoreWriter:
-        """The exclusive writer (a context manager); a second one raises :class:`StoreError`."""
-        return StoreWriter(self)
+    def writer(self, expected_rows: int | None = None) -> StoreWriter:
+        """The exclusive writer (a context manager); a second one raises :class:`StoreError`.
+        ``expected_rows``: the rows the store holds when done (see :class:`StoreWriter`)."""
+        return StoreWriter(self, expected_rows)
 
 
 def iter_features(source) -> Iterable[torch.Tensor]:

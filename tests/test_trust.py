@@ -1,0 +1,212 @@
+"""The named cases of the second hostile pass (#29): each gives exactly one `ctrak: error:` line
+naming the problem, exit 1, and leaves every file that existed before byte for byte (or works, where
+the case says so). docs/CONTRACTS.md's table lists them by family.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from forkserver import tiny_assets
+from test_fuzz import run, snapshot
+
+from ctrak_fast.engine.store import FeatureStore, StoreError, merge_stores
+from ctrak_fast.results import Query
+
+K = 8
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("trust")
+    store = FeatureStore.create(root / "store", k=K, dtype="float32", shard_rows=4, meta={"m": 1})
+    with store.writer() as w:
+        w.append(torch.randn(10, K), torch.arange(10))
+    Query(torch.randn(2, K), ("a", "b")).save(root / "q.safetensors")
+    model, data = tiny_assets(root / "assets")
+    return root, model, data
+
+
+def refused(argv, root: Path, message: str) -> str:
+    """Run `argv`: one error line matching `message`, exit 1, every file under root unchanged."""
+    before = snapshot(root)
+    rc, _, err = run(argv)
+    lines = err.strip().splitlines()
+    assert rc == 1 and len(lines) == 1 and lines[0].startswith("ctrak: error: "), err
+    assert re.search(message, lines[0]), lines[0]
+    assert snapshot(root) == before
+    return lines[0]
+
+
+def copy_store(root: Path, name: str) -> Path:
+    dst = root / name
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(root / "store", dst)
+    return dst
+
+
+def attribute(store, query, *extra) -> list:
+    return ["attribute", "--store", store, "--query", query, "--k", "2", *extra]
+
+
+# ---- 1. a store is complete or says it is not ---------------------------------------------------
+
+
+def killed_store(path: Path, rows: int, expected: int) -> FeatureStore:
+    """A store whose writer stopped (an exception, as kill -9 stops it) after `rows` rows."""
+    store = FeatureStore.create(path, k=K, dtype="float32", shard_rows=4, expected_rows=expected)
+    with pytest.raises(RuntimeError), store.writer(expected_rows=expected) as w:
+        w.append(torch.randn(rows, K), torch.arange(rows))
+        raise RuntimeError("killed")
+    return FeatureStore.open(path)
+
+
+def test_attribute_refuses_an_incomplete_store_naming_its_rows(world, tmp_path):
+    root = world[0]
+    store = killed_store(tmp_path / "s", rows=9, expected=20)
+    assert store.n_rows == 8 and not store.complete  # the 9th row was still buffered
+    q = root / "q.safetensors"
+    refused(attribute(store.path, q), tmp_path, r"store .* is incomplete: 8 of 20 rows")
+    refused(["store", "verify", store.path], tmp_path, r"is incomplete: 8 of 20 rows")
+    rc, out, err = run(["store", "info", store.path])
+    info = json.loads(out)
+    assert rc == 0 and info["complete"] is False and info["expected_rows"] == 20, err
+    rc, out, err = run(attribute(store.path, q, "--allow-partial"))
+    assert rc == 0 and len(json.loads(out)["top"]) == 2, err
+
+
+def test_a_manifest_without_complete_is_incomplete(world):
+    root = world[0]
+    store = copy_store(root, "no_complete")
+    m = json.loads((store / "manifest.json").read_text())
+    del m["complete"]  # every writer writes it: absent means edited or foreign
+    (store / "manifest.json").write_text(json.dumps(m))
+    refused(attribute(store, root / "q.safetensors"), root, r"incomplete: 10 rows \(the expected")
+
+
+def test_resumed_and_merged_stores_end_complete(tmp_path):
+    feats, ids = torch.randn(12, K), torch.arange(12)
+    store = killed_store(tmp_path / "s", rows=6, expected=12)
+    with FeatureStore.open(store.path).writer(expected_rows=12) as w:
+        w.append(feats[4:], ids[4:])  # resume after the first whole shard
+    assert FeatureStore.open(store.path).complete
+    parts = []
+    for i, sl in enumerate((slice(0, 4), slice(4, 8), slice(8, 12))):
+        part = FeatureStore.create(tmp_path / f"p{i}", k=K, dtype="float32", shard_rows=4)
+        with part.writer(expected_rows=4) as w:
+            w.append(feats[sl], ids[sl])
+        parts.append(part.path)
+    partial = merge_stores(tmp_path / "m1", parts[:2], expected_rows=12)
+    assert partial.n_rows == 8 and not partial.complete
+    assert merge_stores(tmp_path / "m2", parts, expected_rows=12).complete
+    with pytest.raises(StoreError, match="it is incomplete"):
+        merge_stores(tmp_path / "m3", [killed_store(tmp_path / "k", 5, 12).path])
+
+
+def test_featurize_store_records_expected_rows_and_ends_complete(world, tmp_path):
+    _, model, data = world
+    argv = ["featurize", "--model", model, "--data", data, "--method", "d-trak", "--k", "8"]
+    rc, _, err = run([*argv, "--timesteps", "99", "--out", tmp_path / "s"])
+    store = FeatureStore.open(tmp_path / "s")
+    assert rc == 0 and store.complete and store.expected_rows == store.n_rows == 24, err
+
+
+def test_a_missing_spec_checksum_is_an_error(world):
+    root = world[0]
+    store = copy_store(root, "no_spec")
+    m = json.loads((store / "manifest.json").read_text())
+    del m["spec_sha256"]
+    m["meta"]["m"] = 2  # an edit that the checksum would have caught
+    (store / "manifest.json").write_text(json.dumps(m))
+    for argv in (["store", "verify", store], attribute(store, root / "q.safetensors")):
+        refused(argv, root, r"manifest lacks spec_sha256")
+
+
+# ---- 2. outputs never name inputs; failed runs leave nothing that blocks ------------------------
+
+
+def test_outputs_pointed_at_inputs_are_refused(world):
+    root, model, _ = world
+    q, store = root / "q.safetensors", root / "store"
+    (root / "link.safetensors").unlink(missing_ok=True)
+    os.symlink(q, root / "link.safetensors")
+    cases = [
+        (attribute(store, q, "--out", q), r"--out .* is the input --query"),
+        (attribute(store, q, "--out", root / "link.safetensors"), r"is the input --query"),
+        (attribute(store, q, "--out", store / "manifest.json"), r"is the input --store"),
+        (attribute(store, q, "--out", store / "x.json"), r"inside the feature store"),
+        (attribute(store, q, "--export-scores", store / "s.st"), r"inside the feature store"),
+        (attribute(store, q, "--out", root / "r.json", "--export-scores", root / "r.json"), "same"),
+        (
+            ["query", "--model", model, "--concept", "shape=circle", "--out", model],
+            r"--out .* is the input --model",
+        ),
+        (
+            ["query", "--model", model, "--concept", "shape=circle", "--out", store / "m.json"],
+            r"inside the feature store",
+        ),
+    ]
+    for argv, message in cases:
+        refused(argv, root, message)
+
+
+def test_an_output_in_a_missing_folder_is_refused_before_the_work(world, monkeypatch):
+    root = world[0]
+    import ctrak_fast.engine.store as store_module
+
+    def no_work(*a, **k):  # the store must not even be opened
+        raise AssertionError("the store was opened before the output was checked")
+
+    monkeypatch.setattr(store_module.FeatureStore, "open", no_work)
+    out = root / "nodir" / "x.json"
+    line = refused(attribute(root / "store", root / "q.safetensors", "--out", out), root, "nodir")
+    assert ".tmp" not in line
+
+
+def test_a_featurize_that_failed_on_nan_weights_does_not_block_the_right_one(world, tmp_path):
+    _, model, data = world
+    bad, _ = tiny_assets(tmp_path / "bad", nan_label=(0, 0))
+    argv = ["featurize", "--data", data, "--method", "d-trak", "--k", "8", "--timesteps", "99"]
+    out = tmp_path / "out"
+    rc, _, err = run([*argv, "--model", bad, "--out", out])
+    assert rc == 1 and "NaN/Inf per-sample gradients" in err, err
+    assert not out.exists()  # nothing left: no 0-row manifest, no lock
+    out.mkdir()
+    FeatureStore.create(out, k=8, dtype="float32", meta={"model": "an older failed run"})
+    rc, _, err = run([*argv, "--model", model, "--out", out])  # its 0-row leftover is replaced
+    assert rc == 0 and FeatureStore.open(out).complete, err
+
+
+def test_a_full_disk_leaves_no_tmp_and_one_line(world, monkeypatch, tmp_path):
+    import safetensors.torch
+
+    import ctrak_fast.engine.atomic as atomic
+
+    root = world[0]
+    real_write = os.write
+
+    def full(fd, data):
+        real_write(fd, bytes(data)[:5])
+        raise OSError(28, "No space left on device")
+
+    out = tmp_path / "r.json"
+    with monkeypatch.context() as m:
+        m.setattr(atomic.os, "write", full)
+        refused(attribute(root / "store", root / "q.safetensors", "--out", out), tmp_path, "r.json")
+    assert list(tmp_path.iterdir()) == []
+
+    def save_full(tensors, name, metadata=None):
+        Path(name).write_bytes(b"12345")
+        raise safetensors.SafetensorError("Error while serializing: IoError(No space left)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save_full)
+    with pytest.raises(OSError, match=r"cannot write .*q2\.safetensors"):
+        Query(torch.randn(1, K), ("a",)).save(tmp_path / "q2.safetensors")
+    assert list(tmp_path.iterdir()) == []
