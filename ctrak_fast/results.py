@@ -114,6 +114,15 @@ class Query:
             raise ValueError(f"{path}: not a query file of `ctrak query` ({first})") from None
         if not isinstance(meta, dict):
             raise ValueError(f"{path}: not a query file of `ctrak query` (metadata is not a dict)")
+        if features.is_floating_point() and features.numel():
+            from ctrak_fast.engine.scoring import MAX_QUERY_ABS
+
+            top = float(features.double().abs().max())  # NaN propagates: refused below too
+            if not top <= MAX_QUERY_ABS:
+                raise ValueError(
+                    f"{path}: query features must be finite and within +-{MAX_QUERY_ABS:g} "
+                    f"(largest magnitude {top:.3g})"
+                )
         labels = meta.pop("removed", None) or [f"query {i}" for i in range(len(features))]
         if not isinstance(labels, list) or len(labels) != len(features):
             raise ValueError(f"{path}: its labels do not match its {len(features)} query rows")
@@ -148,7 +157,22 @@ class Attribution:
 
     @classmethod
     def from_topk(cls, res: TopK, labels: Sequence[str], lambda_r: float = 1.0) -> Attribution:
-        """Wrap a :class:`ctrak_fast.TopK` from :func:`ctrak_fast.topk`."""
+        """Wrap a :class:`ctrak_fast.TopK` from :func:`ctrak_fast.topk`; refuses NaN / Inf
+        scores and padding ids (-1): a result holding them would be silently wrong."""
+        import torch
+
+        for what, ids, scores in (
+            ("top", res.top_ids, res.top_values),
+            ("bottom", res.bottom_ids, res.bottom_values),
+        ):
+            if ids is None or scores is None:
+                continue
+            if not bool(torch.isfinite(scores).all()) or bool((ids < 0).any()):
+                raise ValueError(
+                    f"the search gave non-finite scores or missing ids in its {what} tail "
+                    "(damaged features read without checks, or an extreme lambda_r): rerun with "
+                    "--verify full, or another lambda_r"
+                )
         return cls(
             res.top_ids, res.top_values, res.bottom_ids, res.bottom_values, tuple(labels), lambda_r
         )

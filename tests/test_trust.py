@@ -6,6 +6,7 @@ the case says so). docs/CONTRACTS.md's table lists them by family.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -210,3 +211,52 @@ def test_a_full_disk_leaves_no_tmp_and_one_line(world, monkeypatch, tmp_path):
     with pytest.raises(OSError, match=r"cannot write .*q2\.safetensors"):
         Query(torch.randn(1, K), ("a",)).save(tmp_path / "q2.safetensors")
     assert list(tmp_path.iterdir()) == []
+
+
+# ---- 3. extreme numbers ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", [3e38, 1e13, float("inf")], ids=["3e38", "1e13", "inf"])
+def test_an_extreme_query_is_refused(world, tmp_path, value):
+    root = world[0]
+    q = tmp_path / "big.safetensors"
+    Query(torch.full((1, K), value), ("a",)).save(q)
+    refused(attribute(root / "store", q), tmp_path, r"big\.safetensors: query features must be")
+
+
+@pytest.fixture(scope="module")
+def low_rank(world):
+    """A store of 6 rows at k = 8: G is singular, so the damping decides everything."""
+    path = world[0] / "low_rank"
+    store = FeatureStore.create(path, k=K, dtype="float32", shard_rows=4)
+    with store.writer() as w:
+        w.append(torch.randn(6, K), torch.arange(6))
+    return path
+
+
+@pytest.mark.parametrize(
+    "lam,path,message",
+    [
+        ("1e-300", "auto", r"lambda_r=1e-300 gives non-finite scores"),
+        ("1e-300", "dual", r"lambda_r=1e-300 gives non-finite scores"),
+        ("1e-300", "primal", r"not positive definite .*lambda_r=1e-300"),
+        ("1e-300,1", "auto", r"not positive definite for lambda_r=\[1e-300\]"),
+        ("1e308", "auto", r"lambda_r=1e\+308 gives an infinite damping"),
+        ("1e308", "primal", r"lambda_r=1e\+308 gives an infinite damping"),
+        ("1e308,1", "dual", r"lambda_r=1e\+308 damps every score to 0"),
+        ("1e308,1", "primal", r"lambda_r=1e\+308 damps every score to 0"),
+    ],
+)
+def test_an_extreme_lambda_is_refused(world, low_rank, lam, path, message):
+    argv = attribute(low_rank, world[0] / "q.safetensors", "--lambda-r", lam)
+    refused([*argv, "--scoring-path", path], world[0], message)
+
+
+def test_a_search_never_reports_nan_scores_or_missing_ids():
+    from ctrak_fast.engine.search_inputs import TopK
+    from ctrak_fast.results import Attribution
+
+    ok = torch.tensor([[1.0, 0.5]])
+    for ids, scores in ((torch.tensor([[3, -1]]), ok), (torch.tensor([[3, 1]]), ok * math.nan)):
+        with pytest.raises(ValueError, match="non-finite scores or missing ids"):
+            Attribution.from_topk(TopK(scores, ids, None, None, "top"), ["q"])
