@@ -260,3 +260,78 @@ def test_a_search_never_reports_nan_scores_or_missing_ids():
     for ids, scores in ((torch.tensor([[3, -1]]), ok), (torch.tensor([[3, 1]]), ok * math.nan)):
         with pytest.raises(ValueError, match="non-finite scores or missing ids"):
             Attribution.from_topk(TopK(scores, ids, None, None, "top"), ["q"])
+
+
+# ---- 4. paths stay inside their folder; names are counted once --------------------------------
+
+
+@pytest.fixture
+def folder(tmp_path):
+    """tmp/images/{0,1}.png, tmp/images/sub/, and tmp/outside/secret.png beside the folder."""
+    from PIL import Image
+
+    images, outside = tmp_path / "images", tmp_path / "outside"
+    (images / "sub").mkdir(parents=True)
+    outside.mkdir()
+    for i, where in enumerate((images / "0.png", images / "1.png", outside / "secret.png")):
+        Image.new("RGB", (8, 8), (80 * i, 20, 200)).save(where)
+    os.symlink(outside / "secret.png", images / "link.png")
+    os.symlink(outside, images / "linkdir")
+    return images
+
+
+def labels_json(names: list[str]) -> bytes:
+    return json.dumps({n: {"shape": str(i % 2)} for i, n in enumerate(names)}).encode()
+
+
+LABELS_CASES = [  # (name, file name, bytes, expected message)
+    ("same file as ./0.png", "l.json", labels_json(["0.png", "./0.png"]), r"lists '0\.png' more"),
+    ("same file as sub/../0.png", "l.json", labels_json(["0.png", "sub/../0.png"]), r"'0\.png'"),
+    (
+        "same file in a CSV",
+        "l.csv",
+        b"filename,shape\n0.png,a\n./0.png,b\n",
+        r"lists '0\.png' twice \(line 3\)",
+    ),
+    ("climbs out", "l.json", labels_json(["../outside/secret.png"]), r"not a file inside"),
+    ("absolute path", "l.json", labels_json(["/etc/passwd"]), r"not a file inside"),
+    ("symlinked file", "l.json", labels_json(["0.png", "link.png"]), r"leads outside"),
+    ("symlinked folder", "l.json", labels_json(["linkdir/secret.png"]), r"leads outside"),
+    ("CSV header repeats a column", "l.csv", b"filename,shape,c,c\n0.png,a,b,d\n", r"repeats"),
+    ("CSV without a factor column", "l.csv", b"filename\n0.png\n1.png\n", r"no factor column"),
+    ("JSON entries without factors", "l.json", b'{"0.png": {}, "1.png": {}}', r"name no factor"),
+]
+
+
+@pytest.mark.parametrize("name,fname,data,message", LABELS_CASES, ids=[c[0] for c in LABELS_CASES])
+def test_labels_paths_are_contained_and_counted_once(folder, name, fname, data, message):
+    labels = folder.parent / fname
+    labels.write_bytes(data)
+    argv = ["labels", "--folder", folder, "--labels", labels, "--image-size", "8"]
+    refused(argv, folder.parent, message)
+
+
+CONCEPTS = ["shape=circle,shape=square", "shape=circle,,", ",shape=circle"]
+
+
+@pytest.mark.parametrize("concept", CONCEPTS)
+def test_a_malformed_concept_is_refused(world, tmp_path, concept):
+    _, model, _ = world
+    out = tmp_path / "q.safetensors"
+    argv = ["query", "--model", model, "--concept", concept, "--out", out, "--n-draws", "1"]
+    refused(argv, tmp_path, r"bad condition .*(given twice|is not factor=value)")
+
+
+def test_report_follows_no_path_outside_and_refuses_non_results(world, tmp_path):
+    root, _, data = world
+    res = tmp_path / "r.json"
+    good = {"query": "/etc/passwd", "top": [{"label": "a", "ids": [1], "scores": [1.0]}]}
+    good["bottom"] = good["top"]
+    argv = ["report", "--data", data, "--result", res, "--out", tmp_path / "g.png"]
+    for doc, message in (
+        (good, r"its query '/etc/passwd' is outside the result's folder"),
+        ([1, 2], r"not a result of `ctrak attribute`"),
+        ({"top": [], "bottom": []}, r"not a result of `ctrak attribute`"),
+    ):
+        res.write_text(json.dumps(doc))
+        refused(argv, tmp_path, message)

@@ -379,6 +379,11 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="PNG gallery of an attribute result")
     _add_data_args(r)
     r.add_argument("--result", required=True)
+    r.add_argument(
+        "--query",
+        help="its query file (default: the result's 'query' field, followed only inside the "
+        "result's folder or the current directory)",
+    )
     r.add_argument("--out", required=True)
 
     lb = sub.add_parser(

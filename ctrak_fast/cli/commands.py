@@ -12,6 +12,7 @@ from ctrak_fast.cli.inputs import (
     load_data,
     load_model,
     projection,
+    read_result,
     recipe_knobs,
 )
 
@@ -174,20 +175,26 @@ def cmd_attribute(a):
 
 def cmd_report(a):
     import torch
-    from safetensors import safe_open
 
     from ctrak_fast.bench.report import gallery
-    from ctrak_fast.engine.validation import check_outputs
+    from ctrak_fast.engine.validation import InputError, check_outputs
     from ctrak_fast.results import Query
 
-    inputs = {f"--{n}": getattr(a, n) for n in ("result", "data", "labels", "truth")}
+    inputs = {f"--{n}": getattr(a, n, None) for n in ("result", "query", "data", "labels")}
     check_outputs({"--out": a.out}, inputs)
+    res, qpath = read_result(a.result, a.query)
+    check_outputs({"--out": a.out}, {"the query": qpath})
+    query = Query.load(qpath)
+    if query.image is None:
+        raise InputError(f"{qpath}: the query file holds no query image to show")
+    image, region = query.image, query.meta.get("region")
     data = load_data(a)
-    res = json.loads(Path(a.result).read_text())
-    with safe_open(res["query"], framework="pt") as f:
-        image = f.get_tensor("image")[0]
-    region = Query.load(res["query"]).meta.get("region")
     row_of = {int(i): r for r, i in enumerate(data.ids.tolist())}
+    unknown = sorted(
+        {int(i) for row in res["top"] + res["bottom"] for i in row["ids"]} - set(row_of)
+    )
+    if unknown:
+        raise InputError(f"{a.result}: ids {unknown[:5]} are not in the dataset given")
     rows = []
     for top, bottom in zip(res["top"], res["bottom"], strict=True):
         scores = torch.full((len(data),), float("nan"))
