@@ -335,3 +335,90 @@ def test_report_follows_no_path_outside_and_refuses_non_results(world, tmp_path)
     ):
         res.write_text(json.dumps(doc))
         refused(argv, tmp_path, message)
+
+
+# ---- 5. model loading: registry classes only, safetensors only --------------------------------
+
+
+def pipeline_folder(root: Path, unet_entry, weights: str | None) -> Path:
+    """A pipeline folder whose model_index.json names `unet_entry`; unet/ holds `weights`."""
+    (root / "unet").mkdir(parents=True)
+    (root / "scheduler").mkdir()
+    index = {"unet": unet_entry, "scheduler": ["diffusers", "DDIMScheduler"]}
+    (root / "model_index.json").write_text(json.dumps(index))
+    (root / "unet" / "config.json").write_text("{}")
+    if weights:
+        (root / "unet" / weights).write_bytes(b"\x80\x04not really a pickle")
+    return root
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [["os", "system"], ["diffusers", "DiffusionPipeline"], ["builtins", "eval"], "x", [None, 3]],
+    ids=["os.system", "another diffusers class", "builtins.eval", "a string", "nonsense"],
+)
+def test_a_model_folder_cannot_choose_what_is_imported(tmp_path, monkeypatch, entry):
+    import importlib
+
+    from ctrak_fast.models.text2image import TextToImageAdapter
+
+    imported = []
+    real = importlib.import_module
+    monkeypatch.setattr(importlib, "import_module", lambda n, *a: imported.append(n) or real(n, *a))
+    folder = pipeline_folder(tmp_path / "pipe", entry, "diffusion_pytorch_model.safetensors")
+    with pytest.raises((ValueError, FileNotFoundError), match="not a diffusers|no unet"):
+        TextToImageAdapter.from_pretrained(folder)
+    assert not {"os", "builtins"} & set(imported)
+
+
+def test_a_model_folder_with_only_pickle_weights_is_refused(tmp_path):
+    from ctrak_fast.models.text2image import TextToImageAdapter
+
+    folder = pipeline_folder(
+        tmp_path / "pipe", ["diffusers", "UNet2DConditionModel"], "diffusion_pytorch_model.bin"
+    )
+    with pytest.raises(ValueError, match=r"only pickle weights \['diffusion_pytorch_model.bin'\]"):
+        TextToImageAdapter.from_pretrained(folder)
+
+
+def test_dependencies_are_asked_for_safetensors_only(tmp_path, monkeypatch):
+    import diffusers
+
+    from ctrak_fast.models.text2image import TextToImageAdapter
+
+    asked = {}
+
+    def spy(cls, path, **kw):
+        asked.update(kw)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(diffusers.UNet2DConditionModel, "from_pretrained", classmethod(spy))
+    folder = pipeline_folder(
+        tmp_path / "pipe",
+        ["diffusers", "UNet2DConditionModel"],
+        "diffusion_pytorch_model.safetensors",
+    )
+    with pytest.raises(RuntimeError, match="stop here"):
+        TextToImageAdapter.from_pretrained(folder)
+    assert asked == {"use_safetensors": True, "local_files_only": True}
+
+
+def test_integer_weights_and_judge_files_are_not_models(world, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from ctrak_fast.models.shipped import ASSETS
+
+    _, model, _ = world
+    with safe_open(str(model), framework="pt") as f:
+        meta = f.metadata()
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    name = next(k for k, v in state.items() if v.is_floating_point() and v.dim() == 2)
+    state[name] = state[name].to(torch.int64)
+    save_file(state, str(tmp_path / "int.safetensors"), metadata=meta)
+    for path, message in (
+        (tmp_path / "int.safetensors", rf"weight '{re.escape(name)}' is torch.int64"),
+        (ASSETS / "judge_shapes16.safetensors", r"a ConceptJudge checkpoint, not a diffusion"),
+    ):
+        argv = ["query", "--model", path, "--concept", "shape=circle", "--out", tmp_path / "q"]
+        refused(argv, tmp_path, message)

@@ -41,15 +41,21 @@ def load_data(a, model=None):
 
 def load_model(path):
     from ctrak_fast.engine.validation import InputError, check_input_file
-    from ctrak_fast.models.factor_unet import load_model
+    from ctrak_fast.models.factor_unet import FactorUNet, load_model
     from ctrak_fast.models.shipped import ASSETS, SHIPPED
 
     path = check_input_file(path or ASSETS / f"unet_{SHIPPED}.safetensors", "model file")
     try:
-        return load_model(path)
+        model = load_model(path)
     except Exception as e:  # safetensors, JSON and state-dict errors alike: the file is unusable
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        first = first.removeprefix(f"{path}: ")
         raise InputError(f"{path}: not a usable model checkpoint ({first})") from e
+    if not isinstance(model, FactorUNet):  # e.g. a judge: it has no diffusion model's methods
+        raise InputError(
+            f"{path}: a {type(model).__name__} checkpoint, not a diffusion model (FactorUNet)"
+        )
+    return model
 
 
 def feature_spec(a):
