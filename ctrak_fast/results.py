@@ -109,7 +109,7 @@ class Query:
                     raise ValueError("it holds no 'queries' tensor (a store shard?)")
                 features = f.get_tensor("queries")
                 image = f.get_tensor("image")[0] if "image" in f.keys() else None
-        except (SafetensorError, ValueError, UnicodeDecodeError) as e:
+        except (SafetensorError, ValueError, UnicodeDecodeError, RecursionError) as e:
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise ValueError(f"{path}: not a query file of `ctrak query` ({first})") from None
         if not isinstance(meta, dict):

@@ -422,3 +422,63 @@ def test_integer_weights_and_judge_files_are_not_models(world, tmp_path):
     ):
         argv = ["query", "--model", path, "--concept", "shape=circle", "--out", tmp_path / "q"]
         refused(argv, tmp_path, message)
+
+
+# ---- 6. one line, never a traceback -------------------------------------------------------------
+
+DEEP = "[" * 100_000 + "]" * 100_000
+
+
+def test_deeply_nested_json_is_one_line(world, tmp_path):
+    root, model, _ = world
+    store = copy_store(root, "deep")
+    (store / "manifest.json").write_text(DEEP)
+    refused(["store", "info", store], root, r"manifest.json: unreadable manifest")
+    (tmp_path / "images").mkdir()
+    (tmp_path / "l.json").write_text(DEEP)
+    argv = ["labels", "--folder", tmp_path / "images", "--labels", tmp_path / "l.json"]
+    refused(argv, tmp_path, r"l\.json: invalid JSON \(nested too deeply\)")
+    (tmp_path / "r.json").write_text(DEEP)
+    argv = ["report", "--result", tmp_path / "r.json", "--out", tmp_path / "g.png"]
+    refused(argv, tmp_path, r"r\.json: not a JSON attribute result \(nested too deeply\)")
+    from safetensors.torch import save_file
+
+    save_file({"queries": torch.ones(1, K)}, str(tmp_path / "q.st"), metadata={"ctrak": DEEP})
+    refused(attribute(root / "store", tmp_path / "q.st"), tmp_path, r"q\.st: not a query file")
+
+
+@pytest.mark.parametrize(
+    "device,message",
+    [("bogus", r"--device 'bogus' is not a device"), ("cuda", r"--device 'cuda': this build")],
+)
+def test_a_device_that_is_not_there_is_one_line(world, device, message):
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    root = world[0]
+    refused(attribute(root / "store", root / "q.safetensors", "--device", device), root, message)
+
+
+@pytest.mark.parametrize("sig,code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_an_interrupt_is_one_line_and_resumable(world, monkeypatch, sig, code):
+    import signal
+    import time
+
+    import ctrak_fast.engine.store as store_module
+
+    root = world[0]
+    real_open = store_module.FeatureStore.open
+
+    def interrupted(path):
+        store = real_open(path)
+        os.kill(os.getpid(), getattr(signal, sig))  # SIGINT: Python raises KeyboardInterrupt
+        time.sleep(5)  # the handler interrupts this
+        return store
+
+    monkeypatch.setattr(store_module.FeatureStore, "open", interrupted)
+    before = snapshot(root)
+    rc, _, err = run(attribute(root / "store", root / "q.safetensors", "--out", root / "r.json"))
+    assert (
+        rc == code and err.strip() == "ctrak: error: interrupted; rerun the same command to resume"
+    )
+    assert snapshot(root) == before
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the CLI's handler is gone again

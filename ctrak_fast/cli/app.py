@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
+import warnings
 
 from ctrak_fast.cli.argtypes import (
     CliParser,
@@ -446,9 +449,46 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+INTERRUPTED = "ctrak: error: interrupted; rerun the same command to resume"
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that cleanup runs as for Ctrl-C."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    # PIL's and diffusers' warnings become log lines, not source excerpts around an error line
+    logging.getLogger("ctrak").warning("%s: %s", category.__name__, str(message).splitlines()[0])
+
+
 def _run(fn) -> int:
+    """fn() under the CLI's contract: one line for a user error (exit 1) or an interrupt (130
+    for SIGINT, 143 for SIGTERM; every store resumes), warnings as log lines."""
+    in_main = threading.current_thread() is threading.main_thread()
+    old_term = signal.signal(signal.SIGTERM, _terminate) if in_main else None
+    old_show = warnings.showwarning
+    warnings.showwarning = _one_line_warning
+    try:
+        return _run_guarded(fn)
+    finally:
+        warnings.showwarning = old_show
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
+
+
+def _run_guarded(fn) -> int:
     try:
         fn()
+    except KeyboardInterrupt:
+        print(INTERRUPTED, file=sys.stderr)
+        return 130
+    except Terminated:
+        print(INTERRUPTED, file=sys.stderr)
+        return 143
     except Exception as e:
         if os.environ.get("CTRAK_DEBUG") or not isinstance(e, _user_errors()):
             raise

@@ -121,9 +121,10 @@ def cmd_attribute(a):
     )
     from ctrak_fast.engine.store import FeatureStore, iter_store_shards
     from ctrak_fast.engine.sweep import choose_path, solve_queries
-    from ctrak_fast.engine.validation import check_outputs
+    from ctrak_fast.engine.validation import check_device, check_outputs
     from ctrak_fast.results import Attribution, Query, check_query_store, write_attribution
 
+    check_device(a.device)
     check_outputs(
         {"--out": a.out, "--export-scores": a.export_scores},
         {"--store": Path(a.store) / "manifest.json", "--query": a.query},

@@ -103,6 +103,8 @@ def read_labels(labels_file: str | os.PathLike) -> tuple[dict[str, dict[str, str
             return _csv_labels(labels_file, text), []
     except json.JSONDecodeError as e:
         raise ValueError(f"{labels_file}: invalid JSON ({e})") from None
+    except RecursionError:
+        raise ValueError(f"{labels_file}: invalid JSON (nested too deeply)") from None
     except ValueError as e:
         msg = str(e)
         raise ValueError(

@@ -19,6 +19,7 @@ __all__ = [
     "NonFiniteFeatures",
     "check_training_data",
     "check_data_matches_model",
+    "check_device",
     "check_input_file",
     "check_input_dir",
     "check_output_dir",
@@ -218,6 +219,25 @@ def _same_file(real: Path, src: Path) -> bool:
         return real.exists() and src.exists() and os.path.samefile(real, src)
     except OSError:
         return False
+
+
+def check_device(name: str | None, what: str = "--device") -> torch.device | None:
+    """A torch device this build and machine can use (None: the default); InputError naming
+    it otherwise ('bogus', or 'cuda' on a CPU-only build or a machine without a GPU)."""
+    if name is None:
+        return None
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise InputError(f"{what} {name!r} is not a device (cpu, cuda, cuda:0, ...)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"{what} {name!r}: this build or machine has no CUDA device")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise InputError(f"{what} {name!r}: only {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise InputError(f"{what} {name!r}: only cpu and cuda devices are supported")
+    return device
 
 
 def _shape(t: torch.Tensor) -> list[int]:

@@ -123,8 +123,8 @@ def read_manifest(path: Path) -> dict:
         raise StoreError(f"{path} is not a feature store (no {MANIFEST})")
     try:
         manifest = json.loads(mpath.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise StoreError(f"{mpath}: unreadable manifest: {e}") from e
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # nested too deeply too
+        raise StoreError(f"{mpath}: unreadable manifest: {e}") from None
     if not isinstance(manifest, dict):
         raise StoreError(f"{mpath}: manifest is not a JSON object")
     version = manifest.get("format_version")
