@@ -482,3 +482,46 @@ def test_an_interrupt_is_one_line_and_resumable(world, monkeypatch, sig, code):
     )
     assert snapshot(root) == before
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the CLI's handler is gone again
+
+
+# ---- 7. images ----------------------------------------------------------------------------------
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    from PIL import Image
+
+    from ctrak_fast.data.images import load_image
+
+    im = Image.new("RGB", (16, 8), (0, 0, 255))
+    im.paste((255, 0, 0), (0, 0, 8, 8))  # left half red, as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown rotated 90 degrees clockwise: the red half on top
+    im.save(tmp_path / "r.jpg", exif=exif, quality=95)
+    x = load_image(tmp_path / "r.jpg", 16)
+    red, blue = x[0], x[2]
+    assert red[:6].mean() > 0.8 and blue[:6].mean() < -0.8  # the top rows are red
+    assert red[10:].mean() < -0.8 and blue[10:].mean() > 0.8
+
+
+def test_a_decompression_bomb_is_refused_before_it_is_decoded(tmp_path, monkeypatch):
+    from PIL import Image
+
+    Image.new("1", (8000, 8000)).save(tmp_path / "bomb.png")  # 64 M pixels in a few kB
+    assert (tmp_path / "bomb.png").stat().st_size < 100_000
+    (tmp_path / "l.csv").write_text("filename,shape\nbomb.png,a\n")
+    argv = ["labels", "--folder", tmp_path, "--labels", tmp_path / "l.csv", "--image-size", "8"]
+    refused(argv, tmp_path, r"bomb\.png: 8000 x 8000 pixels, more than the 50,000,000")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # PIL's own guard: a warning below 2x
+    Image.new("RGB", (40, 40)).save(tmp_path / "bomb.png")
+    refused(argv, tmp_path, r"bomb\.png: unreadable image \(DecompressionBombWarning")
+
+
+def test_a_truncated_image_is_one_line(tmp_path):
+    from PIL import Image
+
+    Image.effect_noise((32, 32), 64).convert("RGB").save(tmp_path / "t.png")
+    data = (tmp_path / "t.png").read_bytes()
+    (tmp_path / "t.png").write_bytes(data[: len(data) // 2])
+    (tmp_path / "l.csv").write_text("filename,shape\nt.png,a\n")
+    argv = ["labels", "--folder", tmp_path, "--labels", tmp_path / "l.csv", "--image-size", "8"]
+    refused(argv, tmp_path, r"t\.png: unreadable image \(OSError")

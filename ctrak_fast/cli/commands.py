@@ -76,7 +76,7 @@ def cmd_query(a):
     """Query features of --concept through the Attributor of --method: a concept query (the
     method's slider, c- per removed factor) or, for whole-image methods, the query image's."""
     from ctrak_fast.api import Attributor
-    from ctrak_fast.data.folder import load_image, load_mask
+    from ctrak_fast.data.images import load_image, load_mask
     from ctrak_fast.engine.validation import check_input_file, check_outputs
     from ctrak_fast.method.losses import region_mask
     from ctrak_fast.method.recipes import recipe_options

@@ -174,7 +174,7 @@ def _scheduler(name: str | None, adapter):
 
 
 def _cmd_query(a):
-    from ctrak_fast.data.folder import load_image
+    from ctrak_fast.data.images import load_image
     from ctrak_fast.engine.validation import check_output_path
     from ctrak_fast.method.query import ConceptQuerySpec
     from ctrak_fast.models.prompts import concept_prompts

@@ -17,13 +17,10 @@ import os
 import posixpath
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
 from .dataset import ConceptDataset
-
-_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+from .images import load_image
 
 
 def _no_duplicate_keys(pairs):
@@ -170,56 +167,6 @@ def _csv_labels(labels_file: Path, text: str) -> dict[str, dict[str, str]]:
             raise ValueError(f"lists {name!r} twice (line {line})")
         table[name] = {k: v.strip() for k, v in r.items() if k != key}
     return table
-
-
-def load_image(path: Path, image_size: int) -> torch.Tensor:
-    """float32 [3, S, S] in [-1, 1]; ValueError naming the file on any problem."""
-    if not path.is_file():
-        raise ValueError(f"image file missing: {path}")
-    if path.suffix.lower() not in _IMAGE_SUFFIXES:
-        raise ValueError(f"{path}: not a PNG/JPG file")
-    try:
-        with Image.open(path) as im:
-            im.load()
-            mode = im.mode
-            if mode not in ("RGB", "RGBA", "L", "P"):
-                raise ValueError(
-                    f"{path}: unsupported image mode {mode!r} (need RGB, RGBA, L or P)"
-                )
-            if mode == "RGBA":  # composite onto white, the synthetic background
-                bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
-                im = Image.alpha_composite(bg, im)
-            im = im.convert("RGB")
-            if im.size != (image_size, image_size):
-                im = im.resize((image_size, image_size), Image.Resampling.BOX)
-            arr = np.asarray(im, dtype=np.float32)
-    except ValueError:
-        raise
-    except Exception as e:  # PIL raises many types for corrupt files
-        raise ValueError(f"{path}: unreadable image ({type(e).__name__}: {e})") from None
-    if arr.ndim != 3 or arr.shape[2] != 3:
-        raise ValueError(f"{path}: expected 3 channels, got shape {arr.shape}")
-    if not np.isfinite(arr).all():
-        raise ValueError(f"{path}: image contains NaN/Inf")
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous() / 127.5 - 1.0
-
-
-def load_mask(path: Path, size) -> torch.Tensor:
-    """A region mask PNG -> float32 [H, W] at the query image's `size` (H, W; resized by nearest
-    neighbour, as the query image is resized to the model's size): 1 where it is not black."""
-    try:
-        with Image.open(path) as im:
-            im.load()
-            gray = im.convert("L")
-    except Exception as e:  # PIL raises many types for corrupt files
-        raise ValueError(f"{path}: unreadable mask ({type(e).__name__}: {e})") from None
-    h, w = int(size[0]), int(size[1])
-    if gray.size != (w, h):
-        gray = gray.resize((w, h), Image.Resampling.NEAREST)
-    mask = torch.from_numpy(np.asarray(gray, dtype=np.float32) > 0).float()
-    if mask.sum() == 0:
-        raise ValueError(f"{path}: the mask is all black (an empty region)")
-    return mask
 
 
 def load_image_folder(
