@@ -9,8 +9,10 @@ weights is refused with a message instead of being unpickled.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -71,6 +73,13 @@ def load_pipeline_parts(path: str | os.PathLike) -> dict[str, object]:
                 "(the only kind ctrak loads for it)"
             )
         folder = path / name
+        for config in folder.glob("*config.json"):  # else diffusers looks for it online
+            try:
+                ok = isinstance(json.loads(config.read_text(encoding="utf-8")), dict)
+            except (ValueError, UnicodeDecodeError, RecursionError):
+                ok = False
+            if not ok:
+                raise ValueError(f"{config}: not a JSON object")
         kw: dict[str, object] = {"local_files_only": True}
         if weights:
             if not any(folder.glob("*.safetensors")):
@@ -82,5 +91,20 @@ def load_pipeline_parts(path: str | os.PathLike) -> dict[str, object]:
                 )
             kw["use_safetensors"] = True
         load = getattr(cls, "from_pretrained", None) or cls.from_config
-        parts[name] = load(str(folder), **kw)
+        with _quiet(diffusers, transformers):
+            parts[name] = load(str(folder), **kw)
     return parts
+
+
+@contextlib.contextmanager
+def _quiet(*libraries) -> Iterator[None]:
+    """Their loggers' multi-line warnings (accelerate hints, ...) would print around the CLI's
+    one error line: errors only while loading."""
+    levels = [lib.utils.logging.get_verbosity() for lib in libraries]
+    for lib in libraries:
+        lib.utils.logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        for lib, level in zip(libraries, levels, strict=True):
+            lib.utils.logging.set_verbosity(level)
