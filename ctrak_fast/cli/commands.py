@@ -131,7 +131,7 @@ def cmd_attribute(a):
     )
     store = FeatureStore.open(a.store)
     if not a.allow_partial:
-        store.check_complete()
+        store.check_complete(", or pass --allow-partial to score the rows it has")
     query = Query.load(a.query)
     q = query.features
     check_query_store(store, query.meta)

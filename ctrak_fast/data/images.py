@@ -30,8 +30,8 @@ def open_image(path: Path, what: str = "image") -> Iterator[Image.Image]:
                 w, h = im.size
                 if w * h > MAX_PIXELS:
                     raise ValueError(
-                        f"{path}: {w} x {h} pixels, more than the {MAX_PIXELS:,} a {what} may "
-                        "have (a decompression bomb?)"
+                        f"{path}: {w} x {h} pixels, more than the {MAX_PIXELS:,} allowed "
+                        "(a decompression bomb?)"
                     )
                 im.load()
                 yield ImageOps.exif_transpose(im)

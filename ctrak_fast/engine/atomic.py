@@ -50,7 +50,7 @@ def atomic_write(path: Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
         if e.strerror is None:  # already a message of ours
             raise
-        raise OSError(e.errno, f"cannot write {path}: {e.strerror}") from e
+        raise OSError(f"cannot write {path}: {e.strerror}") from e  # one line, no [Errno]
     except BaseException:  # a signal
         tmp.unlink(missing_ok=True)
         raise
@@ -94,7 +94,7 @@ def atomic_path(path: str | os.PathLike, mode: int = 0o644) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
         if e.strerror is None:  # already a message of ours
             raise
-        raise OSError(e.errno, f"cannot write {path}: {e.strerror}") from e
+        raise OSError(f"cannot write {path}: {e.strerror}") from e  # one line, no [Errno]
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

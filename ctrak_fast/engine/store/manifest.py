@@ -220,7 +220,7 @@ def describe_rows(m: Mapping) -> str:
     """'96 of 875 rows' (or '96 rows, the expected number not recorded')."""
     expected = m.get("expected_rows")
     if expected is None:
-        return f"{m['n_rows']} rows (the expected number is not recorded)"
+        return f"{m['n_rows']} rows, of a number not recorded"
     return f"{m['n_rows']} of {expected} rows"
 
 

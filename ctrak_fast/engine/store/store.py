@@ -241,12 +241,13 @@ class FeatureStore:
         """The rows the store holds when complete, if its writer was told (else None)."""
         return self._m.get("expected_rows")
 
-    def check_complete(self) -> None:
-        """Raise StoreError naming the rows present and expected unless the store is complete."""
+    def check_complete(self, hint: str = "") -> None:
+        """Raise StoreError naming the rows present and expected unless the store is complete;
+        ``hint``: another way out, appended to the message."""
         if not self.complete:
             raise StoreError(
-                f"store {self.path} is incomplete: {describe_rows(self._m)} (killed, or a writer "
-                "is still running): rerun the command that wrote it to finish it"
+                f"store {self.path} is incomplete: {describe_rows(self._m)}; its writer was "
+                f"killed or is still running: rerun the command that wrote it (it resumes){hint}"
             )
 
     @property
