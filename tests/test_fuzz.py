@@ -178,6 +178,7 @@ KEYS = [
     "n_rows",
     "shards",
     "complete",
+    "expected_rows",
     "spec_sha256",
     "created_by",
     "extra",

@@ -163,6 +163,19 @@ def test_outputs_pointed_at_inputs_are_refused(world):
         refused(argv, root, message)
 
 
+def test_t2i_outputs_pointed_at_inputs_are_refused(world, tmp_path):
+    from ctrak_fast.models.shipped import ASSETS
+
+    root = world[0]
+    model = tmp_path / "t2i.safetensors"
+    shutil.copy(ASSETS / "t2i_shapes16.safetensors", model)
+    argv = ["t2i", "query", "--model", model, "--prompt", "a red circle", "--out", model]
+    refused(argv, tmp_path, r"--out .*t2i\.safetensors is the input --model")
+    q = root / "q.safetensors"
+    argv = ["t2i", "attribute", "--store", root / "store", "--query", q, "--out", q]
+    refused(argv, root, r"--out .* is the input --query")
+
+
 def test_an_output_in_a_missing_folder_is_refused_before_the_work(world, monkeypatch):
     root = world[0]
     import ctrak_fast.engine.store as store_module

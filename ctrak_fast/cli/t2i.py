@@ -175,13 +175,15 @@ def _scheduler(name: str | None, adapter):
 
 def _cmd_query(a):
     from ctrak_fast.data.images import load_image
-    from ctrak_fast.engine.validation import check_output_path
+    from ctrak_fast.engine.validation import check_outputs
     from ctrak_fast.method.query import ConceptQuerySpec
     from ctrak_fast.models.prompts import concept_prompts
     from ctrak_fast.models.t2i_features import prompt_query_features
     from ctrak_fast.results import Query
 
-    out = check_output_path(a.out)
+    model = Path(a.model) / "model_index.json" if a.model and Path(a.model).is_dir() else a.model
+    check_outputs({"--out": a.out}, {"--model": model, "--image": a.image})
+    out = Path(a.out)
     adapter = _adapter(a)
     negatives = concept_prompts(a.prompt, a.concept or (), a.negative_prompt or ())
     labels = [f"-{c}" for c in a.concept or ()] + [f"vs {n!r}" for n in a.negative_prompt or ()]
@@ -226,9 +228,13 @@ def _cmd_attribute(a):
     from ctrak_fast.engine.scoring import precondition
     from ctrak_fast.engine.search import topk
     from ctrak_fast.engine.store import FeatureStore
+    from ctrak_fast.engine.validation import check_outputs
     from ctrak_fast.results import Attribution, Query, check_query_store, write_attribution
 
+    inputs = {"--store": Path(a.store) / "manifest.json", "--query": a.query}
+    check_outputs({"--out": a.out}, inputs)
     store = FeatureStore.open(a.store)
+    store.check_complete()
     query = Query.load(a.query)
     q, meta = query.features, query.meta
     if "text2image" not in meta:

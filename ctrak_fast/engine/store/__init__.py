@@ -2,8 +2,8 @@
 
 The rooms of the store: manifest.py (format, spec fields, errors, fingerprints), shards.py (the one
 safetensors-header parser, shard checks, memory-mapped reading), store.py (FeatureStore: create,
-open, read, verify), writer.py (the one writer and its lock), merge.py (merging stores by linking
-shard files). Layout and guarantees: store.py's docstring.
+open, read), verify.py (every byte re-read), writer.py (the one writer and its lock), merge.py
+(merging stores by linking shard files). Layout and guarantees: store.py's docstring.
 """
 
 from ctrak_fast.engine.store.manifest import (

@@ -25,6 +25,11 @@ Guarantees:
   shard's block CRC-32C (``crc32c``, engine/checksum.py) as it streams it; :meth:`read_shard`
   checks the file's sha256; :meth:`FeatureStore.verify` re-reads everything (sha256, CRC-32C, the
   ids' sha256, ids repeated across shards) and names each bad shard.
+- Completeness: the manifest records ``complete`` (true once the last writer closed cleanly
+  with all its ``expected_rows`` on disk, false while a writer runs or after it was killed);
+  ``check_complete`` names the rows present and expected; ``ctrak attribute`` refuses an
+  incomplete store unless ``--allow-partial``. A featurize that fails before its first row
+  removes the store it created; a 0-row store of another spec is replaced, never blocking.
 - Zeroed rows: a writer may store a row as zeros in place of a non-finite feature
   (``append(..., zeroed=mask)``); the shard's record lists those ids (``zeroed_ids``), so the
   substitution is never silent.
@@ -48,7 +53,6 @@ import torch
 from safetensors import safe_open
 
 from ctrak_fast.engine.atomic import atomic_write, sha256_bytes
-from ctrak_fast.engine.checksum import shard_checksum
 from ctrak_fast.engine.store.manifest import (
     DTYPES,
     MANIFEST,
@@ -67,11 +71,11 @@ from ctrak_fast.engine.store.manifest import (
     spec_sha256,
 )
 from ctrak_fast.engine.store.shards import (
-    check_header,
     check_shards,
     iter_store_shards,
     shard_file,
 )
+from ctrak_fast.engine.store.verify import verify_store
 from ctrak_fast.engine.store.writer import StoreWriter, remove_empty_store
 
 
@@ -361,55 +365,9 @@ class FeatureStore:
         Checks at least everything a reader checks, and more: missing, truncated or extended
         files, bad headers, any changed byte (sha256, and crc32c where recorded), the ids' own
         sha256, ids repeated within or across shards, and zeroed rows. The manifest's fields and
-        its spec checksum were checked when the store was opened.
+        its spec checksum were checked when the store was opened (see verify.py).
         """
-        problems = []
-        total = 0
-        all_ids = []
-        for rec in self._m["shards"]:
-            name = rec["file"]
-            try:
-                file = shard_file(self.path, name)
-                problems.extend(f"{name}: {p}" for p in self._verify_shard(file, rec, all_ids))
-            except StoreError as e:
-                problems.append(str(e))
-            if rec["first_row"] != total:
-                problems.append(f"{name}: first_row {rec['first_row']} != expected {total}")
-            total += rec["rows"]
-        if total != self.n_rows:
-            problems.append(f"{MANIFEST}: n_rows {self.n_rows} != sum of shard rows {total}")
-        if all_ids:
-            ids = torch.cat(all_ids)
-            uniq, counts = torch.unique(ids, return_counts=True)
-            if len(uniq) != len(ids):
-                repeated = uniq[counts > 1][:3].tolist()
-                problems.append(f"{int((counts > 1).sum())} ids appear more than once {repeated}")
-        return problems
-
-    def _verify_shard(self, file: Path, rec: dict, all_ids: list) -> list[str]:
-        if not file.is_file():
-            return ["missing"]
-        data = file.read_bytes()
-        if len(data) != rec["bytes"]:
-            return [f"{len(data)} bytes, manifest says {rec['bytes']} (truncated?)"]
-        if sha256_bytes(data) != rec["sha256"]:
-            return ["sha256 mismatch (corrupt bytes)"]
-        if "crc32c" in rec and shard_checksum(data) != rec["crc32c"]:
-            return ["crc32c mismatch (the manifest's checksum was edited?)"]
-        try:
-            check_header(file, rec["rows"], self.k, self.dtype, len(data))
-        except StoreError as e:
-            return [str(e)]
-        tensors = safetensors.torch.load(data)
-        ids = tensors["ids"]
-        all_ids.append(ids)
-        if sha256_bytes(ids.numpy().tobytes()) != rec["ids_sha256"]:
-            return ["ids_sha256 does not match the shard's ids (edited manifest?)"]
-        if rec.get("zeroed_ids"):
-            zeroed = torch.isin(ids, torch.tensor(rec["zeroed_ids"]))
-            if int(zeroed.sum()) != len(rec["zeroed_ids"]) or tensors["features"][zeroed].any():
-                return ["zeroed_ids do not match the shard's ids and rows"]
-        return []
+        return verify_store(self.path, self._m)
 
     # -- writing --
 
