@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import signal
 import sys
-import threading
-import warnings
 
 from ctrak_fast.cli.argtypes import (
     CliParser,
@@ -32,6 +28,7 @@ from ctrak_fast.cli.commands import (
     cmd_report,
     cmd_store,
 )
+from ctrak_fast.cli.guard import run_guarded
 from ctrak_fast.cli.train import add_train_args, cmd_train
 from ctrak_fast.engine.scoring_options import PATHS, PRECISIONS
 from ctrak_fast.method.methods import FEATURIZE_METHODS, METHODS
@@ -435,67 +432,7 @@ def main(argv: list[str] | None = None) -> int:
         "bench": cmd_demo,
         "t2i": _cmd_t2i,
     }
-    return _run(lambda: handlers[a.cmd](a))
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Errors that mean "this input cannot be used": one line, no traceback. The package's own
-    error classes are looked up only if their module was imported (no import cost otherwise)."""
-    errors = [ValueError, OSError, ImportError, KeyError]
-    for module, name in (("engine.store", "StoreError"), ("method.dist_context", "RankFailed")):
-        loaded = sys.modules.get(f"ctrak_fast.{module}")
-        if loaded is not None:
-            errors.append(getattr(loaded, name))
-    return tuple(errors)
-
-
-INTERRUPTED = "ctrak: error: interrupted; rerun the same command to resume"
-
-
-class Terminated(BaseException):
-    """SIGTERM, raised in the main thread so that cleanup runs as for Ctrl-C."""
-
-
-def _terminate(signum, frame) -> None:
-    raise Terminated
-
-
-def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    # PIL's and diffusers' warnings become log lines, not source excerpts around an error line
-    logging.getLogger("ctrak").warning("%s: %s", category.__name__, str(message).splitlines()[0])
-
-
-def _run(fn) -> int:
-    """fn() under the CLI's contract: one line for a user error (exit 1) or an interrupt (130
-    for SIGINT, 143 for SIGTERM; every store resumes), warnings as log lines."""
-    in_main = threading.current_thread() is threading.main_thread()
-    old_term = signal.signal(signal.SIGTERM, _terminate) if in_main else None
-    old_show = warnings.showwarning
-    warnings.showwarning = _one_line_warning
-    try:
-        return _run_guarded(fn)
-    finally:
-        warnings.showwarning = old_show
-        if old_term is not None:
-            signal.signal(signal.SIGTERM, old_term)
-
-
-def _run_guarded(fn) -> int:
-    try:
-        fn()
-    except KeyboardInterrupt:
-        print(INTERRUPTED, file=sys.stderr)
-        return 130
-    except Terminated:
-        print(INTERRUPTED, file=sys.stderr)
-        return 143
-    except Exception as e:
-        if os.environ.get("CTRAK_DEBUG") or not isinstance(e, _user_errors()):
-            raise
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"ctrak: error: {msg}", file=sys.stderr)
-        return 1
-    return 0
+    return run_guarded(lambda: handlers[a.cmd](a))
 
 
 if __name__ == "__main__":
