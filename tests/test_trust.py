@@ -572,3 +572,11 @@ FAMILIES = [  # the sections above, each a row of docs/CONTRACTS.md's table
 def test_contracts_table_lists_every_family():
     text = (Path(__file__).resolve().parents[1] / "docs" / "CONTRACTS.md").read_text()
     assert [f for f in FAMILIES if f"| {f} |" not in text] == []
+
+
+def test_a_folder_with_another_manifest_json_is_not_a_store(world, tmp_path):
+    root = world[0]
+    (tmp_path / "manifest.json").write_text('{"name": "a web app"}')
+    out = tmp_path / "r.json"
+    rc, _, err = run(attribute(root / "store", root / "q.safetensors", "--out", out))
+    assert rc == 0 and out.is_file(), err

@@ -8,6 +8,7 @@ featurization: one pass over the images at most.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -208,8 +209,21 @@ def check_outputs(outputs: Mapping[str, object], inputs: Mapping[str, object]) -
             if _same_file(real, src):
                 raise InputError(f"{flag} {path} is the input {src_flag}: it would be overwritten")
         for parent in real.parents:
-            if (parent / "manifest.json").is_file():
+            if _is_store(parent):
                 raise InputError(f"{flag} {path} is inside the feature store {parent}")
+
+
+def _is_store(folder: Path) -> bool:
+    """A FeatureStore's folder (its manifest.json names shards and k), not any folder that
+    happens to hold a file of that name."""
+    manifest = folder / "manifest.json"
+    try:
+        if not manifest.is_file() or manifest.stat().st_size > 1 << 26:
+            return False
+        m = json.loads(manifest.read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(m, dict) and "shards" in m and "k" in m
 
 
 def _same_file(real: Path, src: Path) -> bool:
