@@ -94,7 +94,9 @@ class FactorConditions(Conditions):
             pairs: dict[str, str | int] = {}
             for part in (p.strip() for p in concept.split(",")):
                 if "=" not in part:  # "" too: "shape=circle,," is a typo, not a condition
-                    raise ValueError(f"bad condition {concept!r}: {part!r} is not factor=value")
+                    raise ValueError(
+                        f"bad condition {concept!r}: expected factor=value, got {part!r}"
+                    )
                 key, val = (s.strip() for s in part.split("=", 1))
                 if key in pairs:  # the last would silently win
                     raise ValueError(f"bad condition {concept!r}: factor {key!r} given twice")

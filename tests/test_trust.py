@@ -341,7 +341,7 @@ def test_a_malformed_concept_is_refused(world, tmp_path, concept):
     _, model, _ = world
     out = tmp_path / "q.safetensors"
     argv = ["query", "--model", model, "--concept", concept, "--out", out, "--n-draws", "1"]
-    refused(argv, tmp_path, r"bad condition .*(given twice|is not factor=value)")
+    refused(argv, tmp_path, r"bad condition .*(given twice|expected factor=value, got '')")
 
 
 def test_report_follows_no_path_outside_and_refuses_non_results(world, tmp_path):
@@ -580,3 +580,21 @@ def test_a_folder_with_another_manifest_json_is_not_a_store(world, tmp_path):
     out = tmp_path / "r.json"
     rc, _, err = run(attribute(root / "store", root / "q.safetensors", "--out", out))
     assert rc == 0 and out.is_file(), err
+
+
+@pytest.mark.parametrize(
+    "fname,text,message",
+    [
+        ("c.json", '{"../outside/secret.png": "a cat"}', r"not a file inside the image folder"),
+        ("c.json", '{"link.png": "a cat"}', r"leads outside the image folder"),
+        ("c.json", '{"0.png": "a", "./0.png": "b"}', r"names one image twice"),
+        ("c.jsonl", "[1, 2]\n", r"c\.jsonl: not a captions file \(TypeError"),
+        ("c.json", DEEP, r"c\.json: not a captions file \(RecursionError"),
+    ],
+)
+def test_t2i_captions_stay_inside_the_folder(folder, fname, text, message):
+    from ctrak_fast.data.captions import read_captions
+
+    (folder.parent / fname).write_text(text)
+    with pytest.raises(ValueError, match=message):
+        read_captions(folder, folder.parent / fname)
