@@ -425,6 +425,20 @@ def test_dependencies_are_asked_for_safetensors_only(tmp_path, monkeypatch):
     assert asked == {"use_safetensors": True, "local_files_only": True}
 
 
+def test_every_weight_load_of_a_dependency_asks_for_safetensors():
+    """The package's own text: a dependency's from_pretrained of weights names use_safetensors
+    (pipeline_folder's registry loads are checked by the spy above)."""
+    offenders = []
+    for path in sorted((Path(__file__).resolve().parents[1] / "ctrak_fast").rglob("*.py")):
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            code = line.split("#")[0]
+            ours = "TextToImageAdapter.from_pretrained" in code or "def from_pretrained" in code
+            if ".from_pretrained(" in code and not ours and "Tokenizer" not in code:
+                if "use_safetensors=True" not in code:
+                    offenders.append(f"{path.name}:{n}: {line.strip()}")
+    assert offenders == []
+
+
 def test_integer_weights_and_judge_files_are_not_models(world, tmp_path):
     from safetensors import safe_open
     from safetensors.torch import save_file
