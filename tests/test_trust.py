@@ -425,6 +425,18 @@ def test_dependencies_are_asked_for_safetensors_only(tmp_path, monkeypatch):
     assert asked == {"use_safetensors": True, "local_files_only": True}
 
 
+def test_a_judge_is_loaded_where_a_judge_is_asked_for(world):
+    from ctrak_fast.cli.inputs import load_model
+    from ctrak_fast.engine.validation import InputError
+    from ctrak_fast.models.factor_unet import ConceptJudge
+    from ctrak_fast.models.shipped import ASSETS
+
+    judge = ASSETS / "judge_shapes16.safetensors"
+    assert isinstance(load_model(judge, judge=True), ConceptJudge)
+    with pytest.raises(InputError, match=r"a FactorUNet checkpoint, not a judge \(ConceptJudge\)"):
+        load_model(world[1], judge=True)
+
+
 def test_every_weight_load_of_a_dependency_asks_for_safetensors():
     """The package's own text: a dependency's from_pretrained of weights names use_safetensors
     (pipeline_folder's registry loads are checked by the spy above)."""

@@ -39,9 +39,11 @@ def load_data(a, model=None):
         raise InputError(f"{path}: not a usable dataset ({first})") from e
 
 
-def load_model(path):
+def load_model(path, judge: bool = False):
+    """The FactorUNet checkpoint at `path` (default: the shipped one), or with `judge` a
+    ConceptJudge; any other file, or a model of the other kind, is one InputError."""
     from ctrak_fast.engine.validation import InputError, check_input_file
-    from ctrak_fast.models.factor_unet import FactorUNet, load_model
+    from ctrak_fast.models.factor_unet import ConceptJudge, FactorUNet, load_model
     from ctrak_fast.models.shipped import ASSETS, SHIPPED
 
     path = check_input_file(path or ASSETS / f"unet_{SHIPPED}.safetensors", "model file")
@@ -51,9 +53,11 @@ def load_model(path):
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         first = first.removeprefix(f"{path}: ")
         raise InputError(f"{path}: not a usable model checkpoint ({first})") from e
-    if not isinstance(model, FactorUNet):  # e.g. a judge: it has no diffusion model's methods
+    # A judge has none of a diffusion model's methods, and the other way round.
+    kind, what = (ConceptJudge, "a judge") if judge else (FactorUNet, "a diffusion model")
+    if not isinstance(model, kind):
         raise InputError(
-            f"{path}: a {type(model).__name__} checkpoint, not a diffusion model (FactorUNet)"
+            f"{path}: a {type(model).__name__} checkpoint, not {what} ({kind.__name__})"
         )
     return model
 
