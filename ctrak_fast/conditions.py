@@ -92,10 +92,14 @@ class FactorConditions(Conditions):
             return concept.to(torch.int64)
         if isinstance(concept, str):
             pairs: dict[str, str | int] = {}
-            for part in filter(None, (p.strip() for p in concept.split(","))):
-                if "=" not in part:
-                    raise ValueError(f"bad condition {part!r}: expected factor=value")
+            for part in (p.strip() for p in concept.split(",")):
+                if "=" not in part:  # "" too: "shape=circle,," is a typo, not a condition
+                    raise ValueError(
+                        f"bad condition {concept!r}: expected factor=value, got {part!r}"
+                    )
                 key, val = (s.strip() for s in part.split("=", 1))
+                if key in pairs:  # the last would silently win
+                    raise ValueError(f"bad condition {concept!r}: factor {key!r} given twice")
                 pairs[key] = val
             concept = pairs
         if not isinstance(concept, Mapping):

@@ -97,8 +97,13 @@ class Query:
         if self.image is not None:
             tensors["image"] = self.image.detach().float().cpu().reshape(1, *self.image.shape)
         meta = {**self.meta, "removed": list(self.labels)}
+        from safetensors import SafetensorError
+
         with atomic_path(out) as tmp:
-            save_file(tensors, str(tmp), metadata={"ctrak": json.dumps(meta)})
+            try:
+                save_file(tensors, str(tmp), metadata={"ctrak": json.dumps(meta)})
+            except SafetensorError as e:  # e.g. a full disk: an OSError, one line in the CLI
+                raise OSError(f"cannot write {out}: {str(e).splitlines()[0]}") from e
         return out
 
     @classmethod
@@ -115,11 +120,20 @@ class Query:
                     raise ValueError("it holds no 'queries' tensor (a store shard?)")
                 features = f.get_tensor("queries")
                 image = f.get_tensor("image")[0] if "image" in f.keys() else None
-        except (SafetensorError, ValueError, UnicodeDecodeError) as e:
+        except (SafetensorError, ValueError, UnicodeDecodeError, RecursionError) as e:
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise ValueError(f"{path}: not a query file of `ctrak query` ({first})") from None
         if not isinstance(meta, dict):
             raise ValueError(f"{path}: not a query file of `ctrak query` (metadata is not a dict)")
+        if features.is_floating_point() and features.numel():
+            from ctrak_fast.engine.scoring import MAX_QUERY_ABS
+
+            top = float(features.double().abs().max())  # NaN propagates: refused below too
+            if not top <= MAX_QUERY_ABS:
+                raise ValueError(
+                    f"{path}: query features must be finite and within +-{MAX_QUERY_ABS:g} "
+                    f"(largest magnitude {top:.3g})"
+                )
         labels = meta.pop("removed", None) or [f"query {i}" for i in range(len(features))]
         if not isinstance(labels, list) or len(labels) != len(features):
             raise ValueError(f"{path}: its labels do not match its {len(features)} query rows")
@@ -156,7 +170,22 @@ class Attribution:
 
     @classmethod
     def from_topk(cls, res: TopK, labels: Sequence[str], lambda_r: float = 1.0) -> Attribution:
-        """Wrap a :class:`ctrak_fast.TopK` from :func:`ctrak_fast.topk`."""
+        """Wrap a :class:`ctrak_fast.TopK` from :func:`ctrak_fast.topk`; refuses NaN / Inf
+        scores and padding ids (-1): a result holding them would be silently wrong."""
+        import torch
+
+        for what, ids, scores in (
+            ("top", res.top_ids, res.top_values),
+            ("bottom", res.bottom_ids, res.bottom_values),
+        ):
+            if ids is None or scores is None:
+                continue
+            if not bool(torch.isfinite(scores).all()) or bool((ids < 0).any()):
+                raise ValueError(
+                    f"the search gave non-finite scores or missing ids in its {what} tail "
+                    "(damaged features read without checks, or an extreme lambda_r): rerun with "
+                    "--verify full, or another lambda_r"
+                )
         return cls(
             res.top_ids, res.top_values, res.bottom_ids, res.bottom_values, tuple(labels), lambda_r
         )
@@ -274,8 +303,7 @@ def check_store_readable(store: FeatureStore, format_version: int) -> None:
             f"store {store.path} has format version {version!r}; this build reads "
             f"<= {format_version}"
         )
-    if not store.complete:
-        raise StoreError(f"store {store.path} is incomplete: finish it with featurize() (resumes)")
+    store.check_complete()
 
 
 def write_attribution(

@@ -278,7 +278,7 @@ def test_latent_cache_written_once_and_keyed(tmp_path, monkeypatch):
 def test_latent_cache_streams_image_files(tmp_path):
     from PIL import Image
 
-    from ctrak_fast.data.folder import load_image
+    from ctrak_fast.data.images import load_image
 
     ad = tiny_adapter()
     g = torch.Generator().manual_seed(0)

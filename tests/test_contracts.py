@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from forkserver import tiny_assets
-from test_fuzz import listing, run
+from test_fuzz import run, snapshot
 
 from ctrak_fast.engine.store import FeatureStore
 from ctrak_fast.results import Query
@@ -103,11 +103,11 @@ def test_damaged_manifests(world, name, edit, command, message):
         argv = ["attribute", "--store", store, "--query", root / "q.safetensors", "--k", "2"]
     else:
         argv = ["store", command, store]
-    before = listing(root)
+    before = snapshot(root)
     rc, _, err = run(argv)
     print(f"CASE {name}: {err.strip()}")
     assert rc == 1 and re.search(message, err) and len(err.strip().splitlines()) == 1, err
-    assert listing(root) == before
+    assert snapshot(root) == before
 
 
 def test_a_flipped_feature_byte_is_refused_by_the_default_search(world):
@@ -246,12 +246,12 @@ USAGE_CASES = {
 @pytest.mark.parametrize("name,argv,message", CLI_CASES, ids=[c[0] for c in CLI_CASES])
 def test_bad_flags_and_files(world, name, argv, message):
     root = world[0]
-    before = listing(root)
+    before = snapshot(root)
     rc, _, err = run(argv(world))
     print(f"CASE {name}: {err.strip()}")
     assert rc == (2 if name in USAGE_CASES else 1), (rc, err)
     assert re.search(message, err) and len(err.strip().splitlines()) == 1, err
-    assert listing(root) == before  # e.g. no 0-row store left by a bad --timesteps
+    assert snapshot(root) == before  # e.g. no 0-row store left by a bad --timesteps
 
 
 LABEL_CASES = [  # (name, file name, bytes, expected message)
@@ -299,11 +299,11 @@ def test_bad_labels(world, name, fname, data, message, tmp_path):
             "--out",
             tmp_path / "out",
         ]
-    before = listing(tmp_path)
+    before = snapshot(tmp_path)
     rc, _, err = run(argv)
     print(f"CASE {name}: {err.strip()}")
     assert rc == 1 and re.search(message, err) and len(err.strip().splitlines()) == 1, err
-    assert listing(tmp_path) == before
+    assert snapshot(tmp_path) == before
 
 
 def test_contracts_table_lists_every_case():

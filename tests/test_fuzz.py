@@ -2,7 +2,11 @@
 
 Every case runs the real CLI in-process (`ctrak_fast.cli.app.main`) and must either work with
 correct results, or print exactly one `ctrak: error:` line, exit 1 (2 for a flag value the parser
-refuses) and leave nothing new on disk.
+refuses) and leave nothing new on disk; either way every file that existed before keeps its bytes
+(check_contract compares snapshots), and the labels family checks that no file outside the image
+folder was opened (an audit hook). The families of #29 (outputs at inputs, nested JSON, image
+files, model files and folders, flags that are run) are in tests/test_fuzz_io.py, with these
+helpers.
 The corpus covers manifests, shard files, query files, labels files (JSON and CSV) and every
 numeric / list / regex flag of the parser. It is derandomised: a failure prints its example and
 reproduces on every run (hypothesis's `print_blob` gives the seed blob to replay it).
@@ -15,8 +19,10 @@ import contextlib
 import io
 import json
 import math
+import os
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -54,15 +60,57 @@ def listing(root: Path) -> set[str]:
     return {str(p.relative_to(root)) for p in root.rglob("*")}
 
 
-def check_contract(rc: int, err: str, before: set[str], after: set[str]) -> bool:
-    """True if the command worked; else assert the error contract. Returns rc == 0."""
+def snapshot(root: Path) -> dict[str, bytes | str | None]:
+    """Every path under root: a file's bytes, a symlink's target, None for a folder."""
+    out: dict[str, bytes | str | None] = {}
+    for p in root.rglob("*"):
+        name = str(p.relative_to(root))
+        if p.is_symlink():
+            out[name] = os.readlink(p)
+        elif p.is_file():
+            out[name] = p.read_bytes()
+        else:
+            out[name] = None
+    return out
+
+
+def check_contract(rc: int, err: str, before: dict, after: dict, outputs=()) -> bool:
+    """Snapshots before / after (see snapshot): every file that existed before keeps its bytes,
+    whatever the outcome (but the command's `outputs`, relative names, if it worked). True if
+    the command worked; else assert the error contract (one line, exit 1, or 2 for a usage error
+    the parser refuses, nothing new)."""
+    mine = set(outputs) if rc == 0 else set()
+    changed = sorted(p for p in before if p not in mine and after.get(p, "<gone>") != before[p])
+    assert changed == [], f"changed or removed existing files: {changed}"
     if rc == 0:
         return True
     lines = err.strip().splitlines()
-    assert rc == 1, (rc, err)
+    assert rc in (1, 2), (rc, err)
     assert len(lines) == 1 and lines[0].startswith("ctrak: error: "), err
-    assert after <= before, f"left new files: {sorted(after - before)}"
+    assert set(after) <= set(before), f"left new files: {sorted(set(after) - set(before))}"
     return False
+
+
+OPENED: list[str] | None = None  # paths opened while recording (the audit hook below)
+
+
+def _audit(event: str, args: tuple) -> None:
+    if OPENED is not None and event == "open" and isinstance(args[0], str | bytes | os.PathLike):
+        OPENED.append(os.path.realpath(os.fsdecode(args[0])))
+
+
+sys.addaudithook(_audit)  # cannot be removed; costs nothing while OPENED is None
+
+
+@contextlib.contextmanager
+def recording_opens():
+    """Yield the list of real paths opened (any file, by any library) inside the block."""
+    global OPENED
+    OPENED = []
+    try:
+        yield OPENED
+    finally:
+        OPENED = None
 
 
 @pytest.fixture(scope="module")
@@ -105,13 +153,13 @@ def verify_and_attribute(case: Path, base: dict) -> tuple[bool, bool]:
     verify and attribute worked, and checks that a working attribute gives the baseline."""
     worked = []
     for argv in (["store", "verify", case / "store"], ["store", "info", case / "store"]):
-        before = listing(case)
+        before = snapshot(case)
         rc, _, err = run(argv)
-        worked.append(check_contract(rc, err, before, listing(case)))
-    before = listing(case)
+        worked.append(check_contract(rc, err, before, snapshot(case)))
+    before = snapshot(case)
     out = case / "r.json"
     rc, _, err = run(attribute_argv(case / "store", case / "q.safetensors", out))
-    ok = check_contract(rc, err, before, listing(case))
+    ok = check_contract(rc, err, before, snapshot(case))
     if ok:
         assert results(out) == [(t["ids"], t["scores"]) for t in base["top"] + base["bottom"]]
         out.unlink()
@@ -132,6 +180,7 @@ KEYS = [
     "n_rows",
     "shards",
     "complete",
+    "expected_rows",
     "spec_sha256",
     "created_by",
     "extra",
@@ -309,10 +358,10 @@ def test_query_file_mutations(world, q):
         save_file({name: torch.full(shape, fill).to(dtype)}, str(qfile))
     else:
         save_file({"queries": good.features}, str(qfile), metadata={"ctrak": arg})
-    before = listing(case)
+    before = snapshot(case)
     out = case / "r.json"
     rc, _, err = run(attribute_argv(case / "store", qfile, out))
-    if check_contract(rc, err, before, listing(case)):  # a usable query: scored as the library
+    if check_contract(rc, err, before, snapshot(case)):  # a usable query: scored as the library
         loaded = Query.load(qfile)
         assert torch.isfinite(loaded.features).all() and loaded.features.shape[1] == K
         assert len(json.loads(out.read_text())["top"]) == loaded.m
@@ -327,7 +376,21 @@ def labels_files(draw):
     names = draw(
         st.lists(
             st.sampled_from(
-                ["0.png", "1.png", "2.png", "3.png", "missing.png", "../0.png", "x.txt"]
+                [
+                    "0.png",
+                    "1.png",
+                    "2.png",
+                    "3.png",
+                    "missing.png",
+                    "../0.png",
+                    "x.txt",
+                    "./0.png",
+                    "sub/../1.png",
+                    "link.png",
+                    "linkdir/secret.png",
+                    "../outside/secret.png",
+                    "/OUTSIDE/secret.png",
+                ]
             ),
             min_size=0,
             max_size=5,
@@ -355,17 +418,25 @@ def labels_files(draw):
 def test_labels_file_mutations(world, lab):
     root, _ = world
     folder = root / "images"
+    outside = root / "outside"  # beside the folder: no command may open a file in it
     if not folder.exists():
-        folder.mkdir()
+        (folder / "sub").mkdir(parents=True)
+        outside.mkdir()
         for i in range(4):
             Image.new("RGB", (8, 8), (60 * i, 20, 200 - 40 * i)).save(folder / f"{i}.png")
+        Image.new("RGB", (8, 8)).save(outside / "secret.png")
         (folder / "x.txt").write_text("not an image")
+        os.symlink(outside / "secret.png", folder / "link.png")
+        os.symlink(outside, folder / "linkdir")
     name, data = lab
     labels = root / name
-    labels.write_bytes(data)
-    before = listing(root)
-    rc, out, err = run(["labels", "--folder", folder, "--labels", labels, "--image-size", "8"])
-    if check_contract(rc, err, before, listing(root)):
+    labels.write_bytes(data.replace(b"/OUTSIDE", str(outside).encode()))
+    before = snapshot(root)
+    with recording_opens() as opened:
+        rc, out, err = run(["labels", "--folder", folder, "--labels", labels, "--image-size", "8"])
+    real_outside = str(outside.resolve())
+    assert not [p for p in opened if p.startswith(real_outside + os.sep)], opened
+    if check_contract(rc, err, before, snapshot(root)):
         from ctrak_fast.data import load_image_folder
         from ctrak_fast.data.folder import read_labels
 
@@ -381,7 +452,7 @@ def test_labels_file_mutations(world, lab):
                 if v < len(ds.values[f])
             }
             assert told == named
-            assert (folder / fname).is_file()
+            assert (folder / fname).resolve().is_relative_to(folder.resolve())
 
 
 # Each argument type of the CLI and the value it must give (BAD: refused), written out here.

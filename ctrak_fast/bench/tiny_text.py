@@ -79,7 +79,7 @@ def load_text_encoder():
         ) from e
     path = str(get_model_path())
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    enc = AutoModel.from_pretrained(path, local_files_only=True)
+    enc = AutoModel.from_pretrained(path, local_files_only=True, use_safetensors=True)  # no pickle
     return tok, enc.eval()
 
 

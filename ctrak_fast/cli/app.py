@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 
 from ctrak_fast._version import __version__
@@ -38,6 +37,7 @@ from ctrak_fast.cli.commands import (
     cmd_report,
     cmd_store,
 )
+from ctrak_fast.cli.guard import run_guarded
 from ctrak_fast.cli.train import add_train_args, cmd_train
 from ctrak_fast.engine.scoring_options import PATHS, PRECISIONS
 from ctrak_fast.exports import FORMATS
@@ -206,12 +206,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="shard checks while reading: block CRC-32C of every byte (default, ~free), sha256 "
         "of the ids, of whole files, or none",
     )
+    at.add_argument(
+        "--allow-partial",
+        action="store_true",
+        help="score an incomplete store (a killed or running featurize) over the rows it has",
+    )
     at.add_argument("--export-scores", help="also write all scores (safetensors, streamed)")
     at.add_argument("--export-queries", help="comma-separated query indices to export (all)")
 
     r = sub.add_parser("report", help="PNG gallery of an attribute result")
     add_data_args(r)
     r.add_argument("--result", required=True, help="attribute JSON (`ctrak attribute --out`)")
+    r.add_argument(
+        "--query",
+        help="its query file (default: the result's 'query' field, followed only inside the "
+        "result's folder or the current directory)",
+    )
     r.add_argument("--out", required=True, help="PNG file")
 
     lb = sub.add_parser(
@@ -269,30 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         "bench": cmd_demo,
         "t2i": _cmd_t2i,
     }
-    return _run(lambda: handlers[a.cmd](a))
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Errors that mean "this input cannot be used": one line, no traceback. The package's own
-    error classes are looked up only if their module was imported (no import cost otherwise)."""
-    errors = [ValueError, OSError, ImportError, KeyError]
-    for module, name in (("engine.store", "StoreError"), ("method.dist_context", "RankFailed")):
-        loaded = sys.modules.get(f"ctrak_fast.{module}")
-        if loaded is not None:
-            errors.append(getattr(loaded, name))
-    return tuple(errors)
-
-
-def _run(fn) -> int:
-    try:
-        fn()
-    except Exception as e:
-        if os.environ.get("CTRAK_DEBUG") or not isinstance(e, _user_errors()):
-            raise
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"ctrak: error: {msg}", file=sys.stderr)
-        return 1
-    return 0
+    return run_guarded(lambda: handlers[a.cmd](a))
 
 
 if __name__ == "__main__":

@@ -91,7 +91,7 @@ def folder_benchmark_inputs(a):
         judge_path = Path(a.model).with_name(f"judge_{stem}")
         if not judge_path.is_file():
             raise InputError(f"no judge beside {a.model} ({judge_path.name}): pass --judge")
-    judge = load_model(judge_path)
+    judge = load_model(judge_path, judge=True)
     if judge.config.get("factors") != model.config.get("factors"):
         raise InputError(
             f"{judge_path}: a judge of factors {judge.config.get('factors')}, the "

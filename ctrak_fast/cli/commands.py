@@ -12,6 +12,7 @@ from ctrak_fast.cli.inputs import (
     load_data,
     load_model,
     projection,
+    read_result,
     recipe_knobs,
 )
 
@@ -19,6 +20,7 @@ from ctrak_fast.cli.inputs import (
 def cmd_featurize(a):
     """Single process, or one rank of a torchrun job (RANK/WORLD_SIZE in the environment)."""
     from ctrak_fast.engine.validation import (
+        InputError,
         check_data_matches_model,
         check_output_dir,
         check_positive,
@@ -32,6 +34,8 @@ def cmd_featurize(a):
     das = Path(a.das_out) if a.das_out else None
     if das is not None:
         check_output_dir(das, "--das-out")
+        if das.resolve() == Path(a.out).resolve():
+            raise InputError(f"--das-out and --out name the same store {das}")
     model = load_model(a.model)
     data = load_data(a, model)
     if a.per_combo:
@@ -72,13 +76,14 @@ def cmd_query(a):
     """Query features of --concept through the Attributor of --method: a concept query (the
     method's slider, c- per removed factor) or, for whole-image methods, the query image's."""
     from ctrak_fast.api import Attributor
-    from ctrak_fast.data.folder import load_image, load_mask
-    from ctrak_fast.engine.validation import check_input_file, check_output_path
+    from ctrak_fast.data.images import load_image, load_mask
+    from ctrak_fast.engine.validation import check_input_file, check_outputs
     from ctrak_fast.method.losses import region_mask
     from ctrak_fast.method.recipes import recipe_options
 
+    check_outputs({"--out": a.out}, {"--model": a.model, "--image": a.image, "--mask": a.mask})
+    out = Path(a.out)
     model = load_model(a.model)
-    out = check_output_path(a.out)
     att = Attributor(
         model,
         a.method,
@@ -116,11 +121,19 @@ def cmd_attribute(a):
     )
     from ctrak_fast.engine.store import FeatureStore, iter_store_shards
     from ctrak_fast.engine.sweep import choose_path, solve_queries
+    from ctrak_fast.engine.validation import check_device, check_outputs
     from ctrak_fast.exports import require_format
     from ctrak_fast.results import Attribution, Query, check_query_store, write_attribution
 
     require_format(a.format)  # a missing pyarrow is said before any work
+    check_device(a.device)
+    check_outputs(
+        {"--out": a.out, "--export-scores": a.export_scores},
+        {"--store": Path(a.store) / "manifest.json", "--query": a.query},
+    )
     store = FeatureStore.open(a.store)
+    if not a.allow_partial:
+        store.check_complete(", or pass --allow-partial to score the rows it has")
     query = Query.load(a.query)
     q = query.features
     check_query_store(store, query.meta)
@@ -165,17 +178,26 @@ def cmd_attribute(a):
 
 def cmd_report(a):
     import torch
-    from safetensors import safe_open
 
     from ctrak_fast.bench.report import gallery
+    from ctrak_fast.engine.validation import InputError, check_outputs
     from ctrak_fast.results import Query
 
+    inputs = {f"--{n}": getattr(a, n, None) for n in ("result", "query", "data", "labels")}
+    check_outputs({"--out": a.out}, inputs)
+    res, qpath = read_result(a.result, a.query)
+    check_outputs({"--out": a.out}, {"the query": qpath})
+    query = Query.load(qpath)
+    if query.image is None:
+        raise InputError(f"{qpath}: the query file holds no query image to show")
+    image, region = query.image, query.meta.get("region")
     data = load_data(a)
-    res = json.loads(Path(a.result).read_text())
-    with safe_open(res["query"], framework="pt") as f:
-        image = f.get_tensor("image")[0]
-    region = Query.load(res["query"]).meta.get("region")
     row_of = {int(i): r for r, i in enumerate(data.ids.tolist())}
+    unknown = sorted(
+        {int(i) for row in res["top"] + res["bottom"] for i in row["ids"]} - set(row_of)
+    )
+    if unknown:
+        raise InputError(f"{a.result}: ids {unknown[:5]} are not in the dataset given")
     rows = []
     for top, bottom in zip(res["top"], res["bottom"], strict=True):
         scores = torch.full((len(data),), float("nan"))
@@ -233,6 +255,8 @@ def cmd_store(a):
             "k": store.k,
             "dtype": store.dtype,
             "shards": len(store.shards),
+            "complete": store.complete,
+            "expected_rows": store.expected_rows,
             "meta": store.meta,
         }
         print(json.dumps(info, indent=1))
@@ -240,7 +264,8 @@ def cmd_store(a):
     problems = store.verify()
     if problems:
         raise ValueError(f"store {a.path} is corrupt: " + "; ".join(problems))
-    print(f"ok: {store.n_rows} rows in {len(store.shards)} shards, checksums match")
+    store.check_complete()  # intact but unfinished is not "ok": attribute would refuse it
+    print(f"ok: {store.n_rows} rows in {len(store.shards)} shards, complete, checksums match")
 
 
 def cmd_example(a):

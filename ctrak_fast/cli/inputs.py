@@ -3,6 +3,10 @@ featurizer (every input checked here, with one clear error)."""
 
 from __future__ import annotations
 
+import json
+import math
+from pathlib import Path
+
 
 def load_data(a, model=None):
     """The dataset of --folder/--labels or --data; with `model`, labels index the model's values."""
@@ -35,17 +39,27 @@ def load_data(a, model=None):
         raise InputError(f"{path}: not a usable dataset ({first})") from e
 
 
-def load_model(path):
+def load_model(path, judge: bool = False):
+    """The FactorUNet checkpoint at `path` (default: the shipped one), or with `judge` a
+    ConceptJudge; any other file, or a model of the other kind, is one InputError."""
     from ctrak_fast.engine.validation import InputError, check_input_file
-    from ctrak_fast.models.factor_unet import load_model
+    from ctrak_fast.models.factor_unet import ConceptJudge, FactorUNet, load_model
     from ctrak_fast.models.shipped import ASSETS, SHIPPED
 
     path = check_input_file(path or ASSETS / f"unet_{SHIPPED}.safetensors", "model file")
     try:
-        return load_model(path)
+        model = load_model(path)
     except Exception as e:  # safetensors, JSON and state-dict errors alike: the file is unusable
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        first = first.removeprefix(f"{path}: ")
         raise InputError(f"{path}: not a usable model checkpoint ({first})") from e
+    # A judge has none of a diffusion model's methods, and the other way round.
+    kind, what = (ConceptJudge, "a judge") if judge else (FactorUNet, "a diffusion model")
+    if not isinstance(model, kind):
+        raise InputError(
+            f"{path}: a {type(model).__name__} checkpoint, not {what} ({kind.__name__})"
+        )
+    return model
 
 
 def feature_spec(a):
@@ -103,3 +117,62 @@ def recipe_knobs(a) -> dict:
         "sampler": getattr(a, "global_sampler", None),
         "points": getattr(a, "global_points", None),
     }
+
+
+def read_json(path, what: str):
+    """A JSON file's value; InputError naming the file if it is not JSON, not UTF-8, or nested
+    too deep for the parser (RecursionError)."""
+    from ctrak_fast.engine.validation import InputError, check_input_file
+
+    path = check_input_file(path, what)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: not a JSON {what} ({str(e).splitlines()[0]})") from None
+    except RecursionError:
+        raise InputError(f"{path}: not a JSON {what} (nested too deeply)") from None
+
+
+def read_result(path, query=None) -> tuple[dict, Path]:
+    """An attribute result (`ctrak attribute --out`) and its query file: `query` if given, else
+    the result's 'query' field, followed only to a file inside the result's folder or the
+    current directory (where `attribute` was run), symlinks resolved."""
+    from ctrak_fast.engine.validation import InputError, check_input_file
+
+    res = read_json(path, "attribute result")
+    top, bottom = (res.get(t) if isinstance(res, dict) else None for t in ("top", "bottom"))
+    if (
+        not isinstance(top, list)
+        or not isinstance(bottom, list)
+        or not top
+        or len(top) != len(bottom)
+    ):
+        raise InputError(f"{path}: not a result of `ctrak attribute` (no top and bottom lists)")
+    for row in top + bottom:
+        ok = isinstance(row, dict) and isinstance(row.get("label"), str)
+        lists = ok and [row.get(key) for key in ("ids", "scores")]
+        if (
+            not ok
+            or not all(isinstance(v, list) and v for v in lists)
+            or len(lists[0]) != len(lists[1])
+        ):
+            raise InputError(f"{path}: a result row is not {{label, ids, scores}}: {row!r:.80}")
+        if not all(type(i) is int for i in lists[0]) or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+            for v in lists[1]
+        ):
+            raise InputError(f"{path}: a result row holds ids or scores that are not numbers")
+    if query is not None:
+        return res, check_input_file(query, "query file")
+    named = res.get("query")
+    if not isinstance(named, str) or not named:
+        raise InputError(f"{path}: names no query file: pass --query")
+    q = Path(named)
+    real = q.resolve()
+    folders = (Path(path).resolve().parent, Path.cwd().resolve())
+    if not any(real == f or f in real.parents for f in folders):
+        raise InputError(
+            f"{path}: its query {named!r} is outside the result's folder and the current "
+            "directory: pass --query"
+        )
+    return res, check_input_file(q, "query file")

@@ -14,8 +14,6 @@ lazy: building the parser imports neither torch nor diffusers.
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 from pathlib import Path
 
 from ctrak_fast.cli.arggroups import DTYPES, add_t2i_bench_args, add_t2i_model_args
@@ -27,44 +25,6 @@ from ctrak_fast.cli.argtypes import (
 )
 from ctrak_fast.exports import FORMATS
 from ctrak_fast.method.methods import FEATURIZE_METHODS
-
-
-def read_captions(root, captions_file=None) -> tuple[list[Path], list[str]]:
-    """The image files of a folder and their captions, in sorted file-name order (ids 0..N-1).
-
-    captions_file: `metadata.jsonl` (one {"file_name": ..., "text": ...} per line, the Hugging Face
-    imagefolder convention; default <root>/metadata.jsonl), JSON {file_name: caption}, or CSV
-    with columns file_name (or filename) and text (or caption).
-    """
-    root = Path(root)
-    path = Path(captions_file) if captions_file else root / "metadata.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"captions file not found: {path}")
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        table = {r["file_name"]: r["text"] for r in rows}
-    elif suffix == ".json":
-        table = {str(k): str(v) for k, v in json.loads(path.read_text()).items()}
-    elif suffix == ".csv":
-        with open(path, newline="") as fh:
-            rows = list(csv.DictReader(fh))
-        name_col = "file_name" if rows and "file_name" in rows[0] else "filename"
-        text_col = "text" if rows and "text" in rows[0] else "caption"
-        if not rows or name_col not in rows[0] or text_col not in rows[0]:
-            raise ValueError(f"{path}: CSV needs file_name/filename and text/caption columns")
-        table = {r[name_col]: r[text_col] for r in rows}
-    else:
-        raise ValueError(f"{path}: captions must be .jsonl, .json or .csv")
-    if not table:
-        raise ValueError(f"{path}: no captions")
-    missing = [n for n in table if not (root / n).is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"{len(missing)} captioned image(s) missing, e.g. {root / missing[0]}"
-        )
-    names = sorted(table)
-    return [root / n for n in names], [table[n] for n in names]
 
 
 def _adapter(a):
@@ -90,6 +50,8 @@ def _training_set(a):
     import torch
 
     if a.images:
+        from ctrak_fast.data.captions import read_captions
+
         files, captions = read_captions(a.images, a.captions)
         return files, captions, torch.arange(len(files), dtype=torch.int64)
     from ctrak_fast.data import SyntheticConfig, make_dataset
@@ -169,14 +131,16 @@ def _scheduler(name: str | None, adapter):
 
 
 def _cmd_query(a):
-    from ctrak_fast.data.folder import load_image
-    from ctrak_fast.engine.validation import check_output_path
+    from ctrak_fast.data.images import load_image
+    from ctrak_fast.engine.validation import check_outputs
     from ctrak_fast.method.query import ConceptQuerySpec
     from ctrak_fast.models.prompts import concept_prompts
     from ctrak_fast.models.t2i_features import prompt_query_features
     from ctrak_fast.results import Query
 
-    out = check_output_path(a.out)
+    model = Path(a.model) / "model_index.json" if a.model and Path(a.model).is_dir() else a.model
+    check_outputs({"--out": a.out}, {"--model": model, "--image": a.image})
+    out = Path(a.out)
     adapter = _adapter(a)
     negatives = concept_prompts(a.prompt, a.concept or (), a.negative_prompt or ())
     labels = [f"-{c}" for c in a.concept or ()] + [f"vs {n!r}" for n in a.negative_prompt or ()]
@@ -221,11 +185,15 @@ def _cmd_attribute(a):
     from ctrak_fast.engine.scoring import precondition
     from ctrak_fast.engine.search import topk
     from ctrak_fast.engine.store import FeatureStore
+    from ctrak_fast.engine.validation import check_outputs
     from ctrak_fast.exports import require_format
     from ctrak_fast.results import Attribution, Query, check_query_store, write_attribution
 
     require_format(a.format)  # a missing pyarrow is said before any work
+    inputs = {"--store": Path(a.store) / "manifest.json", "--query": a.query}
+    check_outputs({"--out": a.out}, inputs)
     store = FeatureStore.open(a.store)
+    store.check_complete()
     query = Query.load(a.query)
     q, meta = query.features, query.meta
     if "text2image" not in meta:

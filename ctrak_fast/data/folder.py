@@ -14,15 +14,13 @@ import io
 import itertools
 import json
 import os
+import posixpath
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
 from .dataset import ConceptDataset
-
-_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+from .images import load_image
 
 
 def _no_duplicate_keys(pairs):
@@ -43,6 +41,18 @@ def _label_value(labels_file: Path, name: str, factor: str, v) -> str:
     if isinstance(v, bool) or not isinstance(v, str | int):
         raise ValueError(f"{labels_file}: entry {name!r}: {factor} must be a string, got {v!r}")
     return str(v).strip() if isinstance(v, str) else str(v)
+
+
+def image_name(labels_file: Path, name) -> str:
+    """A labels file's image path, normalised ('./0.png' and 'sub/../0.png' are '0.png'), so
+    that duplicates are found; an absolute path or one that climbs out of the folder is refused
+    (symlinks are checked where the folder is known: load_image_folder)."""
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise ValueError(f"{labels_file}: an entry has no file name ({name!r})")
+    norm = posixpath.normpath(name.replace("\\", "/"))
+    if posixpath.isabs(norm) or norm == ".." or norm.startswith("../") or norm == ".":
+        raise ValueError(f"{labels_file}: {name!r} is not a file inside the image folder")
+    return norm
 
 
 def _entry(labels_file: Path, name, d, skip: tuple[str, ...] = ()) -> tuple[str, dict[str, str]]:
@@ -90,6 +100,8 @@ def read_labels(labels_file: str | os.PathLike) -> tuple[dict[str, dict[str, str
             return _csv_labels(labels_file, text), []
     except json.JSONDecodeError as e:
         raise ValueError(f"{labels_file}: invalid JSON ({e})") from None
+    except RecursionError:
+        raise ValueError(f"{labels_file}: invalid JSON (nested too deeply)") from None
     except ValueError as e:
         msg = str(e)
         raise ValueError(
@@ -102,91 +114,59 @@ def _json_labels(labels_file: Path, raw) -> tuple[dict[str, dict[str, str]], lis
     if not isinstance(raw, dict):
         raise ValueError('expected {filename: {factor: value}} or {"samples": [...]}')
     if "samples" not in raw:
-        return dict(_entry(labels_file, k, d) for k, d in raw.items()), []
+        return _table(labels_file, (_entry(labels_file, k, d) for k, d in raw.items())), []
     extra = sorted(set(raw) - {"samples", "held_out"})
     if extra:
         raise ValueError(f"unknown top-level keys {extra} (expected samples, held_out)")
     samples, held = raw["samples"], raw.get("held_out", [])
     if not isinstance(samples, list) or not isinstance(held, list):
         raise ValueError("samples and held_out must be lists")
-    table: dict[str, dict[str, str]] = {}
-    for rec in samples:
-        name = rec.get("file") if isinstance(rec, dict) else None
-        name, row = _entry(labels_file, name, rec, skip=("file",))
-        if name in table:
-            raise ValueError(f"lists {name!r} more than once")
-        table[name] = row
+    table = _table(
+        labels_file,
+        (
+            _entry(labels_file, rec.get("file") if isinstance(rec, dict) else None, rec, ("file",))
+            for rec in samples
+        ),
+    )
     combos = [_entry(labels_file, f"held_out[{i}]", c)[1] for i, c in enumerate(held)]
     if any(not c or MISSING in c.values() for c in combos):
         raise ValueError("a held_out combination names no factor, or a factor without a value")
     return table, combos
 
 
+def _table(labels_file: Path, entries) -> dict[str, dict[str, str]]:
+    """filename -> factors, each name normalised (image_name) and listed once."""
+    table: dict[str, dict[str, str]] = {}
+    for i, (name, row) in enumerate(entries):
+        norm = image_name(labels_file, name)
+        if norm in table:
+            same = "" if norm == name else f" (as {name!r})"
+            raise ValueError(f"lists {norm!r} more than once{same}, entry {i + 1}")
+        table[norm] = row
+    return table
+
+
 def _csv_labels(labels_file: Path, text: str) -> dict[str, dict[str, str]]:
     reader = csv.DictReader(io.StringIO(text, newline=""))
-    fields = reader.fieldnames or []
+    fields = [f.strip() for f in reader.fieldnames or []]
+    dup = sorted({f for f in fields if fields.count(f) > 1})
+    if dup:  # DictReader would keep the last column of that name
+        raise ValueError(f"the CSV header repeats column(s) {dup}")
     key = "filename" if "filename" in fields else ("file" if "file" in fields else None)
     if key is None:
         raise ValueError("CSV needs a 'filename' column")
+    if not [f for f in fields if f and f != key]:
+        raise ValueError(f"the CSV has no factor column besides {key!r}")
+    reader.fieldnames = fields
     table: dict[str, dict[str, str]] = {}
     for line, r in enumerate(reader, start=2):
         if None in r or any(v is None for v in r.values()):
             raise ValueError(f"line {line} has a different number of columns than the header")
-        name = r[key]
+        name = image_name(labels_file, r[key])
         if name in table:
             raise ValueError(f"lists {name!r} twice (line {line})")
         table[name] = {k: v.strip() for k, v in r.items() if k != key}
     return table
-
-
-def load_image(path: Path, image_size: int) -> torch.Tensor:
-    """float32 [3, S, S] in [-1, 1]; ValueError naming the file on any problem."""
-    if not path.is_file():
-        raise ValueError(f"image file missing: {path}")
-    if path.suffix.lower() not in _IMAGE_SUFFIXES:
-        raise ValueError(f"{path}: not a PNG/JPG file")
-    try:
-        with Image.open(path) as im:
-            im.load()
-            mode = im.mode
-            if mode not in ("RGB", "RGBA", "L", "P"):
-                raise ValueError(
-                    f"{path}: unsupported image mode {mode!r} (need RGB, RGBA, L or P)"
-                )
-            if mode == "RGBA":  # composite onto white, the synthetic background
-                bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
-                im = Image.alpha_composite(bg, im)
-            im = im.convert("RGB")
-            if im.size != (image_size, image_size):
-                im = im.resize((image_size, image_size), Image.Resampling.BOX)
-            arr = np.asarray(im, dtype=np.float32)
-    except ValueError:
-        raise
-    except Exception as e:  # PIL raises many types for corrupt files
-        raise ValueError(f"{path}: unreadable image ({type(e).__name__}: {e})") from None
-    if arr.ndim != 3 or arr.shape[2] != 3:
-        raise ValueError(f"{path}: expected 3 channels, got shape {arr.shape}")
-    if not np.isfinite(arr).all():
-        raise ValueError(f"{path}: image contains NaN/Inf")
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous() / 127.5 - 1.0
-
-
-def load_mask(path: Path, size) -> torch.Tensor:
-    """A region mask PNG -> float32 [H, W] at the query image's `size` (H, W; resized by nearest
-    neighbour, as the query image is resized to the model's size): 1 where it is not black."""
-    try:
-        with Image.open(path) as im:
-            im.load()
-            gray = im.convert("L")
-    except Exception as e:  # PIL raises many types for corrupt files
-        raise ValueError(f"{path}: unreadable mask ({type(e).__name__}: {e})") from None
-    h, w = int(size[0]), int(size[1])
-    if gray.size != (w, h):
-        gray = gray.resize((w, h), Image.Resampling.NEAREST)
-    mask = torch.from_numpy(np.asarray(gray, dtype=np.float32) > 0).float()
-    if mask.sum() == 0:
-        raise ValueError(f"{path}: the mask is all black (an empty region)")
-    return mask
 
 
 def load_image_folder(
@@ -268,7 +248,11 @@ def load_image_folder(
     if present:
         shown = {f: values[f][v] for f, v in zip(factors, sorted(present)[0], strict=True)}
         raise ValueError(f"{labels_file}: held-out combination {shown} has training images")
-    images = torch.stack([load_image(root / name, image_size) for name in names])
+    if not factors:
+        raise ValueError(f"{labels_file}: its entries name no factor")
+    images = torch.stack(
+        [load_image(contained(root, name, labels_file), image_size) for name in names]
+    )
     return ConceptDataset(
         images=images,
         labels=torch.tensor(labels, dtype=torch.int64),
@@ -279,6 +263,15 @@ def load_image_folder(
         meta={"folder": str(root), "labels_file": str(labels_file), "filenames": names},
         captions=torch.tensor(captions, dtype=torch.int64),
     )
+
+
+def contained(root: Path, name: str, labels_file: Path) -> Path:
+    """root / name, refused (ValueError) unless it resolves inside root, symlinks included."""
+    path = root / name
+    real, top = path.resolve(), root.resolve()
+    if real != top and top not in real.parents:
+        raise ValueError(f"{labels_file}: {name!r} leads outside the image folder {root}")
+    return path
 
 
 def _read_truth(truth_file, names: list[str]) -> dict[str, dict[str, str]]:

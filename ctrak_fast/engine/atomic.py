@@ -38,13 +38,22 @@ def atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError as e:  # a full disk: no half-written .tmp, and a message naming the file
+        tmp.unlink(missing_ok=True)
+        if e.strerror is None:  # already a message of ours
+            raise
+        raise OSError(f"cannot write {path}: {e.strerror}") from e  # one line, no [Errno]
+    except BaseException:  # a signal
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_dir(path.parent)  # make the rename itself durable
 
 
@@ -81,6 +90,11 @@ def atomic_path(path: str | os.PathLike, mode: int = 0o644) -> Iterator[Path]:
         os.chmod(tmp, mode)
         fsync_file(tmp)
         os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.strerror is None:  # already a message of ours
+            raise
+        raise OSError(f"cannot write {path}: {e.strerror}") from e  # one line, no [Errno]
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -19,6 +19,8 @@ precondition() picks the path (dual when N < k). A sweep over lambda is sweep.La
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ctrak_fast.engine.gram import FeatureSource, gram, kernel, load_features, phi_matmul
@@ -147,6 +149,7 @@ class Preconditioner:
             raise ValueError("gram has non-finite entries (NaN/Inf features in the store?)")
         self.k = a.shape[0]
         self.lam = damping(a, self.lambda_r)
+        check_damping(self.lam, self.lambda_r)
         trace = float(torch.trace(a))
         a.diagonal().add_(self.lam)
         detail = f"lambda_r={self.lambda_r}, lam={self.lam:.3g}, trace(G)={trace:.3g}"
@@ -176,6 +179,7 @@ class Preconditioner:
         for s in range(0, q64.shape[0], SOLVE_BLOCK):
             b = q64[s : s + SOLVE_BLOCK].T.contiguous()
             out[s : s + SOLVE_BLOCK] = _chol_solve(self.factor, b).T.to(out)
+        check_preconditioned(out, q64, self.lambda_r)
         return out.reshape(q.shape)
 
 
@@ -219,10 +223,13 @@ class DualPreconditioner:
         self.kernel = kernel(self.phi, precision) if kernel_matrix is None else kernel_matrix
         trace = float(torch.trace(self.kernel))
         self.lam = self.lambda_r * 0.1 * trace / self.k
+        check_damping(self.lam, self.lambda_r)
         a = self.kernel.clone()
         a.diagonal().add_(self.lam)
         detail = f"lambda_r={self.lambda_r}, lam={self.lam:.3g}, trace(K)={trace:.3g}"
         self.factor = _cholesky_inplace(a, "K + lam*I", detail)
+        if self.lam == 0:  # lambda_r = 1e-320 underflows: the push-through form divides by lam
+            raise ValueError(f"lambda_r={self.lambda_r:g} gives a zero damping: raise it")
 
     def with_lambda(self, lambda_r: float) -> DualPreconditioner:
         """Another damping on the same kernel (one N x N Cholesky)."""
@@ -237,7 +244,13 @@ class DualPreconditioner:
             a = _chol_solve(self.factor, phi_matmul(self.phi, qt))  # [N, b]
             u = (qt - phi_matmul(self.phi, a, transpose=True)) / self.lam
             out[s : s + SOLVE_BLOCK] = u.T.to(out)
+        check_preconditioned(out, q64, self.lambda_r)
         return out.reshape(q.shape)
+
+
+# Projected features are O(1) to O(1e3) (normalised gradients times a weight): a query beyond
+# this is damaged, and near float32's 3.4e38 its scores overflow to NaN.
+MAX_QUERY_ABS = 1e12
 
 
 def _check_q(q: torch.Tensor, k: int) -> torch.Tensor:
@@ -246,7 +259,35 @@ def _check_q(q: torch.Tensor, k: int) -> torch.Tensor:
     q64 = q.detach().to(dtype=torch.float64).reshape(-1, k)
     if not torch.isfinite(q64).all():
         raise ValueError("q has non-finite entries")
+    top = float(q64.abs().max()) if q64.numel() else 0.0
+    if top > MAX_QUERY_ABS:
+        raise ValueError(f"q has an entry of magnitude {top:.3g}, beyond {MAX_QUERY_ABS:g}")
     return q64
+
+
+def check_damping(lam: float, lambda_r: float) -> None:
+    """The absolute damping of lambda_r must be finite (lambda_r = 1e308 overflows it, and every
+    score would round to 0)."""
+    if not math.isfinite(lam):
+        raise ValueError(f"lambda_r={lambda_r:g} gives an infinite damping: lower it")
+
+
+def check_preconditioned(u: torch.Tensor, q: torch.Tensor, lambda_r: float) -> None:
+    """u = (G + lam I)^-1 q must be finite in its dtype, and not 0 where q is not (underflow):
+    else the scores would be NaN, or all 0, whatever the training data."""
+    rows = u.reshape(-1, u.shape[-1])
+    if not all_finite(rows):
+        raise ValueError(
+            f"lambda_r={lambda_r} gives non-finite scores (the damping is too small for these "
+            "features, or the query too large): raise lambda_r"
+        )
+    q_rows = q.reshape(-1, q.shape[-1]).to(rows.device)
+    if q_rows.shape[0] == rows.shape[0]:
+        lost = (rows == 0).all(1) & (q_rows != 0).any(1)
+        if bool(lost.any()):
+            raise ValueError(
+                f"lambda_r={lambda_r} damps every score to 0 (underflow): lower lambda_r"
+            )
 
 
 def source_shape(source: FeatureSource) -> tuple[int, int] | None:

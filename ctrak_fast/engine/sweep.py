@@ -30,6 +30,7 @@ from ctrak_fast.engine.gram import gram as build_gram
 from ctrak_fast.engine.scoring import (
     Preconditioner,
     all_finite,
+    check_preconditioned,
     choose_path,
     precondition,
     source_shape,
@@ -280,7 +281,8 @@ def solve_queries(
             )
         return pre.solve(q)[None] if q.dim() == 2 else pre.solve(q)[None, None]
     if chosen == "dual":
-        return LambdaSweep(load_features(source), path="dual").solve(q, lambda_rs).float()
+        u = LambdaSweep(load_features(source), path="dual").solve(q, lambda_rs).float()
+        return _checked(u, q, lambda_rs)
     g = gram_matrix
     if g is None:
         g = build_gram(source, precision=precision, device=device).cpu()
@@ -289,7 +291,14 @@ def solve_queries(
         # instead (2 k^2), G read from memory each time, not from the store.
         us = [Preconditioner(g, r).solve(q) for r in lambda_rs]  # each: G + one factor
         return torch.stack(us).reshape(len(lambda_rs), -1, g.shape[0])
-    return LambdaSweep(gram=g).solve(q, lambda_rs).float()
+    return _checked(LambdaSweep(gram=g).solve(q, lambda_rs).float(), q, lambda_rs)
+
+
+def _checked(u: torch.Tensor, q: torch.Tensor, lambda_rs) -> torch.Tensor:
+    """u [n_lambda, m, k], each lambda's rows checked as a Preconditioner checks its own."""
+    for r, u_r in zip(lambda_rs, u.reshape(len(lambda_rs), -1, u.shape[-1]), strict=True):
+        check_preconditioned(u_r, q, r)
+    return u
 
 
 def eigh_fits(k: int, memory_bytes: int | None = None) -> bool:

@@ -8,6 +8,7 @@ featurization: one pass over the images at most.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -19,9 +20,12 @@ __all__ = [
     "NonFiniteFeatures",
     "check_training_data",
     "check_data_matches_model",
+    "check_device",
     "check_input_file",
     "check_input_dir",
     "check_output_dir",
+    "check_output_path",
+    "check_outputs",
     "check_positive",
 ]
 
@@ -184,6 +188,70 @@ def check_output_path(path, what: str = "output file") -> Path:
     if not os.access(parent, os.W_OK | os.X_OK):
         raise InputError(f"cannot write {what} {p}: {parent} is not writable")
     return p
+
+
+def check_outputs(outputs: Mapping[str, object], inputs: Mapping[str, object]) -> None:
+    """Output files (flag -> path, None: not given) that may be written: each in an existing,
+    writable directory (check_output_path), none the same file as an input of the command
+    (flag -> path; resolved, symlinks and hard links included) or as another output, and none
+    inside a feature store (a folder holding manifest.json). Run before any work: a refused
+    command has computed nothing and overwritten nothing."""
+    given = {flag: Path(str(p)) for flag, p in outputs.items() if p is not None}
+    sources = {flag: Path(str(p)) for flag, p in inputs.items() if p is not None}
+    seen: dict[Path, str] = {}
+    for flag, path in given.items():
+        check_output_path(path, f"{flag} file")
+        real = path.resolve()
+        if real in seen:
+            raise InputError(f"{flag} and {seen[real]} name the same file {path}")
+        seen[real] = flag
+        for src_flag, src in sources.items():
+            if _same_file(real, src):
+                raise InputError(f"{flag} {path} is the input {src_flag}: it would be overwritten")
+        for parent in real.parents:
+            if _is_store(parent):
+                raise InputError(f"{flag} {path} is inside the feature store {parent}")
+
+
+def _is_store(folder: Path) -> bool:
+    """A FeatureStore's folder (its manifest.json names shards and k), not any folder that
+    happens to hold a file of that name."""
+    manifest = folder / "manifest.json"
+    try:
+        if not manifest.is_file() or manifest.stat().st_size > 1 << 26:
+            return False
+        m = json.loads(manifest.read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(m, dict) and "shards" in m and "k" in m
+
+
+def _same_file(real: Path, src: Path) -> bool:
+    if real == src.resolve():
+        return True
+    try:  # another name of the same inode (a hard link)
+        return real.exists() and src.exists() and os.path.samefile(real, src)
+    except OSError:
+        return False
+
+
+def check_device(name: str | None, what: str = "--device") -> torch.device | None:
+    """A torch device this build and machine can use (None: the default); InputError naming
+    it otherwise ('bogus', or 'cuda' on a CPU-only build or a machine without a GPU)."""
+    if name is None:
+        return None
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise InputError(f"{what} {name!r} is not a device (cpu, cuda, cuda:0, ...)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"{what} {name!r}: this build or machine has no CUDA device")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise InputError(f"{what} {name!r}: only {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise InputError(f"{what} {name!r}: only cpu and cuda devices are supported")
+    return device
 
 
 def _shape(t: torch.Tensor) -> list[int]:

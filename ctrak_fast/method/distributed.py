@@ -37,7 +37,14 @@ from pathlib import Path
 
 import torch
 
-from ctrak_fast.engine.store import MANIFEST, FeatureStore, SpecMismatch, StoreError, merge_stores
+from ctrak_fast.engine.store import (
+    MANIFEST,
+    FeatureStore,
+    SpecMismatch,
+    StoreError,
+    merge_stores,
+    remove_empty_store,
+)
 from ctrak_fast.engine.validation import InputError, check_positive, check_training_data
 from ctrak_fast.method.dist_context import DistContext, RankFailed
 from ctrak_fast.method.featurize import Featurizer, featurize_dataset
@@ -97,10 +104,15 @@ def _open_checked(path: Path, meta: dict, k: int, dtype: str, shard_rows: int):
     if not (path / MANIFEST).exists():
         return None
     store = FeatureStore.open(path)
-    for field, given in (("k", k), ("dtype", dtype), ("shard_rows", shard_rows)):
-        if getattr(store, field) != given:
-            raise SpecMismatch(path, field, getattr(store, field), given)
-    store.check_compatible(meta)  # a DAS store has one more key ("das"): compared at merge time
+    try:
+        for field, given in (("k", k), ("dtype", dtype), ("shard_rows", shard_rows)):
+            if getattr(store, field) != given:
+                raise SpecMismatch(path, field, getattr(store, field), given)
+        store.check_compatible(meta)  # a DAS store has one more key ("das"): checked at merge
+    except SpecMismatch:
+        if store.n_rows or not remove_empty_store(path):  # a failed run's empty leftover: gone
+            raise
+        return None
     return store
 
 
@@ -142,7 +154,12 @@ def plan_units(
             if unit < done:
                 continue
             part = _open_checked(part_path(target, unit), meta, k, dtype, shard_rows)
-            if _rows_present(part, ids[sl]) < sl.stop - sl.start:
+            # A part killed before its closing update is redone (the rerun only marks it complete)
+            if (
+                part is None
+                or not part.complete
+                or _rows_present(part, ids[sl]) < sl.stop - sl.start
+            ):
                 missing.append(unit)
                 break
     return Plan(len(ids), shard_rows, tuple(map(str, targets)), tuple(merged), tuple(missing))
@@ -191,7 +208,7 @@ def merge_units(plan: Plan, ids: torch.Tensor) -> FeatureStore:
         # Even with nothing to append: the merge marks a store complete that a killed single
         # process left with all its rows but without its closing manifest update.
         sources = [part_path(target, unit) for unit in range(done, plan.n_units)]
-        store = merge_stores(target, sources)
+        store = merge_stores(target, sources, expected_rows=len(ids))
         if not torch.equal(store.done_ids(), ids.to(torch.int64)):
             raise StoreError(f"merged store {target} does not hold this dataset's ids in order")
     for target in plan.targets:  # only once every target is merged: the parts are the only copy

@@ -10,13 +10,14 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 from ctrak_fast.engine.projection import ProjectionSpec
 from ctrak_fast.engine.projector import Projector
-from ctrak_fast.engine.store import FeatureStore, model_fingerprint
+from ctrak_fast.engine.store import MANIFEST, FeatureStore, model_fingerprint, remove_empty_store
 from ctrak_fast.method import diffusion
 from ctrak_fast.method.grads.layout import add_blocks, blocks_sq_norm, scale_blocks_
 from ctrak_fast.method.grads.per_sample import PerSampleGrads
@@ -383,7 +384,7 @@ def featurize_dataset(
     lists their ids in the shard records (`FeatureStore.zeroed_ids()`): the sample keeps its row,
     so ids and shard boundaries stay those of a clean run, and scores 0 against every query.
     """
-    from ctrak_fast.engine.validation import NonFiniteFeatures, check_positive, check_training_data
+    from ctrak_fast.engine.validation import check_positive, check_training_data
 
     if nan_policy not in ("fail", "zero"):
         raise ValueError(f"nan_policy must be 'fail' or 'zero', got {nan_policy!r}")
@@ -404,8 +405,14 @@ def featurize_dataset(
             raise ValueError("DAS weights need fixed-noise features (inversion off)")
         das_meta = {**meta, "das": "d-trak rows scaled by the DSM loss summed over timesteps"}
         targets.append((das_path, das_meta))
+    # Stores this call creates: removed again if it fails before their first row (no trace).
+    fresh = [
+        (Path(p), not Path(p).exists()) for p, _ in targets if not (Path(p) / MANIFEST).exists()
+    ]
     stores = [
-        FeatureStore.open_or_create(p, k=k, dtype=dtype, meta=m, shard_rows=shard_rows)
+        FeatureStore.open_or_create(
+            p, k=k, dtype=dtype, meta=m, shard_rows=shard_rows, expected_rows=len(ids)
+        )
         for p, m in targets
     ]
     present = []
@@ -421,9 +428,25 @@ def featurize_dataset(
     # marked incomplete: open the writers anyway so that it ends as an uninterrupted run does.
     if start == len(images) and all(s.complete for s in stores):
         return stores[0]
+    try:
+        _write_rows(
+            featurizer, images, conds, ids, stores, present, batch_size, nan_policy, progress
+        )
+    except BaseException:
+        for p, new_dir in fresh:
+            remove_empty_store(p, rmdir=new_dir)
+        raise
+    return stores[0]
+
+
+def _write_rows(featurizer, images, conds, ids, stores, present, batch_size, nan_policy, progress):
+    """Featurize from the first row some store lacks, appending to every store's writer."""
+    from ctrak_fast.engine.validation import NonFiniteFeatures
+
+    start, dtype = min(present), stores[0].dtype
     store_dtype = stores[0].torch_dtype
     with contextlib.ExitStack() as stack:
-        writers = [stack.enter_context(s.writer()) for s in stores]
+        writers = [stack.enter_context(s.writer(expected_rows=len(ids))) for s in stores]
         bar = show_progress(
             range(start, len(images), batch_size),
             desc=f"featurize {featurizer.spec.loss}",
@@ -450,4 +473,3 @@ def featurize_dataset(
                 skip = max(0, have - i)  # rows this store already holds
                 if skip < len(rows):
                     w.append(rows[skip:], ids[sl][skip:], zeroed=zeroed[skip:])
-    return stores[0]

@@ -319,6 +319,10 @@ def load_model(path: str | os.PathLike, device="cpu") -> FactorUNet | ConceptJud
             raise ValueError(f"{path}: not a ctrak model file (format {meta.get('format')!r})")
         state = {k: f.get_tensor(k) for k in f.keys()}
     model = _build(json.loads(meta["config"]))
+    expected = model.state_dict()
+    for k, v in state.items():  # load_state_dict would cast integers into float weights silently
+        if k in expected and expected[k].is_floating_point() and not v.is_floating_point():
+            raise ValueError(f"{path}: weight {k!r} is {v.dtype}, not a floating-point tensor")
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     model.load_state_dict(state, strict=True)
     return model.to(device).eval()

@@ -37,7 +37,7 @@ def _images_digest(images: torch.Tensor | Sequence, ids: torch.Tensor) -> str:
 
 
 def _load_files(files: Sequence, image_size: int | None) -> torch.Tensor:
-    from ctrak_fast.data.folder import load_image
+    from ctrak_fast.data.images import load_image
 
     if image_size is None:
         raise ValueError("image files need image_size (the model's pixel resolution)")

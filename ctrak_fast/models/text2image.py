@@ -26,13 +26,10 @@ underflow; on overflow the featurizer retries with a smaller scale.
 
 from __future__ import annotations
 
-import importlib
 import inspect
-import json
 import os
 from collections import OrderedDict
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -440,32 +437,11 @@ class TextToImageAdapter(nn.Module):
     def from_pretrained(cls, path: str | os.PathLike, **kw) -> TextToImageAdapter:
         """From a local diffusers pipeline folder (model_index.json, unet/, scheduler/, and
         optionally vae/, text_encoder/, tokenizer/). Only these five components are loaded (no
-        safety checker); nothing is downloaded."""
-        path = Path(path)
-        index_file = path / "model_index.json"
-        if not index_file.is_file():
-            raise FileNotFoundError(
-                f"{path}: not a diffusers pipeline folder (no model_index.json)"
-            )
-        index = json.loads(index_file.read_text())
-        parts = {}
-        for name in ("unet", "scheduler", "vae", "text_encoder", "tokenizer"):
-            entry = index.get(name)
-            if not entry or entry[0] is None or not (path / name).is_dir():
-                if name in ("unet", "scheduler"):
-                    raise FileNotFoundError(f"{path}: the pipeline has no {name}/ component")
-                parts[name] = None
-                continue
-            library, class_name = entry
-            try:
-                module = importlib.import_module(library)
-            except ImportError as e:
-                raise ImportError(
-                    f"loading {name} needs the {library!r} package (pip install {library})"
-                ) from e
-            loader = getattr(module, class_name)
-            load = getattr(loader, "from_pretrained", None) or loader.from_config
-            parts[name] = load(str(path / name), local_files_only=True)
+        safety checker), each of a class the registry of models/pipeline_folder.py knows, weights
+        from safetensors only; nothing is downloaded."""
+        from ctrak_fast.models.pipeline_folder import load_pipeline_parts
+
+        parts = load_pipeline_parts(path)
         return cls(
             parts["unet"],
             parts["scheduler"],

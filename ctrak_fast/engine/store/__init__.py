@@ -2,8 +2,8 @@
 
 The rooms of the store: manifest.py (format, spec fields, errors, fingerprints), shards.py (the one
 safetensors-header parser, shard checks, memory-mapped reading), store.py (FeatureStore: create,
-open, read, verify), writer.py (the one writer and its lock), merge.py (merging stores by linking
-shard files). Layout and guarantees: store.py's docstring.
+open, read), verify.py (every byte re-read), writer.py (the one writer and its lock), merge.py
+(merging stores by linking shard files). Layout and guarantees: store.py's docstring.
 """
 
 from ctrak_fast.engine.store.manifest import (
@@ -18,7 +18,7 @@ from ctrak_fast.engine.store.manifest import (
 from ctrak_fast.engine.store.merge import merge_stores
 from ctrak_fast.engine.store.shards import iter_store_shards
 from ctrak_fast.engine.store.store import FeatureStore, iter_features
-from ctrak_fast.engine.store.writer import StoreWriter
+from ctrak_fast.engine.store.writer import StoreWriter, remove_empty_store
 
 __all__ = [
     "DTYPES",
@@ -33,4 +33,5 @@ __all__ = [
     "iter_store_shards",
     "merge_stores",
     "model_fingerprint",
+    "remove_empty_store",
 ]

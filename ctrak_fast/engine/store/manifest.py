@@ -123,8 +123,8 @@ def read_manifest(path: Path) -> dict:
         raise StoreError(f"{path} is not a feature store (no {MANIFEST})")
     try:
         manifest = json.loads(mpath.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise StoreError(f"{mpath}: unreadable manifest: {e}") from e
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # nested too deeply too
+        raise StoreError(f"{mpath}: unreadable manifest: {e}") from None
     if not isinstance(manifest, dict):
         raise StoreError(f"{mpath}: manifest is not a JSON object")
     version = manifest.get("format_version")
@@ -138,6 +138,11 @@ def read_manifest(path: Path) -> dict:
     missing = [key for key in REQUIRED if key not in manifest]
     if missing:
         raise StoreError(f"{mpath}: manifest lacks {missing}")
+    if "spec_sha256" not in manifest:  # without it, edits of meta would pass unseen
+        raise StoreError(
+            f"{mpath}: manifest lacks spec_sha256, the checksum of k, dtype, shard_rows and meta "
+            "(deleted, or a store written before it existed): featurize into a new directory"
+        )
     check_manifest_types(mpath, manifest)
     return manifest
 
@@ -181,8 +186,12 @@ def check_manifest_types(mpath: Path, m: dict) -> None:
         bad(f"meta must be a JSON object, got {short(m['meta'])}")
     if not isinstance(m["shards"], list):
         bad(f"shards must be a list of records, got {short(m['shards'])}")
-    if "spec_sha256" in m and m["spec_sha256"] != spec_sha256(m):
+    if m.get("spec_sha256") != spec_sha256(m):
         bad("k, dtype, shard_rows or meta was edited (spec_sha256 does not match)")
+    if "complete" in m and type(m["complete"]) is not bool:
+        bad(f"complete must be true or false, got {short(m['complete'])}")
+    if "expected_rows" in m and not _is_int(m["expected_rows"], m["n_rows"]):
+        bad(f"expected_rows must be an integer >= n_rows, got {short(m['expected_rows'])}")
     seen: set[str] = set()
     for i, rec in enumerate(m["shards"]):
         if not isinstance(rec, dict):
@@ -197,6 +206,22 @@ def check_manifest_types(mpath: Path, m: dict) -> None:
             if (key, rec[key]) in seen:
                 bad(f"shard record {i} repeats the {key} of an earlier one ({rec[key][:16]})")
             seen.add((key, rec[key]))
+
+
+def is_complete(m: Mapping) -> bool:
+    """The last writer closed cleanly and, where the manifest records how many rows its writer
+    was asked for (``expected_rows``), all of them are there. A manifest without ``complete``
+    (every writer since the first format writes it) is taken as incomplete."""
+    expected = m.get("expected_rows")
+    return m.get("complete") is True and (expected is None or m["n_rows"] == expected)
+
+
+def describe_rows(m: Mapping) -> str:
+    """'96 of 875 rows' (or '96 rows, the expected number not recorded')."""
+    expected = m.get("expected_rows")
+    if expected is None:
+        return f"{m['n_rows']} rows, of a number not recorded"
+    return f"{m['n_rows']} of {expected} rows"
 
 
 def spec_sha256(manifest: Mapping) -> str:

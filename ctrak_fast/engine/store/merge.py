@@ -15,7 +15,9 @@ from ctrak_fast.engine.store.manifest import (
     SpecMismatch,
     StoreError,
     created_by,
+    describe_rows,
     first_difference,
+    is_complete,
     manifest_bytes,
     read_manifest,
     spec_sha256,
@@ -31,6 +33,7 @@ def merge_stores(
     sources: Sequence[str | os.PathLike | FeatureStore],
     *,
     check: bool = True,
+    expected_rows: int | None = None,
 ) -> FeatureStore:
     """Append the rows of ``sources`` (stores, in order) to the store at ``dest``.
 
@@ -45,6 +48,8 @@ def merge_stores(
     Args:
         check: re-hash every linked shard against its record (reads each byte once), so that a
             corrupt source is refused instead of being listed.
+        expected_rows: the rows the merged store must hold to be complete (recorded; without
+            it, a merge of complete sources is complete).
 
     Raises:
         SpecMismatch: a source's k, dtype, shard_rows or a meta field differs from dest's (the
@@ -88,6 +93,8 @@ def merge_stores(
                 err = SpecMismatch(dest, *diff)
                 err.args = (f"cannot merge {src}: {err}",)
                 raise err
+            if not is_complete(src_m):  # a killed rank's rows would pass for a whole store
+                raise StoreError(f"cannot merge {src}: {describe_rows(src_m)}, it is incomplete")
             todo.extend((src, rec) for rec in src_m["shards"])
         if m is None:
             raise StoreError(f"nothing to merge into {dest}: no sources and no store there")
@@ -116,7 +123,12 @@ def merge_stores(
             shards.append(dict(rec, file=file.name, first_row=n_rows))
             n_rows += rec["rows"]
         fsync_dir(dest)  # every link is durable before the manifest lists it
-        merged = with_version(dict(m, shards=shards, n_rows=n_rows, complete=True))
+        merged = dict(m, shards=shards, n_rows=n_rows, complete=True)
+        if expected_rows is not None:
+            if n_rows > expected_rows:
+                raise StoreError(f"cannot merge: {n_rows} rows, more than {expected_rows}")
+            merged.update(expected_rows=expected_rows, complete=n_rows == expected_rows)
+        merged = with_version(merged)
         placed.clear()  # from here on the files may be listed: stray files are harmless, gaps not
         atomic_write(dest / MANIFEST, manifest_bytes(merged))
     finally:

@@ -55,8 +55,8 @@ def read_header(file: Path, size: int) -> tuple[dict, int]:
             raise StoreError(f"{file}: bad safetensors header length")
         try:
             header = json.loads(f.read(n))
-        except (ValueError, UnicodeDecodeError) as e:
-            raise StoreError(f"{file}: unreadable safetensors header: {e}") from e
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:  # nested too deeply too
+            raise StoreError(f"{file}: unreadable safetensors header: {e}") from None
     if not isinstance(header, dict):
         raise StoreError(f"{file}: unreadable safetensors header: not a JSON object")
     return header, n
@@ -137,8 +137,8 @@ def map_shard(store: FeatureStore, rec: dict, verify: str, populate: bool):
         raise StoreError(f"{file}: bad safetensors header length")
     try:
         header = json.loads(buf[8 : 8 + n_head].tobytes())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise StoreError(f"{file}: unreadable safetensors header: {e}") from e
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # nested too deeply too
+        raise StoreError(f"{file}: unreadable safetensors header: {e}") from None
     rows, k, dtype = rec["rows"], store.k, store.dtype
     want = {"features": (ST_DTYPES[dtype], [rows, k]), "ids": ("I64", [rows])}
     views = {}

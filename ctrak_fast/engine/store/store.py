@@ -25,6 +25,11 @@ Guarantees:
   shard's block CRC-32C (``crc32c``, engine/checksum.py) as it streams it; :meth:`read_shard`
   checks the file's sha256; :meth:`FeatureStore.verify` re-reads everything (sha256, CRC-32C, the
   ids' sha256, ids repeated across shards) and names each bad shard.
+- Completeness: the manifest records ``complete`` (true once the last writer closed cleanly
+  with all its ``expected_rows`` on disk, false while a writer runs or after it was killed);
+  ``check_complete`` names the rows present and expected; ``ctrak attribute`` refuses an
+  incomplete store unless ``--allow-partial``. A featurize that fails before its first row
+  removes the store it created; a 0-row store of another spec is replaced, never blocking.
 - Zeroed rows: a writer may store a row as zeros in place of a non-finite feature
   (``append(..., zeroed=mask)``); the shard's record lists those ids (``zeroed_ids``), so the
   substitution is never silent.
@@ -48,7 +53,6 @@ import torch
 from safetensors import safe_open
 
 from ctrak_fast.engine.atomic import atomic_write, sha256_bytes
-from ctrak_fast.engine.checksum import shard_checksum
 from ctrak_fast.engine.store.manifest import (
     DTYPES,
     MANIFEST,
@@ -57,7 +61,9 @@ from ctrak_fast.engine.store.manifest import (
     StoreError,
     check_spec,
     created_by,
+    describe_rows,
     first_difference,
+    is_complete,
     is_debris,
     manifest_bytes,
     normalize_meta,
@@ -65,12 +71,12 @@ from ctrak_fast.engine.store.manifest import (
     spec_sha256,
 )
 from ctrak_fast.engine.store.shards import (
-    check_header,
     check_shards,
     iter_store_shards,
     shard_file,
 )
-from ctrak_fast.engine.store.writer import StoreWriter
+from ctrak_fast.engine.store.verify import verify_store
+from ctrak_fast.engine.store.writer import StoreWriter, remove_empty_store
 
 
 class FeatureStore:
@@ -103,6 +109,7 @@ class FeatureStore:
         dtype: str = "float16",
         meta: Mapping | None = None,
         shard_rows: int = 1024,
+        expected_rows: int | None = None,
     ) -> FeatureStore:
         """Make a new, empty store in ``path`` (created, or an empty directory).
 
@@ -110,6 +117,8 @@ class FeatureStore:
             k: feature dimension. dtype: "float16" | "bfloat16" | "float32" (storage dtype).
             meta: JSON-serialisable spec of how the features were made.
             shard_rows: rows per shard (the last shard may be shorter).
+            expected_rows: the rows the store will hold when complete, if known (recorded so
+                that an unfinished store can say how far it got; see :meth:`writer`).
         """
         path = Path(path)
         check_spec(k, dtype, shard_rows)
@@ -135,6 +144,8 @@ class FeatureStore:
             "complete": False,
             "shards": [],
         }
+        if expected_rows is not None:
+            manifest["expected_rows"] = expected_rows
         manifest["spec_sha256"] = spec_sha256(manifest)
         atomic_write(path / MANIFEST, manifest_bytes(manifest))
         return cls(path, manifest)
@@ -156,6 +167,7 @@ class FeatureStore:
         dtype: str = "float16",
         meta: Mapping | None = None,
         shard_rows: int = 1024,
+        expected_rows: int | None = None,
     ) -> FeatureStore:
         """Open ``path`` to resume it if it holds a store, else :meth:`create` it.
 
@@ -164,16 +176,31 @@ class FeatureStore:
         """
         path = Path(path)
         if not (path / MANIFEST).exists():
-            return cls.create(path, k, dtype=dtype, meta=meta, shard_rows=shard_rows)
+            return cls.create(
+                path, k, dtype=dtype, meta=meta, shard_rows=shard_rows, expected_rows=expected_rows
+            )
         store = cls.open(path)
         check_spec(k, dtype, shard_rows)
-        for field, given in (("k", k), ("dtype", dtype), ("shard_rows", shard_rows)):
-            if store._m[field] != given:
-                raise SpecMismatch(path, field, store._m[field], given)
-        diff = first_difference(store._m["meta"], normalize_meta(meta), "meta")
-        if diff:
-            raise SpecMismatch(path, *diff)
+        try:
+            store.check_spec(k, dtype, shard_rows, meta)
+        except SpecMismatch:
+            # A run that failed before its first shard (e.g. NaN weights) left a store of no
+            # rows: it must not block the right command, and holds nothing to lose.
+            if store.n_rows or not remove_empty_store(path):
+                raise
+            return cls.create(
+                path, k, dtype=dtype, meta=meta, shard_rows=shard_rows, expected_rows=expected_rows
+            )
         return store
+
+    def check_spec(self, k: int, dtype: str, shard_rows: int, meta: Mapping | None) -> None:
+        """Raise SpecMismatch naming the first of k, dtype, shard_rows, meta.* that differs."""
+        for field, given in (("k", k), ("dtype", dtype), ("shard_rows", shard_rows)):
+            if self._m[field] != given:
+                raise SpecMismatch(self.path, field, self._m[field], given)
+        diff = first_difference(self._m["meta"], normalize_meta(meta), "meta")
+        if diff:
+            raise SpecMismatch(self.path, *diff)
 
     # -- description --
 
@@ -209,8 +236,23 @@ class FeatureStore:
 
     @property
     def complete(self) -> bool:
-        """True when the last writer closed cleanly (all its rows are on disk)."""
-        return bool(self._m.get("complete", False))
+        """True when the last writer closed cleanly with all its rows on disk (all
+        ``expected_rows`` of them, where the manifest records that number)."""
+        return is_complete(self._m)
+
+    @property
+    def expected_rows(self) -> int | None:
+        """The rows the store holds when complete, if its writer was told (else None)."""
+        return self._m.get("expected_rows")
+
+    def check_complete(self, hint: str = "") -> None:
+        """Raise StoreError naming the rows present and expected unless the store is complete;
+        ``hint``: another way out, appended to the message."""
+        if not self.complete:
+            raise StoreError(
+                f"store {self.path} is incomplete: {describe_rows(self._m)}; its writer was "
+                f"killed or is still running: rerun the command that wrote it (it resumes){hint}"
+            )
 
     @property
     def manifest(self) -> dict:
@@ -323,61 +365,16 @@ class FeatureStore:
         Checks at least everything a reader checks, and more: missing, truncated or extended
         files, bad headers, any changed byte (sha256, and crc32c where recorded), the ids' own
         sha256, ids repeated within or across shards, and zeroed rows. The manifest's fields and
-        its spec checksum were checked when the store was opened.
+        its spec checksum were checked when the store was opened (see verify.py).
         """
-        problems = []
-        total = 0
-        all_ids = []
-        for rec in self._m["shards"]:
-            name = rec["file"]
-            try:
-                file = shard_file(self.path, name)
-                problems.extend(f"{name}: {p}" for p in self._verify_shard(file, rec, all_ids))
-            except StoreError as e:
-                problems.append(str(e))
-            if rec["first_row"] != total:
-                problems.append(f"{name}: first_row {rec['first_row']} != expected {total}")
-            total += rec["rows"]
-        if total != self.n_rows:
-            problems.append(f"{MANIFEST}: n_rows {self.n_rows} != sum of shard rows {total}")
-        if all_ids:
-            ids = torch.cat(all_ids)
-            uniq, counts = torch.unique(ids, return_counts=True)
-            if len(uniq) != len(ids):
-                repeated = uniq[counts > 1][:3].tolist()
-                problems.append(f"{int((counts > 1).sum())} ids appear more than once {repeated}")
-        return problems
-
-    def _verify_shard(self, file: Path, rec: dict, all_ids: list) -> list[str]:
-        if not file.is_file():
-            return ["missing"]
-        data = file.read_bytes()
-        if len(data) != rec["bytes"]:
-            return [f"{len(data)} bytes, manifest says {rec['bytes']} (truncated?)"]
-        if sha256_bytes(data) != rec["sha256"]:
-            return ["sha256 mismatch (corrupt bytes)"]
-        if "crc32c" in rec and shard_checksum(data) != rec["crc32c"]:
-            return ["crc32c mismatch (the manifest's checksum was edited?)"]
-        try:
-            check_header(file, rec["rows"], self.k, self.dtype, len(data))
-        except StoreError as e:
-            return [str(e)]
-        tensors = safetensors.torch.load(data)
-        ids = tensors["ids"]
-        all_ids.append(ids)
-        if sha256_bytes(ids.numpy().tobytes()) != rec["ids_sha256"]:
-            return ["ids_sha256 does not match the shard's ids (edited manifest?)"]
-        if rec.get("zeroed_ids"):
-            zeroed = torch.isin(ids, torch.tensor(rec["zeroed_ids"]))
-            if int(zeroed.sum()) != len(rec["zeroed_ids"]) or tensors["features"][zeroed].any():
-                return ["zeroed_ids do not match the shard's ids and rows"]
-        return []
+        return verify_store(self.path, self._m)
 
     # -- writing --
 
-    def writer(self) -> StoreWriter:
-        """The exclusive writer (a context manager); a second one raises :class:`StoreError`."""
-        return StoreWriter(self)
+    def writer(self, expected_rows: int | None = None) -> StoreWriter:
+        """The exclusive writer (a context manager); a second one raises :class:`StoreError`.
+        ``expected_rows``: the rows the store holds when done (see :class:`StoreWriter`)."""
+        return StoreWriter(self, expected_rows)
 
 
 def iter_features(source) -> Iterable[torch.Tensor]:

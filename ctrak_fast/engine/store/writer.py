@@ -36,10 +36,17 @@ class StoreWriter:
     leaving the ``with`` block normally) writes the last, partial shard and marks the store
     complete. Leaving on an exception writes nothing more: the buffered rows are recomputed on
     resume.
+
+    ``expected_rows`` (optional): how many rows the store must hold when done; recorded in the
+    manifest with every commit, so a reader of a killed run's store can say "96 of 875 rows",
+    and ``close()`` marks the store complete only once that many rows are on disk.
     """
 
-    def __init__(self, store: FeatureStore) -> None:
+    def __init__(self, store: FeatureStore, expected_rows: int | None = None) -> None:
+        if expected_rows is not None and (type(expected_rows) is not int or expected_rows < 0):
+            raise StoreError(f"expected_rows must be an integer >= 0, got {expected_rows!r}")
         self.store = store
+        self._expected = expected_rows
         self._lock_fd = acquire_lock(store.path)
         self._buf: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # feats, ids, zeroed
         self._buffered = 0
@@ -116,8 +123,10 @@ class StoreWriter:
         try:
             if self._buffered:
                 self._write_shard(self._buffered)
-            if not self.store.complete:
-                self._commit(dict(self.store.live_manifest, complete=True))
+            m = self.store.live_manifest
+            done = self._expected is None or m["n_rows"] == self._expected
+            if done and not self.store.complete:
+                self._commit(dict(m, complete=True))
         finally:
             self._release()
 
@@ -149,6 +158,13 @@ class StoreWriter:
         )
 
     def _commit(self, manifest: dict) -> None:
+        if self._expected is not None:
+            if manifest["n_rows"] > self._expected:
+                raise StoreError(
+                    f"store {self.store.path}: {manifest['n_rows']} rows, more than the "
+                    f"{self._expected} expected"
+                )
+            manifest["expected_rows"] = self._expected
         manifest = with_version(manifest)
         atomic_write(self.store.path / MANIFEST, manifest_bytes(manifest))
         self.store.adopt_manifest(manifest)
@@ -200,3 +216,26 @@ def release_lock(fd: int) -> None:
     with contextlib.suppress(OSError):
         os.ftruncate(fd, 0)
     os.close(fd)  # closing the descriptor drops the flock
+
+
+def remove_empty_store(path: str | os.PathLike, rmdir: bool = False) -> bool:
+    """Remove the store at ``path`` if it holds no rows and no writer holds it (a failed run's
+    leftover): its manifest and lock, and with ``rmdir`` the directory if that leaves it empty.
+    True if removed."""
+    path = Path(path)
+    try:
+        lock = acquire_lock(path)
+    except StoreError:  # a live writer: not a leftover
+        return False
+    try:
+        m = read_manifest(path)
+        if m["n_rows"] or m["shards"]:
+            return False
+        (path / MANIFEST).unlink()
+        (path / LOCK_FILE).unlink(missing_ok=True)  # flock'ed still, by the unlinked inode
+    finally:
+        release_lock(lock)
+    if rmdir:
+        with contextlib.suppress(OSError):  # not empty: other files are not ours to remove
+            path.rmdir()
+    return True
