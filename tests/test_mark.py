@@ -199,3 +199,32 @@ def test_mark_judge_learns_to_find_the_stamp(tmp_path):
     v = judge.validation
     assert v["found_on_marked"] >= 0.8 and v["found_on_unmarked"] <= 0.2 and v["box_iou"] > 0.5
     assert isinstance(load_model(tmp_path / "mj.safetensors"), MarkJudge)
+
+
+def test_controls_are_samples_without_the_mark_asked_about_a_region_of_a_query_size(
+    marked_inputs,
+):
+    from ctrak_fast.bench.mark import MarkConfig, draw_mark_queries
+
+    model, _ = marked_inputs
+    logits = torch.full((4, 16, 16), -9.0)
+    logits[0, 2:5, 3:6] = 4.0  # samples 0 and 2 show a mark, 1 and 3 do not
+    logits[2, 9:14, 9:14] = 4.0
+    cfg = MarkConfig(candidates=4, queries=2, min_test_queries=1, controls=2, pad=1)
+    queries, controls, found = draw_mark_queries(
+        model, _FixedMap(logits), [(0, 0), (1, 1)], cfg, progress=False
+    )
+    assert found == 2 and [q["box"] for q in queries] == [[2, 1, 7, 6], [8, 8, 15, 15]]
+    assert len(controls) == 2 and all(q["score"] < cfg.control_below for q in controls)
+    for c, q in zip(controls, queries, strict=True):  # each control: a query's box size
+        (x0, y0, x1, y1), (a0, b0, a1, b1) = c["box"], q["box"]
+        assert (x1 - x0, y1 - y0) == (a1 - a0, b1 - b0) and 0 <= x0 and x1 <= 16 and y1 <= 16
+
+
+def test_control_queries_are_scored_at_the_rows_chosen_lambda():
+    lambdas = [0.1, 1.0]
+    good, bad = np.array([1.0, 1.0, 1.0]), np.array([0.0, 0.0, 0.0])
+    per_row = {"d-trak · region": [np.stack([bad, good]), np.stack([bad, good])]}
+    controls = {"d-trak · region": [np.stack([good, bad])]}  # at the chosen 1.0: AP 0
+    rows, chosen = row_results(per_row, ["validation", "test"], lambdas, "ap", controls)
+    assert chosen["d-trak · region"] == 1.0 and rows["d-trak · region"]["control"]["ap"][0] == 0.0

@@ -72,6 +72,10 @@ class MarkConfig(MethodSettings):
     projection_seed: int = 0
     candidates: int = 320  # generated query candidates; the mark judge keeps those with a mark
     queries: int = 24  # kept (alternately validation and test)
+    # samples without the mark, asked about a region of a query's size: a method that finds the
+    # stamped images whatever it is asked (they are harder to denoise) scores high on them too
+    controls: int = 12
+    control_below: float = 0.05  # the mark judge's score a control must stay under
     min_test_queries: int = 8
     guidance: float = 2.0  # CFG of the generated candidates
     threshold: float = 0.5  # the mark judge's per-pixel probability a query needs
@@ -103,9 +107,10 @@ class MarkConfig(MethodSettings):
 
 def draw_mark_queries(model, mark_judge, combos, cfg: MarkConfig, progress: bool = True):
     """Generate cfg.candidates samples (cycling over `combos`) and keep the first cfg.queries in
-    which the mark judge finds the mark: [{"combo", "image", "box", "score"}], and the count
-    found among the candidates."""
-    found, queries = 0, []
+    which the mark judge finds the mark ({"combo", "image", "box", "score"}), the first
+    cfg.controls in which it sees none (score below cfg.control_below; their box: a found
+    query's box size at a random place), and the count found among the candidates."""
+    found, queries, plain = 0, [], []
     gen = torch.Generator().manual_seed(cfg.seed * 7919 + 17)
     batches = range(0, cfg.candidates, 64)
     for start in show_progress(batches, desc="mark queries", unit="batch", enabled=progress):
@@ -115,21 +120,26 @@ def draw_mark_queries(model, mark_judge, combos, cfg: MarkConfig, progress: bool
         x0 = x0.clamp(-1, 1)
         score, boxes = mark_judge.detect(x0, cfg.threshold)
         size = x0.shape[-1]
-        for i in (score >= cfg.threshold).nonzero().flatten().tolist():
+        for i in range(n):
+            q = {"combo": tuple(cond[i].tolist()), "image": x0[i], "score": float(score[i])}
+            if score[i] < cfg.control_below and len(plain) < cfg.controls:
+                plain.append(q)
+            if score[i] < cfg.threshold:
+                continue
             found += 1
             x0_, y0, x1, y1 = boxes[i].tolist()
-            box = [max(0, x0_ - cfg.pad), max(0, y0 - cfg.pad)]
-            box += [min(size, x1 + cfg.pad), min(size, y1 + cfg.pad)]
+            q["box"] = [max(0, x0_ - cfg.pad), max(0, y0 - cfg.pad)]
+            q["box"] += [min(size, x1 + cfg.pad), min(size, y1 + cfg.pad)]
             if len(queries) < cfg.queries:
-                queries.append(
-                    {
-                        "combo": tuple(cond[i].tolist()),
-                        "image": x0[i],
-                        "box": box,
-                        "score": float(score[i]),
-                    }
-                )
-    return queries, found
+                queries.append(q)
+    where = torch.Generator().manual_seed(cfg.seed * 7919 + 29)  # the control regions' places
+    for i, q in enumerate(plain if queries else []):
+        x0_, y0, x1, y1 = queries[i % len(queries)]["box"]
+        w, h, size = x1 - x0_, y1 - y0, q["image"].shape[-1]
+        x = int(torch.randint(size - w + 1, (1,), generator=where))
+        y = int(torch.randint(size - h + 1, (1,), generator=where))
+        q["box"] = [x, y, x + w, y + h]
+    return queries, plain, found
 
 
 def query_scores(trained, cfg: MarkConfig, train, q) -> dict[str, torch.Tensor]:
@@ -174,7 +184,7 @@ def run_mark(
     proj = ProjectionSpec(k=cfg.k, seed=cfg.projection_seed)
     seen = [c for c in data.combos() if c not in set(data.heldout)]
     tic = time.time()
-    queries, found = draw_mark_queries(model, mark_judge, seen, cfg, progress)
+    queries, controls, found = draw_mark_queries(model, mark_judge, seen, cfg, progress)
     roles = ["validation" if i % 2 == 0 else "test" for i in range(len(queries))]
     if roles.count("test") < cfg.min_test_queries:  # refused before any featurization
         raise ValueError(
@@ -197,8 +207,10 @@ def run_mark(
     timings.update(trained.timings)
     tic = time.time()
     per_row: dict[str, list[np.ndarray]] = {}
+    per_control: dict[str, list[np.ndarray]] = {}
     kept: list[dict[str, torch.Tensor]] = []
-    for q in show_progress(queries, desc="attribute", unit="query", enabled=progress):
+    asked = [(q, per_row) for q in queries] + [(q, per_control) for q in controls]
+    for q, log in show_progress(asked, desc="attribute", unit="query", enabled=progress):
         scores = query_scores(trained, cfg, train, q)
         gen = torch.Generator().manual_seed(cfg.seed * 100003 + len(kept))
         # no caption names the mark: a lookup ranks every image equal, ties broken at random
@@ -209,20 +221,24 @@ def run_mark(
             # alone finds (a stamped image is harder to denoise)
             scores[f"{name} weight alone (no query)"] = loss[None]
         for row, s in scores.items():
-            per_row.setdefault(row, []).append(
+            log.setdefault(row, []).append(
                 np.array([[mark_metrics(si, truth)[m] for m in MARK_METRICS] for si in s])
             )
         kept.append(scores)
     timings["attribution"] = time.time() - tic
     lambdas = list(cfg.lambdas)
-    rows, chosen = row_results(per_row, roles, lambdas, cfg.select_lambda_by)
+    rows, chosen = row_results(per_row, roles, lambdas, cfg.select_lambda_by, per_control)
     results = {
         "benchmark": "mark",
         "rows": rows,
         "lambda_r": chosen,
         "n_train": len(truth),
         "n_marked": int(truth.sum()),
-        "n_queries": {"validation": roles.count("validation"), "test": roles.count("test")},
+        "n_queries": {
+            "validation": roles.count("validation"),
+            "test": roles.count("test"),
+            "control": len(controls),
+        },
         "candidates": cfg.candidates,
         "found": found,
         "queries": [
@@ -233,7 +249,9 @@ def run_mark(
                 "judge_score": q["score"],
                 "top": top_entries(kept[i], chosen, lambdas, train.ids, top=cfg.top),
             }
-            for i, (q, r) in enumerate(zip(queries, roles, strict=True))
+            for i, (q, r) in enumerate(
+                zip(queries + controls, roles + ["control"] * len(controls), strict=True)
+            )
         ],
         "judge": getattr(mark_judge, "validation", None),
         "lambdas": lambdas,
@@ -245,7 +263,7 @@ def run_mark(
     atomic_write_text(out_dir / "results.json", json.dumps(results, indent=2))
     results["_gallery"] = [
         {"query": q, "scores": {r: chosen_row(r, chosen, lambdas, s) for r, s in sc.items()}}
-        for q, sc in zip(queries, kept, strict=True)
+        for q, sc in zip(queries, kept[: len(queries)], strict=True)
         if q is queries[roles.index("test")]
     ]
     results["_train"] = train

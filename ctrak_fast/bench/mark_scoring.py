@@ -73,16 +73,23 @@ def patch_search(train_images: torch.Tensor, image: torch.Tensor, box) -> torch.
 
 
 def row_results(
-    per_row: dict[str, list[np.ndarray]], roles: list[str], lambdas: list[float], select_by: str
+    per_row: dict[str, list[np.ndarray]],
+    roles: list[str],
+    lambdas: list[float],
+    select_by: str,
+    controls: dict[str, list[np.ndarray]] | None = None,
 ) -> tuple[dict, dict[str, float]]:
     """Per row: lambda_r chosen on the validation queries by `select_by`, the test queries'
-    means with bootstrap 95% CIs at it, the validation means, and (concept-trak rows) the paired
-    AP differences to every baseline. per_row[row]: per query [n_lambda (or 1), metrics]."""
+    means with bootstrap 95% CIs at it, the validation means, the control queries' means with
+    CIs at it (what the row finds when asked about no mark), and (concept-trak rows) the paired
+    AP differences to every baseline. per_row[row], controls[row]: per query [n_lambda (or 1),
+    metrics]."""
     val = [i for i, r in enumerate(roles) if r == "validation"]
     test = [i for i, r in enumerate(roles) if r == "test"]
     col = MARK_METRICS.index(select_by)
     at: dict[str, np.ndarray] = {}  # row -> [queries, metrics] at its chosen lambda
     chosen: dict[str, float] = {}
+    rows: dict[str, dict] = {}
     for row, per_query in per_row.items():
         m = np.stack(per_query)  # [Q, n_lambda, metrics]
         li = 0
@@ -90,12 +97,18 @@ def row_results(
             chosen[row] = choose_lambda_on_validation(m[val, :, col].T, lambdas)
             li = lambdas.index(chosen[row])
         at[row] = m[:, li]
-    rows = {}
-    for row, m in at.items():
         rows[row] = {
-            "test": {k: list(bootstrap_ci(m[test, j])) for j, k in enumerate(MARK_METRICS)},
-            "validation": {k: float(np.nanmean(m[val, j])) for j, k in enumerate(MARK_METRICS)},
+            "test": {k: list(bootstrap_ci(at[row][test, j])) for j, k in enumerate(MARK_METRICS)},
+            "validation": {
+                k: float(np.nanmean(at[row][val, j])) for j, k in enumerate(MARK_METRICS)
+            },
         }
+        if controls and controls.get(row):
+            c = np.stack(controls[row])[:, li]
+            rows[row]["control"] = {
+                k: list(bootstrap_ci(c[:, j])) for j, k in enumerate(MARK_METRICS)
+            }
+    for row, m in at.items():
         if row.startswith("concept-trak"):
             ap = MARK_METRICS.index("ap")
             rows[row]["paired_ap"] = {
@@ -117,17 +130,22 @@ def mark_table(results: dict) -> str:
         f"lambda_r by AP); the judge found the mark in {results['found']} of "
         f"{results['candidates']} samples.",
         "",
-        "| method · query | lambda_r | P@10 | AP | R-precision |",
-        "|---|---|---|---|---|",
+        "AP on no-mark controls: the same row asked about a region of a sample that shows no "
+        f"mark ({n.get('control', 0)} controls); a row that finds the stamped images whatever it "
+        "is asked scores as high there.",
+        "",
+        "| method · query | lambda_r | P@10 | AP | R-precision | AP on no-mark controls |",
+        "|---|---|---|---|---|---|",
     ]
     order = sorted(results["rows"], key=lambda r: (r in CALIBRATION, r.startswith("pixel")))
     for row in order:
         cell = results["rows"][row]["test"]
         lam = results["lambda_r"].get(row)
         lam_txt = f"{lam:g}" if lam is not None else "-"
-        lines.append(
-            f"| {row} | {lam_txt} | " + " | ".join(format_ci(*cell[m]) for m in MARK_METRICS) + " |"
-        )
+        control = results["rows"][row].get("control")
+        cells = [format_ci(*cell[m]) for m in MARK_METRICS]
+        cells.append(format_ci(*control["ap"]) if control else "-")
+        lines.append(f"| {row} | {lam_txt} | " + " | ".join(cells) + " |")
     ours = [r for r in order if results["rows"][r].get("paired_ap")]
     if ours:
         lines += [
