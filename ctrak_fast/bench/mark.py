@@ -278,7 +278,12 @@ def write_mark_gallery(results: dict, path, rows=GALLERY_ROWS) -> Path:
     q = entry["query"]
     marked = train.marked
     shown = [
-        {"title": row, "query": q["image"], "scores": entry["scores"][row], "region": q["box"]}
+        {
+            "title": row.replace(" · ", "\n"),
+            "query": q["image"],
+            "scores": entry["scores"][row],
+            "region": q["box"],
+        }  # fmt: skip
         for row in rows
         if row in entry["scores"]
     ]
