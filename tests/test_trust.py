@@ -523,8 +523,15 @@ def test_an_interrupt_is_one_line_and_resumable(world, monkeypatch, sig, code):
         return store
 
     monkeypatch.setattr(store_module.FeatureStore, "open", interrupted)
+    # a foreground Ctrl-C: a shell starts background jobs (a CI runner's, say) with SIGINT ignored
+    old_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     before = snapshot(root)
-    rc, _, err = run(attribute(root / "store", root / "q.safetensors", "--out", root / "r.json"))
+    try:
+        rc, _, err = run(
+            attribute(root / "store", root / "q.safetensors", "--out", root / "r.json")
+        )
+    finally:
+        signal.signal(signal.SIGINT, old_int)
     assert (
         rc == code and err.strip() == "ctrak: error: interrupted; rerun the same command to resume"
     )
