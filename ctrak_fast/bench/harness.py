@@ -18,8 +18,10 @@ from pathlib import Path
 import torch
 
 from ctrak_fast.bench.protocol import QueryLog, expected_random, summarize_protocols
+from ctrak_fast.engine.projection import ProjectionSpec
 from ctrak_fast.engine.store import FeatureStore
 from ctrak_fast.engine.sweep import LambdaSweep
+from ctrak_fast.method import diffusion
 from ctrak_fast.method.featurize import (
     FeatureSpec,
     Featurizer,
@@ -83,6 +85,23 @@ class TrainedMethods:
     row_scale: dict[str, torch.Tensor] = field(default_factory=dict)  # das: [N] DSM weights
     timings: dict[str, float] = field(default_factory=dict)
     completed: torch.Tensor | None = None  # the captions as the model completed them
+
+
+def factor_featurizers(model, cfg) -> Callable[[FeatureSpec, Featurizer | None], Featurizer]:
+    """featurize_methods' make_featurizer for a factor model: its schedule and null token, the
+    run's projection (cfg.k, cfg.projection_seed) and gradient backend, one projection matrix
+    shared by every featurizer of the run."""
+    sch = diffusion.NoiseSchedule.for_model(model)
+    proj = ProjectionSpec(k=cfg.k, seed=cfg.projection_seed)
+    null = model.null_cond(1)[0]
+
+    def make_featurizer(spec: FeatureSpec, first: Featurizer | None) -> Featurizer:
+        shared = first.projector if first else None
+        return Featurizer(
+            model, sch, spec, proj, null, grad_backend=cfg.grad_backend, shared_projector=shared
+        )
+
+    return make_featurizer
 
 
 def featurize_methods(
@@ -287,6 +306,7 @@ __all__ = [
     "SPLITS",
     "MethodSettings",
     "TrainedMethods",
+    "factor_featurizers",
     "featurize_methods",
     "method_scores",
     "pixel_cosine",

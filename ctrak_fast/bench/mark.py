@@ -29,6 +29,7 @@ from ctrak_fast.bench.harness import (
     TOP,
     MethodSettings,
     chosen_row,
+    factor_featurizers,
     featurize_methods,
     pixel_cosine,
     top_entries,
@@ -43,9 +44,8 @@ from ctrak_fast.bench.protocol import LAMBDAS
 from ctrak_fast.bench.report import gallery
 from ctrak_fast.data import ConceptDataset
 from ctrak_fast.engine.atomic import atomic_write_text
-from ctrak_fast.engine.projection import ProjectionSpec
 from ctrak_fast.method import diffusion
-from ctrak_fast.method.featurize import FeatureSpec, Featurizer
+from ctrak_fast.method.featurize import FeatureSpec
 from ctrak_fast.method.losses import region_mask, region_weight
 from ctrak_fast.method.methods import METHODS as TABLE
 from ctrak_fast.method.query import ConceptQuerySpec, image_query_features
@@ -178,10 +178,8 @@ def run_mark(
     if data.marks is None:
         raise ValueError("the data set has no stamped marks (train with --mark-fraction)")
     model.eval()
-    sch = diffusion.NoiseSchedule.for_model(model)
     train = data.train_subset(cfg.per_combo)
     truth = train.marked
-    proj = ProjectionSpec(k=cfg.k, seed=cfg.projection_seed)
     seen = [c for c in data.combos() if c not in set(data.heldout)]
     tic = time.time()
     queries, controls, found = draw_mark_queries(model, mark_judge, seen, cfg, progress)
@@ -194,16 +192,10 @@ def run_mark(
         )
     timings = {"queries": time.time() - tic}
 
-    def make_featurizer(spec: FeatureSpec, first: Featurizer | None) -> Featurizer:
-        null = model.null_cond(1)[0]
-        shared = first.projector if first else None
-        return Featurizer(
-            model, sch, spec, proj, null, grad_backend=cfg.grad_backend, shared_projector=shared
-        )
-
     trained = featurize_methods(
-        cfg, make_featurizer, train.images, train.captions, train.ids, out_dir, progress
-    )
+        cfg, factor_featurizers(model, cfg), train.images, train.captions, train.ids, out_dir,
+        progress,
+    )  # fmt: skip
     timings.update(trained.timings)
     tic = time.time()
     per_row: dict[str, list[np.ndarray]] = {}

@@ -21,6 +21,7 @@ import torch
 from ctrak_fast.bench.harness import (
     MethodSettings,
     at_chosen_lambda,
+    factor_featurizers,
     featurize_methods,
     method_scores,
     pixel_cosine,
@@ -32,10 +33,8 @@ from ctrak_fast.bench.queries import make_queries
 from ctrak_fast.conditions import factor_negative
 from ctrak_fast.data import ConceptDataset
 from ctrak_fast.engine.atomic import atomic_write_text
-from ctrak_fast.engine.projection import ProjectionSpec
-from ctrak_fast.method import diffusion
 from ctrak_fast.method.completion import complete_captions
-from ctrak_fast.method.featurize import FeatureSpec, Featurizer
+from ctrak_fast.method.featurize import FeatureSpec
 from ctrak_fast.method.methods import METHODS as TABLE
 from ctrak_fast.method.query import (
     ConceptQuerySpec,
@@ -115,21 +114,8 @@ def run_quality(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.eval()
-    sch = diffusion.NoiseSchedule.for_model(model)
     train = data.train_subset(cfg.per_combo)
-    labels, null = train.labels, model.null_cond(1)[0]
-    proj = ProjectionSpec(k=cfg.k, seed=cfg.projection_seed)
-
-    def make_featurizer(spec: FeatureSpec, first: Featurizer | None) -> Featurizer:
-        return Featurizer(
-            model,
-            sch,
-            spec,
-            proj,
-            null,
-            grad_backend=cfg.grad_backend,
-            shared_projector=first.projector if first else None,  # one projection matrix
-        )
+    labels = train.labels
 
     def complete(x0: torch.Tensor, captions: torch.Tensor) -> torch.Tensor:
         return complete_captions(model, x0, captions, model.n_values, seed=cfg.seed)
@@ -146,7 +132,7 @@ def run_quality(
     # the training side reads what the model was told (captions); the metrics what images show
     trained = featurize_methods(
         cfg,
-        make_featurizer,
+        factor_featurizers(model, cfg),
         train.images,
         train.captions,
         train.ids,
