@@ -501,7 +501,7 @@ def test_deeply_nested_json_is_one_line(world, tmp_path):
 )
 def test_a_device_that_is_not_there_is_one_line(world, device, message):
     if device == "cuda" and torch.cuda.is_available():
-        pytest.skip("this machine has CUDA")
+        pytest.skip("this machine has CUDA")  # the case is a CPU-only build asked for cuda
     root = world[0]
     refused(attribute(root / "store", root / "q.safetensors", "--device", device), root, message)
 
