@@ -91,12 +91,20 @@ class CMakeBuild(build_ext):
         )
 
 
+# assets/ and its folders (the counterfactual ground truth) hold data only
+ASSET_PACKAGES = [
+    "ctrak_fast." + p.relative_to(ROOT / "ctrak_fast").as_posix().replace("/", ".")
+    for p in sorted([ROOT / "ctrak_fast" / "assets", *(ROOT / "ctrak_fast" / "assets").rglob("*")])
+    if p.is_dir() and p.name != "__pycache__"
+]
+
+
 def _packages() -> tuple[list[str], dict[str, str]]:
     """ctrak_fast and its subpackages (assets/ included), plus the top-level kernels/ as
     ctrak_fast.kernels."""
     # assets/ holds data only (no __init__.py): declared as a package of its own, or setuptools
     # prints a screen of warnings about an importable folder missing from `packages`.
-    packages = [*find_packages(include=["ctrak_fast", "ctrak_fast.*"]), "ctrak_fast.assets"]
+    packages = [*find_packages(include=["ctrak_fast", "ctrak_fast.*"]), *ASSET_PACKAGES]
     package_dir = {"": "."}
     if (ROOT / "kernels").is_dir():
         packages.append("ctrak_fast.kernels")
@@ -117,7 +125,7 @@ setup(
     package_dir=package_dir,
     package_data={
         "ctrak_fast": ["py.typed", "_C.pyi"],
-        "ctrak_fast.assets": ["*.safetensors", "*.json"],
+        **{pkg: ["*.safetensors", "*.json"] for pkg in ASSET_PACKAGES},
     },
     ext_modules=[CMakeExtension("ctrak_fast._C")],
     cmdclass={"build_ext": CMakeBuild},

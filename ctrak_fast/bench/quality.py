@@ -153,21 +153,7 @@ def run_quality(
             cond = torch.tensor(combo, dtype=torch.long)
 
             def concept(row, fz, cond=cond, image=image):
-                spec = cfg.query_spec(row)
-                if spec.contexts:  # the concept in every context that shares it
-                    ctx = [
-                        [
-                            (c, factor_negative(c, f, model.n_values, spec.negative))
-                            for c in concept_contexts(cond, f, model.n_values)
-                        ]
-                        for f in range(n_factors)
-                    ]
-                    return context_concept_features(fz, spec, cond, ctx, image=image)
-                negs = [
-                    factor_negative(cond, f, model.n_values, spec.negative)
-                    for f in range(n_factors)
-                ]
-                return concept_query_features(fz, spec, cond, negs, image=image)
+                return factor_concept_features(fz, cfg.query_spec(row), cond, image)
 
             def whole_image(fz, cond=cond, image=image):
                 return image_query_features(fz, image[None], cond[None])
@@ -215,6 +201,23 @@ def run_quality(
     results["_gallery"] = at_chosen_lambda(gallery, results["lambda_r"], cfg.lambdas)
     results["_train"] = train
     return results
+
+
+def factor_concept_features(fz, spec: ConceptQuerySpec, cond, image) -> torch.Tensor:
+    """A factor model's concept query features, one row per factor [F, k]: the concept of factor
+    f with c- its negative (spec.negative), or, with spec.contexts, averaged over every context
+    that shares the concept."""
+    n_values = fz.model.n_values
+    factors = range(len(n_values))
+    if spec.contexts:  # the concept in every context that shares it
+        ctx = [
+            [(c, factor_negative(c, f, n_values, spec.negative))
+             for c in concept_contexts(cond, f, n_values)]
+            for f in factors
+        ]  # fmt: skip
+        return context_concept_features(fz, spec, cond, ctx, image=image)
+    negs = [factor_negative(cond, f, n_values, spec.negative) for f in factors]
+    return concept_query_features(fz, spec, cond, negs, image=image)
 
 
 def draw_split(model, judge, split: str, combos, cfg: QualityConfig, progress: bool):

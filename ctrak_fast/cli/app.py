@@ -13,6 +13,7 @@ from ctrak_fast.cli.arggroups import (
     PLAIN_QUERIES,
     TRUTH_HELP,
     add_benchmark_args,
+    add_counterfactual_parser,
     add_data_args,
     add_draw_args,
     add_feature_args,
@@ -53,7 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_benchmark_args(d, "demo_out", per_combo=30, queries=2, heldout=8)
 
-    b = sub.add_parser("bench", help="benchmarks: `ctrak bench quality|paper|partial|mark`")
+    b = sub.add_parser(
+        "bench", help="benchmarks: `ctrak bench quality|paper|partial|mark|counterfactual`"
+    )
     bsub = b.add_subparsers(dest="bench", required=True)
     q = bsub.add_parser(
         "quality", help="the concept benchmark: synthetic, or a labelled folder (--folder)"
@@ -92,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     add_mark_parser(bsub)
+    add_counterfactual_parser(bsub)
 
     tr = sub.add_parser(
         "train", help="train a FactorUNet and its judge: synthetic data, or --folder --labels"

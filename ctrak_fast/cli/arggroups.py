@@ -268,6 +268,39 @@ def add_mark_parser(bsub) -> None:
     pm.add_argument("--quiet", action="store_true", help="no progress output")
 
 
+def add_counterfactual_parser(bsub) -> None:
+    pc = bsub.add_parser(
+        "counterfactual",
+        help="every method judged by what the training data did: LDS over retrained subsets "
+        "and remove-and-retrain, from the shipped ground truth (--retrain regenerates it)",
+    )
+    pc.add_argument("--out", default="out/counterfactual", help="output folder (tables, JSON)")
+    pc.add_argument(
+        "--truth",
+        help="ground-truth folder (setting.json, masks, measured outputs; default: the shipped "
+        "one); --retrain regenerates into it",
+    )
+    pc.add_argument(
+        "--retrain",
+        action="store_true",
+        help="run the retraining queue first: resumes where a killed run stopped",
+    )
+    pc.add_argument("--setting", help="with --retrain into a new --truth folder: its setting JSON")
+    pc.add_argument(
+        "--workers", type=positive_int, default=2, help="retraining processes (one core each)"
+    )
+    pc.add_argument(
+        "--max-jobs", type=positive_int, help="stop after this many retrained models (a sitting)"
+    )
+    pc.add_argument(
+        "--work", default="out/counterfactual_work", help="checkpoints of models in training"
+    )
+    pc.add_argument("--k", type=positive_int, default=2048, help="projection dimension")
+    pc.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
+    pc.add_argument("--threads", type=positive_int, help="torch threads (default: torch's)")
+    pc.add_argument("--quiet", action="store_true", help="no progress output")
+
+
 def add_t2i_model_args(p):
     p.add_argument(
         "--model", help="diffusers pipeline folder or tiny-model checkpoint (default: shipped)"

@@ -19,6 +19,8 @@ def cmd_demo(a):
         torch.set_num_threads(a.threads)
     if getattr(a, "bench", None) == "mark":
         return cmd_mark(a)
+    if getattr(a, "bench", None) == "counterfactual":
+        return cmd_counterfactual(a)
 
     cfg = QualityConfig(
         per_combo=a.per_combo,
@@ -136,3 +138,36 @@ def cmd_mark(a) -> None:
     timings = ", ".join(f"{k} {v:.0f} s" for k, v in results["timings"].items())
     print(f"{mark_table(results)}\n\nwrote {Path(a.out) / 'results.json'}, {png}")
     print(f"total {results['seconds']:.0f} s; {timings}")
+
+
+def cmd_counterfactual(a) -> None:
+    """`ctrak bench counterfactual`: LDS and remove-and-retrain tables from a ground-truth
+    folder (default: the shipped one); --retrain first runs its retraining queue."""
+    from pathlib import Path
+
+    from ctrak_fast.bench.counterfactual.bench import refresh_removal, run_counterfactual
+    from ctrak_fast.bench.counterfactual.ground_truth import read_masks
+    from ctrak_fast.bench.counterfactual.regenerate import retrain_lds, retrain_removal
+    from ctrak_fast.bench.counterfactual.tables import counterfactual_tables
+    from ctrak_fast.bench.quality import QualityConfig
+    from ctrak_fast.engine.validation import InputError
+    from ctrak_fast.method.methods import parse_methods
+    from ctrak_fast.models.shipped import COUNTERFACTUAL
+
+    truth = Path(a.truth) if a.truth else COUNTERFACTUAL
+    for flag, folder in (("--out", Path(a.out)), ("--work", Path(a.work))):
+        if folder.resolve() == truth.resolve() or truth.resolve() in folder.resolve().parents:
+            raise InputError(f"{flag} {folder} is inside the ground-truth folder {truth}")
+    cfg = QualityConfig(k=a.k, methods=parse_methods(a.methods))
+    left = None
+    if a.retrain:
+        left = retrain_lds(truth, Path(a.work), a.workers, a.max_jobs, a.setting, not a.quiet)
+    elif not (truth / "setting.json").is_file():
+        raise InputError(f"{truth}: no setting.json (a ground-truth folder; --retrain makes one)")
+    # scores every method; once every LDS model is measured, writes the removal arms
+    results = run_counterfactual(truth, a.out, cfg, progress=not a.quiet)
+    if a.retrain and "removal" in read_masks(truth):
+        retrain_removal(truth, Path(a.work), a.workers, left)
+        results = refresh_removal(results, truth, Path(a.out))
+    print(counterfactual_tables(results))
+    print(f"\nwrote {Path(a.out) / 'results.json'}, {Path(a.out) / 'lds_scatter.png'}")

@@ -21,6 +21,8 @@ FULL_SIZE = "shapes16lat"
 PARTIAL = "shapes16partial"
 # `bench mark`'s: the demo's grid with an uncaptioned mark stamped on 15% of the images
 MARKED = "shapes16mark"
+# `bench counterfactual`'s ground truth: a setting small enough to retrain 100 times on 2 cores
+COUNTERFACTUAL = ASSETS / "counterfactual" / "shapes9"
 
 
 @dataclass(frozen=True)
