@@ -1,0 +1,1 @@
+"""`ctrak bench counterfactual`: attribution judged by retraining (LDS, remove-and-retrain)."""
