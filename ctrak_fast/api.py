@@ -38,7 +38,7 @@ from ctrak_fast.method.pipeline import (
     search,
 )
 from ctrak_fast.method.query import ConceptQuerySpec, image_query_features
-from ctrak_fast.models.base import Condition, describe
+from ctrak_fast.models.base import Condition
 from ctrak_fast.models.registry import kind_of, kind_of_pipeline
 from ctrak_fast.models.shipped import shipped_dataset, shipped_model
 from ctrak_fast.results import Attribution, Query, check_query_store, check_store_readable
@@ -363,16 +363,10 @@ class Attributor:
                 image = self.generate(concept, seed=qspec.seed)[0]
             q = self._image_query(image[None], pos[None], ("image",), region)
             return Query(q.features, q.labels, {**q.meta, "query": qspec.to_dict()}, image)
-        how = qspec.negative
-        negs = self._conds.negatives(concept, pos, remove, how) if remove or not negatives else []
-        negs += [(f"vs {describe(c)}", self._conds.one(c)) for c in negatives]
-        if not negs:
-            raise ValueError("nothing to remove: the condition sets no concept")
+        negs = self._kind.removals(concept, pos, remove, negatives, qspec.negative)
         if image is None and qspec.draws == "local":
             image = self.generate(concept, seed=qspec.seed)[0]
-        x0 = None if image is None else self._kind.encode(image[None])[0]
-        weight = None if image is None or x0 is None else region_on_grid(region, image, x0)
-        feats = self._kind.concept_features(self._fz, qspec, pos, negs, x0, weight, how)
+        feats = self._kind.concept_query(self._fz, qspec, pos, negs, image, region)
         meta = {**self.meta(), "kind": "concept", "query": qspec.to_dict(), "concept": str(concept)}
         if region is not None:
             meta["region"] = region_meta(region)

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from ctrak_fast.engine.projection import FactorizedSpec, ProjectionSpec
 from ctrak_fast.method import diffusion
 from ctrak_fast.method.featurize import FeatureSpec, Featurizer
+from ctrak_fast.method.losses import region_on_grid
 from ctrak_fast.method.query import ConceptQuerySpec, Negative, concept_query_features
 
 __all__ = ["Condition", "Conditions", "ModelKind", "describe"]
@@ -213,6 +214,39 @@ class ModelKind(ABC):
             schedule=self.schedule,
         )
         return x0.clamp(-1, 1)
+
+    def removals(
+        self,
+        concept: Condition,
+        pos: Tensor,
+        remove: str | Sequence[str] | None,
+        negatives: Sequence[Condition],
+        how: str,
+    ) -> list[tuple[str, Negative]]:
+        """(label, c-) of each query row: the concepts `remove` names (by default every one c+
+        sets, unless explicit `negatives` are given), then each explicit c-."""
+        negs = (
+            self.conditions.negatives(concept, pos, remove, how) if remove or not negatives else []
+        )
+        negs += [(f"vs {describe(c)}", self.conditions.one(c)) for c in negatives]
+        if not negs:
+            raise ValueError("nothing to remove: the condition sets no concept")
+        return negs
+
+    def concept_query(
+        self,
+        featurizer: Featurizer,
+        spec: ConceptQuerySpec,
+        pos: Tensor,
+        negatives: list[tuple[str, Negative]],
+        image: Tensor | None,
+        region: Any,
+    ) -> Tensor:
+        """Concept-slider features [len(negatives), k] around the query image [C,H,W] pixels (None:
+        global draws), the loss restricted to `region` (a box or mask in its pixels) if given."""
+        x0 = None if image is None else self.encode(image[None])[0]
+        weight = None if image is None or x0 is None else region_on_grid(region, image, x0)
+        return self.concept_features(featurizer, spec, pos, negatives, x0, weight, spec.negative)
 
     def concept_features(
         self,

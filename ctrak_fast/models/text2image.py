@@ -12,16 +12,14 @@ of the VAE encoder), in pixel space otherwise. cond is either the text encoder's
 condition contract, 8 bytes per training image instead of L*D floats; ids are embedded on use by
 the text encoder, with a small cache (a featurizer calls the UNet ~140 times per batch).
 
-Only the UNet is a sub-module: its parameters are the ones gradients and the model fingerprint are
-taken over ("all parameters" means all UNet parameters). The VAE and text encoder are held beside
-it; they enter the store manifest through their own fingerprints (`T2IFeaturizer.meta`).
+Only the UNet is a sub-module: gradients and the model fingerprint are taken over its parameters;
+the VAE and text encoder enter the store manifest through their own fingerprints (`describe`).
 
-Precision: the UNet executes in `dtype` (float16 / bfloat16 / float32); inputs are cast down and
-outputs returned as float32, so samplers, inversion and the DPS guidance run in float32, and the
-per-sample gradients are cast to float32 before they are normalised, summed and projected. In
-float16 the gradients flowing through the UNet are scaled by `grad_scale` (static loss scaling, as
-AMP does) and unscaled at the boundaries, so the small deltas of a mean-over-pixels loss do not
-underflow; on overflow the featurizer retries with a smaller scale.
+Precision: the UNet executes in `dtype`; inputs are cast down and outputs returned as float32, so
+samplers, inversion and the DPS guidance run in float32, and per-sample gradients are cast to
+float32 before they are normalised, summed and projected. In float16 the gradients through the UNet
+are scaled by `grad_scale` (static loss scaling, as AMP does) and unscaled at the boundaries, so a
+mean-over-pixels loss does not underflow; on overflow the featurizer retries with a smaller scale.
 """
 
 from __future__ import annotations
@@ -50,14 +48,6 @@ __all__ = ["T2I_PARAM_FILTER", "TextToImageAdapter", "sample_size", "schedule_fr
 # and the paper's parameter subset for Stable Diffusion. Matches diffusers' module names
 # "...transformer_blocks.N.attn2.to_k.weight"; self-attention is attn1.
 T2I_PARAM_FILTER = r"\.attn2\."
-
-
-def _last_hidden_state(out) -> torch.Tensor:
-    if torch.is_tensor(out):
-        return out
-    if getattr(out, "last_hidden_state", None) is not None:
-        return out.last_hidden_state
-    return out[0]
 
 
 class TextToImageAdapter(nn.Module):
@@ -213,7 +203,11 @@ class TextToImageAdapter(nn.Module):
         )
         dev = next(self.text_encoder.parameters()).device
         kw = {"attention_mask": batch["attention_mask"].to(dev)} if self.text_attention_mask else {}
-        return _last_hidden_state(self.text_encoder(batch["input_ids"].to(dev), **kw)).float()
+        out = self.text_encoder(batch["input_ids"].to(dev), **kw)
+        if not torch.is_tensor(out):  # a transformers output, or a tuple of states
+            hidden = getattr(out, "last_hidden_state", None)
+            out = hidden if hidden is not None else out[0]
+        return out.float()
 
     def prompt_ids(self, prompts: str | Sequence[str]) -> torch.Tensor:
         """Prompts -> condition ids int64 [B, 1]; each distinct prompt gets one id (per adapter).
