@@ -5,55 +5,42 @@
     q = att.query("shape=triangle,colour=red", remove="shape")      # Query: features [m, k]
     res = att.attribute(q, store, k=10)                             # Attribution: ids / scores
 
-Methods (METHOD.md §3-6), all scored as u = (ΦᵀΦ + λI)⁻¹q, score_i = φ_i·u:
+Methods (METHOD.md §3-6; method/methods.py has the table) are all scored as
+u = (ΦᵀΦ + λI)⁻¹q, score_i = φ_i·u; DAS scores D-TRAK's u against its DAS rows.
 
-| method        | training features                       | query (`Attributor.query`)             |
-|---------------|-----------------------------------------|----------------------------------------|
-| concept-trak  | DPS loss, DDIM inversion, per-t norm    | concept slider: c+ vs c- (concept out) |
-| trak          | DSM loss at fixed noise                 | the same loss on the query image       |
-| d-trak        | mean(eps²) at fixed noise               | the same on the query image            |
-| das           | d-trak rows x summed DSM loss           | d-trak query                           |
-
-Models: a factor-conditioned `FactorUNet` (conditions are factor value indices, "removing" a
-concept sets its factor to the null token), a text-to-image `TextToImageAdapter` (conditions are
-prompts, removing a concept deletes its phrase), or a diffusers DDPM/DDIM pipeline through
-`Attributor.from_pipeline` (unconditional or class-conditional UNet2DModel).
+Models: any kind of models/registry.py (models/base.py ModelKind): a factor-conditioned
+`FactorUNet` (conditions are factor value indices, "removing" a concept sets its factor to the
+null token), a text-to-image `TextToImageAdapter` (conditions are prompts, removing a concept
+deletes its phrase), or a diffusers DDPM/DDIM pipeline through `Attributor.from_pipeline`
+(unconditional or class-conditional UNet2DModel).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from ctrak_fast.conditions import (
-    ClassConditions,
-    Condition,
-    Conditions,
-    FactorConditions,
-    TextConditions,
-    describe,
-)
 from ctrak_fast.data import ConceptDataset
 from ctrak_fast.engine.projection import FactorizedSpec, ProjectionSpec
-from ctrak_fast.engine.scoring import DualPreconditioner, Preconditioner, precondition
-from ctrak_fast.engine.search import topk
-from ctrak_fast.engine.store import FORMAT_VERSION, FeatureStore, StoreError
-from ctrak_fast.method import diffusion
-from ctrak_fast.method.featurize import FeatureSpec, Featurizer, featurize_dataset
+from ctrak_fast.engine.store import FORMAT_VERSION, FeatureStore
+from ctrak_fast.method.featurize import FeatureSpec, Featurizer
+from ctrak_fast.method.losses import region_meta, region_on_grid
 from ctrak_fast.method.methods import GRADIENT_METHODS, get_method
-from ctrak_fast.method.query import (
-    ConceptQuerySpec,
-    concept_query_features,
-    context_concept_features,
-    image_query_features,
+from ctrak_fast.method.pipeline import (
+    PreconditionerCache,
+    das_store_path,
+    featurize,
+    scored_store,
+    search,
 )
+from ctrak_fast.method.query import ConceptQuerySpec, image_query_features
+from ctrak_fast.models.base import Condition
+from ctrak_fast.models.registry import kind_of, kind_of_pipeline
 from ctrak_fast.models.shipped import shipped_dataset, shipped_model
-from ctrak_fast.models.unet2d import UNet2DAdapter
 from ctrak_fast.results import Attribution, Query, check_query_store, check_store_readable
 
 __all__ = [
@@ -75,34 +62,7 @@ STORE_FORMAT_VERSION: int = FORMAT_VERSION
 """Newest FeatureStore format this build reads and writes; newer stores are refused."""
 
 
-def das_store_path(store: str | os.PathLike[str]) -> Path:
-    """Where method "das" keeps its DAS rows next to the D-TRAK store `store`: `<store>.das`.
-
-    Examples:
-        >>> das_store_path("out/store").name
-        'store.das'
-    """
-    p = Path(store)
-    return p.with_name(p.name + ".das")
-
-
 # ---- the attributor ------------------------------------------------------------------------------
-
-
-def _region_meta(region: Any) -> Any:
-    """What a query's meta records of its region: the box (x0, y0, x1, y1), or a mask's pixel
-    count and bounding box (what galleries outline)."""
-    if isinstance(region, Tensor):
-        ys, xs = (region != 0).nonzero(as_tuple=True)
-        box = [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
-        return {"mask_pixels": int(len(xs)), "bbox": box}
-    return [int(v) for v in region]
-
-
-def _is_text_adapter(model: nn.Module) -> bool:
-    from ctrak_fast.models.text2image import TextToImageAdapter
-
-    return isinstance(model, TextToImageAdapter)
 
 
 def _method_spec(method: str, spec: FeatureSpec | None) -> FeatureSpec:
@@ -166,54 +126,20 @@ class Attributor:
     ) -> None:
         self._method = method
         spec = _method_spec(method, feature)
-        projection = projection or ProjectionSpec()
-        self._text = _is_text_adapter(model)
-        self._conds: Conditions
-        if self._text:
-            from ctrak_fast.models.t2i_features import make_featurizer
-
-            if not isinstance(projection, ProjectionSpec):
-                raise ValueError("text-to-image adapters support the dense ProjectionSpec only")
-            fz: Featurizer = make_featurizer(
-                model,  # type: ignore[arg-type]
-                spec,
-                projection,
-                grad_backend=grad_backend,
-                projector_backend=projector_backend,
-            )
-            if null_cond is not None:
-                fz.null_cond = null_cond
-            self._conds = TextConditions(model, fz.null_cond)
-        else:
-            if isinstance(model, UNet2DAdapter):
-                self._conds = ClassConditions(model.n_classes)
-            elif hasattr(model, "n_values"):
-                self._conds = FactorConditions(model)
-            else:
-                raise TypeError(
-                    f"{type(model).__name__} is not a known model kind: use a FactorUNet, a "
-                    "TextToImageAdapter, or Attributor.from_pipeline for diffusers pipelines"
-                )
-            if null_cond is None:
-                null_cond = model.null_cond(1)[0]  # type: ignore[operator]
-            schedule = getattr(model, "schedule", None)
-            if not isinstance(schedule, diffusion.NoiseSchedule):
-                schedule = diffusion.NoiseSchedule.for_model(model)
-            fz = Featurizer(
-                model,
-                schedule,
-                spec,
-                projection,
-                null_cond,
-                grad_backend=grad_backend,
-                projector_backend=projector_backend,
-            )
+        self._kind = kind_of(model, null_cond)
+        self._conds = self._kind.conditions
+        fz = self._kind.featurizer(
+            spec,
+            projection or ProjectionSpec(),
+            grad_backend=grad_backend,
+            projector_backend=projector_backend,
+        )
         self._fz = fz
         if query is None:
-            base = {"weight": 3.0 if self._text else 7.5, "timesteps": fz.spec.timesteps}
+            base = {"weight": self._kind.query_weight, "timesteps": fz.spec.timesteps}
             query = ConceptQuerySpec(**{**base, **get_method(method).concept})
         self._query = query
-        self._pre: tuple[tuple[str, ...], Preconditioner | DualPreconditioner] | None = None
+        self._pre = PreconditionerCache(KEEP_GRAM_MAX_K)
 
     # -- construction from a pipeline --
 
@@ -258,31 +184,10 @@ class Attributor:
             >>> att.image_query(images[:1]).features.shape
             torch.Size([1, 32])
         """
-        unet = getattr(pipe, "unet", None)
-        if unet is None or getattr(pipe, "scheduler", None) is None:
-            raise TypeError("from_pipeline needs a diffusers pipeline with .unet and .scheduler")
-        kind = type(unet).__name__
-        model: nn.Module
-        if kind == "UNet2DConditionModel" or hasattr(unet.config, "cross_attention_dim"):
-            from ctrak_fast.models.text2image import TextToImageAdapter
-
-            model = TextToImageAdapter.from_pipeline(pipe, dtype=dtype)
-        elif kind == "UNet2DModel":
-            model = UNet2DAdapter(unet, pipe.scheduler, null_class)
-            if null_class is None:  # no unconditional branch: classifier-free guidance is off
-                spec = kwargs.get("feature") or _method_spec(method, None)
-                if spec.inversion and spec.inversion_guidance != 1.0:
-                    if kwargs.get("feature") is not None and model.n_classes is not None:
-                        raise ValueError(
-                            "this class-conditional model has no unconditional class: use "
-                            "inversion_guidance=1.0, or pass null_class="
-                        )
-                    spec = FeatureSpec.from_dict({**spec.to_dict(), "inversion_guidance": 1.0})
-                kwargs["feature"] = spec
-                if kwargs.get("query") is None:
-                    kwargs["query"] = ConceptQuerySpec(guidance=1.0, timesteps=spec.timesteps)
-        else:
-            raise TypeError(f"unsupported pipeline unet {kind}: expected UNet2D(Condition)Model")
+        kind = kind_of_pipeline(pipe)
+        model, kwargs = kind.from_pipeline(
+            pipe, method, dtype=dtype, null_class=null_class, kwargs=kwargs
+        )
         return cls(model, method, **kwargs)
 
     # -- description --
@@ -363,52 +268,22 @@ class Attributor:
             The FeatureStore: features [N, k] in `dtype`, ids int64 [N], meta = :meth:`meta`.
             Method "das" also writes the DAS rows to :func:`das_store_path` (store).
         """
-        images, conds, ids = self._unpack(dataset)
-        x0 = images
-        n_values = getattr(self.model, "n_values", None)  # factor models complete captions
-        if get_method(self._method).complete_captions and n_values is not None:
-            from ctrak_fast.method.completion import complete_captions
-
-            conds = complete_captions(self.model, images, conds, [int(n) for n in n_values])
-        if self._text:
-            from ctrak_fast.models.latent_cache import encode_images_cached
-
-            x0 = encode_images_cached(self.model, images, ids, store)  # type: ignore[arg-type]
-        return featurize_dataset(
+        images, conds, ids = self._kind.training_set(dataset)
+        row = get_method(self._method)
+        if row.complete_captions:
+            conds = self._kind.complete(images, conds)
+        return featurize(
             self._fz,
-            x0,
+            self._kind.training_x0(images, ids, store),
             conds,
             ids,
-            Path(store),
+            store,
             batch_size=batch_size,
-            shard_rows=shard_rows or batch_size * 16,
+            shard_rows=shard_rows,
             dtype=dtype,
-            das_path=das_store_path(store) if get_method(self._method).das else None,
+            das_path=das_store_path(store) if row.das else None,
             progress=progress,
         )
-
-    def _unpack(self, dataset: ConceptDataset | tuple[Any, ...]) -> tuple[Tensor, Tensor, Tensor]:
-        conds: Any
-        if isinstance(dataset, ConceptDataset):
-            images, conds, ids = dataset.images, dataset.captions, dataset.ids
-            if self._text:  # captions in the words the tiny text-to-image model was trained on
-                from ctrak_fast.data.captions import caption
-
-                conds = [caption(dataset.factors, dataset.values, r) for r in conds.tolist()]
-        elif isinstance(dataset, tuple) and len(dataset) in (2, 3):
-            images, conds = dataset[0], dataset[1]
-            ids = dataset[2] if len(dataset) == 3 else torch.arange(len(images))
-        else:
-            raise TypeError("dataset must be a ConceptDataset or a tuple (images, conds[, ids])")
-        if not isinstance(images, Tensor) or images.dim() != 4 or not images.is_floating_point():
-            raise ValueError("images must be a float tensor [N, C, H, W] in [-1, 1]")
-        ids = torch.as_tensor(ids, dtype=torch.int64)
-        if ids.shape != (len(images),):
-            raise ValueError(f"ids must be int64 [{len(images)}], got {list(ids.shape)}")
-        cond_t = self._conds.batch(conds, len(images))
-        if len(cond_t) != len(images):
-            raise ValueError(f"{len(cond_t)} conditions for {len(images)} images")
-        return images.float(), cond_t, ids
 
     # -- query side --
 
@@ -431,31 +306,9 @@ class Attributor:
         Returns:
             [n, C, H, W] float32 pixels in [-1, 1].
         """
+        guidance = self._kind.guidance if guidance is None else guidance
         cond = self._conds.one(concept)
-        model = self.model
-        if self._text:
-            g = 7.5 if guidance is None else guidance
-            x0 = model.generate(cond, "", g, steps, seed=seed, n=n)  # type: ignore[operator]
-            return model.decode_latents(x0)  # type: ignore[operator, no-any-return]
-        if guidance is None:
-            guidance = 1.0 if isinstance(model, UNet2DAdapter) else 3.0
-        gen = torch.Generator().manual_seed(seed)
-        x0, _ = diffusion.ddim_sample(
-            model,
-            cond[None].expand(n, *cond.shape),
-            neg_cond=self._fz.null_cond[None],
-            guidance=guidance,
-            steps=steps,
-            generator=gen,
-            schedule=self._fz.schedule,
-        )
-        return x0.clamp(-1, 1)
-
-    def _x0(self, images: Tensor) -> Tensor:
-        """Pixels [B,3,H,W] -> the model's x0 (latents for text-to-image models with a VAE)."""
-        if self._text:
-            return self.model.encode_images(images)  # type: ignore[operator, no-any-return]
-        return images.float()
+        return self._kind.generate(cond, n, seed=seed, guidance=guidance, steps=steps)
 
     def query(
         self,
@@ -510,33 +363,13 @@ class Attributor:
                 image = self.generate(concept, seed=qspec.seed)[0]
             q = self._image_query(image[None], pos[None], ("image",), region)
             return Query(q.features, q.labels, {**q.meta, "query": qspec.to_dict()}, image)
-        how = qspec.negative
-        negs = self._conds.negatives(concept, pos, remove, how) if remove or not negatives else []
-        negs += [(f"vs {describe(c)}", self._conds.one(c)) for c in negatives]
-        if not negs:
-            raise ValueError("nothing to remove: the condition sets no concept")
+        negs = self._kind.removals(concept, pos, remove, negatives, qspec.negative)
         if image is None and qspec.draws == "local":
             image = self.generate(concept, seed=qspec.seed)[0]
-        x0 = None if image is None else self._x0(image[None])[0]
-        weight = None if image is None or x0 is None else self._region(region, image, x0)
-        conds = [c for _, c in negs]
-        if qspec.contexts and isinstance(self._conds, FactorConditions):
-            # Each removed factor's concept in every context that shares it (other factors at
-            # each of their values), c- the factor removed there; explicit c- keep one context.
-            ctx = [self._conds.contexts(pos, label, c, how) for label, c in negs]
-            feats = context_concept_features(self._fz, qspec, pos, ctx, image=x0, region=weight)
-        elif self._text:
-            if weight is not None:
-                raise ValueError("region queries of text-to-image models are not supported yet")
-            from ctrak_fast.models.t2i_features import prompt_query_features
-
-            # a prompt's c- is one prompt or embedding, never a list
-            feats = prompt_query_features(self._fz, qspec, pos, conds, x0)  # type: ignore[arg-type]
-        else:
-            feats = concept_query_features(self._fz, qspec, pos, conds, image=x0, region=weight)
+        feats = self._kind.concept_query(self._fz, qspec, pos, negs, image, region)
         meta = {**self.meta(), "kind": "concept", "query": qspec.to_dict(), "concept": str(concept)}
         if region is not None:
-            meta["region"] = _region_meta(region)
+            meta["region"] = region_meta(region)
         return Query(feats, tuple(label for label, _ in negs), meta, image)
 
     def image_query(self, images: Tensor, conds: Any = None, region: Any = None) -> Query:
@@ -569,24 +402,13 @@ class Attributor:
     def _image_query(
         self, images: Tensor, conds: Tensor, labels: tuple[str, ...], region: Any = None
     ) -> Query:
-        x0 = self._x0(images)
-        weight = self._region(region, images[0], x0[0])
+        x0 = self._kind.encode(images)
+        weight = region_on_grid(region, images[0], x0[0])
         feats = image_query_features(self._fz, x0, conds, weight)
         meta = {**self.meta(), "kind": "image"}
         if region is not None:
-            meta["region"] = _region_meta(region)
+            meta["region"] = region_meta(region)
         return Query(feats, labels, meta, images[0] if len(images) == 1 else None)
-
-    @staticmethod
-    def _region(region: Any, image: Tensor, x0: Tensor) -> Tensor | None:
-        """The loss weight [1, 1, h, w] of `region` (pixels of `image` [C, H, W]) on the grid of
-        the model's x0 [c, h, w] (latents for latent models); None for no region."""
-        if region is None:
-            return None
-        from ctrak_fast.method.losses import region_mask, region_weight
-
-        mask = region_mask(region, image.shape[-2], image.shape[-1])
-        return region_weight(mask, (x0.shape[-2], x0.shape[-1]))
 
     # -- scores --
 
@@ -628,35 +450,13 @@ class Attributor:
             labels = query.labels
         else:
             labels = tuple(f"query {i}" for i in range(len(feats)))
-        u = self._preconditioner(st, lambda_r).solve(feats)
-        scored = st
-        if get_method(self._method).das:  # D-TRAK's preconditioner; rows scaled by DSM loss
-            scored = FeatureStore.open(das_store_path(st.path))
-            self._check_store(scored, das=True)
-        res = topk(scored, u, k, tails=tails, backend=backend)
+        u = self._pre.get(st, lambda_r).solve(feats)
+        scored = scored_store(st, get_method(self._method).das)  # DAS: D-TRAK's u, DAS rows
+        if scored is not st:
+            self._check_store(scored, das=scored.meta["das"])
+        res = search(scored, u, k, tails=tails, backend=backend)
         return Attribution.from_topk(res, labels, lambda_r)
 
-    def _check_store(self, st: FeatureStore, das: bool = False) -> None:
+    def _check_store(self, st: FeatureStore, das: Any = None) -> None:
         check_store_readable(st, STORE_FORMAT_VERSION)
-        mine = self.meta()
-        if das:
-            if "das" not in st.meta:
-                raise StoreError(f"{st.path} holds no DAS rows (made with another method?)")
-            mine = {**mine, "das": st.meta["das"]}
-        st.check_compatible(mine)
-
-    def _preconditioner(
-        self, st: FeatureStore, lambda_r: float
-    ) -> Preconditioner | DualPreconditioner:
-        """(G + λI)'s factor, by the cheaper path (the N x N kernel when N < k). The last store's
-        Gram is kept up to k = KEEP_GRAM_MAX_K (a λ change or repeated queries then pay no pass
-        over the store); above it, G is factored in place and a new λ reads the store again."""
-        key = (str(st.path.resolve()), *(s["sha256"] for s in st.shards))
-        keep = st.k <= KEEP_GRAM_MAX_K
-        if self._pre is None or self._pre[0] != key:
-            self._pre = key, precondition(st, lambda_r, keep_gram=keep)
-        elif self._pre[1].lambda_r != float(lambda_r):
-            pre = self._pre[1]
-            can = isinstance(pre, DualPreconditioner) or pre.gram is not None
-            self._pre = key, pre.with_lambda(lambda_r) if can else precondition(st, lambda_r)
-        return self._pre[1]
+        st.check_compatible(self.meta() if das is None else {**self.meta(), "das": das})

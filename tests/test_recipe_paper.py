@@ -8,7 +8,6 @@ import torch
 from conftest import TinyCondUNet
 from test_featurize import NULL, small_featurizer
 
-from ctrak_fast.conditions import factor_negative
 from ctrak_fast.method.diffusion import (
     NoiseSchedule,
     ddim_invert_stochastic,
@@ -26,6 +25,7 @@ from ctrak_fast.method.query import (
     slider_features,
 )
 from ctrak_fast.method.recipes import recipe_options
+from ctrak_fast.models.factor import factor_negative
 
 SCH = NoiseSchedule()
 

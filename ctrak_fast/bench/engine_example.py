@@ -102,7 +102,7 @@ def _topk(store: FeatureStore, u: torch.Tensor, k: int) -> tuple[torch.Tensor, .
     """Both tails of the scores phi_i . u_j: (top values, top ids, bottom ids) [m, k] each, and
     the name of the engine that ran."""
     try:
-        from ctrak_fast.engine.search import topk
+        from ctrak_fast.method.pipeline import search
     except ImportError as e:
         log.warning("the native search is unavailable (%s): dense scores + torch.topk", e)
         scores = score_dense(store, u).T  # [m, N]
@@ -110,7 +110,7 @@ def _topk(store: FeatureStore, u: torch.Tensor, k: int) -> tuple[torch.Tensor, .
         vals, top = torch.topk(scores, k, dim=1)
         bottom = torch.topk(scores, k, dim=1, largest=False).indices
         return vals.float(), ids[top], ids[bottom], "score_dense+torch.topk"
-    res = topk(store, u, k, tails="both")
+    res = search(store, u, k, tails="both")
     return res.top_values, res.top_ids, res.bottom_ids, "search.topk"
 
 

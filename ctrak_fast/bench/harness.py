@@ -22,13 +22,9 @@ from ctrak_fast.engine.projection import ProjectionSpec
 from ctrak_fast.engine.store import FeatureStore
 from ctrak_fast.engine.sweep import LambdaSweep
 from ctrak_fast.method import diffusion
-from ctrak_fast.method.featurize import (
-    FeatureSpec,
-    Featurizer,
-    InversionCache,
-    featurize_dataset,
-)
+from ctrak_fast.method.featurize import FeatureSpec, Featurizer, InversionCache
 from ctrak_fast.method.methods import METHODS, Method, get_method
+from ctrak_fast.method.pipeline import das_row_scale, featurize
 from ctrak_fast.method.query import ConceptQuerySpec
 
 SPLITS = ("in_distribution", "heldout")
@@ -85,6 +81,12 @@ class TrainedMethods:
     row_scale: dict[str, torch.Tensor] = field(default_factory=dict)  # das: [N] DSM weights
     timings: dict[str, float] = field(default_factory=dict)
     completed: torch.Tensor | None = None  # the captions as the model completed them
+
+    def scores(self, method: str, q: torch.Tensor, lambdas: Sequence[float]) -> torch.Tensor:
+        """Scores [n_lambda, N, m] of query features q [m, k] under `method` (its store's
+        sweep; DAS: D-TRAK's scores times each sample's DAS weight)."""
+        s = self.sweeps[METHODS[method].store_method].scores(q, lambdas)
+        return s * self.row_scale[method][None, :, None] if method in self.row_scale else s
 
 
 def factor_featurizers(model, cfg) -> Callable[[FeatureSpec, Featurizer | None], Featurizer]:
@@ -159,14 +161,13 @@ def featurize_methods(
         out.featurizers[name] = fz
         das = out_dir / "stores" / "das" if name in das_for else None
         tic = time.time()
-        out.stores[name] = featurize_dataset(
+        out.stores[name] = featurize(
             fz,
             x0,
             own,
             ids,
             out_dir / "stores" / name,
             batch_size=batch_size,
-            shard_rows=batch_size * 16,
             dtype=dtype,
             das_path=das,
             progress=progress,
@@ -186,10 +187,7 @@ def featurize_methods(
         for r in rows:
             if r.das and r.store_method == name:
                 das = out.stores[r.name].read_all()[0].double()
-                # DAS rows are the d-trak rows times each sample's summed DSM loss.
-                out.row_scale[r.name] = (
-                    (das * phi).sum(1) / (phi * phi).sum(1).clamp_min(1e-30)
-                ).float()
+                out.row_scale[r.name] = das_row_scale(phi, das)
     return out
 
 
@@ -220,10 +218,7 @@ def method_scores(
         key = (id(fz), row.query, json.dumps(row.concept, sort_keys=True))
         if key not in made:
             made[key] = concept_features(row, fz) if row.query == "concept" else image_features(fz)
-        qf = made[key]
-        s = trained.sweeps[row.store_method].scores(qf, lambdas)  # [n_lambda, N, m]
-        if name in trained.row_scale:
-            s = s * trained.row_scale[name][None, :, None]
+        s = trained.scores(name, made[key], lambdas)  # [n_lambda, N, m]
         scores[name] = s if row.query == "concept" else s.expand(-1, -1, n_factors)
     return scores
 

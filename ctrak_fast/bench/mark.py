@@ -161,10 +161,7 @@ def query_scores(trained, cfg: MarkConfig, train, q) -> dict[str, torch.Tensor]:
         fz = trained.featurizers[row.store_method]
         for what, region in ((REGION, weight), (WHOLE, None)):
             qf = image_query_features(fz, image[None], cond, region=region)
-            s = trained.sweeps[row.store_method].scores(qf, cfg.lambdas)[:, :, 0]
-            if name in trained.row_scale:
-                s = s * trained.row_scale[name][None, :]
-            out[f"{name} · {what}"] = s
+            out[f"{name} · {what}"] = trained.scores(name, qf, cfg.lambdas)[:, :, 0]
     return out
 
 

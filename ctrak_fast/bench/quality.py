@@ -30,7 +30,6 @@ from ctrak_fast.bench.harness import (
 )
 from ctrak_fast.bench.protocol import LAMBDAS, QueryLog, query_roles
 from ctrak_fast.bench.queries import make_queries
-from ctrak_fast.conditions import factor_negative
 from ctrak_fast.data import ConceptDataset
 from ctrak_fast.engine.atomic import atomic_write_text
 from ctrak_fast.method.completion import complete_captions
@@ -43,6 +42,7 @@ from ctrak_fast.method.query import (
     context_concept_features,
     image_query_features,
 )
+from ctrak_fast.models.factor import factor_negative
 from ctrak_fast.progress import progress as show_progress
 
 METHODS = tuple(TABLE)

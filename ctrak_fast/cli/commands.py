@@ -25,7 +25,8 @@ def cmd_featurize(a):
         check_output_dir,
         check_positive,
     )
-    from ctrak_fast.method.distributed import DistContext, featurize_distributed
+    from ctrak_fast.method.distributed import DistContext
+    from ctrak_fast.method.pipeline import featurize
 
     # Everything that can be checked is checked before the output is touched.
     for name in ("k", "batch_size", "shard_rows"):
@@ -45,7 +46,7 @@ def cmd_featurize(a):
     )
     fz = featurizer(a, model)
     with DistContext.from_env(device=next(model.parameters()).device) as ctx:
-        store = featurize_distributed(
+        store = featurize(
             fz,
             data.images,
             data.captions,  # what the model is told: a left-out factor is its null token
@@ -113,16 +114,11 @@ def cmd_query(a):
 
 def cmd_attribute(a):
     from ctrak_fast.engine.export import export_scores
-    from ctrak_fast.engine.search import topk
-    from ctrak_fast.engine.search_distributed import (
-        distributed_session,
-        gram_distributed,
-        topk_distributed,
-    )
-    from ctrak_fast.engine.store import FeatureStore, iter_store_shards
-    from ctrak_fast.engine.sweep import choose_path, solve_queries
+    from ctrak_fast.engine.store import FeatureStore
+    from ctrak_fast.engine.sweep import choose_path
     from ctrak_fast.engine.validation import check_device, check_outputs
     from ctrak_fast.exports import require_format
+    from ctrak_fast.method.pipeline import score_topk
     from ctrak_fast.results import Attribution, Query, check_query_store, write_attribution
 
     require_format(a.format)  # a missing pyarrow is said before any work
@@ -142,17 +138,17 @@ def cmd_attribute(a):
     sel = [int(i) for i in a.export_queries.split(",")] if a.export_queries else None
     lambdas = a.lambda_r
     path = choose_path(store.n_rows, store.k, a.scoring_path)
-    opts = {"path": path, "precision": a.gram_precision, "device": a.device}
     # Under torchrun every rank searches its block of shards; the lists are merged exactly.
-    with distributed_session() as (rank, world):
-        if world > 1 and path == "primal":
-            g = gram_distributed(store, verify=a.verify)
-            u = solve_queries(store, q, lambdas, gram_matrix=g)
-        else:  # the dual path reads the (small, N < k) store on every rank
-            u = solve_queries(iter_store_shards(store, verify=a.verify), q, lambdas, **opts)
-        u = u.reshape(-1, store.k)  # lambda-major: the m queries at lambdas[0], then ...
-        search = topk_distributed if world > 1 else topk
-        res = search(store, u, a.k, tails="both", verify=a.verify)
+    res, u, rank = score_topk(
+        store,
+        q,
+        a.k,
+        lambdas,
+        path=path,
+        precision=a.gram_precision,
+        device=a.device,
+        verify=a.verify,
+    )
     if rank != 0:
         return
     labels, removed = list(query.labels), list(query.labels)

@@ -92,7 +92,7 @@ def _featurizer(a, adapter, method="concept-trak"):
 
 
 def _cmd_featurize(a):
-    from ctrak_fast.method.featurize import featurize_dataset
+    from ctrak_fast.method.pipeline import featurize
     from ctrak_fast.models.latent_cache import encode_images_cached
 
     adapter = _adapter(a)
@@ -100,16 +100,16 @@ def _cmd_featurize(a):
     fz = _featurizer(a, adapter, a.method)
     x0 = encode_images_cached(adapter, images, ids, a.out, image_size=_pixel_size(adapter))
     conds = adapter.prompt_ids(captions)
-    store = featurize_dataset(
+    store = featurize(
         fz,
         x0,
         conds,
         ids,
         a.out,
         batch_size=a.batch_size,
-        shard_rows=a.batch_size * 16,
         dtype=a.store_dtype,
         das_path=Path(a.das_out) if a.das_out else None,
+        progress=True,
     )
     print(f"{store.n_rows} rows x k={store.k} in {a.out}")
 
@@ -182,11 +182,11 @@ def _cmd_query(a):
 
 
 def _cmd_attribute(a):
-    from ctrak_fast.engine.scoring import precondition
-    from ctrak_fast.engine.search import topk
     from ctrak_fast.engine.store import FeatureStore
+    from ctrak_fast.engine.sweep import choose_path
     from ctrak_fast.engine.validation import check_outputs
     from ctrak_fast.exports import require_format
+    from ctrak_fast.method.pipeline import score_topk
     from ctrak_fast.results import Attribution, Query, check_query_store, write_attribution
 
     require_format(a.format)  # a missing pyarrow is said before any work
@@ -202,7 +202,8 @@ def _cmd_attribute(a):
     check_query_store(store, meta)
     if a.k > store.n_rows:
         raise ValueError(f"k={a.k} is larger than the store's {store.n_rows} rows")
-    res = topk(store, precondition(store, a.lambda_r).solve(q), a.k, tails="both")
+    path = choose_path(store.n_rows, store.k, "auto")
+    res, _, _ = score_topk(store, q, a.k, [a.lambda_r], path=path)
     header = {
         "store": str(a.store),
         "query": str(a.query),

@@ -18,6 +18,8 @@ product per sample, see grads.py); the literal losses are the specification the 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from ctrak_fast.method.diffusion import NoiseSchedule, tweedie_x0
@@ -174,6 +176,25 @@ def region_weight(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     if total <= 0:
         raise ValueError("the region is empty")
     return m * (m[0, 0].numel() / total)
+
+
+def region_on_grid(region: Any, image: torch.Tensor, x0: torch.Tensor) -> torch.Tensor | None:
+    """The loss weight [1, 1, h, w] of `region` (a box or mask in the pixels of `image` [C, H, W])
+    on the grid of the model's x0 [c, h, w] (latents for latent models); None for no region."""
+    if region is None:
+        return None
+    mask = region_mask(region, image.shape[-2], image.shape[-1])
+    return region_weight(mask, (x0.shape[-2], x0.shape[-1]))
+
+
+def region_meta(region: Any) -> Any:
+    """What a query's meta records of its region: the box (x0, y0, x1, y1), or a mask's pixel
+    count and bounding box (what galleries outline)."""
+    if isinstance(region, torch.Tensor):
+        ys, xs = (region != 0).nonzero(as_tuple=True)
+        box = [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
+        return {"mask_pixels": int(len(xs)), "bbox": box}
+    return [int(v) for v in region]
 
 
 class RegionResidual:

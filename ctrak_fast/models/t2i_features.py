@@ -1,20 +1,34 @@
-"""Features of a text-to-image adapter: float32 per-sample gradients with float16 loss scaling,
+"""The text-to-image kind: a TextToImageAdapter's conditions are prompts (removing a concept
+deletes its phrase); its features are float32 per-sample gradients with float16 loss scaling,
 only the filtered parameters unfrozen, the text encoder and VAE recorded in the manifest; prompt
-concept queries through the one concept-query path of method/query.py."""
+concept queries go through the one concept-query path of method/query.py."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+from torch import Tensor, nn
 
-from ctrak_fast.engine.projection import ProjectionSpec
+from ctrak_fast.engine.projection import FactorizedSpec, ProjectionSpec
 from ctrak_fast.method.featurize import FeatureSpec, Featurizer
 from ctrak_fast.method.grads.layout import Blocks
-from ctrak_fast.method.query import ConceptQuerySpec, concept_query_features
+from ctrak_fast.method.query import ConceptQuerySpec, Negative, concept_query_features
+from ctrak_fast.models.base import Condition, Conditions, ModelKind
+from ctrak_fast.models.latent_cache import encode_images_cached
+from ctrak_fast.models.prompts import remove_phrase
 from ctrak_fast.models.text2image import T2I_PARAM_FILTER, TextToImageAdapter
+
+__all__ = [
+    "T2IFeaturizer",
+    "TextConditions",
+    "TextToImageKind",
+    "make_featurizer",
+    "prompt_query_features",
+]
 
 
 class _Fp32Grads:
@@ -93,10 +107,12 @@ def make_featurizer(
     projection: ProjectionSpec | None = None,
     grad_backend: str = "hooks",
     projector_backend: str = "auto",
+    null_cond: torch.Tensor | None = None,
 ) -> T2IFeaturizer:
-    """A T2IFeaturizer with the model's schedule, the empty prompt as null condition, and the
-    cross-attention filter unless `spec` names another (spec.param_filter=None there means: use
-    T2I_PARAM_FILTER; pass ".*" for every UNet parameter).
+    """A T2IFeaturizer with the model's schedule, the empty prompt as null condition (unless
+    `null_cond` is given), and the cross-attention filter unless `spec` names another
+    (spec.param_filter=None there means: use T2I_PARAM_FILTER; pass ".*" for every UNet
+    parameter).
 
     Examples (need a model; not doctests):
             fz = make_featurizer(adapter, FeatureSpec(), ProjectionSpec(k=4096))
@@ -110,7 +126,7 @@ def make_featurizer(
         adapter.schedule,
         spec,
         projection or ProjectionSpec(),
-        adapter.null_cond(1)[0],
+        adapter.null_cond(1)[0] if null_cond is None else null_cond,
         grad_backend=grad_backend,
         projector_backend=projector_backend,
     )
@@ -148,3 +164,134 @@ def prompt_query_features(
 
     negs = [cond(p) for p in negatives]
     return concept_query_features(featurizer, spec, cond(prompt), negs, x0, batch_size)
+
+
+class TextConditions(Conditions):
+    """Text-to-image adapters: prompts become the adapter's condition kind, prompt ids int64 [1]
+    (its default) or embeddings [L, D] (adapters given embeddings with set_null_cond)."""
+
+    def __init__(self, adapter: Any, null_cond: Tensor) -> None:
+        self.adapter = adapter
+        self.ids = not null_cond.is_floating_point()
+
+    def one(self, concept: Condition) -> Tensor:
+        if isinstance(concept, Tensor):
+            return concept
+        if not isinstance(concept, str):
+            raise TypeError(f"a text-to-image condition is a prompt or a tensor: {concept!r}")
+        return self.batch([concept], 1)[0]
+
+    def negatives(
+        self,
+        concept: Condition,
+        pos: Tensor,
+        remove: str | Sequence[str] | None,
+        how: str = "null",
+    ) -> list[tuple[str, Negative]]:
+        if not isinstance(concept, str):
+            raise ValueError("removing a phrase needs the prompt as text; or pass negatives=")
+        phrases = [remove] if isinstance(remove, str) else list(remove or ())
+        if not phrases:
+            raise ValueError("a prompt query needs remove= (the concept's phrase) or negatives=")
+        return [(f"-{p}", self.one(remove_phrase(concept, p))) for p in phrases]
+
+    def batch(self, conds: Any, n: int) -> Tensor:
+        if isinstance(conds, Tensor):
+            return conds
+        captions = [str(c) for c in conds]
+        if self.ids:
+            return self.adapter.prompt_ids(captions)  # type: ignore[no-any-return]
+        unique = sorted(set(captions))
+        emb = self.adapter.encode_prompts(unique)
+        row = {c: i for i, c in enumerate(unique)}
+        return emb[torch.tensor([row[c] for c in captions])]  # type: ignore[no-any-return]
+
+
+class TextToImageKind(ModelKind):
+    """TextToImageAdapter models: latent (with a VAE) or pixel-space, prompts as conditions."""
+
+    name = "text2image"
+    query_weight = 3.0  # the paper's slider weight in the text setting
+    guidance = 7.5
+    model: TextToImageAdapter
+
+    def __init__(self, model: nn.Module, null_cond: Tensor | None = None) -> None:
+        default = model.null_cond(1)[0]  # type: ignore[operator]  # "" takes its prompt id first
+        super().__init__(model, default if null_cond is None else null_cond)
+
+    @staticmethod
+    def accepts(model: nn.Module) -> bool:
+        return isinstance(model, TextToImageAdapter)
+
+    def make_conditions(self) -> TextConditions:
+        return TextConditions(self.model, self.null_cond)
+
+    @staticmethod
+    def accepts_unet(unet: Any) -> bool:
+        return type(unet).__name__ == "UNet2DConditionModel" or hasattr(
+            unet.config, "cross_attention_dim"
+        )
+
+    @classmethod
+    def from_pipeline(
+        cls,
+        pipe: Any,
+        method: str,
+        *,
+        dtype: torch.dtype | None,
+        null_class: int | None,
+        kwargs: dict[str, Any],
+    ) -> tuple[nn.Module, dict[str, Any]]:
+        return TextToImageAdapter.from_pipeline(pipe, dtype=dtype), kwargs
+
+    def featurizer(
+        self,
+        spec: FeatureSpec,
+        projection: ProjectionSpec | FactorizedSpec,
+        *,
+        grad_backend: str = "hooks",
+        projector_backend: str = "auto",
+    ) -> Featurizer:
+        if not isinstance(projection, ProjectionSpec):
+            raise ValueError("text-to-image adapters support the dense ProjectionSpec only")
+        return make_featurizer(
+            self.model,
+            spec,
+            projection,
+            grad_backend=grad_backend,
+            projector_backend=projector_backend,
+            null_cond=self.null_cond,
+        )
+
+    def dataset_conds(self, dataset: Any) -> Any:
+        """Captions in the words the tiny text-to-image model was trained on."""
+        from ctrak_fast.data.captions import caption
+
+        return [caption(dataset.factors, dataset.values, r) for r in dataset.captions.tolist()]
+
+    def encode(self, images: Tensor) -> Tensor:
+        return self.model.encode_images(images)
+
+    def training_x0(self, images: Any, ids: Tensor, store: Any) -> Tensor:
+        return encode_images_cached(self.model, images, ids, store)
+
+    def generate(self, cond: Tensor, n: int, *, seed: int, guidance: float, steps: int) -> Tensor:
+        x0 = self.model.generate(cond, "", guidance, steps, seed=seed, n=n)
+        return self.model.decode_latents(x0)
+
+    def concept_features(
+        self,
+        featurizer: Featurizer,
+        spec: ConceptQuerySpec,
+        pos: Tensor,
+        negatives: list[tuple[str, Negative]],
+        x0: Tensor | None,
+        region: Tensor | None,
+        how: str,
+    ) -> Tensor:
+        if region is not None:
+            raise ValueError("region queries of text-to-image models are not supported yet")
+        return super().concept_features(featurizer, spec, pos, negatives, x0, region, how)
+
+    def describe(self) -> dict[str, Any]:
+        return self.model.describe()

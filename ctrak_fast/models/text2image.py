@@ -12,16 +12,14 @@ of the VAE encoder), in pixel space otherwise. cond is either the text encoder's
 condition contract, 8 bytes per training image instead of L*D floats; ids are embedded on use by
 the text encoder, with a small cache (a featurizer calls the UNet ~140 times per batch).
 
-Only the UNet is a sub-module: its parameters are the ones gradients and the model fingerprint are
-taken over ("all parameters" means all UNet parameters). The VAE and text encoder are held beside
-it; they enter the store manifest through their own fingerprints (`T2IFeaturizer.meta`).
+Only the UNet is a sub-module: gradients and the model fingerprint are taken over its parameters;
+the VAE and text encoder enter the store manifest through their own fingerprints (`describe`).
 
-Precision: the UNet executes in `dtype` (float16 / bfloat16 / float32); inputs are cast down and
-outputs returned as float32, so samplers, inversion and the DPS guidance run in float32, and the
-per-sample gradients are cast to float32 before they are normalised, summed and projected. In
-float16 the gradients flowing through the UNet are scaled by `grad_scale` (static loss scaling, as
-AMP does) and unscaled at the boundaries, so the small deltas of a mean-over-pixels loss do not
-underflow; on overflow the featurizer retries with a smaller scale.
+Precision: the UNet executes in `dtype`; inputs are cast down and outputs returned as float32, so
+samplers, inversion and the DPS guidance run in float32, and per-sample gradients are cast to
+float32 before they are normalised, summed and projected. In float16 the gradients through the UNet
+are scaled by `grad_scale` (static loss scaling, as AMP does) and unscaled at the boundaries, so a
+mean-over-pixels loss does not underflow; on overflow the featurizer retries with a smaller scale.
 """
 
 from __future__ import annotations
@@ -36,6 +34,13 @@ from torch import nn
 
 from ctrak_fast.engine.store import model_fingerprint
 from ctrak_fast.method import diffusion
+from ctrak_fast.models.diffusers_unet import (
+    GradScale,
+    check_prediction_type,
+    sample_size,
+    schedule_from_scheduler,
+    to_eps,
+)
 
 __all__ = ["T2I_PARAM_FILTER", "TextToImageAdapter", "sample_size", "schedule_from_scheduler"]
 
@@ -43,63 +48,6 @@ __all__ = ["T2I_PARAM_FILTER", "TextToImageAdapter", "sample_size", "schedule_fr
 # and the paper's parameter subset for Stable Diffusion. Matches diffusers' module names
 # "...transformer_blocks.N.attn2.to_k.weight"; self-attention is attn1.
 T2I_PARAM_FILTER = r"\.attn2\."
-
-
-# ---- schedule ------------------------------------------------------------------------------------
-
-
-def schedule_from_scheduler(scheduler) -> diffusion.NoiseSchedule:
-    """The DDPM training schedule of any diffusers scheduler (DDPM, DDIM, PNDM, Euler, DPM-Solver,
-    ...): they all carry num_train_timesteps / beta_schedule / beta_start / beta_end in `config`."""
-    cfg = dict(scheduler.config)
-    if cfg.get("trained_betas") is not None:
-        raise ValueError("schedulers with trained_betas are not supported")
-    if cfg.get("rescale_betas_zero_snr"):
-        raise ValueError("zero-terminal-SNR schedules are not supported (alpha_bar_T = 0)")
-    return diffusion.NoiseSchedule(
-        num_train_timesteps=cfg.get("num_train_timesteps", 1000),
-        beta_schedule=cfg.get("beta_schedule", "linear"),
-        beta_start=cfg.get("beta_start", 1e-4),
-        beta_end=cfg.get("beta_end", 0.02),
-    )
-
-
-# ---- the adapter ---------------------------------------------------------------------------------
-
-
-class _GradScale(torch.autograd.Function):
-    """Identity forward; multiplies the incoming gradient by `scale` (vmap-compatible)."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(x, scale):
-        return x.view_as(x)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.scale = inputs[1]
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * ctx.scale, None
-
-
-def sample_size(unet) -> int:
-    s = unet.config.sample_size
-    if isinstance(s, (tuple, list)):
-        if s[0] != s[1]:
-            raise ValueError(f"non-square sample_size {s} is not supported")
-        s = s[0]
-    return int(s)
-
-
-def _last_hidden_state(out) -> torch.Tensor:
-    if torch.is_tensor(out):
-        return out
-    if getattr(out, "last_hidden_state", None) is not None:
-        return out.last_hidden_state
-    return out[0]
 
 
 class TextToImageAdapter(nn.Module):
@@ -163,9 +111,7 @@ class TextToImageAdapter(nn.Module):
         self.tokenizer = tokenizer
         self.scheduler = scheduler
         self.schedule = schedule_from_scheduler(scheduler)
-        self.prediction_type = scheduler.config.get("prediction_type", "epsilon")
-        if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
-            raise ValueError(f"unsupported prediction_type {self.prediction_type!r}")
+        self.prediction_type = check_prediction_type(scheduler)
         if max_length is None and tokenizer is not None:
             max_length = int(tokenizer.model_max_length)
         self.max_length = max_length
@@ -232,18 +178,13 @@ class TextToImageAdapter(nn.Module):
             t = t.expand(x_t.shape[0])
         t, cond = t.to(x_t.device), cond.to(x_t.device)  # callers build t on the CPU
         s = self.grad_scale
-        x = _GradScale.apply(x_t, 1.0 / s) if s != 1.0 else x_t
+        x = GradScale.apply(x_t, 1.0 / s) if s != 1.0 else x_t
         out = self.unet(
             x.to(self.compute_dtype), t, encoder_hidden_states=cond.to(self.compute_dtype)
         ).sample.float()
         if s != 1.0:
-            out = _GradScale.apply(out, s)
-        if self.prediction_type == "epsilon":
-            return out
-        ab = self.schedule.alpha_bar(t, x_t)
-        if self.prediction_type == "v_prediction":
-            return ab.sqrt() * out + (1 - ab).sqrt() * x_t
-        return (x_t - ab.sqrt() * out) / (1 - ab).sqrt()  # "sample": out is x0
+            out = GradScale.apply(out, s)
+        return to_eps(out, x_t, t, self.schedule, self.prediction_type)
 
     # -- text --
 
@@ -262,7 +203,11 @@ class TextToImageAdapter(nn.Module):
         )
         dev = next(self.text_encoder.parameters()).device
         kw = {"attention_mask": batch["attention_mask"].to(dev)} if self.text_attention_mask else {}
-        return _last_hidden_state(self.text_encoder(batch["input_ids"].to(dev), **kw)).float()
+        out = self.text_encoder(batch["input_ids"].to(dev), **kw)
+        if not torch.is_tensor(out):  # a transformers output, or a tuple of states
+            hidden = getattr(out, "last_hidden_state", None)
+            out = hidden if hidden is not None else out[0]
+        return out.float()
 
     def prompt_ids(self, prompts: str | Sequence[str]) -> torch.Tensor:
         """Prompts -> condition ids int64 [B, 1]; each distinct prompt gets one id (per adapter).

@@ -1,12 +1,25 @@
-"""A diffusers UNet2DModel (unconditional or class-conditional) behind eps(x_t, t, cond): what
-`Attributor.from_pipeline` wraps a DDPM/DDIM pipeline's UNet in."""
+"""The kind of a diffusers UNet2DModel (unconditional or class-conditional) behind
+eps(x_t, t, cond): what `Attributor.from_pipeline` wraps a DDPM/DDIM pipeline's UNet in.
+Conditions are a class index; there is no concept to remove but by an explicit c-."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from ctrak_fast.method.featurize import FeatureSpec
+from ctrak_fast.method.methods import GRADIENT_METHODS, get_method
+from ctrak_fast.method.query import ConceptQuerySpec, Negative
+from ctrak_fast.models.base import Condition, Conditions, ModelKind
+from ctrak_fast.models.diffusers_unet import (
+    check_prediction_type,
+    sample_size,
+    schedule_from_scheduler,
+    to_eps,
+)
 
 
 class UNet2DAdapter(nn.Module):
@@ -19,8 +32,6 @@ class UNet2DAdapter(nn.Module):
 
     def __init__(self, unet: nn.Module, scheduler: Any, null_class: int | None = None) -> None:
         super().__init__()
-        from ctrak_fast.models.text2image import sample_size, schedule_from_scheduler
-
         cfg: Any = unet.config
         if cfg.get("class_embed_type") not in (None, "timestep") and not cfg.get(
             "num_class_embeds"
@@ -36,9 +47,7 @@ class UNet2DAdapter(nn.Module):
             raise ValueError(f"null_class {null_class} is not a class of this model")
         self.null_class = null_class
         self.schedule = schedule_from_scheduler(scheduler)
-        self.prediction_type = scheduler.config.get("prediction_type", "epsilon")
-        if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
-            raise ValueError(f"unsupported prediction_type {self.prediction_type!r}")
+        self.prediction_type = check_prediction_type(scheduler)
         self.config = {
             "image_size": sample_size(unet),
             "in_channels": int(cfg.in_channels),
@@ -58,12 +67,7 @@ class UNet2DAdapter(nn.Module):
                     "(the default of from_pipeline), or pass null_class= to from_pipeline"
                 )
         out: Tensor = self.unet(x_t, tt.to(x_t.device), class_labels=labels).sample
-        if self.prediction_type == "epsilon":
-            return out
-        ab = self.schedule.alpha_bar(tt, x_t)
-        if self.prediction_type == "v_prediction":
-            return ab.sqrt() * out + (1 - ab).sqrt() * x_t
-        return (x_t - ab.sqrt() * out) / (1 - ab).sqrt()
+        return to_eps(out, x_t, tt, self.schedule, self.prediction_type)
 
     def null_cond(self, batch: int, device: torch.device | str | None = None) -> Tensor:
         """[batch, 0] (unconditional) or [batch, 1] of the null class (-1: none)."""
@@ -73,4 +77,89 @@ class UNet2DAdapter(nn.Module):
         return torch.full((batch, 1), cls, dtype=torch.int64, device=device)
 
 
-__all__ = ["UNet2DAdapter"]
+class ClassConditions(Conditions):
+    """UNet2DModel pipelines: int64 [1] class index, or [0] for unconditional models."""
+
+    def __init__(self, n_classes: int | None) -> None:
+        self.n_classes = n_classes
+
+    def one(self, concept: Condition) -> Tensor:
+        if self.n_classes is None:
+            if isinstance(concept, Tensor) and concept.numel() == 0:
+                return concept.reshape(0).to(torch.int64)
+            raise ValueError("an unconditional model takes no condition (pass an empty tensor)")
+        if isinstance(concept, Tensor):
+            return concept.reshape(1).to(torch.int64)
+        if not isinstance(concept, int) or not 0 <= concept < self.n_classes:
+            raise ValueError(f"a condition is a class index in [0, {self.n_classes}): {concept!r}")
+        return torch.tensor([concept], dtype=torch.int64)
+
+    def negatives(
+        self,
+        concept: Condition,
+        pos: Tensor,
+        remove: str | Sequence[str] | None,
+        how: str = "null",
+    ) -> list[tuple[str, Negative]]:
+        raise ValueError(
+            "a class-conditional or unconditional model has no concept to remove: pass "
+            "negatives=[another class] (the concept flipped), or use image_query"
+        )
+
+    def batch(self, conds: Any, n: int) -> Tensor:
+        if conds is None:
+            return torch.zeros(n, 0 if self.n_classes is None else 1, dtype=torch.int64)
+        if isinstance(conds, Tensor):
+            return conds.reshape(n, -1).to(torch.int64)
+        return super().batch(conds, n)
+
+
+class UNet2DKind(ModelKind):
+    """UNet2DAdapter models (DDPM / DDIM pipelines)."""
+
+    name = "unet2d"
+    guidance = 1.0  # a class pipeline may have no unconditional branch
+
+    @staticmethod
+    def accepts(model: nn.Module) -> bool:
+        return isinstance(model, UNet2DAdapter)
+
+    def make_conditions(self) -> ClassConditions:
+        return ClassConditions(self.model.n_classes)  # type: ignore[arg-type]
+
+    @staticmethod
+    def accepts_unet(unet: Any) -> bool:
+        return type(unet).__name__ == "UNet2DModel"
+
+    @classmethod
+    def from_pipeline(
+        cls,
+        pipe: Any,
+        method: str,
+        *,
+        dtype: torch.dtype | None,
+        null_class: int | None,
+        kwargs: dict[str, Any],
+    ) -> tuple[nn.Module, dict[str, Any]]:
+        """Without an unconditional class, classifier-free guidance is off: guidance 1 in
+        inversion and queries, unless given."""
+        model = UNet2DAdapter(pipe.unet, pipe.scheduler, null_class)
+        if null_class is not None:
+            return model, kwargs
+        kwargs = dict(kwargs)
+        given = kwargs.get("feature")
+        spec = given or get_method(method, GRADIENT_METHODS).feature_spec()
+        if spec.inversion and spec.inversion_guidance != 1.0:
+            if given is not None and model.n_classes is not None:
+                raise ValueError(
+                    "this class-conditional model has no unconditional class: use "
+                    "inversion_guidance=1.0, or pass null_class="
+                )
+            spec = FeatureSpec.from_dict({**spec.to_dict(), "inversion_guidance": 1.0})
+        kwargs["feature"] = spec
+        if kwargs.get("query") is None:
+            kwargs["query"] = ConceptQuerySpec(guidance=1.0, timesteps=spec.timesteps)
+        return model, kwargs
+
+
+__all__ = ["ClassConditions", "UNet2DAdapter", "UNet2DKind"]

@@ -1,35 +1,25 @@
-"""How each model kind spells a condition c, and what "the concept removed" (c-) is for it.
-
-- factor models (FactorUNet): "shape=triangle,colour=red", {"shape": "triangle"} or int64 [F]
-  value indices; removing a concept sets its factor to the null token;
-- text-to-image adapters: a prompt (or an embedding [L, D]); removing a concept deletes its phrase;
-- class-conditional diffusers pipelines: a class index; removing it gives the null class.
-"""
+"""The factor-conditioned kind (FactorUNet, or any model with `n_values`): conditions are factor
+value indices int64 [F]; removing a concept sets its factor to the null token (or flips it)."""
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from typing import Any, TypeAlias
 
 import torch
 from torch import Tensor, nn
 
+from ctrak_fast.method.featurize import Featurizer
 from ctrak_fast.method.negatives import DrawnNegative
-from ctrak_fast.method.query import Negative, concept_contexts
+from ctrak_fast.method.query import (
+    ConceptQuerySpec,
+    Negative,
+    concept_contexts,
+    context_concept_features,
+)
+from ctrak_fast.models.base import Condition, Conditions, ModelKind
 from ctrak_fast.models.factor_unet import drop_factor, flip_factor
 
-Condition: TypeAlias = Tensor | str | Mapping[str, str | int] | int
-"""One condition c of the model, in any of the spellings its kind accepts.
-
-Factor models: "shape=triangle,colour=red", {"shape": "triangle"} or an int64 [F] tensor of value
-indices (factors not named get their null token). Text-to-image models: a prompt or an embedding
-[L, D]. Class-conditional pipelines: a class index."""
-
-
-def describe(cond: Condition) -> str:
-    """A short printable form of a condition."""
-    return str(cond.tolist()) if isinstance(cond, Tensor) else repr(cond)
+__all__ = ["FactorConditions", "FactorKind", "factor_negative"]
 
 
 def factor_negative(cond: Tensor, f: int, n_values: Sequence[int], how: str) -> Negative:
@@ -45,31 +35,10 @@ def factor_negative(cond: Tensor, f: int, n_values: Sequence[int], how: str) -> 
     return drop_factor(cond[None], f, list(n_values))[0]
 
 
-class Conditions(ABC):
-    """How one model kind spells conditions; subclasses per kind."""
-
-    @abstractmethod
-    def one(self, concept: Condition) -> Tensor:
-        """One condition as the model's cond tensor."""
-
-    @abstractmethod
-    def negatives(
-        self,
-        concept: Condition,
-        pos: Tensor,
-        remove: str | Sequence[str] | None,
-        how: str = "null",
-    ) -> list[tuple[str, Negative]]:
-        """(label, c-) of each concept removed from `pos` (`how`: factor models only)."""
-
-    def batch(self, conds: Any, n: int) -> Tensor:
-        """Training conditions of n samples as the model's cond tensor [n, ...]."""
-        if isinstance(conds, Tensor):
-            return conds
-        return torch.stack([self.one(c) for c in conds])
-
-
 class FactorConditions(Conditions):
+    """ "shape=triangle,colour=red", {"shape": "triangle"} or int64 [F] value indices; factors
+    not named get their null token (index n_values[f])."""
+
     def __init__(self, model: nn.Module) -> None:
         cfg = getattr(model, "config", {})
         self.n_values = [int(n) for n in model.n_values]  # type: ignore[union-attr]
@@ -162,91 +131,38 @@ class FactorConditions(Conditions):
         return out
 
 
-class TextConditions(Conditions):
-    """Text-to-image adapters: prompts become the adapter's condition kind, prompt ids int64 [1]
-    (its default) or embeddings [L, D] (adapters given embeddings with set_null_cond)."""
+class FactorKind(ModelKind):
+    """Models conditioned on one value per factor (`n_values`): FactorUNet."""
 
-    def __init__(self, adapter: Any, null_cond: Tensor) -> None:
-        self.adapter = adapter
-        self.ids = not null_cond.is_floating_point()
+    name = "factor"
+    conditions: FactorConditions
 
-    def one(self, concept: Condition) -> Tensor:
-        if isinstance(concept, Tensor):
-            return concept
-        if not isinstance(concept, str):
-            raise TypeError(f"a text-to-image condition is a prompt or a tensor: {concept!r}")
-        return self.batch([concept], 1)[0]
+    @staticmethod
+    def accepts(model: nn.Module) -> bool:
+        return hasattr(model, "n_values")
 
-    def negatives(
+    def make_conditions(self) -> FactorConditions:
+        return FactorConditions(self.model)
+
+    def complete(self, images: Tensor, conds: Tensor) -> Tensor:
+        from ctrak_fast.method.completion import complete_captions
+
+        n_values = [int(n) for n in self.model.n_values]  # type: ignore[union-attr]
+        return complete_captions(self.model, images, conds, n_values)
+
+    def concept_features(
         self,
-        concept: Condition,
+        featurizer: Featurizer,
+        spec: ConceptQuerySpec,
         pos: Tensor,
-        remove: str | Sequence[str] | None,
-        how: str = "null",
-    ) -> list[tuple[str, Negative]]:
-        if not isinstance(concept, str):
-            raise ValueError("removing a phrase needs the prompt as text; or pass negatives=")
-        from ctrak_fast.models.prompts import remove_phrase
-
-        phrases = [remove] if isinstance(remove, str) else list(remove or ())
-        if not phrases:
-            raise ValueError("a prompt query needs remove= (the concept's phrase) or negatives=")
-        return [(f"-{p}", self.one(remove_phrase(concept, p))) for p in phrases]
-
-    def batch(self, conds: Any, n: int) -> Tensor:
-        if isinstance(conds, Tensor):
-            return conds
-        captions = [str(c) for c in conds]
-        if self.ids:
-            return self.adapter.prompt_ids(captions)  # type: ignore[no-any-return]
-        unique = sorted(set(captions))
-        emb = self.adapter.encode_prompts(unique)
-        row = {c: i for i, c in enumerate(unique)}
-        return emb[torch.tensor([row[c] for c in captions])]  # type: ignore[no-any-return]
-
-
-class ClassConditions(Conditions):
-    """UNet2DModel pipelines: int64 [1] class index, or [0] for unconditional models."""
-
-    def __init__(self, n_classes: int | None) -> None:
-        self.n_classes = n_classes
-
-    def one(self, concept: Condition) -> Tensor:
-        if self.n_classes is None:
-            if isinstance(concept, Tensor) and concept.numel() == 0:
-                return concept.reshape(0).to(torch.int64)
-            raise ValueError("an unconditional model takes no condition (pass an empty tensor)")
-        if isinstance(concept, Tensor):
-            return concept.reshape(1).to(torch.int64)
-        if not isinstance(concept, int) or not 0 <= concept < self.n_classes:
-            raise ValueError(f"a condition is a class index in [0, {self.n_classes}): {concept!r}")
-        return torch.tensor([concept], dtype=torch.int64)
-
-    def negatives(
-        self,
-        concept: Condition,
-        pos: Tensor,
-        remove: str | Sequence[str] | None,
-        how: str = "null",
-    ) -> list[tuple[str, Negative]]:
-        raise ValueError(
-            "a class-conditional or unconditional model has no concept to remove: pass "
-            "negatives=[another class] (the concept flipped), or use image_query"
-        )
-
-    def batch(self, conds: Any, n: int) -> Tensor:
-        if conds is None:
-            return torch.zeros(n, 0 if self.n_classes is None else 1, dtype=torch.int64)
-        if isinstance(conds, Tensor):
-            return conds.reshape(n, -1).to(torch.int64)
-        return super().batch(conds, n)
-
-
-__all__ = [
-    "ClassConditions",
-    "Condition",
-    "Conditions",
-    "FactorConditions",
-    "TextConditions",
-    "describe",
-]
+        negatives: list[tuple[str, Negative]],
+        x0: Tensor | None,
+        region: Tensor | None,
+        how: str,
+    ) -> Tensor:
+        if not spec.contexts:
+            return super().concept_features(featurizer, spec, pos, negatives, x0, region, how)
+        # Each removed factor's concept in every context that shares it (other factors at each
+        # of their values), c- the factor removed there; explicit c- keep one context.
+        ctx = [self.conditions.contexts(pos, label, c, how) for label, c in negatives]
+        return context_concept_features(featurizer, spec, pos, ctx, image=x0, region=region)
