@@ -24,7 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ctrak_fast.bench.queries import make_queries
-from ctrak_fast.conditions import factor_negative
+from ctrak_fast.models.factor import factor_negative
 from ctrak_fast.engine.atomic import atomic_path
 from ctrak_fast.method import diffusion
 from ctrak_fast.method.featurize import PAPER_TIMESTEPS
