@@ -14,9 +14,9 @@ import torch.multiprocessing as mp
 from safetensors.torch import save_file
 from test_search import check, make_data
 
+from ctrak_fast.engine.dist import rank_shards
 from ctrak_fast.engine.gram import gram
 from ctrak_fast.engine.search import merge_topk, topk, topk_reference
-from ctrak_fast.engine.search_distributed import rank_shards
 from ctrak_fast.engine.search_inputs import TopK
 from ctrak_fast.engine.store import FeatureStore
 

@@ -112,13 +112,10 @@ def cmd_query(a):
 
 
 def cmd_attribute(a):
+    from ctrak_fast.engine.dist import distributed_session
     from ctrak_fast.engine.export import export_scores
     from ctrak_fast.engine.search import topk
-    from ctrak_fast.engine.search_distributed import (
-        distributed_session,
-        gram_distributed,
-        topk_distributed,
-    )
+    from ctrak_fast.engine.search_distributed import gram_distributed, topk_distributed
     from ctrak_fast.engine.store import FeatureStore, iter_store_shards
     from ctrak_fast.engine.sweep import choose_path, solve_queries
     from ctrak_fast.engine.validation import check_device, check_outputs
