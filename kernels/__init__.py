@@ -6,13 +6,14 @@ CUDA tensors to its kernel and everything else to its torch reference, which is 
 CPU tensors to the fused C++ kernel instead. The sign of every projection entry comes from the
 counter-based hash of :mod:`.hashing` (its torch reference), bit for bit.
 
-- :func:`rademacher_project`, :func:`rademacher_project_blocks`: x @ P, P generated in registers.
+- :func:`rademacher_project_triton`: x @ P, P generated in registers (the dispatch over CUDA, the
+  C++ kernel and the reference is ``ctrak_fast.engine.projector.rademacher_project``).
 - :func:`linear_grad_project`: per-sample linear-layer gradients sum_t g_t a_t^T projected
   tile by tile, never materialised; :func:`linear_grad_sq_norm` their exact squared norms.
 - :func:`factorized_project`: Kronecker (LoGra-style) per-layer projection.
 """
 
-from ._triton import HAS_TRITON, INTERPRET
+from ._triton import HAS_TRITON, INTERPRET, use_triton
 from .factorized_project import (
     factorized_matrices,
     factorized_project,
@@ -26,9 +27,10 @@ from .linear_grad_project import (
     linear_grad_sq_norm,
 )
 from .rademacher_project import (
-    rademacher_project,
-    rademacher_project_blocks,
+    check_args,
+    output_buffer,
     rademacher_project_reference,
+    rademacher_project_triton,
 )
 
 __all__ = [
@@ -41,8 +43,10 @@ __all__ = [
     "linear_grad_project",
     "linear_grad_project_reference",
     "linear_grad_sq_norm",
-    "rademacher_project",
-    "rademacher_project_blocks",
+    "check_args",
+    "output_buffer",
     "rademacher_project_reference",
+    "rademacher_project_triton",
     "sign_matrix",
+    "use_triton",
 ]

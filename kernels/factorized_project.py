@@ -6,7 +6,7 @@ Instead of one dense P over the layer's out * in parameters, project each side o
 
 i.e. the projection matrix is the Kronecker product P_out (x) P_in, with entries
 +-1/sqrt(k_out * k_in). Cost per sample: T * (in * k_in + out * k_out) for the two projections
-(:func:`rademacher_project` kernels, signs generated in registers) plus T * k_out * k_in for the
+(:func:`rademacher_project_triton`, signs generated in registers) plus T * k_out * k_in for the
 small batched outer product (torch), against out * in * k for the dense projection.
 
 P_in and P_out are hashed Rademacher matrices (:mod:`.hashing`) with their own seeds,
@@ -19,7 +19,8 @@ from __future__ import annotations
 import torch
 
 from . import hashing
-from .rademacher_project import SUPPORTED_DTYPES, rademacher_project
+from ._triton import use_triton
+from .rademacher_project import SUPPORTED_DTYPES, rademacher_project_triton
 
 
 def factorized_seeds(seed: int, layer: int) -> tuple[int, int]:
@@ -116,15 +117,15 @@ def factorized_project(
         torch.Size([2, 32])
     """
     _check(A, G, k_in, k_out)
-    if force == "reference" or (force is None and not (A.is_cuda and G.is_cuda)):
+    if not use_triton(force, A, G):
         return factorized_project_reference(A, G, k_in, k_out, seed, layer, bias=bias)
     seed_in, seed_out = factorized_seeds(seed, layer)
     B, T, d_in = A.shape
     d_out = G.shape[2]
-    Ap = rademacher_project(A.reshape(B * T, d_in), seed_in, k_in, force=force)
-    Gp = rademacher_project(G.reshape(B * T, d_out), seed_out, k_out, force=force)
+    Ap = rademacher_project_triton(A.reshape(B * T, d_in), seed_in, k_in)
+    Gp = rademacher_project_triton(G.reshape(B * T, d_out), seed_out, k_out)
     if bias:
         # The constant-1 input contributes row d_in of P_in to every position.
         one = A.new_ones(1, 1, dtype=torch.float32)
-        Ap += rademacher_project(one, seed_in, k_in, row_offset=d_in, force=force)
+        Ap += rademacher_project_triton(one, seed_in, k_in, row_offset=d_in)
     return _outer(Gp.view(B, T, k_out), Ap.view(B, T, k_in))

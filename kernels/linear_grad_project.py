@@ -35,8 +35,8 @@ from .hash import col_premixed, row_key_premixed, sign_word
 from .rademacher_project import (
     SUPPORTED_DTYPES,
     dot_pm1,
-    rademacher_project,
     rademacher_project_reference,
+    rademacher_project_triton,
 )
 
 _TARGET_PROGRAMS = 512
@@ -317,7 +317,7 @@ def linear_grad_project(
     res = _launch(A, G, seed, k, row_offset)
     if bias_offset is not None:
         bias_grad = G.sum(1, dtype=torch.float32)
-        rademacher_project(bias_grad, seed, k, bias_offset, res, accumulate=True, force="triton")
+        rademacher_project_triton(bias_grad, seed, k, bias_offset, res, accumulate=True)
     return _finish(_apply_scale(res, scale), out, accumulate)
 
 

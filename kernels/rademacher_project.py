@@ -24,12 +24,11 @@ device), and there is no autotuning, whose choice could differ between processes
 # No `from __future__ import annotations` here: Triton reads the kernels' tl.constexpr annotations.
 
 import math
-from collections.abc import Sequence
 
 import torch
 
 from . import hashing
-from ._triton import DOT_UPCAST, cdiv, jit, next_pow2, tl, use_triton
+from ._triton import DOT_UPCAST, cdiv, check_runnable, jit, next_pow2, tl
 from .hash import col_premixed, pm_one, row_key_premixed, sign_word
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -230,7 +229,8 @@ def rademacher_project_reference(
     return out
 
 
-def _check(x: torch.Tensor, seed: int, k: int, row_offset: int) -> None:
+def check_args(x: torch.Tensor, seed: int, k: int, row_offset: int) -> None:
+    """The argument checks of every backend of the projection."""
     if x.ndim != 2:
         raise ValueError(f"x must be [B, p], got shape {tuple(x.shape)}")
     if x.dtype not in SUPPORTED_DTYPES:
@@ -260,7 +260,7 @@ def output_buffer(
     return out
 
 
-def rademacher_project(
+def rademacher_project_triton(
     x: torch.Tensor,
     seed: int,
     k: int,
@@ -268,78 +268,29 @@ def rademacher_project(
     out: torch.Tensor | None = None,
     *,
     accumulate: bool = False,
-    force: str | None = None,
+    n_splits: int | None = None,
 ) -> torch.Tensor:
-    """Project rows of x with the hashed Rademacher matrix: ``x @ P[row_offset : row_offset + p]``.
+    """The Triton kernel: ``x @ P[row_offset : row_offset + p]``, P generated in registers.
 
-    P[i, j] = +-1/sqrt(k), a pure function of (seed, i, j) (:mod:`.hashing`), generated on
-    the fly: memory is O(B * k) whatever p.
+    P[i, j] = +-1/sqrt(k), a pure function of (seed, i, j) (:mod:`.hashing`): memory is
+    O(B * k) whatever p. The dispatch (CUDA -> this kernel, CPU -> the C++ kernel or the
+    reference) is ``ctrak_fast.engine.projector.rademacher_project``.
 
     Args:
-        x: [B, p] float32 / float16 / bfloat16; any strides (unit stride along p is fastest).
+        x: [B, p] float32 / float16 / bfloat16 on CUDA (or CPU under TRITON_INTERPRET=1); any
+            strides (unit stride along p is fastest).
         seed: projection seed.
         k: number of output columns (any k >= 1).
         row_offset: global row of P for x's first column; may exceed 2**32.
         out: optional [B, k] float32 on x's device, written (or added to, see ``accumulate``)
             and returned.
         accumulate: add the projection to ``out`` instead of overwriting it.
-        force: None = CUDA tensors -> Triton kernel, else the torch reference; "reference" or
-            "triton" to choose (tests; "triton" on CPU needs the interpreter). The engine's
-            ``ctrak_fast.engine.projector.rademacher_project`` also sends CPU tensors to the
-            fused C++ kernel.
+        n_splits: number of row ranges (grid axis 2); None = chosen from the shapes. For tests.
 
     Returns:
         [B, k] float32: equal to :func:`rademacher_project_reference` to float32 rounding.
-
-    Examples:
-        >>> x = torch.randn(4, 1000)
-        >>> y = rademacher_project(x, seed=0, k=64, row_offset=2**33)
-        >>> y.shape, y.dtype
-        (torch.Size([4, 64]), torch.float32)
     """
-    _check(x, seed, k, row_offset)
+    check_args(x, seed, k, row_offset)
     out = output_buffer(x, k, out, accumulate)
-    if use_triton(force, x, out):
-        return _launch(x, seed, k, row_offset, out, accumulate)
-    ref = rademacher_project_reference(x, seed, k, row_offset)
-    return out.add_(ref) if accumulate else out.copy_(ref)
-
-
-def rademacher_project_blocks(
-    blocks: Sequence[tuple[int, torch.Tensor]],
-    seed: int,
-    k: int,
-    *,
-    out: torch.Tensor | None = None,
-    force: str | None = None,
-) -> torch.Tensor:
-    """Project a vector given as blocks: ``sum_b x_b @ P[offset_b : offset_b + n_b]``.
-
-    Args:
-        blocks: [(offset, x [B, n])...], one B for all, on one device; offsets are global rows of P
-            (blocks may come in any order; overlapping blocks simply add).
-        seed, k, force: as in :func:`rademacher_project`.
-        out: optional [B, k] float32 to add into; a new zero tensor otherwise.
-
-    Returns:
-        [B, k] float32, equal to projecting the zero-filled concatenation.
-
-    Examples:
-        >>> g1, g2 = torch.randn(2, 30), torch.randn(2, 7)
-        >>> y = rademacher_project_blocks([(0, g1), (100, g2)], seed=1, k=16)
-        >>> y2 = rademacher_project(g1, 1, 16) + rademacher_project(g2, 1, 16, row_offset=100)
-        >>> torch.allclose(y, y2, atol=1e-5)
-        True
-    """
-    if not blocks:
-        raise ValueError("blocks must not be empty")
-    B, device = blocks[0][1].shape[0], blocks[0][1].device
-    if out is None:
-        out = torch.zeros(B, k, dtype=torch.float32, device=device)
-    for offset, x in blocks:
-        if x.ndim != 2 or x.shape[0] != B or x.device != device:
-            raise ValueError(
-                f"every block must be [B={B}, n] on {device}, got {tuple(x.shape)} on {x.device}"
-            )
-        rademacher_project(x, seed, k, offset, out, accumulate=True, force=force)
-    return out
+    check_runnable(x, out)
+    return _launch(x, seed, k, row_offset, out, accumulate, n_splits)

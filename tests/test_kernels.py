@@ -32,6 +32,7 @@ import pytest  # noqa: E402
 from ctrak_fast.kernels import hashing  # noqa: E402
 
 from ctrak_fast.engine.projection import FactorizedSpec  # noqa: E402
+from ctrak_fast.engine.projector import rademacher_project, rademacher_project_blocks  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -137,7 +138,7 @@ def test_projection_signs_bit_exact(dtype, row0):
     # Projecting identity rows reads back the kernel's matrix: every entry is exactly +-1/sqrt(k).
     p, k = 45, 37
     eye = torch.eye(p, dtype=dtype, device=DEVICE)
-    P = K.rademacher_project(eye, seed=9, k=k, row_offset=row0, force="triton") * k**0.5
+    P = rademacher_project(eye, seed=9, k=k, row_offset=row0, force="triton") * k**0.5
     assert torch.equal(P.abs(), torch.ones_like(P))
     want = hashing.sign_bits(9, torch.arange(row0, row0 + p), torch.arange(k))
     assert torch.equal((P < 0).cpu(), want)
@@ -171,7 +172,7 @@ RP_CASES = [
 def test_rademacher_project_matches_reference(B, p, k, row_offset, dtype, n_splits):
     x = rand(B, p, dtype=DTYPES[dtype])
     out = torch.full((B, k), float("nan"), device=DEVICE)  # every element must be written
-    y = rp._launch(x, 11, k, row_offset, out, accumulate=False, n_splits=n_splits)
+    y = rp.rademacher_project_triton(x, 11, k, row_offset, out, n_splits=n_splits)
     ref = K.rademacher_project_reference(x, 11, k, row_offset)
     P = dense_P(11, row_offset, p, k)
     assert_fp32_close(y, ref, x.double() @ P, x.double().abs().sum(1) / k**0.5)
@@ -182,7 +183,7 @@ def test_rademacher_project_strided_input_and_accumulate():
     x = rand(40, 6)[::2].t()  # [6, 20], non-contiguous along p
     base = rand(6, 24)
     out = base.clone()
-    y = K.rademacher_project(x, 3, 24, 5, out, accumulate=True, force="triton")
+    y = rademacher_project(x, 3, 24, 5, out, accumulate=True, force="triton")
     assert y is out
     ref = base + K.rademacher_project_reference(x, 3, 24, 5)
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-4)
@@ -192,7 +193,7 @@ def test_rademacher_project_strided_input_and_accumulate():
 def test_rademacher_project_blocks_equals_zero_filled_vector():
     x = rand(3, 50)
     blocks = [(2**32 + 40, x[:, 40:]), (2**32, x[:, :13]), (2**32 + 20, x[:, 20:31])]
-    y = K.rademacher_project_blocks(blocks, seed=4, k=19, force="triton")
+    y = rademacher_project_blocks(blocks, seed=4, k=19, force="triton")
     full = torch.zeros_like(x)
     for off, b in blocks:
         full[:, off - 2**32 : off - 2**32 + b.shape[1]] = b
@@ -202,24 +203,23 @@ def test_rademacher_project_blocks_equals_zero_filled_vector():
 
 @in_process
 def test_rademacher_project_empty_and_errors():
-    assert K.rademacher_project(rand(0, 5), 0, 8, force="triton").shape == (0, 8)
-    empty_p = K.rademacher_project(rand(2, 0), 0, 8, force="triton")
+    assert rademacher_project(rand(0, 5), 0, 8, force="triton").shape == (0, 8)
+    empty_p = rademacher_project(rand(2, 0), 0, 8, force="triton")
     assert torch.equal(empty_p.cpu(), torch.zeros(2, 8))
     with pytest.raises(TypeError):
-        K.rademacher_project(torch.ones(2, 3, dtype=torch.int32), 0, 4)
+        rademacher_project(torch.ones(2, 3, dtype=torch.int32), 0, 4)
     with pytest.raises(ValueError):
-        K.rademacher_project(rand(2, 3), 0, 0)
+        rademacher_project(rand(2, 3), 0, 0)
     with pytest.raises(ValueError):
-        K.rademacher_project(rand(2, 3), 0, 4, row_offset=-1)
+        rademacher_project(rand(2, 3), 0, 4, row_offset=-1)
     with pytest.raises(ValueError):
-        K.rademacher_project(rand(2, 3), 0, 4, out=torch.empty(2, 5))
+        rademacher_project(rand(2, 3), 0, 4, out=torch.empty(2, 5))
     with pytest.raises(ValueError):
-        K.rademacher_project(rand(2, 3), 0, 4, force="gpu")
+        rademacher_project(rand(2, 3), 0, 4, force="gpu")
 
 
 def test_rademacher_project_cpu_dispatches_to_the_cpu_kernel_or_reference():
     from ctrak_fast.engine.native import native_available
-    from ctrak_fast.engine.projector import rademacher_project
 
     x = torch.randn(2, 30)
     ref = K.rademacher_project_reference(x, 1, 8)
@@ -442,12 +442,12 @@ cuda = pytest.mark.cuda
 def test_cuda_rademacher_project_large(dtype):
     B, p, k, off = 16, 200_003, 2048, 2**32 - 100_000
     x = rand(B, p, dtype=dtype)
-    y = K.rademacher_project(x, 7, k, off)
+    y = rademacher_project(x, 7, k, off)
     P = dense_P(7, off, p, k)
     oracle = x.double() @ P
     ref = (x.float() @ P.float()).float()
     assert_fp32_close(y, ref, oracle, x.double().abs().sum(1) / k**0.5)
-    assert torch.equal(y, K.rademacher_project(x, 7, k, off)), "not bitwise reproducible"
+    assert torch.equal(y, rademacher_project(x, 7, k, off)), "not bitwise reproducible"
 
 
 @cuda
@@ -474,8 +474,8 @@ def test_cuda_factorized_and_blocks():
     x = rand(4, 10_000)
     blocks = [(0, x[:, :3000]), (3000, x[:, 3000:])]
     torch.testing.assert_close(
-        K.rademacher_project_blocks(blocks, 0, 512),
-        K.rademacher_project(x, 0, 512),
+        rademacher_project_blocks(blocks, 0, 512),
+        rademacher_project(x, 0, 512),
         rtol=1e-5,
         atol=1e-5 * x.abs().sum(1).max().item() / 512**0.5,
     )

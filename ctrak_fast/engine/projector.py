@@ -5,7 +5,7 @@ Backends:
 - ``"cpu"``: ``ctrak_fast._C.rademacher_project`` (C++, AVX-512 / AVX2 / portable): a fused
   generate-and-multiply kernel; the signs of a 16 KiB panel are hashed into L1 and consumed there
   by a register-tiled fma micro-kernel, so P never reaches memory (csrc/project_impl.h);
-- ``"triton"``: ``ctrak_fast.kernels.rademacher_project_blocks``, the same fusion on the GPU
+- ``"triton"``: ``ctrak_fast.kernels.rademacher_project_triton``, the same fusion on the GPU
   (signs in registers), used for CUDA inputs only;
 - ``"reference"``: ``kernels.hashing.rademacher_block`` in torch (the specification; slow),
   tile by tile (``tile_rows`` rows x k columns), each tile consumed by one float32 ``addmm``;
@@ -40,7 +40,6 @@ from ctrak_fast.engine.native import (
     native_tile_fn,
 )
 from ctrak_fast.kernels import hashing
-from ctrak_fast.kernels.rademacher_project import output_buffer
 
 from .projection import (
     BACKENDS,
@@ -53,10 +52,35 @@ from .projection import (
 
 _REF_CHUNK = 2**21  # entries per reference-hash call (its int64 temporaries are ~40 B/entry)
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+FORCES = (None, "cpu", "reference", "triton")
 
 
-def _triton_project_fn():
-    return kernels.rademacher_project_blocks
+def projection_backend(force: str | None, *tensors: torch.Tensor) -> str:
+    """The one dispatch rule of the projection: which kernel projects these tensors.
+
+    Args:
+        force: None = "triton" for CUDA tensors (Triton installed), "cpu" (the fused C++ kernel)
+            for CPU tensors when the extension is built, else "reference"; or one of those names,
+            checked against the tensors ("cpu" needs CPU tensors and the extension, "triton" a
+            device the kernels run on).
+        tensors: the operands (one device).
+
+    Returns:
+        "triton" | "cpu" | "reference".
+    """
+    if force not in FORCES:
+        raise ValueError(f"force must be None, 'cpu', 'reference' or 'triton', got {force!r}")
+    if force == "cpu":
+        if any(t.is_cuda for t in tensors):
+            raise ValueError("force='cpu' needs CPU tensors")
+        if not native_available():
+            raise RuntimeError("force='cpu' needs the compiled extension ctrak_fast._C")
+        return "cpu"
+    if kernels.use_triton(force, *tensors):
+        return "triton"
+    if force is None and all(t.device.type == "cpu" for t in tensors) and native_available():
+        return "cpu"
+    return "reference"
 
 
 def rademacher_project(
@@ -69,29 +93,39 @@ def rademacher_project(
     accumulate: bool = False,
     force: str | None = None,
 ) -> torch.Tensor:
-    """``x @ P[row_offset : row_offset + p]`` on any device: ``kernels.rademacher_project``
-    (Triton on CUDA, torch reference elsewhere), except that CPU tensors go to the fused C++ kernel
-    (``ctrak_fast._C.rademacher_project``) when it is built. ``force="cpu"`` demands the C++
-    kernel; "reference" / "triton" go to the kernels. Shapes and arguments as the kernel's.
+    """``x @ P[row_offset : row_offset + p]`` on any device, P the hashed Rademacher matrix
+    (+-1/sqrt(k), a pure function of (seed, row, column)), never stored.
+
+    Dispatch by :func:`projection_backend`: CUDA tensors -> the Triton kernel
+    (``kernels.rademacher_project_triton``), CPU tensors -> the fused C++ kernel
+    (``ctrak_fast._C.rademacher_project``) when it is built, else the torch reference
+    (``kernels.rademacher_project_reference``, the specification).
+
+    Args:
+        x: [B, p] float32 / float16 / bfloat16; any strides.
+        seed: projection seed.
+        k: number of output columns (any k >= 1).
+        row_offset: global row of P for x's first column; may exceed 2**32.
+        out: optional [B, k] float32 on x's device, written (or added to) and returned.
+        accumulate: add the projection to ``out`` instead of overwriting it.
+        force: None, or "cpu" | "triton" | "reference" to choose the kernel.
+
+    Returns:
+        [B, k] float32; every backend agrees with the reference to float32 rounding.
 
     Examples:
         >>> y = rademacher_project(torch.randn(4, 1000), seed=0, k=64, row_offset=2**33)
         >>> y.shape, y.dtype
         (torch.Size([4, 64]), torch.float32)
     """
-    if force == "cpu":
-        if x.is_cuda:
-            raise ValueError("force='cpu' needs CPU tensors")
-        if not native_available():
-            raise RuntimeError("force='cpu' needs the compiled extension ctrak_fast._C")
-    use_cpu = force == "cpu" or (force is None and x.device.type == "cpu" and native_available())
-    if not use_cpu:
-        return kernels.rademacher_project(
-            x, seed, k, row_offset, out, accumulate=accumulate, force=force
-        )
-    # Argument checks are the kernel's: run them on an empty slice (no work).
-    kernels.rademacher_project(x[:0], seed, k, row_offset, force="reference")
-    out = output_buffer(x, k, out, accumulate)
+    kernels.check_args(x, seed, k, row_offset)
+    out = kernels.output_buffer(x, k, out, accumulate)
+    backend = projection_backend(force, x, out)
+    if backend == "triton":
+        return kernels.rademacher_project_triton(x, seed, k, row_offset, out, accumulate=accumulate)
+    if backend == "reference":
+        ref = kernels.rademacher_project_reference(x, seed, k, row_offset)
+        return out.add_(ref) if accumulate else out.copy_(ref)
     dst = out if out.is_contiguous() else torch.zeros(out.shape, dtype=torch.float32)
     if not accumulate or dst is not out:
         dst.zero_()
@@ -99,6 +133,42 @@ def rademacher_project(
     if dst is out:
         return out
     return out.add_(dst) if accumulate else out.copy_(dst)
+
+
+def rademacher_project_blocks(
+    blocks: Blocks, seed: int, k: int, *, out: torch.Tensor | None = None, force: str | None = None
+) -> torch.Tensor:
+    """Project a vector given as blocks: ``sum_b x_b @ P[offset_b : offset_b + n_b]``, each block
+    by :func:`rademacher_project`.
+
+    Args:
+        blocks: [(offset, x [B, n])...], one B for all, on one device; offsets are global rows of P
+            (blocks may come in any order; overlapping blocks simply add).
+        seed, k, force: as in :func:`rademacher_project`.
+        out: optional [B, k] float32 to add into; a new zero tensor otherwise.
+
+    Returns:
+        [B, k] float32, equal to projecting the zero-filled concatenation.
+
+    Examples:
+        >>> g1, g2 = torch.randn(2, 30), torch.randn(2, 7)
+        >>> y = rademacher_project_blocks([(0, g1), (100, g2)], seed=1, k=16)
+        >>> y2 = rademacher_project(g1, 1, 16) + rademacher_project(g2, 1, 16, row_offset=100)
+        >>> torch.allclose(y, y2, atol=1e-5)
+        True
+    """
+    if not blocks:
+        raise ValueError("blocks must not be empty")
+    B, device = blocks[0][1].shape[0], blocks[0][1].device
+    if out is None:
+        out = torch.zeros(B, k, dtype=torch.float32, device=device)
+    for offset, x in blocks:
+        if x.ndim != 2 or x.shape[0] != B or x.device != device:
+            raise ValueError(
+                f"every block must be [B={B}, n] on {device}, got {tuple(x.shape)} on {x.device}"
+            )
+        rademacher_project(x, seed, k, offset, out, accumulate=True, force=force)
+    return out
 
 
 _warned: set[str] = set()
@@ -174,7 +244,7 @@ class Projector:
         self._native = None
         self._native_grid = 0
         self._scratch: np.ndarray | None = None
-        # Where CPU-side tiles come from; CUDA inputs may still go to triton (see _use_triton).
+        # Where CPU-side tiles come from; CUDA inputs may still go to triton (see project_blocks).
         self.tile_backend = self._resolve_tile_backend(backend)
         self.cache_bytes = int(cache_bytes)
 
@@ -245,14 +315,14 @@ class Projector:
         batch = blocks[0][1].shape[0]
         device = self.device if self.device is not None else blocks[0][1].device
         out = torch.zeros(batch, self.k, dtype=torch.float32, device=device)
-        if device.type == "cuda" and self._use_triton():
+        if device.type == "cuda" and self.requested_backend in ("auto", "triton"):
             # The kernel takes float32/float16/bfloat16 as they are (exact products, float32
             # accumulation); anything else is cast first.
             blocks = [
                 (o, x.to(device) if x.dtype in _KERNEL_DTYPES else x.to(device, torch.float32))
                 for o, x in blocks
             ]
-            return _triton_project_fn()(blocks, self.spec.seed, self.k, out=out)
+            return rademacher_project_blocks(blocks, self.spec.seed, self.k, out=out)
         if self.tile_backend == "cpu" and device.type == "cpu":
             return self._project_fused(blocks, out)
         for tile_start, lo, hi, pieces in self._tiles(blocks):
@@ -299,18 +369,6 @@ class Projector:
                 pos = stop
         flush()
         return out
-
-    def _use_triton(self) -> bool:
-        if self.requested_backend not in ("auto", "triton"):
-            return False
-        try:
-            _triton_project_fn()
-        except Exception as e:  # reported below, whatever it is
-            if self.requested_backend == "triton":
-                raise RuntimeError(f"projection backend 'triton' is not available: {e}") from e
-            _warn_once("triton", f"Triton projection unavailable, using generated tiles: {e}")
-            return False
-        return True
 
     def _check_blocks(self, blocks: Blocks) -> list[tuple[int, torch.Tensor]]:
         if not blocks:
