@@ -44,23 +44,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _import_kernels():
-    """ctrak_fast.kernels from the install; else ROOT/kernels loaded under that name."""
-    try:
-        return importlib.import_module("ctrak_fast.kernels")
-    except ImportError:
-        sys.path.insert(0, str(ROOT))
-        import ctrak_fast
-
-        spec = importlib.util.spec_from_file_location(
-            "ctrak_fast.kernels",
-            ROOT / "kernels" / "__init__.py",
-            submodule_search_locations=[str(ROOT / "kernels")],
-        )
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["ctrak_fast.kernels"] = mod
-        spec.loader.exec_module(mod)
-        ctrak_fast.kernels = mod
-        return mod
+    """ctrak_fast.kernels (imported here, before triton: on CPU it selects the interpreter)."""
+    return importlib.import_module("ctrak_fast.kernels")
 
 
 def _bench(fn, rep_ms: float) -> dict:

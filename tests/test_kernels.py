@@ -29,37 +29,18 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 
 import pytest  # noqa: E402
-from ctrak_fast.kernels import hashing  # noqa: E402
 
 from ctrak_fast.engine.projection import FactorizedSpec  # noqa: E402
 from ctrak_fast.engine.projector import rademacher_project, rademacher_project_blocks  # noqa: E402
+from ctrak_fast.kernels import hashing  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _import_kernels():
-    """ctrak_fast.kernels from the install; else load ROOT/kernels under that name (no install)."""
-    try:
-        return importlib.import_module("ctrak_fast.kernels")
-    except ImportError:
-        import ctrak_fast
-
-        spec = importlib.util.spec_from_file_location(
-            "ctrak_fast.kernels",
-            ROOT / "kernels" / "__init__.py",
-            submodule_search_locations=[str(ROOT / "kernels")],
-        )
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["ctrak_fast.kernels"] = mod
-        spec.loader.exec_module(mod)
-        ctrak_fast.kernels = mod
-        return mod
-
-
-K = _import_kernels()
-# The op modules (for their launchers); the package attributes of these names are the functions.
-rp = importlib.import_module("ctrak_fast.kernels.rademacher_project")
-lgp = importlib.import_module("ctrak_fast.kernels.linear_grad_project")
+K = importlib.import_module("ctrak_fast.kernels")
+# The kernel modules of two ops (for their launchers' n_splits).
+rp = importlib.import_module("ctrak_fast.kernels.rademacher_project.triton")
+lgp = importlib.import_module("ctrak_fast.kernels.linear_grad_project.triton")
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -269,7 +250,7 @@ def _lg_oracle(A, G, seed, k, row_offset, bias_offset):
 def test_linear_grad_project_matches_reference(B, T, d_in, d_out, k, row_offset, dtype, n_splits):
     A = rand(B, T, d_in, dtype=DTYPES[dtype])
     G = rand(B, T, d_out, dtype=DTYPES[dtype])
-    y = lgp._launch(A, G, 5, k, row_offset, n_splits=n_splits)
+    y = lgp.linear_grad_project_triton(A, G, 5, k, row_offset, n_splits=n_splits)
     ref = K.linear_grad_project_reference(A, G, 5, k, row_offset)
     assert_fp32_close(y, ref, *_lg_oracle(A, G, 5, k, row_offset, None))
 
@@ -379,15 +360,14 @@ def test_interpreter_lane_in_subprocess():
 _COMPILE_SM90 = """
 import sys
 sys.path.insert(0, sys.argv[1])
-from tests.test_kernels import _import_kernels
 import importlib, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-K = _import_kernels()
+K = importlib.import_module("ctrak_fast.kernels")
 assert not K.INTERPRET
-rp = importlib.import_module("ctrak_fast.kernels.rademacher_project")
-lg = importlib.import_module("ctrak_fast.kernels.linear_grad_project")
-hs = importlib.import_module("ctrak_fast.kernels.hash")
+rp = importlib.import_module("ctrak_fast.kernels.rademacher_project.triton")
+lg = importlib.import_module("ctrak_fast.kernels.linear_grad_project.triton")
+hs = importlib.import_module("ctrak_fast.kernels.hashing.triton")
 c = "constexpr"
 def build(fn, sig, consts, num_warps):
     sig = {**sig, **{n: c for n in consts}}
@@ -396,13 +376,13 @@ def build(fn, sig, consts, num_warps):
     assert "cubin" in k.asm, fn
 for dt in ("fp32", "bf16", "fp16"):
     for B in (16, 64):
-        bb, bp, bk, nw = rp._block_sizes(B, 2048)
+        bb, bp, bk, nw = rp.block_sizes(B, 2048)
         sig = {"x_ptr": "*" + dt, "out_ptr": "*fp32", "skey": "i64", "row_offset": "i64",
                "scale": "fp32", "B": "i32", "P": "i32", "K": "i32", "rows_per_split": "i32",
                "stride_xb": "i32", "stride_os": "i32", "stride_ob": "i32"}
         consts = {"stride_xp": 1, "stride_ok": 1, "BLOCK_B": bb, "BLOCK_P": bp, "BLOCK_K": bk,
                   "ACCUMULATE": B == 64}
-        build(rp._rademacher_project_kernel, sig, consts, nw)
+        build(rp.rademacher_project_kernel, sig, consts, nw)
 for dt in ("fp32", "bf16"):
     sig = {"a_ptr": "*" + dt, "g_ptr": "*" + dt, "out_ptr": "*fp32", "skey": "i64",
            "row_offset": "i64", "scale": "fp32", "B": "i32", "T": "i32", "D_IN": "i32",
@@ -411,10 +391,10 @@ for dt in ("fp32", "bf16"):
            "stride_ob": "i32"}
     consts = {"stride_ai": 1, "stride_go": 1, "stride_ok": 1, "BLOCK_B": 16, "BLOCK_T": 16,
               "BLOCK_O": 16, "BLOCK_I": 16, "BLOCK_K": 64}
-    build(lg._linear_grad_project_kernel, sig, consts, 8)
+    build(lg.linear_grad_project_kernel, sig, consts, 8)
 sig = {"rows_ptr": "*i64", "cols_ptr": "*i64", "out_ptr": "*i8", "skey": "i64", "n_rows": "i32",
        "n_cols": "i32"}
-build(hs._sign_matrix_kernel, sig, {"BLOCK_R": 32, "BLOCK_C": 32}, 4)
+build(hs.sign_matrix_kernel, sig, {"BLOCK_R": 32, "BLOCK_C": 32}, 4)
 print("compiled")
 """
 

@@ -40,6 +40,12 @@ from ctrak_fast.engine.native import (
     native_tile_fn,
 )
 from ctrak_fast.kernels import hashing
+from ctrak_fast.kernels.rademacher_project import (
+    check_args,
+    output_buffer,
+    rademacher_project_reference,
+    rademacher_project_triton,
+)
 
 from .projection import (
     BACKENDS,
@@ -118,13 +124,13 @@ def rademacher_project(
         >>> y.shape, y.dtype
         (torch.Size([4, 64]), torch.float32)
     """
-    kernels.check_args(x, seed, k, row_offset)
-    out = kernels.output_buffer(x, k, out, accumulate)
+    check_args(x, seed, k, row_offset)
+    out = output_buffer(x, k, out, accumulate)
     backend = projection_backend(force, x, out)
     if backend == "triton":
-        return kernels.rademacher_project_triton(x, seed, k, row_offset, out, accumulate=accumulate)
+        return rademacher_project_triton(x, seed, k, row_offset, out, accumulate=accumulate)
     if backend == "reference":
-        ref = kernels.rademacher_project_reference(x, seed, k, row_offset)
+        ref = rademacher_project_reference(x, seed, k, row_offset)
         return out.add_(ref) if accumulate else out.copy_(ref)
     dst = out if out.is_contiguous() else torch.zeros(out.shape, dtype=torch.float32)
     if not accumulate or dst is not out:

@@ -1,7 +1,8 @@
 """Counter-based hash that defines the random projection (hash version 1).
 
 Every implementation of the projection (this torch reference, the C++ CPU path in csrc/ and the
-Triton kernels in kernels/) must reproduce these bits exactly. All arithmetic is modulo 2**32.
+Triton kernels of ctrak_fast.kernels) must reproduce these bits exactly. All arithmetic is modulo
+2**32.
 
     mix32(x)      = lowbias32: x ^= x >> 16; x *= 0x7FEB352D; x ^= x >> 15;
                                x *= 0x846CA68B; x ^= x >> 16

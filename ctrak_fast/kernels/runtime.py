@@ -1,4 +1,4 @@
-"""Triton import shim shared by the kernels.
+"""Triton import shim shared by the kernels, and the dispatch rule of their public ops.
 
 - Without Triton installed the package still imports: every public op then runs its torch
   reference, and ``force="triton"`` raises.

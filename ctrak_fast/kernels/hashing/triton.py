@@ -1,4 +1,4 @@
-"""Triton device functions for the counter-based hash of :mod:`.hashing` (hash version 1).
+"""Triton device functions for the counter-based hash of :mod:`.reference` (hash version 1).
 
 All arithmetic is on ``tl.uint32`` values: multiplications wrap modulo 2**32 and ``>>`` is a logical
 shift, exactly as the torch reference computes with int64 and masks.
@@ -18,8 +18,8 @@ AND/OR to turn bit 31 into an exact +-1.0 (:func:`pm_one`).
 
 import torch
 
-from . import hashing
-from ._triton import cdiv, check_runnable, jit, tl
+from ..runtime import cdiv, check_runnable, jit, tl
+from . import reference as hashing
 
 MIX_C1 = tl.constexpr(hashing.MIX_C1)
 MIX_C2 = tl.constexpr(hashing.MIX_C2)
@@ -84,7 +84,7 @@ def pm_one(w, DTYPE: tl.constexpr):
 
 
 @jit(do_not_specialize=["skey"])
-def _sign_matrix_kernel(
+def sign_matrix_kernel(
     rows_ptr,
     cols_ptr,
     out_ptr,
@@ -126,7 +126,7 @@ def sign_matrix(seed: int, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tens
     out = torch.empty(n, m, dtype=torch.int8, device=rows.device)
     if n and m:
         grid = (cdiv(n, 32), cdiv(m, 32))
-        _sign_matrix_kernel[grid](
+        sign_matrix_kernel[grid](
             rows, cols, out, hashing.seed_key(seed), n, m, BLOCK_R=32, BLOCK_C=32
         )
     return out.bool()

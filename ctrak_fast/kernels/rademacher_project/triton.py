@@ -1,6 +1,6 @@
 """Fused Rademacher projection ``x @ P[row_offset : row_offset + p]``, P generated in registers.
 
-P[i, j] = +-1/sqrt(k) is the matrix of :mod:`.hashing`; it is never stored. Each program
+P[i, j] = +-1/sqrt(k) is the matrix of :mod:`..hashing`; it is never stored. Each program
 owns a (BLOCK_B x BLOCK_K) output tile and walks a range of rows in BLOCK_P steps: load the x tile,
 hash the (BLOCK_P x BLOCK_K) sign tile, and feed both to ``tl.dot`` with float32 accumulation.
 
@@ -27,11 +27,10 @@ import math
 
 import torch
 
-from . import hashing
-from ._triton import DOT_UPCAST, cdiv, check_runnable, jit, next_pow2, tl
-from .hash import col_premixed, pm_one, row_key_premixed, sign_word
-
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from ..hashing import reference as hashing
+from ..hashing.triton import col_premixed, pm_one, row_key_premixed, sign_word
+from ..runtime import DOT_UPCAST, cdiv, check_runnable, jit, next_pow2, tl
+from .reference import check_args, output_buffer
 
 # Aim for this many programs: several waves on any current GPU, independent of the actual device.
 _TARGET_PROGRAMS = 512
@@ -39,13 +38,11 @@ _TARGET_PROGRAMS = 512
 _MIN_ROWS_PER_SPLIT = 4096
 # Keeps the in-kernel row loop in int32 (global row indices themselves are int64).
 _MAX_ROWS_PER_SPLIT = 1 << 30
-# Reference: rows of P generated per chunk (bounds its memory at ~chunk * k * 50 bytes).
-_REF_ELEMS_PER_CHUNK = 1 << 21
 
 
 @jit
 def dot_upcast(a, b, acc):
-    """``tl.dot(a, b, acc)``; under the interpreter in float32 (see _triton.DOT_UPCAST)."""
+    """``tl.dot(a, b, acc)``; under the interpreter in float32 (see runtime.DOT_UPCAST)."""
     if DOT_UPCAST:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
     return tl.dot(a, b, acc)
@@ -75,7 +72,7 @@ def dot_pm1(x, w, acc):
 
 
 @jit(do_not_specialize=["skey", "row_offset"])
-def _rademacher_project_kernel(
+def rademacher_project_kernel(
     x_ptr,  # [B, P]
     out_ptr,  # [n_splits, B, K] float32 (or [B, K] when n_splits == 1)
     skey,  # hashing.seed_key(seed), uint32 value
@@ -138,7 +135,8 @@ def _rademacher_project_kernel(
     tl.store(out, acc, mask=mask)
 
 
-def _block_sizes(B: int, k: int) -> tuple[int, int, int, int]:
+def block_sizes(B: int, k: int) -> tuple[int, int, int, int]:
+    """(BLOCK_B, BLOCK_P, BLOCK_K, num_warps) of the kernel for a batch B and k columns."""
     # tl.dot needs every dimension >= 16. Compiled for sm_90 (ptxas -v), 16 x 32 x 128 with 8 warps
     # takes ~50-75 registers per thread and 64 x 32 x 128 ~100-180, without spills; BLOCK_P = 64
     # doubles that for the same work per program.
@@ -164,7 +162,7 @@ def _launch(
         return out
     if p == 0:
         return out if accumulate else out.zero_()
-    block_b, block_p, block_k, num_warps = _block_sizes(B, k)
+    block_b, block_p, block_k, num_warps = block_sizes(B, k)
     tiles = cdiv(B, block_b) * cdiv(k, block_k)
     if n_splits is None:
         n_splits = max(1, min(cdiv(_TARGET_PROGRAMS, tiles), p // _MIN_ROWS_PER_SPLIT))
@@ -178,7 +176,7 @@ def _launch(
         dest = torch.empty(n_splits, B, k, dtype=torch.float32, device=x.device)
         acc_in_kernel, stride_os = False, dest.stride(0)
     grid = (cdiv(B, block_b), cdiv(k, block_k), n_splits)
-    _rademacher_project_kernel[grid](
+    rademacher_project_kernel[grid](
         x,
         dest,
         hashing.seed_key(seed),
@@ -207,59 +205,6 @@ def _launch(
     return out
 
 
-def rademacher_project_reference(
-    x: torch.Tensor, seed: int, k: int, row_offset: int = 0
-) -> torch.Tensor:
-    """Specification: ``x.float() @ hashing.rademacher_block(seed, row_offset, p, k)``.
-
-    Args:
-        x: [B, p] float tensor (any device).
-        seed, k, row_offset: as in :func:`rademacher_project`.
-
-    Returns:
-        [B, k] float32 on x's device. P is generated on the CPU in row chunks (bounded memory).
-    """
-    B, p = x.shape
-    out = torch.zeros(B, k, dtype=torch.float32, device=x.device)
-    chunk = max(1, _REF_ELEMS_PER_CHUNK // max(k, 1))
-    for start in range(0, p, chunk):
-        n = min(chunk, p - start)
-        block = hashing.rademacher_block(seed, row_offset + start, n, k).to(x.device)
-        out.addmm_(x[:, start : start + n].float(), block)
-    return out
-
-
-def check_args(x: torch.Tensor, seed: int, k: int, row_offset: int) -> None:
-    """The argument checks of every backend of the projection."""
-    if x.ndim != 2:
-        raise ValueError(f"x must be [B, p], got shape {tuple(x.shape)}")
-    if x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
-    if not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be a positive int, got {k!r}")
-    if not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-    if not isinstance(row_offset, int) or row_offset < 0 or row_offset + x.shape[1] > 2**63:
-        raise ValueError(f"row_offset must be an int in [0, 2**63 - p), got {row_offset!r}")
-
-
-def output_buffer(
-    x: torch.Tensor, k: int, out: torch.Tensor | None, accumulate: bool
-) -> torch.Tensor:
-    """The [B, k] float32 output of a projection of x [B, p]: `out` checked, or a new one."""
-    B = x.shape[0]
-    if out is None:
-        if accumulate:
-            raise ValueError("accumulate=True needs out")
-        return torch.empty(B, k, dtype=torch.float32, device=x.device)
-    if out.shape != (B, k) or out.dtype != torch.float32 or out.device != x.device:
-        raise ValueError(
-            f"out must be float32 [{B}, {k}] on {x.device}, got {out.dtype} {tuple(out.shape)} "
-            f"on {out.device}"
-        )
-    return out
-
-
 def rademacher_project_triton(
     x: torch.Tensor,
     seed: int,
@@ -272,7 +217,7 @@ def rademacher_project_triton(
 ) -> torch.Tensor:
     """The Triton kernel: ``x @ P[row_offset : row_offset + p]``, P generated in registers.
 
-    P[i, j] = +-1/sqrt(k), a pure function of (seed, i, j) (:mod:`.hashing`): memory is
+    P[i, j] = +-1/sqrt(k), a pure function of (seed, i, j) (:mod:`..hashing`): memory is
     O(B * k) whatever p. The dispatch (CUDA -> this kernel, CPU -> the C++ kernel or the
     reference) is ``ctrak_fast.engine.projector.rademacher_project``.
 

@@ -18,9 +18,9 @@ columns are visited, which would need a read-modify-write of the output in globa
 (a read-after-write between threads that Triton does not order). The recompute costs 2 * B * T
 tensor-core FLOPs per parameter and k tile, against ~7 * BLOCK_K integer ops of sign generation; it
 stays the smaller part up to T of several hundred (16-bit inputs). For much longer T, materialising
-W_b and calling :func:`rademacher_project` is cheaper.
+W_b and projecting it with ``engine.projector.rademacher_project`` is cheaper.
 
-Splits over the W tiles, the workspace and determinism are as in :mod:`.rademacher_project`.
+Splits over the W tiles, the workspace and determinism are as in :mod:`..rademacher_project.triton`.
 """
 
 # No `from __future__ import annotations` here: Triton reads the kernels' tl.constexpr annotations.
@@ -29,15 +29,11 @@ import math
 
 import torch
 
-from . import hashing
-from ._triton import DOT_UPCAST, cdiv, jit, tl, use_triton
-from .hash import col_premixed, row_key_premixed, sign_word
-from .rademacher_project import (
-    SUPPORTED_DTYPES,
-    dot_pm1,
-    rademacher_project_reference,
-    rademacher_project_triton,
-)
+from ..hashing import reference as hashing
+from ..hashing.triton import col_premixed, row_key_premixed, sign_word
+from ..rademacher_project.triton import dot_pm1, rademacher_project_triton
+from ..runtime import DOT_UPCAST, cdiv, jit, tl, use_triton
+from .reference import apply_scale, check_args, finish, linear_grad_project_reference
 
 _TARGET_PROGRAMS = 512
 _MIN_TILES_PER_SPLIT = 8
@@ -55,7 +51,7 @@ def _wgrad_dot(g, a, w):
 
 
 @jit(do_not_specialize=["skey", "row_offset"])
-def _linear_grad_project_kernel(
+def linear_grad_project_kernel(
     a_ptr,  # [B, T, D_IN]
     g_ptr,  # [B, T, D_OUT]
     out_ptr,  # [n_splits, B, K] float32
@@ -143,7 +139,7 @@ def _linear_grad_project_kernel(
     tl.store(out, acc, mask=mask_b[:, None] & (offs_k < K)[None, :])
 
 
-def _launch(
+def linear_grad_project_triton(
     A: torch.Tensor,
     G: torch.Tensor,
     seed: int,
@@ -151,7 +147,9 @@ def _launch(
     row_offset: int,
     n_splits: int | None = None,
 ) -> torch.Tensor:
-    """[B, k] float32 projection of the weight gradients with the Triton kernel."""
+    """[B, k] float32 projection of the weight gradients with the Triton kernel (no bias, no
+    scale; arguments checked by the caller). n_splits: the W-tile ranges (grid axis 0); None =
+    chosen from the shapes. For tests."""
     B, T, d_in = A.shape
     d_out = G.shape[2]
     for X in (A, G):  # offsets inside one sample are int32 in the kernel
@@ -176,7 +174,7 @@ def _launch(
 
     dest = torch.empty(n_splits, B, k, dtype=torch.float32, device=A.device)
     grid = (n_splits, cdiv(B, block_b), cdiv(k, block_k))
-    _linear_grad_project_kernel[grid](
+    linear_grad_project_kernel[grid](
         A,
         G,
         dest,
@@ -200,69 +198,6 @@ def _launch(
         num_warps=8,
     )
     return dest[0] if n_splits == 1 else dest.sum(0)
-
-
-def _check(A: torch.Tensor, G: torch.Tensor, k: int, row_offset: int, bias_offset) -> None:
-    if A.ndim != 3 or G.ndim != 3 or A.shape[:2] != G.shape[:2]:
-        raise ValueError(
-            f"A and G must be [B, T, in] and [B, T, out], got {tuple(A.shape)}, {tuple(G.shape)}"
-        )
-    if A.dtype not in SUPPORTED_DTYPES or G.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"A and G must be float32/float16/bfloat16, got {A.dtype}, {G.dtype}")
-    if A.device != G.device:
-        raise ValueError(f"A and G must be on one device, got {A.device}, {G.device}")
-    if not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be a positive int, got {k!r}")
-    n = A.shape[2] * G.shape[2]
-    for name, off, size in (
-        ("row_offset", row_offset, n),
-        ("bias_offset", bias_offset, G.shape[2]),
-    ):
-        if off is not None and (not isinstance(off, int) or off < 0 or off + size > 2**63):
-            raise ValueError(f"{name} must be an int in [0, 2**63 - {size}], got {off!r}")
-
-
-def _apply_scale(res: torch.Tensor, scale) -> torch.Tensor:
-    if scale is None:
-        return res
-    if isinstance(scale, torch.Tensor):
-        if scale.shape != (res.shape[0],):
-            raise ValueError(f"scale must be a float or a [B={res.shape[0]}] tensor")
-        return res.mul_(scale.to(device=res.device, dtype=torch.float32)[:, None])
-    return res.mul_(float(scale))
-
-
-def _finish(res: torch.Tensor, out: torch.Tensor | None, accumulate: bool) -> torch.Tensor:
-    if out is None:
-        if accumulate:
-            raise ValueError("accumulate=True needs out")
-        return res
-    if out.shape != res.shape or out.dtype != torch.float32 or out.device != res.device:
-        raise ValueError(f"out must be float32 {tuple(res.shape)} on {res.device}")
-    return out.add_(res) if accumulate else out.copy_(res)
-
-
-def linear_grad_project_reference(
-    A: torch.Tensor,
-    G: torch.Tensor,
-    seed: int,
-    k: int,
-    row_offset: int = 0,
-    *,
-    bias_offset: int | None = None,
-    scale: float | torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Specification: materialise W_b with einsum (float32) and project it with the reference.
-
-    Args and returns as :func:`linear_grad_project` (without ``out``). Memory O(B * out * in).
-    """
-    _check(A, G, k, row_offset, bias_offset)
-    B = A.shape[0]
-    W = torch.einsum("bto,bti->boi", G.float(), A.float()).reshape(B, -1)
-    res = rademacher_project_reference(W, seed, k, row_offset)
-    if bias_offset is not None:
-        res += rademacher_project_reference(G.float().sum(1), seed, k, bias_offset)
-    return _apply_scale(res, scale)
 
 
 def linear_grad_project(
@@ -306,52 +241,16 @@ def linear_grad_project(
         >>> y.shape
         torch.Size([2, 32])
     """
-    _check(A, G, k, row_offset, bias_offset)
+    check_args(A, G, k, row_offset, bias_offset)
     if not use_triton(force, A, G):
         res = linear_grad_project_reference(
             A, G, seed, k, row_offset, bias_offset=bias_offset, scale=scale
         )
-        return _finish(res, out, accumulate)
+        return finish(res, out, accumulate)
     if A.dtype != G.dtype:
         A, G = A.float(), G.float()
-    res = _launch(A, G, seed, k, row_offset)
+    res = linear_grad_project_triton(A, G, seed, k, row_offset)
     if bias_offset is not None:
         bias_grad = G.sum(1, dtype=torch.float32)
         rademacher_project_triton(bias_grad, seed, k, bias_offset, res, accumulate=True)
-    return _finish(_apply_scale(res, scale), out, accumulate)
-
-
-def linear_grad_sq_norm(A: torch.Tensor, G: torch.Tensor, *, bias: bool = False) -> torch.Tensor:
-    """Exact per-sample squared Frobenius norm of W_b = sum_t G[b, t]^T A[b, t] (float32).
-
-    Uses the cheaper of two exact formulas: the ghost-norm identity
-    ``||sum_t g_t a_t^T||^2 = sum_{t,s} (a_t . a_s)(g_t . g_s)`` costs ~T^2 (in + out) per sample;
-    materialising W_b costs ~T * in * out.
-
-    Args:
-        A: [B, T, in]; G: [B, T, out] (any float dtype, computed in float32).
-        bias: add the bias gradient's squared norm ||sum_t g_t||^2.
-
-    Returns:
-        [B] float32.
-
-    Examples:
-        >>> A, G = torch.randn(3, 4, 6), torch.randn(3, 4, 5)
-        >>> W = torch.einsum("bto,bti->boi", G, A)
-        >>> torch.allclose(linear_grad_sq_norm(A, G), W.square().sum((1, 2)), rtol=1e-4)
-        True
-    """
-    if A.ndim != 3 or G.ndim != 3 or A.shape[:2] != G.shape[:2]:
-        raise ValueError(
-            f"A and G must be [B, T, in] and [B, T, out], got {tuple(A.shape)}, {tuple(G.shape)}"
-        )
-    A, G = A.float(), G.float()
-    _, T, d_in = A.shape
-    d_out = G.shape[2]
-    if T * T * (d_in + d_out) < T * d_in * d_out:
-        sq = (torch.bmm(A, A.transpose(1, 2)) * torch.bmm(G, G.transpose(1, 2))).sum((1, 2))
-    else:
-        sq = torch.bmm(G.transpose(1, 2), A).square().sum((1, 2))
-    if bias:
-        sq = sq + G.sum(1).square().sum(1)
-    return sq
+    return finish(apply_scale(res, scale), out, accumulate)

@@ -18,9 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from . import hashing
-from ._triton import use_triton
-from .rademacher_project import SUPPORTED_DTYPES, rademacher_project_triton
+from ..hashing import reference as hashing
+from ..rademacher_project.reference import SUPPORTED_DTYPES
 
 
 def factorized_seeds(seed: int, layer: int) -> tuple[int, int]:
@@ -46,7 +45,8 @@ def factorized_matrices(
     )
 
 
-def _check(A: torch.Tensor, G: torch.Tensor, k_in: int, k_out: int) -> None:
+def check_args(A: torch.Tensor, G: torch.Tensor, k_in: int, k_out: int) -> None:
+    """The argument checks of :func:`factorized_project_reference` and the Triton path."""
     if A.ndim != 3 or G.ndim != 3 or A.shape[:2] != G.shape[:2]:
         raise ValueError(
             f"A and G must be [B, T, in] and [B, T, out], got {tuple(A.shape)}, {tuple(G.shape)}"
@@ -58,7 +58,8 @@ def _check(A: torch.Tensor, G: torch.Tensor, k_in: int, k_out: int) -> None:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
 
 
-def _outer(Gp: torch.Tensor, Ap: torch.Tensor) -> torch.Tensor:
+def outer(Gp: torch.Tensor, Ap: torch.Tensor) -> torch.Tensor:
+    """Per-sample (G P_out)^T (A P_in), flattened: [B, k_out * k_in]."""
     # [B, T, k_out]^T @ [B, T, k_in] -> [B, k_out * k_in], row-major: index o * k_in + i.
     return torch.bmm(Gp.transpose(1, 2), Ap).flatten(1)
 
@@ -75,57 +76,12 @@ def factorized_project_reference(
 ) -> torch.Tensor:
     """Specification: dense P_in, P_out from :func:`.hashing.rademacher_block`, float32.
 
-    Args and returns as :func:`factorized_project`.
+    Args and returns as :func:`.triton.factorized_project`.
     """
-    _check(A, G, k_in, k_out)
+    check_args(A, G, k_in, k_out)
     P_in, P_out = factorized_matrices(k_in, k_out, seed, layer, A.shape[2] + int(bias), G.shape[2])
     P_in, P_out = P_in.to(A.device), P_out.to(G.device)
     A = A.float()
     if bias:
         A = torch.cat([A, A.new_ones(*A.shape[:2], 1)], dim=2)
-    return _outer(G.float() @ P_out, A @ P_in)
-
-
-def factorized_project(
-    A: torch.Tensor,
-    G: torch.Tensor,
-    k_in: int,
-    k_out: int,
-    seed: int,
-    layer: int,
-    *,
-    bias: bool = False,
-    force: str | None = None,
-) -> torch.Tensor:
-    """Per-sample factorised projection ``vec((G_b P_out)^T (A_b P_in))`` of one linear layer.
-
-    Args:
-        A: [B, T, in] layer inputs; G: [B, T, out] output gradients (float32/float16/bfloat16).
-        k_in, k_out, seed: the projection (P_in has k_in columns, P_out k_out).
-        layer: index of the layer in the model's parameter order; selects the seeds.
-        bias: treat the layer as having a bias: A gets a constant-1 input (row ``in`` of P_in), so
-            the bias gradient sum_t g_t is projected as the last column of W_b.
-        force: None = CUDA -> Triton projections, else reference; or "reference" / "triton".
-
-    Returns:
-        [B, k_out * k_in] float32, equal to :func:`factorized_project_reference` to float32
-        rounding.
-
-    Examples:
-        >>> A, G = torch.randn(2, 6, 10), torch.randn(2, 6, 4)
-        >>> factorized_project(A, G, k_in=8, k_out=4, seed=0, layer=0).shape
-        torch.Size([2, 32])
-    """
-    _check(A, G, k_in, k_out)
-    if not use_triton(force, A, G):
-        return factorized_project_reference(A, G, k_in, k_out, seed, layer, bias=bias)
-    seed_in, seed_out = factorized_seeds(seed, layer)
-    B, T, d_in = A.shape
-    d_out = G.shape[2]
-    Ap = rademacher_project_triton(A.reshape(B * T, d_in), seed_in, k_in)
-    Gp = rademacher_project_triton(G.reshape(B * T, d_out), seed_out, k_out)
-    if bias:
-        # The constant-1 input contributes row d_in of P_in to every position.
-        one = A.new_ones(1, 1, dtype=torch.float32)
-        Ap += rademacher_project_triton(one, seed_in, k_in, row_offset=d_in)
-    return _outer(Gp.view(B, T, k_out), Ap.view(B, T, k_in))
+    return outer(G.float() @ P_out, A @ P_in)
