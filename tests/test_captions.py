@@ -98,7 +98,7 @@ def test_dataset_round_trip_keeps_the_captions(tmp_path):
 
 def test_the_null_token_reaches_training(monkeypatch, tmp_path):
     """train_diffusion conditions on the captions: every uncaptioned factor is the null token."""
-    from ctrak_fast.bench import train as train_mod
+    from ctrak_fast.train import diffusion as train_mod
 
     ds = make_dataset(SyntheticConfig(per_combo=2, caption_drop=0.5))
     seen = []

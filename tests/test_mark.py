@@ -191,8 +191,8 @@ def test_cli_bench_mark_refuses_a_model_without_a_mark(tmp_path, capsys):
 
 def test_mark_judge_learns_to_find_the_stamp(tmp_path):
     """A short training on fresh renders finds the stamp on held-back images it never saw."""
-    from ctrak_fast.bench.mark_judge import synthetic_pool, train_mark_judge
     from ctrak_fast.data import SyntheticConfig
+    from ctrak_fast.train.mark_judge import synthetic_pool, train_mark_judge
 
     pool = synthetic_pool(SyntheticConfig(), 12, seed=123)
     judge = train_mark_judge(pool, tmp_path / "mj.safetensors", steps=250, batch_size=64)

@@ -120,8 +120,8 @@ def test_per_sample_grads_with_vmap(unet):
 
 def test_train_diffusion_smoke_and_resume(tmp_path):
     """A few steps on a tiny model: checkpoints load, continue-from works, EMA != raw init."""
-    from ctrak_fast.bench.train import train_diffusion
     from ctrak_fast.data import SyntheticConfig, make_dataset
+    from ctrak_fast.train.diffusion import train_diffusion
 
     ds = make_dataset(SyntheticConfig(image_size=8, per_combo=2, seed=1))
     kw = {"block_out_channels": (16, 16), "attention": (False, True)}

@@ -153,7 +153,7 @@ class Killed(Exception):
 def test_a_killed_training_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     """train_diffusion's state file: a run killed after a checkpoint continues to the same
     weights as an uninterrupted run."""
-    import ctrak_fast.bench.train as train
+    import ctrak_fast.train.diffusion as train
     from ctrak_fast.data import load_image_folder
 
     labels = make_digit_folder(tmp_path / "d", per_combo=1, digits=(0, 1), held_out=())

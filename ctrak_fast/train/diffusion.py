@@ -1,5 +1,5 @@
 """Training the FactorUNet diffusion model: resumable, EMA weights, per-factor condition dropout.
-train_assets.py turns it into a model with its judges and evaluation (`ctrak train`).
+assets.py turns it into a model with its judges and evaluation (`ctrak train`).
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ctrak_fast.bench.train_state import load_state, save_state
 from ctrak_fast.data import ConceptDataset
 from ctrak_fast.method.diffusion import NoiseSchedule, add_noise
 from ctrak_fast.models.factor_unet import FactorUNet, load_model, save_model
+from ctrak_fast.train.state import load_state, save_state
 
 __all__ = ["EMAWeights", "train_diffusion"]
 
@@ -84,7 +84,7 @@ def train_diffusion(
             the synthetic shapes, whose rotation range is symmetric; train_all turns it on).
         init_from: continue from a saved FactorUNet (its config overrides model_kwargs); the
             optimiser starts fresh, the EMA starts from the loaded weights.
-        resume: every checkpoint also writes out_path + ".state" (train_state.py: model, EMA,
+        resume: every checkpoint also writes out_path + ".state" (state.py: model, EMA,
             optimiser, data order, random state); a run started with a state there continues
             from it (the same settings are required), so a killed run loses at most
             `checkpoint_every` steps. The state is removed when training ends.

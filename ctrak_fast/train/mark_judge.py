@@ -15,10 +15,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ctrak_fast.bench.judge import pixel_noise, train_steps
 from ctrak_fast.data import SyntheticConfig, render
 from ctrak_fast.data.marks import stamp_marks
 from ctrak_fast.models.factor_unet import MarkJudge, save_model
+from ctrak_fast.train.judge import pixel_noise, train_steps
 
 log = logging.getLogger(__name__)
 

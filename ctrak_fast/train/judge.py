@@ -17,8 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ctrak_fast.bench.report import image_rows
 from ctrak_fast.data import ConceptDataset, SyntheticConfig, render
+from ctrak_fast.figures import image_rows
 from ctrak_fast.method.diffusion import ddim_sample
 from ctrak_fast.models.factor_unet import ConceptJudge, FactorUNet, save_model
 

@@ -20,17 +20,17 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from ctrak_fast.bench.judge import (
+from ctrak_fast.data import SyntheticConfig, make_dataset
+from ctrak_fast.engine.atomic import atomic_write_text
+from ctrak_fast.train.diffusion import train_diffusion
+from ctrak_fast.train.judge import (
     combo_name,
     evaluation_report,
     sample_grid,
     train_judge,
     train_judge_on_data,
 )
-from ctrak_fast.bench.mark_judge import synthetic_pool, train_mark_judge
-from ctrak_fast.bench.train import train_diffusion
-from ctrak_fast.data import SyntheticConfig, make_dataset
-from ctrak_fast.engine.atomic import atomic_write_text
+from ctrak_fast.train.mark_judge import synthetic_pool, train_mark_judge
 
 __all__ = ["SCHEDULES", "train_all", "train_folder"]
 

@@ -10,7 +10,7 @@ from the caption independently (so "a triangle" and "a red" are trained conditio
 prompt query, `remove_phrase("a red triangle", "red")`, is one of them), and the whole caption is
 replaced by "" for classifier-free guidance.
 
-    python -m ctrak_fast.bench.tiny_text --time-budget 1200        # trains and writes the asset
+    python -m ctrak_fast.train.tiny_text --time-budget 1200        # trains and writes the asset
 
 The checkpoint is one safetensors file: UNet weights (float16) with the UNet config, scheduler
 config and text-encoder settings as JSON metadata.
@@ -28,14 +28,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ctrak_fast.bench.report import image_rows
-from ctrak_fast.bench.train import EMAWeights
 from ctrak_fast.data import ConceptDataset, SyntheticConfig, make_dataset
 from ctrak_fast.data.captions import caption
 from ctrak_fast.engine.atomic import atomic_path
+from ctrak_fast.figures import image_rows
 from ctrak_fast.method.diffusion import add_noise
 from ctrak_fast.models.shipped import ASSETS
 from ctrak_fast.models.text2image import TextToImageAdapter
+from ctrak_fast.train.diffusion import EMAWeights
 
 T2I_NAME = "t2i_shapes16"
 _FORMAT = "ctrak-t2i/1"
@@ -138,7 +138,7 @@ def load_t2i(path: str | os.PathLike | None = None, dtype=None, text=None) -> Te
     if not path.is_file():
         raise FileNotFoundError(
             f"text-to-image checkpoint missing: {path} "
-            "(train it: python -m ctrak_fast.bench.tiny_text)"
+            "(train it: python -m ctrak_fast.train.tiny_text)"
         )
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
