@@ -46,3 +46,10 @@ def test_build_is_quiet_and_ships_the_assets(built):
     assert shipped == files(ROOT / "ctrak_fast" / "assets")
     assert "counterfactual/shapes9/setting.json" in shipped
     assert (tmp / "lib" / "ctrak_fast" / "py.typed").is_file()
+
+
+def test_build_ships_the_kernels_inside_the_package(built):
+    tmp, _ = built
+    for op in ("hashing", "rademacher_project", "linear_grad_project", "factorized_project"):
+        for part in ("reference.py", "triton.py"):
+            assert (tmp / "lib" / "ctrak_fast" / "kernels" / op / part).is_file(), (op, part)
