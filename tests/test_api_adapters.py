@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_adapters import TinyTextEncoder, WordTokenizer, perturb, tiny_unet, tiny_vae
+from helpers import TinyTextEncoder, WordTokenizer, perturb, tiny_unet, tiny_vae
 
 import ctrak_fast as cf
 from ctrak_fast.models.unet2d import UNet2DAdapter

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     """`setup.py egg_info build_py` into a scratch folder: the metadata and the pure-Python part of
-    a build (the CMake extension is tests/test_native_build.py's), with its output."""
+    a build (the CMake extension is tests/engine/test_native_build.py's), with its output."""
     tmp = tmp_path_factory.mktemp("build")
     proc = subprocess.run(
         [sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(tmp)]

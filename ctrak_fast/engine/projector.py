@@ -56,7 +56,7 @@ from .projection import (
     is_int,
 )
 
-_REF_CHUNK = 2**21  # entries per reference-hash call (its int64 temporaries are ~40 B/entry)
+REF_CHUNK = 2**21  # entries per reference-hash call (its int64 temporaries are ~40 B/entry)
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 FORCES = (None, "cpu", "reference", "triton")
 
@@ -465,7 +465,7 @@ class Projector:
             )
             return torch.from_numpy(out)
         out = torch.empty(n_rows, self.k, dtype=torch.float32)
-        step = max(1, _REF_CHUNK // self.k)
+        step = max(1, REF_CHUNK // self.k)
         for a in range(0, n_rows, step):
             b = min(n_rows, a + step)
             out[a:b] = hashing.rademacher_block(self.spec.seed, row_start + a, b - a, self.k)

@@ -65,7 +65,7 @@ class LayerwiseDense:
             calls = pairs.get(id(mod), [])
             if not calls:
                 continue
-            if w is not None and _fused(mod, calls, x_t):
+            if w is not None and use_fused_linear(mod, calls, x_t):
                 A, G = layer_positions(mod, calls)
                 bias = None if b is None else b.offset
                 kernels.linear_grad_project(
@@ -83,9 +83,9 @@ class LayerwiseDense:
         return phi, sq
 
 
-def _fused(mod: nn.Module, calls, x: torch.Tensor) -> bool:
-    """Use the fused linear kernel: a Linear layer, inputs the projection sends to Triton, few
-    enough positions."""
+def use_fused_linear(mod: nn.Module, calls, x: torch.Tensor) -> bool:
+    """Whether a layer goes to the fused linear kernel: a Linear layer, inputs the projection sends
+    to Triton, few enough positions (the tests force it to check the wiring on CPU)."""
     if not isinstance(mod, nn.Linear) or projection_backend(None, x) != "triton":
         return False
     return sum(d[0].numel() // d.shape[-1] for _, d in calls) <= FUSED_MAX_T

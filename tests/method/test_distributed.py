@@ -38,7 +38,7 @@ from ctrak_fast.method.distributed import (
 )
 from ctrak_fast.method.featurize import FeatureSpec, Featurizer, featurize_dataset
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 NULL = torch.tensor([3, 2])
 B, S = 2, 4  # batch size, shard rows
 

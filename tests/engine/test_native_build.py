@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from ctrak_fast.kernels import hashing
 
 from ctrak_fast.engine import native as _native
+from ctrak_fast.kernels import hashing
 
 C = _native.load()
 
@@ -23,7 +23,7 @@ def run_python(code: str, **env: str) -> str:
         capture_output=True,
         text=True,
         env={**os.environ, **env},
-        cwd=Path(__file__).resolve().parents[1],
+        cwd=Path(__file__).resolve().parents[2],
     )
     assert out.returncode == 0, out.stderr
     return out.stdout.strip()

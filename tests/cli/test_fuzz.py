@@ -5,8 +5,8 @@ correct results, or print exactly one `ctrak: error:` line, exit 1 (2 for a flag
 refuses) and leave nothing new on disk; either way every file that existed before keeps its bytes
 (check_contract compares snapshots), and the labels family checks that no file outside the image
 folder was opened (an audit hook). The families of #29 (outputs at inputs, nested JSON, image
-files, model files and folders, flags that are run) are in tests/test_fuzz_io.py, with these
-helpers.
+files, model files and folders, flags that are run) are in tests/cli/test_fuzz_io.py; the helpers
+both use are tests/helpers.py's.
 The corpus covers manifests, shard files, query files, labels files (JSON and CSV) and every
 numeric / list / regex flag of the parser. It is derandomised: a failure prints its example and
 reproduces on every run (hypothesis's `print_blob` gives the seed blob to replay it).
@@ -27,68 +27,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from helpers import FUZZ, TEXT, check_contract, run, snapshot, write_store
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
 from ctrak_fast.cli import argtypes
-from ctrak_fast.cli.app import build_parser, main
-from ctrak_fast.engine.store import FeatureStore
+from ctrak_fast.cli.app import build_parser
 from ctrak_fast.results import Query
 
-FUZZ = settings(
-    derandomize=True,
-    database=None,
-    print_blob=True,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
-)
 K, N = 16, 40
-
-
-def run(argv: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            rc = main([str(a) for a in argv])
-        except SystemExit as e:
-            rc = e.code if isinstance(e.code, int) else 1
-    return rc, out.getvalue(), err.getvalue()
-
-
-def listing(root: Path) -> set[str]:
-    return {str(p.relative_to(root)) for p in root.rglob("*")}
-
-
-def snapshot(root: Path) -> dict[str, bytes | str | None]:
-    """Every path under root: a file's bytes, a symlink's target, None for a folder."""
-    out: dict[str, bytes | str | None] = {}
-    for p in root.rglob("*"):
-        name = str(p.relative_to(root))
-        if p.is_symlink():
-            out[name] = os.readlink(p)
-        elif p.is_file():
-            out[name] = p.read_bytes()
-        else:
-            out[name] = None
-    return out
-
-
-def check_contract(rc: int, err: str, before: dict, after: dict, outputs=()) -> bool:
-    """Snapshots before / after (see snapshot): every file that existed before keeps its bytes,
-    whatever the outcome (but the command's `outputs`, relative names, if it worked). True if
-    the command worked; else assert the error contract (one line, exit 1, or 2 for a usage error
-    the parser refuses, nothing new)."""
-    mine = set(outputs) if rc == 0 else set()
-    changed = sorted(p for p in before if p not in mine and after.get(p, "<gone>") != before[p])
-    assert changed == [], f"changed or removed existing files: {changed}"
-    if rc == 0:
-        return True
-    lines = err.strip().splitlines()
-    assert rc in (1, 2), (rc, err)
-    assert len(lines) == 1 and lines[0].startswith("ctrak: error: "), err
-    assert set(after) <= set(before), f"left new files: {sorted(set(after) - set(before))}"
-    return False
 
 
 OPENED: list[str] | None = None  # paths opened while recording (the audit hook below)
@@ -118,9 +66,8 @@ def world(tmp_path_factory):
     """A valid store (3 shards), a query file and the baseline attribution."""
     root = tmp_path_factory.mktemp("fuzz")
     gen = torch.Generator().manual_seed(0)
-    store = FeatureStore.create(root / "store", k=K, dtype="float32", shard_rows=16, meta={"a": 1})
-    with store.writer() as w:
-        w.append(torch.randn(N, K, generator=gen), torch.arange(1000, 1000 + N))
+    feats, ids = torch.randn(N, K, generator=gen), torch.arange(1000, 1000 + N)
+    write_store(root / "store", feats, ids, 16, {"a": 1})
     Query(torch.randn(2, K, generator=gen), ("q0", "q1")).save(root / "q.safetensors")
     rc, _, err = run(attribute_argv(root / "store", root / "q.safetensors", root / "base.json"))
     assert rc == 0, err
@@ -540,34 +487,6 @@ def typed_flags() -> list[tuple[list[str], str, object]]:
 
 
 FLAGS = typed_flags()
-TEXT = st.one_of(
-    st.integers(-3, 10**4).map(str),
-    st.floats().map(repr),
-    st.sampled_from(
-        [
-            "",
-            "1,2",
-            "0.5, 2",
-            "1,,2",
-            "1,1",
-            "a",
-            "(",
-            "[a-",
-            "@x",
-            "1e400",
-            "nan",
-            "-inf",
-            "0x10",
-            " 3 ",
-            "5000",
-            "-0",
-            "1_0",
-            "0.5",
-            "2,1,0",
-        ]
-    ),
-    st.text(max_size=6),
-)
 
 
 def test_every_numeric_flag_has_a_checked_type():

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import TinyCondUNet
-from test_featurize import NULL, small_featurizer
+from helpers import NULL, small_featurizer
 
 from ctrak_fast.conditions import factor_negative
 from ctrak_fast.method.diffusion import (

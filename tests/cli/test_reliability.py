@@ -24,7 +24,7 @@ from ctrak_fast.engine.store import FeatureStore
 
 FEATURIZE = ["featurize", "--method", "d-trak", "--timesteps", "499", "--k", "16"]
 LAYOUT = ["--batch-size", "2", "--shard-rows", "4"]  # 24 images: 6 shards of 2 batches
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import pytest
 from ctrak_fast import progress as progress_module
 from ctrak_fast.progress import progress
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class FakeClock:

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from ctrak_fast.kernels import factorized_seeds, hashing
 
 from ctrak_fast.engine.projection import FactorizedSpec
 from ctrak_fast.engine.store import FeatureStore
+from ctrak_fast.kernels import factorized_seeds, hashing
 from ctrak_fast.method.diffusion import NoiseSchedule
 from ctrak_fast.method.featurize import FeatureSpec, Featurizer, featurize_dataset
-from ctrak_fast.method.grads.factorized import FactorizedGrads, _sq_norm
+from ctrak_fast.method.grads.factorized import FactorizedGrads, layer_sq_norm
 from ctrak_fast.method.grads.per_sample import PerSampleGrads
 from ctrak_fast.method.losses import residual
 from ctrak_fast.method.query import ConceptQuerySpec, concept_query_features
@@ -93,7 +93,7 @@ def test_ghost_norm_and_explicit_norm_agree():
         for bias in (False, True):
             A1 = torch.cat([A, torch.ones(*A.shape[:2], 1)], 2) if bias else A
             want = torch.bmm(G.transpose(1, 2), A1).pow(2).sum((1, 2))
-            torch.testing.assert_close(_sq_norm(lin, pairs, bias), want, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(layer_sq_norm(lin, pairs, bias), want, rtol=1e-5, atol=1e-5)
     for size, c_in, c_out in [(2, 16, 32), (12, 3, 8)]:  # ghost branch, then grouped conv
         conv = torch.nn.Conv2d(c_in, c_out, 3, padding=1)
         a = torch.randn(2, c_in, size, size, generator=g)
@@ -101,7 +101,7 @@ def test_ghost_norm_and_explicit_norm_agree():
         for bias in (False, True):
             want = _conv_grads(conv, a, d)
             want = want[0].pow(2).sum((1, 2, 3, 4)) + (want[1].pow(2).sum(1) if bias else 0)
-            got = _sq_norm(conv, [(a, d)], bias)
+            got = layer_sq_norm(conv, [(a, d)], bias)
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 

@@ -34,7 +34,7 @@ from ctrak_fast.engine.projection import FactorizedSpec  # noqa: E402
 from ctrak_fast.engine.projector import rademacher_project, rademacher_project_blocks  # noqa: E402
 from ctrak_fast.kernels import hashing  # noqa: E402
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 K = importlib.import_module("ctrak_fast.kernels")

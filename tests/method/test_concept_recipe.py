@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_featurize import NULL, TS, small_featurizer
+from helpers import NULL, TS, small_featurizer
 from torch import nn
 
 from ctrak_fast.engine.projection import ProjectionSpec

@@ -17,14 +17,13 @@ from pathlib import Path
 import pytest
 import torch
 from forkserver import tiny_assets
+from helpers import FUZZ, TEXT, check_contract, run, snapshot, write_store
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
-from test_fuzz import FUZZ, TEXT, check_contract, run, snapshot
 
-from ctrak_fast.engine.store import FeatureStore
 from ctrak_fast.models.shipped import ASSETS
 from ctrak_fast.results import Query
 
@@ -35,9 +34,7 @@ K, N = 8, 12
 def world(tmp_path_factory):
     """root/: a store, a query, a result, the tiny model and data config, an image folder."""
     root = tmp_path_factory.mktemp("fuzz_io")
-    store = FeatureStore.create(root / "store", k=K, dtype="float32", shard_rows=4)
-    with store.writer() as w:
-        w.append(torch.randn(N, K), torch.arange(N))
+    write_store(root / "store", torch.randn(N, K), torch.arange(N), 4)
     Query(torch.randn(2, K), ("a", "b"), image=torch.zeros(3, 8, 8)).save(root / "q.safetensors")
     rc, _, err = run(attribute(root, "--out", root / "r.json"))
     assert rc == 0, err

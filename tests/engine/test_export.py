@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from helpers import FakeStore
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -17,16 +18,6 @@ from ctrak_fast.engine.store import FeatureStore
 
 C = _native.load()
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-class FakeStore:
-    def __init__(self, features, ids, sizes):
-        self._parts = list(zip(features.split(sizes), ids.split(sizes), strict=True))
-        self.n_rows, self.k = features.shape
-        self.shards = [{"rows": s} for s in sizes]
-
-    def iter_shards(self):
-        yield from self._parts
 
 
 def make_data(n, dim, m, dtype, seed=0):

@@ -13,9 +13,8 @@ import sys
 
 import pytest
 import torch
-from test_fuzz import listing, run
+from helpers import listing, run, write_store
 
-from ctrak_fast.engine.store import FeatureStore
 from ctrak_fast.results import Attribution, Query
 
 K, N = 8, 12
@@ -26,9 +25,7 @@ def world(tmp_path_factory):
     """A store of N rows and a query of two rows; the JSON result is the reference."""
     root = tmp_path_factory.mktemp("exports")
     gen = torch.Generator().manual_seed(0)
-    store = FeatureStore.create(root / "store", k=K, dtype="float32", shard_rows=5, meta={})
-    with store.writer() as w:
-        w.append(torch.randn(N, K, generator=gen), torch.arange(N) + 100)
+    write_store(root / "store", torch.randn(N, K, generator=gen), torch.arange(N) + 100, 5, {})
     Query(torch.randn(2, K, generator=gen), ("-shape", "-colour")).save(root / "q.safetensors")
     rc, _, err = run([*attribute(root), "--out", root / "ref.json"])
     assert rc == 0, err

@@ -27,7 +27,7 @@ from ctrak_fast.engine.store import FeatureStore
 from ctrak_fast.engine.sweep import solve_queries
 from ctrak_fast.results import Query
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _direct(phi: torch.Tensor, q: torch.Tensor, lambda_r: float) -> torch.Tensor:

@@ -17,79 +17,16 @@ import time
 import numpy as np
 import pytest
 import torch
+from helpers import FakeStore, check, make_data
 
 from ctrak_fast.engine import native as _native
-from ctrak_fast.engine.search import fp32_error_bound, topk, topk_reference
+from ctrak_fast.engine.search import topk, topk_reference
 from ctrak_fast.engine.search_inputs import TopK
 from ctrak_fast.engine.store import FeatureStore, StoreError, iter_store_shards
 
 C = _native.load()
 ISAS = C.cpu_isas()
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-class FakeStore:
-    """The FeatureStore contract topk relies on: iter_shards(), n_rows, k, shards."""
-
-    def __init__(self, features: torch.Tensor, ids: torch.Tensor, sizes: list[int]):
-        assert sum(sizes) == features.shape[0]
-        self._parts = list(zip(features.split(sizes), ids.split(sizes), strict=True))
-        self.n_rows, self.k = features.shape
-        self.shards = [{"rows": s} for s in sizes]
-
-    def iter_shards(self):
-        yield from self._parts
-
-
-def make_data(n, dim, m, dtype, kind="random", seed=0):
-    """-> features [n, dim] dtype, ids int64 [n] (distinct, shuffled, sparse), u [m, dim]."""
-    g = torch.Generator().manual_seed(seed)
-    if kind == "random":
-        feats = torch.randn(n, dim, generator=g)
-        u = torch.randn(m, dim, generator=g)
-    elif kind == "duplicates":  # many identical rows: exact ties whatever the arithmetic
-        base = torch.randn(23, dim, generator=g)
-        feats = base[torch.randint(0, 23, (n,), generator=g)]
-        u = torch.randn(m, dim, generator=g)
-    elif kind == "integers":  # small integers: every score exact in fp32, ties across rows
-        feats = torch.randint(-2, 3, (n, dim), generator=g).float()
-        u = torch.randint(-2, 3, (m, dim), generator=g).float()
-    else:
-        raise ValueError(kind)
-    ids = torch.randperm(3 * n, generator=g)[:n].to(torch.int64) + 10**6
-    return feats.to(dtype), ids, u
-
-
-def check(res: TopK, feats, ids, u, k, tails="both", exact_ids=False, engine="fma"):
-    """Assert the tolerance policy of the module docstring for every requested tail."""
-    ref = topk_reference(feats, ids, u, k, tails)
-    exact = (feats.double() @ u.double().T).T  # [m, n]
-    bound = fp32_error_bound(feats, u, engine)[:, None] + 1e-12  # [m, 1]
-    order = torch.argsort(ids)
-    for tail in ("top", "bottom"):
-        values = getattr(res, f"{tail}_values")
-        got = getattr(res, f"{tail}_ids")
-        if tails not in (tail, "both"):
-            assert values is None and got is None
-            continue
-        want = getattr(ref, f"{tail}_ids")
-        assert values.shape == got.shape == (u.shape[0], k)
-        assert values.dtype == torch.float32 and got.dtype == torch.int64
-        assert not torch.isnan(values).any()
-        # every id is a real row, once per query
-        pos = order[torch.searchsorted(ids[order], got)]
-        assert torch.equal(ids[pos], got)
-        assert (got.sort(dim=1).values.diff(dim=1) != 0).all(), "duplicate ids"
-        ex = exact.gather(1, pos)  # exact scores of the returned ids
-        assert ((values.double() - ex).abs() <= bound).all(), "value off its exact score"
-        ex_ref = exact.gather(1, order[torch.searchsorted(ids[order], want)])
-        assert ((ex - ex_ref).abs() <= 2 * bound).all(), "rank-wise score differs"
-        # ordered best first; equal values by ascending id
-        step = values.diff(dim=1) if tail == "bottom" else -values.diff(dim=1)
-        assert (step >= 0).all()
-        assert ((step > 0) | (got.diff(dim=1) > 0)).all(), "tie not broken by smaller id"
-        if exact_ids:
-            assert torch.equal(got, want)
 
 
 def native_topk(feats, ids, u, k, tails="both", isa="auto", num_threads=0) -> TopK:

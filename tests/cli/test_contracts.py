@@ -2,7 +2,7 @@
 message the table shows), exit 2 for a bad flag (a usage error) or 1, and nothing new on disk.
 The table must list every case here.
 
-The generic corpus is tests/test_fuzz.py; these are the named cases of a hostile pass (#16).
+The generic corpus is tests/cli/test_fuzz.py; these are the named cases of a hostile pass (#16).
 """
 
 from __future__ import annotations
@@ -14,27 +14,19 @@ from pathlib import Path
 import pytest
 import torch
 from forkserver import tiny_assets
-from test_fuzz import run, snapshot
+from helpers import run, snapshot, write_store
 
-from ctrak_fast.engine.store import FeatureStore
 from ctrak_fast.results import Query
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 K = 8
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("contracts")
-    store = FeatureStore.create(
-        root / "store",
-        k=K,
-        dtype="float32",
-        shard_rows=4,
-        meta={"m": 1, "projection": {"k": K, "seed": 0}},
-    )
-    with store.writer() as w:
-        w.append(torch.randn(10, K), torch.arange(10))
+    meta = {"m": 1, "projection": {"k": K, "seed": 0}}
+    write_store(root / "store", torch.randn(10, K), torch.arange(10), 4, meta)
     Query(torch.randn(1, K), ("q",)).save(root / "q.safetensors")
     Query(torch.randn(1, K), ("q",), {"projection": {"kind": "factorized", "k_in": 2}}).save(
         root / "fq.safetensors"

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from forkserver import tiny_assets
-from test_fuzz import run, snapshot
+from helpers import run, snapshot, write_store
 
 from ctrak_fast.engine.store import FeatureStore, StoreError, merge_stores
 from ctrak_fast.results import Query
@@ -26,9 +26,7 @@ K = 8
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("trust")
-    store = FeatureStore.create(root / "store", k=K, dtype="float32", shard_rows=4, meta={"m": 1})
-    with store.writer() as w:
-        w.append(torch.randn(10, K), torch.arange(10))
+    write_store(root / "store", torch.randn(10, K), torch.arange(10), 4, {"m": 1})
     Query(torch.randn(2, K), ("a", "b")).save(root / "q.safetensors")
     model, data = tiny_assets(root / "assets")
     return root, model, data
@@ -441,7 +439,7 @@ def test_every_weight_load_of_a_dependency_asks_for_safetensors():
     """The package's own text: a dependency's from_pretrained of weights names use_safetensors
     (pipeline_folder's registry loads are checked by the spy above)."""
     offenders = []
-    for path in sorted((Path(__file__).resolve().parents[1] / "ctrak_fast").rglob("*.py")):
+    for path in sorted((Path(__file__).resolve().parents[2] / "ctrak_fast").rglob("*.py")):
         for n, line in enumerate(path.read_text().splitlines(), 1):
             code = line.split("#")[0]
             ours = "TextToImageAdapter.from_pretrained" in code or "def from_pretrained" in code
@@ -603,7 +601,7 @@ FAMILIES = [  # the sections above, each a row of docs/CONTRACTS.md's table
 
 
 def test_contracts_table_lists_every_family():
-    text = (Path(__file__).resolve().parents[1] / "docs" / "CONTRACTS.md").read_text()
+    text = (Path(__file__).resolve().parents[2] / "docs" / "CONTRACTS.md").read_text()
     assert [f for f in FAMILIES if f"| {f} |" not in text] == []
 
 

@@ -16,7 +16,7 @@ pytest.importorskip("sklearn")
 
 from ctrak_fast.data.digit_folder import make_digit_folder  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--channels", "8,16", "--batch-size", "16", "--judge-steps", "40", "--eval-n", "1"]
 FEATURES = ["--k", "64", "--timesteps", "499", "--n-draws", "1"]
 

@@ -1,7 +1,5 @@
-"""TextToImageAdapter on tiny randomly initialised components built from configs (no downloads).
-
-The component builders at the top are shared with test_text2image.py.
-"""
+"""TextToImageAdapter on tiny randomly initialised components built from configs (no downloads;
+the builders are tests/helpers.py's)."""
 
 from __future__ import annotations
 
@@ -10,7 +8,12 @@ import json
 
 import pytest
 import torch
-from torch import nn
+from helpers import (
+    VOCAB,
+    tiny_adapter,
+    tiny_unet,
+    tiny_vae,
+)
 
 from ctrak_fast.engine.projection import ProjectionSpec
 from ctrak_fast.method.featurize import FeatureSpec
@@ -22,105 +25,6 @@ from ctrak_fast.models.text2image import (
     TextToImageAdapter,
     schedule_from_scheduler,
 )
-
-# ---- tiny components -----------------------------------------------------------------------------
-
-UNET = dict(
-    sample_size=8,
-    in_channels=4,
-    out_channels=4,
-    block_out_channels=(8, 16),
-    layers_per_block=1,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-    cross_attention_dim=12,
-    attention_head_dim=4,
-    norm_num_groups=4,
-)
-VAE = dict(
-    in_channels=3,
-    out_channels=3,
-    down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-    up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-    block_out_channels=(8, 16),
-    latent_channels=4,
-    norm_num_groups=4,
-    sample_size=16,
-)
-VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "blue", "triangle", "circle"]
-VOCAB += ["in", "the", "style", "of", "picasso", "pikachu", "drawn", "pencil"]
-
-
-def perturb(module: nn.Module, std: float = 0.05, seed: int = 1) -> nn.Module:
-    """Random weights everywhere: diffusers zero-inits output layers, which hides bugs."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * std)
-    return module
-
-
-def tiny_unet(in_channels: int = 4):
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(0)
-    return perturb(
-        UNet2DConditionModel(**{**UNET, "in_channels": in_channels, "out_channels": in_channels})
-    )
-
-
-def tiny_vae(shift_factor=None):
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    return perturb(AutoencoderKL(**VAE, scaling_factor=0.5, shift_factor=shift_factor), 0.02, 2)
-
-
-class WordTokenizer:
-    """Whitespace tokenizer over VOCAB with the transformers call convention."""
-
-    model_max_length = 8
-
-    def __call__(self, prompts, padding, max_length, truncation, return_tensors):
-        ids = torch.zeros(len(prompts), max_length, dtype=torch.int64)
-        mask = torch.zeros_like(ids)
-        for i, p in enumerate(prompts):
-            toks = [2] + [VOCAB.index(w) if w in VOCAB else 1 for w in p.lower().split()] + [3]
-            toks = toks[:max_length]
-            ids[i, : len(toks)] = torch.tensor(toks)
-            mask[i, : len(toks)] = 1
-        return {"input_ids": ids, "attention_mask": mask}
-
-
-class TinyTextEncoder(nn.Module):
-    """Embedding + one attention layer; returns (hidden states [B, L, 12],) like transformers."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(3)
-        self.emb = nn.Embedding(len(VOCAB), 12)
-        self.pos = nn.Parameter(torch.randn(8, 12) * 0.1)
-        self.layer = nn.TransformerEncoderLayer(12, 2, 24, dropout=0.0, batch_first=True)
-
-    def forward(self, input_ids, attention_mask=None):
-        pad = None if attention_mask is None else attention_mask == 0
-        h = self.emb(input_ids) + self.pos[: input_ids.shape[1]]
-        return (self.layer(h, src_key_padding_mask=pad),)
-
-
-def tiny_adapter(latent: bool = True, dtype=None, prediction_type: str = "epsilon", **kw):
-    """Latent (VAE 16x16 pixels -> 4x8x8) or pixel (3x8x8) adapter with random weights."""
-    from diffusers import DDPMScheduler
-
-    return TextToImageAdapter(
-        tiny_unet(4 if latent else 3),
-        DDPMScheduler(prediction_type=prediction_type, clip_sample=not latent),
-        vae=tiny_vae() if latent else None,
-        text_encoder=TinyTextEncoder(),
-        tokenizer=WordTokenizer(),
-        dtype=dtype,
-        **kw,
-    )
 
 
 def _inputs(adapter, b=3, seed=0):

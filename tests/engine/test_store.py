@@ -25,7 +25,7 @@ from ctrak_fast.engine.store import (
 
 META = {"model": "abc123", "projection": {"kind": "rademacher", "k": 8, "seed": 0}, "t": [99, 199]}
 N, K, SHARD_ROWS, BATCH = 60, 8, 7, 5
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _features(n: int = N, k: int = K) -> torch.Tensor:

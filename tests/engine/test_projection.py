@@ -7,12 +7,12 @@ import random
 
 import pytest
 import torch
-from ctrak_fast.kernels import hashing
 
 from ctrak_fast.engine import projector
 from ctrak_fast.engine.native import native_available
 from ctrak_fast.engine.projection import ProjectionSpec, default_tile_rows, dense_matrix
 from ctrak_fast.engine.projector import Projector
+from ctrak_fast.kernels import hashing
 
 BACKENDS = ["reference"] + (["cpu"] if native_available() else [])
 M32 = 0xFFFFFFFF
@@ -293,7 +293,7 @@ def test_cpu_backend_stores_no_signs():
 
 
 def test_reference_rows_are_made_in_bounded_chunks(monkeypatch):
-    monkeypatch.setattr(projector, "_REF_CHUNK", 64)  # 4 rows per hash call at k = 16
+    monkeypatch.setattr(projector, "REF_CHUNK", 64)  # 4 rows per hash call at k = 16
     proj = Projector(ProjectionSpec(k=16, seed=6), 100, backend="reference")
     assert torch.equal(proj.rows(3, 37), _oracle(6, 3, 37, 16))
 

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from test_adapters import VOCAB, tiny_adapter, tiny_unet, tiny_vae
+from helpers import VOCAB, tiny_adapter, tiny_unet, tiny_vae
 
 from ctrak_fast.data import SyntheticConfig, make_dataset
 from ctrak_fast.data.captions import caption

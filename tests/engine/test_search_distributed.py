@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import check, make_data
 from safetensors.torch import save_file
-from test_search import check, make_data
 
 from ctrak_fast.engine.dist import rank_shards
 from ctrak_fast.engine.gram import gram

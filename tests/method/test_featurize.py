@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import NULL, TS, small_featurizer
 
 from ctrak_fast.engine.projection import ProjectionSpec
 from ctrak_fast.engine.store import FeatureStore
@@ -11,21 +12,6 @@ from ctrak_fast.method.diffusion import NoiseSchedule
 from ctrak_fast.method.featurize import FeatureSpec, Featurizer, featurize_dataset
 from ctrak_fast.method.grads.layout import blocks_sq_norm, flatten_blocks
 from ctrak_fast.method.query import ConceptQuerySpec, concept_query_features
-
-NULL = torch.tensor([3, 2])
-TS = (99, 499)  # two timesteps keep the tests fast; the formulas do not depend on how many
-
-
-def small_featurizer(model, **kw):
-    spec = FeatureSpec(**{"timesteps": TS, "inversion_steps": 10, **kw})
-    return Featurizer(
-        model,
-        NoiseSchedule(),
-        spec,
-        ProjectionSpec(k=16, seed=3),
-        NULL,
-        projector_backend="reference",
-    )
 
 
 def _data(n=6):
@@ -64,7 +50,7 @@ def test_layerwise_projection_equals_the_projected_gradient_sum(
 
     if fused:  # the wiring of the fused linear kernel (its CPU reference here; Triton on CUDA)
         linear = lambda mod, calls, device: isinstance(mod, torch.nn.Linear)  # noqa: E731
-        monkeypatch.setattr(grads_layerwise, "_fused", linear)
+        monkeypatch.setattr(grads_layerwise, "use_fused_linear", linear)
     x, cond, _ = _data(3)
     kw = dict(loss=loss, normalize=normalize, param_filter=param_filter, inversion=loss == "dps")
     spec = FeatureSpec(**{"timesteps": TS, "inversion_steps": 10, **kw})
@@ -72,7 +58,7 @@ def test_layerwise_projection_equals_the_projected_gradient_sum(
         Featurizer(tiny_unet, NoiseSchedule(), spec, ProjectionSpec(k=24, seed=3), NULL, **extra)
         for extra in ({"layerwise": False}, {"layerwise": True})
     ]
-    assert fz[0]._layerwise is None and fz[1]._layerwise is not None
+    assert fz[0].layerwise_projector is None and fz[1].layerwise_projector is not None
     want, dsm_want = fz[0](x, cond)
     got, dsm_got = fz[1](x, cond)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
@@ -234,7 +220,7 @@ def test_cuda_layerwise_features_match_the_cpu_path(tiny_unet, param_filter):
     cpu = Featurizer(tiny_unet, NoiseSchedule(), spec, proj, NULL)
     gpu_model = copy.deepcopy(tiny_unet).cuda()
     gpu = Featurizer(gpu_model, NoiseSchedule(), spec, proj, NULL.cuda())
-    assert gpu._layerwise is not None and cpu._layerwise is None
+    assert gpu.layerwise_projector is not None and cpu.layerwise_projector is None
     want, _ = cpu(x, cond)
     got, _ = gpu(x.cuda(), cond.cuda())
     torch.testing.assert_close(got.cpu(), want, rtol=1e-3, atol=1e-3 * want.abs().max().item())
