@@ -123,6 +123,23 @@ def tiny_adapter(latent: bool = True, dtype=None, prediction_type: str = "epsilo
     )
 
 
+def tiny_sd_pipeline(text_encoder, tokenizer, scheduler):
+    """A StableDiffusionPipeline of the tiny VAE and UNet; the text encoder is built by the
+    callable ``text_encoder`` after the VAE (the order in which the weights are drawn)."""
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(
+        vae=tiny_vae(),
+        text_encoder=text_encoder(),
+        tokenizer=tokenizer,
+        unet=tiny_unet(),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
 # ---- the small featurizer (FactorUNet-like models of conftest.py) ------------------------------
 
 NULL = torch.tensor([3, 2])
@@ -297,10 +314,12 @@ def check(res: TopK, feats, ids, u, k, tails="both", exact_ids=False, engine="fm
 # ---- stores ------------------------------------------------------------------------------------
 
 
-def write_store(path, features, ids, shard_rows: int, meta=None) -> FeatureStore:
-    """A float32 FeatureStore at ``path`` holding these rows (features [n, k], ids [n])."""
+def write_store(path, features, ids, shard_rows: int, meta=None, dtype=None) -> FeatureStore:
+    """A FeatureStore at ``path`` holding these rows (features [n, k], ids [n]), stored in
+    ``dtype`` (default: the features' own)."""
+    dtype = dtype or str(features.dtype).removeprefix("torch.")
     store = FeatureStore.create(
-        path, k=features.shape[1], dtype="float32", shard_rows=shard_rows, meta=meta
+        path, k=features.shape[1], dtype=dtype, shard_rows=shard_rows, meta=meta
     )
     with store.writer() as w:
         w.append(features, ids)

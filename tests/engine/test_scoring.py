@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import write_store
 
 from ctrak_fast.engine.gram import gram
 from ctrak_fast.engine.scoring import Preconditioner, damping, score_dense
@@ -19,10 +20,7 @@ def _phi(n: int = 300, k: int = K) -> torch.Tensor:
 
 
 def _store(tmp_path, phi: torch.Tensor, dtype="float32", shard_rows=64) -> FeatureStore:
-    store = FeatureStore.create(tmp_path / "s", k=phi.shape[1], dtype=dtype, shard_rows=shard_rows)
-    with store.writer() as w:
-        w.append(phi, torch.arange(phi.shape[0]))
-    return store
+    return write_store(tmp_path / "s", phi, torch.arange(phi.shape[0]), shard_rows, dtype=dtype)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

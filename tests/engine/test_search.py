@@ -17,7 +17,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from helpers import FakeStore, check, make_data
+from helpers import FakeStore, check, make_data, write_store
 
 from ctrak_fast.engine import native as _native
 from ctrak_fast.engine.search import topk, topk_reference
@@ -188,19 +188,12 @@ def test_thread_pool_concurrent_callers_and_fork():
 # --- FeatureStore: memory-mapped shards, read-ahead, verification ------------------------------
 
 
-def write_store(path, feats, ids, shard_rows):
-    store = FeatureStore.create(
-        path, k=feats.shape[1], dtype=str(feats.dtype)[6:], shard_rows=shard_rows
-    )
-    with store.writer() as w:
-        w.append(feats, ids)
-    return FeatureStore.open(path)
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_store_search_readahead_and_verify_modes(tmp_path, dtype):
     feats, ids, u = make_data(2345, 40, 6, dtype)
-    store = write_store(tmp_path / "s", feats, ids, 700)  # 700, 700, 700, 245 rows
+    store = FeatureStore.open(
+        write_store(tmp_path / "s", feats, ids, 700).path
+    )  # 700, 700, 700, 245 rows
     first = None
     for verify in ("ids", "full", "none"):
         for readahead in (True, False):
@@ -216,7 +209,7 @@ def test_store_search_readahead_and_verify_modes(tmp_path, dtype):
 
 def test_iter_store_shards_maps_the_files(tmp_path):
     feats, ids, _ = make_data(1000, 16, 1, torch.bfloat16)
-    store = write_store(tmp_path / "s", feats, ids, 300)
+    store = FeatureStore.open(write_store(tmp_path / "s", feats, ids, 300).path)
     got = list(iter_store_shards(store, shards=[3, 0, 2]))
     assert [f.shape[0] for f, _ in got] == [100, 300, 300]
     assert torch.equal(got[1][0], feats[:300]) and torch.equal(got[0][1], ids[900:])
@@ -233,7 +226,7 @@ def _flip(path, offset_from_end):
 
 def test_corrupt_shards_are_named(tmp_path):
     feats, ids, u = make_data(900, 16, 2, torch.float16)
-    store = write_store(tmp_path / "s", feats, ids, 300)
+    store = FeatureStore.open(write_store(tmp_path / "s", feats, ids, 300).path)
     shard = tmp_path / "s" / "shard-00001.safetensors"
     # The last bytes of a shard are feature bytes (ids come first in the data section).
     _flip(shard, 3)
@@ -412,7 +405,7 @@ def test_cuda_store_through_pinned_double_buffers(tmp_path):
     # 600k x 64 float16 rows = 77 MB in one shard: more than one 64 MiB staging chunk per
     # add_host call; integer data, so every score is exact and CPU == CUDA bit for bit.
     feats, ids, u = make_data(600_000, 64, 4, torch.float16, "integers")
-    big = write_store(tmp_path / "big", feats, ids, 600_000)
+    big = FeatureStore.open(write_store(tmp_path / "big", feats, ids, 600_000).path)
     for store in (big, FakeStore(feats, ids, [100_000] * 6)):
         res = topk(store, u.cuda(), 1000)
         cpu = topk(store, u, 1000)

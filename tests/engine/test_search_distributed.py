@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from helpers import check, make_data
+from helpers import check, make_data, write_store
 from safetensors.torch import save_file
 
 from ctrak_fast.engine.dist import rank_shards
@@ -32,9 +32,7 @@ STORES = {
 def _write_store(path, name):
     dtype, kind, n, shard_rows, m, _ = STORES[name]
     feats, ids, u = make_data(n, 32, m, getattr(torch, dtype), kind, seed=len(name))
-    store = FeatureStore.create(path, k=32, dtype=dtype, shard_rows=shard_rows, meta=META)
-    with store.writer() as w:
-        w.append(feats, ids)
+    write_store(path, feats, ids, shard_rows, META, dtype=dtype)
     return u
 
 

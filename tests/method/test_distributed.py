@@ -23,6 +23,7 @@ from forkserver import (
     store_files,
     tiny_assets,
 )
+from helpers import write_store
 
 from ctrak_fast.engine.projection import ProjectionSpec
 from ctrak_fast.engine.store import FeatureStore, SpecMismatch, StoreError, merge_stores
@@ -177,10 +178,7 @@ def test_a_single_process_store_is_continued_by_ranks_and_the_other_way_round(ti
 
 
 def _one_store(path: Path, rows: int, meta: dict, first_id: int = 0) -> FeatureStore:
-    store = FeatureStore.create(path, k=4, dtype="float32", meta=meta, shard_rows=4)
-    with store.writer() as w:
-        w.append(torch.randn(rows, 4), torch.arange(first_id, first_id + rows))
-    return store
+    return write_store(path, torch.randn(rows, 4), torch.arange(first_id, first_id + rows), 4, meta)
 
 
 def _tree(path: Path) -> dict:

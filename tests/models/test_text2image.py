@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from helpers import VOCAB, tiny_adapter, tiny_unet, tiny_vae
+from helpers import VOCAB, tiny_adapter, tiny_sd_pipeline
 
 from ctrak_fast.data import SyntheticConfig, make_dataset
 from ctrak_fast.data.captions import caption
@@ -106,7 +106,7 @@ def test_latent_store_records_text_encoder_and_vae(tmp_path):
 
 def _pipeline_folder(tmp_path):
     transformers = pytest.importorskip("transformers")
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers import DDIMScheduler
     from PIL import Image
 
     vocab = tmp_path / "vocab.txt"
@@ -120,15 +120,10 @@ def _pipeline_folder(tmp_path):
         max_position_embeddings=8,
     )
     torch.manual_seed(0)
-    pipe = StableDiffusionPipeline(
-        vae=tiny_vae(),
-        text_encoder=transformers.CLIPTextModel(cfg).eval(),
-        tokenizer=transformers.BertTokenizer(str(vocab), model_max_length=8),
-        unet=tiny_unet(),
-        scheduler=DDIMScheduler(clip_sample=False, steps_offset=1),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+    pipe = tiny_sd_pipeline(
+        lambda: transformers.CLIPTextModel(cfg).eval(),
+        transformers.BertTokenizer(str(vocab), model_max_length=8),
+        DDIMScheduler(clip_sample=False, steps_offset=1),
     )
     pipe.save_pretrained(tmp_path / "pipe")
     images = tmp_path / "images"
