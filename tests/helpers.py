@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -138,6 +139,26 @@ def tiny_sd_pipeline(text_encoder, tokenizer, scheduler):
         feature_extractor=None,
         requires_safety_checker=False,
     )
+
+
+def tiny_clip(folder: Path):
+    """(a factory of a one-layer CLIPTextModel over VOCAB, a BertTokenizer over VOCAB), the
+    vocabulary written to folder/vocab.txt; skips the test without transformers."""
+    import pytest
+
+    transformers = pytest.importorskip("transformers")
+    vocab = folder / "vocab.txt"
+    vocab.write_text("\n".join(VOCAB) + "\n")
+    cfg = transformers.CLIPTextConfig(
+        vocab_size=len(VOCAB),
+        hidden_size=12,
+        intermediate_size=24,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=8,
+    )
+    tokenizer = transformers.BertTokenizer(str(vocab), model_max_length=8)
+    return (lambda: transformers.CLIPTextModel(cfg).eval()), tokenizer
 
 
 # ---- the small featurizer (FactorUNet-like models of conftest.py) ------------------------------
@@ -324,3 +345,12 @@ def write_store(path, features, ids, shard_rows: int, meta=None, dtype=None) -> 
     with store.writer() as w:
         w.append(features, ids)
     return store
+
+
+def copy_store(root: Path, name: str) -> Path:
+    """A fresh copy of root/store at root/name (replacing an older one)."""
+    dst = root / name
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(root / "store", dst)
+    return dst

@@ -4,23 +4,12 @@ help on every flag with its default shown."""
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 
 import pytest
+from helpers import run
 
 from ctrak_fast._version import __version__
-from ctrak_fast.cli.app import build_parser, main
-
-
-def run(argv: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            rc = main([str(a) for a in argv])
-        except SystemExit as e:
-            rc = e.code if isinstance(e.code, int) else 1
-    return rc, out.getvalue(), err.getvalue()
+from ctrak_fast.cli.app import build_parser
 
 
 def parsers(parser: argparse.ArgumentParser, name: str = "ctrak"):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from forkserver import tiny_assets
-from helpers import run, snapshot, write_store
+from helpers import copy_store, run, snapshot, write_store
 
 from ctrak_fast.results import Query
 
@@ -40,16 +40,6 @@ def edit_manifest(store: Path, fn) -> None:
     m = json.loads((store / "manifest.json").read_text())
     fn(m)
     (store / "manifest.json").write_text(json.dumps(m))
-
-
-def copy_store(root: Path, name: str) -> Path:
-    import shutil
-
-    dst = root / name
-    if dst.exists():
-        shutil.rmtree(dst)
-    shutil.copytree(root / "store", dst)
-    return dst
 
 
 def _shards_int(m):

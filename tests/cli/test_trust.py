@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from forkserver import tiny_assets
-from helpers import run, snapshot, write_store
+from helpers import copy_store, run, snapshot, write_store
 
 from ctrak_fast.engine.store import FeatureStore, StoreError, merge_stores
 from ctrak_fast.results import Query
@@ -42,14 +42,6 @@ def refused(argv, root: Path, message: str) -> str:
     print(f"CASE {lines[0]}")
     assert snapshot(root) == before
     return lines[0]
-
-
-def copy_store(root: Path, name: str) -> Path:
-    dst = root / name
-    if dst.exists():
-        shutil.rmtree(dst)
-    shutil.copytree(root / "store", dst)
-    return dst
 
 
 def attribute(store, query, *extra) -> list:

@@ -8,12 +8,7 @@ import json
 
 import pytest
 import torch
-from helpers import (
-    VOCAB,
-    tiny_adapter,
-    tiny_unet,
-    tiny_vae,
-)
+from helpers import tiny_adapter, tiny_clip, tiny_sd_pipeline, tiny_unet, tiny_vae
 
 from ctrak_fast.engine.projection import ProjectionSpec
 from ctrak_fast.method.featurize import FeatureSpec
@@ -321,36 +316,20 @@ def test_fp16_loss_scaling_unscaled_and_backs_off():
 
 
 def test_from_pretrained_pipeline_folder(tmp_path):
-    transformers = pytest.importorskip("transformers")
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers import DDIMScheduler
 
-    vocab = tmp_path / "vocab.txt"
-    vocab.write_text("\n".join(VOCAB) + "\n")
-    tok = transformers.BertTokenizer(str(vocab), model_max_length=8)
-    cfg = transformers.CLIPTextConfig(
-        vocab_size=len(VOCAB),
-        hidden_size=12,
-        intermediate_size=24,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        max_position_embeddings=8,
-    )
+    text_encoder, tok = tiny_clip(tmp_path)
     torch.manual_seed(0)
-    pipe = StableDiffusionPipeline(
-        vae=tiny_vae(),
-        text_encoder=transformers.CLIPTextModel(cfg).eval(),
-        tokenizer=tok,
-        unet=tiny_unet(),
-        scheduler=DDIMScheduler(
+    pipe = tiny_sd_pipeline(
+        text_encoder,
+        tok,
+        DDIMScheduler(
             beta_schedule="scaled_linear",
             beta_start=0.00085,
             beta_end=0.012,
             clip_sample=False,
             steps_offset=1,
         ),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
     )
     pipe.save_pretrained(tmp_path / "pipe")
     assert json.loads((tmp_path / "pipe" / "model_index.json").read_text())["unet"][1] == (

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from helpers import VOCAB, tiny_adapter, tiny_sd_pipeline
+from helpers import tiny_adapter, tiny_clip, tiny_sd_pipeline
 
 from ctrak_fast.data import SyntheticConfig, make_dataset
 from ctrak_fast.data.captions import caption
@@ -105,25 +105,13 @@ def test_latent_store_records_text_encoder_and_vae(tmp_path):
 
 
 def _pipeline_folder(tmp_path):
-    transformers = pytest.importorskip("transformers")
     from diffusers import DDIMScheduler
     from PIL import Image
 
-    vocab = tmp_path / "vocab.txt"
-    vocab.write_text("\n".join(VOCAB) + "\n")
-    cfg = transformers.CLIPTextConfig(
-        vocab_size=len(VOCAB),
-        hidden_size=12,
-        intermediate_size=24,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        max_position_embeddings=8,
-    )
+    text_encoder, tokenizer = tiny_clip(tmp_path)
     torch.manual_seed(0)
     pipe = tiny_sd_pipeline(
-        lambda: transformers.CLIPTextModel(cfg).eval(),
-        transformers.BertTokenizer(str(vocab), model_max_length=8),
-        DDIMScheduler(clip_sample=False, steps_offset=1),
+        text_encoder, tokenizer, DDIMScheduler(clip_sample=False, steps_offset=1)
     )
     pipe.save_pretrained(tmp_path / "pipe")
     images = tmp_path / "images"
