@@ -5,12 +5,12 @@ per op, ``<op>/triton.py`` (the kernel, its launcher and the public op) beside
 ``<op>/reference.py`` (the torch specification: the tests' oracle and the CPU path). A public op
 dispatches by :func:`.runtime.use_triton`: CUDA tensors to its kernel, everything else to its
 reference (``force=`` chooses); the projection ``x @ P`` is dispatched by the engine
-(``ctrak_fast.engine.projector.rademacher_project``), which also has a C++ kernel for CPU tensors.
+(``ctrak_fast.engine.rademacher.rademacher_project``), which also has a C++ kernel for CPU tensors.
 The sign of every projection entry comes from the counter-based hash of :mod:`.hashing`, bit for
 bit.
 
 - :func:`rademacher_project_triton`: x @ P, P generated in registers (the dispatch over CUDA, the
-  C++ kernel and the reference is ``ctrak_fast.engine.projector.rademacher_project``).
+  C++ kernel and the reference is ``ctrak_fast.engine.rademacher.rademacher_project``).
 - :func:`linear_grad_project`: per-sample linear-layer gradients sum_t g_t a_t^T projected
   tile by tile, never materialised; :func:`linear_grad_sq_norm` their exact squared norms.
 - :func:`factorized_project`: Kronecker (LoGra-style) per-layer projection.

@@ -31,7 +31,7 @@ import sys  # noqa: E402
 import pytest  # noqa: E402
 
 from ctrak_fast.engine.projection import FactorizedSpec  # noqa: E402
-from ctrak_fast.engine.projector import rademacher_project, rademacher_project_blocks  # noqa: E402
+from ctrak_fast.engine.rademacher import rademacher_project, rademacher_project_blocks  # noqa: E402
 from ctrak_fast.kernels import hashing  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]

@@ -18,7 +18,7 @@ columns are visited, which would need a read-modify-write of the output in globa
 (a read-after-write between threads that Triton does not order). The recompute costs 2 * B * T
 tensor-core FLOPs per parameter and k tile, against ~7 * BLOCK_K integer ops of sign generation; it
 stays the smaller part up to T of several hundred (16-bit inputs). For much longer T, materialising
-W_b and projecting it with ``engine.projector.rademacher_project`` is cheaper.
+W_b and projecting it with ``engine.rademacher.rademacher_project`` is cheaper.
 
 Splits over the W tiles, the workspace and determinism are as in :mod:`..rademacher_project.triton`.
 """

@@ -219,7 +219,7 @@ def rademacher_project_triton(
 
     P[i, j] = +-1/sqrt(k), a pure function of (seed, i, j) (:mod:`..hashing`): memory is
     O(B * k) whatever p. The dispatch (CUDA -> this kernel, CPU -> the C++ kernel or the
-    reference) is ``ctrak_fast.engine.projector.rademacher_project``.
+    reference) is ``ctrak_fast.engine.rademacher.rademacher_project``.
 
     Args:
         x: [B, p] float32 / float16 / bfloat16 on CUDA (or CPU under TRITON_INTERPRET=1); any

@@ -9,7 +9,7 @@ ProjectionSpec (features agree with the materialised path to float32 rounding):
               kernels.linear_grad_project: W_b = sum_t g_t a_tᵀ tile by tile in on-chip memory
               times the hashed signs (Triton on CUDA; nothing of size B × out × in is written)
     otherwise that layer's per-sample gradient (grads_hooks.layer_grads), projected at once by
-              engine.projector.rademacher_project (Triton on CUDA, the fused C++ kernel on
+              engine.rademacher.rademacher_project (Triton on CUDA, the fused C++ kernel on
               CPU); for long T materialising W_b is the cheaper of the two (see
               linear_grad_project)
 
@@ -28,7 +28,7 @@ from torch import nn
 
 from ctrak_fast import kernels
 from ctrak_fast.engine.projection import ProjectionSpec
-from ctrak_fast.engine.projector import projection_backend, rademacher_project
+from ctrak_fast.engine.rademacher import projection_backend, rademacher_project
 from ctrak_fast.method.grads.hooks import HookedGrads, layer_grads, layer_positions
 from ctrak_fast.method.grads.layout import parameter_layout
 
