@@ -165,7 +165,7 @@ CHILD = textwrap.dedent(
 
 
 def _spawn(path: Path, mode: str, arg: int) -> subprocess.Popen:
-    script = CHILD.format(repo=str(REPO), tests=str(REPO / "tests"))
+    script = CHILD.format(repo=str(REPO), tests=str(Path(__file__).resolve().parent))
     return subprocess.Popen(
         [sys.executable, "-c", script, str(path), mode, str(arg)],
         stdout=subprocess.PIPE,
