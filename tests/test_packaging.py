@@ -39,6 +39,7 @@ def test_license_file_and_metadata(built):
 def test_build_is_quiet_and_ships_the_assets(built):
     tmp, output = built
     assert "Warning" not in output and "!!" not in output, output[:3000]
+
     def files(root: Path) -> set[str]:  # every asset file, the ground-truth folders' included
         return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
 
