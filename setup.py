@@ -98,31 +98,12 @@ ASSET_PACKAGES = [
     if p.is_dir() and p.name != "__pycache__"
 ]
 
-
-def _packages() -> tuple[list[str], dict[str, str]]:
-    """ctrak_fast and its subpackages (assets/ included), plus the top-level kernels/ as
-    ctrak_fast.kernels."""
-    # assets/ holds data only (no __init__.py): declared as a package of its own, or setuptools
-    # prints a screen of warnings about an importable folder missing from `packages`.
-    packages = [*find_packages(include=["ctrak_fast", "ctrak_fast.*"]), *ASSET_PACKAGES]
-    package_dir = {"": "."}
-    if (ROOT / "kernels").is_dir():
-        packages.append("ctrak_fast.kernels")
-        package_dir["ctrak_fast.kernels"] = "kernels"
-        for sub in find_packages(where="kernels"):
-            packages.append(f"ctrak_fast.kernels.{sub}")
-            package_dir[f"ctrak_fast.kernels.{sub}"] = f"kernels/{sub.replace('.', '/')}"
-    return packages, package_dir
-
-
-packages, package_dir = _packages()
-
 # Metadata (name, version, dependencies, extras, the `ctrak` entry point) is PEP 621 in
-# pyproject.toml; this file only adds what it cannot say: the CMake-built extension and the
-# top-level kernels/ installed as ctrak_fast.kernels.
+# pyproject.toml; this file only adds what it cannot say: the CMake-built extension.
+# assets/ holds data only (no __init__.py): its folders are declared as packages of their own, or
+# setuptools prints a screen of warnings about importable folders missing from `packages`.
 setup(
-    packages=packages,
-    package_dir=package_dir,
+    packages=[*find_packages(include=["ctrak_fast", "ctrak_fast.*"]), *ASSET_PACKAGES],
     package_data={
         "ctrak_fast": ["py.typed", "_C.pyi"],
         **{pkg: ["*.safetensors", "*.json"] for pkg in ASSET_PACKAGES},

@@ -44,23 +44,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _import_kernels():
-    """ctrak_fast.kernels from the install; else ROOT/kernels loaded under that name."""
-    try:
-        return importlib.import_module("ctrak_fast.kernels")
-    except ImportError:
-        sys.path.insert(0, str(ROOT))
-        import ctrak_fast
-
-        spec = importlib.util.spec_from_file_location(
-            "ctrak_fast.kernels",
-            ROOT / "kernels" / "__init__.py",
-            submodule_search_locations=[str(ROOT / "kernels")],
-        )
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["ctrak_fast.kernels"] = mod
-        spec.loader.exec_module(mod)
-        ctrak_fast.kernels = mod
-        return mod
+    """ctrak_fast.kernels (imported here, before triton: on CPU it selects the interpreter)."""
+    return importlib.import_module("ctrak_fast.kernels")
 
 
 def _bench(fn, rep_ms: float) -> dict:
@@ -114,7 +99,7 @@ def case_rademacher(K, dtype: torch.dtype, size: dict, dev: str, rep_ms: float) 
     x = torch.randn(B, p, device=dev).to(dtype)
     P = dense_P(seed, p, k, dtype, dev)
     peer = lambda: x @ P  # noqa: E731
-    fused = lambda: K.rademacher_project(x, seed, k, force="triton")  # noqa: E731
+    fused = lambda: K.rademacher_project_triton(x, seed, k)  # noqa: E731
     _check("rademacher vs stored P", fused(), peer(), 1e-2 if dtype != torch.float32 else 1e-4)
 
     step = max(1, (1 << 25) // k)
@@ -153,7 +138,7 @@ def case_linear_grad(K, size: dict, dev: str, rep_ms: float) -> list[dict]:
 
     def materialise_then_project():
         W = torch.bmm(G.transpose(1, 2).float(), A.float())  # [B, out, in] float32
-        return K.rademacher_project(W.view(B, -1), seed, k, force="triton")
+        return K.rademacher_project_triton(W.view(B, -1), seed, k)
 
     _check("linear_grad vs materialise", fused(), materialise_then_project(), 1e-4)
     flops = 2 * B * d_in * d_out * k + 2 * B * T * d_in * d_out

@@ -206,7 +206,7 @@ def main(argv=None) -> dict:
     p.add_argument("--json", default="out/t2i_cost.json")
     args = p.parse_args(argv)
 
-    from ctrak_fast.bench.tiny_text import load_t2i
+    from ctrak_fast.train.tiny_text import load_t2i
 
     tiny = load_t2i(args.model)
     measured = time_tiny(tiny, args)

@@ -52,12 +52,8 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from ctrak_fast.bench.quality import (
-        QualityConfig,
-        _metrics_for,
-        data_combos,
-        make_queries,
-    )
+    from ctrak_fast.bench.metrics import factor_metrics
+    from ctrak_fast.bench.quality import QualityConfig, data_combos, draw_split
     from ctrak_fast.data import make_dataset
     from ctrak_fast.engine.projection import ProjectionSpec
     from ctrak_fast.engine.scoring import Preconditioner
@@ -71,7 +67,9 @@ def main(argv=None) -> None:
     train = data.train_subset(args.per_combo)
     schedule, null = NoiseSchedule.for_model(model), model.null_cond(1)[0]
     combos = data_combos(data, "seen")
-    queries, _ = make_queries(model, judge, combos, QualityConfig(queries_per_combo=1), False)
+    queries, _, _ = draw_split(
+        model, judge, "seen", combos, QualityConfig(queries_per_combo=1), progress=False
+    )
     q_img = torch.stack([q["image"] for q in queries])
     q_cond = torch.tensor([q["combo"] for q in queries])
     print(f"{len(train)} training images, {len(queries)} in-distribution queries", flush=True)
@@ -87,7 +85,7 @@ def main(argv=None) -> None:
         row = {"recipe": name}
         for f, factor in enumerate(data.factors):
             p10 = [
-                _metrics_for(scores[:, j], train.labels, tuple(q_cond[j].tolist()), f)["p@10"]
+                factor_metrics(scores[:, j], train.labels, tuple(q_cond[j].tolist()), f)["p@10"]
                 for j in range(len(queries))
             ]
             row[f"{factor} P@10"] = sum(p10) / len(p10)

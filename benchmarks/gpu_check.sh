@@ -3,7 +3,7 @@
 #   1. install carried pure-python wheels from .whl/ (if present) into /tmp/site
 #   2. build the package and its extension (editable install, else build_ext --inplace)
 #   3. pytest -m "cuda or triton"  (the kernels compiled for the GPU, not the interpreter; the
-#      CUDA top-k tests of tests/test_search.py run here: both score kernels, mma and simt, against
+#      CUDA top-k tests of tests/engine/test_search.py run here: both score kernels, mma and simt, against
 #      the float64 reference, host shards through the pinned double buffers, k up to 10^4)
 #   4. benchmarks/bench_kernels.py and, if present, benchmarks/bench_topk.py (with --device cuda:
 #      device-resident features, both kernels and torch timed against the measured device bandwidth)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_adapters import TinyTextEncoder, WordTokenizer, perturb, tiny_unet, tiny_vae
+from helpers import TinyTextEncoder, WordTokenizer, perturb, tiny_sd_pipeline
 
 import ctrak_fast as cf
 from ctrak_fast.models.unet2d import UNet2DAdapter
@@ -79,17 +79,10 @@ def test_class_conditional_unet2d(tmp_path):
 
 
 def test_text_to_image_pipeline(tmp_path):
-    from diffusers import DDPMScheduler, StableDiffusionPipeline
+    from diffusers import DDPMScheduler
 
-    pipe = StableDiffusionPipeline(
-        vae=tiny_vae(),
-        text_encoder=TinyTextEncoder(),
-        tokenizer=WordTokenizer(),
-        unet=tiny_unet(),
-        scheduler=DDPMScheduler(clip_sample=False, steps_offset=1),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+    pipe = tiny_sd_pipeline(
+        TinyTextEncoder, WordTokenizer(), DDPMScheduler(clip_sample=False, steps_offset=1)
     )
     att = cf.Attributor.from_pipeline(pipe, projection=cf.ProjectionSpec(k=16), feature=T1)
     assert att.query_spec.weight == 3.0  # the paper's slider weight for text-to-image

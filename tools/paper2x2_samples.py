@@ -13,13 +13,13 @@ from pathlib import Path
 
 import torch
 
-from ctrak_fast.bench.judge import combo_name
 from ctrak_fast.bench.paper import PAPER_NAME
 from ctrak_fast.bench.queries import ContrastGuided, judge_confirms
-from ctrak_fast.bench.report import image_rows
 from ctrak_fast.cli.app import PAPER_QUERIES
+from ctrak_fast.figures import image_rows
 from ctrak_fast.method.diffusion import ddim_sample
 from ctrak_fast.models.shipped import ASSETS, shipped
+from ctrak_fast.train.judge import combo_name
 
 
 def main() -> None:

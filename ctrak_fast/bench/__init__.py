@@ -1,4 +1,4 @@
-"""Benchmarks, the demo, training of the tiny models, metrics and reports.
+"""Benchmarks, the demo, metrics and reports (training lives in train/).
 
 Only the front (the CLI) imports this room; the library rooms below never do.
 """

@@ -3,7 +3,7 @@ draw a mark that no caption names?
 
 A model is trained on the synthetic shapes with a small glyph stamped on part of its images
 (data/marks.py: never captioned, its position, size and tint jittered). Queries are the model's
-own samples in which an independent detector (bench/mark_judge.py) finds the mark; the concept is
+own samples in which an independent detector (train/mark_judge.py) finds the mark; the concept is
 given as the region the detector boxes. Ground truth: the stamped training images.
 
 Every gradient method is asked twice: with its loss restricted to the region (the concept as

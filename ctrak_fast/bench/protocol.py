@@ -9,7 +9,7 @@ protocols are reported on the TEST queries:
 - oracle (uses labels): the best lambda_r per query, the paper's protocol. Shown only beside the
   calibration row that puts a random ranking through the same protocol;
 - validation (the headline): one lambda_r per method, the best mean validation P@10, applied
-  unchanged to the test queries. It never reads a test label (tests/test_protocol.py).
+  unchanged to the test queries. It never reads a test label (tests/bench/test_protocol.py).
 
 Every figure carries a bootstrap 95% CI over test queries; the concept methods get a
 paired-bootstrap CI of their difference to D-TRAK and DAS on the same queries.

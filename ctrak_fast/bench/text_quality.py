@@ -217,11 +217,11 @@ def run_t2i_quality(
 def run_from_args(a: argparse.Namespace) -> dict:
     """The benchmark on the shipped tiny model and judge: table.md, results.json, gallery.png."""
     from ctrak_fast.bench.demo import write_gallery
-    from ctrak_fast.bench.tiny_text import load_t2i
     from ctrak_fast.data import SyntheticConfig, make_dataset
     from ctrak_fast.method.methods import parse_methods
     from ctrak_fast.models.factor_unet import load_model
     from ctrak_fast.models.shipped import ASSETS
+    from ctrak_fast.train.tiny_text import load_t2i
 
     if a.threads:
         torch.set_num_threads(a.threads)

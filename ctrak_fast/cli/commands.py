@@ -19,14 +19,10 @@ from ctrak_fast.cli.inputs import (
 
 def cmd_featurize(a):
     """Single process, or one rank of a torchrun job (RANK/WORLD_SIZE in the environment)."""
-    from ctrak_fast.engine.validation import (
-        InputError,
-        check_data_matches_model,
-        check_output_dir,
-        check_positive,
-    )
+    from ctrak_fast.engine.validation import InputError, check_output_dir, check_positive
     from ctrak_fast.method.distributed import DistContext
     from ctrak_fast.method.pipeline import featurize
+    from ctrak_fast.models.factor_unet import check_data_matches_model
 
     # Everything that can be checked is checked before the output is touched.
     for name in ("k", "batch_size", "shard_rows"):
@@ -113,6 +109,7 @@ def cmd_query(a):
 
 
 def cmd_attribute(a):
+    from ctrak_fast.engine.dist import distributed_session
     from ctrak_fast.engine.export import export_scores
     from ctrak_fast.engine.store import FeatureStore
     from ctrak_fast.engine.sweep import choose_path

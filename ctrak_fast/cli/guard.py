@@ -15,7 +15,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors that mean "this input cannot be used": one line, no traceback. The package's own
     error classes are looked up only if their module was imported (no import cost otherwise)."""
     errors = [ValueError, OSError, ImportError, KeyError]
-    for module, name in (("engine.store", "StoreError"), ("method.dist_context", "RankFailed")):
+    for module, name in (("engine.store", "StoreError"), ("engine.dist", "RankFailed")):
         loaded = sys.modules.get(f"ctrak_fast.{module}")
         if loaded is not None:
             errors.append(getattr(loaded, name))

@@ -35,7 +35,7 @@ def _adapter(a):
         from ctrak_fast.models.text2image import TextToImageAdapter
 
         return TextToImageAdapter.from_pretrained(a.model, dtype=dtype)
-    from ctrak_fast.bench.tiny_text import load_t2i
+    from ctrak_fast.train.tiny_text import load_t2i
 
     return load_t2i(a.model, dtype=dtype)
 

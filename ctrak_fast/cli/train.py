@@ -101,11 +101,11 @@ def unet_kwargs(a, schedules: dict) -> dict:
 def cmd_train(a) -> None:
     import torch
 
-    from ctrak_fast.bench.train_assets import SCHEDULES, train_all, train_folder
     from ctrak_fast.data import SyntheticConfig
     from ctrak_fast.data.synthetic import paper_config
     from ctrak_fast.engine.validation import InputError, check_input_dir, check_input_file
     from ctrak_fast.models.shipped import ASSETS
+    from ctrak_fast.train.assets import SCHEDULES, train_all, train_folder
 
     if a.threads:
         torch.set_num_threads(a.threads)

@@ -5,7 +5,7 @@ Backends:
 - ``"cpu"``: ``ctrak_fast._C.rademacher_project`` (C++, AVX-512 / AVX2 / portable): a fused
   generate-and-multiply kernel; the signs of a 16 KiB panel are hashed into L1 and consumed there
   by a register-tiled fma micro-kernel, so P never reaches memory (csrc/project_impl.h);
-- ``"triton"``: ``ctrak_fast.kernels.rademacher_project_blocks``, the same fusion on the GPU
+- ``"triton"``: ``ctrak_fast.kernels.rademacher_project_triton``, the same fusion on the GPU
   (signs in registers), used for CUDA inputs only;
 - ``"reference"``: ``kernels.hashing.rademacher_block`` in torch (the specification; slow),
   tile by tile (``tile_rows`` rows x k columns), each tile consumed by one float32 ``addmm``;
@@ -31,16 +31,14 @@ import warnings
 import numpy as np
 import torch
 
-from ctrak_fast import kernels
 from ctrak_fast.engine.native import (
-    native_available,
     native_grid_rows,
     native_project_fn,
     native_project_into,
     native_tile_fn,
 )
+from ctrak_fast.engine.rademacher import rademacher_project_blocks
 from ctrak_fast.kernels import hashing
-from ctrak_fast.kernels.rademacher_project import output_buffer
 
 from .projection import (
     BACKENDS,
@@ -51,56 +49,8 @@ from .projection import (
     is_int,
 )
 
-_REF_CHUNK = 2**21  # entries per reference-hash call (its int64 temporaries are ~40 B/entry)
+REF_CHUNK = 2**21  # entries per reference-hash call (its int64 temporaries are ~40 B/entry)
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _triton_project_fn():
-    return kernels.rademacher_project_blocks
-
-
-def rademacher_project(
-    x: torch.Tensor,
-    seed: int,
-    k: int,
-    row_offset: int = 0,
-    out: torch.Tensor | None = None,
-    *,
-    accumulate: bool = False,
-    force: str | None = None,
-) -> torch.Tensor:
-    """``x @ P[row_offset : row_offset + p]`` on any device: ``kernels.rademacher_project``
-    (Triton on CUDA, torch reference elsewhere), except that CPU tensors go to the fused C++ kernel
-    (``ctrak_fast._C.rademacher_project``) when it is built. ``force="cpu"`` demands the C++
-    kernel; "reference" / "triton" go to the kernels. Shapes and arguments as the kernel's.
-
-    Examples:
-        >>> y = rademacher_project(torch.randn(4, 1000), seed=0, k=64, row_offset=2**33)
-        >>> y.shape, y.dtype
-        (torch.Size([4, 64]), torch.float32)
-    """
-    if force == "cpu":
-        if x.is_cuda:
-            raise ValueError("force='cpu' needs CPU tensors")
-        if not native_available():
-            raise RuntimeError("force='cpu' needs the compiled extension ctrak_fast._C")
-    use_cpu = force == "cpu" or (force is None and x.device.type == "cpu" and native_available())
-    if not use_cpu:
-        return kernels.rademacher_project(
-            x, seed, k, row_offset, out, accumulate=accumulate, force=force
-        )
-    # Argument checks are the kernel's: run them on an empty slice (no work).
-    kernels.rademacher_project(x[:0], seed, k, row_offset, force="reference")
-    out = output_buffer(x, k, out, accumulate)
-    dst = out if out.is_contiguous() else torch.zeros(out.shape, dtype=torch.float32)
-    if not accumulate or dst is not out:
-        dst.zero_()
-    native_project_into(dst, x, seed, row_offset)
-    if dst is out:
-        return out
-    return out.add_(dst) if accumulate else out.copy_(dst)
-
-
 _warned: set[str] = set()
 
 
@@ -174,7 +124,7 @@ class Projector:
         self._native = None
         self._native_grid = 0
         self._scratch: np.ndarray | None = None
-        # Where CPU-side tiles come from; CUDA inputs may still go to triton (see _use_triton).
+        # Where CPU-side tiles come from; CUDA inputs may still go to triton (see project_blocks).
         self.tile_backend = self._resolve_tile_backend(backend)
         self.cache_bytes = int(cache_bytes)
 
@@ -245,14 +195,14 @@ class Projector:
         batch = blocks[0][1].shape[0]
         device = self.device if self.device is not None else blocks[0][1].device
         out = torch.zeros(batch, self.k, dtype=torch.float32, device=device)
-        if device.type == "cuda" and self._use_triton():
+        if device.type == "cuda" and self.requested_backend in ("auto", "triton"):
             # The kernel takes float32/float16/bfloat16 as they are (exact products, float32
             # accumulation); anything else is cast first.
             blocks = [
                 (o, x.to(device) if x.dtype in _KERNEL_DTYPES else x.to(device, torch.float32))
                 for o, x in blocks
             ]
-            return _triton_project_fn()(blocks, self.spec.seed, self.k, out=out)
+            return rademacher_project_blocks(blocks, self.spec.seed, self.k, out=out)
         if self.tile_backend == "cpu" and device.type == "cpu":
             return self._project_fused(blocks, out)
         for tile_start, lo, hi, pieces in self._tiles(blocks):
@@ -299,18 +249,6 @@ class Projector:
                 pos = stop
         flush()
         return out
-
-    def _use_triton(self) -> bool:
-        if self.requested_backend not in ("auto", "triton"):
-            return False
-        try:
-            _triton_project_fn()
-        except Exception as e:  # reported below, whatever it is
-            if self.requested_backend == "triton":
-                raise RuntimeError(f"projection backend 'triton' is not available: {e}") from e
-            _warn_once("triton", f"Triton projection unavailable, using generated tiles: {e}")
-            return False
-        return True
 
     def _check_blocks(self, blocks: Blocks) -> list[tuple[int, torch.Tensor]]:
         if not blocks:
@@ -401,7 +339,7 @@ class Projector:
             )
             return torch.from_numpy(out)
         out = torch.empty(n_rows, self.k, dtype=torch.float32)
-        step = max(1, _REF_CHUNK // self.k)
+        step = max(1, REF_CHUNK // self.k)
         for a in range(0, n_rows, step):
             b = min(n_rows, a + step)
             out[a:b] = hashing.rademacher_block(self.spec.seed, row_start + a, b - a, self.k)

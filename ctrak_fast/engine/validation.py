@@ -19,7 +19,6 @@ __all__ = [
     "InputError",
     "NonFiniteFeatures",
     "check_training_data",
-    "check_data_matches_model",
     "check_device",
     "check_input_file",
     "check_input_dir",
@@ -27,6 +26,7 @@ __all__ = [
     "check_output_path",
     "check_outputs",
     "check_positive",
+    "show_ids",
 ]
 
 _SHOW = 5  # ids quoted in a message; the rest are counted
@@ -42,10 +42,13 @@ class NonFiniteFeatures(ValueError):
 
     def __init__(self, ids: Sequence[int], why: str, hint: str = "") -> None:
         self.ids = [int(i) for i in ids]
-        super().__init__(f"{why} for sample id(s) {_ids(self.ids)}" + (f"; {hint}" if hint else ""))
+        super().__init__(
+            f"{why} for sample id(s) {show_ids(self.ids)}" + (f"; {hint}" if hint else "")
+        )
 
 
-def _ids(ids: Sequence[int]) -> str:
+def show_ids(ids: Sequence[int]) -> str:
+    """Sample ids for an error message: the first few, and how many in all."""
     shown = ", ".join(str(int(i)) for i in ids[:_SHOW])
     more = f", ... ({len(ids)} in all)" if len(ids) > _SHOW else ""
     return f"[{shown}{more}]"
@@ -75,66 +78,16 @@ def check_training_data(images: torch.Tensor, conds, ids: torch.Tensor) -> None:
         raise InputError(f"{len(conds)} conditions for {n} images")
     bad = ~torch.isfinite(images.reshape(n, -1)).all(1)
     if bad.any():
-        raise InputError(f"images of sample id(s) {_ids(ids[bad].tolist())} contain NaN/Inf")
+        raise InputError(f"images of sample id(s) {show_ids(ids[bad].tolist())} contain NaN/Inf")
     if isinstance(conds, torch.Tensor) and conds.is_floating_point():
         bad = ~torch.isfinite(conds.reshape(n, -1)).all(1)
         if bad.any():
-            raise InputError(f"conditions of sample id(s) {_ids(ids[bad].tolist())} are NaN/Inf")
+            raise InputError(
+                f"conditions of sample id(s) {show_ids(ids[bad].tolist())} are NaN/Inf"
+            )
     uniq, counts = torch.unique(ids, return_counts=True)
     if (counts > 1).any():
-        raise InputError(f"duplicate sample id(s) {_ids(uniq[counts > 1].tolist())}")
-
-
-def check_data_matches_model(
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    ids: torch.Tensor,
-    config: Mapping,
-    factors: Sequence[str] | None = None,
-    values: Mapping[str, Sequence[str]] | None = None,
-) -> None:
-    """The images and labels are what the model (its ``config``, e.g. FactorUNet.config) expects.
-
-    Checks image size and channel count, the number of factors, and each label against the
-    model's value range (index n_values[f], the null token, stands for a caption that leaves
-    factor f out). With names on both sides (a model saved with ``values``), the factors
-    must be the model's, in its order, and each value must have the model's index for it: labels
-    are indices, and another order would silently condition the model on other values.
-    """
-    size, channels = config.get("image_size"), config.get("in_channels", 3)
-    if images.shape[1] != channels:
-        raise InputError(f"images have {images.shape[1]} channel(s), the model expects {channels}")
-    if size is not None and tuple(images.shape[2:]) != (size, size):
-        h, w = images.shape[2:]
-        raise InputError(f"images are {h}x{w} pixels, the model expects {size}x{size}")
-    n_values = config.get("n_values")
-    if n_values is None:
-        return
-    if labels.shape[1] != len(n_values):
-        raise InputError(f"labels have {labels.shape[1]} factor(s), the model has {len(n_values)}")
-    model_factors, model_values = config.get("factors"), config.get("values")
-    if model_values and factors is not None and values is not None:
-        if list(factors) != list(model_factors):
-            raise InputError(
-                f"dataset factors {list(factors)} differ from the model's {model_factors}"
-            )
-        for f in model_factors:
-            for i, name in enumerate(values[f]):
-                theirs = model_values[f][i] if i < len(model_values[f]) else "<none>"
-                if name != theirs:
-                    raise InputError(
-                        f"dataset value {name!r} of factor {f!r} has index {i}, which is "
-                        f"{theirs!r} for the model (labels are indices into the model's values)"
-                    )
-    for f, n in enumerate(n_values):
-        bad = (labels[:, f] < 0) | (labels[:, f] > n)  # index n: the null token, not captioned
-        if bad.any():
-            name = (model_factors or [f"factor {f}"])[f]
-            raise InputError(
-                f"labels of {name!r} outside the model's {n} values (and its null token) for "
-                "sample id(s) "
-                f"{_ids(ids[bad].tolist())}"
-            )
+        raise InputError(f"duplicate sample id(s) {show_ids(uniq[counts > 1].tolist())}")
 
 
 def check_input_file(path, what: str) -> Path:

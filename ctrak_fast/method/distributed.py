@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from ctrak_fast.engine.dist import DistContext, RankFailed
 from ctrak_fast.engine.store import (
     MANIFEST,
     FeatureStore,
@@ -46,7 +47,6 @@ from ctrak_fast.engine.store import (
     remove_empty_store,
 )
 from ctrak_fast.engine.validation import InputError, check_positive, check_training_data
-from ctrak_fast.method.dist_context import DistContext, RankFailed
 from ctrak_fast.method.featurize import Featurizer, featurize_dataset
 from ctrak_fast.progress import progress as show_progress
 

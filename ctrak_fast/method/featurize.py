@@ -212,6 +212,12 @@ class Featurizer:
         return self._projector
 
     @property
+    def layerwise_projector(self) -> LayerwiseDense | None:
+        """The layer-by-layer projector when features are projected layer by layer (the CUDA
+        default, or ``layerwise=True``), else None (sum in parameter space, project once)."""
+        return self._layerwise
+
+    @property
     def k(self) -> int:
         """Feature dimension."""
         return self._factorized.k if self._factorized is not None else self.projection.k

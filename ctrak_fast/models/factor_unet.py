@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -24,6 +25,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ctrak_fast.engine.atomic import atomic_path
+from ctrak_fast.engine.validation import InputError, show_ids
 
 __all__ = [
     "FactorUNet",
@@ -326,3 +328,55 @@ def load_model(path: str | os.PathLike, device="cpu") -> FactorUNet | ConceptJud
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     model.load_state_dict(state, strict=True)
     return model.to(device).eval()
+
+
+def check_data_matches_model(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    ids: torch.Tensor,
+    config: Mapping,
+    factors: Sequence[str] | None = None,
+    values: Mapping[str, Sequence[str]] | None = None,
+) -> None:
+    """The images and labels are what the model (its ``config``, e.g. FactorUNet.config) expects.
+
+    Checks image size and channel count, the number of factors, and each label against the
+    model's value range (index n_values[f], the null token, stands for a caption that leaves
+    factor f out). With names on both sides (a model saved with ``values``), the factors
+    must be the model's, in its order, and each value must have the model's index for it: labels
+    are indices, and another order would silently condition the model on other values.
+    """
+    size, channels = config.get("image_size"), config.get("in_channels", 3)
+    if images.shape[1] != channels:
+        raise InputError(f"images have {images.shape[1]} channel(s), the model expects {channels}")
+    if size is not None and tuple(images.shape[2:]) != (size, size):
+        h, w = images.shape[2:]
+        raise InputError(f"images are {h}x{w} pixels, the model expects {size}x{size}")
+    n_values = config.get("n_values")
+    if n_values is None:
+        return
+    if labels.shape[1] != len(n_values):
+        raise InputError(f"labels have {labels.shape[1]} factor(s), the model has {len(n_values)}")
+    model_factors, model_values = config.get("factors"), config.get("values")
+    if model_values and factors is not None and values is not None:
+        if list(factors) != list(model_factors):
+            raise InputError(
+                f"dataset factors {list(factors)} differ from the model's {model_factors}"
+            )
+        for f in model_factors:
+            for i, name in enumerate(values[f]):
+                theirs = model_values[f][i] if i < len(model_values[f]) else "<none>"
+                if name != theirs:
+                    raise InputError(
+                        f"dataset value {name!r} of factor {f!r} has index {i}, which is "
+                        f"{theirs!r} for the model (labels are indices into the model's values)"
+                    )
+    for f, n in enumerate(n_values):
+        bad = (labels[:, f] < 0) | (labels[:, f] > n)  # index n: the null token, not captioned
+        if bad.any():
+            name = (model_factors or [f"factor {f}"])[f]
+            raise InputError(
+                f"labels of {name!r} outside the model's {n} values (and its null token) for "
+                "sample id(s) "
+                f"{show_ids(ids[bad].tolist())}"
+            )

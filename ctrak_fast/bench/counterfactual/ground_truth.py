@@ -26,11 +26,11 @@ from ctrak_fast.bench.counterfactual.setting import (
     mask_to_text,
     subset_masks,
 )
-from ctrak_fast.bench.judge import evaluation_report, train_judge
-from ctrak_fast.bench.train import train_diffusion
 from ctrak_fast.engine.atomic import atomic_write_text
 from ctrak_fast.models.factor_unet import load_model
 from ctrak_fast.progress import report
+from ctrak_fast.train.diffusion import train_diffusion
+from ctrak_fast.train.judge import evaluation_report, train_judge
 
 __all__ = [
     "prepare",

@@ -23,10 +23,10 @@ import torch
 
 from ctrak_fast.bench.counterfactual.probes import Probes, measure
 from ctrak_fast.bench.counterfactual.setting import CounterfactualSetting, mask_from_text
-from ctrak_fast.bench.train import train_diffusion
 from ctrak_fast.engine.atomic import atomic_write_text
 from ctrak_fast.models.factor_unet import load_model
 from ctrak_fast.progress import report
+from ctrak_fast.train.diffusion import train_diffusion
 
 __all__ = ["Job", "pending", "run_jobs", "run_job", "generation_rate", "read_outputs"]
 

@@ -11,18 +11,36 @@ import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal, Protocol
 
 import numpy as np
+import safetensors
+import safetensors.torch
 import torch
+from safetensors import safe_open
 from torch import Tensor
 
 from ctrak_fast.engine import native
+from ctrak_fast.engine.atomic import sha256_bytes
 from ctrak_fast.engine.checksum import shard_checksum
-from ctrak_fast.engine.store.manifest import MANIFEST, StoreError
+from ctrak_fast.engine.store.manifest import DTYPES, MANIFEST, StoreError
 
-if TYPE_CHECKING:
-    from ctrak_fast.engine.store.store import FeatureStore
+
+class ShardSource(Protocol):
+    """What the shard readers need of a store (a FeatureStore is one): its directory, and the
+    k, dtype and shard records of its manifest."""
+
+    path: Path
+
+    @property
+    def k(self) -> int: ...
+
+    @property
+    def dtype(self) -> str: ...
+
+    @property
+    def manifest(self) -> dict: ...
+
 
 ST_DTYPES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}
 
@@ -118,7 +136,42 @@ def _as_tensor(a: np.ndarray) -> Tensor:
         return torch.from_numpy(a)
 
 
-def map_shard(store: FeatureStore, rec: dict, verify: str, populate: bool):
+def read_shard(
+    path: Path, manifest: dict, index: int, check: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shard ``index`` of the store at ``path`` as (features [rows, k] in the store dtype, ids
+    [rows] int64).
+
+    With ``check`` the file's sha256 is compared with the manifest first (StoreError naming
+    the shard on mismatch); without it the tensors are read lazily through ``safe_open``.
+    """
+    rec = manifest["shards"][index]
+    file = shard_file(path, rec["file"])
+    try:
+        if check:
+            data = file.read_bytes()
+            if len(data) != rec["bytes"]:
+                raise StoreError(
+                    f"{file}: {len(data)} bytes, manifest says {rec['bytes']} (truncated?)"
+                )
+            if sha256_bytes(data) != rec["sha256"]:
+                raise StoreError(f"{file}: sha256 mismatch, the shard is corrupt")
+            tensors = safetensors.torch.load(data)
+            feats, ids = tensors["features"], tensors["ids"]
+        else:
+            with safe_open(file, framework="pt") as f:
+                feats, ids = f.get_tensor("features"), f.get_tensor("ids")
+    except FileNotFoundError as e:
+        raise StoreError(f"{file}: shard file is missing") from e
+    except (safetensors.SafetensorError, KeyError) as e:
+        raise StoreError(f"{file}: unreadable shard: {e}") from e
+    dtype = DTYPES[manifest["dtype"]]
+    if feats.shape != (rec["rows"], manifest["k"]) or feats.dtype != dtype:
+        raise StoreError(f"{file}: features {tuple(feats.shape)} {feats.dtype} do not match")
+    return feats, ids
+
+
+def map_shard(store: ShardSource, rec: dict, verify: str, populate: bool):
     """Memory-map one shard and check it: -> (features [rows, k] Tensor, ids [rows] Tensor).
 
     The tensors are read-only views of the mapping, which stays alive as long as they do.
@@ -171,7 +224,7 @@ def map_shard(store: FeatureStore, rec: dict, verify: str, populate: bool):
 
 
 def iter_store_shards(
-    store: FeatureStore,
+    store: ShardSource,
     shards: Sequence[int] | None = None,
     verify: Verify = "crc",
     readahead: bool = True,
@@ -179,7 +232,7 @@ def iter_store_shards(
     """Yield (features [rows_i, k], ids [rows_i] int64) of a store's shards, memory-mapped.
 
     Args:
-        store: an open FeatureStore.
+        store: an open FeatureStore (or anything with its path, k, dtype and manifest).
         shards: indices of the shards to read, in that order (default: all).
         verify: "ids", "crc", "full" or "none" (VERIFY, above).
         readahead: a background thread maps, reads and checks shard i + 1 (MAP_POPULATE) while

@@ -52,7 +52,7 @@ import safetensors.torch
 import torch
 from safetensors import safe_open
 
-from ctrak_fast.engine.atomic import atomic_write, sha256_bytes
+from ctrak_fast.engine.atomic import atomic_write
 from ctrak_fast.engine.store.manifest import (
     DTYPES,
     MANIFEST,
@@ -73,6 +73,7 @@ from ctrak_fast.engine.store.manifest import (
 from ctrak_fast.engine.store.shards import (
     check_shards,
     iter_store_shards,
+    read_shard,
     shard_file,
 )
 from ctrak_fast.engine.store.verify import verify_store
@@ -97,7 +98,8 @@ class FeatureStore:
 
     def __init__(self, path: Path, manifest: dict) -> None:
         self.path = Path(path)
-        self._m = manifest
+        self._adopted = manifest
+        self._writer: StoreWriter | None = None
 
     # -- construction --
 
@@ -259,13 +261,14 @@ class FeatureStore:
         return copy.deepcopy(self._m)
 
     @property
-    def live_manifest(self) -> dict:
-        """The manifest itself, not a copy: for the store's writer, which must not edit it."""
-        return self._m
-
-    def adopt_manifest(self, manifest: dict) -> None:
-        """The writer's commit point: `manifest` (already on disk) becomes this store's."""
-        self._m = manifest
+    def _m(self) -> dict:
+        # The store adopts the manifest its writer returned from its latest commit (already on
+        # disk); the writer knows nothing of the store.
+        if self._writer is not None:
+            self._adopted = self._writer.manifest
+            if self._writer.closed:
+                self._writer = None
+        return self._adopted
 
     def __len__(self) -> int:
         return self.n_rows
@@ -301,29 +304,7 @@ class FeatureStore:
         With ``check`` the file's sha256 is compared with the manifest first (StoreError naming
         the shard on mismatch); without it the tensors are read lazily through ``safe_open``.
         """
-        rec = self._m["shards"][index]
-        file = shard_file(self.path, rec["file"])
-        try:
-            if check:
-                data = file.read_bytes()
-                if len(data) != rec["bytes"]:
-                    raise StoreError(
-                        f"{file}: {len(data)} bytes, manifest says {rec['bytes']} (truncated?)"
-                    )
-                if sha256_bytes(data) != rec["sha256"]:
-                    raise StoreError(f"{file}: sha256 mismatch, the shard is corrupt")
-                tensors = safetensors.torch.load(data)
-                feats, ids = tensors["features"], tensors["ids"]
-            else:
-                with safe_open(file, framework="pt") as f:
-                    feats, ids = f.get_tensor("features"), f.get_tensor("ids")
-        except FileNotFoundError as e:
-            raise StoreError(f"{file}: shard file is missing") from e
-        except (safetensors.SafetensorError, KeyError) as e:
-            raise StoreError(f"{file}: unreadable shard: {e}") from e
-        if feats.shape != (rec["rows"], self.k) or feats.dtype != self.torch_dtype:
-            raise StoreError(f"{file}: features {tuple(feats.shape)} {feats.dtype} do not match")
-        return feats, ids
+        return read_shard(self.path, self._m, index, check)
 
     def iter_shards(self, check: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield (features [rows_i, k] in the store dtype, ids [rows_i] int64) shard by shard.
@@ -374,7 +355,8 @@ class FeatureStore:
     def writer(self, expected_rows: int | None = None) -> StoreWriter:
         """The exclusive writer (a context manager); a second one raises :class:`StoreError`.
         ``expected_rows``: the rows the store holds when done (see :class:`StoreWriter`)."""
-        return StoreWriter(self, expected_rows)
+        self._writer = StoreWriter(self.path, expected_rows)
+        return self._writer
 
 
 def iter_features(source) -> Iterable[torch.Tensor]:

@@ -1,5 +1,9 @@
 """The one writer of a FeatureStore: buffers rows into whole shards, commits each with the
 manifest, and holds the store's lock (flock on ``.lock``, which records the writer's pid).
+
+The writer works on the store's directory and its own copy of the manifest; every commit returns
+the new manifest (:attr:`StoreWriter.manifest`), which the FeatureStore that made the writer
+adopts. Nothing here imports or calls the store.
 """
 
 from __future__ import annotations
@@ -8,7 +12,6 @@ import contextlib
 import fcntl
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import safetensors.torch
 import torch
@@ -16,17 +19,16 @@ import torch
 from ctrak_fast.engine.atomic import atomic_write, sha256_bytes
 from ctrak_fast.engine.checksum import shard_checksum
 from ctrak_fast.engine.store.manifest import (
+    DTYPES,
     LOCK_FILE,
     MANIFEST,
     StoreError,
+    is_complete,
     manifest_bytes,
     read_manifest,
     with_version,
 )
-from ctrak_fast.engine.store.shards import SHARD_RE, check_shards
-
-if TYPE_CHECKING:
-    from ctrak_fast.engine.store.store import FeatureStore
+from ctrak_fast.engine.store.shards import SHARD_RE, check_shards, read_shard
 
 
 class StoreWriter:
@@ -42,18 +44,18 @@ class StoreWriter:
     and ``close()`` marks the store complete only once that many rows are on disk.
     """
 
-    def __init__(self, store: FeatureStore, expected_rows: int | None = None) -> None:
+    def __init__(self, path: str | os.PathLike, expected_rows: int | None = None) -> None:
         if expected_rows is not None and (type(expected_rows) is not int or expected_rows < 0):
             raise StoreError(f"expected_rows must be an integer >= 0, got {expected_rows!r}")
-        self.store = store
+        self.path = Path(path)
         self._expected = expected_rows
-        self._lock_fd = acquire_lock(store.path)
+        self._lock_fd = acquire_lock(self.path)
         self._buf: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # feats, ids, zeroed
         self._buffered = 0
         try:
-            # Re-read under the lock: the manifest may have changed since the store was opened.
-            store.adopt_manifest(read_manifest(store.path))
-            check_shards(store.path, store.live_manifest)
+            # Read under the lock: the manifest may have changed since the store was opened.
+            self._manifest = read_manifest(self.path)
+            check_shards(self.path, self._manifest)
             self._remove_debris()
             self._reopen_partial_tail()
         except BaseException:
@@ -73,6 +75,11 @@ class StoreWriter:
     def closed(self) -> bool:
         return self._lock_fd is None
 
+    @property
+    def manifest(self) -> dict:
+        """The manifest of the latest commit (on disk): for the store to adopt, not to edit."""
+        return self._manifest
+
     def append(
         self, features: torch.Tensor, ids: torch.Tensor, zeroed: torch.Tensor | None = None
     ) -> None:
@@ -87,8 +94,8 @@ class StoreWriter:
                 shard's record (``FeatureStore.zeroed_ids``).
         """
         if self.closed:
-            raise StoreError(f"writer of {self.store.path} is closed")
-        k, dt = self.store.k, self.store.torch_dtype
+            raise StoreError(f"writer of {self.path} is closed")
+        k, dt = self._manifest["k"], DTYPES[self._manifest["dtype"]]
         if features.dim() != 2 or features.shape[1] != k or not features.is_floating_point():
             raise StoreError(
                 f"features must be floating [n, {k}], got {list(features.shape)} {features.dtype}"
@@ -108,13 +115,13 @@ class StoreWriter:
             bad = (~torch.isfinite(feats)).any(1).nonzero()[:5, 0].tolist()
             raise StoreError(
                 f"non-finite features at rows {bad} of this batch "
-                f"(after the cast to {self.store.dtype})"
+                f"(after the cast to {self._manifest['dtype']})"
             )
         ids = ids.detach().to(device="cpu", dtype=torch.int64, copy=True)
         self._buf.append((feats, ids, zeroed.clone()))
         self._buffered += feats.shape[0]
-        while self._buffered >= self.store.shard_rows:
-            self._write_shard(self.store.shard_rows)
+        while self._buffered >= self._manifest["shard_rows"]:
+            self._write_shard(self._manifest["shard_rows"])
 
     def close(self) -> None:
         """Write the partial last shard, mark the store complete and release the lock."""
@@ -123,9 +130,9 @@ class StoreWriter:
         try:
             if self._buffered:
                 self._write_shard(self._buffered)
-            m = self.store.live_manifest
+            m = self._manifest
             done = self._expected is None or m["n_rows"] == self._expected
-            if done and not self.store.complete:
+            if done and not is_complete(m):
                 self._commit(dict(m, complete=True))
         finally:
             self._release()
@@ -138,10 +145,10 @@ class StoreWriter:
         self._buf = [(feats[rows:], ids[rows:], zeroed[rows:])] if rest else []
         self._buffered = rest
         feats, ids = feats[:rows].contiguous(), ids[:rows].contiguous()
-        m = self.store.live_manifest
+        m = self._manifest
         name = f"shard-{len(m['shards']):05d}.safetensors"
         data = safetensors.torch.save({"features": feats, "ids": ids})
-        atomic_write(self.store.path / name, data)
+        atomic_write(self.path / name, data)
         record = {
             "file": name,
             "first_row": m["n_rows"],
@@ -157,21 +164,23 @@ class StoreWriter:
             dict(m, shards=[*m["shards"], record], n_rows=m["n_rows"] + rows, complete=False)
         )
 
-    def _commit(self, manifest: dict) -> None:
+    def _commit(self, manifest: dict) -> dict:
+        """Write ``manifest`` (the commit point) and return it as the writer's new manifest."""
         if self._expected is not None:
             if manifest["n_rows"] > self._expected:
                 raise StoreError(
-                    f"store {self.store.path}: {manifest['n_rows']} rows, more than the "
+                    f"store {self.path}: {manifest['n_rows']} rows, more than the "
                     f"{self._expected} expected"
                 )
             manifest["expected_rows"] = self._expected
         manifest = with_version(manifest)
-        atomic_write(self.store.path / MANIFEST, manifest_bytes(manifest))
-        self.store.adopt_manifest(manifest)
+        atomic_write(self.path / MANIFEST, manifest_bytes(manifest))
+        self._manifest = manifest
+        return manifest
 
     def _remove_debris(self) -> None:
-        listed = {rec["file"] for rec in self.store.live_manifest["shards"]}
-        for p in self.store.path.iterdir():
+        listed = {rec["file"] for rec in self._manifest["shards"]}
+        for p in self.path.iterdir():
             stray_shard = SHARD_RE.fullmatch(p.name) and p.name not in listed
             if p.name.endswith(".tmp") or stray_shard:
                 p.unlink()
@@ -180,15 +189,15 @@ class StoreWriter:
         # A clean close left a short last shard: take its rows back into the buffer so shard
         # boundaries depend only on the sequence of rows. Drop it from the manifest first, then
         # delete the file: a crash in between leaves only a stray file, removed next time.
-        m = self.store.live_manifest
+        m = self._manifest
         if not m["shards"] or m["shards"][-1]["rows"] >= m["shard_rows"]:
             return
         tail = m["shards"][-1]
-        feats, ids = self.store.read_shard(len(m["shards"]) - 1, check=True)
+        feats, ids = read_shard(self.path, m, len(m["shards"]) - 1, check=True)
         self._commit(
             dict(m, shards=m["shards"][:-1], n_rows=m["n_rows"] - tail["rows"], complete=False)
         )
-        (self.store.path / tail["file"]).unlink()
+        (self.path / tail["file"]).unlink()
         zeroed = torch.isin(ids, torch.tensor(tail.get("zeroed_ids", []), dtype=torch.int64))
         self._buf = [(feats, ids, zeroed)]
         self._buffered = feats.shape[0]

@@ -97,7 +97,7 @@ class FactorizedGrads:
                 phi += torch.bmm(Gp.transpose(1, 2), Ap).flatten(1)
             feats.append(phi)
             if sq is not None and pairs:
-                sq += _sq_norm(mod, pairs, bias)
+                sq += layer_sq_norm(mod, pairs, bias)
         return torch.cat(feats, 1), sq
 
     def _signs(self, mod: nn.Module, layer: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,7 +130,7 @@ def _projected_sides(mod, a, delta, P_in, P_out, bias: bool):
     return (Ap + P_in[d_in] if bias else Ap), Gp
 
 
-def _sq_norm(mod: nn.Module, pairs, bias: bool = False) -> torch.Tensor:
+def layer_sq_norm(mod: nn.Module, pairs, bias: bool = False) -> torch.Tensor:
     """||sum over calls of G_bᵀ [A_b | 1]||_F² per sample (the 1-column only with bias), by the
     cheaper of the ghost-norm identity and W_b itself (a conv's by one grouped conv backward,
     without unfolding its input)."""

@@ -9,8 +9,9 @@ ProjectionSpec (features agree with the materialised path to float32 rounding):
               kernels.linear_grad_project: W_b = sum_t g_t a_tᵀ tile by tile in on-chip memory
               times the hashed signs (Triton on CUDA; nothing of size B × out × in is written)
     otherwise that layer's per-sample gradient (grads_hooks.layer_grads), projected at once by
-              kernels.rademacher_project (Triton on CUDA, the fused C++ kernel on CPU); for long
-              T materialising W_b is the cheaper of the two (see linear_grad_project)
+              engine.rademacher.rademacher_project (Triton on CUDA, the fused C++ kernel on
+              CPU); for long T materialising W_b is the cheaper of the two (see
+              linear_grad_project)
 
 so memory is one layer's per-sample gradient. Norms: linear_grad_sq_norm (ghost-norm identity or
 W_b, whichever is cheaper) or the layer gradient itself. Projection is linear, P g / |g| =
@@ -27,7 +28,7 @@ from torch import nn
 
 from ctrak_fast import kernels
 from ctrak_fast.engine.projection import ProjectionSpec
-from ctrak_fast.engine.projector import rademacher_project
+from ctrak_fast.engine.rademacher import projection_backend, rademacher_project
 from ctrak_fast.method.grads.hooks import HookedGrads, layer_grads, layer_positions
 from ctrak_fast.method.grads.layout import parameter_layout
 
@@ -64,7 +65,7 @@ class LayerwiseDense:
             calls = pairs.get(id(mod), [])
             if not calls:
                 continue
-            if w is not None and _fused(mod, calls, x_t.device):
+            if w is not None and use_fused_linear(mod, calls, x_t):
                 A, G = layer_positions(mod, calls)
                 bias = None if b is None else b.offset
                 kernels.linear_grad_project(
@@ -82,9 +83,10 @@ class LayerwiseDense:
         return phi, sq
 
 
-def _fused(mod: nn.Module, calls, device: torch.device) -> bool:
-    """Use the fused linear kernel: a Linear layer on CUDA with few enough positions."""
-    if not isinstance(mod, nn.Linear) or device.type != "cuda" or not kernels.HAS_TRITON:
+def use_fused_linear(mod: nn.Module, calls, x: torch.Tensor) -> bool:
+    """Whether a layer goes to the fused linear kernel: a Linear layer, inputs the projection sends
+    to Triton, few enough positions (the tests force it to check the wiring on CPU)."""
+    if not isinstance(mod, nn.Linear) or projection_backend(None, x) != "triton":
         return False
     return sum(d[0].numel() // d.shape[-1] for _, d in calls) <= FUSED_MAX_T
 
