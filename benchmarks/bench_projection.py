@@ -43,11 +43,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from ctrak_fast.kernels import hashing  # noqa: E402
-
 from ctrak_fast.engine.native import native_available  # noqa: E402
 from ctrak_fast.engine.projection import ProjectionSpec  # noqa: E402
 from ctrak_fast.engine.projector import Projector  # noqa: E402
+from ctrak_fast.kernels import hashing  # noqa: E402
 
 
 def environment() -> dict:

@@ -295,6 +295,12 @@ def add_counterfactual_parser(bsub) -> None:
     pc.add_argument(
         "--work", default="out/counterfactual_work", help="checkpoints of models in training"
     )
+    pc.add_argument(
+        "--device",
+        default="cpu",
+        choices=["cpu", "cuda"],
+        help="where the retrained models train (measured on the CPU)",
+    )
     pc.add_argument("--k", type=positive_int, default=2048, help="projection dimension")
     pc.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
     pc.add_argument("--threads", type=positive_int, help="torch threads (default: torch's)")

@@ -150,10 +150,11 @@ def cmd_counterfactual(a) -> None:
     from ctrak_fast.bench.counterfactual.regenerate import retrain_lds, retrain_removal
     from ctrak_fast.bench.counterfactual.tables import counterfactual_tables
     from ctrak_fast.bench.quality import QualityConfig
-    from ctrak_fast.engine.validation import InputError
+    from ctrak_fast.engine.validation import InputError, check_device
     from ctrak_fast.method.methods import parse_methods
     from ctrak_fast.models.shipped import COUNTERFACTUAL
 
+    check_device(a.device)  # before any work: cuda on a CPU-only machine is one line
     truth = Path(a.truth) if a.truth else COUNTERFACTUAL
     for flag, folder in (("--out", Path(a.out)), ("--work", Path(a.work))):
         if folder.resolve() == truth.resolve() or truth.resolve() in folder.resolve().parents:
@@ -161,13 +162,15 @@ def cmd_counterfactual(a) -> None:
     cfg = QualityConfig(k=a.k, methods=parse_methods(a.methods))
     left = None
     if a.retrain:
-        left = retrain_lds(truth, Path(a.work), a.workers, a.max_jobs, a.setting, not a.quiet)
+        left = retrain_lds(
+            truth, Path(a.work), a.workers, a.max_jobs, a.setting, not a.quiet, a.device
+        )
     elif not (truth / "setting.json").is_file():
         raise InputError(f"{truth}: no setting.json (a ground-truth folder; --retrain makes one)")
     # scores every method; once every LDS model is measured, writes the removal arms
     results = run_counterfactual(truth, a.out, cfg, progress=not a.quiet)
     if a.retrain and "removal" in read_masks(truth):
-        retrain_removal(truth, Path(a.work), a.workers, left)
+        retrain_removal(truth, Path(a.work), a.workers, left, a.device)
         results = refresh_removal(results, truth, Path(a.out))
     print(counterfactual_tables(results))
     print(f"\nwrote {Path(a.out) / 'results.json'}, {Path(a.out) / 'lds_scatter.png'}")

@@ -109,7 +109,6 @@ def cmd_query(a):
 
 
 def cmd_attribute(a):
-    from ctrak_fast.engine.dist import distributed_session
     from ctrak_fast.engine.export import export_scores
     from ctrak_fast.engine.store import FeatureStore
     from ctrak_fast.engine.sweep import choose_path

@@ -19,13 +19,10 @@ from typing import Any, Literal
 
 from torch import Tensor
 
+from ctrak_fast.engine.dist import distributed_session
 from ctrak_fast.engine.scoring import DualPreconditioner, Preconditioner, precondition
 from ctrak_fast.engine.search import topk
-from ctrak_fast.engine.search_distributed import (
-    distributed_session,
-    gram_distributed,
-    topk_distributed,
-)
+from ctrak_fast.engine.search_distributed import gram_distributed, topk_distributed
 from ctrak_fast.engine.search_inputs import TopK
 from ctrak_fast.engine.store import FeatureStore, StoreError, iter_store_shards
 from ctrak_fast.engine.store.shards import Verify

@@ -64,6 +64,7 @@ def train_diffusion(
     hflip: bool = False,
     init_from: str | os.PathLike | None = None,
     resume: bool = True,
+    device: str | torch.device = "cpu",
 ) -> FactorUNet:
     """DDPM epsilon-prediction training of a FactorUNet on `dataset`; returns the EMA model (eval).
 
@@ -88,6 +89,8 @@ def train_diffusion(
             optimiser, data order, random state); a run started with a state there continues
             from it (the same settings are required), so a killed run loses at most
             `checkpoint_every` steps. The state is removed when training ends.
+        device: where the model trains; every random draw stays on the CPU generator, so a
+            run's batches, noise and timesteps are the same on any device.
     Learning rate: linear warm-up, constant, then linear decay to 10% over the last 30% of progress.
     """
     torch.manual_seed(seed)
@@ -102,11 +105,12 @@ def train_diffusion(
             )
     else:
         model = FactorUNet(dataset.n_values, **kw).train()
+    model.to(device)
     ema = EMAWeights(model, ema_decay)
     sched = NoiseSchedule.from_config(model.config["schedule"])
     partial = f"{out_path}.partial"
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    null = model.null_index
+    null = model.null_index.cpu()
     # the model learns what it is told: the captions (null tokens where a caption is missing)
     images, labels = dataset.images, dataset.captions
     n = len(dataset)
@@ -160,7 +164,8 @@ def train_diffusion(
         cond = torch.where(drop, null.expand_as(cond), cond)
         t = torch.randint(0, sched.num_train_timesteps, (len(idx),), generator=g)
         eps = torch.randn(x0.shape, generator=g)
-        loss = F.mse_loss(model(add_noise(x0, eps, t, sched), t, cond), eps)
+        x_t = add_noise(x0, eps, t, sched).to(device)
+        loss = F.mse_loss(model(x_t, t.to(device), cond.to(device)), eps.to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

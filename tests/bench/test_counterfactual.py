@@ -207,6 +207,10 @@ def test_command_end_to_end_on_a_tiny_setting(tmp_path, capsys):
     assert results["removal"]  # the removal arms were retrained and measured
     masks = json.loads((truth / "masks.json").read_text())
     assert len(masks["lds"]) == 3 and masks["removal"]
+    # a GPU asked for on a machine without one: one line, before any work
+    if not torch.cuda.is_available():
+        assert main([*args[:2], "--truth", str(truth), "--device", "cuda", "--out", str(out)]) == 1
+        assert "no CUDA device" in capsys.readouterr().err
     # the ground truth is never overwritten by an output
     args = ["bench", "counterfactual", "--truth", str(truth), "--out", str(truth / "x")]
     assert main(args) == 1

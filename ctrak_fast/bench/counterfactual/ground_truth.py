@@ -52,7 +52,7 @@ def _write_masks(folder: Path, masks: dict) -> None:
     atomic_write_text(folder / "masks.json", json.dumps(masks, indent=1) + "\n")
 
 
-def prepare(folder: Path, work: Path, progress: bool = True) -> None:
+def prepare(folder: Path, work: Path, progress: bool = True, device: str = "cpu") -> None:
     """Phase 1 (each step skipped when its file is there)."""
     setting = CounterfactualSetting.load(folder / "setting.json")
     data = setting.dataset()
@@ -64,7 +64,7 @@ def prepare(folder: Path, work: Path, progress: bool = True) -> None:
             data, work / "full.safetensors", steps=setting.steps,
             batch_size=setting.batch_size, lr=setting.lr, seed=setting.train_seed,
             progress=progress, model_kwargs=setting.model_kwargs(), checkpoint_every=250,
-            hflip=True,
+            hflip=True, device=device,
         )  # fmt: skip
         shutil.copyfile(work / "full.safetensors", work / "full.copy")
         (work / "full.copy").replace(unet)

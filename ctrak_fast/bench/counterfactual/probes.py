@@ -24,10 +24,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ctrak_fast.bench.queries import make_queries
-from ctrak_fast.models.factor import factor_negative
 from ctrak_fast.engine.atomic import atomic_path
 from ctrak_fast.method import diffusion
 from ctrak_fast.method.featurize import PAPER_TIMESTEPS
+from ctrak_fast.models.factor import factor_negative
 
 __all__ = ["Probes", "make_probes", "measure"]
 

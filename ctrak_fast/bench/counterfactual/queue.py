@@ -77,8 +77,9 @@ def generation_rate(model, judge, combo, factor: int, n: int, guidance: float, s
     }
 
 
-def run_job(job: Job, folder: str, work: str, progress: bool = False) -> str:
-    """Train, measure and write `<folder>/outputs/<job>.json`; returns the job's name."""
+def run_job(job: Job, folder: str, work: str, device: str = "cpu", progress: bool = False) -> str:
+    """Train (on `device`), measure (on the CPU: a few hundred forward passes) and write
+    `<folder>/outputs/<job>.json`; returns the job's name."""
     torch.set_num_threads(1)
     wall, cpu = time.time(), time.process_time()
     root = Path(folder)
@@ -90,8 +91,8 @@ def run_job(job: Job, folder: str, work: str, progress: bool = False) -> str:
     model = train_diffusion(
         data.subset(keep), ckpt, steps=setting.steps, batch_size=setting.batch_size,
         lr=setting.lr, seed=job.seed, progress=progress, model_kwargs=setting.model_kwargs(),
-        checkpoint_every=250, hflip=True,
-    )  # fmt: skip
+        checkpoint_every=250, hflip=True, device=device,
+    ).cpu()  # fmt: skip
     out = {"job": job.name, "seed": job.seed, "n_train": int(keep.sum())}
     out.update(measure(model, Probes.load(root / "probes.safetensors")))
     if job.rate:
@@ -125,9 +126,10 @@ def run_jobs(
     workers: int = 2,
     limit: int | None = None,
     on_done: Callable[[str], None] | None = None,
+    device: str = "cpu",
 ) -> list[str]:
-    """Run the pending jobs (at most `limit`) on `workers` processes; returns the names done.
-    on_done(name) runs in this process after each job (e.g. a progress line)."""
+    """Run the pending jobs (at most `limit`) on `workers` processes, training on `device`;
+    returns the names done. on_done(name) runs in this process after each job."""
     todo = pending(jobs, folder / "outputs")[:limit]
     if not todo:
         return []
@@ -136,13 +138,13 @@ def run_jobs(
     t0 = time.time()
     if workers <= 1:
         for j in todo:
-            done.append(run_job(j, str(folder), str(work)))
+            done.append(run_job(j, str(folder), str(work), device))
             _log_done(done, len(todo), t0, on_done)
         return done
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # each process one core
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-        futures = {pool.submit(run_job, j, str(folder), str(work)) for j in todo}
+        futures = {pool.submit(run_job, j, str(folder), str(work), device) for j in todo}
         while futures:
             finished, futures = wait(futures, return_when=FIRST_COMPLETED)
             for fut in finished:

@@ -22,6 +22,7 @@ def retrain_lds(
     max_jobs: int | None,
     setting_path: str | None = None,
     progress: bool = True,
+    device: str = "cpu",
 ) -> int | None:
     """Prepare and retrain the LDS subsets; returns how many jobs this sitting may still run
     (None: no limit). A new `truth` folder starts from `setting_path` (default: the shipped
@@ -35,21 +36,23 @@ def retrain_lds(
         shutil.copyfile(source, truth / "setting.json")
     elif setting_path:
         raise ValueError(f"{truth} already has a setting.json: --setting is for a new folder")
-    prepare(truth, work, progress)
+    prepare(truth, work, progress, device)
     jobs = lds_jobs(truth)
-    done = run_jobs(jobs, truth, work, workers, max_jobs)
+    done = run_jobs(jobs, truth, work, workers, max_jobs, device=device)
     left = pending(jobs, truth / "outputs")
     if left:
         report(f"counterfactual: {len(left)} LDS models left; rerun to go on")
     return None if max_jobs is None else max_jobs - len(done)
 
 
-def retrain_removal(truth: Path, work: Path, workers: int, max_jobs: int | None) -> None:
+def retrain_removal(
+    truth: Path, work: Path, workers: int, max_jobs: int | None, device: str = "cpu"
+) -> None:
     """Retrain the removal arms (written by the benchmark once every LDS model is measured)."""
     if max_jobs is not None and max_jobs <= 0:
         return
     jobs = removal_jobs(truth)
-    run_jobs(jobs, truth, work, workers, max_jobs)
+    run_jobs(jobs, truth, work, workers, max_jobs, device=device)
     left = pending(jobs, truth / "outputs")
     if left:
         report(f"counterfactual: {len(left)} removal models left; rerun to go on")
