@@ -14,7 +14,7 @@ them; nothing else about the model is assumed):
 - ``condition_param_filter`` (optional): a regex of the parameters the condition enters through,
   what the parameter filter "@condition" (method/methods.py CONDITION_PATH) stands for.
 
-A `ModelKind` wraps one such model and answers what the front (api.py, the CLI, the benchmarks)
+A `ModelKind` wraps one such model and answers what the front (api/, the CLI, the benchmarks)
 asks of a model kind: its conditions and concept removal (`Conditions`), its featurizer, the x0 of
 pixels (encode / decode for latent models), how a query image is generated, how a concept query
 is featurized, and `describe`. models/registry.py keys the kinds by name and picks one for a

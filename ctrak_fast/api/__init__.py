@@ -24,24 +24,18 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from ctrak_fast.api import core
 from ctrak_fast.data import ConceptDataset
 from ctrak_fast.engine.projection import FactorizedSpec, ProjectionSpec
 from ctrak_fast.engine.store import FORMAT_VERSION, FeatureStore
 from ctrak_fast.method.featurize import FeatureSpec, Featurizer
-from ctrak_fast.method.losses import region_meta, region_on_grid
 from ctrak_fast.method.methods import GRADIENT_METHODS, get_method
-from ctrak_fast.method.pipeline import (
-    PreconditionerCache,
-    das_store_path,
-    featurize,
-    scored_store,
-    search,
-)
-from ctrak_fast.method.query import ConceptQuerySpec, image_query_features
+from ctrak_fast.method.pipeline import PreconditionerCache, das_store_path, featurize
+from ctrak_fast.method.query import ConceptQuerySpec
 from ctrak_fast.models.base import Condition
 from ctrak_fast.models.registry import kind_of, kind_of_pipeline
 from ctrak_fast.models.shipped import shipped_dataset, shipped_model
-from ctrak_fast.results import Attribution, Query, check_query_store, check_store_readable
+from ctrak_fast.results import Attribution, Query
 
 __all__ = [
     "METHODS",
@@ -62,16 +56,7 @@ STORE_FORMAT_VERSION: int = FORMAT_VERSION
 """Newest FeatureStore format this build reads and writes; newer stores are refused."""
 
 
-# ---- the attributor ------------------------------------------------------------------------------
-
-
-def _method_spec(method: str, spec: FeatureSpec | None) -> FeatureSpec:
-    row = get_method(method, GRADIENT_METHODS)
-    return row.feature_spec() if spec is None else row.check_spec(spec)
-
-
-# Up to this k the Attributor keeps the Gram (k^2 doubles: 0.5 GB) for cheap lambda changes.
-KEEP_GRAM_MAX_K = 8192
+# ---- the attributor (its steps: api/core.py) -----------------------------------------------------
 
 
 class Attributor:
@@ -125,9 +110,8 @@ class Attributor:
         projector_backend: str = "auto",
     ) -> None:
         self._method = method
-        spec = _method_spec(method, feature)
+        spec = core.method_spec(method, feature)
         self._kind = kind_of(model, null_cond)
-        self._conds = self._kind.conditions
         fz = self._kind.featurizer(
             spec,
             projection or ProjectionSpec(),
@@ -135,11 +119,10 @@ class Attributor:
             projector_backend=projector_backend,
         )
         self._fz = fz
-        if query is None:
-            base = {"weight": self._kind.query_weight, "timesteps": fz.spec.timesteps}
-            query = ConceptQuerySpec(**{**base, **get_method(method).concept})
-        self._query = query
-        self._pre = PreconditionerCache(KEEP_GRAM_MAX_K)
+        self._query = (
+            query if query is not None else core.default_query_spec(self._kind, fz, method)
+        )
+        self._pre = PreconditionerCache(core.KEEP_GRAM_MAX_K)
 
     # -- construction from a pipeline --
 
@@ -306,9 +289,7 @@ class Attributor:
         Returns:
             [n, C, H, W] float32 pixels in [-1, 1].
         """
-        guidance = self._kind.guidance if guidance is None else guidance
-        cond = self._conds.one(concept)
-        return self._kind.generate(cond, n, seed=seed, guidance=guidance, steps=steps)
+        return core.generate(self._kind, concept, n, seed=seed, guidance=guidance, steps=steps)
 
     def query(
         self,
@@ -353,24 +334,8 @@ class Attributor:
         qspec = self._query
         if spec:
             qspec = ConceptQuerySpec(**{**qspec.to_dict(), **spec})
-        pos = self._conds.one(concept)
-        if region is not None and qspec.draws != "local":
-            raise ValueError("a region points into the query image: it needs draws='local'")
-        if get_method(self._method).query != "concept":
-            if remove or negatives:
-                raise ValueError(f"{self._method} queries are whole-image: nothing to remove")
-            if image is None:
-                image = self.generate(concept, seed=qspec.seed)[0]
-            q = self._image_query(image[None], pos[None], ("image",), region)
-            return Query(q.features, q.labels, {**q.meta, "query": qspec.to_dict()}, image)
-        negs = self._kind.removals(concept, pos, remove, negatives, qspec.negative)
-        if image is None and qspec.draws == "local":
-            image = self.generate(concept, seed=qspec.seed)[0]
-        feats = self._kind.concept_query(self._fz, qspec, pos, negs, image, region)
-        meta = {**self.meta(), "kind": "concept", "query": qspec.to_dict(), "concept": str(concept)}
-        if region is not None:
-            meta["region"] = region_meta(region)
-        return Query(feats, tuple(label for label, _ in negs), meta, image)
+        args = (concept, remove, negatives, image, region)
+        return core.query(self._kind, self._fz, self._method, qspec, *args)
 
     def image_query(self, images: Tensor, conds: Any = None, region: Any = None) -> Query:
         """Whole-image query features: the training-side recipe applied to query images
@@ -395,20 +360,9 @@ class Attributor:
         """
         if images.dim() != 4:
             raise ValueError(f"images must be [Q, C, H, W], got {list(images.shape)}")
-        cond_t = self._conds.batch(conds, len(images))
+        cond_t = self._kind.conditions.batch(conds, len(images))
         labels = tuple(f"image {i}" for i in range(len(images)))
-        return self._image_query(images, cond_t, labels, region)
-
-    def _image_query(
-        self, images: Tensor, conds: Tensor, labels: tuple[str, ...], region: Any = None
-    ) -> Query:
-        x0 = self._kind.encode(images)
-        weight = region_on_grid(region, images[0], x0[0])
-        feats = image_query_features(self._fz, x0, conds, weight)
-        meta = {**self.meta(), "kind": "image"}
-        if region is not None:
-            meta["region"] = region_meta(region)
-        return Query(feats, labels, meta, images[0] if len(images) == 1 else None)
+        return core.image_query(self._kind, self._fz, images, cond_t, labels, region)
 
     # -- scores --
 
@@ -439,24 +393,5 @@ class Attributor:
             SpecMismatch: the store was made with another model / feature spec / projection.
             StoreError: the store is missing, corrupt, or of a newer format version.
         """
-        st = store if isinstance(store, FeatureStore) else FeatureStore.open(store)
-        self._check_store(st)
-        feats = query.features if isinstance(query, Query) else query
-        feats = feats.reshape(-1, feats.shape[-1]) if feats.dim() == 1 else feats
-        if feats.shape[-1] != st.k:
-            raise ValueError(f"query features have k={feats.shape[-1]}, the store k={st.k}")
-        if isinstance(query, Query):
-            check_query_store(st, query.meta)
-            labels = query.labels
-        else:
-            labels = tuple(f"query {i}" for i in range(len(feats)))
-        u = self._pre.get(st, lambda_r).solve(feats)
-        scored = scored_store(st, get_method(self._method).das)  # DAS: D-TRAK's u, DAS rows
-        if scored is not st:
-            self._check_store(scored, das=scored.meta["das"])
-        res = search(scored, u, k, tails=tails, backend=backend)
-        return Attribution.from_topk(res, labels, lambda_r)
-
-    def _check_store(self, st: FeatureStore, das: Any = None) -> None:
-        check_store_readable(st, STORE_FORMAT_VERSION)
-        st.check_compatible(self.meta() if das is None else {**self.meta(), "das": das})
+        args = (self._fz, self._method, self._pre, query, store, k)
+        return core.attribute(*args, lambda_r=lambda_r, tails=tails, backend=backend)
