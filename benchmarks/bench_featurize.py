@@ -81,7 +81,7 @@ def _featurizer(model, schedule, spec, projection, **kw):
 def run_ours(fz, images, labels, batch, workdir):
     """featurize_dataset into a fresh store; returns (seconds, first-batch seconds, features)."""
     from ctrak_fast.engine.store import FeatureStore
-    from ctrak_fast.method.featurize import featurize_dataset
+    from ctrak_fast.method.dataset_features import featurize_dataset
 
     first = {}
     inner = fz.__call__

@@ -47,7 +47,8 @@ from ctrak_fast.engine.store import (
     remove_empty_store,
 )
 from ctrak_fast.engine.validation import InputError, check_positive, check_training_data
-from ctrak_fast.method.featurize import Featurizer, featurize_dataset
+from ctrak_fast.method.dataset_features import featurize_dataset
+from ctrak_fast.method.featurize import Featurizer
 from ctrak_fast.progress import progress as show_progress
 
 __all__ = [

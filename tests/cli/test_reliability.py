@@ -154,8 +154,9 @@ class _Scaled:
 def test_features_overflowing_float16_are_named_too(tiny_unet, tmp_path, one_thread):
     from ctrak_fast.engine.projection import ProjectionSpec
     from ctrak_fast.engine.validation import NonFiniteFeatures
+    from ctrak_fast.method.dataset_features import featurize_dataset
     from ctrak_fast.method.diffusion import NoiseSchedule
-    from ctrak_fast.method.featurize import FeatureSpec, Featurizer, featurize_dataset
+    from ctrak_fast.method.featurize import FeatureSpec, Featurizer
 
     spec = FeatureSpec(loss="eps-norm", inversion=False, timesteps=(499,))
     fz = Featurizer(tiny_unet, NoiseSchedule(), spec, ProjectionSpec(k=8), torch.tensor([3, 2]))

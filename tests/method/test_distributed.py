@@ -27,6 +27,7 @@ from helpers import write_store
 
 from ctrak_fast.engine.projection import ProjectionSpec
 from ctrak_fast.engine.store import FeatureStore, SpecMismatch, StoreError, merge_stores
+from ctrak_fast.method.dataset_features import featurize_dataset
 from ctrak_fast.method.diffusion import NoiseSchedule
 from ctrak_fast.method.distributed import (
     PARTS,
@@ -37,7 +38,7 @@ from ctrak_fast.method.distributed import (
     part_path,
     plan_units,
 )
-from ctrak_fast.method.featurize import FeatureSpec, Featurizer, featurize_dataset
+from ctrak_fast.method.featurize import FeatureSpec, Featurizer
 
 REPO = Path(__file__).resolve().parents[2]
 NULL = torch.tensor([3, 2])

@@ -9,8 +9,9 @@ import torch
 from ctrak_fast.engine.projection import FactorizedSpec
 from ctrak_fast.engine.store import FeatureStore
 from ctrak_fast.kernels import factorized_seeds, hashing
+from ctrak_fast.method.dataset_features import featurize_dataset
 from ctrak_fast.method.diffusion import NoiseSchedule
-from ctrak_fast.method.featurize import FeatureSpec, Featurizer, featurize_dataset
+from ctrak_fast.method.featurize import FeatureSpec, Featurizer
 from ctrak_fast.method.grads.factorized import FactorizedGrads, layer_sq_norm
 from ctrak_fast.method.grads.per_sample import PerSampleGrads
 from ctrak_fast.method.losses import residual

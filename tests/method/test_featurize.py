@@ -8,8 +8,9 @@ from helpers import NULL, TS, small_featurizer
 
 from ctrak_fast.engine.projection import ProjectionSpec
 from ctrak_fast.engine.store import FeatureStore
+from ctrak_fast.method.dataset_features import featurize_dataset
 from ctrak_fast.method.diffusion import NoiseSchedule
-from ctrak_fast.method.featurize import FeatureSpec, Featurizer, featurize_dataset
+from ctrak_fast.method.featurize import FeatureSpec, Featurizer
 from ctrak_fast.method.grads.layout import blocks_sq_norm, flatten_blocks
 from ctrak_fast.method.query import ConceptQuerySpec, concept_query_features
 

@@ -13,7 +13,8 @@ from helpers import tiny_adapter, tiny_clip, tiny_sd_pipeline
 from ctrak_fast.data import SyntheticConfig, make_dataset
 from ctrak_fast.data.captions import caption
 from ctrak_fast.engine.projection import ProjectionSpec
-from ctrak_fast.method.featurize import FeatureSpec, featurize_dataset
+from ctrak_fast.method.dataset_features import featurize_dataset
+from ctrak_fast.method.featurize import FeatureSpec
 from ctrak_fast.method.query import ConceptQuerySpec, concept_query_features, draw_points
 from ctrak_fast.models.latent_cache import latent_cache_path
 from ctrak_fast.models.prompts import remove_phrase
