@@ -19,7 +19,6 @@ diffusers scheduler API and kept when the ConceptJudge confirms them.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -37,7 +36,6 @@ from ctrak_fast.bench.harness import (
 )
 from ctrak_fast.bench.protocol import LAMBDAS, QueryLog, query_roles
 from ctrak_fast.bench.quality import METHODS, data_combos
-from ctrak_fast.bench.tables import format_table
 from ctrak_fast.data import ConceptDataset
 from ctrak_fast.data.captions import caption
 from ctrak_fast.engine.atomic import atomic_write_text
@@ -212,42 +210,3 @@ def run_t2i_quality(
     results["_gallery"] = at_chosen_lambda(gallery, results["lambda_r"], cfg.lambdas)
     results["_train"] = train
     return results
-
-
-def run_from_args(a: argparse.Namespace) -> dict:
-    """The benchmark on the shipped tiny model and judge: table.md, results.json, gallery.png."""
-    from ctrak_fast.bench.demo import write_gallery
-    from ctrak_fast.data import SyntheticConfig, make_dataset
-    from ctrak_fast.method.methods import parse_methods
-    from ctrak_fast.models.factor_unet import load_model
-    from ctrak_fast.models.shipped import ASSETS
-    from ctrak_fast.train.tiny_text import load_t2i
-
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    torch.manual_seed(0)
-    cfg = T2IQualityConfig(
-        per_combo=a.per_combo,
-        k=a.k,
-        queries_per_combo=a.queries_per_combo,
-        heldout_queries_per_combo=a.heldout_queries_per_combo,
-        query_candidates=a.query_candidates,
-        query_guidance=a.query_guidance,
-        param_filter=a.param_filter,
-        methods=parse_methods(a.methods),
-        lambda_r=a.lambda_r,
-        dps=FeatureSpec(inversion_steps=a.inversion_steps, inversion_guidance=a.inversion_guidance),
-        concept=ConceptQuerySpec(
-            draws=a.draws,
-            n_draws=a.n_draws,
-            steps=a.inversion_steps,
-            guidance=a.inversion_guidance,
-        ),
-    )
-    data = make_dataset(SyntheticConfig.load_json(a.data or ASSETS / "shapes16.json"))
-    judge = load_model(a.judge or ASSETS / "judge_shapes16.safetensors")
-    res = run_t2i_quality(load_t2i(a.model), judge, data, cfg, a.out, not a.quiet)
-    table = format_table(res)
-    (Path(a.out) / "table.md").write_text(table + "\n")
-    write_gallery(res, data.values, data.factors, Path(a.out) / "gallery.png")
-    return res

@@ -82,6 +82,20 @@ def _feature_spec(a, method: str = "concept-trak"):
     return row.feature_spec(**kw)
 
 
+def _concept_spec(a, **fields):
+    """The concept-slider settings of --draws, --n-draws and the inversion flags (the draws invert
+    as the training features do), `fields` on top: `t2i query` and `t2i bench`."""
+    from ctrak_fast.method.query import ConceptQuerySpec
+
+    return ConceptQuerySpec(
+        draws=a.draws,
+        n_draws=a.n_draws,
+        guidance=a.inversion_guidance,
+        steps=a.inversion_steps,
+        **fields,
+    )
+
+
 def _featurizer(a, adapter, method="concept-trak"):
     from ctrak_fast.engine.projection import ProjectionSpec
     from ctrak_fast.models.t2i_features import make_featurizer
@@ -133,7 +147,6 @@ def _scheduler(name: str | None, adapter):
 def _cmd_query(a):
     from ctrak_fast.data.images import load_image
     from ctrak_fast.engine.validation import check_outputs
-    from ctrak_fast.method.query import ConceptQuerySpec
     from ctrak_fast.models.prompts import concept_prompts
     from ctrak_fast.models.t2i_features import prompt_query_features
     from ctrak_fast.results import Query
@@ -145,15 +158,7 @@ def _cmd_query(a):
     negatives = concept_prompts(a.prompt, a.concept or (), a.negative_prompt or ())
     labels = [f"-{c}" for c in a.concept or ()] + [f"vs {n!r}" for n in a.negative_prompt or ()]
     fz = _featurizer(a, adapter)
-    spec = ConceptQuerySpec(
-        weight=a.weight,
-        draws=a.draws,
-        n_draws=a.n_draws,
-        guidance=a.inversion_guidance,
-        steps=a.inversion_steps,
-        seed=a.seed,
-        timesteps=fz.spec.timesteps,
-    )
+    spec = _concept_spec(a, weight=a.weight, seed=a.seed, timesteps=fz.spec.timesteps)
     if a.image:
         image = load_image(Path(a.image), _pixel_size(adapter))[None]
         x0 = adapter.encode_images(image)
@@ -216,10 +221,42 @@ def _cmd_attribute(a):
 
 
 def _cmd_bench(a):
-    from ctrak_fast.bench.tables import format_table
-    from ctrak_fast.bench.text_quality import run_from_args
+    """The benchmark on the shipped tiny model and judge: table.md, results.json, gallery.png."""
+    import torch
 
-    print(format_table(run_from_args(a)))
+    from ctrak_fast.bench.demo import write_gallery
+    from ctrak_fast.bench.tables import format_table
+    from ctrak_fast.bench.text_quality import T2IQualityConfig, run_t2i_quality
+    from ctrak_fast.data import SyntheticConfig, make_dataset
+    from ctrak_fast.method.featurize import FeatureSpec
+    from ctrak_fast.method.methods import parse_methods
+    from ctrak_fast.models.factor_unet import load_model
+    from ctrak_fast.models.shipped import ASSETS
+    from ctrak_fast.train.tiny_text import load_t2i
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    cfg = T2IQualityConfig(
+        per_combo=a.per_combo,
+        k=a.k,
+        queries_per_combo=a.queries_per_combo,
+        heldout_queries_per_combo=a.heldout_queries_per_combo,
+        query_candidates=a.query_candidates,
+        query_guidance=a.query_guidance,
+        param_filter=a.param_filter,
+        methods=parse_methods(a.methods),
+        lambda_r=a.lambda_r,
+        dps=FeatureSpec(inversion_steps=a.inversion_steps, inversion_guidance=a.inversion_guidance),
+        concept=_concept_spec(a),
+    )
+    data = make_dataset(SyntheticConfig.load_json(a.data or ASSETS / "shapes16.json"))
+    judge = load_model(a.judge or ASSETS / "judge_shapes16.safetensors")
+    res = run_t2i_quality(load_t2i(a.model), judge, data, cfg, a.out, not a.quiet)
+    table = format_table(res)
+    (Path(a.out) / "table.md").write_text(table + "\n")
+    write_gallery(res, data.values, data.factors, Path(a.out) / "gallery.png")
+    print(table)
 
 
 def add_t2i_commands(subparsers) -> argparse.ArgumentParser:
