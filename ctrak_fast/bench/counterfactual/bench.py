@@ -92,12 +92,12 @@ def all_scores(model, data, probes: Probes, cfg: QualityConfig, out_dir: Path, p
     return scores, trained.timings
 
 
-def _units(x: torch.Tensor) -> torch.Tensor:
+def query_units(x: torch.Tensor) -> torch.Tensor:
     """[..., Q, N, F] -> [..., Q*F, N]: one row per (query, factor) unit, query-major."""
     return x.movedim(-1, -2).flatten(-3, -2)
 
 
-def _lds_rows(scores, masks, measured, roles, lambdas, concept: bool) -> dict:
+def lds_rows(scores, masks, measured, roles, lambdas, concept: bool) -> dict:
     """Per row: the lambda chosen on validation, test LDS per unit and its summary."""
     val = np.array([r == "validation" for r in roles])
     rows = {}
@@ -105,7 +105,7 @@ def _lds_rows(scores, masks, measured, roles, lambdas, concept: bool) -> dict:
         if not concept and name in METHODS and METHODS[name].query == "concept":
             continue  # a concept query does not predict the whole-image loss
         per_lambda = [
-            lds_per_query(_units(sl) if concept else sl[:, :, 0], masks, measured) for sl in s
+            lds_per_query(query_units(sl) if concept else sl[:, :, 0], masks, measured) for sl in s
         ]
         grid = np.stack(per_lambda)  # [n_lambda, units]
         lam_list = list(lambdas) if len(s) == len(lambdas) else [float("nan")]
@@ -116,7 +116,7 @@ def _lds_rows(scores, masks, measured, roles, lambdas, concept: bool) -> dict:
     return rows
 
 
-def _summaries(rows: dict, ref: str | None) -> dict:
+def lds_summaries(rows: dict, ref: str | None) -> dict:
     out = {}
     for name, r in rows.items():
         out[name] = {"lambda_r": r["lambda_r"], **lds_summary(r["test"])}
@@ -176,15 +176,15 @@ def run_counterfactual(folder, out_dir, cfg: QualityConfig | None = None, progre
     whole = torch.tensor([done[j.name]["whole"] for j in jobs if j.name in done])
     scores, timings = all_scores(model, data, probes, cfg, out, progress)
     roles_units = [r for r in probes.roles for _ in range(probes.combos.shape[1])]
-    concept = _lds_rows(scores, masks, slider.flatten(1), roles_units, cfg.lambdas, True)
-    whole_rows = _lds_rows(scores, masks, whole, probes.roles, cfg.lambdas, False)
+    concept = lds_rows(scores, masks, slider.flatten(1), roles_units, cfg.lambdas, True)
+    whole_rows = lds_rows(scores, masks, whole, probes.roles, cfg.lambdas, False)
     results = {
         "benchmark": "counterfactual",
         "n_train": len(data),
         "n_subsets": len(masks),
         "n_queries": {r: probes.roles.count(r) for r in ("validation", "test")},
-        "concept_lds": _summaries(concept, SHIPPED_METHOD),
-        "whole_lds": _summaries(whole_rows, "d-trak"),
+        "concept_lds": lds_summaries(concept, SHIPPED_METHOD),
+        "whole_lds": lds_summaries(whole_rows, "d-trak"),
         "concept_lds_per_unit": {m: r["test"].tolist() for m, r in concept.items()},
         "lambdas": list(cfg.lambdas),
         "k": cfg.k,
@@ -241,16 +241,16 @@ def predicted_vs_actual(scores, rows, masks, measured, unit, lambdas, path) -> d
     from ctrak_fast.bench.report import save_figure
 
     names = [m for m in (SHIPPED_METHOD, "d-trak") if m in scores]
-    fig = Figure(figsize=(4.2 * len(names), 3.6))
+    fig = Figure(figsize=(4.2 * len(names), 3.6), layout="constrained")
     plotted = {}
     for i, name in enumerate(names):
         lam = rows[name]["lambda_r"]
         s = scores[name][list(lambdas).index(lam)]
-        pred = subset_predictions(_units(s)[unit][None], masks)[:, 0]
+        pred = subset_predictions(query_units(s)[unit][None], masks)[:, 0]
         actual = measured[:, unit].numpy()
         ax = fig.add_subplot(1, len(names), i + 1)
         ax.scatter(pred, actual, s=14)
-        rho = lds_per_query(_units(s)[unit][None], masks, actual[:, None])[0]
+        rho = lds_per_query(query_units(s)[unit][None], masks, actual[:, None])[0]
         ax.set_title(f"{name} (λ_r={lam:g}): Spearman {rho:.2f}")
         ax.set_xlabel("predicted: sum of scores over the subset")
         ax.set_ylabel("measured: − slider loss")
