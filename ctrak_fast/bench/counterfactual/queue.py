@@ -94,10 +94,10 @@ def run_job(job: Job, folder: str, work: str, device: str = "cpu", progress: boo
         checkpoint_every=250, hflip=True, device=device,
     ).cpu()  # fmt: skip
     out = {"job": job.name, "seed": job.seed, "n_train": int(keep.sum())}
-    out.update(measure(model, Probes.load(root / "probes.safetensors")))
+    probes = Probes.load(root / "probes.safetensors")
+    out.update(measure(model, probes))
     if job.rate:
         judge = load_model(root / "judge.safetensors")
-        probes = Probes.load(root / "probes.safetensors")
         out["rate"] = {
             f"{q},{f}": generation_rate(
                 model,
