@@ -20,7 +20,7 @@ from ctrak_fast.bench.counterfactual.bench import removal_arms
 from ctrak_fast.bench.counterfactual.ground_truth import lds_jobs, parse_concept, prepare
 from ctrak_fast.bench.counterfactual.lds import lds_per_query, spearman, subset_predictions
 from ctrak_fast.bench.counterfactual.probes import Probes
-from ctrak_fast.bench.counterfactual.queue import pending, run_jobs
+from ctrak_fast.bench.counterfactual.queue import Job, copy_identical, pending, run_jobs
 from ctrak_fast.bench.counterfactual.setting import (
     CounterfactualSetting,
     mask_from_text,
@@ -149,6 +149,21 @@ def test_queue_resumes_after_a_kill(tmp_path):
     done = run_jobs(lds_jobs(killed), killed, tmp_path / "wk", workers=1)
     assert sorted(done) == sorted(j.name for j in left)
     assert _outputs(killed) == _outputs(clean)
+
+
+def test_identical_jobs_are_copied_not_retrained(tmp_path):
+    # two methods that remove the same images at the same seed: one model, two outputs files
+    a = Job("remove-a-s0", "0101", 0, ((1, 0),), "q1f0/a/50")
+    b = Job("remove-b-s0", "0101", 0, ((1, 0),), "q1f0/b/50")
+    c = Job("remove-c-s0", "0101", 1, ((1, 0),), "q1f0/c/50")  # another seed: its own model
+    out = tmp_path / "outputs"
+    out.mkdir()
+    assert copy_identical([a, b, c], [a, b, c], out) == []  # nothing done yet
+    (out / "remove-a-s0.json").write_text(json.dumps({"job": a.name, "loss": 1.5}))
+    assert copy_identical([a, b, c], [b, c], out) == ["remove-b-s0"]
+    got = json.loads((out / "remove-b-s0.json").read_text())
+    assert got == {"job": "remove-b-s0", "loss": 1.5, "same_as": "remove-a-s0"}
+    assert [j.name for j in pending([a, b, c], out)] == ["remove-c-s0"]
 
 
 def test_caption_lookup_arm_removes_carriers_first():

@@ -28,7 +28,9 @@ from ctrak_fast.models.factor_unet import load_model
 from ctrak_fast.progress import report
 from ctrak_fast.train.diffusion import train_diffusion
 
-__all__ = ["Job", "pending", "run_jobs", "run_job", "generation_rate", "read_outputs"]
+__all__ = [
+    "Job", "pending", "run_jobs", "run_job", "generation_rate", "read_outputs", "copy_identical",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -130,9 +132,16 @@ def run_jobs(
 ) -> list[str]:
     """Run the pending jobs (at most `limit`) on `workers` processes, training on `device`;
     returns the names done. on_done(name) runs in this process after each job."""
-    todo = pending(jobs, folder / "outputs")[:limit]
+    outputs = folder / "outputs"
+    copied = copy_identical(jobs, pending(jobs, outputs), outputs)
+    todo, keys = [], set()
+    for j in pending(jobs, outputs):  # one of each identical group; the others are copied after
+        if (j.mask, j.seed, j.rate) not in keys:
+            keys.add((j.mask, j.seed, j.rate))
+            todo.append(j)
+    todo = todo[:limit]
     if not todo:
-        return []
+        return copied
     report(f"counterfactual: {len(todo)} jobs to run on {workers} processes")
     done: list[str] = []
     t0 = time.time()
@@ -140,17 +149,34 @@ def run_jobs(
         for j in todo:
             done.append(run_job(j, str(folder), str(work), device))
             _log_done(done, len(todo), t0, on_done)
-        return done
-    os.environ.setdefault("OMP_NUM_THREADS", "1")  # each process one core
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-        futures = {pool.submit(run_job, j, str(folder), str(work), device) for j in todo}
-        while futures:
-            finished, futures = wait(futures, return_when=FIRST_COMPLETED)
-            for fut in finished:
-                done.append(fut.result())
-                _log_done(done, len(todo), t0, on_done)
-    return done
+    else:
+        os.environ.setdefault("OMP_NUM_THREADS", "1")  # each process one core
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            futures = {pool.submit(run_job, j, str(folder), str(work), device) for j in todo}
+            while futures:
+                finished, futures = wait(futures, return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    done.append(fut.result())
+                    _log_done(done, len(todo), t0, on_done)
+    return copied + done + copy_identical(jobs, pending(jobs, outputs), outputs)
+
+
+def copy_identical(jobs: Sequence[Job], todo: Sequence[Job], outputs: Path) -> list[str]:
+    """Jobs identical to a done one (same images, seed and measured rates; e.g. two methods that
+    remove the same images) are not retrained: the done job's outputs are copied, with
+    "same_as" naming it. Returns the names so written."""
+    key = {(j.mask, j.seed, j.rate): j.name for j in jobs if (outputs / f"{j.name}.json").exists()}
+    written = []
+    for j in todo:
+        twin = key.get((j.mask, j.seed, j.rate))
+        if twin is None:
+            continue
+        out = json.loads((outputs / f"{twin}.json").read_text())
+        out.update(job=j.name, same_as=twin)
+        atomic_write_text(outputs / f"{j.name}.json", json.dumps(out) + "\n")
+        written.append(j.name)
+    return written
 
 
 def _log_done(done: list[str], total: int, t0: float, on_done) -> None:
