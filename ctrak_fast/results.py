@@ -23,6 +23,7 @@ from ctrak_fast.engine.atomic import atomic_path, atomic_write_text
 from ctrak_fast.engine.search_inputs import TopK
 from ctrak_fast.engine.store import FeatureStore, SpecMismatch, StoreError
 from ctrak_fast.exports import csv_text, require_format, write_parquet
+from ctrak_fast.method.methods import METHODS
 
 T2I_KEYS = ("vae", "text_encoder", "prediction_type", "max_length")
 TABLE_COLUMNS = ("query", "label", "lambda_r", "tail", "rank", "id", "score")
@@ -268,6 +269,12 @@ class Attribution:
 def check_query_store(store: FeatureStore, meta: Mapping[str, Any]) -> None:
     """Refuse (SpecMismatch / StoreError naming the field) a query whose features mean nothing
     against `store` (the rule of the module docstring). meta: the query's meta."""
+    # The method first, by name: other methods' features differ in every other field too.
+    given, stored = meta.get("method"), store.meta.get("method")
+    if isinstance(given, str) and stored is not None:
+        wanted = METHODS[given].store_method if given in METHODS else given
+        if wanted != stored:
+            raise SpecMismatch(store.path, "method", stored, given)
     keys = [k for k in ("model", "projection") if k in meta]
     if "projection" in meta and isinstance(store.meta.get("projection"), dict):
         # The kind first: "dense store, factorised query" says more than the k that differs.

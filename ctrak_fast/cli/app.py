@@ -22,7 +22,6 @@ from ctrak_fast.cli.arggroups import (
 from ctrak_fast.cli.argtypes import (
     CliParser,
     finite_float,
-    lambda_list,
     nonneg_float,
     nonneg_int,
     positive_int,
@@ -39,9 +38,8 @@ from ctrak_fast.cli.commands import (
     cmd_store,
 )
 from ctrak_fast.cli.guard import run_guarded
+from ctrak_fast.cli.pipeline_args import add_attribute_args, add_pipeline_args, add_prompt_args
 from ctrak_fast.cli.train import add_train_args, cmd_train
-from ctrak_fast.engine.scoring_options import PATHS, PRECISIONS
-from ctrak_fast.exports import FORMATS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,12 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="feature rows per shard file, the unit of resume (256: a checkpoint every ~40 s "
         "of concept-trak on 2 CPU cores)",
     )
-    f.add_argument(
-        "--dtype",
-        default="float32",
-        choices=["float32", "float16", "bfloat16"],
-        help="storage dtype of the features",
-    )
+    add_pipeline_args(f, featurize=True)
     f.add_argument(
         "--nan-policy",
         default="fail",
@@ -137,7 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     qp = sub.add_parser("query", help="concept-slider query features for one concept")
     add_feature_args(qp)
-    qp.add_argument("--concept", required=True, help="c+, e.g. 'shape=triangle,colour=red'")
+    add_pipeline_args(qp, featurize=False)
+    add_prompt_args(qp)
+    qp.add_argument(
+        "--concept",
+        action="append",
+        help="c+, e.g. 'shape=triangle,colour=red'; with --pipeline: a phrase of --prompt to "
+        "attribute (repeatable), c- = the prompt without it",
+    )
     qp.add_argument("--remove", help="factor(s) removed for c- (default: each factor in turn)")
     qp.add_argument(
         "--draws",
@@ -149,9 +149,13 @@ def build_parser() -> argparse.ArgumentParser:
     qp.add_argument(
         "--n-draws", type=positive_int, help="default 4 (the paper recipe's global draws: 36)"
     )
-    qp.add_argument("--weight", type=finite_float, default=7.5, help="slider weight w")
     qp.add_argument(
-        "--guidance", type=nonneg_float, default=3.0, help="CFG of the generated query image"
+        "--weight", type=finite_float, help="slider weight w (default 7.5; 3 with --pipeline)"
+    )
+    qp.add_argument(
+        "--guidance",
+        type=nonneg_float,
+        help="CFG of the generated query image (default 3; 7.5 with --pipeline)",
     )
     qp.add_argument("--image", help="the query image file (default: generated from --concept)")
     where = qp.add_mutually_exclusive_group()
@@ -171,52 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     qp.add_argument("--out", required=True, help="query safetensors file")
 
     at = sub.add_parser("attribute", help="top-k (both tails) of queries against a store")
-    at.add_argument("--store", required=True, help="feature store directory (`ctrak featurize`)")
-    at.add_argument("--query", required=True, help="query file (`ctrak query`)")
-    at.add_argument(
-        "--k", type=positive_int, default=10, help="training samples kept per query and tail"
-    )
-    at.add_argument(
-        "--lambda-r",
-        type=lambda_list,
-        default=[1.0],
-        help="relative damping, or a comma-separated sweep (one eigendecomposition for all)",
-    )
-    at.add_argument(
-        "--scoring-path",
-        default="auto",
-        choices=list(PATHS),
-        help="primal: factor the k x k Gram; dual: the N x N kernel (auto: dual when N < k)",
-    )
-    at.add_argument(
-        "--gram-precision",
-        default="float64",
-        choices=list(PRECISIONS),
-        help="mixed: float32 products per chunk, float64 sums across chunks (2x faster)",
-    )
-    at.add_argument("--device", default=None, help="where the Gram is built and factored")
-    at.add_argument("--out", help="output file (default: stdout; parquet needs a file)")
-    at.add_argument(
-        "--format",
-        default="json",
-        choices=list(FORMATS),
-        help="json: the result with its header; csv / parquet: one row per (query, tail, rank) "
-        "with id and score (parquet needs pyarrow)",
-    )
-    at.add_argument(
-        "--verify",
-        default="crc",
-        choices=["crc", "ids", "full", "none"],
-        help="shard checks while reading: block CRC-32C of every byte (default, ~free), sha256 "
-        "of the ids, of whole files, or none",
-    )
-    at.add_argument(
-        "--allow-partial",
-        action="store_true",
-        help="score an incomplete store (a killed or running featurize) over the rows it has",
-    )
-    at.add_argument("--export-scores", help="also write all scores (safetensors, streamed)")
-    at.add_argument("--export-queries", help="comma-separated query indices to export (all)")
+    add_attribute_args(at)
 
     r = sub.add_parser("report", help="PNG gallery of an attribute result")
     add_data_args(r)
@@ -268,6 +227,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
     parser = build_parser()
     a = parser.parse_args(argv)
+    if a.cmd == "query" and not a.pipeline and (not a.concept or len(a.concept) > 1):
+        parser.error("query: --concept is required once (c+), or give --pipeline and --prompt")
+    if a.cmd == "query" and a.pipeline and not a.prompt:
+        parser.error("query --pipeline: --prompt is required (c+, the prompt with the concept)")
     if getattr(a, "format", "json") == "parquet" and not a.out:
         parser.error("--format parquet needs --out (a binary file, not for stdout)")
     handlers = {

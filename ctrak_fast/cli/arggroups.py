@@ -18,19 +18,14 @@ from ctrak_fast.cli.argtypes import (
 from ctrak_fast.method.methods import FEATURIZE_METHODS, METHODS
 from ctrak_fast.method.recipes import INVERSION_NEGATIVES, RECIPES
 
-DEFAULT_FILTER = (
-    r"\.attn2\."  # = text2image.T2I_PARAM_FILTER (not imported: keeps the parser light)
-)
-DTYPES = ("float32", "float16", "bfloat16")
-
 
 def add_feature_args(p):
     p.add_argument("--model", help="FactorUNet safetensors (default: the shipped model)")
     p.add_argument(
         "--method",
-        default="concept-trak",
         choices=FEATURIZE_METHODS,
-        help="the attribution method (a row of method/methods.py)",
+        help="the attribution method (a row of method/methods.py; default concept-trak, "
+        "concept-trak-cond with --pipeline)",
     )
     p.add_argument("--k", type=positive_int, default=512, help="projection dimension")
     p.add_argument("--proj-seed", type=nonneg_int, default=0, help="seed of the random projection")
@@ -305,33 +300,6 @@ def add_counterfactual_parser(bsub) -> None:
     pc.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
     pc.add_argument("--threads", type=positive_int, help="torch threads (default: torch's)")
     pc.add_argument("--quiet", action="store_true", help="no progress output")
-
-
-def add_t2i_model_args(p):
-    p.add_argument(
-        "--model", help="diffusers pipeline folder or tiny-model checkpoint (default: shipped)"
-    )
-    p.add_argument("--dtype", default="float32", choices=DTYPES, help="UNet execution dtype")
-    p.add_argument("--k", type=positive_int, default=512, help="projection dimension")
-    p.add_argument("--proj-seed", type=nonneg_int, default=0, help="seed of the random projection")
-    p.add_argument(
-        "--param-filter",
-        type=regex,
-        default=DEFAULT_FILTER,
-        help=r"regex on UNet parameter names (default: cross-attention '\.attn2\.'; '.*': all)",
-    )
-    p.add_argument(
-        "--timesteps", type=timestep_list, help="comma-separated, default 99,199,...,899"
-    )
-    p.add_argument(
-        "--inversion-steps", type=positive_int, default=50, help="DDIM steps of the inversion"
-    )
-    p.add_argument(
-        "--inversion-guidance", type=nonneg_float, default=7.5, help="CFG of the DDIM inversion"
-    )
-    p.add_argument(
-        "--no-inversion", action="store_true", help="fixed noise instead of DDIM inversion"
-    )
 
 
 def add_t2i_bench_args(p: argparse.ArgumentParser) -> None:

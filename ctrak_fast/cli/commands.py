@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+from ctrak_fast.cli import pipeline_cmds
 from ctrak_fast.cli.inputs import (
     feature_spec,
     featurizer,
@@ -18,8 +19,13 @@ from ctrak_fast.cli.inputs import (
 
 
 def cmd_featurize(a):
-    """Single process, or one rank of a torchrun job (RANK/WORLD_SIZE in the environment)."""
+    """Single process, or one rank of a torchrun job (RANK/WORLD_SIZE in the environment);
+    --pipeline: a diffusers pipeline folder (cli/pipeline_cmds.py)."""
     from ctrak_fast.engine.validation import InputError, check_output_dir, check_positive
+
+    if a.pipeline:
+        return pipeline_cmds.cmd_featurize(a)
+    check_factor_model_flags(a)
     from ctrak_fast.method.distributed import DistContext
     from ctrak_fast.method.pipeline import featurize
     from ctrak_fast.models.factor_unet import check_data_matches_model
@@ -50,7 +56,7 @@ def cmd_featurize(a):
             a.out,
             batch_size=a.batch_size,
             shard_rows=a.shard_rows,
-            dtype=a.dtype,
+            dtype=a.store_dtype,
             das_path=das,
             nan_policy=a.nan_policy,
             progress=ctx.rank == 0,  # a bar on a terminal, log lines otherwise
@@ -69,6 +75,21 @@ def cmd_featurize(a):
         )
 
 
+def check_factor_model_flags(a) -> None:
+    """The flags of the pipeline path are refused on the FactorUNet path (not silently ignored)."""
+    from ctrak_fast.engine.validation import InputError
+
+    if a.dtype not in ("fp32", "float32"):
+        raise InputError(
+            f"--dtype {a.dtype} (execution precision) needs --pipeline; the features' storage "
+            "dtype is --store-dtype"
+        )
+    given = [f for f in ("lora", "device", "images", "prompt") if getattr(a, f, None)]
+    if given:
+        raise InputError(f"--{given[0]} needs --pipeline (a diffusers pipeline folder)")
+    a.method = a.method or "concept-trak"
+
+
 def cmd_query(a):
     """Query features of --concept through the Attributor of --method: a concept query (the
     method's slider, c- per removed factor) or, for whole-image methods, the query image's."""
@@ -78,6 +99,10 @@ def cmd_query(a):
     from ctrak_fast.method.losses import region_mask
     from ctrak_fast.method.recipes import recipe_options
 
+    if a.pipeline:
+        return pipeline_cmds.cmd_query(a, a.prompt, a.concept or [], a.negative_prompt or [])
+    check_factor_model_flags(a)
+    a.concept = a.concept[0]
     check_outputs({"--out": a.out}, {"--model": a.model, "--image": a.image, "--mask": a.mask})
     out = Path(a.out)
     model = load_model(a.model)
@@ -94,9 +119,11 @@ def cmd_query(a):
     if a.image:
         image = load_image(check_input_file(a.image, "query image"), size)
     else:  # the query image is generated from the concept and the seed
-        image = att.generate(a.concept, seed=a.seed, guidance=a.guidance)[0]
+        guidance = 3.0 if a.guidance is None else a.guidance
+        image = att.generate(a.concept, seed=a.seed, guidance=guidance)[0]
     _, concept = recipe_options(a.recipe, a.draws, recipe_knobs(a))
-    spec = {"n_draws": 4, **concept, "draws": a.draws, "weight": a.weight, "seed": a.seed}
+    weight = 7.5 if a.weight is None else a.weight
+    spec = {"n_draws": 4, **concept, "draws": a.draws, "weight": weight, "seed": a.seed}
     if a.n_draws:
         spec["n_draws"] = a.n_draws
     remove = a.remove.split(",") if a.remove else None

@@ -1,4 +1,6 @@
-"""`ctrak t2i ...`: concept attribution for text-to-image models (diffusers pipelines).
+"""`ctrak t2i ...`: aliases of `ctrak featurize|query|attribute --pipeline` (the same functions,
+cli/pipeline_cmds.py and cli/commands.py; only --model names the pipeline here), and the prompt
+benchmark on the shipped tiny model.
 
     ctrak t2i featurize --model PIPELINE_DIR --images DIR --captions metadata.jsonl --out STORE
     ctrak t2i query     --model PIPELINE_DIR --prompt "a pikachu in the style of picasso" \\
@@ -16,75 +18,22 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ctrak_fast.cli.arggroups import DTYPES, add_t2i_bench_args, add_t2i_model_args
-from ctrak_fast.cli.argtypes import (
-    finite_float,
-    nonneg_float,
-    nonneg_int,
-    positive_int,
+from ctrak_fast.cli import pipeline_cmds
+from ctrak_fast.cli.arggroups import add_t2i_bench_args
+from ctrak_fast.cli.argtypes import finite_float, nonneg_float, nonneg_int, positive_int
+from ctrak_fast.cli.commands import cmd_attribute
+from ctrak_fast.cli.pipeline_args import (
+    DTYPES,
+    add_attribute_args,
+    add_prompt_args,
+    add_t2i_model_args,
 )
-from ctrak_fast.exports import FORMATS
-from ctrak_fast.method.methods import FEATURIZE_METHODS
-
-
-def _adapter(a):
-    import torch
-
-    dtype = getattr(torch, a.dtype)
-    if a.model and Path(a.model).is_dir():
-        from ctrak_fast.models.text2image import TextToImageAdapter
-
-        return TextToImageAdapter.from_pretrained(a.model, dtype=dtype)
-    from ctrak_fast.train.tiny_text import load_t2i
-
-    return load_t2i(a.model, dtype=dtype)
-
-
-def _pixel_size(adapter) -> int:
-    scale = 2 ** (len(adapter.vae.config.block_out_channels) - 1) if adapter.latent else 1
-    return adapter.config["image_size"] * scale
-
-
-def _training_set(a):
-    """(images or image files, captions, ids): a captioned folder, or the shipped synthetic data."""
-    import torch
-
-    if a.images:
-        from ctrak_fast.data.captions import read_captions
-
-        files, captions = read_captions(a.images, a.captions)
-        return files, captions, torch.arange(len(files), dtype=torch.int64)
-    from ctrak_fast.data import SyntheticConfig, make_dataset
-    from ctrak_fast.data.captions import caption
-    from ctrak_fast.models.shipped import ASSETS
-
-    data = make_dataset(SyntheticConfig.load_json(a.data or ASSETS / "shapes16.json"))
-    if a.per_combo:
-        data = data.train_subset(a.per_combo)
-    captions = [caption(data.factors, data.values, row) for row in data.labels.tolist()]
-    return data.images, captions, data.ids
-
-
-def _feature_spec(a, method: str = "concept-trak"):
-    """The method table's FeatureSpec with the flags given (inversion settings where it inverts)."""
-    from ctrak_fast.method.methods import get_method
-
-    row = get_method(method)
-    kw = {"param_filter": a.param_filter}
-    if a.timesteps:
-        kw["timesteps"] = tuple(a.timesteps)
-    if row.inversion:
-        kw.update(
-            inversion=not a.no_inversion,
-            inversion_guidance=a.inversion_guidance,
-            inversion_steps=a.inversion_steps,
-        )
-    return row.feature_spec(**kw)
+from ctrak_fast.method.methods import GRADIENT_METHODS
 
 
 def _concept_spec(a, **fields):
     """The concept-slider settings of --draws, --n-draws and the inversion flags (the draws invert
-    as the training features do), `fields` on top: `t2i query` and `t2i bench`."""
+    as the training features do), `fields` on top: `t2i bench`."""
     from ctrak_fast.method.query import ConceptQuerySpec
 
     return ConceptQuerySpec(
@@ -96,128 +45,13 @@ def _concept_spec(a, **fields):
     )
 
 
-def _featurizer(a, adapter, method="concept-trak"):
-    from ctrak_fast.engine.projection import ProjectionSpec
-    from ctrak_fast.models.t2i_features import make_featurizer
-
-    return make_featurizer(
-        adapter, _feature_spec(a, method), ProjectionSpec(k=a.k, seed=a.proj_seed)
-    )
-
-
 def _cmd_featurize(a):
-    from ctrak_fast.method.pipeline import featurize
-    from ctrak_fast.models.latent_cache import encode_images_cached
-
-    adapter = _adapter(a)
-    images, captions, ids = _training_set(a)
-    fz = _featurizer(a, adapter, a.method)
-    x0 = encode_images_cached(adapter, images, ids, a.out, image_size=_pixel_size(adapter))
-    conds = adapter.prompt_ids(captions)
-    store = featurize(
-        fz,
-        x0,
-        conds,
-        ids,
-        a.out,
-        batch_size=a.batch_size,
-        dtype=a.store_dtype,
-        das_path=Path(a.das_out) if a.das_out else None,
-        progress=True,
-    )
-    print(f"{store.n_rows} rows x k={store.k} in {a.out}")
-
-
-def _scheduler(name: str | None, adapter):
-    if not name:
-        return None
-    import diffusers
-
-    classes = {
-        "ddim": "DDIMScheduler",
-        "ddpm": "DDPMScheduler",
-        "euler": "EulerDiscreteScheduler",
-        "euler-a": "EulerAncestralDiscreteScheduler",
-        "dpm": "DPMSolverMultistepScheduler",
-        "pndm": "PNDMScheduler",
-    }
-    return getattr(diffusers, classes[name]).from_config(adapter.scheduler.config)
+    pipeline_cmds.cmd_featurize(a)
 
 
 def _cmd_query(a):
-    from ctrak_fast.data.images import load_image
-    from ctrak_fast.engine.validation import check_outputs
-    from ctrak_fast.models.prompts import concept_prompts
-    from ctrak_fast.models.t2i_features import prompt_query_features
-    from ctrak_fast.results import Query
-
-    model = Path(a.model) / "model_index.json" if a.model and Path(a.model).is_dir() else a.model
-    check_outputs({"--out": a.out}, {"--model": model, "--image": a.image})
-    out = Path(a.out)
-    adapter = _adapter(a)
-    negatives = concept_prompts(a.prompt, a.concept or (), a.negative_prompt or ())
-    labels = [f"-{c}" for c in a.concept or ()] + [f"vs {n!r}" for n in a.negative_prompt or ()]
-    fz = _featurizer(a, adapter)
-    spec = _concept_spec(a, weight=a.weight, seed=a.seed, timesteps=fz.spec.timesteps)
-    if a.image:
-        image = load_image(Path(a.image), _pixel_size(adapter))[None]
-        x0 = adapter.encode_images(image)
-    else:  # the query image is regenerated from its prompt and seed
-        x0 = adapter.generate(
-            a.prompt,
-            "",
-            a.guidance,
-            a.steps,
-            seed=a.seed,
-            scheduler=_scheduler(a.scheduler, adapter),
-        )
-        image = adapter.decode_latents(x0)
-        if not adapter.latent:  # a pixel model's query image is the clamped sample
-            x0 = image
-    q = prompt_query_features(fz, spec, a.prompt, negatives, x0[0] if a.draws == "local" else None)
-    meta = {
-        **fz.meta(),
-        "kind": "concept",
-        "query": spec.to_dict(),
-        "prompt": a.prompt,
-        "negatives": negatives,
-    }
-    Query(q, tuple(labels), meta, image[0].float()).save(out)
-    print(f"{len(q)} query feature(s) for {a.prompt!r} (c-: {negatives}) -> {out}")
-
-
-def _cmd_attribute(a):
-    from ctrak_fast.engine.store import FeatureStore
-    from ctrak_fast.engine.sweep import choose_path
-    from ctrak_fast.engine.validation import check_outputs
-    from ctrak_fast.exports import require_format
-    from ctrak_fast.method.pipeline import score_topk
-    from ctrak_fast.results import Attribution, Query, check_query_store, write_attribution
-
-    require_format(a.format)  # a missing pyarrow is said before any work
-    inputs = {"--store": Path(a.store) / "manifest.json", "--query": a.query}
-    check_outputs({"--out": a.out}, inputs)
-    store = FeatureStore.open(a.store)
-    store.check_complete()
-    query = Query.load(a.query)
-    q, meta = query.features, query.meta
-    if "text2image" not in meta:
-        raise ValueError(f"{a.query}: not a text-to-image query (made by `ctrak t2i query`?)")
-    # Same model, text encoder, VAE, projection and parameter subset, or the scores mean nothing.
-    check_query_store(store, meta)
-    if a.k > store.n_rows:
-        raise ValueError(f"k={a.k} is larger than the store's {store.n_rows} rows")
-    path = choose_path(store.n_rows, store.k, "auto")
-    res, _, _ = score_topk(store, q, a.k, [a.lambda_r], path=path)
-    header = {
-        "store": str(a.store),
-        "query": str(a.query),
-        "prompt": meta.get("prompt"),
-        "removed": list(query.labels),
-    }
-    attribution = Attribution.from_topk(res, query.labels, a.lambda_r)
-    text = write_attribution(a.out, attribution, a.format, **header)
-    print(f"top-{a.k} of {len(q)} queries -> {a.out}" if a.out else text.rstrip("\n"))
+    # t2i's --prompt is c+ and --concept the phrases removed, as in `ctrak query --pipeline`
+    pipeline_cmds.cmd_query(a, a.prompt, a.concept or [], a.negative_prompt or [])
 
 
 def _cmd_bench(a):
@@ -279,29 +113,24 @@ def add_t2i_commands(subparsers) -> argparse.ArgumentParser:
     f.add_argument(
         "--per-combo", type=positive_int, default=0, help="synthetic data: first N per combination"
     )
-    f.add_argument(
-        "--method",
-        default="concept-trak",
-        choices=FEATURIZE_METHODS,
-        help="the attribution method (a row of method/methods.py)",
-    )
     f.add_argument("--out", required=True, help="store directory (resumed if it exists)")
     f.add_argument("--das-out", help="also write DAS rows here (d-trak only)")
     f.add_argument("--batch-size", type=positive_int, default=32, help="samples per gradient batch")
+    f.add_argument("--shard-rows", type=positive_int, help="rows per shard (default 16 batches)")
     f.add_argument(
         "--store-dtype", default="float32", choices=DTYPES, help="storage dtype of the features"
     )
     f.set_defaults(t2i_handler=_cmd_featurize)
 
     q = sub.add_parser("query", help="concept query features of a prompt")
-    add_t2i_model_args(q)
+    add_t2i_model_args(q, GRADIENT_METHODS)
     q.add_argument("--prompt", required=True, help="c+, e.g. 'a pikachu in the style of picasso'")
     q.add_argument(
         "--concept",
         action="append",
         help="phrase to attribute (repeatable): c- = prompt without it",
     )
-    q.add_argument("--negative-prompt", action="append", help="an explicit c- (repeatable)")
+    add_prompt_args(q, prompt=False)
     q.add_argument(
         "--draws",
         default="local",
@@ -322,34 +151,12 @@ def add_t2i_commands(subparsers) -> argparse.ArgumentParser:
     q.add_argument(
         "--guidance", type=nonneg_float, default=7.5, help="CFG of the regenerated query image"
     )
-    q.add_argument(
-        "--steps", type=positive_int, default=50, help="sampling steps of the regenerated image"
-    )
-    q.add_argument(
-        "--scheduler",
-        choices=["ddim", "ddpm", "euler", "euler-a", "dpm", "pndm"],
-        help="sampler of the regenerated query image (default: the pipeline's own)",
-    )
     q.add_argument("--out", required=True, help="query safetensors file")
     q.set_defaults(t2i_handler=_cmd_query)
 
-    at = sub.add_parser("attribute", help="top-k (both tails) of t2i queries against a store")
-    at.add_argument("--store", required=True, help="feature store (`ctrak t2i featurize`)")
-    at.add_argument("--query", required=True, help="query file (`ctrak t2i query`)")
-    at.add_argument(
-        "--k", type=positive_int, default=10, help="training samples kept per query and tail"
-    )
-    at.add_argument(
-        "--lambda-r", type=nonneg_float, default=1.0, help="relative damping of the Gram"
-    )
-    at.add_argument("--out", help="output file (default: stdout; parquet needs a file)")
-    at.add_argument(
-        "--format",
-        default="json",
-        choices=list(FORMATS),
-        help="as in `ctrak attribute` (parquet needs pyarrow)",
-    )
-    at.set_defaults(t2i_handler=_cmd_attribute)
+    at = sub.add_parser("attribute", help="top-k (both tails) of queries against a store")
+    add_attribute_args(at)
+    at.set_defaults(t2i_handler=cmd_attribute)
 
     b = sub.add_parser("bench", help="the prompt concept benchmark on the shipped tiny model")
     add_t2i_bench_args(b)

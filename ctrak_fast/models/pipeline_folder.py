@@ -27,21 +27,19 @@ def _registry() -> dict[str, tuple[str, type, bool]]:
         "vae": ("diffusers", diffusers.ModelMixin, True),
         "text_encoder": ("transformers", transformers.PreTrainedModel, True),
         "tokenizer": ("transformers", transformers.PreTrainedTokenizerBase, False),
+        # SDXL's second text encoder (CLIPTextModelWithProjection: the pooled embedding)
+        "text_encoder_2": ("transformers", transformers.PreTrainedModel, True),
+        "tokenizer_2": ("transformers", transformers.PreTrainedTokenizerBase, False),
     }
 
 
 REQUIRED = ("unet", "scheduler")
 
 
-def load_pipeline_parts(path: str | os.PathLike) -> dict[str, object]:
-    """{unet, scheduler, vae, text_encoder, tokenizer} of the pipeline folder ``path`` (None for an
-    optional component it lacks); nothing is downloaded. ValueError / FileNotFoundError naming
-    the folder and component for anything else (an unknown class, pickle-only weights)."""
-    import diffusers
-    import transformers
-
-    path = Path(path)
-    index_file = path / "model_index.json"
+def read_index(path: str | os.PathLike) -> dict:
+    """The folder's model_index.json as a dict (its pipeline-level settings, e.g. SDXL's
+    force_zeros_for_empty_prompt); FileNotFoundError / ValueError naming the file."""
+    index_file = Path(path) / "model_index.json"
     if not index_file.is_file():
         raise FileNotFoundError(f"{path}: not a diffusers pipeline folder (no model_index.json)")
     try:
@@ -50,6 +48,20 @@ def load_pipeline_parts(path: str | os.PathLike) -> dict[str, object]:
         raise ValueError(f"{index_file}: not JSON ({str(e).splitlines()[0]})") from None
     if not isinstance(index, dict):
         raise ValueError(f"{index_file}: not a JSON object")
+    return index
+
+
+def load_pipeline_parts(path: str | os.PathLike) -> dict[str, object]:
+    """{unet, scheduler, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2} of the pipeline
+    folder ``path`` (None for an optional component it lacks); nothing is downloaded. ValueError
+    / FileNotFoundError naming the folder and component for anything else (an unknown class,
+    pickle-only weights)."""
+    import diffusers
+    import transformers
+
+    path = Path(path)
+    index_file = path / "model_index.json"
+    index = read_index(path)
     libraries = {"diffusers": diffusers, "transformers": transformers}
     parts: dict[str, object] = {}
     for name, (library, base, weights) in _registry().items():

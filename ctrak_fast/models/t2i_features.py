@@ -26,6 +26,7 @@ __all__ = [
     "T2IFeaturizer",
     "TextConditions",
     "TextToImageKind",
+    "check_concept_changes",
     "make_featurizer",
     "prompt_query_features",
 ]
@@ -80,7 +81,11 @@ class T2IFeaturizer(Featurizer):
     """Featurizer over a TextToImageAdapter: float32 gradient accumulation, parameters outside the
     filter frozen while gradients are taken (backward stops at the first selected layer), and the
     VAE / text encoder fingerprints and execution dtype recorded in the store manifest.
-    cond: prompt ids [B, 1] (adapter.prompt_ids) or embeddings [B, L, D], the kind of null_cond."""
+    cond: prompt ids [B, 1] (adapter.prompt_ids) or embeddings [B, L, D], the kind of null_cond.
+    method: the method's name, recorded in the meta when given (a query of another method is
+    then refused by name: results.check_query_store)."""
+
+    method: str | None = None
 
     def __post_init__(self):
         if not isinstance(self.model, TextToImageAdapter):
@@ -89,7 +94,10 @@ class T2IFeaturizer(Featurizer):
         self._grads = _Fp32Grads(self._grads, self.model)
 
     def meta(self) -> dict:
-        return {**super().meta(), "text2image": self.model.describe()}
+        meta = {**super().meta(), "text2image": self.model.describe()}
+        if self.method is not None:
+            meta["method"] = self.method
+        return meta
 
     def noise(self, shape) -> dict[int, torch.Tensor]:
         # Featurizer draws the fixed noise on the CPU (seeded, device-independent); the UNet may
@@ -108,11 +116,12 @@ def make_featurizer(
     grad_backend: str = "hooks",
     projector_backend: str = "auto",
     null_cond: torch.Tensor | None = None,
+    method: str | None = None,
 ) -> T2IFeaturizer:
     """A T2IFeaturizer with the model's schedule, the empty prompt as null condition (unless
-    `null_cond` is given), and the cross-attention filter unless `spec` names another
-    (spec.param_filter=None there means: use T2I_PARAM_FILTER; pass ".*" for every UNet
-    parameter).
+    `null_cond` is given), and the adapter's condition path (cross-attention; SDXL adds the
+    pooled-text embedding) unless `spec` names another filter (spec.param_filter=None there
+    means the condition path; pass ".*" for every UNet parameter). `method`: recorded in meta.
 
     Examples (need a model; not doctests):
             fz = make_featurizer(adapter, FeatureSpec(), ProjectionSpec(k=4096))
@@ -120,7 +129,8 @@ def make_featurizer(
     """
     spec = spec or FeatureSpec()
     if spec.param_filter is None:
-        spec = FeatureSpec.from_dict({**spec.to_dict(), "param_filter": T2I_PARAM_FILTER})
+        flt = getattr(adapter, "condition_param_filter", T2I_PARAM_FILTER)
+        spec = FeatureSpec.from_dict({**spec.to_dict(), "param_filter": flt})
     return T2IFeaturizer(
         adapter,
         adapter.schedule,
@@ -129,7 +139,24 @@ def make_featurizer(
         adapter.null_cond(1)[0] if null_cond is None else null_cond,
         grad_backend=grad_backend,
         projector_backend=projector_backend,
+        method=method,
     )
+
+
+def check_concept_changes(
+    adapter: TextToImageAdapter, prompt: str, negatives: Sequence[str], labels: Sequence[str]
+) -> None:
+    """ValueError naming the prompt when a c- conditions the model exactly as c+ does (the same
+    text embedding: the concept's words tokenize away, or are cut off at the token limit):
+    its slider would be zero and every training image would score 0."""
+    emb = adapter.encode_prompts([prompt, *negatives])
+    same = [lab for lab, e in zip(labels, emb[1:], strict=True) if torch.equal(e, emb[0])]
+    if same:
+        raise ValueError(
+            f"the prompt {prompt!r} and its c- for {same} give the model the same condition (they "
+            "tokenize the same, e.g. words outside the tokenizer's vocabulary or past its "
+            f"{adapter.max_length}-token limit): the query would be zero; name other words"
+        )
 
 
 def prompt_query_features(
