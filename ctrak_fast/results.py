@@ -25,7 +25,7 @@ from ctrak_fast.engine.store import FeatureStore, SpecMismatch, StoreError
 from ctrak_fast.exports import csv_text, require_format, write_parquet
 from ctrak_fast.method.methods import METHODS
 
-T2I_KEYS = ("vae", "text_encoder", "prediction_type", "max_length")
+T2I_KEYS = ("vae", "text_encoder", "text_encoder_2", "prediction_type", "max_length")
 TABLE_COLUMNS = ("query", "label", "lambda_r", "tail", "rank", "id", "score")
 
 

@@ -161,6 +161,43 @@ def tiny_clip(folder: Path):
     return (lambda: transformers.CLIPTextModel(cfg).eval()), tokenizer
 
 
+def tiny_sdxl_pipeline(folder: Path, scheduler=None):
+    """A StableDiffusionXLPipeline of random tiny parts: a text_time UNet (8x8 latents), the tiny
+    VAE, a 2-layer CLIPTextModel (hidden 12) and CLIPTextModelWithProjection (hidden 12, pooled
+    8), BertTokenizers over VOCAB (written to folder/vocab.txt). Hidden states: 24 wide."""
+    import pytest
+
+    transformers = pytest.importorskip("transformers")
+    from diffusers import DDIMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    vocab = folder / "vocab.txt"
+    vocab.write_text("\n".join(VOCAB) + "\n")
+    text = dict(vocab_size=len(VOCAB), intermediate_size=24, num_hidden_layers=2)
+    # pooled output at [SEP] (VOCAB's id 3), which attends to the whole prompt
+    text.update(num_attention_heads=2, max_position_embeddings=8, eos_token_id=3, bos_token_id=2)
+    torch.manual_seed(0)
+    te1 = transformers.CLIPTextModel(transformers.CLIPTextConfig(hidden_size=12, **text))
+    te2 = transformers.CLIPTextModelWithProjection(
+        transformers.CLIPTextConfig(hidden_size=12, projection_dim=8, **text)
+    )
+    unet = UNet2DConditionModel(
+        **{**UNET, "cross_attention_dim": 24},
+        addition_embed_type="text_time",
+        addition_time_embed_dim=4,
+        projection_class_embeddings_input_dim=8 + 6 * 4,
+    )
+    return StableDiffusionXLPipeline(
+        vae=tiny_vae(),
+        text_encoder=te1.eval(),
+        text_encoder_2=te2.eval(),
+        tokenizer=transformers.BertTokenizer(str(vocab), model_max_length=8),
+        tokenizer_2=transformers.BertTokenizer(str(vocab), model_max_length=8),
+        unet=perturb(unet),
+        scheduler=scheduler or DDIMScheduler(clip_sample=False, steps_offset=1),
+        force_zeros_for_empty_prompt=True,
+    )
+
+
 # ---- the small featurizer (FactorUNet-like models of conftest.py) ------------------------------
 
 NULL = torch.tensor([3, 2])

@@ -169,7 +169,7 @@ def cmd_featurize(a) -> None:
                 ids,
                 a.out,
                 batch_size=a.batch_size,
-                shard_rows=getattr(a, "shard_rows", None),
+                shard_rows=shard_rows(a),
                 dtype=a.store_dtype,
                 das_path=Path(a.das_out) if a.das_out else None,
                 progress=ctx.rank == 0,
@@ -177,6 +177,12 @@ def cmd_featurize(a) -> None:
             )
     if ctx.rank == 0:
         print(f"{store.n_rows} rows x k={store.k} ({method}) in {a.out}")
+
+
+def shard_rows(a) -> int | None:
+    """--shard-rows rounded up to whole batches (None: 16 batches)."""
+    rows = getattr(a, "shard_rows", None)
+    return None if rows is None else -(-rows // a.batch_size) * a.batch_size
 
 
 def _scheduler(name: str | None, adapter):

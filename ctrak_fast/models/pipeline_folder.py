@@ -110,13 +110,17 @@ def load_pipeline_parts(path: str | os.PathLike) -> dict[str, object]:
 
 @contextlib.contextmanager
 def _quiet(*libraries) -> Iterator[None]:
-    """Their loggers' multi-line warnings (accelerate hints, ...) would print around the CLI's
-    one error line: errors only while loading."""
+    """Their loggers' multi-line warnings (accelerate hints, ...) and progress bars would print
+    around the CLI's one error line: errors only, no bars, while loading."""
     levels = [lib.utils.logging.get_verbosity() for lib in libraries]
+    bars = [lib.utils.logging.is_progress_bar_enabled() for lib in libraries]
     for lib in libraries:
         lib.utils.logging.set_verbosity_error()
+        lib.utils.logging.disable_progress_bar()  # "Loading weights" bars of transformers 5
     try:
         yield
     finally:
-        for lib, level in zip(libraries, levels, strict=True):
+        for lib, level, bar in zip(libraries, levels, bars, strict=True):
             lib.utils.logging.set_verbosity(level)
+            if bar:
+                lib.utils.logging.enable_progress_bar()

@@ -179,12 +179,15 @@ class TextToImageAdapter(nn.Module):
         t, cond = t.to(x_t.device), cond.to(x_t.device)  # callers build t on the CPU
         s = self.grad_scale
         x = GradScale.apply(x_t, 1.0 / s) if s != 1.0 else x_t
-        out = self.unet(
-            x.to(self.compute_dtype), t, encoder_hidden_states=cond.to(self.compute_dtype)
-        ).sample.float()
+        out = self.unet_output(x.to(self.compute_dtype), t, cond.to(self.compute_dtype)).float()
         if s != 1.0:
             out = GradScale.apply(out, s)
         return to_eps(out, x_t, t, self.schedule, self.prediction_type)
+
+    def unet_output(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """The UNet's raw output at (x, t) under the text states `cond` [B, L, D], all in the
+        execution dtype (kinds with more conditioning inputs, e.g. SDXL, override this)."""
+        return self.unet(x, t, encoder_hidden_states=cond).sample  # type: ignore[no-any-return]
 
     # -- text --
 
