@@ -266,6 +266,17 @@ class Attribution:
         return pd.DataFrame(self.to_columns())
 
 
+class MethodMismatch(SpecMismatch):
+    """A query of another method than the store's (field "method"), said by name."""
+
+    def __init__(self, path: str | os.PathLike[str], stored: Any, given: str) -> None:
+        super().__init__(Path(path), "method", stored, given)
+        self.args = (
+            f"the query is of method {given!r}, the store {path} of method {stored!r}: "
+            "featurize and query with the same --method",
+        )
+
+
 def check_query_store(store: FeatureStore, meta: Mapping[str, Any]) -> None:
     """Refuse (SpecMismatch / StoreError naming the field) a query whose features mean nothing
     against `store` (the rule of the module docstring). meta: the query's meta."""
@@ -274,7 +285,7 @@ def check_query_store(store: FeatureStore, meta: Mapping[str, Any]) -> None:
     if isinstance(given, str) and stored is not None:
         wanted = METHODS[given].store_method if given in METHODS else given
         if wanted != stored:
-            raise SpecMismatch(store.path, "method", stored, given)
+            raise MethodMismatch(store.path, stored, given)
     keys = [k for k in ("model", "projection") if k in meta]
     if "projection" in meta and isinstance(store.meta.get("projection"), dict):
         # The kind first: "dense store, factorised query" says more than the k that differs.

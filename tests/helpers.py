@@ -198,6 +198,23 @@ def tiny_sdxl_pipeline(folder: Path, scheduler=None):
     )
 
 
+def captioned_images(folder: Path, captions: list[str], seed: int = 0, size: int = 16) -> Path:
+    """A folder of random RGB PNGs 0.png, 1.png, ... with metadata.jsonl captions."""
+    import json
+
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i, text in enumerate(captions):
+        arr = (torch.rand(size, size, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(arr).save(folder / f"{i}.png")
+        rows.append(json.dumps({"file_name": f"{i}.png", "text": text}))
+    (folder / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    return folder
+
+
 # ---- the small featurizer (FactorUNet-like models of conftest.py) ------------------------------
 
 NULL = torch.tensor([3, 2])

@@ -116,7 +116,12 @@ def add_t2i_commands(subparsers) -> argparse.ArgumentParser:
     f.add_argument("--out", required=True, help="store directory (resumed if it exists)")
     f.add_argument("--das-out", help="also write DAS rows here (d-trak only)")
     f.add_argument("--batch-size", type=positive_int, default=32, help="samples per gradient batch")
-    f.add_argument("--shard-rows", type=positive_int, help="rows per shard (default 16 batches)")
+    f.add_argument(
+        "--shard-rows",
+        type=positive_int,
+        default=256,
+        help="feature rows per shard, the unit of resume (as `ctrak featurize`)",
+    )
     f.add_argument(
         "--store-dtype", default="float32", choices=DTYPES, help="storage dtype of the features"
     )

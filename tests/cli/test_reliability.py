@@ -363,7 +363,11 @@ CASES = [
         lambda c: c.rerun("--param-filter", "conv_in"),
         r"'meta\.feature\.param_filter': store .* has null, got \"conv_in\"",
     ),
-    ("rerun-dtype", lambda c: c.rerun("--dtype", "float16"), r"'dtype': .* \"float32\", got \"fl"),
+    (
+        "rerun-dtype",
+        lambda c: c.rerun("--store-dtype", "float16"),
+        r"'dtype': .* \"float32\", got \"fl",
+    ),
     (
         "rerun-model",
         lambda c: c.rerun("--model", tiny_assets(c.tmp / "a", seed=1)[0]),

@@ -9,7 +9,7 @@ import re
 
 import pytest
 import torch
-from helpers import run, tiny_sdxl_pipeline
+from helpers import captioned_images, run, tiny_sdxl_pipeline
 
 from ctrak_fast.models.pipeline_adapter import load_pipeline_adapter
 from ctrak_fast.models.registry import kind_of, kind_of_pipeline
@@ -95,26 +95,12 @@ def test_condition_path_rule(sdxl):
     assert not torch.allclose(cross_only, eps_a, atol=1e-6)
 
 
-def _images(folder, n=6):
-    from PIL import Image
-
-    folder.mkdir()
-    g = torch.Generator().manual_seed(0)
-    words = ["a red triangle", "a blue circle", "a red circle", "a blue triangle"]
-    rows = []
-    for i in range(n):
-        arr = (torch.rand(16, 16, 3, generator=g) * 255).to(torch.uint8).numpy()
-        Image.fromarray(arr).save(folder / f"{i}.png")
-        rows.append(json.dumps({"file_name": f"{i}.png", "text": words[i % 4]}))
-    (folder / "metadata.jsonl").write_text("\n".join(rows) + "\n")
-    return folder
-
-
 def test_cli_end_to_end(sdxl, tmp_path):
     """featurize (concept-trak-cond: attn2 + add_embedding), query, attribute with a lambda
     sweep and exported scores, on the SDXL folder."""
     _, folder = sdxl
-    images = _images(tmp_path / "images")
+    words = ["a red triangle", "a blue circle", "a red circle", "a blue triangle"]
+    images = captioned_images(tmp_path / "images", [words[i % 4] for i in range(6)])
     fast = ["--k", "32", "--timesteps", "99,499", "--inversion-steps", "10"]
     store, q = tmp_path / "store", tmp_path / "q.safetensors"
     rc, out, err = run(["featurize", "--pipeline", folder, "--images", images, "--out", store,
