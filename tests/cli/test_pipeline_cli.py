@@ -116,3 +116,27 @@ def test_failures_are_one_line(sd, tmp_path, monkeypatch):
     rc, _, err = run(["featurize", "--pipeline", tmp_path, "--images", images,
                       "--out", tmp_path / "s", *FAST])  # fmt: skip
     _one_error_line(rc, err, "model_index.json")
+
+
+def test_two_gloo_ranks_write_the_single_process_bytes(sd, tmp_path_factory, tmp_path):
+    """torchrun-style ranks (forked with its environment) share one store: no "locked by another
+    writer", rank 0 encodes the latents once, and the files are those of one process."""
+    from forkserver import free_port, rank_env, shared_server, store_files
+
+    pipe, images = sd
+    server = shared_server(tmp_path_factory)
+    argv = ["featurize", "--pipeline", pipe, "--images", images, "--batch-size", "2"]
+    argv += ["--shard-rows", "2", *FAST]  # 4 images: 2 units
+    single = server.run([*argv, "--out", tmp_path / "one"])
+    assert single.rc == 0, single.stderr
+    port = free_port()
+    children = [
+        server.start([*argv, "--out", tmp_path / "two"], env=rank_env(rank, 2, port))
+        for rank in range(2)
+    ]
+    results = [server.wait(child) for child in children]
+    assert [r.rc for r in results] == [0, 0], [r.stderr[-2000:] for r in results]
+    assert "locked" not in results[0].stderr + results[1].stderr
+    assert results[0].stdout.strip() and not results[1].stdout.strip()  # rank 0 reports
+    assert store_files(tmp_path / "two") == store_files(tmp_path / "one")
+    assert len(list(tmp_path.glob("two.latents-*.safetensors"))) == 1
