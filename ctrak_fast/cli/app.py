@@ -179,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("report", help="PNG gallery of an attribute result")
     add_data_args(r)
+    r.add_argument("--images", help="the captioned image folder of a --pipeline store")
+    r.add_argument("--captions", help="its captions file (default: <images>/metadata.jsonl)")
     r.add_argument("--result", required=True, help="attribute JSON (`ctrak attribute --out`)")
     r.add_argument(
         "--query",

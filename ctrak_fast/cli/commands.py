@@ -187,7 +187,7 @@ def cmd_attribute(a):
     header = {
         "store": str(a.store),
         "query": str(a.query),
-        "concept": query.meta.get("concept"),
+        "concept": query.meta.get("concept") or query.meta.get("prompt"),
         "removed": removed,
         "scoring_path": path,
     }
@@ -210,8 +210,17 @@ def cmd_report(a):
     if query.image is None:
         raise InputError(f"{qpath}: the query file holds no query image to show")
     image, region = query.image, query.meta.get("region")
-    data = load_data(a)
-    row_of = {int(i): r for r, i in enumerate(data.ids.tolist())}
+    if a.images:  # a captioned folder (--pipeline's): rows are files in name order
+        images, ids, describe = pipeline_cmds.report_data(a, image.shape[-1])
+    else:
+        data = load_data(a)
+        images, ids = data.images, data.ids
+
+        def describe(i):  # the values an image shows ("?" where unknown)
+            pairs = zip(data.factors, data.labels[i].tolist(), strict=True)
+            return " ".join(data.values[f][v] if v < len(data.values[f]) else "?" for f, v in pairs)
+
+    row_of = {int(i): r for r, i in enumerate(ids.tolist())}
     unknown = sorted(
         {int(i) for row in res["top"] + res["bottom"] for i in row["ids"]} - set(row_of)
     )
@@ -219,24 +228,18 @@ def cmd_report(a):
         raise InputError(f"{a.result}: ids {unknown[:5]} are not in the dataset given")
     rows = []
     for top, bottom in zip(res["top"], res["bottom"], strict=True):
-        scores = torch.full((len(data),), float("nan"))
+        scores = torch.full((len(images),), float("nan"))
         for i, s in zip(top["ids"] + bottom["ids"], top["scores"] + bottom["scores"], strict=True):
             scores[row_of[int(i)]] = s
         finite = torch.where(torch.isnan(scores), torch.zeros(()), scores)
         mid = scores.isnan()
         finite[mid] = 0.5 * (max(bottom["scores"]) + min(top["scores"])) if top["scores"] else 0.0
         # The concept asked for, then the row's question: which factor c- removed (and lambda).
-        asked = res.get("concept") or "whole image"
+        asked = res.get("concept") or res.get("prompt") or "whole image"
         title = f"{asked}\n{top['label']}"
         rows.append({"title": title, "query": image, "scores": finite, "region": region})
 
-    def describe(i):  # the values an image shows ("?" where unknown)
-        pairs = zip(data.factors, data.labels[i].tolist(), strict=True)
-        return " ".join(data.values[f][v] if v < len(data.values[f]) else "?" for f, v in pairs)
-
-    gallery(
-        rows, data.images, describe, a.out, n_top=min(10, len(res["top"][0]["ids"])), n_bottom=5
-    )
+    gallery(rows, images, describe, a.out, n_top=min(10, len(res["top"][0]["ids"])), n_bottom=5)
     print(f"gallery -> {a.out}")
 
 

@@ -284,3 +284,16 @@ def cmd_query(a, prompt: str, phrases: list[str], negative_prompts: list[str]) -
     meta.update(kind="concept", query=spec.to_dict(), negatives=negatives)
     Query(q, tuple(labels), meta, image[0].float()).save(out)
     print(f"{len(q)} query feature(s) for {prompt!r} (c-: {negatives}; {method}) -> {out}")
+
+
+def report_data(a, size: int):
+    """(images [N,3,size,size], ids, describe) of the captioned folder --images for `ctrak report`:
+    a row's label is its caption."""
+    import torch
+
+    from ctrak_fast.data.captions import read_captions
+    from ctrak_fast.data.images import load_image
+
+    files, captions = read_captions(a.images, a.captions)
+    images = torch.stack([load_image(f, size) for f in files])
+    return images, torch.arange(len(files)), lambda i: captions[i][:24]

@@ -98,13 +98,14 @@ def load_pipeline_adapter(
     Examples (need a folder; not doctests):
             adapter = load_pipeline_adapter("sdxl-folder", dtype=torch.bfloat16)
     """
-    from ctrak_fast.models.pipeline_folder import load_pipeline_parts, read_index
+    from ctrak_fast.models.pipeline_folder import load_pipeline_parts, quiet_libraries, read_index
 
     parts = load_pipeline_parts(path)
     pipe = SimpleNamespace(**parts, config=read_index(path))
     kind = kind_of_pipeline(pipe)
-    if lora is not None:
-        load_lora(parts["unet"], lora)  # type: ignore[arg-type]
-    kwargs: dict[str, Any] = {}
-    model, _ = kind.from_pipeline(pipe, method, dtype=dtype, null_class=None, kwargs=kwargs)
+    with quiet_libraries():  # their hints about dtypes and PEFT, printed around the CLI's lines
+        if lora is not None:
+            load_lora(parts["unet"], lora)  # type: ignore[arg-type]
+        kwargs: dict[str, Any] = {}
+        model, _ = kind.from_pipeline(pipe, method, dtype=dtype, null_class=None, kwargs=kwargs)
     return model

@@ -103,9 +103,19 @@ def load_pipeline_parts(path: str | os.PathLike) -> dict[str, object]:
                 )
             kw["use_safetensors"] = True
         load = getattr(cls, "from_pretrained", None) or cls.from_config
-        with _quiet(diffusers, transformers):
+        with quiet_libraries():
             parts[name] = load(str(folder), **kw)
     return parts
+
+
+@contextlib.contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """diffusers' and transformers' loggers at errors only, and no progress bars, meanwhile."""
+    import diffusers
+    import transformers
+
+    with _quiet(diffusers, transformers):
+        yield
 
 
 @contextlib.contextmanager
