@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from ctrak_fast.cli import pipeline_cmds
 from ctrak_fast.cli.inputs import (
@@ -75,7 +76,7 @@ def cmd_featurize(a):
         )
 
 
-def check_factor_model_flags(a) -> None:
+def check_factor_model_flags(a: Any) -> None:
     """The flags of the pipeline path are refused on the FactorUNet path (not silently ignored)."""
     from ctrak_fast.engine.validation import InputError
 

@@ -3,6 +3,8 @@ aliases) and of `ctrak attribute`, which both fronts share. Building them import
 
 from __future__ import annotations
 
+from argparse import ArgumentParser
+
 from ctrak_fast.cli.argtypes import (
     lambda_list,
     nonneg_float,
@@ -26,7 +28,7 @@ EXEC_DTYPES = {
 LORA_SCOPES = ("lora", "base", "both")  # = models.pipeline_adapter.LORA_SCOPES (no torch here)
 
 
-def add_exec_args(p) -> None:
+def add_exec_args(p: ArgumentParser) -> None:
     """Where and in what precision the model runs, and the LoRA on it (every t2i path)."""
     p.add_argument(
         "--dtype",
@@ -50,7 +52,7 @@ def add_exec_args(p) -> None:
     )
 
 
-def add_pipeline_args(p, featurize: bool) -> None:
+def add_pipeline_args(p: ArgumentParser, featurize: bool) -> None:
     """`ctrak featurize|query --pipeline DIR`: a diffusers pipeline folder and its own knobs."""
     p.add_argument(
         "--pipeline",
@@ -71,7 +73,7 @@ def add_pipeline_args(p, featurize: bool) -> None:
         )
 
 
-def add_t2i_model_args(p, methods=FEATURIZE_METHODS):
+def add_t2i_model_args(p: ArgumentParser, methods: tuple[str, ...] = FEATURIZE_METHODS) -> None:
     """The flags of `ctrak t2i featurize|query` (aliases of `ctrak featurize|query --pipeline`)."""
     p.add_argument(
         "--model", help="diffusers pipeline folder or tiny-model checkpoint (default: shipped)"
@@ -104,7 +106,7 @@ def add_t2i_model_args(p, methods=FEATURIZE_METHODS):
     )
 
 
-def add_prompt_args(p, prompt: bool = True) -> None:
+def add_prompt_args(p: ArgumentParser, prompt: bool = True) -> None:
     """The prompt query's flags (`ctrak query --pipeline`, `ctrak t2i query`) beside --concept."""
     if prompt:
         p.add_argument("--prompt", help="--pipeline: c+, e.g. 'a pikachu in the style of picasso'")
@@ -119,7 +121,7 @@ def add_prompt_args(p, prompt: bool = True) -> None:
     )
 
 
-def add_attribute_args(p) -> None:
+def add_attribute_args(p: ArgumentParser) -> None:
     """`ctrak attribute` (and its alias `ctrak t2i attribute`)."""
     p.add_argument("--store", required=True, help="feature store directory (`ctrak featurize`)")
     p.add_argument("--query", required=True, help="query file (`ctrak query`)")

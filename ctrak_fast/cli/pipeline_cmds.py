@@ -11,8 +11,10 @@ transformers become one line naming the pipeline (`diffusers_errors`).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from argparse import Namespace
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from ctrak_fast.cli.pipeline_args import EXEC_DTYPES
 
@@ -30,12 +32,12 @@ def diffusers_errors(what: str) -> Iterator[None]:
         raise ValueError(f"{what}: {type(e).__name__}: {first[:300]}") from e
 
 
-def source(a) -> str | None:
+def source(a: Namespace) -> str | None:
     """The model the flags name: --pipeline, else (`t2i` alias) --model; None: the shipped one."""
     return getattr(a, "pipeline", None) or getattr(a, "model", None)
 
 
-def load_adapter(a):
+def load_adapter(a: Namespace) -> Any:
     """The TextToImageAdapter (SD, SDXL, or the tiny model) of the flags, on --device, executing
     in --dtype, with --lora on its UNet."""
     import torch
@@ -68,12 +70,12 @@ def load_adapter(a):
     return adapter
 
 
-def pixel_size(adapter) -> int:
+def pixel_size(adapter: Any) -> int:
     scale = 2 ** (len(adapter.vae.config.block_out_channels) - 1) if adapter.latent else 1
     return int(adapter.config["image_size"]) * scale
 
 
-def param_filter(a, adapter, method: str) -> str | None:
+def param_filter(a: Namespace, adapter: Any, method: str) -> str | None:
     """--param-filter, else the --lora-scope's filter when a LoRA is loaded, else None (the
     method's own: the condition path for concept-trak-cond, cross-attention otherwise)."""
     if a.param_filter:
@@ -85,12 +87,12 @@ def param_filter(a, adapter, method: str) -> str | None:
     return None
 
 
-def feature_spec(a, adapter, method: str):
+def feature_spec(a: Namespace, adapter: Any, method: str) -> Any:
     """The method table's FeatureSpec with the flags given (inversion settings where it inverts)."""
     from ctrak_fast.method.methods import get_method
 
     row = get_method(method)
-    kw: dict = {}
+    kw: dict[str, Any] = {}
     flt = param_filter(a, adapter, method)
     if flt is not None:
         kw["param_filter"] = flt
@@ -105,7 +107,7 @@ def feature_spec(a, adapter, method: str):
     return row.feature_spec(**kw)
 
 
-def featurizer(a, adapter, method: str):
+def featurizer(a: Namespace, adapter: Any, method: str) -> Any:
     from ctrak_fast.engine.projection import ProjectionSpec
     from ctrak_fast.models.t2i_features import make_featurizer
 
@@ -115,7 +117,7 @@ def featurizer(a, adapter, method: str):
         return make_featurizer(adapter, spec, proj, method=method)
 
 
-def training_set(a):
+def training_set(a: Namespace) -> tuple[Any, list[str], Any]:
     """(images or image files, captions, ids): a captioned folder, or the shipped synthetic data."""
     import torch
 
@@ -135,7 +137,7 @@ def training_set(a):
     return data.images, captions, data.ids
 
 
-def cmd_featurize(a) -> None:
+def cmd_featurize(a: Namespace) -> None:
     """Training features of the captioned images into --out: one process, or every rank of a
     torchrun job (each rank featurizes its units; the latents are encoded once, by rank 0)."""
     from ctrak_fast.engine.validation import check_output_dir, check_positive
@@ -153,12 +155,12 @@ def cmd_featurize(a) -> None:
     what = f"{source(a) or 'the shipped model'}: featurization failed"
     with DistContext.from_env(device=adapter.device) as ctx:
 
-        def latents():
+        def latents() -> Any:
             size = pixel_size(adapter)
             with diffusers_errors(f"{source(a)}: the VAE failed"):
                 return encode_images_cached(adapter, images, ids, a.out, image_size=size)
 
-        ctx.on_rank0(lambda: latents() is None)  # rank 0 writes the cache, the others read it
+        ctx.on_rank0(lambda: latents() is None)  # type: ignore[no-untyped-call]  # rank 0 writes the cache, the others read it
         x0 = latents()
         conds = adapter.prompt_ids(captions)
         with diffusers_errors(what):
@@ -179,13 +181,13 @@ def cmd_featurize(a) -> None:
         print(f"{store.n_rows} rows x k={store.k} ({method}) in {a.out}")
 
 
-def shard_rows(a) -> int | None:
+def shard_rows(a: Namespace) -> int | None:
     """--shard-rows rounded up to whole batches (None: 16 batches)."""
     rows = getattr(a, "shard_rows", None)
     return None if rows is None else -(-rows // a.batch_size) * a.batch_size
 
 
-def _scheduler(name: str | None, adapter):
+def _scheduler(name: str | None, adapter: Any) -> Any:
     if not name:
         return None
     import diffusers
@@ -201,7 +203,7 @@ def _scheduler(name: str | None, adapter):
     return getattr(diffusers, classes[name]).from_config(adapter.scheduler.config)
 
 
-def query_image(a, adapter, prompt: str):
+def query_image(a: Namespace, adapter: Any, prompt: str) -> tuple[Any, Any]:
     """(x0 [1,C,h,w], the image [1,3,H,W]) of --image, or regenerated from the prompt and --seed."""
     from ctrak_fast.data.images import load_image
 
@@ -221,11 +223,11 @@ def query_image(a, adapter, prompt: str):
     return (image if not adapter.latent else x0), image  # a pixel model's x0 is the clamped one
 
 
-def adapter_guidance(a) -> float:
+def adapter_guidance(a: Namespace) -> float:
     return 7.5 if a.guidance is None else float(a.guidance)
 
 
-def cmd_query(a, prompt: str, phrases: list[str], negative_prompts: list[str]) -> None:
+def cmd_query(a: Namespace, prompt: str, phrases: list[str], negative_prompts: list[str]) -> None:
     """Query features of `prompt` into --out: the concept slider of c+ = `prompt` against each c-
     (the prompt without each phrase, then each negative prompt), or, for whole-image methods
     (trak, d-trak, das), the method's loss on the query image under `prompt`."""
@@ -286,7 +288,7 @@ def cmd_query(a, prompt: str, phrases: list[str], negative_prompts: list[str]) -
     print(f"{len(q)} query feature(s) for {prompt!r} (c-: {negatives}; {method}) -> {out}")
 
 
-def report_data(a, size: int):
+def report_data(a: Namespace, size: int) -> tuple[Any, Any, Callable[[int], str]]:
     """(images [N,3,size,size], ids, describe) of the captioned folder --images for `ctrak report`:
     a row's label is its caption."""
     import torch

@@ -46,7 +46,7 @@ def lora_param_filter(scope: str, condition_filter: str) -> str:
     raise ValueError(f"unknown LoRA scope {scope!r}; expected one of {list(LORA_SCOPES)}")
 
 
-def load_lora(unet: nn.Module, path: str | os.PathLike) -> None:
+def load_lora(unet: nn.Module, path: str | os.PathLike[str]) -> None:
     """Add the LoRA at `path` (a .safetensors file, or a folder holding
     pytorch_lora_weights.safetensors) to `unet`; ValueError / ImportError naming what is wrong
     (no peft, no such file, text-encoder LoRA layers, keys that match no UNet module)."""
@@ -87,10 +87,10 @@ def load_lora(unet: nn.Module, path: str | os.PathLike) -> None:
 
 
 def load_pipeline_adapter(
-    path: str | os.PathLike,
+    path: str | os.PathLike[str],
     *,
     dtype: torch.dtype | None = None,
-    lora: str | os.PathLike | None = None,
+    lora: str | os.PathLike[str] | None = None,
     method: str = "concept-trak-cond",
 ) -> nn.Module:
     """The adapter (eps model) of the pipeline folder `path`, with the LoRA `lora` on its UNet.

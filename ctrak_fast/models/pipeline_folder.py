@@ -14,6 +14,7 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 
 def _registry() -> dict[str, tuple[str, type, bool]]:
@@ -36,7 +37,7 @@ def _registry() -> dict[str, tuple[str, type, bool]]:
 REQUIRED = ("unet", "scheduler")
 
 
-def read_index(path: str | os.PathLike) -> dict:
+def read_index(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The folder's model_index.json as a dict (its pipeline-level settings, e.g. SDXL's
     force_zeros_for_empty_prompt); FileNotFoundError / ValueError naming the file."""
     index_file = Path(path) / "model_index.json"
@@ -51,7 +52,7 @@ def read_index(path: str | os.PathLike) -> dict:
     return index
 
 
-def load_pipeline_parts(path: str | os.PathLike) -> dict[str, object]:
+def load_pipeline_parts(path: str | os.PathLike[str]) -> dict[str, object]:
     """{unet, scheduler, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2} of the pipeline
     folder ``path`` (None for an optional component it lacks); nothing is downloaded. ValueError
     / FileNotFoundError naming the folder and component for anything else (an unknown class,

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ctrak_fast.models.diffusers_unet import sample_size
 from ctrak_fast.models.t2i_features import TextToImageKind
 from ctrak_fast.models.text2image import TextToImageAdapter
 
@@ -91,7 +92,7 @@ class SDXLAdapter(TextToImageAdapter):
         vae: nn.Module | None,
         text_encoder: nn.Module,
         tokenizer: Any,
-        text_encoder_2: nn.Module,
+        text_encoder_2: nn.Module | None,
         tokenizer_2: Any,
         *,
         force_zeros_for_empty_prompt: bool = True,
@@ -105,14 +106,15 @@ class SDXLAdapter(TextToImageAdapter):
         self._aux["text_encoder_2"] = text_encoder_2.eval().requires_grad_(False)
         self.tokenizer_2 = tokenizer_2
         self.force_zeros_for_empty_prompt = bool(force_zeros_for_empty_prompt)
-        widths = [int(e.config.hidden_size) for e in (text_encoder, text_encoder_2)]
+        configs: list[Any] = [text_encoder.config, text_encoder_2.config]
         self.layout = SDXLCondition(
             tokens=int(self.max_length or tokenizer.model_max_length),
-            width=sum(widths),
-            pooled=int(text_encoder_2.config.projection_dim),
+            width=sum(int(c.hidden_size) for c in configs),
+            pooled=int(configs[1].projection_dim),
         )
-        scale = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
-        side = float(self.config["image_size"] * scale)
+        vae_config: Any = None if vae is None else vae.config
+        scale = 2 ** (len(vae_config.block_out_channels) - 1) if vae_config is not None else 1
+        side = float(sample_size(unet) * scale)
         # (original size, crop top-left, target size): the training image's own size, uncropped
         self.time_ids = torch.tensor([side, side, 0.0, 0.0, side, side])
 
@@ -153,7 +155,7 @@ class SDXLAdapter(TextToImageAdapter):
         time_ids = self.time_ids.to(hidden.device).expand(len(prompts), -1)
         return self.layout.pack(hidden, pooled, time_ids)
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, Any]:
         return {
             **super().describe(),
             "force_zeros_for_empty_prompt": self.force_zeros_for_empty_prompt,
