@@ -242,7 +242,8 @@ def cmd_query(a: Namespace, prompt: str, phrases: list[str], negative_prompts: l
     row = get_method(method)
     model = source(a)
     model_file = Path(model) / "model_index.json" if model and Path(model).is_dir() else model
-    check_outputs({"--out": a.out}, {"--pipeline": model_file, "--image": a.image})
+    flag = "--pipeline" if getattr(a, "pipeline", None) else "--model"  # the t2i alias's name
+    check_outputs({"--out": a.out}, {flag: model_file, "--image": a.image})
     out = Path(a.out)
     adapter = load_adapter(a)
     fz = featurizer(a, adapter, method)
