@@ -11,6 +11,8 @@ import pytest
 import torch
 from helpers import captioned_images, run, tiny_sdxl_pipeline
 
+from ctrak_fast.api import Attributor
+from ctrak_fast.engine.projection import ProjectionSpec
 from ctrak_fast.models.pipeline_adapter import load_pipeline_adapter
 from ctrak_fast.models.registry import kind_of, kind_of_pipeline
 from ctrak_fast.models.sdxl import SDXL_PARAM_FILTER, SDXLAdapter, SDXLKind
@@ -47,6 +49,12 @@ def test_eps_matches_diffusers_sdxl_conditioning(sdxl):
     # The unconditional input is zeros (force_zeros_for_empty_prompt), as diffusers' CFG uses.
     hidden, pooled0, ids0 = ad.layout.unpack(ad.encode_prompts([""]))
     assert not hidden.any() and not pooled0.any() and ids0.tolist() == time_ids.tolist()
+    # The Attributor takes the pipeline object too (it failed inside diffusers before: no
+    # added_cond_kwargs), with the condition path as concept-trak-cond's parameters.
+    att = Attributor.from_pipeline(pipe, "concept-trak-cond", projection=ProjectionSpec(k=16))
+    assert isinstance(att.model, SDXLAdapter)
+    feats = att.image_query(torch.rand(1, 3, 16, 16) * 2 - 1, [prompt]).features
+    assert feats.shape == (1, 16) and torch.isfinite(feats).all() and feats.abs().sum() > 0
 
 
 def _text_inputs(unet):
