@@ -341,6 +341,12 @@ def add_t2i_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--judge", help="ConceptJudge checkpoint (default: the shipped one)")
     p.add_argument("--data", help="SyntheticConfig JSON (default: the shipped one)")
     p.add_argument(
+        "--select-lambda-by",
+        choices=["ap", "p@10"],
+        default="p@10",
+        help="the validation metric that chooses lambda_r (ap where captions are incomplete)",
+    )
+    p.add_argument(
         "--per-combo", type=positive_int, default=50, help="training images per combination"
     )
     p.add_argument("--k", type=positive_int, default=2048, help="projection dimension")

@@ -247,6 +247,7 @@ def _cmd_bench(a):
         param_filter=a.param_filter,
         methods=parse_methods(a.methods),
         lambda_r=a.lambda_r,
+        select_lambda_by=a.select_lambda_by,
         dps=FeatureSpec(inversion_steps=a.inversion_steps, inversion_guidance=a.inversion_guidance),
         concept=_concept_spec(a),
     )
