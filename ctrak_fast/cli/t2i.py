@@ -23,6 +23,7 @@ from ctrak_fast.cli.argtypes import (
     nonneg_int,
     positive_int,
 )
+from ctrak_fast.cli.inputs import named
 from ctrak_fast.exports import FORMATS
 from ctrak_fast.method.methods import FEATURIZE_METHODS
 
@@ -46,14 +47,18 @@ def _pixel_size(adapter) -> int:
 
 
 def _training_set(a):
-    """(images or image files, captions, ids): a captioned folder, or the shipped synthetic data."""
+    """(images or image files, captions, ids, the sources record): a captioned folder, or the
+    shipped synthetic data."""
     import torch
+
+    from ctrak_fast.data.sources import dataset_sources, file_sources
 
     if a.images:
         from ctrak_fast.data.captions import read_captions
 
         files, captions = read_captions(a.images, a.captions)
-        return files, captions, torch.arange(len(files), dtype=torch.int64)
+        ids = torch.arange(len(files), dtype=torch.int64)
+        return files, captions, ids, file_sources(a.images, files, captions, ids.tolist())
     from ctrak_fast.data import SyntheticConfig, make_dataset
     from ctrak_fast.data.captions import caption
     from ctrak_fast.models.shipped import ASSETS
@@ -62,7 +67,7 @@ def _training_set(a):
     if a.per_combo:
         data = data.train_subset(a.per_combo)
     captions = [caption(data.factors, data.values, row) for row in data.labels.tolist()]
-    return data.images, captions, data.ids
+    return data.images, captions, data.ids, dataset_sources(data, captions)
 
 
 def _feature_spec(a, method: str = "concept-trak"):
@@ -110,7 +115,7 @@ def _cmd_featurize(a):
     from ctrak_fast.models.latent_cache import encode_images_cached
 
     adapter = _adapter(a)
-    images, captions, ids = _training_set(a)
+    images, captions, ids, sources = _training_set(a)
     fz = _featurizer(a, adapter, a.method)
     x0 = encode_images_cached(adapter, images, ids, a.out, image_size=_pixel_size(adapter))
     conds = adapter.prompt_ids(captions)
@@ -124,6 +129,7 @@ def _cmd_featurize(a):
         dtype=a.store_dtype,
         das_path=Path(a.das_out) if a.das_out else None,
         progress=True,
+        sources=sources,
     )
     print(f"{store.n_rows} rows x k={store.k} in {a.out}")
 
@@ -215,7 +221,7 @@ def _cmd_attribute(a):
         "prompt": meta.get("prompt"),
         "removed": list(query.labels),
     }
-    attribution = Attribution.from_topk(res, query.labels, a.lambda_r)
+    attribution = named(Attribution.from_topk(res, query.labels, a.lambda_r), store)
     text = write_attribution(a.out, attribution, a.format, **header)
     print(f"top-{a.k} of {len(q)} queries -> {a.out}" if a.out else text.rstrip("\n"))
 
