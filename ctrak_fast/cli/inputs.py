@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from ctrak_fast.data.images import Preprocess
     from ctrak_fast.engine.store import FeatureStore
     from ctrak_fast.results import Attribution
 
@@ -30,7 +31,12 @@ def load_data(a, model=None):
         if truth:
             check_input_file(truth, "truth file")
         return load_image_folder(
-            a.folder, a.labels, image_size=a.image_size, truth_file=truth, **names
+            a.folder,
+            a.labels,
+            image_size=a.image_size,
+            truth_file=truth,
+            preprocess=preprocess(a),
+            **names,
         )
     from ctrak_fast.models.shipped import ASSETS, SHIPPED
 
@@ -42,6 +48,15 @@ def load_data(a, model=None):
     except Exception as e:  # safetensors, JSON and config errors alike: the file is unusable
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise InputError(f"{path}: not a usable dataset ({first})") from e
+
+
+def preprocess(a: Any) -> Preprocess:
+    """The crop and flip of --random-crop / --flip (flags absent: centre crop, no flip)."""
+    from ctrak_fast.data.images import Preprocess
+
+    return Preprocess(
+        center_crop=not getattr(a, "random_crop", False), flip=getattr(a, "flip", False)
+    )
 
 
 def load_model(path, judge: bool = False):

@@ -16,14 +16,19 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ctrak_fast.cli.arggroups import DTYPES, add_t2i_bench_args, add_t2i_model_args
+from ctrak_fast.cli.arggroups import (
+    DTYPES,
+    add_preprocess_args,
+    add_t2i_bench_args,
+    add_t2i_model_args,
+)
 from ctrak_fast.cli.argtypes import (
     finite_float,
     nonneg_float,
     nonneg_int,
     positive_int,
 )
-from ctrak_fast.cli.inputs import named
+from ctrak_fast.cli.inputs import named, preprocess
 from ctrak_fast.exports import FORMATS
 from ctrak_fast.method.methods import FEATURIZE_METHODS
 
@@ -56,9 +61,15 @@ def _training_set(a):
     if a.images:
         from ctrak_fast.data.captions import read_captions
 
-        files, captions = read_captions(a.images, a.captions)
+        files, captions = read_captions(a.images, a.captions, a.image_column, a.caption_column)
         ids = torch.arange(len(files), dtype=torch.int64)
-        return files, captions, ids, file_sources(a.images, files, captions, ids.tolist())
+        crop = preprocess(a)
+        return (
+            files,
+            captions,
+            ids,
+            file_sources(a.images, files, captions, ids.tolist(), None, crop),
+        )
     from ctrak_fast.data import SyntheticConfig, make_dataset
     from ctrak_fast.data.captions import caption
     from ctrak_fast.models.shipped import ASSETS
@@ -117,7 +128,9 @@ def _cmd_featurize(a):
     adapter = _adapter(a)
     images, captions, ids, sources = _training_set(a)
     fz = _featurizer(a, adapter, a.method)
-    x0 = encode_images_cached(adapter, images, ids, a.out, image_size=_pixel_size(adapter))
+    x0 = encode_images_cached(
+        adapter, images, ids, a.out, image_size=_pixel_size(adapter), preprocess=preprocess(a)
+    )
     conds = adapter.prompt_ids(captions)
     store = featurize(
         fz,
@@ -279,8 +292,15 @@ def add_t2i_commands(subparsers) -> argparse.ArgumentParser:
     add_t2i_model_args(f)
     f.add_argument("--images", help="image folder (default: the shipped synthetic data)")
     f.add_argument(
-        "--captions", help="metadata.jsonl / .json / .csv (default: <images>/metadata.jsonl)"
+        "--captions",
+        help="metadata.jsonl / .csv (file_name plus text or caption) or {file: caption} .json "
+        "(default: <images>/metadata.jsonl, else <images>/metadata.csv)",
     )
+    f.add_argument("--image-column", help="the file-name column of --captions (default: file_name)")
+    f.add_argument(
+        "--caption-column", help="the caption column of --captions (default: text, else caption)"
+    )
+    add_preprocess_args(f)
     f.add_argument("--data", help="SyntheticConfig JSON (without --images)")
     f.add_argument(
         "--per-combo", type=positive_int, default=0, help="synthetic data: first N per combination"

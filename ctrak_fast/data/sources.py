@@ -19,7 +19,7 @@ import torch
 
 from .dataset import ConceptDataset
 from .folder import contained, image_name
-from .images import load_image
+from .images import Preprocess, load_image
 
 
 def file_sources(
@@ -28,9 +28,11 @@ def file_sources(
     captions: Sequence[str],
     ids: Sequence[int],
     labels: Sequence[dict[str, str]] | None = None,
+    preprocess: Preprocess | None = None,
 ) -> dict[str, Any]:
     """The record of images in the folder `root`: files (paths under root, or relative to it),
-    one caption and id per file, and optionally each file's {factor: value} labels.
+    one caption and id per file, optionally each file's {factor: value} labels, and how the
+    images were cropped and flipped (`preprocess`, default centre crop, no flip).
 
     Examples:
         >>> r = file_sources("/data", ["/data/a.png", "b/c.png"], ["a cat", "a dog"], [0, 1])
@@ -48,6 +50,7 @@ def file_sources(
         "files": names,
         "captions": [str(c) for c in captions],
         "ids": [int(i) for i in ids],
+        "preprocess": (preprocess or Preprocess()).to_dict(),
     }
     if labels is not None:
         record["labels"] = [dict(row) for row in labels]
@@ -73,7 +76,8 @@ def dataset_sources(
     ids = data.ids.tolist()
     if "filenames" in data.meta and "folder" in data.meta:
         by_row = [data.meta["filenames"][i] for i in ids]  # ids are the folder's row numbers
-        return file_sources(data.meta["folder"], by_row, captions, ids, labels)
+        crop = Preprocess(**data.meta.get("preprocess", {}))
+        return file_sources(data.meta["folder"], by_row, captions, ids, labels, crop)
     if dataset_file is not None:
         digest = hashlib.sha256(Path(dataset_file).read_bytes()).hexdigest()
         generator = {"dataset_file": os.path.abspath(dataset_file), "sha256": digest}
@@ -114,7 +118,9 @@ def source_images(
                 f"{missing[0]} (the store records the folder {record['root']}): pass "
                 "--image-root DIR where its images are now"
             )
-        return torch.stack([load_image(p, image_size) for p in paths])
+        crop = Preprocess(**record.get("preprocess", {}))
+        pairs = zip(paths, ids, strict=True)
+        return torch.stack([load_image(p, image_size, crop, int(i)) for p, i in pairs])
     data = generated(record["generator"])
     row_of = {int(i): r for r, i in enumerate(data.ids.tolist())}
     lost = [i for i in ids if int(i) not in row_of]
