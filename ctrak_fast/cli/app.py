@@ -218,13 +218,24 @@ def build_parser() -> argparse.ArgumentParser:
     at.add_argument("--export-scores", help="also write all scores (safetensors, streamed)")
     at.add_argument("--export-queries", help="comma-separated query indices to export (all)")
 
-    r = sub.add_parser("report", help="PNG gallery of an attribute result")
-    add_data_args(r)
+    r = sub.add_parser(
+        "report", help="PNG gallery of an attribute result: the images its store records"
+    )
     r.add_argument("--result", required=True, help="attribute JSON (`ctrak attribute --out`)")
     r.add_argument(
         "--query",
         help="its query file (default: the result's 'query' field, followed only inside the "
         "result's folder or the current directory)",
+    )
+    r.add_argument(
+        "--store",
+        help="its feature store, whose sources.json names the training images (default: the "
+        "result's 'store' field, followed as --query is)",
+    )
+    r.add_argument(
+        "--image-root",
+        help="where the store's image folder is now, if it moved (default: the folder the "
+        "store records)",
     )
     r.add_argument("--out", required=True, help="PNG file")
 

@@ -16,13 +16,19 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ctrak_fast.cli.arggroups import DTYPES, add_t2i_bench_args, add_t2i_model_args
+from ctrak_fast.cli.arggroups import (
+    DTYPES,
+    add_preprocess_args,
+    add_t2i_bench_args,
+    add_t2i_model_args,
+)
 from ctrak_fast.cli.argtypes import (
     finite_float,
     nonneg_float,
     nonneg_int,
     positive_int,
 )
+from ctrak_fast.cli.inputs import named, preprocess
 from ctrak_fast.exports import FORMATS
 from ctrak_fast.method.methods import FEATURIZE_METHODS
 
@@ -46,14 +52,24 @@ def _pixel_size(adapter) -> int:
 
 
 def _training_set(a):
-    """(images or image files, captions, ids): a captioned folder, or the shipped synthetic data."""
+    """(images or image files, captions, ids, the sources record): a captioned folder, or the
+    shipped synthetic data."""
     import torch
+
+    from ctrak_fast.data.sources import dataset_sources, file_sources
 
     if a.images:
         from ctrak_fast.data.captions import read_captions
 
-        files, captions = read_captions(a.images, a.captions)
-        return files, captions, torch.arange(len(files), dtype=torch.int64)
+        files, captions = read_captions(a.images, a.captions, a.image_column, a.caption_column)
+        ids = torch.arange(len(files), dtype=torch.int64)
+        crop = preprocess(a)
+        return (
+            files,
+            captions,
+            ids,
+            file_sources(a.images, files, captions, ids.tolist(), None, crop),
+        )
     from ctrak_fast.data import SyntheticConfig, make_dataset
     from ctrak_fast.data.captions import caption
     from ctrak_fast.models.shipped import ASSETS
@@ -62,7 +78,7 @@ def _training_set(a):
     if a.per_combo:
         data = data.train_subset(a.per_combo)
     captions = [caption(data.factors, data.values, row) for row in data.labels.tolist()]
-    return data.images, captions, data.ids
+    return data.images, captions, data.ids, dataset_sources(data, captions)
 
 
 def _feature_spec(a, method: str = "concept-trak"):
@@ -110,9 +126,11 @@ def _cmd_featurize(a):
     from ctrak_fast.models.latent_cache import encode_images_cached
 
     adapter = _adapter(a)
-    images, captions, ids = _training_set(a)
+    images, captions, ids, sources = _training_set(a)
     fz = _featurizer(a, adapter, a.method)
-    x0 = encode_images_cached(adapter, images, ids, a.out, image_size=_pixel_size(adapter))
+    x0 = encode_images_cached(
+        adapter, images, ids, a.out, image_size=_pixel_size(adapter), preprocess=preprocess(a)
+    )
     conds = adapter.prompt_ids(captions)
     store = featurize(
         fz,
@@ -124,6 +142,7 @@ def _cmd_featurize(a):
         dtype=a.store_dtype,
         das_path=Path(a.das_out) if a.das_out else None,
         progress=True,
+        sources=sources,
     )
     print(f"{store.n_rows} rows x k={store.k} in {a.out}")
 
@@ -215,7 +234,7 @@ def _cmd_attribute(a):
         "prompt": meta.get("prompt"),
         "removed": list(query.labels),
     }
-    attribution = Attribution.from_topk(res, query.labels, a.lambda_r)
+    attribution = named(Attribution.from_topk(res, query.labels, a.lambda_r), store)
     text = write_attribution(a.out, attribution, a.format, **header)
     print(f"top-{a.k} of {len(q)} queries -> {a.out}" if a.out else text.rstrip("\n"))
 
@@ -274,8 +293,15 @@ def add_t2i_commands(subparsers) -> argparse.ArgumentParser:
     add_t2i_model_args(f)
     f.add_argument("--images", help="image folder (default: the shipped synthetic data)")
     f.add_argument(
-        "--captions", help="metadata.jsonl / .json / .csv (default: <images>/metadata.jsonl)"
+        "--captions",
+        help="metadata.jsonl / .csv (file_name plus text or caption) or {file: caption} .json "
+        "(default: <images>/metadata.jsonl, else <images>/metadata.csv)",
     )
+    f.add_argument("--image-column", help="the file-name column of --captions (default: file_name)")
+    f.add_argument(
+        "--caption-column", help="the caption column of --captions (default: text, else caption)"
+    )
+    add_preprocess_args(f)
     f.add_argument("--data", help="SyntheticConfig JSON (without --images)")
     f.add_argument(
         "--per-combo", type=positive_int, default=0, help="synthetic data: first N per combination"
