@@ -152,6 +152,8 @@ class Attribution:
         bottom_scores: [m, k] float32.
         labels: the query's m row labels.
         lambda_r: the relative damping used.
+        names: what the store records of the ids in it (:meth:`named`): {"ids": [...],
+            "files": [...], "captions": [...]} (files only for an image folder's store), or None.
 
     Examples:
         >>> import torch
@@ -168,6 +170,7 @@ class Attribution:
     bottom_scores: Tensor | None
     labels: tuple[str, ...]
     lambda_r: float = 1.0
+    names: Mapping[str, list[Any]] | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_topk(cls, res: TopK, labels: Sequence[str], lambda_r: float = 1.0) -> Attribution:
@@ -208,12 +211,43 @@ class Attribution:
         )
         return [(t, i, s) for t, i, s in pairs if i is not None and s is not None]
 
+    def named(self, store: FeatureStore) -> Attribution:
+        """This result with the file names and captions `store` records for its ids (itself,
+        unchanged, when the store records none: made from tensors, or by an older version).
+        StoreError when the store records them but its sources.json is missing or altered."""
+        from dataclasses import replace
+
+        from ctrak_fast.data.sources import source_names
+        from ctrak_fast.engine.store.sources import read_sources
+
+        if "sources" not in store.meta:
+            return self
+        record = read_sources(store.path, store.meta)
+        ids = sorted({int(i) for _, t, _ in self._tails() for i in t.reshape(-1).tolist()})
+        return replace(self, names={"ids": ids, **source_names(record, ids)})
+
+    def _names_of(self, ids: list[int]) -> dict[str, list[Any]]:
+        if not self.names:
+            return {}
+        row = {i: r for r, i in enumerate(self.names["ids"])}
+        return {
+            key: [self.names[key][row[i]] for i in ids]
+            for key in ("files", "captions")
+            if key in self.names
+        }
+
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready: {"lambda_r", "top": [{"label", "ids", "scores"}, ...], "bottom": ...}."""
+        """JSON-ready: {"lambda_r", "top": [{"label", "ids", "scores"}, ...], "bottom": ...};
+        with :attr:`names`, each row also lists the ids' "files" and "captions"."""
         out: dict[str, Any] = {"lambda_r": self.lambda_r}
         for tail, ids, scores in self._tails():
             out[tail] = [
-                {"label": lab, "ids": i.tolist(), "scores": s.tolist()}
+                {
+                    "label": lab,
+                    "ids": i.tolist(),
+                    "scores": s.tolist(),
+                    **self._names_of(i.tolist()),
+                }
                 for lab, i, s in zip(self.labels, ids, scores, strict=True)
             ]
         return out
@@ -221,8 +255,8 @@ class Attribution:
     def to_columns(self) -> dict[str, list[Any]]:
         """The result as one long table, a row per (query row, tail, rank): columns "query" (row
         index), "label", "lambda_r" (of that row: a sweep's rows are lambda-major), "tail"
-        ("top" | "bottom"), "rank" (1 = best), "id" and "score". What CSV, parquet and
-        :meth:`to_pandas` hold.
+        ("top" | "bottom"), "rank" (1 = best), "id" and "score"; with :attr:`names`, "file"
+        (an image folder's store) and "caption". What CSV, parquet and :meth:`to_pandas` hold.
 
         Examples:
             >>> import torch
@@ -244,6 +278,8 @@ class Attribution:
                 cols["rank"] += list(range(1, n + 1))
                 cols["id"] += [int(x) for x in i.tolist()]
                 cols["score"] += [float(x) for x in s.tolist()]
+                for key, names in self._names_of(i.tolist()).items():
+                    cols.setdefault(key.removesuffix("s"), []).extend(names)
         return cols
 
     def to_pandas(self) -> Any:

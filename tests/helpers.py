@@ -389,15 +389,24 @@ def check(res: TopK, feats, ids, u, k, tails="both", exact_ids=False, engine="fm
 # ---- stores ------------------------------------------------------------------------------------
 
 
-def write_store(path, features, ids, shard_rows: int, meta=None, dtype=None) -> FeatureStore:
+def write_store(
+    path, features, ids, shard_rows: int, meta=None, dtype=None, sources=None
+) -> FeatureStore:
     """A FeatureStore at ``path`` holding these rows (features [n, k], ids [n]), stored in
-    ``dtype`` (default: the features' own)."""
+    ``dtype`` (default: the features' own); with ``sources`` (a sources record), its
+    sources.json too."""
+    from ctrak_fast.engine.store.sources import sources_meta, write_sources
+
     dtype = dtype or str(features.dtype).removeprefix("torch.")
+    if sources is not None:
+        meta = {**(meta or {}), "sources": sources_meta(sources)}
     store = FeatureStore.create(
         path, k=features.shape[1], dtype=dtype, shard_rows=shard_rows, meta=meta
     )
     with store.writer() as w:
         w.append(features, ids)
+    if sources is not None:
+        write_sources(path, sources)
     return store
 
 

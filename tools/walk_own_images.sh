@@ -24,7 +24,7 @@ step query "$CTRAK" query --model "$OUT/model/unet_digits.safetensors" \
   --method concept-trak-cond --concept digit=3,colour=red --out "$OUT/q.safetensors"
 step attribute "$CTRAK" attribute --store "$OUT/store" --query "$OUT/q.safetensors" --k 10 \
   --lambda-r 1000 --out "$OUT/hits.json"
-step report "$CTRAK" report --folder "$OUT/digits" --labels "$OUT/digits/labels.json" \
+step report "$CTRAK" report \
   --result "$OUT/hits.json" --out "$OUT/gallery.png"
 step bench "$CTRAK" bench quality --folder "$OUT/digits" --labels "$OUT/digits/labels.json" \
   --model "$OUT/model/unet_digits.safetensors" --out "$OUT/bench" --per-combo 12 \

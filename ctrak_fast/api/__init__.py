@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from ctrak_fast.api import core
 from ctrak_fast.data import ConceptDataset
+from ctrak_fast.data.inputs import ImageSequence, sources_of, training_inputs
 from ctrak_fast.engine.projection import FactorizedSpec, ProjectionSpec
 from ctrak_fast.engine.store import FORMAT_VERSION, FeatureStore
 from ctrak_fast.method.featurize import FeatureSpec, Featurizer
@@ -232,15 +233,20 @@ class Attributor:
         shard_rows: int | None = None,
         dtype: Literal["float32", "float16", "bfloat16"] = "float32",
         progress: bool = False,
+        image_column: str = "image",
+        caption_column: str = "text",
     ) -> FeatureStore:
         """Training features of every sample into a FeatureStore at `store` (resumes).
 
         Args:
-            dataset: a ConceptDataset, or a tuple (images, conds[, ids]): images float32
-                [N,C,H,W] in [-1,1] (pixels; text-to-image models encode them with their VAE,
-                cached next to the store), conds: the model's conditions [N,...] (factor models:
-                int64 [N,F]; text-to-image: N captions or embeddings [N,L,D]; unconditional
-                pipelines: None), ids: int64 [N] (default 0..N-1).
+            dataset: a ConceptDataset; a Hugging Face `datasets.Dataset` (its `image_column`
+                and `caption_column`); or a tuple (images, conds[, ids]): images float32
+                [N,C,H,W] in [-1,1], or N image paths or PIL images (resized on the short side
+                and centre-cropped as diffusers' training scripts do, and read a batch at a
+                time: text-to-image models keep only the VAE latents, cached next to the
+                store), conds: the model's conditions [N,...] (factor models: int64 [N,F];
+                text-to-image: N captions or embeddings [N,L,D]; unconditional pipelines:
+                None), ids: int64 [N] (default 0..N-1).
             store: directory; an existing store of the same spec and samples is resumed.
             batch_size: samples per gradient batch. shard_rows: rows per shard (a multiple of
                 batch_size; default 16 batches). dtype: storage dtype of the features.
@@ -251,9 +257,17 @@ class Attributor:
             The FeatureStore: features [N, k] in `dtype`, ids int64 [N], meta = :meth:`meta`.
             Method "das" also writes the DAS rows to :func:`das_store_path` (store).
         """
+        dataset = training_inputs(
+            dataset,
+            self._kind.pixel_size(),
+            image_column=image_column,
+            caption_column=caption_column,
+        )
         images, conds, ids = self._kind.training_set(dataset)
         row = get_method(self._method)
         if row.complete_captions:
+            if isinstance(images, ImageSequence):  # completion reads every image
+                images = images.tensor()
             conds = self._kind.complete(images, conds)
         return featurize(
             self._fz,
@@ -266,6 +280,7 @@ class Attributor:
             dtype=dtype,
             das_path=das_store_path(store) if row.das else None,
             progress=progress,
+            sources=sources_of(dataset, ids),
         )
 
     # -- query side --

@@ -200,6 +200,7 @@ def run_quality(
     atomic_write_text(out_dir / "results.json", json.dumps(results, indent=2))
     results["_gallery"] = at_chosen_lambda(gallery, results["lambda_r"], cfg.lambdas)
     results["_train"] = train
+    results["_queries"] = kept  # every query's full scores, for recipes built from the rows
     return results
 
 

@@ -177,15 +177,24 @@ def build_parser() -> argparse.ArgumentParser:
     at = sub.add_parser("attribute", help="top-k (both tails) of queries against a store")
     add_attribute_args(at)
 
-    r = sub.add_parser("report", help="PNG gallery of an attribute result")
-    add_data_args(r)
-    r.add_argument("--images", help="the captioned image folder of a --pipeline store")
-    r.add_argument("--captions", help="its captions file (default: <images>/metadata.jsonl)")
+    r = sub.add_parser(
+        "report", help="PNG gallery of an attribute result: the images its store records"
+    )
     r.add_argument("--result", required=True, help="attribute JSON (`ctrak attribute --out`)")
     r.add_argument(
         "--query",
         help="its query file (default: the result's 'query' field, followed only inside the "
         "result's folder or the current directory)",
+    )
+    r.add_argument(
+        "--store",
+        help="its feature store, whose sources.json names the training images (default: the "
+        "result's 'store' field, followed as --query is)",
+    )
+    r.add_argument(
+        "--image-root",
+        help="where the store's image folder is now, if it moved (default: the folder the "
+        "store records)",
     )
     r.add_argument("--out", required=True, help="PNG file")
 

@@ -6,6 +6,7 @@ data flags, and the text-to-image model and benchmark options. Building them imp
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from ctrak_fast.cli.argtypes import (
     fraction,
@@ -230,6 +231,24 @@ def add_data_args(p):
     p.add_argument(
         "--image-size", type=positive_int, default=16, help="side the images are resized to"
     )
+    add_preprocess_args(p)
+
+
+def add_preprocess_args(p: Any) -> None:
+    """How folder images are cropped and flipped: diffusers' training scripts' choices."""
+    p.add_argument(
+        "--random-crop",
+        "--no-center-crop",
+        dest="random_crop",
+        action="store_true",
+        help="crop a random square (seeded by the image's row) instead of the centre, as "
+        "diffusers' training scripts do without --center_crop (default: the centre)",
+    )
+    p.add_argument(
+        "--flip",
+        action="store_true",
+        help="mirror half the images (seeded by row), as diffusers' --random_flip (default: off)",
+    )
 
 
 def add_mark_parser(bsub) -> None:
@@ -308,6 +327,12 @@ def add_t2i_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="t2i checkpoint (default: the shipped one)")
     p.add_argument("--judge", help="ConceptJudge checkpoint (default: the shipped one)")
     p.add_argument("--data", help="SyntheticConfig JSON (default: the shipped one)")
+    p.add_argument(
+        "--select-lambda-by",
+        choices=["ap", "p@10"],
+        default="p@10",
+        help="the validation metric that chooses lambda_r (ap where captions are incomplete)",
+    )
     p.add_argument(
         "--per-combo", type=positive_int, default=50, help="training images per combination"
     )

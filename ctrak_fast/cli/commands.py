@@ -13,15 +13,18 @@ from ctrak_fast.cli.inputs import (
     featurizer,
     load_data,
     load_model,
+    named,
     projection,
     read_result,
     recipe_knobs,
+    result_store,
 )
 
 
 def cmd_featurize(a):
     """Single process, or one rank of a torchrun job (RANK/WORLD_SIZE in the environment);
     --pipeline: a diffusers pipeline folder (cli/pipeline_cmds.py)."""
+    from ctrak_fast.data.sources import dataset_sources
     from ctrak_fast.engine.validation import InputError, check_output_dir, check_positive
 
     if a.pipeline:
@@ -48,6 +51,8 @@ def cmd_featurize(a):
         data.images, data.captions, data.ids, model.config, data.factors, data.values
     )
     fz = featurizer(a, model)
+    saved = a.data if a.data and not a.folder and Path(a.data).suffix == ".safetensors" else None
+    sources = dataset_sources(data, dataset_file=saved)  # the store names each row's image
     with DistContext.from_env(device=next(model.parameters()).device) as ctx:
         store = featurize(
             fz,
@@ -62,6 +67,7 @@ def cmd_featurize(a):
             nan_policy=a.nan_policy,
             progress=ctx.rank == 0,  # a bar on a terminal, log lines otherwise
             dist_ctx=ctx,
+            sources=sources,
         )
     if ctx.rank != 0:
         return
@@ -184,7 +190,7 @@ def cmd_attribute(a):
         info = {"store": str(a.store), "query": str(a.query), "lambda_r": lam}
         export_scores(store, u, a.export_scores, queries=sel, verify=a.verify, meta=info)
         print(f"scores of {len(sel or u)} queries x {store.n_rows} rows -> {a.export_scores}")
-    attribution = Attribution.from_topk(res, labels, lam)
+    attribution = named(Attribution.from_topk(res, labels, lam), store)
     header = {
         "store": str(a.store),
         "query": str(a.query),
@@ -197,50 +203,56 @@ def cmd_attribute(a):
 
 
 def cmd_report(a):
+    """The gallery of an attribute result, drawn from the images its store records (files under
+    the store's data folder, or its generator); refused, naming what is missing, when they
+    cannot be found."""
     import torch
 
     from ctrak_fast.bench.report import gallery
+    from ctrak_fast.data.sources import source_images, source_names
+    from ctrak_fast.engine.store import FeatureStore
+    from ctrak_fast.engine.store.sources import read_sources
     from ctrak_fast.engine.validation import InputError, check_outputs
     from ctrak_fast.results import Query
 
-    inputs = {f"--{n}": getattr(a, n, None) for n in ("result", "query", "data", "labels")}
-    check_outputs({"--out": a.out}, inputs)
+    check_outputs({"--out": a.out}, {"--result": a.result, "--query": a.query})
     res, qpath = read_result(a.result, a.query)
-    check_outputs({"--out": a.out}, {"the query": qpath})
+    store_path = result_store(a.result, res, a.store)
+    check_outputs({"--out": a.out}, {"the query": qpath, "the store": store_path / "manifest.json"})
     query = Query.load(qpath)
     if query.image is None:
         raise InputError(f"{qpath}: the query file holds no query image to show")
     image, region = query.image, query.meta.get("region")
-    if a.images:  # a captioned folder (--pipeline's): rows are files in name order
-        images, ids, describe = pipeline_cmds.report_data(a, image.shape[-1])
-    else:
-        data = load_data(a)
-        images, ids = data.images, data.ids
-
-        def describe(i):  # the values an image shows ("?" where unknown)
-            pairs = zip(data.factors, data.labels[i].tolist(), strict=True)
-            return " ".join(data.values[f][v] if v < len(data.values[f]) else "?" for f, v in pairs)
-
-    row_of = {int(i): r for r, i in enumerate(ids.tolist())}
-    unknown = sorted(
-        {int(i) for row in res["top"] + res["bottom"] for i in row["ids"]} - set(row_of)
-    )
-    if unknown:
-        raise InputError(f"{a.result}: ids {unknown[:5]} are not in the dataset given")
+    store = FeatureStore.open(store_path)
+    record = read_sources(store.path, store.meta)
+    shown = sorted({int(i) for row in res["top"] + res["bottom"] for i in row["ids"]})
+    try:
+        images = source_images(record, shown, int(image.shape[-1]), a.image_root)
+    except ValueError as e:
+        raise InputError(f"{a.result}: {e}") from None
+    captions = source_names(record, shown).get("captions") or [""] * len(shown)
+    row_of = {i: r for r, i in enumerate(shown)}
     rows = []
     for top, bottom in zip(res["top"], res["bottom"], strict=True):
-        scores = torch.full((len(images),), float("nan"))
+        scores = torch.full((len(shown),), float("nan"))
         for i, s in zip(top["ids"] + bottom["ids"], top["scores"] + bottom["scores"], strict=True):
             scores[row_of[int(i)]] = s
-        finite = torch.where(torch.isnan(scores), torch.zeros(()), scores)
-        mid = scores.isnan()
-        finite[mid] = 0.5 * (max(bottom["scores"]) + min(top["scores"])) if top["scores"] else 0.0
+        # An image shown for another row sits between the tails of this one.
+        mid = 0.5 * (max(bottom["scores"]) + min(top["scores"]))
+        scores = torch.where(scores.isnan(), torch.tensor(mid), scores)
         # The concept asked for, then the row's question: which factor c- removed (and lambda).
         asked = res.get("concept") or res.get("prompt") or "whole image"
-        title = f"{asked}\n{top['label']}"
-        rows.append({"title": title, "query": image, "scores": finite, "region": region})
-
-    gallery(rows, images, describe, a.out, n_top=min(10, len(res["top"][0]["ids"])), n_bottom=5)
+        rows.append(
+            {
+                "title": f"{asked}\n{top['label']}",
+                "query": image,
+                "scores": scores,
+                "region": region,
+            }
+        )
+    n_top = min(10, len(res["top"][0]["ids"]))
+    n_bottom = min(5, len(res["bottom"][0]["ids"]))
+    gallery(rows, images, lambda r: captions[r], a.out, n_top=n_top, n_bottom=n_bottom)
     print(f"gallery -> {a.out}")
 
 

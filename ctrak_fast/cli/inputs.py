@@ -6,6 +6,12 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ctrak_fast.data.images import Preprocess
+    from ctrak_fast.engine.store import FeatureStore
+    from ctrak_fast.results import Attribution
 
 
 def load_data(a, model=None):
@@ -25,7 +31,12 @@ def load_data(a, model=None):
         if truth:
             check_input_file(truth, "truth file")
         return load_image_folder(
-            a.folder, a.labels, image_size=a.image_size, truth_file=truth, **names
+            a.folder,
+            a.labels,
+            image_size=a.image_size,
+            truth_file=truth,
+            preprocess=preprocess(a),
+            **names,
         )
     from ctrak_fast.models.shipped import ASSETS, SHIPPED
 
@@ -37,6 +48,15 @@ def load_data(a, model=None):
     except Exception as e:  # safetensors, JSON and config errors alike: the file is unusable
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise InputError(f"{path}: not a usable dataset ({first})") from e
+
+
+def preprocess(a: Any) -> Preprocess:
+    """The crop and flip of --random-crop / --flip (flags absent: centre crop, no flip)."""
+    from ctrak_fast.data.images import Preprocess
+
+    return Preprocess(
+        center_crop=not getattr(a, "random_crop", False), flip=getattr(a, "flip", False)
+    )
 
 
 def load_model(path, judge: bool = False):
@@ -164,15 +184,47 @@ def read_result(path, query=None) -> tuple[dict, Path]:
             raise InputError(f"{path}: a result row holds ids or scores that are not numbers")
     if query is not None:
         return res, check_input_file(query, "query file")
-    named = res.get("query")
+    return res, check_input_file(followed(path, res, "query"), "query file")
+
+
+def followed(path: str | Path, res: dict[str, Any], key: str) -> Path:
+    """The file a result names under `key` ("query", "store"), followed only when it lies inside
+    the result's folder or the current directory (where `attribute` ran), symlinks resolved."""
+    from ctrak_fast.engine.validation import InputError
+
+    named = res.get(key)
     if not isinstance(named, str) or not named:
-        raise InputError(f"{path}: names no query file: pass --query")
-    q = Path(named)
-    real = q.resolve()
+        raise InputError(f"{path}: names no {key}: pass --{key}")
+    real = Path(named).resolve()
     folders = (Path(path).resolve().parent, Path.cwd().resolve())
     if not any(real == f or f in real.parents for f in folders):
         raise InputError(
-            f"{path}: its query {named!r} is outside the result's folder and the current "
-            "directory: pass --query"
+            f"{path}: its {key} {named!r} is outside the result's folder and the current "
+            f"directory: pass --{key}"
         )
-    return res, check_input_file(q, "query file")
+    return Path(named)
+
+
+def result_store(path: str | Path, res: dict[str, Any], store: str | None = None) -> Path:
+    """The store of an attribute result: `store` if given, else the result's "store" field
+    (followed as its query is); InputError unless it is a store directory."""
+    from ctrak_fast.engine.validation import InputError
+
+    p = Path(store) if store is not None else followed(path, res, "store")
+    if not (p / "manifest.json").is_file():
+        raise InputError(f"{p}: not a feature store (no manifest.json): pass --store")
+    return p
+
+
+def named(attribution: Attribution, store: FeatureStore) -> Attribution:
+    """The attribution with the file names and captions the store records; a warning line
+    when it records none (the result then holds ids only)."""
+    import sys
+
+    if "sources" not in store.meta:
+        print(
+            f"ctrak: warning: store {store.path} records no sources of its rows (made by an "
+            "older version): the result names ids only; featurize again to name files",
+            file=sys.stderr,
+        )
+    return attribution.named(store)

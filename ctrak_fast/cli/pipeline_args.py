@@ -66,8 +66,18 @@ def add_pipeline_args(p: ArgumentParser, featurize: bool) -> None:
     if featurize:
         p.add_argument("--images", help="--pipeline: the captioned image folder")
         p.add_argument(
-            "--captions", help="metadata.jsonl / .json / .csv (default: <images>/metadata.jsonl)"
+            "--captions",
+            help="metadata.jsonl / .csv (file_name plus text or caption) or {file: caption} "
+            ".json (default: <images>/metadata.jsonl, else <images>/metadata.csv)",
         )
+        p.add_argument(
+            "--image-column", help="the file-name column of --captions (default: file_name)"
+        )
+        p.add_argument(
+            "--caption-column",
+            help="the caption column of --captions (default: text, else caption)",
+        )
+        # (--random-crop / --flip: add_data_args's, which `ctrak featurize` has)
         p.add_argument(
             "--store-dtype", default="float32", choices=DTYPES, help="storage dtype of the features"
         )

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 from argparse import Namespace
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -117,15 +117,21 @@ def featurizer(a: Namespace, adapter: Any, method: str) -> Any:
         return make_featurizer(adapter, spec, proj, method=method)
 
 
-def training_set(a: Namespace) -> tuple[Any, list[str], Any]:
-    """(images or image files, captions, ids): a captioned folder, or the shipped synthetic data."""
+def training_set(a: Namespace) -> tuple[Any, list[str], Any, Any]:
+    """(images or image files, captions, ids, the sources record the store keeps): a captioned
+    folder, or the shipped synthetic data."""
     import torch
+
+    from ctrak_fast.cli.inputs import preprocess
+    from ctrak_fast.data.sources import dataset_sources, file_sources
 
     if a.images:
         from ctrak_fast.data.captions import read_captions
 
-        files, captions = read_captions(a.images, a.captions)
-        return files, captions, torch.arange(len(files), dtype=torch.int64)
+        files, captions = read_captions(a.images, a.captions, a.image_column, a.caption_column)
+        ids = torch.arange(len(files), dtype=torch.int64)
+        sources = file_sources(a.images, files, captions, ids.tolist(), None, preprocess(a))
+        return files, captions, ids, sources
     from ctrak_fast.data import SyntheticConfig, make_dataset
     from ctrak_fast.data.captions import caption
     from ctrak_fast.models.shipped import ASSETS
@@ -134,12 +140,13 @@ def training_set(a: Namespace) -> tuple[Any, list[str], Any]:
     if a.per_combo:
         data = data.train_subset(a.per_combo)
     captions = [caption(data.factors, data.values, row) for row in data.labels.tolist()]
-    return data.images, captions, data.ids
+    return data.images, captions, data.ids, dataset_sources(data, captions)
 
 
 def cmd_featurize(a: Namespace) -> None:
     """Training features of the captioned images into --out: one process, or every rank of a
     torchrun job (each rank featurizes its units; the latents are encoded once, by rank 0)."""
+    from ctrak_fast.cli.inputs import preprocess
     from ctrak_fast.engine.validation import check_output_dir, check_positive
     from ctrak_fast.method.distributed import DistContext
     from ctrak_fast.method.pipeline import featurize
@@ -150,7 +157,7 @@ def cmd_featurize(a: Namespace) -> None:
         check_positive("--" + name.replace("_", "-"), getattr(a, name))
     check_output_dir(a.out, "--out")
     adapter = load_adapter(a)
-    images, captions, ids = training_set(a)
+    images, captions, ids, sources = training_set(a)
     fz = featurizer(a, adapter, method)
     what = f"{source(a) or 'the shipped model'}: featurization failed"
     with DistContext.from_env(device=adapter.device) as ctx:
@@ -158,7 +165,9 @@ def cmd_featurize(a: Namespace) -> None:
         def latents() -> Any:
             size = pixel_size(adapter)
             with diffusers_errors(f"{source(a)}: the VAE failed"):
-                return encode_images_cached(adapter, images, ids, a.out, image_size=size)
+                return encode_images_cached(
+                    adapter, images, ids, a.out, image_size=size, preprocess=preprocess(a)
+                )
 
         ctx.on_rank0(lambda: latents() is None)  # type: ignore[no-untyped-call]  # rank 0 writes the cache, the others read it
         x0 = latents()
@@ -176,6 +185,7 @@ def cmd_featurize(a: Namespace) -> None:
                 das_path=Path(a.das_out) if a.das_out else None,
                 progress=ctx.rank == 0,
                 dist_ctx=ctx,
+                sources=sources,
             )
     if ctx.rank == 0:
         print(f"{store.n_rows} rows x k={store.k} ({method}) in {a.out}")
@@ -287,16 +297,3 @@ def cmd_query(a: Namespace, prompt: str, phrases: list[str], negative_prompts: l
     meta.update(kind="concept", query=spec.to_dict(), negatives=negatives)
     Query(q, tuple(labels), meta, image[0].float()).save(out)
     print(f"{len(q)} query feature(s) for {prompt!r} (c-: {negatives}; {method}) -> {out}")
-
-
-def report_data(a: Namespace, size: int) -> tuple[Any, Any, Callable[[int], str]]:
-    """(images [N,3,size,size], ids, describe) of the captioned folder --images for `ctrak report`:
-    a row's label is its caption."""
-    import torch
-
-    from ctrak_fast.data.captions import read_captions
-    from ctrak_fast.data.images import load_image
-
-    files, captions = read_captions(a.images, a.captions)
-    images = torch.stack([load_image(f, size) for f in files])
-    return images, torch.arange(len(files)), lambda i: captions[i][:24]

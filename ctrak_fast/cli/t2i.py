@@ -19,7 +19,7 @@ import argparse
 from pathlib import Path
 
 from ctrak_fast.cli import pipeline_cmds
-from ctrak_fast.cli.arggroups import add_t2i_bench_args
+from ctrak_fast.cli.arggroups import add_preprocess_args, add_t2i_bench_args
 from ctrak_fast.cli.argtypes import finite_float, nonneg_float, nonneg_int, positive_int
 from ctrak_fast.cli.commands import cmd_attribute
 from ctrak_fast.cli.pipeline_args import (
@@ -81,6 +81,7 @@ def _cmd_bench(a):
         param_filter=a.param_filter,
         methods=parse_methods(a.methods),
         lambda_r=a.lambda_r,
+        select_lambda_by=a.select_lambda_by,
         dps=FeatureSpec(inversion_steps=a.inversion_steps, inversion_guidance=a.inversion_guidance),
         concept=_concept_spec(a),
     )
@@ -107,8 +108,15 @@ def add_t2i_commands(subparsers) -> argparse.ArgumentParser:
     add_t2i_model_args(f)
     f.add_argument("--images", help="image folder (default: the shipped synthetic data)")
     f.add_argument(
-        "--captions", help="metadata.jsonl / .json / .csv (default: <images>/metadata.jsonl)"
+        "--captions",
+        help="metadata.jsonl / .csv (file_name plus text or caption) or {file: caption} .json "
+        "(default: <images>/metadata.jsonl, else <images>/metadata.csv)",
     )
+    f.add_argument("--image-column", help="the file-name column of --captions (default: file_name)")
+    f.add_argument(
+        "--caption-column", help="the caption column of --captions (default: text, else caption)"
+    )
+    add_preprocess_args(f)
     f.add_argument("--data", help="SyntheticConfig JSON (without --images)")
     f.add_argument(
         "--per-combo", type=positive_int, default=0, help="synthetic data: first N per combination"

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .dataset import ConceptDataset
-from .images import load_image
+from .images import Preprocess, load_image
 
 
 def _no_duplicate_keys(pairs):
@@ -176,6 +176,7 @@ def load_image_folder(
     factors: list[str] | None = None,
     values: dict[str, list[str]] | None = None,
     truth_file: str | os.PathLike | None = None,
+    preprocess: Preprocess | None = None,
 ) -> ConceptDataset:
     """Load the images named in `labels_file` (paths relative to `root`) into a ConceptDataset.
 
@@ -183,12 +184,14 @@ def load_image_folder(
         root: folder holding the images.
         labels_file: JSON or CSV (see module docstring); rows are kept in the file's order and get
             ids 0..N-1 in that order.
-        image_size: images are resized (box filter) to image_size x image_size RGB.
+        image_size: images are resized on their short side (box filter) and cropped to
+            image_size x image_size RGB (see `preprocess`).
         factors: factor order (default: every factor named in the file, in first-seen order).
         values: per-factor value lists fixing the index order (default: sorted values seen);
             pass the training set's `values` to load a query folder with the same indices.
         truth_file: what the images show, where it differs from their captions (a labels file
             of the same format, naming files of `labels_file`); default: the captions.
+        preprocess: crop and flip (default: centre crop, no flip, as diffusers' scripts).
 
     Returns: ConceptDataset with images float32 [N, 3, S, S] in [-1, 1], captions int64 [N, F]
     (a missing value: the null index n_values[f]) and labels: the truth file's value, else the
@@ -251,7 +254,10 @@ def load_image_folder(
     if not factors:
         raise ValueError(f"{labels_file}: its entries name no factor")
     images = torch.stack(
-        [load_image(contained(root, name, labels_file), image_size) for name in names]
+        [
+            load_image(contained(root, name, labels_file), image_size, preprocess, i)
+            for i, name in enumerate(names)
+        ]
     )
     return ConceptDataset(
         images=images,
@@ -260,7 +266,12 @@ def load_image_folder(
         factors=factors,
         values={f: list(values[f]) for f in factors},
         heldout=heldout,
-        meta={"folder": str(root), "labels_file": str(labels_file), "filenames": names},
+        meta={
+            "folder": str(root),
+            "labels_file": str(labels_file),
+            "filenames": names,
+            "preprocess": (preprocess or Preprocess()).to_dict(),
+        },
         captions=torch.tensor(captions, dtype=torch.int64),
     )
 

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from ctrak_fast.engine.store import MANIFEST, FeatureStore, remove_empty_store
+from ctrak_fast.engine.store.sources import sources_meta
 from ctrak_fast.method.featurize import Featurizer
 from ctrak_fast.progress import progress as show_progress
 
@@ -28,6 +30,7 @@ def featurize_dataset(
     das_path=None,
     nan_policy: str = "fail",
     progress: bool = True,
+    sources: dict[str, Any] | None = None,
 ) -> FeatureStore:
     """Write features of images [N,C,H,W] / conds [N,F] / ids [N] into a FeatureStore at `path`.
 
@@ -41,6 +44,10 @@ def featurize_dataset(
     so the run resumes once the data or model is fixed. "zero" stores zeros for those rows and
     lists their ids in the shard records (`FeatureStore.zeroed_ids()`): the sample keeps its row,
     so ids and shard boundaries stay those of a clean run, and scores 0 against every query.
+
+    sources: the record of where each row came from (engine/store/sources.py); its checksum goes
+    into the manifest's meta, and the caller writes the file once the store is complete
+    (:func:`ctrak_fast.method.pipeline.featurize` does).
     """
     from ctrak_fast.engine.validation import check_positive, check_training_data
 
@@ -55,7 +62,7 @@ def featurize_dataset(
             f"shard_rows ({shard_rows}) must be a multiple of batch_size ({batch_size})"
         )
     check_training_data(images, conds, ids)
-    meta = featurizer.meta()
+    meta = with_sources(featurizer.meta(), sources)
     k = featurizer.k
     targets = [(path, meta)]
     if das_path is not None:
@@ -95,6 +102,11 @@ def featurize_dataset(
             remove_empty_store(p, rmdir=new_dir)
         raise
     return stores[0]
+
+
+def with_sources(meta: dict[str, Any], sources: dict[str, Any] | None) -> dict[str, Any]:
+    """A store's meta with the checksum of its sources record (when there is one)."""
+    return meta if sources is None else {**meta, "sources": sources_meta(sources)}
 
 
 def _write_rows(featurizer, images, conds, ids, stores, present, batch_size, nan_policy, progress):

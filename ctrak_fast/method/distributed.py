@@ -34,6 +34,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -47,7 +48,7 @@ from ctrak_fast.engine.store import (
     remove_empty_store,
 )
 from ctrak_fast.engine.validation import InputError, check_positive, check_training_data
-from ctrak_fast.method.dataset_features import featurize_dataset
+from ctrak_fast.method.dataset_features import featurize_dataset, with_sources
 from ctrak_fast.method.featurize import Featurizer
 from ctrak_fast.progress import progress as show_progress
 
@@ -178,6 +179,7 @@ def featurize_units(
     dtype: str,
     nan_policy: str = "fail",
     progress: bool = False,
+    sources: dict[str, Any] | None = None,
 ) -> None:
     """Write ``units`` (normally ``plan.assignment(rank, world_size)``) under the targets' parts.
 
@@ -199,6 +201,7 @@ def featurize_units(
             das_path=None if das is None else part_path(das, unit),
             nan_policy=nan_policy,
             progress=False,
+            sources=sources,  # each unit has the run's meta, so the merge keeps it
         )
 
 
@@ -234,6 +237,7 @@ def featurize_distributed(
     nan_policy: str = "fail",
     progress: bool = True,
     dist_ctx: DistContext | None = None,
+    sources: dict[str, Any] | None = None,
 ) -> FeatureStore:
     """:func:`featurize_dataset` over the ranks of ``dist_ctx`` (every rank calls it with the
     same arguments); returns the finished store on every rank. See the module docstring.
@@ -245,11 +249,13 @@ def featurize_distributed(
     """
     ctx = dist_ctx or DistContext()
     targets = [Path(path)] + ([Path(das_path)] if das_path is not None else [])
-    kw = dict(batch_size=batch_size, dtype=dtype, nan_policy=nan_policy)
+    kw: dict[str, Any] = dict(batch_size=batch_size, dtype=dtype, nan_policy=nan_policy)
     if ctx.world_size == 1 and not any((t / PARTS).exists() for t in targets):
-        rest = dict(shard_rows=shard_rows, das_path=das_path, progress=progress)
+        rest: dict[str, Any] = dict(
+            shard_rows=shard_rows, das_path=das_path, progress=progress, sources=sources
+        )
         return featurize_dataset(featurizer, images, conds, ids, path, **kw, **rest)
-    meta = featurizer.meta()
+    meta = with_sources(featurizer.meta(), sources)
     k = featurizer.k
 
     def check_inputs():
@@ -286,7 +292,15 @@ def featurize_distributed(
     mine = plan.assignment(ctx.rank, ctx.world_size)
     ctx.run_everywhere(
         lambda: featurize_units(
-            featurizer, images, conds, ids, plan, mine, progress=progress and ctx.rank == 0, **kw
+            featurizer,
+            images,
+            conds,
+            ids,
+            plan,
+            mine,
+            progress=progress and ctx.rank == 0,
+            sources=sources,
+            **kw,
         )
     )
 

@@ -175,15 +175,21 @@ class ModelKind(ABC):
             ids = dataset[2] if len(dataset) == 3 else torch.arange(len(images))
         else:
             raise TypeError("dataset must be a ConceptDataset or a tuple (images, conds[, ids])")
-        if not isinstance(images, Tensor) or images.dim() != 4 or not images.is_floating_point():
-            raise ValueError("images must be a float tensor [N, C, H, W] in [-1, 1]")
+        from ctrak_fast.data.inputs import ImageSequence
+
+        if isinstance(images, ImageSequence):  # read a batch at a time (training_x0)
+            pass
+        elif not isinstance(images, Tensor) or images.dim() != 4 or not images.is_floating_point():
+            raise ValueError(
+                "images must be a float tensor [N, C, H, W] in [-1, 1], image paths or PIL images"
+            )
         ids = torch.as_tensor(ids, dtype=torch.int64)
         if ids.shape != (len(images),):
             raise ValueError(f"ids must be int64 [{len(images)}], got {list(ids.shape)}")
         cond_t = self.conditions.batch(conds, len(images))
         if len(cond_t) != len(images):
             raise ValueError(f"{len(cond_t)} conditions for {len(images)} images")
-        return images.float(), cond_t, ids
+        return images if isinstance(images, ImageSequence) else images.float(), cond_t, ids
 
     def dataset_conds(self, dataset: Any) -> Any:
         """A ConceptDataset's training conditions as this kind spells them (its captions)."""
@@ -199,8 +205,18 @@ class ModelKind(ABC):
         return images.float()
 
     def training_x0(self, images: Any, ids: Tensor, store: Any) -> Tensor:
-        """The x0 of a training set featurized into `store` (latent models cache them there)."""
+        """The x0 of a training set featurized into `store` (latent models cache them there;
+        a pixel model reads an ImageSequence whole)."""
+        from ctrak_fast.data.inputs import ImageSequence
+
+        if isinstance(images, ImageSequence):
+            return images.tensor()
         return images  # type: ignore[no-any-return]
+
+    def pixel_size(self) -> int:
+        """The side of the training images the model takes (pixels)."""
+        config: Any = self.model.config
+        return int(config["image_size"])
 
     def generate(self, cond: Tensor, n: int, *, seed: int, guidance: float, steps: int) -> Tensor:
         """n images [n,C,H,W] in [-1, 1] of one condition: DDIM with CFG against the null one."""

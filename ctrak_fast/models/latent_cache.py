@@ -4,9 +4,11 @@ digest of the images), so an SD-size training set never sits in memory as pixels
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -20,11 +22,14 @@ def latent_cache_path(store_path: str | os.PathLike, vae_fingerprint: str) -> Pa
     return p.with_name(f"{p.name}.latents-{vae_fingerprint[:16]}.safetensors")
 
 
-def _images_digest(images: torch.Tensor | Sequence, ids: torch.Tensor) -> str:
-    """sha256 of the images (tensor bytes, or each file's name and bytes) and the ids."""
+def _images_digest(images: torch.Tensor | Sequence, ids: torch.Tensor, crop: str = "") -> str:
+    """sha256 of the images (tensor bytes, or each file's name and bytes, and how files are
+    cropped), and the ids."""
 
-    h = hashlib.sha256()
-    if torch.is_tensor(images):
+    h = hashlib.sha256(crop.encode())
+    if hasattr(images, "digest"):  # an ImageSequence (data/inputs.py)
+        h.update(images.digest().encode())
+    elif torch.is_tensor(images):
         t = images.detach().float().contiguous()
         h.update(str(tuple(t.shape)).encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy())
@@ -36,12 +41,16 @@ def _images_digest(images: torch.Tensor | Sequence, ids: torch.Tensor) -> str:
     return h.hexdigest()
 
 
-def _load_files(files: Sequence, image_size: int | None) -> torch.Tensor:
+def _load_files(
+    files: Sequence[Any], image_size: int | None, preprocess: Any = None, first: int = 0
+) -> torch.Tensor:
     from ctrak_fast.data.images import load_image
 
     if image_size is None:
         raise ValueError("image files need image_size (the model's pixel resolution)")
-    return torch.stack([load_image(Path(f), image_size) for f in files])
+    return torch.stack(
+        [load_image(Path(f), image_size, preprocess, first + i) for i, f in enumerate(files)]
+    )
 
 
 def encode_images_cached(
@@ -51,23 +60,32 @@ def encode_images_cached(
     store_path: str | os.PathLike,
     batch_size: int = 16,
     image_size: int | None = None,
+    preprocess: Any = None,
 ) -> torch.Tensor:
     """x0 of the training images [N,C,h,w] float32, VAE-encoded once and cached next to the store.
 
-    images: float32 [N,3,H,W] in [-1,1], or N image files, read `batch_size` at a time and resized
-    to `image_size` (so an SD-size training set never sits in memory as pixels: 3 MB per 512x512
-    image, 64 kB as latents). The cache file is keyed by the VAE fingerprint (its name) and
-    records a digest of the images (or files) and ids; a cache of other images is recomputed and
-    replaced. Written atomically (tmp + os.replace). Pixel-space models return the images.
+    images: float32 [N,3,H,W] in [-1,1], or N image files, read `batch_size` at a time, resized
+    to `image_size` and cropped by `preprocess` (data.images.Preprocess; default: centre crop;
+    file i seeds its random crop or flip), so an SD-size training set never sits in memory as
+    pixels (3 MB per 512x512 image, 64 kB as latents). The cache file is keyed by the VAE
+    fingerprint (its name) and records a digest of the images (or files, and their crop) and ids;
+    a cache of other images is recomputed and replaced. Written atomically (tmp + os.replace).
+    Pixel-space models return the images.
     """
     if not adapter.latent:
-        return images.float() if torch.is_tensor(images) else _load_files(images, image_size)
+        if torch.is_tensor(images):
+            return images.float()
+        if hasattr(images, "tensor"):  # an ImageSequence
+            seq: Any = images
+            return seq.tensor()  # type: ignore[no-any-return]
+        return _load_files(images, image_size, preprocess)
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     vae_fp = adapter.fingerprints()["vae"]
     path = latent_cache_path(store_path, vae_fp)
-    digest = _images_digest(images, ids)
+    crop = "" if preprocess is None else json.dumps(preprocess.to_dict(), sort_keys=True)
+    digest = _images_digest(images, ids, crop)
     if path.is_file():
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -75,11 +93,21 @@ def encode_images_cached(
                 return f.get_tensor("latents")
     if torch.is_tensor(images):
         latents = adapter.encode_images(images, batch_size)
+    elif hasattr(images, "digest"):  # an ImageSequence: decoded a batch at a time
+        batches: Any = images
+        latents = torch.cat(
+            [
+                adapter.encode_images(batches[i : i + batch_size])
+                for i in range(0, len(batches), batch_size)
+            ]
+        )
     else:
         files = list(images)
         latents = torch.cat(
             [
-                adapter.encode_images(_load_files(files[i : i + batch_size], image_size))
+                adapter.encode_images(
+                    _load_files(files[i : i + batch_size], image_size, preprocess, i)
+                )
                 for i in range(0, len(files), batch_size)
             ]
         )

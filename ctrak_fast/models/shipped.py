@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from ctrak_fast.data import ConceptDataset, SyntheticConfig, load_image_folder, make_dataset
 from ctrak_fast.data.marks import stamp_marks
@@ -48,7 +49,7 @@ class FolderData:
 
     def dataset(self, model: FactorUNet | None = None) -> ConceptDataset:
         """The folder as a ConceptDataset, indexed by `model`'s values when given."""
-        names = {}
+        names: dict[str, Any] = {}
         if model is not None and model.config.get("values"):
             names = {"factors": model.config["factors"], "values": model.config["values"]}
         data = load_image_folder(self.folder, self.labels, image_size=self.image_size, **names)

@@ -302,6 +302,11 @@ class TextToImageKind(ModelKind):
     def training_x0(self, images: Any, ids: Tensor, store: Any) -> Tensor:
         return encode_images_cached(self.model, images, ids, store)
 
+    def pixel_size(self) -> int:
+        adapter: Any = self.model
+        scale = 2 ** (len(adapter.vae.config.block_out_channels) - 1) if adapter.latent else 1
+        return int(adapter.config["image_size"]) * scale
+
     def generate(self, cond: Tensor, n: int, *, seed: int, guidance: float, steps: int) -> Tensor:
         x0 = self.model.generate(cond, "", guidance, steps, seed=seed, n=n)
         return self.model.decode_latents(x0)

@@ -175,31 +175,45 @@ def sample_grid(
 def caption_table(data: ConceptDataset, p_drop_factor: float, p_drop_all: float):
     """Every caption a training row can get, with its probability under caption dropout.
 
-    Returns (captions: list of M strings, captions[0] == ""; probs [n_combos, M]; row_combo [N]
-    int64, the combination index of each row).
+    A row's caption states the factors its `captions` give (a factor left out of an incomplete
+    caption, the null index, is never stated: `SyntheticConfig.caption_drop`); dropout then leaves
+    out each stated factor with p_drop_factor, and the whole caption with p_drop_all.
+
+    Returns (captions: list of M strings, captions[0] == ""; probs [n_groups, M]; row_group [N]
+    int64, the group of each row: rows with the same captions).
     """
     n_f = len(data.factors)
-    combos = torch.unique(data.labels, dim=0)
+    nulls = torch.tensor(data.n_values)
+    groups = torch.unique(data.captions, dim=0)
     captions, rows = [""], []
-    for combo in combos.tolist():
+    for group in groups.tolist():
+        stated = [v != int(nulls[f]) for f, v in enumerate(group)]
         p = {0: p_drop_all}
         for mask in range(2**n_f):
             keep = [(mask >> f) & 1 == 1 for f in range(n_f)]
+            if any(k and not st for k, st in zip(keep, stated, strict=True)):
+                continue  # a factor the caption does not state cannot be kept
             q = 1.0 - p_drop_all
-            for k in keep:
-                q *= (1.0 - p_drop_factor) if k else p_drop_factor
-            c = caption(data.factors, data.values, combo, keep)
+            for k, st in zip(keep, stated, strict=True):
+                if st:
+                    q *= (1.0 - p_drop_factor) if k else p_drop_factor
+            c = caption(
+                data.factors,
+                data.values,
+                [v if st else 0 for v, st in zip(group, stated, strict=True)],
+                keep,
+            )
             if c not in captions:
                 captions.append(c)
             j = captions.index(c)
             p[j] = p.get(j, 0.0) + q
         rows.append(p)
-    probs = torch.zeros(len(combos), len(captions))
+    probs = torch.zeros(len(groups), len(captions))
     for i, p in enumerate(rows):
         for j, q in p.items():
             probs[i, j] = q
-    row_combo = (data.labels[:, None, :] == combos[None]).all(-1).float().argmax(1)
-    return captions, probs, row_combo
+    row_group = (data.captions[:, None, :] == groups[None]).all(-1).float().argmax(1)
+    return captions, probs, row_group
 
 
 log = logging.getLogger(__name__)
@@ -234,7 +248,7 @@ def train_t2i(
     unet = (load_t2i(init, text=text).unet if init else new_unet()).float().train()
     model = build_adapter(unet, text)
     ema = EMAWeights(unet, ema_decay)
-    captions, probs, row_combo = caption_table(data, p_drop_factor, p_drop_all)
+    captions, probs, row_group = caption_table(data, p_drop_factor, p_drop_all)
     emb = model.encode_prompts(captions)  # [M, L, D]
     sched = model.schedule
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
@@ -259,7 +273,7 @@ def train_t2i(
         x0 = data.images[idx]
         flip = torch.rand(batch_size, generator=g) < 0.5
         x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
-        cap = torch.multinomial(probs[row_combo[idx]], 1, generator=g)[:, 0]
+        cap = torch.multinomial(probs[row_group[idx]], 1, generator=g)[:, 0]
         t = torch.randint(0, sched.num_train_timesteps, (batch_size,), generator=g)
         eps = torch.randn(x0.shape, generator=g)
         loss = F.mse_loss(model(add_noise(x0, eps, t, sched), t, emb[cap]), eps)

@@ -24,6 +24,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ctrak_fast.data.sources import file_sources
 from ctrak_fast.models.shipped import ASSETS
 from ctrak_fast.results import Query
 
@@ -34,13 +35,15 @@ K, N = 8, 12
 def world(tmp_path_factory):
     """root/: a store, a query, a result, the tiny model and data config, an image folder."""
     root = tmp_path_factory.mktemp("fuzz_io")
-    write_store(root / "store", torch.randn(N, K), torch.arange(N), 4)
+    (root / "images").mkdir()
+    Image.new("RGB", (8, 8), (200, 0, 0)).save(root / "images" / "0.png")
+    # Every row's image is 0.png: the store's record, which `report` draws.
+    sources = file_sources(root / "images", ["0.png"] * N, ["red"] * N, list(range(N)))
+    write_store(root / "store", torch.randn(N, K), torch.arange(N), 4, sources=sources)
     Query(torch.randn(2, K), ("a", "b"), image=torch.zeros(3, 8, 8)).save(root / "q.safetensors")
     rc, _, err = run(attribute(root, "--out", root / "r.json"))
     assert rc == 0, err
     model, data = tiny_assets(root / "assets")
-    (root / "images").mkdir()
-    Image.new("RGB", (8, 8), (200, 0, 0)).save(root / "images" / "0.png")
     return root, model, data
 
 
@@ -104,7 +107,7 @@ def test_outputs_pointed_at_inputs(world, command, target):
         argv = ["query", "--model", model, "--concept", "shape=circle", "--out", out]
         argv += ["--n-draws", "1", "--timesteps", "99", "--k", "8"]
     else:
-        argv = ["report", "--data", data, "--result", root / "r.json", "--out", out]
+        argv = ["report", "--result", root / "r.json", "--out", out]
     before = snapshot(root)
     rc, _, err = run(argv)
     worked = check_contract(rc, err, before, snapshot(root), outputs=[target])
@@ -141,7 +144,7 @@ def test_nested_json(world, tmp_path_factory, reader, depth, bracket):
         argv = ["labels", "--folder", case / "images", "--labels", case / "l.json"]
     elif reader == "result":
         (case / "r.json").write_text(text)
-        argv = ["report", "--data", data, "--result", case / "r.json", "--out", case / "g.png"]
+        argv = ["report", "--result", case / "r.json", "--out", case / "g.png"]
     elif reader == "query meta":
         save_file({"queries": torch.ones(1, K)}, str(case / "q.st"), metadata={"ctrak": text})
         argv = ["attribute", "--store", root / "store", "--query", case / "q.st"]
@@ -157,6 +160,9 @@ def test_nested_json(world, tmp_path_factory, reader, depth, bracket):
         (case / "pipe").mkdir()
         (case / "pipe" / "model_index.json").write_text(text)
         argv = ["t2i", "query", "--model", case / "pipe", "--prompt", "x", "--out", case / "q"]
+    if reader == "query meta" and open_ == "{" and depth <= 50:
+        contract(argv, case)  # a shallow JSON object is valid metadata: only the contract holds
+        return
     assert not contract(argv, case)  # none of these is a usable input
 
 

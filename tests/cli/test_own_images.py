@@ -115,7 +115,9 @@ def test_walk_featurize_query_attribute_report_benchmark(walk):
     hits = json.loads((root / "hits.json").read_text())
     assert hits["concept"] == "digit=3,colour=red" and len(hits["top"]) == 2
     assert all(len(t["ids"]) == 5 for t in hits["top"])
-    ctrak("report", *data, "--result", root / "hits.json", "--out", root / "gallery.png")
+    # The gallery draws the images the store records; the result names their files.
+    assert all((root / "digits" / f).is_file() for f in hits["top"][0]["files"])
+    ctrak("report", "--result", root / "hits.json", "--out", root / "gallery.png")
     assert (root / "gallery.png").stat().st_size > 1000
     bench = ctrak(
         "bench",

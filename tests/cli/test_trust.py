@@ -334,12 +334,11 @@ def test_a_malformed_concept_is_refused(world, tmp_path, concept):
     refused(argv, tmp_path, r"bad condition .*(given twice|expected factor=value, got '')")
 
 
-def test_report_follows_no_path_outside_and_refuses_non_results(world, tmp_path):
-    root, _, data = world
+def test_report_follows_no_path_outside_and_refuses_non_results(tmp_path):
     res = tmp_path / "r.json"
     good = {"query": "/etc/passwd", "top": [{"label": "a", "ids": [1], "scores": [1.0]}]}
     good["bottom"] = good["top"]
-    argv = ["report", "--data", data, "--result", res, "--out", tmp_path / "g.png"]
+    argv = ["report", "--result", res, "--out", tmp_path / "g.png"]
     for doc, message in (
         (good, r"its query '/etc/passwd' is outside the result's folder"),
         ([1, 2], r"not a result of `ctrak attribute`"),

@@ -42,6 +42,39 @@ def test_caption_dropout_trains_the_phrase_removed_prompts():
             assert probs[i, captions.index(dropped)] == pytest.approx(0.9 * 0.15 * 0.85)
 
 
+def test_incomplete_captions_never_train_the_missing_word():
+    # half of each factor's captions left out (the null index): such a row is never told the
+    # word, whatever dropout does; its stated words are dropped as for a complete caption
+    data = make_dataset(SyntheticConfig(per_combo=4, caption_drop=0.5))
+    nulls = torch.tensor(data.n_values)
+    assert (data.captions == nulls).any() and (data.captions != nulls).any()
+    captions, probs, row_group = caption_table(data, p_drop_factor=0.15, p_drop_all=0.1)
+    assert torch.allclose(probs.sum(1), torch.ones(len(probs)))
+    for i in range(len(data)):
+        told = {captions[j] for j in probs[row_group[i]].nonzero().flatten().tolist()}
+        words = [data.values[f][v] for f, v in zip(data.factors, data.labels[i].tolist())]
+        for f, word in enumerate(words):
+            stated = bool(data.captions[i, f] != nulls[f])
+            assert any(word in c.split() for c in told) == stated, (i, f, told)
+    # an image whose caption states only its colour: "a red" or "", never "a red <shape>"
+    i = int(((data.captions[:, 0] == nulls[0]) & (data.captions[:, 1] != nulls[1])).nonzero()[0])
+    colour = data.values["colour"][int(data.labels[i, 1])]
+    got = {captions[j]: float(q) for j, q in enumerate(probs[row_group[i]]) if q > 0}
+    assert got == pytest.approx({"": 0.1 + 0.9 * 0.15, f"a {colour}": 0.9 * 0.85})
+
+
+def test_told_prompt_leaves_out_what_the_caption_does_not_state():
+    from ctrak_fast.bench.text_quality import told_prompt
+
+    data = make_dataset(SyntheticConfig(per_combo=1))
+    shape, colour = data.values["shape"], data.values["colour"]
+    null_shape, null_colour = data.n_values
+    assert told_prompt(data, [2, 0]) == f"a {colour[0]} {shape[2]}"
+    assert told_prompt(data, [null_shape, 0]) == f"a {colour[0]}"
+    assert told_prompt(data, [2, null_colour]) == f"a {shape[2]}"
+    assert told_prompt(data, [null_shape, null_colour]) == ""
+
+
 @pytest.mark.parametrize("draws", ["local", "global"])
 def test_prompt_query_matches_concept_query(draws):
     """On a pixel model the prompt path must give the factor path's numbers (query.py)."""
@@ -194,12 +227,13 @@ class _OracleJudge:
         return torch.tensor(next(self.combos)).expand(len(images), -1)
 
 
-def test_prompt_benchmark_runs_end_to_end(tmp_path):
+@pytest.mark.parametrize("caption_drop", [0.0, 0.5])
+def test_prompt_benchmark_runs_end_to_end(tmp_path, caption_drop):
     from ctrak_fast.bench.quality import data_combos
     from ctrak_fast.bench.tables import format_table
     from ctrak_fast.bench.text_quality import T2IQualityConfig, run_t2i_quality
 
-    data = make_dataset(SyntheticConfig(image_size=8, per_combo=2))
+    data = make_dataset(SyntheticConfig(image_size=8, per_combo=2, caption_drop=caption_drop))
     ad = tiny_adapter(latent=False)
     cfg = T2IQualityConfig(
         per_combo=1,
@@ -221,6 +255,10 @@ def test_prompt_benchmark_runs_end_to_end(tmp_path):
                 assert 0.0 <= m["p@10"] <= 1.0 and 0.0 <= m["ap"] <= 1.0, method
     assert json.loads((tmp_path / "results.json").read_text())["k"] == 16
     assert "concept-trak" in format_table(res)
+    # the caption lookup reads what the model was told: 1.00 with complete captions only
+    lookup = res["calibration"]["caption-lookup"]["in_distribution"]
+    aps = [lookup[f]["ap"] for f in data.factors]
+    assert all(a == 1.0 for a in aps) if caption_drop == 0 else min(aps) < 1.0
 
 
 @pytest.mark.slow

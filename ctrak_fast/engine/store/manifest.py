@@ -51,6 +51,23 @@ def created_by() -> str:
     return f"ctrak_fast {__version__}"
 
 
+def library_versions() -> dict[str, str]:
+    """The versions of the libraries that make a store's features (recorded in its manifest, so
+    features of another torch or diffusers can be told apart); from the installed metadata,
+    without importing them."""
+    from importlib import metadata
+
+    from ctrak_fast._version import __version__
+
+    out = {"ctrak_fast": __version__}
+    for name in ("torch", "diffusers", "transformers", "safetensors"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
 def model_fingerprint(named_params) -> str:
     """sha256 hex digest of parameter names, shapes, dtypes and values, in name order.
 

@@ -18,6 +18,7 @@ from ctrak_fast.engine.store.manifest import (
     describe_rows,
     first_difference,
     is_complete,
+    library_versions,
     manifest_bytes,
     read_manifest,
     spec_sha256,
@@ -80,6 +81,7 @@ def merge_stores(
             if m is None:
                 m = {key: src_m[key] for key in ("k", "dtype", "shard_rows", "meta")}
                 m.update(format_version=1, created_by=created_by(), n_rows=0, shards=[])
+                m["versions"] = library_versions()
                 m["spec_sha256"] = spec_sha256(m)
             diff = next(
                 (

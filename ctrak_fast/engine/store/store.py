@@ -65,6 +65,7 @@ from ctrak_fast.engine.store.manifest import (
     first_difference,
     is_complete,
     is_debris,
+    library_versions,
     manifest_bytes,
     normalize_meta,
     read_manifest,
@@ -138,6 +139,7 @@ class FeatureStore:
         manifest = {
             "format_version": 1,
             "created_by": created_by(),
+            "versions": library_versions(),
             "k": k,
             "dtype": dtype,
             "shard_rows": shard_rows,

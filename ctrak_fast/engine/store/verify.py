@@ -11,6 +11,7 @@ from ctrak_fast.engine.atomic import sha256_bytes
 from ctrak_fast.engine.checksum import shard_checksum
 from ctrak_fast.engine.store.manifest import MANIFEST, StoreError
 from ctrak_fast.engine.store.shards import check_header, shard_file
+from ctrak_fast.engine.store.sources import SOURCES, sources_problems
 
 
 def verify_store(path: Path, m: dict) -> list[str]:
@@ -36,6 +37,12 @@ def verify_store(path: Path, m: dict) -> list[str]:
         if len(uniq) != len(ids):
             repeated = uniq[counts > 1][:3].tolist()
             problems.append(f"{int((counts > 1).sum())} ids appear more than once {repeated}")
+    # The record of the rows' images is written once the store is complete: checked then, or
+    # wherever it is already there.
+    complete = m.get("complete") is True
+    if complete or (path / SOURCES).exists():
+        on_disk = torch.cat(all_ids).tolist() if all_ids and complete else None
+        problems.extend(sources_problems(path, m["meta"], on_disk))
     return problems
 
 
