@@ -3,14 +3,15 @@
 A model is an `nn.Module` that predicts eps, with these attributes (the engine and the method read
 them; nothing else about the model is assumed):
 
-- ``model(x_t [B,C,h,w] float32, t [B] int64 (or an int), cond [B,...]) -> eps [B,C,h,w]
-  float32``: eps prediction at (x_t, t, c); v- or x0-predicting networks convert to eps inside
-  (models/diffusers_unet.py `to_eps`), so the losses, DDIM inversion and sampling see one
-  parametrisation.
+- ``model(x_t [B,C,h,w] float32, t [B] int64 (or an int), cond [B,...]) -> out [B,C,h,w]
+  float32``: what the model's schedule says it predicts (method/schedules.py): eps for the DDPM
+  `NoiseSchedule` (v- or x0-predicting UNets convert to eps inside, models/diffusers_unet.py
+  `to_eps`), the velocity noise - x0 for a `FlowSchedule` (flow matching, SD3), so the losses,
+  DDIM inversion and sampling see one parametrisation per schedule.
 - ``null_cond(batch, device=None) -> [batch, ...]``: the unconditional condition c = ∅ of
   classifier-free guidance, a tensor of the model's condition kind.
 - ``config``: a dict with ``image_size`` (h = w of x_t), ``in_channels`` and ``schedule`` (a
-  `NoiseSchedule` config; models with a ``schedule`` attribute use that instead).
+  schedule's config; models with a ``schedule`` attribute use that instead).
 - ``condition_param_filter`` (optional): a regex of the parameters the condition enters through,
   what the parameter filter "@condition" (method/methods.py CONDITION_PATH) stands for.
 
@@ -135,10 +136,11 @@ class ModelKind(ABC):
     # -- what the front asks; defaults serve pixel-space models --
 
     @property
-    def schedule(self) -> diffusion.NoiseSchedule:
-        """The training noise schedule (``model.schedule``, else the one of its config)."""
+    def schedule(self) -> diffusion.Schedule:
+        """The training schedule (``model.schedule``, else the one of its config): the
+        objective the model was trained with."""
         schedule = getattr(self.model, "schedule", None)
-        if isinstance(schedule, diffusion.NoiseSchedule):
+        if isinstance(schedule, diffusion.Schedule):
             return schedule
         return diffusion.NoiseSchedule.for_model(self.model)
 
