@@ -220,8 +220,13 @@ class ModelKind(ABC):
         config: Any = self.model.config
         return int(config["image_size"])
 
+    def decode(self, x0: Tensor) -> Tensor:
+        """The model's x0 [B,c,h,w] -> pixels [B,C,H,W] in [-1, 1] (latent models decode)."""
+        return x0.clamp(-1, 1)
+
     def generate(self, cond: Tensor, n: int, *, seed: int, guidance: float, steps: int) -> Tensor:
-        """n images [n,C,H,W] in [-1, 1] of one condition: DDIM with CFG against the null one."""
+        """n images [n,C,H,W] in [-1, 1] of one condition: DDIM (for a flow: Euler) with CFG
+        against the null one, x0 clamped only where the model says it lives in [-1, 1]."""
         x0, _ = diffusion.ddim_sample(
             self.model,
             cond[None].expand(n, *cond.shape),
@@ -230,8 +235,9 @@ class ModelKind(ABC):
             steps=steps,
             generator=torch.Generator().manual_seed(seed),
             schedule=self.schedule,
+            clip_x0=getattr(self.model, "clip_sample", True),
         )
-        return x0.clamp(-1, 1)
+        return self.decode(x0)
 
     def removals(
         self,

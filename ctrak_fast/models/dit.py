@@ -95,6 +95,11 @@ class DiTAdapter(nn.Module):
     def device(self) -> torch.device:
         return next(self.transformer.parameters()).device
 
+    @property
+    def clip_sample(self) -> bool:
+        """Whether samplers may clamp x0 estimates to [-1, 1]: pixels yes, latents no."""
+        return not self.latent
+
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)  # .to(device) moves the VAE too
         if self.vae is not None:
@@ -227,19 +232,7 @@ class DiTKind(ModelKind):
     def training_x0(self, images: Any, ids: Tensor, store: Any) -> Tensor:
         return encode_images_cached(self.model, images, ids, store)  # type: ignore[arg-type]
 
-    def generate(self, cond: Tensor, n: int, *, seed: int, guidance: float, steps: int) -> Tensor:
-        from ctrak_fast.method import diffusion
-
-        x0, _ = diffusion.ddim_sample(
-            self.model,
-            cond[None].expand(n, *cond.shape),
-            neg_cond=self.null_cond[None],
-            guidance=guidance,
-            steps=steps,
-            generator=torch.Generator().manual_seed(seed),
-            schedule=self.schedule,
-            clip_x0=not self.model.latent,
-        )
+    def decode(self, x0: Tensor) -> Tensor:
         return self.model.decode_latents(x0)
 
     def describe(self) -> dict[str, Any]:
