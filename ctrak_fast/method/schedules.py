@@ -40,7 +40,7 @@ class Schedule(ABC):
     config: dict[str, Any]
 
     @abstractmethod
-    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t) -> torch.Tensor:
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: Any) -> torch.Tensor:
         """x_t of x0 and noise [B,C,H,W] at t (int or int64 [B])."""
 
     @abstractmethod
@@ -48,15 +48,19 @@ class Schedule(ABC):
         """What the model output regresses onto at x_t = add_noise(x0, noise, t)."""
 
     @abstractmethod
-    def split(self, x_t: torch.Tensor, out: torch.Tensor, t) -> tuple[torch.Tensor, torch.Tensor]:
+    def split(
+        self, x_t: torch.Tensor, out: torch.Tensor, t: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(x0_hat, eps_hat) of the model's output `out` at (x_t, t); differentiable."""
 
     @abstractmethod
-    def eps_given_x0(self, x_t: torch.Tensor, x0: torch.Tensor, t) -> torch.Tensor:
+    def eps_given_x0(self, x_t: torch.Tensor, x0: torch.Tensor, t: Any) -> torch.Tensor:
         """The noise that x_t implies for a given x0 (a sampler that clamps x0 goes on with it)."""
 
     @abstractmethod
-    def move(self, x0: torch.Tensor, eps: torch.Tensor, t, fresh_std=0.0) -> torch.Tensor:
+    def move(
+        self, x0: torch.Tensor, eps: torch.Tensor, t: Any, fresh_std: torch.Tensor | float = 0.0
+    ) -> torch.Tensor:
         """x at t from (x0, eps), the eps share lowered so that adding `fresh_std` * fresh
         noise keeps x_t's noise level (0: the deterministic DDIM / Euler step)."""
 
@@ -103,25 +107,25 @@ class NoiseSchedule(Schedule):
         if beta_schedule == "squaredcos_cap_v2":
             betas = betas_for_alpha_bar(self.num_train_timesteps, max_beta=max_beta)
         else:
-            betas = DDPMScheduler(
+            betas = DDPMScheduler(  # type: ignore[no-untyped-call]
                 num_train_timesteps=self.num_train_timesteps,
                 beta_schedule=beta_schedule,
                 beta_start=beta_start,
                 beta_end=beta_end,
-            ).betas
+            ).betas  # type: ignore[attr-defined]
         self.betas = betas.double()
         self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)  # float64 [T]
 
     @classmethod
-    def from_config(cls, config: dict | None) -> NoiseSchedule:
+    def from_config(cls, config: dict | None) -> NoiseSchedule:  # type: ignore[type-arg]
         return cls(**(config or {}))
 
     @classmethod
-    def for_model(cls, model) -> Schedule:
+    def for_model(cls, model: Any) -> Schedule:
         """The schedule stored in a model's config (default schedule for other models)."""
         return schedule_from_config(getattr(model, "config", {}).get("schedule"))
 
-    def alpha_bar(self, t, like: torch.Tensor) -> torch.Tensor:
+    def alpha_bar(self, t: Any, like: torch.Tensor) -> torch.Tensor:
         """alpha_bar_t as float32 on like's device, shaped [B,1,1,1] to broadcast over like [B,...].
         t: int, 0-dim or [B] int64; t == -1 means the clean image (alpha_bar = 1)."""
         t = torch.as_tensor(t, dtype=torch.int64)
@@ -131,26 +135,30 @@ class NoiseSchedule(Schedule):
         ab = ab.to(device=like.device, dtype=like.dtype)
         return ab.reshape(-1, *([1] * (like.ndim - 1))) if ab.ndim else ab
 
-    def add_noise(self, x0, noise, t):
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: Any) -> torch.Tensor:
         ab = self.alpha_bar(t, x0)
         return ab.sqrt() * x0 + (1.0 - ab).sqrt() * noise
 
-    def target(self, x0, noise):
+    def target(self, x0: torch.Tensor | None, noise: torch.Tensor) -> torch.Tensor:
         return noise
 
-    def split(self, x_t, out, t):
+    def split(
+        self, x_t: torch.Tensor, out: torch.Tensor, t: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         ab = self.alpha_bar(t, x_t)  # Tweedie: x0_hat = (x_t - sqrt(1 - ab) eps) / sqrt(ab)
         return (x_t - (1.0 - ab).sqrt() * out) / ab.sqrt(), out
 
-    def eps_given_x0(self, x_t, x0, t):
+    def eps_given_x0(self, x_t: torch.Tensor, x0: torch.Tensor, t: Any) -> torch.Tensor:
         ab = self.alpha_bar(t, x_t)
         return (x_t - ab.sqrt() * x0) / (1 - ab).sqrt()
 
-    def move(self, x0, eps, t, fresh_std=0.0):
+    def move(
+        self, x0: torch.Tensor, eps: torch.Tensor, t: Any, fresh_std: torch.Tensor | float = 0.0
+    ) -> torch.Tensor:
         ab = self.alpha_bar(t, x0)
         return ab.sqrt() * x0 + (1 - ab - fresh_std**2).clamp(min=0).sqrt() * eps
 
-    def fresh_std(self, t_from, t_to, eta, like):
+    def fresh_std(self, t_from: int, t_to: int, eta: float, like: torch.Tensor) -> torch.Tensor:
         t_lo, t_hi = sorted((t_from, t_to))
         ab_lo, ab_hi = self.alpha_bar(t_lo, like), self.alpha_bar(t_hi, like)
         return eta * ((1 - ab_lo) / (1 - ab_hi) * (1 - ab_hi / ab_lo)).sqrt()
@@ -182,7 +190,7 @@ class FlowSchedule(Schedule):
         s = s / self.num_train_timesteps
         self.sigmas = shift * s / (1 + (shift - 1) * s)  # float64 [T], ascending to 1
 
-    def sigma(self, t, like: torch.Tensor) -> torch.Tensor:
+    def sigma(self, t: Any, like: torch.Tensor) -> torch.Tensor:
         """sigma_t as like's dtype/device, [B,1,1,1] for t [B] (t == -1: 0, the clean image)."""
         t = torch.as_tensor(t, dtype=torch.int64)
         s = torch.where(t >= 0, self.sigmas[t.clamp(min=0)], torch.zeros((), dtype=torch.float64))
@@ -193,31 +201,35 @@ class FlowSchedule(Schedule):
         """The timestep the network's embedding reads: sigma_t * T, float32 [B]."""
         return (self.sigmas[t.cpu().clamp(min=0)] * self.num_train_timesteps).float()
 
-    def add_noise(self, x0, noise, t):
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: Any) -> torch.Tensor:
         s = self.sigma(t, x0)
         return (1 - s) * x0 + s * noise
 
-    def target(self, x0, noise):
+    def target(self, x0: torch.Tensor | None, noise: torch.Tensor) -> torch.Tensor:
         if x0 is None:
             raise ValueError("the flow-matching target noise - x0 needs the clean image x0")
         return noise - x0
 
-    def split(self, x_t, out, t):
+    def split(
+        self, x_t: torch.Tensor, out: torch.Tensor, t: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         s = self.sigma(t, x_t)  # x0 = x_t - sigma v, eps = x_t + (1 - sigma) v
         return x_t - s * out, x_t + (1 - s) * out
 
-    def eps_given_x0(self, x_t, x0, t):
+    def eps_given_x0(self, x_t: torch.Tensor, x0: torch.Tensor, t: Any) -> torch.Tensor:
         s = self.sigma(t, x_t)
         return (x_t - (1 - s) * x0) / s
 
-    def move(self, x0, eps, t, fresh_std=0.0):
+    def move(
+        self, x0: torch.Tensor, eps: torch.Tensor, t: Any, fresh_std: torch.Tensor | float = 0.0
+    ) -> torch.Tensor:
         s = self.sigma(t, x0)
         return (1 - s) * x0 + (s * s - fresh_std**2).clamp(min=0).sqrt() * eps
 
-    def fresh_std(self, t_from, t_to, eta, like):
+    def fresh_std(self, t_from: int, t_to: int, eta: float, like: torch.Tensor) -> torch.Tensor:
         # DDIM's sigma_t in the variance-preserving coordinates of equal signal-to-noise ratio
         # (ab = a^2 / (a^2 + b^2)), scaled back by the flow's norm sqrt(a^2 + b^2) at t_to.
-        def vp(t):
+        def vp(t: int) -> tuple[torch.Tensor, torch.Tensor]:
             s = self.sigma(t, like)
             norm2 = (1 - s) ** 2 + s**2
             return (1 - s) ** 2 / norm2, norm2
@@ -227,7 +239,7 @@ class FlowSchedule(Schedule):
         return eta * ((1 - ab_lo) / (1 - ab_hi) * (1 - ab_hi / ab_lo) * norm2_to).sqrt()
 
 
-def schedule_from_config(config: dict | None) -> Schedule:
+def schedule_from_config(config: dict[str, Any] | None) -> Schedule:
     """The schedule of a config dict (a Schedule's `config`; None: the default NoiseSchedule)."""
     config = dict(config or {})
     if config.pop("kind", None) == "flow":

@@ -66,7 +66,8 @@ class DiTAdapter(nn.Module):
         # execution dtype (float32, or bfloat16; float16 has no loss scaling here)
         self.compute_dtype = next(transformer.parameters()).dtype
         self.n_classes = int(cfg.num_embeds_ada_norm)
-        table = transformer.transformer_blocks[0].norm1.emb.class_embedder.embedding_table
+        blocks: Any = transformer.transformer_blocks
+        table = blocks[0].norm1.emb.class_embedder.embedding_table
         # DiT's LabelEmbedding keeps one extra row, the "no class" of CFG, when trained with
         # class dropout
         self.null_class = self.n_classes if table.num_embeddings > self.n_classes else None
@@ -100,10 +101,10 @@ class DiTAdapter(nn.Module):
         """Whether samplers may clamp x0 estimates to [-1, 1]: pixels yes, latents no."""
         return not self.latent
 
-    def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)  # .to(device) moves the VAE too
+    def _apply(self, fn: Any, recurse: bool = True) -> DiTAdapter:
+        super()._apply(fn, recurse)  # type: ignore[no-untyped-call]  # .to(device) moves the VAE
         if self.vae is not None:
-            self.vae._apply(fn)
+            self.vae._apply(fn)  # type: ignore[no-untyped-call]
         return self
 
     def forward(self, x_t: Tensor, t: Tensor | int, cond: Tensor) -> Tensor:
@@ -149,7 +150,7 @@ class DiTAdapter(nn.Module):
 class DiTFeaturizer(Featurizer):
     """The Featurizer of a DiTAdapter: its VAE and null class recorded in the store manifest."""
 
-    def meta(self) -> dict:
+    def meta(self) -> dict[str, Any]:
         return {**super().meta(), "dit": self.model.describe()}  # type: ignore[operator]
 
 

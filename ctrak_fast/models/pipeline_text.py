@@ -76,16 +76,47 @@ class PipelineTextAdapter(TextToImageAdapter):
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         return self.pack(prompts).float()
 
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt: str | Tensor,
+        negative_prompt: str | Tensor = "",
+        guidance: float = 4.5,
+        steps: int = 50,
+        seed: int = 0,
+        n: int = 1,
+        scheduler: Any = None,
+    ) -> Tensor:
+        """Sample x0 [n,C,h,w] with CFG by the method's own sampler on the adapter's schedule
+        (DDIM; the Euler flow ODE for a flow), not a diffusers scheduler: the same (prompt,
+        seed) gives the same image. Prompts: text, prompt ids int64 [1] or packed embeddings."""
+        if scheduler is not None:
+            raise ValueError("transformer adapters sample on their own schedule: no scheduler=")
+        pos, neg = (
+            self.prompt_ids([p])[0] if isinstance(p, str) else p for p in (prompt, negative_prompt)
+        )
+        x0, _ = diffusion.ddim_sample(
+            self,
+            pos[None].expand(n, *pos.shape),
+            neg_cond=neg[None],
+            guidance=guidance,
+            steps=steps,
+            generator=torch.Generator().manual_seed(seed),
+            schedule=self.schedule,
+            clip_x0=False,
+        )
+        return x0
+
 
 class PipelineTextKind(TextToImageKind):
     """The kinds of PipelineTextAdapter models: prompts as conditions (a phrase removed makes
-    c-), samples by the method's own DDIM / Euler loop, latents decoded by the VAE."""
+    c-), samples by the adapter's own DDIM / Euler loop, latents decoded by the VAE."""
 
     adapter: type[PipelineTextAdapter]
     model: PipelineTextAdapter
 
     @classmethod
-    def accepts(cls, model: nn.Module) -> bool:  # type: ignore[override]
+    def accepts(cls, model: nn.Module) -> bool:
         return isinstance(model, cls.adapter)
 
     @classmethod
@@ -116,13 +147,4 @@ class PipelineTextKind(TextToImageKind):
             )
         return super().featurizer(
             spec, projection, grad_backend=grad_backend, projector_backend=projector_backend
-        )
-
-    def decode(self, x0: Tensor) -> Tensor:
-        return self.model.decode_latents(x0)
-
-    def generate(self, cond: Tensor, n: int, *, seed: int, guidance: float, steps: int) -> Tensor:
-        # the method's sampler on the kind's schedule (the base's), not a diffusers scheduler
-        return super(TextToImageKind, self).generate(
-            cond, n, seed=seed, guidance=guidance, steps=steps
         )

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ctrak_fast.models.diffusers_unet import to_eps
+from ctrak_fast.models.diffusers_unet import sample_size, to_eps
 from ctrak_fast.models.dit import learned_sigma_eps
 from ctrak_fast.models.pipeline_text import PipelineTextAdapter, PipelineTextKind
 
@@ -43,9 +43,9 @@ class PixArtAdapter(PipelineTextAdapter):
         super().__init__(pipe, **kw)
         cfg: Any = self.unet.config
         self.channels = int(cfg.in_channels)
-        vae = self.vae
+        vae: Any = self.vae
         factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
-        self.pixels = self.config["image_size"] * factor  # the 1024-px model reads its size
+        self.pixels = sample_size(self.unet) * factor  # the 1024-px model reads its size
 
     def pack(self, prompts: list[str]) -> Tensor:
         states, mask, _, _ = self.pipe.encode_prompt(

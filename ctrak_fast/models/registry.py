@@ -14,13 +14,22 @@ from ctrak_fast.models.base import ModelKind
 from ctrak_fast.models.dit import DiTKind
 from ctrak_fast.models.factor import FactorKind
 from ctrak_fast.models.pixart import PixArtKind
+from ctrak_fast.models.sd3 import SD3Kind
 from ctrak_fast.models.t2i_features import TextToImageKind
 from ctrak_fast.models.unet2d import UNet2DKind
 
 __all__ = ["KINDS", "kind_of", "kind_of_pipeline"]
 
 KINDS: dict[str, type[ModelKind]] = {
-    kind.name: kind for kind in (DiTKind, PixArtKind, TextToImageKind, UNet2DKind, FactorKind)
+    kind.name: kind
+    for kind in (
+        DiTKind,
+        PixArtKind,
+        SD3Kind,
+        TextToImageKind,
+        UNet2DKind,
+        FactorKind,
+    )
 }
 """Every model kind, by name, in the order a model is matched against them."""
 

@@ -3,6 +3,8 @@ these: the text-to-image adapters, DiT, PixArt, SD3)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -10,7 +12,7 @@ __all__ = ["decode_latents", "encode_latents"]
 
 
 def _scale(vae: nn.Module) -> tuple[float, float]:
-    cfg = vae.config
+    cfg: Any = vae.config
     return float(cfg.scaling_factor), float(getattr(cfg, "shift_factor", None) or 0.0)
 
 
@@ -23,8 +25,9 @@ def encode_latents(
     sf, shift = _scale(vae)
     vdt = next(vae.parameters()).dtype
     out = []
-    for chunk in images.split(batch_size):
-        lat = vae.encode(chunk.to(device, vdt)).latent_dist.mean
+    coder: Any = vae  # a diffusers AutoencoderKL
+    for chunk in images.split(batch_size):  # type: ignore[no-untyped-call]
+        lat = coder.encode(chunk.to(device, vdt)).latent_dist.mean
         out.append(((lat.float() - shift) * sf).cpu())
     return torch.cat(out)
 
@@ -36,8 +39,9 @@ def decode_latents(
     """x0 [B,C,h,w] -> images [B,3,H,W] float32 in [-1, 1] (clamped), on the CPU."""
     sf, shift = _scale(vae)
     vdt = next(vae.parameters()).dtype
+    coder: Any = vae
     out = [
-        vae.decode((c.to(device, vdt) / sf) + shift).sample.float().cpu()
-        for c in x0.split(batch_size)
+        coder.decode((c.to(device, vdt) / sf) + shift).sample.float().cpu()
+        for c in x0.split(batch_size)  # type: ignore[no-untyped-call]
     ]
     return torch.cat(out).clamp(-1, 1)
