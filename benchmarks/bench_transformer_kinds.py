@@ -6,7 +6,7 @@
 Each kind is a tiny random diffusers pipeline built here (no download: 16x16 pixels, 4x8x8
 latents, two transformer blocks of width 8, text encoders from configs), wrapped by
 `Attributor.from_pipeline` with the default method (concept-trak: DPS loss, DDIM inversion with
-CFG; for SD3 the Euler flow ODE) at --timesteps timesteps, --inversion-steps inversion steps and
+CFG; for SD3 the Euler flow ODE) at the --timesteps, --inversion-steps inversion steps and
 k = --k. Method: each case featurizes once and is checked (n rows, finite), then featurizes
 --reps times into fresh stores; the table gives the median samples/s (min-max). Tiny models
 measure the method's overhead per model call, not a real model's FLOPs.
@@ -63,7 +63,7 @@ def dit(folder: Path) -> Any:
         num_attention_heads=2, attention_head_dim=4, in_channels=4, out_channels=8,
         num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=4, norm_num_groups=1,
     )  # fmt: skip
-    return DiTPipeline(transformer=net, vae=vae(), scheduler=DDIMScheduler())
+    return randomize(DiTPipeline(transformer=net, vae=vae(), scheduler=DDIMScheduler()))
 
 
 def pixart(folder: Path) -> Any:
@@ -78,13 +78,14 @@ def pixart(folder: Path) -> Any:
     t5 = transformers.T5Config(
         vocab_size=len(VOCAB), d_model=12, d_kv=4, d_ff=24, num_layers=1, num_heads=2
     )
-    return PixArtAlphaPipeline(
+    pipe = PixArtAlphaPipeline(
         tokenizer=tokenizer(folder),
         text_encoder=transformers.T5EncoderModel(t5).eval(),
         vae=vae(),
         transformer=net,
         scheduler=DDPMScheduler(),
     )
+    return randomize(pipe)
 
 
 def sd3(folder: Path) -> Any:
@@ -109,7 +110,7 @@ def sd3(folder: Path) -> Any:
         caption_projection_dim=8, pooled_projection_dim=12, pos_embed_max_size=8,
     )  # fmt: skip
     tok = tokenizer(folder)
-    return StableDiffusion3Pipeline(
+    pipe = StableDiffusion3Pipeline(
         transformer=net,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
         vae=vae(),
@@ -120,6 +121,17 @@ def sd3(folder: Path) -> Any:
         text_encoder_3=transformers.T5EncoderModel(t5).eval(),
         tokenizer_3=tok,
     )
+    return randomize(pipe)
+
+
+def randomize(pipe: Any) -> Any:
+    """Random weights everywhere in the transformer: diffusers zero-inits output layers (and
+    adaLN-zero gates), which would make every gradient before them zero."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in pipe.transformer.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return pipe
 
 
 # kind -> (pipeline builder, the training conditions of n images)
@@ -135,7 +147,7 @@ def run_case(kind: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     torch.manual_seed(0)
     pipe = build(work).to(args.device)
     spec = cf.FeatureSpec(
-        timesteps=tuple(range(99, 1000, 1000 // args.timesteps))[: args.timesteps],
+        timesteps=tuple(int(t) for t in args.timesteps.split(",")),
         inversion_steps=args.inversion_steps,
     )
     att = cf.Attributor.from_pipeline(pipe, projection=cf.ProjectionSpec(k=args.k), feature=spec)
@@ -148,8 +160,8 @@ def run_case(kind: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
     store = featurize()  # verified before it is timed
     feats, _ = store.read_all()
-    if store.n_rows != args.n or not torch.isfinite(feats.float()).all():
-        raise RuntimeError(f"{kind}: featurization gave {store.n_rows} rows / non-finite values")
+    if store.n_rows != args.n or not torch.isfinite(feats.float()).all() or not feats.any():
+        raise RuntimeError(f"{kind}: featurization gave {store.n_rows} rows, non-finite or zero")
     sync = torch.cuda.synchronize if str(args.device).startswith("cuda") else None
     timing = time_fn(featurize, warmup=0, repeat=args.reps, sync=sync)
     params = sum(p.numel() for p in att.model.parameters())
@@ -170,21 +182,29 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=16, help="training images per featurization")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--k", type=int, default=256)
-    ap.add_argument("--timesteps", type=int, default=3)
+    ap.add_argument("--timesteps", default="299,599,899", help="on the inversion's DDIM grid")
     ap.add_argument("--inversion-steps", type=int, default=10)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
-    rows = []
+    rows, failed = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        for kind in args.kinds:
-            rows.append(run_case(kind, args, Path(tmp)))
+        for kind in args.kinds:  # a failing kind is reported; the others still run
+            try:
+                rows.append(run_case(kind, args, Path(tmp)))
+            except Exception as e:  # noqa: BLE001
+                failed.append(kind)
+                print(f"{kind}: FAILED: {type(e).__name__}: {e}", flush=True)
+                continue
             print(format_table(rows[-1:]), flush=True)
     env = environment({"device": args.device, "args": {k: str(v) for k, v in vars(args).items()}})
+    print(json.dumps(env))
     print(format_table(rows))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"environment": env, "rows": rows}, indent=2) + "\n")
+    if failed:
+        sys.exit(f"failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

@@ -192,7 +192,7 @@ class FlowSchedule(Schedule):
 
     def sigma(self, t: Any, like: torch.Tensor) -> torch.Tensor:
         """sigma_t as like's dtype/device, [B,1,1,1] for t [B] (t == -1: 0, the clean image)."""
-        t = torch.as_tensor(t, dtype=torch.int64)
+        t = torch.as_tensor(t, dtype=torch.int64).cpu()  # the table lives on the CPU
         s = torch.where(t >= 0, self.sigmas[t.clamp(min=0)], torch.zeros((), dtype=torch.float64))
         s = s.to(device=like.device, dtype=like.dtype)
         return s.reshape(-1, *([1] * (like.ndim - 1))) if s.ndim else s
