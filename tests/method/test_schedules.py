@@ -122,3 +122,23 @@ def test_flow_split_and_move_are_consistent():
     torch.testing.assert_close(sch.move(x0, noise, t), x_t)
     std = sch.fresh_std(299, 499, 0.5, x0)
     assert 0 < std.item() < sch.sigma(499, x0).item()
+
+
+def test_slider_in_flow_form_by_hand():
+    """The slider on velocities: v(c) = 3 x + 0.5 + c at x_t = 2 gives v(c+=1) = 7.5,
+    v(c-=0) = 6.5, d = 1; at w = 2 the residual is -w d = -2, so the gradient of
+    mean((sg[v(c+) + w d] - v(c+))^2) is 2 * -2 * x_t = -8 (weight) and -4 (bias)."""
+    from ctrak_fast.method.query import ConceptQuerySpec, slider_features
+
+    class Shifted(Affine):
+        def forward(self, x, t, cond):
+            return self.conv(x) + cond.reshape(-1, 1, 1, 1)
+
+    sch, model = FlowSchedule(4, shift=1.0), Shifted(3.0, 0.5)
+    spec = FeatureSpec.baseline("dsm", timesteps=(1,), normalize=False)
+    fz = Featurizer(model, sch, spec, ProjectionSpec(k=8), torch.zeros(1))
+    q = ConceptQuerySpec(weight=2.0, timesteps=(1,), normalize=False)
+    x_t, t = torch.full((1, 1, 1, 1), 2.0), torch.tensor([1])
+    got = slider_features(fz, q, torch.ones(1), torch.zeros(1), x_t, t)
+    want = fz.features([(0, torch.tensor([[-8.0]])), (1, torch.tensor([[-4.0]]))])[0]
+    torch.testing.assert_close(got, want)
