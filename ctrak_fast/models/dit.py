@@ -233,6 +233,11 @@ class DiTKind(ModelKind):
     def training_x0(self, images: Any, ids: Tensor, store: Any) -> Tensor:
         return encode_images_cached(self.model, images, ids, store)  # type: ignore[arg-type]
 
+    def pixel_size(self) -> int:
+        vae: Any = self.model.vae
+        scale = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+        return int(self.model.config["image_size"]) * scale  # type: ignore[call-overload]
+
     def decode(self, x0: Tensor) -> Tensor:
         return self.model.decode_latents(x0)
 

@@ -10,7 +10,7 @@ from helpers import perturb, tiny_vae
 import ctrak_fast as cf
 from ctrak_fast.method.grads.layout import parameter_layout
 from ctrak_fast.models.dit import DiTAdapter, DiTKind
-from ctrak_fast.models.registry import kind_of_pipeline
+from ctrak_fast.models.registry import kind_of, kind_of_pipeline
 
 T1 = cf.FeatureSpec(timesteps=(299, 699), inversion_steps=10)
 N_CLASSES = 3
@@ -50,6 +50,7 @@ def test_dit_end_to_end(dit_pipe, tmp_path):
     model = att.model
     assert isinstance(model, DiTAdapter) and model.transformer is dit_pipe.transformer
     assert model.null_class == N_CLASSES  # the extra row of the label table
+    assert kind_of(att.model).pixel_size() == 16  # 8x8 latents of a 2-level VAE
     images = torch.rand(6, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
     store = att.featurize((images, [0, 1, 2, 0, 1, 2]), tmp_path / "store", batch_size=3)
     assert store.n_rows == 6 and store.meta["dit"]["vae"] is not None

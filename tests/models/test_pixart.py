@@ -11,7 +11,7 @@ from helpers import VOCAB, perturb, tiny_clip, tiny_vae
 import ctrak_fast as cf
 from ctrak_fast.method.grads.layout import parameter_layout
 from ctrak_fast.models.pixart import PixArtAdapter, PixArtKind
-from ctrak_fast.models.registry import kind_of_pipeline
+from ctrak_fast.models.registry import kind_of, kind_of_pipeline
 
 T1 = cf.FeatureSpec(timesteps=(299, 699), inversion_steps=10)
 CAPTIONS = ["a red triangle", "a blue circle", "a red circle", "a blue triangle"] * 2
@@ -68,6 +68,7 @@ def test_pixart_end_to_end(pixart_pipe, tmp_path):
     att = cf.Attributor.from_pipeline(pixart_pipe, projection=cf.ProjectionSpec(k=16), feature=T1)
     assert isinstance(att.model, PixArtAdapter) and att.model.transformer is pixart_pipe.transformer
     assert all(".attn2." in s.name for s in att.featurizer.grads.slots)  # the default filter
+    assert kind_of(att.model).pixel_size() == 16  # 8x8 latents of a 2-level VAE
     images = torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
     store = att.featurize((images, CAPTIONS), tmp_path / "store", batch_size=4)
     assert store.n_rows == 8 and store.meta["text2image"]["text_encoder"] is not None

@@ -11,7 +11,7 @@ from helpers import VOCAB, perturb, tiny_clip, tiny_vae
 import ctrak_fast as cf
 from ctrak_fast.method.grads.layout import parameter_layout
 from ctrak_fast.method.schedules import FlowSchedule
-from ctrak_fast.models.registry import kind_of_pipeline
+from ctrak_fast.models.registry import kind_of, kind_of_pipeline
 from ctrak_fast.models.sd3 import SD3Adapter, SD3Kind
 
 T1 = cf.FeatureSpec(timesteps=(299, 699), inversion_steps=10)
@@ -87,6 +87,7 @@ def test_sd3_end_to_end(sd3_pipe, tmp_path):
     model = att.model
     assert isinstance(model, SD3Adapter) and model.transformer is sd3_pipe.transformer
     assert isinstance(att.featurizer.schedule, FlowSchedule)
+    assert kind_of(att.model).pixel_size() == 16  # 8x8 latents of a 2-level VAE
     assert att.featurizer.schedule.config["shift"] == 3.0 and model.prediction_type == "velocity"
     images = torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
     store = att.featurize((images, CAPTIONS), tmp_path / "store", batch_size=4)
