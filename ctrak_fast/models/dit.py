@@ -236,7 +236,7 @@ class DiTKind(ModelKind):
     def pixel_size(self) -> int:
         vae: Any = self.model.vae
         scale = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
-        return int(self.model.config["image_size"]) * scale  # type: ignore[call-overload]
+        return sample_size(self.model.transformer) * scale
 
     def decode(self, x0: Tensor) -> Tensor:
         return self.model.decode_latents(x0)
