@@ -57,7 +57,7 @@ class PixArtAdapter(PipelineTextAdapter):
         )
         return torch.cat([states.float(), mask[..., None].float()], dim=-1)
 
-    def denoise(self, x: Tensor, t: Tensor, cond: Tensor) -> Tensor:
+    def unet_output(self, x: Tensor, t: Tensor, cond: Tensor) -> Tensor:
         states, mask = cond[..., :-1], cond[..., -1]
         added: dict[str, Tensor | None] = {"resolution": None, "aspect_ratio": None}
         if getattr(self.unet, "use_additional_conditions", False):

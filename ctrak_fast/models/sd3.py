@@ -95,7 +95,7 @@ class SD3Adapter(PipelineTextAdapter):
         row = torch.nn.functional.pad(pooled.float(), (0, states.shape[-1] - pooled.shape[-1]))
         return torch.cat([row[:, None], states.float()], dim=1)
 
-    def denoise(self, x: Tensor, t: Tensor, cond: Tensor) -> Tensor:
+    def unet_output(self, x: Tensor, t: Tensor, cond: Tensor) -> Tensor:
         schedule: FlowSchedule = self.schedule  # type: ignore[assignment]
         time = schedule.model_time(t).to(device=x.device, dtype=x.dtype)
         out = self.unet(

@@ -185,14 +185,15 @@ class TextToImageAdapter(nn.Module):
         t, cond = t.to(x_t.device), cond.to(x_t.device)  # callers build t on the CPU
         s = self.grad_scale
         x = GradScale.apply(x_t, 1.0 / s) if s != 1.0 else x_t
-        out = self.denoise(x.to(self.compute_dtype), t, cond.to(self.compute_dtype)).float()
+        out = self.unet_output(x.to(self.compute_dtype), t, cond.to(self.compute_dtype)).float()
         if s != 1.0:
             out = GradScale.apply(out, s)
         return self.model_output(out, x_t, t)
 
-    def denoise(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """The network's raw output at (x [B,C,h,w], t [B], cond) in the execution dtype: the
-        one call an adapter of another network (a transformer) replaces."""
+    def unet_output(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """The UNet's raw output at (x, t) under the text states `cond` [B, L, D], all in the
+        execution dtype (kinds with more conditioning inputs, e.g. SDXL, or another network,
+        e.g. a transformer, override this)."""
         return self.unet(x, t, encoder_hidden_states=cond).sample  # type: ignore[no-any-return]
 
     def model_output(self, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
