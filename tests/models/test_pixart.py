@@ -164,3 +164,14 @@ def test_pixart_condition_path(pixart_pipe):
         for slot, (off, b) in zip(fz.grads.slots, blocks, strict=True):
             assert off == slot.offset
             torch.testing.assert_close(b[i], grads[slot.name].flatten(), rtol=1e-4, atol=1e-6)
+
+
+def test_pixart_sigma_is_the_same_kind_with_its_token_length(pixart_pipe):
+    from diffusers import PixArtSigmaPipeline
+
+    sigma = PixArtSigmaPipeline(**pixart_pipe.components)
+    assert kind_of_pipeline(sigma) is PixArtKind
+    ad = PixArtAdapter(sigma)
+    assert ad.max_length == 300  # PixArt-Sigma's max_sequence_length
+    cond = ad.encode_prompts(["a red triangle", ""])
+    assert cond.shape == (2, 300, 13) and cond[1, :, -1].sum() < cond[0, :, -1].sum()
