@@ -9,9 +9,12 @@
 #      device-resident features, both kernels and torch timed against the measured device bandwidth)
 #   5. benchmarks/bench_featurize.py --device cuda (shipped model; needs diffusers and traker from
 #      .whl/; traker uses fast_jl's CudaProjector when fast_jl is importable, else BasicProjector)
+#   6. benchmarks/bench_transformer_kinds.py --device cuda: one tiny featurization per transformer
+#      kind (DiT, PixArt, SD3 on its flow schedule; needs diffusers and transformers), samples/s;
+#      its log is appended to summary.txt (the device tool returns at most 8 files)
 # Logs go to $OUT (if set) else ./gpu_check_out, at most 8 files (what the device tool returns):
 # build.log pytest.log bench_kernels.log bench_kernels.json bench_topk.log bench_topk.json
-# bench_featurize.log summary.txt (the environment is at the top of summary.txt). Every step runs under its own timeout (together < 8 minutes); a failed step is
+# bench_featurize.log summary.txt (the environment is at the top of summary.txt). Every step runs under its own timeout (together 9.5 minutes, inside the device tool's 10); a failed step is
 # recorded and the next one still runs. Exit status: 0 only if every step that ran passed.
 #
 #   bash benchmarks/gpu_check.sh            # from the repository root
@@ -111,6 +114,9 @@ fi
 
 step bench_featurize 90 "$PY" benchmarks/bench_featurize.py --device cuda --n 64 --n-slow 32 \
   --skip scaling
+
+step transformer_kinds 90 "$PY" benchmarks/bench_transformer_kinds.py --device cuda --reps 2
+cat "$LOG/transformer_kinds.log" >>"$LOG/summary.txt" 2>/dev/null && rm -f "$LOG/transformer_kinds.log"
 
 note "done in $(($(date +%s) - START))s, status $STATUS"
 exit $STATUS
