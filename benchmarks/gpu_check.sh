@@ -9,11 +9,14 @@
 #      device-resident features, both kernels and torch timed against the measured device bandwidth)
 #   5. benchmarks/bench_featurize.py --device cuda (shipped model; needs diffusers and traker from
 #      .whl/; traker uses fast_jl's CudaProjector when fast_jl is importable, else BasicProjector)
-#   6. benchmarks/bench_model_kinds.py --device cuda --dtype bf16: one tiny pipeline per diffusers
-#      kind (SD, SDXL, SD + LoRA; needs diffusers, transformers, peft from .whl/)
-# Logs go to $OUT (if set) else ./gpu_check_out, these files (what the device tool returns):
+#   6. benchmarks/bench_transformer_kinds.py --device cuda: one tiny featurization per transformer
+#      kind (DiT, PixArt, SD3 on its flow schedule; needs diffusers and transformers), samples/s;
+#      its log is appended to summary.txt (the device tool returns at most 8 files)
+#   7. benchmarks/bench_model_kinds.py --device cuda --dtype bf16: one tiny pipeline per UNet
+#      kind (SD, SDXL, SD + LoRA; needs diffusers, transformers, peft from .whl/); its log too
+# Logs go to $OUT (if set) else ./gpu_check_out, at most 8 files (what the device tool returns):
 # build.log pytest.log bench_kernels.log bench_kernels.json bench_topk.log bench_topk.json
-# bench_featurize.log bench_model_kinds.log summary.txt (the environment is at the top of summary.txt). Every step runs under its own timeout (together < 8 minutes); a failed step is
+# bench_featurize.log summary.txt (the environment is at the top of summary.txt). Every step runs under its own timeout (together 9.5 minutes, inside the device tool's 10); a failed step is
 # recorded and the next one still runs. Exit status: 0 only if every step that ran passed.
 #
 #   bash benchmarks/gpu_check.sh            # from the repository root
@@ -89,7 +92,7 @@ step build 120 bash -c build
 
 # --- tests -------------------------------------------------------------------------------------
 # Modules that need packages absent here (diffusers) fail to collect; the rest still run.
-step pytest 150 "$PY" -m pytest -m "cuda or triton" -q -rs -p no:cacheprovider \
+step pytest 120 "$PY" -m pytest -m "cuda or triton" -q -rs -p no:cacheprovider \
   --continue-on-collection-errors tests/
 
 # --- benchmarks --------------------------------------------------------------------------------
@@ -114,10 +117,12 @@ fi
 step bench_featurize 90 "$PY" benchmarks/bench_featurize.py --device cuda --n 64 --n-slow 32 \
   --skip scaling
 
-# One tiny run per diffusers model kind on the GPU in bf16 (SD, SDXL, SD + LoRA; DiT / PixArt /
-# SD3 rows join CASES of bench_model_kinds.py): featurize throughput, every kind's features checked.
-step bench_model_kinds 90 "$PY" benchmarks/bench_model_kinds.py --device cuda --dtype bf16 \
-  --n 16
+step transformer_kinds 90 "$PY" benchmarks/bench_transformer_kinds.py --device cuda --reps 2
+cat "$LOG/transformer_kinds.log" >>"$LOG/summary.txt" 2>/dev/null && rm -f "$LOG/transformer_kinds.log"
+# One tiny run per UNet kind on the GPU in bf16 (SD, SDXL, SD + LoRA): featurize throughput,
+# every kind's features checked.
+step model_kinds 30 "$PY" benchmarks/bench_model_kinds.py --device cuda --dtype bf16 --n 16 --reps 2
+cat "$LOG/model_kinds.log" >>"$LOG/summary.txt" 2>/dev/null && rm -f "$LOG/model_kinds.log"
 
 note "done in $(($(date +%s) - START))s, status $STATUS"
 exit $STATUS

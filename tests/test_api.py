@@ -105,7 +105,10 @@ def test_featurize_query_attribute(att, data, store, query):
     assert (store.n_rows, store.k, store.dtype) == (14, 32, "float32")
     feats, ids = store.read_all()
     assert torch.equal(ids, data.ids) and torch.isfinite(feats).all()
-    assert store.meta == json.loads(json.dumps(att.meta()))
+    meta = dict(store.meta)
+    sources = meta.pop("sources")  # the store's own record of where its rows came from
+    assert meta == json.loads(json.dumps(att.meta()))
+    assert sources["rows"] == 14 and len(sources["sha256"]) == 64
     assert query.features.shape == (2, 32) and query.features.dtype == torch.float32
     assert query.labels == ("-shape", "-colour")  # one row per factor removed
     assert torch.isfinite(query.features).all() and (query.features.norm(dim=1) > 0).all()

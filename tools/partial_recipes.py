@@ -17,6 +17,8 @@ Recipes:
   ranked each on its own scale.
 - `<a>+w*<b>`: z(a) + w z(b) (each standardised over the training set): the condition path plus a
   path that reads the image, w from a grid chosen on validation; b at its own validation lambda_r.
+- `switch:<a>|<b>`: a's group-z scores for the images whose caption states the factor, b's for
+  those whose caption leaves it out (the condition path cannot see the concept there).
 """
 
 from __future__ import annotations
@@ -90,6 +92,13 @@ def recipes(scores: dict, stated, lam_index: dict) -> dict[str, torch.Tensor]:
                 out[f"group-z:{a}+{w:g}*{b}"] = group_z(scores[a], stated) + w * group_z(
                     at_chosen(b).expand_as(scores[a]).clone(), stated
                 )
+    for a in ("concept-trak-cond", "concept-trak-complete"):
+        for b in ("d-trak", "trak", "pixel", "concept-trak", "concept-trak-complete"):
+            if a == b:
+                continue
+            za = group_z(scores[a], stated)
+            zb = group_z(at_chosen(b).expand_as(scores[a]).clone(), stated)
+            out[f"switch:{a}|{b}"] = torch.where(stated[None], za, zb)
     return out
 
 

@@ -11,8 +11,8 @@ u = (ΦᵀΦ + λI)⁻¹q, score_i = φ_i·u; DAS scores D-TRAK's u against its 
 Models: any kind of models/registry.py (models/base.py ModelKind): a factor-conditioned
 `FactorUNet` (conditions are factor value indices, "removing" a concept sets its factor to the
 null token), a text-to-image `TextToImageAdapter` (conditions are prompts, removing a concept
-deletes its phrase), or a diffusers DDPM/DDIM pipeline through `Attributor.from_pipeline`
-(unconditional or class-conditional UNet2DModel).
+deletes its phrase), or a diffusers pipeline through `Attributor.from_pipeline` (DDPM/DDIM
+UNet2DModel, Stable Diffusion, DiT, PixArt-α/Σ, SD3 with flow matching: docs/TRANSFORMER_KINDS.md).
 """
 
 from __future__ import annotations
@@ -140,10 +140,11 @@ class Attributor:
         """An Attributor over a diffusers pipeline object already in memory (nothing is loaded).
 
         Args:
-            pipe: a pipeline with `.unet` and `.scheduler`: text-to-image (UNet2DConditionModel,
-                e.g. StableDiffusionPipeline; its vae / text_encoder / tokenizer are used when
-                present; gradients of the cross-attention parameters by default) or
-                DDPMPipeline / DDIMPipeline (UNet2DModel, unconditional or class-conditional).
+            pipe: a pipeline with `.unet` (or `.transformer`) and `.scheduler`: text-to-image
+                (UNet2DConditionModel, e.g. StableDiffusionPipeline; its vae / text_encoder /
+                tokenizer are used when present; gradients of the cross-attention parameters by
+                default), DDPMPipeline / DDIMPipeline (UNet2DModel, unconditional or
+                class-conditional), DiTPipeline, PixArt-α/Σ or StableDiffusion3Pipeline.
             method: as for :class:`Attributor`.
             dtype: UNet execution dtype of text-to-image models (default: its own).
             null_class: class-conditional UNet2DModel only: the class trained as "no class", if

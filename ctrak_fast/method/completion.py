@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ctrak_fast.method.diffusion import NoiseSchedule, add_noise
+from ctrak_fast.method.diffusion import NoiseSchedule, Schedule, add_noise
 
 COMPLETION_TIMESTEPS: tuple[int, ...] = (99, 199, 299, 399, 499, 599, 699)
 """The timesteps of the classifier: low and middle noise, where the value is still legible."""
@@ -28,7 +28,7 @@ COMPLETION_TIMESTEPS: tuple[int, ...] = (99, 199, 299, 399, 499, 599, 699)
 @torch.no_grad()
 def value_losses(
     model,
-    schedule: NoiseSchedule,
+    schedule: Schedule,
     x0: torch.Tensor,
     conds: torch.Tensor,
     factor: int,
@@ -52,11 +52,12 @@ def value_losses(
         for j, t in enumerate(timesteps):
             tt = torch.full((len(x),), int(t), dtype=torch.int64)
             x_t = add_noise(x, noises[j].expand_as(x), tt, schedule)
+            target = schedule.target(x, noises[j].expand_as(x))  # noise (for a flow: - x0)
             for v in range(n_value):
                 cv = c.clone()
                 cv[:, factor] = v
                 eps = model(x_t, tt, cv)
-                err = (eps - noises[j]).pow(2).flatten(1).mean(1).double()
+                err = (eps - target).pow(2).flatten(1).mean(1).double()
                 out[start : start + batch_size, v] += err / len(timesteps)
     return out
 

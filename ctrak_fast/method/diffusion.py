@@ -1,4 +1,6 @@
-"""Noise schedule, DDIM sampling and DDIM inversion with classifier-free guidance.
+"""DDIM sampling and DDIM inversion with classifier-free guidance, on any training schedule
+(method/schedules.py: the DDPM noise schedule, or a flow, where the same loops are the Euler
+steps of the flow ODE).
 
 Timestep grid: with `steps` S (S must divide 1000) the grid is t_i = i * (1000 / S) - 1 for
 i = S, ..., 1, i.e. for S = 50: 999, 979, ..., 39, 19. It contains 99, 199, ..., 899 (the method's
@@ -17,12 +19,14 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 import torch
-from diffusers import DDPMScheduler
-from diffusers.schedulers.scheduling_ddpm import betas_for_alpha_bar
 from tqdm.auto import tqdm
 
+from ctrak_fast.method.schedules import FlowSchedule, NoiseSchedule, Schedule
+
 __all__ = [
+    "FlowSchedule",
     "NoiseSchedule",
+    "Schedule",
     "ddim_timesteps",
     "add_noise",
     "tweedie_x0",
@@ -33,71 +37,7 @@ __all__ = [
 ]
 
 
-class NoiseSchedule:
-    """DDPM noise schedule; alphas_cumprod float64 [T].
-
-    Args:
-        beta_schedule: "squaredcos_cap_v2" (default) | "linear" | "scaled_linear"; the linear
-            ones come from diffusers' DDPMScheduler(beta_start, beta_end).
-        max_beta: cap on the cosine betas (diffusers' betas_for_alpha_bar). diffusers' default
-            0.999 leaves alpha_bar_999 ~ 2e-9, so the first DDIM step multiplies eps errors by
-            ~600; 0.05 gives alpha_bar_999 = 5e-4 and the same curve below t ~ 930.
-
-    Why cosine: with DDPM's linear betas on 16x16 images alpha_bar < 0.01 from t ~ 650 on, so
-    the steps that decide colour and layout carry almost no eps-loss signal (a trained model's
-    colour conditioning changed the loss by < 0.0003 there and samples mixed colours), and the
-    method's timesteps 699..899 would be nearly pure noise.
-    """
-
-    def __init__(
-        self,
-        num_train_timesteps: int = 1000,
-        beta_schedule: str = "squaredcos_cap_v2",
-        beta_start: float = 1e-4,
-        beta_end: float = 0.02,
-        max_beta: float = 0.05,
-    ):
-        self.config = {
-            "num_train_timesteps": int(num_train_timesteps),
-            "beta_schedule": beta_schedule,
-            "beta_start": float(beta_start),
-            "beta_end": float(beta_end),
-            "max_beta": float(max_beta),
-        }
-        self.num_train_timesteps = int(num_train_timesteps)
-        if beta_schedule == "squaredcos_cap_v2":
-            betas = betas_for_alpha_bar(self.num_train_timesteps, max_beta=max_beta)
-        else:
-            betas = DDPMScheduler(
-                num_train_timesteps=self.num_train_timesteps,
-                beta_schedule=beta_schedule,
-                beta_start=beta_start,
-                beta_end=beta_end,
-            ).betas
-        self.betas = betas.double()
-        self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)  # float64 [T]
-
-    @classmethod
-    def from_config(cls, config: dict | None) -> NoiseSchedule:
-        return cls(**(config or {}))
-
-    @classmethod
-    def for_model(cls, model) -> NoiseSchedule:
-        """The schedule stored in a FactorUNet's config (default schedule for other models)."""
-        return cls.from_config(getattr(model, "config", {}).get("schedule"))
-
-    def alpha_bar(self, t, like: torch.Tensor) -> torch.Tensor:
-        """alpha_bar_t as float32 on like's device, shaped [B,1,1,1] to broadcast over like [B,...].
-        t: int, 0-dim or [B] int64; t == -1 means the clean image (alpha_bar = 1)."""
-        t = torch.as_tensor(t, dtype=torch.int64)
-        ab = torch.where(
-            t >= 0, self.alphas_cumprod[t.clamp(min=0)], torch.ones((), dtype=torch.float64)
-        )
-        ab = ab.to(device=like.device, dtype=like.dtype)
-        return ab.reshape(-1, *([1] * (like.ndim - 1))) if ab.ndim else ab
-
-
-def _schedule(model, schedule: NoiseSchedule | None) -> NoiseSchedule:
+def _schedule(model, schedule: Schedule | None) -> Schedule:
     return schedule if schedule is not None else NoiseSchedule.for_model(model)
 
 
@@ -109,17 +49,17 @@ def ddim_timesteps(steps: int = 50, num_train_timesteps: int = 1000) -> list[int
     return [i * stride - 1 for i in range(steps, 0, -1)]
 
 
-def add_noise(x0: torch.Tensor, eps: torch.Tensor, t, schedule: NoiseSchedule) -> torch.Tensor:
-    """x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps.  x0, eps [B,C,H,W]; t int or int64 [B]."""
-    ab = schedule.alpha_bar(t, x0)
-    return ab.sqrt() * x0 + (1.0 - ab).sqrt() * eps
+def add_noise(x0: torch.Tensor, eps: torch.Tensor, t, schedule: Schedule) -> torch.Tensor:
+    """x_t of x0 and noise eps [B,C,H,W] at t (int or int64 [B]): sqrt(ab_t) x0 + sqrt(1 - ab_t)
+    eps, or (1 - sigma_t) x0 + sigma_t eps for a flow schedule."""
+    return schedule.add_noise(x0, eps, t)
 
 
-def tweedie_x0(x_t: torch.Tensor, eps: torch.Tensor, t, schedule: NoiseSchedule) -> torch.Tensor:
-    """x0_hat = (x_t - sqrt(1 - ab_t) eps) / sqrt(ab_t): Tweedie's estimate given predicted noise.
-    Differentiable in x_t and eps (the DPS loss backpropagates through it)."""
-    ab = schedule.alpha_bar(t, x_t)
-    return (x_t - (1.0 - ab).sqrt() * eps) / ab.sqrt()
+def tweedie_x0(x_t: torch.Tensor, out: torch.Tensor, t, schedule: Schedule) -> torch.Tensor:
+    """x0_hat of the model's output at (x_t, t): (x_t - sqrt(1 - ab_t) eps) / sqrt(ab_t)
+    (Tweedie), or x_t - sigma_t v for a flow. Differentiable in x_t and out (the DPS loss
+    backpropagates through it)."""
+    return schedule.split(x_t, out, t)[0]
 
 
 def guided_eps(
@@ -170,7 +110,7 @@ def ddim_sample(
     generator: torch.Generator | None = None,
     x_T: torch.Tensor | None = None,
     record_timesteps: Iterable[int] | None = None,
-    schedule: NoiseSchedule | None = None,
+    schedule: Schedule | None = None,
     progress: bool = False,
     stop_at: int | None = None,
     clip_x0: bool = True,
@@ -214,20 +154,18 @@ def ddim_sample(
     for i, t in enumerate(tqdm(grid, disable=not progress, desc="ddim", leave=False)):
         if t in rec:
             traj[t] = x.clone()
-        eps = guided_eps(model, x, t, cond, neg_cond, guidance)
-        x0 = tweedie_x0(x, eps, t, sch)
-        ab = sch.alpha_bar(t, x)
+        out = guided_eps(model, x, t, cond, neg_cond, guidance)
+        x0, eps = sch.split(x, out, t)
         if clip_x0:
             # The step must use the eps that the clamped x0 implies (diffusers'
             # use_clipped_model_output): mixing the clamped x0 with the raw eps breaks CFG samples.
             x0 = x0.clamp(-1.0, 1.0)
-            eps = (x - ab.sqrt() * x0) / (1 - ab).sqrt()
+            eps = sch.eps_given_x0(x, x0, t)
         if stop_at is not None and t == stop_at:
             return x0, traj
         t_prev = grid[i + 1] if i + 1 < len(grid) else -1
-        ab_prev = sch.alpha_bar(t_prev, x)
-        sigma = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt() if eta > 0 else 0.0
-        x = ab_prev.sqrt() * x0 + (1 - ab_prev - sigma**2).clamp(min=0).sqrt() * eps
+        sigma = sch.fresh_std(t, t_prev, eta, x) if eta > 0 else 0.0
+        x = sch.move(x0, eps, t_prev, sigma)  # DDIM; for a flow the Euler step of its ODE
         if eta > 0 and t_prev >= 0:
             noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(device)
             x = x + sigma * noise
@@ -246,7 +184,7 @@ def ddim_invert(
     guidance: float = 1.0,
     steps: int = 50,
     record_timesteps: Iterable[int] | None = None,
-    schedule: NoiseSchedule | None = None,
+    schedule: Schedule | None = None,
     progress: bool = False,
     eps_at: str = "next",
 ) -> dict[int, torch.Tensor]:
@@ -279,7 +217,7 @@ def ddim_invert_stochastic(
     record_timesteps: Iterable[int] | None = None,
     eta: float = 0.1,
     generator: torch.Generator | None = None,
-    schedule: NoiseSchedule | None = None,
+    schedule: Schedule | None = None,
     progress: bool = False,
     eps_at: str = "next",
 ) -> dict[int, torch.Tensor]:
@@ -313,16 +251,16 @@ def ddim_invert_stochastic(
     for step, t in enumerate(tqdm(grid, disable=not progress, desc="ddim-invert", leave=False)):
         t_eps = t if eps_at == "next" or t_cur < 0 else t_cur
         neg = neg_cond if negative_at is None else _expand_cond(negative_at(step), b).to(device)
-        eps = guided_eps(model, x, t_eps, cond, neg, guidance)
-        ab_cur, ab = sch.alpha_bar(t_cur, x), sch.alpha_bar(t, x)
-        x0_hat = tweedie_x0(x, eps, t_cur, sch) if t_cur >= 0 else x
+        out = guided_eps(model, x, t_eps, cond, neg, guidance)
+        x0_hat, eps = sch.split(x, out, t_cur)
+        x0_hat = x0_hat if t_cur >= 0 else x
         if eta > 0:
-            # Forward (noising) analogue of DDIM's sigma_t: keep total variance 1 - ab.
-            sigma = eta * ((1 - ab_cur) / (1 - ab) * (1 - ab / ab_cur)).sqrt()
+            # Forward (noising) analogue of DDIM's sigma_t: keep x_t's noise level.
+            sigma = sch.fresh_std(t_cur, t, eta, x)
             noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(device)
-            x = ab.sqrt() * x0_hat + (1 - ab - sigma**2).clamp(min=0).sqrt() * eps + sigma * noise
+            x = sch.move(x0_hat, eps, t, sigma) + sigma * noise
         else:
-            x = ab.sqrt() * x0_hat + (1 - ab).sqrt() * eps
+            x = sch.move(x0_hat, eps, t)  # DDIM; for a flow the Euler step x + (s' - s) v
         if t in rec:
             traj[t] = x.clone()
         if t == last:  # nothing later is needed

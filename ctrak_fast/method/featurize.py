@@ -128,7 +128,7 @@ class Featurizer:
 
     Args:
         model: eps model, model(x_t [B,C,H,W], t [B], cond [B,F]) -> [B,C,H,W].
-        schedule: diffusion.NoiseSchedule of the model.
+        schedule: the model's training schedule (diffusion.NoiseSchedule, or a FlowSchedule).
         spec: FeatureSpec.
         projection: ProjectionSpec (dense Rademacher over all selected parameters), or
             FactorizedSpec (LoGra-style per-layer Kronecker projection of the Linear and
@@ -146,7 +146,7 @@ class Featurizer:
     """
 
     model: torch.nn.Module
-    schedule: diffusion.NoiseSchedule
+    schedule: diffusion.Schedule
     spec: FeatureSpec
     projection: ProjectionSpec | FactorizedSpec
     null_cond: torch.Tensor

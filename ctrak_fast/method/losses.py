@@ -11,9 +11,13 @@ product per sample, see grads.py); the literal losses are the specification the 
 | loss      | literal form                                   | residual r      |
 |-----------|------------------------------------------------|-----------------|
 | dps       | mean((sg[eps - v] - eps)^2)                    | v               |
-| dsm       | mean((noise - eps)^2)                          | eps - noise     |
+| dsm       | mean((target - eps)^2)                         | eps - target    |
 | eps-norm  | mean(eps^2)                                    | eps             |
 | slider    | mean((sg[eps(c+) + w d] - eps(c+))^2)          | -w d            |
+
+eps stands for the model's output, what its schedule says it predicts (method/schedules.py):
+the noise (target = noise), or for a flow the velocity v (target = noise - x0, the
+flow-matching loss; DPS's x0_hat = x_t - sigma_t v; the slider's d = v(c+) - v(c-)).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from typing import Any
 
 import torch
 
-from ctrak_fast.method.diffusion import NoiseSchedule, tweedie_x0
+from ctrak_fast.method.diffusion import Schedule, tweedie_x0
 
 LOSSES = ("dps", "dsm", "eps-norm")
 
@@ -36,9 +40,10 @@ def dps_loss(eps: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return _mean_per_sample(((eps - v).detach() - eps).pow(2))
 
 
-def dsm_loss(eps: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """Denoising score matching (TRAK). eps, noise: [B, C, H, W] -> [B]."""
-    return _mean_per_sample((noise - eps).pow(2))
+def dsm_loss(eps: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Denoising score matching (TRAK): the model's training loss. eps (the model output),
+    target (the noise; for a flow, noise - x0): [B, C, H, W] -> [B]."""
+    return _mean_per_sample((target - eps).pow(2))
 
 
 def eps_norm_loss(eps: torch.Tensor) -> torch.Tensor:
@@ -55,7 +60,7 @@ def slider_loss(eps_pos: torch.Tensor, d: torch.Tensor, w: float) -> torch.Tenso
 
 def dps_guidance(
     model,
-    schedule: NoiseSchedule,
+    schedule: Schedule,
     x_t: torch.Tensor,
     t: torch.Tensor,
     cond: torch.Tensor,
@@ -87,7 +92,7 @@ class Residual:
     def __init__(
         self,
         loss: str,
-        schedule: NoiseSchedule,
+        schedule: Schedule,
         t: torch.Tensor,
         *,
         x0: torch.Tensor | None = None,
@@ -100,13 +105,15 @@ class Residual:
         if loss == "dps" and x0 is None:
             raise ValueError("the dps loss needs the clean image x0")
         self.loss, self.schedule, self.t, self.x0, self.noise = loss, schedule, t, x0, noise
+        # what the output regresses onto: the noise, or for a flow noise - x0
+        self.target = None if noise is None else schedule.target(x0, noise)
         self.needs_input_grad = loss == "dps"
         self.dsm: torch.Tensor | None = None
 
     def __call__(self, eps: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         eps_value = eps.detach()
-        if self.noise is not None:
-            self.dsm = dsm_loss(eps_value, self.noise).detach()
+        if self.target is not None:
+            self.dsm = dsm_loss(eps_value, self.target).detach()
         else:
             self.dsm = torch.full(eps.shape[:1], float("nan"), device=eps.device)
         if self.loss == "dps":  # v = -grad_x mean((x0_hat(x) - x0)^2), as dps_guidance
@@ -114,7 +121,7 @@ class Residual:
             loss = _mean_per_sample((x0_hat - self.x0).pow(2)).sum()
             (grad,) = torch.autograd.grad(loss, x, retain_graph=True)
             return -grad.detach()
-        return eps_value - self.noise if self.loss == "dsm" else eps_value
+        return eps_value - self.target if self.loss == "dsm" else eps_value
 
     def standalone(self, model, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor):
         """r from a forward of its own (for paths that do not share theirs)."""
@@ -224,7 +231,7 @@ class RegionResidual:
 def residual(
     loss: str,
     model,
-    schedule: NoiseSchedule,
+    schedule: Schedule,
     x_t: torch.Tensor,
     t: torch.Tensor,
     cond: torch.Tensor,

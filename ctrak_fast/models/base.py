@@ -3,14 +3,15 @@
 A model is an `nn.Module` that predicts eps, with these attributes (the engine and the method read
 them; nothing else about the model is assumed):
 
-- ``model(x_t [B,C,h,w] float32, t [B] int64 (or an int), cond [B,...]) -> eps [B,C,h,w]
-  float32``: eps prediction at (x_t, t, c); v- or x0-predicting networks convert to eps inside
-  (models/diffusers_unet.py `to_eps`), so the losses, DDIM inversion and sampling see one
-  parametrisation.
+- ``model(x_t [B,C,h,w] float32, t [B] int64 (or an int), cond [B,...]) -> out [B,C,h,w]
+  float32``: what the model's schedule says it predicts (method/schedules.py): eps for the DDPM
+  `NoiseSchedule` (v- or x0-predicting UNets convert to eps inside, models/diffusers_unet.py
+  `to_eps`), the velocity noise - x0 for a `FlowSchedule` (flow matching, SD3), so the losses,
+  DDIM inversion and sampling see one parametrisation per schedule.
 - ``null_cond(batch, device=None) -> [batch, ...]``: the unconditional condition c = ∅ of
   classifier-free guidance, a tensor of the model's condition kind.
 - ``config``: a dict with ``image_size`` (h = w of x_t), ``in_channels`` and ``schedule`` (a
-  `NoiseSchedule` config; models with a ``schedule`` attribute use that instead).
+  schedule's config; models with a ``schedule`` attribute use that instead).
 - ``condition_param_filter`` (optional): a regex of the parameters the condition enters through,
   what the parameter filter "@condition" (method/methods.py CONDITION_PATH) stands for.
 
@@ -135,10 +136,11 @@ class ModelKind(ABC):
     # -- what the front asks; defaults serve pixel-space models --
 
     @property
-    def schedule(self) -> diffusion.NoiseSchedule:
-        """The training noise schedule (``model.schedule``, else the one of its config)."""
+    def schedule(self) -> diffusion.Schedule:
+        """The training schedule (``model.schedule``, else the one of its config): the
+        objective the model was trained with."""
         schedule = getattr(self.model, "schedule", None)
-        if isinstance(schedule, diffusion.NoiseSchedule):
+        if isinstance(schedule, diffusion.Schedule):
             return schedule
         return diffusion.NoiseSchedule.for_model(self.model)
 
@@ -218,8 +220,13 @@ class ModelKind(ABC):
         config: Any = self.model.config
         return int(config["image_size"])
 
+    def decode(self, x0: Tensor) -> Tensor:
+        """The model's x0 [B,c,h,w] -> pixels [B,C,H,W] in [-1, 1] (latent models decode)."""
+        return x0.clamp(-1, 1)
+
     def generate(self, cond: Tensor, n: int, *, seed: int, guidance: float, steps: int) -> Tensor:
-        """n images [n,C,H,W] in [-1, 1] of one condition: DDIM with CFG against the null one."""
+        """n images [n,C,H,W] in [-1, 1] of one condition: DDIM (for a flow: Euler) with CFG
+        against the null one, x0 clamped only where the model says it lives in [-1, 1]."""
         x0, _ = diffusion.ddim_sample(
             self.model,
             cond[None].expand(n, *cond.shape),
@@ -228,8 +235,9 @@ class ModelKind(ABC):
             steps=steps,
             generator=torch.Generator().manual_seed(seed),
             schedule=self.schedule,
+            clip_x0=getattr(self.model, "clip_sample", True),
         )
-        return x0.clamp(-1, 1)
+        return self.decode(x0)
 
     def removals(
         self,

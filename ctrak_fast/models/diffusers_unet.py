@@ -60,12 +60,15 @@ def to_eps(
     out: torch.Tensor,
     x_t: torch.Tensor,
     t: torch.Tensor,
-    schedule: diffusion.NoiseSchedule,
+    schedule: diffusion.Schedule,
     prediction_type: str,
 ) -> torch.Tensor:
-    """The UNet's output [B,C,h,w] of `prediction_type` as eps (the engine's parametrisation)."""
+    """The UNet's output [B,C,h,w] of `prediction_type` as eps (the engine's parametrisation
+    on a DDPM schedule)."""
     if prediction_type == "epsilon":
         return out
+    if not isinstance(schedule, diffusion.NoiseSchedule):
+        raise TypeError(f"{prediction_type} outputs convert to eps on a DDPM noise schedule only")
     ab = schedule.alpha_bar(t, x_t)
     if prediction_type == "v_prediction":
         return ab.sqrt() * out + (1 - ab).sqrt() * x_t

@@ -41,6 +41,7 @@ from ctrak_fast.models.diffusers_unet import (
     schedule_from_scheduler,
     to_eps,
 )
+from ctrak_fast.models.vae import decode_latents, encode_latents
 
 __all__ = ["T2I_PARAM_FILTER", "TextToImageAdapter", "sample_size", "schedule_from_scheduler"]
 
@@ -69,6 +70,7 @@ class TextToImageAdapter(nn.Module):
         grad_scale: float16 loss scale (default 2**10 for float16, 1 otherwise).
         vae_dtype: the VAE runs once per image; float32 by default (SD VAEs overflow in float16).
         prompt_cache: embeddings of prompt ids kept (most recently used first).
+        schedule: the training schedule (default: the scheduler's DDPM schedule, eps output).
 
     Examples (need a model; not doctests):
             ad = TextToImageAdapter.from_pretrained("path/to/sd-1.5", dtype=torch.float16)
@@ -94,6 +96,7 @@ class TextToImageAdapter(nn.Module):
         grad_scale: float | None = None,
         vae_dtype: torch.dtype = torch.float32,
         prompt_cache: int = 256,
+        schedule: diffusion.Schedule | None = None,
     ):
         super().__init__()
         self.unet = unet.eval()
@@ -110,8 +113,11 @@ class TextToImageAdapter(nn.Module):
             text_encoder.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.scheduler = scheduler
-        self.schedule = schedule_from_scheduler(scheduler)
-        self.prediction_type = check_prediction_type(scheduler)
+        # the objective the model was trained with: the scheduler's DDPM schedule unless given
+        self.schedule = schedule or schedule_from_scheduler(scheduler)
+        self.prediction_type = (
+            check_prediction_type(scheduler) if schedule is None else schedule.prediction
+        )
         if max_length is None and tokenizer is not None:
             max_length = int(tokenizer.model_max_length)
         self.max_length = max_length
@@ -182,12 +188,17 @@ class TextToImageAdapter(nn.Module):
         out = self.unet_output(x.to(self.compute_dtype), t, cond.to(self.compute_dtype)).float()
         if s != 1.0:
             out = GradScale.apply(out, s)
-        return to_eps(out, x_t, t, self.schedule, self.prediction_type)
+        return self.model_output(out, x_t, t)
 
     def unet_output(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """The UNet's raw output at (x, t) under the text states `cond` [B, L, D], all in the
-        execution dtype (kinds with more conditioning inputs, e.g. SDXL, override this)."""
+        execution dtype (kinds with more conditioning inputs, e.g. SDXL, or another network,
+        e.g. a transformer, override this)."""
         return self.unet(x, t, encoder_hidden_states=cond).sample  # type: ignore[no-any-return]
+
+    def model_output(self, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The network's output [B,C,h,w] float32 as what the schedule predicts: eps."""
+        return to_eps(out, x_t, t, self.schedule, self.prediction_type)
 
     # -- text --
 
@@ -268,39 +279,23 @@ class TextToImageAdapter(nn.Module):
 
     # -- latents --
 
-    def _vae_scale(self) -> tuple[float, float]:
-        cfg = self.vae.config
-        return float(cfg.scaling_factor), float(getattr(cfg, "shift_factor", None) or 0.0)
-
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
         """Images [B,3,H,W] in [-1,1] -> the diffusion model's x0 [B,C,h,w] float32.
 
-        With a VAE: (posterior mean - shift) * scaling_factor; the mean, not a sample, so the
-        features of an image are deterministic. Without: the images themselves.
+        With a VAE: (posterior mean - shift) * scaling_factor (models/vae.py). Without: the
+        images themselves.
         """
         if self.vae is None:
             return images.float()
-        sf, shift = self._vae_scale()
-        vdt = next(self.vae.parameters()).dtype
-        out = []
-        for chunk in images.split(batch_size):
-            lat = self.vae.encode(chunk.to(self.device, vdt)).latent_dist.mean
-            out.append(((lat.float() - shift) * sf).cpu())
-        return torch.cat(out)
+        return encode_latents(self.vae, images, self.device, batch_size)
 
     @torch.no_grad()
     def decode_latents(self, x0: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
         """x0 [B,C,h,w] -> images [B,3,H,W] float32 (clamped to [-1, 1])."""
         if self.vae is None:
             return x0.float().clamp(-1, 1)
-        sf, shift = self._vae_scale()
-        vdt = next(self.vae.parameters()).dtype
-        out = [
-            self.vae.decode((c.to(self.device, vdt) / sf) + shift).sample.float().cpu()
-            for c in x0.split(batch_size)
-        ]
-        return torch.cat(out).clamp(-1, 1)
+        return decode_latents(self.vae, x0, self.device, batch_size)
 
     # -- sampling through the scheduler API --
 

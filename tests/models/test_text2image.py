@@ -52,7 +52,9 @@ def test_incomplete_captions_never_train_the_missing_word():
     assert torch.allclose(probs.sum(1), torch.ones(len(probs)))
     for i in range(len(data)):
         told = {captions[j] for j in probs[row_group[i]].nonzero().flatten().tolist()}
-        words = [data.values[f][v] for f, v in zip(data.factors, data.labels[i].tolist())]
+        words = [
+            data.values[f][v] for f, v in zip(data.factors, data.labels[i].tolist(), strict=True)
+        ]
         for f, word in enumerate(words):
             stated = bool(data.captions[i, f] != nulls[f])
             assert any(word in c.split() for c in told) == stated, (i, f, told)
