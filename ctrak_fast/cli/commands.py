@@ -13,11 +13,11 @@ from ctrak_fast.cli.inputs import (
     featurizer,
     load_data,
     load_model,
-    named,
     projection,
     read_result,
     recipe_knobs,
     result_store,
+    warn_unnamed,
 )
 
 
@@ -190,7 +190,7 @@ def cmd_attribute(a):
         info = {"store": str(a.store), "query": str(a.query), "lambda_r": lam}
         export_scores(store, u, a.export_scores, queries=sel, verify=a.verify, meta=info)
         print(f"scores of {len(sel or u)} queries x {store.n_rows} rows -> {a.export_scores}")
-    attribution = named(Attribution.from_topk(res, labels, lam), store)
+    attribution = Attribution.from_topk(res, labels, lam).named(store)
     header = {
         "store": str(a.store),
         "query": str(a.query),
@@ -200,6 +200,7 @@ def cmd_attribute(a):
     }
     text = write_attribution(a.out, attribution, a.format, **header)
     print(f"top-{a.k} of {len(u)} queries -> {a.out}" if a.out else text.rstrip("\n"))
+    warn_unnamed(store)
 
 
 def cmd_report(a):

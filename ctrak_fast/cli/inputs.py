@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from ctrak_fast.data.images import Preprocess
     from ctrak_fast.engine.store import FeatureStore
-    from ctrak_fast.results import Attribution
 
 
 def load_data(a, model=None):
@@ -216,9 +215,9 @@ def result_store(path: str | Path, res: dict[str, Any], store: str | None = None
     return p
 
 
-def named(attribution: Attribution, store: FeatureStore) -> Attribution:
-    """The attribution with the file names and captions the store records; a warning line
-    when it records none (the result then holds ids only)."""
+def warn_unnamed(store: FeatureStore) -> None:
+    """A warning line when the store records no sources (its result names ids only). Printed
+    after the result is written: a command that fails prints its error line alone."""
     import sys
 
     if "sources" not in store.meta:
@@ -227,4 +226,3 @@ def named(attribution: Attribution, store: FeatureStore) -> Attribution:
             "older version): the result names ids only; featurize again to name files",
             file=sys.stderr,
         )
-    return attribution.named(store)

@@ -130,9 +130,7 @@ def training_set(a: Namespace) -> tuple[Any, list[str], Any, Any]:
 
         files, captions = read_captions(a.images, a.captions, a.image_column, a.caption_column)
         ids = torch.arange(len(files), dtype=torch.int64)
-        # absolute: file_sources reads a relative path as relative to the folder itself
-        absolute = [Path(f).absolute() for f in files]
-        sources = file_sources(a.images, absolute, captions, ids.tolist(), None, preprocess(a))
+        sources = file_sources(a.images, files, captions, ids.tolist(), None, preprocess(a))
         return files, captions, ids, sources
     from ctrak_fast.data import SyntheticConfig, make_dataset
     from ctrak_fast.data.captions import caption

@@ -30,20 +30,24 @@ def file_sources(
     labels: Sequence[dict[str, str]] | None = None,
     preprocess: Preprocess | None = None,
 ) -> dict[str, Any]:
-    """The record of images in the folder `root`: files (paths under root, or relative to it),
-    one caption and id per file, optionally each file's {factor: value} labels, and how the
-    images were cropped and flipped (`preprocess`, default centre crop, no flip).
+    """The record of images in the folder `root`: their paths as `open` takes them (absolute, or
+    relative to the current directory, as `root` is), each inside root; one caption and id per
+    file, optionally each file's {factor: value} labels, and how the images were cropped and
+    flipped (`preprocess`, default centre crop, no flip). The record names each file relative
+    to root, and root as an absolute path. ValueError for a file outside root.
 
     Examples:
-        >>> r = file_sources("/data", ["/data/a.png", "b/c.png"], ["a cat", "a dog"], [0, 1])
+        >>> r = file_sources("/data", ["/data/a.png", "/data/b/c.png"], ["a cat", "a dog"], [0, 1])
         >>> r["files"], r["captions"], r["root"]
         (['a.png', 'b/c.png'], ['a cat', 'a dog'], '/data')
     """
     top = Path(os.path.abspath(root))
     names = []
     for f in files:
-        p = Path(f)
-        rel = p.relative_to(top) if p.is_absolute() else p
+        try:  # one reading of a relative path, the one `open` has: "images/0.png" under "images"
+            rel = Path(os.path.abspath(f)).relative_to(top)
+        except ValueError:
+            raise ValueError(f"{f} is not a file inside the image folder {root}") from None
         names.append(image_name(top, rel.as_posix()))
     record: dict[str, Any] = {
         "root": str(top),
@@ -75,9 +79,10 @@ def dataset_sources(
     ]
     ids = data.ids.tolist()
     if "filenames" in data.meta and "folder" in data.meta:
-        by_row = [data.meta["filenames"][i] for i in ids]  # ids are the folder's row numbers
+        folder = Path(data.meta["folder"])  # ids are the folder's row numbers
+        by_row = [folder / data.meta["filenames"][i] for i in ids]
         crop = Preprocess(**data.meta.get("preprocess", {}))
-        return file_sources(data.meta["folder"], by_row, captions, ids, labels, crop)
+        return file_sources(folder, by_row, captions, ids, labels, crop)
     if dataset_file is not None:
         digest = hashlib.sha256(Path(dataset_file).read_bytes()).hexdigest()
         generator = {"dataset_file": os.path.abspath(dataset_file), "sha256": digest}

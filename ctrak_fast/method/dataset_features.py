@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from ctrak_fast.engine.store import MANIFEST, FeatureStore, remove_empty_store
-from ctrak_fast.engine.store.sources import sources_meta
+from ctrak_fast.engine.store.sources import SOURCES, sources_meta, write_sources
 from ctrak_fast.method.featurize import Featurizer
 from ctrak_fast.progress import progress as show_progress
 
@@ -31,6 +31,7 @@ def featurize_dataset(
     nan_policy: str = "fail",
     progress: bool = True,
     sources: dict[str, Any] | None = None,
+    sources_file: bool = True,
 ) -> FeatureStore:
     """Write features of images [N,C,H,W] / conds [N,F] / ids [N] into a FeatureStore at `path`.
 
@@ -46,8 +47,9 @@ def featurize_dataset(
     so ids and shard boundaries stay those of a clean run, and scores 0 against every query.
 
     sources: the record of where each row came from (engine/store/sources.py); its checksum goes
-    into the manifest's meta, and the caller writes the file once the store is complete
-    (:func:`ctrak_fast.method.pipeline.featurize` does).
+    into the manifest's meta and, with `sources_file`, the record is written as each store's
+    sources.json before its first row: a store that a kill leaves complete has it (a torchrun
+    unit, part of a larger store, leaves it to the merge).
     """
     from ctrak_fast.engine.validation import check_positive, check_training_data
 
@@ -88,6 +90,9 @@ def featurize_dataset(
                 f"store {store.path} holds other samples than this dataset's first {len(done)}"
             )
         present.append(len(done))
+    if sources is not None and sources_file:  # after the spec check: never another run's record
+        for store in stores:
+            write_sources(store.path, sources)
     start = min(present)
     # A run killed after its last shard but before the closing manifest update left the store
     # marked incomplete: open the writers anyway so that it ends as an uninterrupted run does.
@@ -99,7 +104,11 @@ def featurize_dataset(
         )
     except BaseException:
         for p, new_dir in fresh:
-            remove_empty_store(p, rmdir=new_dir)
+            if remove_empty_store(p):  # the manifest first: a kill here leaves no store
+                (p / SOURCES).unlink(missing_ok=True)
+                if new_dir:
+                    with contextlib.suppress(OSError):  # not empty: not ours to remove
+                        p.rmdir()
         raise
     return stores[0]
 

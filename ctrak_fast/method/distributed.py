@@ -47,6 +47,7 @@ from ctrak_fast.engine.store import (
     merge_stores,
     remove_empty_store,
 )
+from ctrak_fast.engine.store.sources import write_sources
 from ctrak_fast.engine.validation import InputError, check_positive, check_training_data
 from ctrak_fast.method.dataset_features import featurize_dataset, with_sources
 from ctrak_fast.method.featurize import Featurizer
@@ -202,13 +203,20 @@ def featurize_units(
             nan_policy=nan_policy,
             progress=False,
             sources=sources,  # each unit has the run's meta, so the merge keeps it
+            sources_file=False,  # a unit holds a slice of the rows: the target gets the file
         )
 
 
-def merge_units(plan: Plan, ids: torch.Tensor) -> FeatureStore:
+def merge_units(
+    plan: Plan, ids: torch.Tensor, record: dict[str, Any] | None = None
+) -> FeatureStore:
     """Append every unit not yet merged to its target store, check the result holds exactly
-    ``ids`` in order, then remove the parts. Rerunning it after a crash is safe."""
+    ``ids`` in order, then remove the parts. Rerunning it after a crash is safe. ``record``, the
+    run's sources record, is written into each target first: the merge that marks a store
+    complete finds it there."""
     for target, done in zip(plan.targets, plan.merged, strict=True):
+        if record is not None:
+            write_sources(target, record)
         # Even with nothing to append: the merge marks a store complete that a killed single
         # process left with all its rows but without its closing manifest update.
         sources = [part_path(target, unit) for unit in range(done, plan.n_units)]
@@ -305,7 +313,7 @@ def featurize_distributed(
     )
 
     def merge():
-        merge_units(plan, ids)  # returns nothing to broadcast: every rank reopens the store
+        merge_units(plan, ids, sources)  # nothing to broadcast: every rank reopens the store
 
     ctx.on_rank0(merge)
     return FeatureStore.open(path)

@@ -26,7 +26,6 @@ from ctrak_fast.engine.search_distributed import gram_distributed, topk_distribu
 from ctrak_fast.engine.search_inputs import TopK
 from ctrak_fast.engine.store import FeatureStore, StoreError, iter_store_shards
 from ctrak_fast.engine.store.shards import Verify
-from ctrak_fast.engine.store.sources import write_sources
 from ctrak_fast.engine.sweep import solve_queries
 from ctrak_fast.method.distributed import DistContext, featurize_distributed
 from ctrak_fast.method.featurize import Featurizer
@@ -75,9 +74,9 @@ def featurize(
     rank of `dist_ctx` (the same call on each). shard_rows: default 16 batches.
 
     sources: where each row came from (image files and captions, or the data's generator: see
-    engine/store/sources.py and ctrak_fast.data.sources); recorded in the manifest's meta and,
-    once the store is complete, written as its sources.json (by rank 0)."""
-    done = featurize_distributed(
+    engine/store/sources.py and ctrak_fast.data.sources); recorded in the manifest's meta and
+    written as its sources.json before the store can be complete (by rank 0)."""
+    return featurize_distributed(
         featurizer,
         x0,
         conds,
@@ -92,11 +91,6 @@ def featurize(
         dist_ctx=dist_ctx,
         sources=sources,
     )
-    if sources is not None and (dist_ctx is None or dist_ctx.rank == 0):
-        for path in (done.path, das_path):
-            if path is not None:
-                write_sources(Path(path), sources)
-    return done
 
 
 def solve(

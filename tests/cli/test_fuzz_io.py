@@ -38,7 +38,8 @@ def world(tmp_path_factory):
     (root / "images").mkdir()
     Image.new("RGB", (8, 8), (200, 0, 0)).save(root / "images" / "0.png")
     # Every row's image is 0.png: the store's record, which `report` draws.
-    sources = file_sources(root / "images", ["0.png"] * N, ["red"] * N, list(range(N)))
+    files = [root / "images" / "0.png"] * N
+    sources = file_sources(root / "images", files, ["red"] * N, list(range(N)))
     write_store(root / "store", torch.randn(N, K), torch.arange(N), 4, sources=sources)
     Query(torch.randn(2, K), ("a", "b"), image=torch.zeros(3, 8, 8)).save(root / "q.safetensors")
     rc, _, err = run(attribute(root, "--out", root / "r.json"))

@@ -140,3 +140,30 @@ def test_two_gloo_ranks_write_the_single_process_bytes(sd, tmp_path_factory, tmp
     assert results[0].stdout.strip() and not results[1].stdout.strip()  # rank 0 reports
     assert store_files(tmp_path / "two") == store_files(tmp_path / "one")
     assert len(list(tmp_path.glob("two.latents-*.safetensors"))) == 1
+
+
+def test_a_relative_images_folder_reaches_report(sd, tmp_path, monkeypatch):
+    """`--images images` from the folder's parent: the store names 0.png (not images/0.png
+    under images/), and report, run from elsewhere, draws the store's own images."""
+    import shutil
+
+    pipe, images = sd
+    shutil.copytree(images, tmp_path / "images")
+    monkeypatch.chdir(tmp_path)
+    rc, _, err = run(["featurize", "--pipeline", pipe, "--images", "images", "--out", "s", *FAST])
+    assert rc == 0, err
+    record = json.loads((tmp_path / "s" / "sources.json").read_text())
+    assert record["root"] == str(tmp_path / "images")
+    assert record["files"] == ["0.png", "1.png", "2.png", "3.png"]
+    rc, _, err = run(["query", "--pipeline", pipe, "--prompt", "a red triangle", "--concept",
+                      "red", "--n-draws", "1", "--steps", "3", "--out", "q.safetensors",
+                      *FAST])  # fmt: skip
+    assert rc == 0, err
+    rc, _, err = run(["attribute", "--store", "s", "--query", "q.safetensors", "--k", "2",
+                      "--out", "hits.json"])  # fmt: skip
+    assert rc == 0 and json.loads((tmp_path / "hits.json").read_text())["top"][0]["files"], err
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    rc, out, err = run(["report", "--result", tmp_path / "hits.json", "--store", tmp_path / "s",
+                        "--query", tmp_path / "q.safetensors", "--out", "g.png"])  # fmt: skip
+    assert rc == 0 and (tmp_path / "elsewhere" / "g.png").is_file(), err

@@ -610,7 +610,7 @@ def test_a_folder_with_another_manifest_json_is_not_a_store(world, tmp_path):
         ("c.json", '{"../outside/secret.png": "a cat"}', r"not a file inside the image folder"),
         ("c.json", '{"link.png": "a cat"}', r"leads outside the image folder"),
         ("c.json", '{"0.png": "a", "./0.png": "b"}', r"names one image twice"),
-        ("c.jsonl", "[1, 2]\n", r"c\.jsonl: not a captions file \(TypeError"),
+        ("c.jsonl", "[1, 2]\n", r"c\.jsonl: not a captions file \(ValueError: expected one object"),
         ("c.json", DEEP, r"c\.json: not a captions file \(RecursionError"),
     ],
 )

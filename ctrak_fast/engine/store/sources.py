@@ -7,9 +7,11 @@ layer understands). The manifest's ``meta.sources`` holds the file's name, sha25
 so it is covered by the spec checksum: a resumed run with other data is refused as any other
 spec change, and ``verify`` re-reads the file and checks its ids against the shards'.
 
-The file is written atomically (tmp + fsync + rename) after the store is complete; until then,
-or when it is deleted, readers name it as missing. The engine never interprets the fields beyond
-their types: the data layer (ctrak_fast.data.sources) makes and reads them.
+The file is written atomically (tmp + fsync + rename) by the writer that creates or resumes the
+store, before its first row (by the merge, before it marks a torchrun store complete), so a
+complete store has it; when it is deleted, readers name it as missing. The engine never
+interprets the fields beyond their types: the data layer (ctrak_fast.data.sources) makes and
+reads them.
 """
 
 from __future__ import annotations

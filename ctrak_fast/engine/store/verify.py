@@ -37,8 +37,8 @@ def verify_store(path: Path, m: dict) -> list[str]:
         if len(uniq) != len(ids):
             repeated = uniq[counts > 1][:3].tolist()
             problems.append(f"{int((counts > 1).sum())} ids appear more than once {repeated}")
-    # The record of the rows' images is written once the store is complete: checked then, or
-    # wherever it is already there.
+    # The record of the rows' images is written before a store's first row (before a merge):
+    # checked in a complete store, or wherever it is already there.
     complete = m.get("complete") is True
     if complete or (path / SOURCES).exists():
         on_disk = torch.cat(all_ids).tolist() if all_ids and complete else None
