@@ -56,8 +56,9 @@ def add_pipeline_args(p: ArgumentParser, featurize: bool) -> None:
     """`ctrak featurize|query --pipeline DIR`: a diffusers pipeline folder and its own knobs."""
     p.add_argument(
         "--pipeline",
-        help="a local diffusers pipeline folder (SD 1.x/2.x, SDXL; model_index.json) instead of "
-        "--model; default method concept-trak-cond",
+        help="a local diffusers pipeline folder (SD 1.x/2.x, SDXL, PixArt, SD3, DiT; "
+        "model_index.json) instead of --model; default method concept-trak-cond. DiT: captions "
+        "and --prompt name a class (an id2label name, or its number)",
     )
     p.add_argument(
         "--inversion-steps", type=positive_int, default=50, help="DDIM steps of the inversion"

@@ -1,6 +1,7 @@
-"""`ctrak featurize|query --pipeline DIR`: a diffusers pipeline folder (SD 1.x/2.x, SDXL), or the
-shipped tiny text-to-image model, with a captioned image folder. `ctrak t2i featurize|query`
-are aliases that run these same functions (cli/t2i.py only translates their flag names).
+"""`ctrak featurize|query --pipeline DIR`: a diffusers pipeline folder (SD 1.x/2.x, SDXL, PixArt,
+SD3; DiT through pipeline_classes.py: captions name classes), or the shipped tiny text-to-image
+model, with a captioned image folder. `ctrak t2i featurize|query` are aliases that run these
+same functions (cli/t2i.py only translates their flag names).
 
 Every flag of the pipeline path is read here: --pipeline / --lora / --lora-scope, --dtype (the
 UNet's execution precision; --store-dtype is the features' storage), --device, --method (default
@@ -17,6 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from ctrak_fast.cli.pipeline_args import EXEC_DTYPES
+from ctrak_fast.cli.pipeline_classes import (
+    class_conds,
+    class_featurizer,
+    class_query,
+    is_class_conditional,
+)
 
 DEFAULT_METHOD = "concept-trak-cond"  # the shipped lead (README); the paper's is concept-trak
 
@@ -38,8 +45,8 @@ def source(a: Namespace) -> str | None:
 
 
 def load_adapter(a: Namespace) -> Any:
-    """The TextToImageAdapter (SD, SDXL, or the tiny model) of the flags, on --device, executing
-    in --dtype, with --lora on its UNet."""
+    """The adapter of the flags (a TextToImageAdapter: SD, SDXL, PixArt, SD3 or the tiny model;
+    a DiTAdapter), on --device, executing in --dtype, with --lora on its UNet."""
     import torch
 
     from ctrak_fast.engine.validation import InputError, check_device
@@ -54,10 +61,10 @@ def load_adapter(a: Namespace) -> Any:
 
         with diffusers_errors(f"{path}: the pipeline could not be loaded"):
             adapter = load_pipeline_adapter(path, dtype=dtype, lora=lora)
-        if not isinstance(adapter, TextToImageAdapter):
+        if not (isinstance(adapter, TextToImageAdapter) or is_class_conditional(adapter)):
             raise InputError(
                 f"{path}: a {type(adapter).__name__} pipeline; the CLI's --pipeline takes "
-                "text-to-image pipelines (use Attributor.from_pipeline for the others)"
+                "text-to-image and DiT pipelines (use Attributor.from_pipeline for the others)"
             )
     else:
         if lora:
@@ -114,6 +121,8 @@ def featurizer(a: Namespace, adapter: Any, method: str) -> Any:
     spec = feature_spec(a, adapter, method)
     proj = ProjectionSpec(k=a.k, seed=a.proj_seed)
     with diffusers_errors("the parameter filter"):
+        if is_class_conditional(adapter):
+            return class_featurizer(adapter, spec, proj, method)
         return make_featurizer(adapter, spec, proj, method=method)
 
 
@@ -159,6 +168,8 @@ def cmd_featurize(a: Namespace) -> None:
     adapter = load_adapter(a)
     images, captions, ids, sources = training_set(a)
     fz = featurizer(a, adapter, method)
+    if is_class_conditional(adapter):  # captions name classes: checked before any image is read
+        conds = class_conds(adapter, captions, images if a.images else ids.tolist())
     what = f"{source(a) or 'the shipped model'}: featurization failed"
     with DistContext.from_env(device=adapter.device) as ctx:
 
@@ -171,7 +182,8 @@ def cmd_featurize(a: Namespace) -> None:
 
         ctx.on_rank0(lambda: latents() is None)  # type: ignore[no-untyped-call]  # rank 0 writes the cache, the others read it
         x0 = latents()
-        conds = adapter.prompt_ids(captions)
+        if not is_class_conditional(adapter):
+            conds = adapter.prompt_ids(captions)
         with diffusers_errors(what):
             store = featurize(
                 fz,
@@ -257,6 +269,11 @@ def cmd_query(a: Namespace, prompt: str, phrases: list[str], negative_prompts: l
     out = Path(a.out)
     adapter = load_adapter(a)
     fz = featurizer(a, adapter, method)
+    if is_class_conditional(adapter):
+        q = class_query(a, adapter, fz, method, prompt, phrases, negative_prompts)
+        q.save(out)
+        print(f"{len(q.features)} query feature(s) for class {prompt!r} ({method}) -> {out}")
+        return
     meta = {**fz.meta(), "prompt": prompt, "method": method}
     if row.query != "concept":
         if phrases or negative_prompts:

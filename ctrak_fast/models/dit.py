@@ -10,11 +10,16 @@ AdaLayerNormZero adds the class embedding to the timestep embedding and turns it
 shift / scale / gate of its LayerNorms (`norm1.linear`), and the final layer's modulation
 (`proj_out_1`) reads block 0's embedding of (t, class). The rule is those modulation linears and
 the class embedding tables (`norm1.emb.class_embedder`); the timestep embedders read no class.
+
+Class names: a caption or prompt names a class by a name of the pipeline's id2label (DiTPipeline's
+`labels`: each comma-separated synonym, e.g. "golden retriever") or by its number ("207");
+anything else is refused by name (`DiTAdapter.class_index`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +41,14 @@ from ctrak_fast.models.latent_cache import encode_images_cached
 from ctrak_fast.models.unet2d import ClassConditions
 from ctrak_fast.models.vae import decode_latents, encode_latents
 
-__all__ = ["DIT_CONDITION_PATH", "DiTAdapter", "DiTConditions", "DiTKind", "learned_sigma_eps"]
+__all__ = [
+    "DIT_CONDITION_PATH",
+    "DiTAdapter",
+    "DiTConditions",
+    "DiTFeaturizer",
+    "DiTKind",
+    "learned_sigma_eps",
+]
 
 # adaLN modulation that reads the class embedding, and the class embedding tables (module doc)
 DIT_CONDITION_PATH = r"norm1\.emb\.class_embedder\.|norm1\.linear\.|^transformer\.proj_out_1\."
@@ -54,12 +66,19 @@ class DiTAdapter(nn.Module):
     cond: int64 [B, 1] class indices; `null_cond` is the unconditional class (num_classes) when
     the label table has one. A learned-sigma output (2 x in_channels) keeps its eps half.
     Only the transformer is a sub-module (gradients, fingerprint); the VAE is recorded in the
-    store manifest by its fingerprint (`describe`).
+    store manifest by its fingerprint (`describe`). labels: {class name: index}, the pipeline's
+    (DiTPipeline.labels, from its id2label), which `class_index` reads.
     """
 
     condition_param_filter = DIT_CONDITION_PATH
 
-    def __init__(self, transformer: nn.Module, scheduler: Any, vae: nn.Module | None = None):
+    def __init__(
+        self,
+        transformer: nn.Module,
+        scheduler: Any,
+        vae: nn.Module | None = None,
+        labels: Mapping[str, int] | None = None,
+    ):
         super().__init__()
         cfg: Any = transformer.config
         self.transformer = transformer.eval()
@@ -83,6 +102,31 @@ class DiTAdapter(nn.Module):
             "schedule": self.schedule.config,
         }
         self._fingerprint: str | None = None
+        self.labels = {str(k): int(v) for k, v in (labels or {}).items()}
+
+    def class_index(self, name: str) -> int:
+        """The class `name` names: one of `labels` (surrounding spaces ignored), or its number
+        in [0, n_classes). ValueError naming it (and some known names) otherwise.
+
+        Examples (need a model; not doctests):
+                adapter.class_index("golden retriever"), adapter.class_index("207")
+        """
+        key = name.strip()
+        if key in self.labels:
+            return self.labels[key]
+        if re.fullmatch(r"[0-9]+", key) and int(key) < self.n_classes:
+            return int(key)
+        known = f"0..{self.n_classes - 1}"
+        if self.labels:
+            more = ", ..." if len(self.labels) > 5 else ""
+            known = (
+                f"{', '.join(repr(k) for k in list(self.labels)[:5])}{more} (id2label) or {known}"
+            )
+        raise ValueError(f"{name!r} is not a class of this DiT: its classes are {known}")
+
+    def class_ids(self, names: Sequence[str]) -> Tensor:
+        """Class names (captions) -> int64 [N, 1] conditions (class_index of each)."""
+        return torch.tensor([[self.class_index(n)] for n in names], dtype=torch.int64)
 
     @property
     def vae(self) -> nn.Module | None:
@@ -148,10 +192,17 @@ class DiTAdapter(nn.Module):
 
 @dataclass
 class DiTFeaturizer(Featurizer):
-    """The Featurizer of a DiTAdapter: its VAE and null class recorded in the store manifest."""
+    """The Featurizer of a DiTAdapter: its VAE and null class recorded in the store manifest;
+    method: the method's name, recorded when given (a query of another method is then refused
+    by name: results.check_query_store)."""
+
+    method: str | None = None
 
     def meta(self) -> dict[str, Any]:
-        return {**super().meta(), "dit": self.model.describe()}  # type: ignore[operator]
+        meta = {**super().meta(), "dit": self.model.describe()}  # type: ignore[operator]
+        if self.method is not None:
+            meta["method"] = self.method
+        return meta
 
 
 class DiTConditions(ClassConditions):
@@ -204,7 +255,8 @@ class DiTKind(ModelKind):
         if null_class is not None:
             raise ValueError("DiT keeps its own unconditional class: null_class is not taken")
         transformer = pipe.transformer if dtype is None else pipe.transformer.to(dtype)
-        return DiTAdapter(transformer, pipe.scheduler, getattr(pipe, "vae", None)), kwargs
+        vae, labels = getattr(pipe, "vae", None), getattr(pipe, "labels", None)
+        return DiTAdapter(transformer, pipe.scheduler, vae, labels), kwargs
 
     def featurizer(
         self,

@@ -1,8 +1,10 @@
 """A local diffusers pipeline folder as the eps adapter of its model kind, optionally with a LoRA.
 
 The folder's components are loaded by pipeline_folder.py (registry classes, safetensors only,
-nothing downloaded); the registry's `kind_of_pipeline` picks the kind from the UNet (SDXL's
-``addition_embed_type="text_time"`` before plain text-to-image), and the kind builds its adapter.
+nothing downloaded; a transformer pipeline is built as its allowed diffusers class); the
+registry's `kind_of_pipeline` picks the kind from the denoiser (DiT, PixArt, SD3 transformers;
+SDXL's ``addition_embed_type="text_time"`` before plain text-to-image), and the kind builds its
+adapter.
 A LoRA (diffusers / peft format, `save_lora_weights`) is added to the UNet as the adapter
 "default"; its parameters are named ``...lora_A.default.weight`` / ``...lora_B...``, so the
 parameter filter ``\\.lora_`` selects the fine-tune (`lora_param_filter`).
@@ -12,7 +14,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -93,15 +94,25 @@ def load_pipeline_adapter(
     lora: str | os.PathLike[str] | None = None,
     method: str = "concept-trak-cond",
 ) -> nn.Module:
-    """The adapter (eps model) of the pipeline folder `path`, with the LoRA `lora` on its UNet.
+    """The adapter (eps model) of the pipeline folder `path` (SD, SDXL, DiT, PixArt, SD3), with
+    the LoRA `lora` on its UNet.
 
     Examples (need a folder; not doctests):
             adapter = load_pipeline_adapter("sdxl-folder", dtype=torch.bfloat16)
     """
-    from ctrak_fast.models.pipeline_folder import load_pipeline_parts, quiet_libraries, read_index
+    from ctrak_fast.models.pipeline_folder import (
+        load_pipeline_parts,
+        pipeline_object,
+        quiet_libraries,
+    )
 
     parts = load_pipeline_parts(path)
-    pipe = SimpleNamespace(**parts, config=read_index(path))
+    if lora is not None and parts["unet"] is None:
+        raise ValueError(
+            f"{path}: --lora is loaded onto a UNet (SD, SDXL); this pipeline's denoiser is a "
+            f"{type(parts['transformer']).__name__}"
+        )
+    pipe = pipeline_object(path, parts)
     kind = kind_of_pipeline(pipe)
     with quiet_libraries():  # their hints about dtypes and PEFT, printed around the CLI's lines
         if lora is not None:

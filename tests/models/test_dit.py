@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import perturb, tiny_vae
+from tiny_pipelines import DIT_CLASSES as N_CLASSES
+from tiny_pipelines import tiny_dit_pipeline
 
 import ctrak_fast as cf
 from ctrak_fast.method.grads.layout import parameter_layout
@@ -13,34 +14,13 @@ from ctrak_fast.models.dit import DiTAdapter, DiTKind
 from ctrak_fast.models.registry import kind_of, kind_of_pipeline
 
 T1 = cf.FeatureSpec(timesteps=(299, 699), inversion_steps=10)
-N_CLASSES = 3
-
-
-def tiny_dit(out_channels=8):
-    from diffusers import DiTTransformer2DModel
-
-    torch.manual_seed(0)
-    return perturb(
-        DiTTransformer2DModel(
-            num_attention_heads=2,
-            attention_head_dim=4,
-            in_channels=4,
-            out_channels=out_channels,  # 8: learned sigma, as the released DiT
-            num_layers=2,
-            sample_size=8,
-            patch_size=2,
-            num_embeds_ada_norm=N_CLASSES,
-            norm_num_groups=1,
-        )
-    )
 
 
 @pytest.fixture
 def dit_pipe(tmp_path):
-    from diffusers import DDIMScheduler, DiTPipeline
+    from diffusers import DiTPipeline
 
-    pipe = DiTPipeline(transformer=tiny_dit(), vae=tiny_vae(), scheduler=DDIMScheduler())
-    pipe.save_pretrained(tmp_path / "dit")
+    tiny_dit_pipeline().save_pretrained(tmp_path / "dit")
     return DiTPipeline.from_pretrained(tmp_path / "dit", local_files_only=True)
 
 

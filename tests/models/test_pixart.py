@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import VOCAB, perturb, tiny_clip, tiny_vae
+from tiny_pipelines import tiny_pixart_pipeline
 
 import ctrak_fast as cf
 from ctrak_fast.method.grads.layout import parameter_layout
@@ -17,49 +17,11 @@ T1 = cf.FeatureSpec(timesteps=(299, 699), inversion_steps=10)
 CAPTIONS = ["a red triangle", "a blue circle", "a red circle", "a blue triangle"] * 2
 
 
-def tiny_pixart():
-    from diffusers import PixArtTransformer2DModel
-
-    torch.manual_seed(0)
-    return perturb(
-        PixArtTransformer2DModel(
-            num_attention_heads=2,
-            attention_head_dim=4,
-            in_channels=4,
-            out_channels=8,  # learned sigma, as the released PixArt
-            num_layers=2,
-            sample_size=8,
-            patch_size=2,
-            cross_attention_dim=8,
-            caption_channels=12,
-            norm_num_groups=1,
-        )
-    )
-
-
-def tiny_t5():
-    import transformers
-
-    torch.manual_seed(4)
-    cfg = transformers.T5Config(
-        vocab_size=len(VOCAB), d_model=12, d_kv=4, d_ff=24, num_layers=1, num_heads=2
-    )
-    return transformers.T5EncoderModel(cfg).eval()
-
-
 @pytest.fixture
 def pixart_pipe(tmp_path):
-    from diffusers import DDPMScheduler, PixArtAlphaPipeline
+    from diffusers import PixArtAlphaPipeline
 
-    _, tokenizer = tiny_clip(tmp_path)
-    pipe = PixArtAlphaPipeline(
-        tokenizer=tokenizer,
-        text_encoder=tiny_t5(),
-        vae=tiny_vae(),
-        transformer=tiny_pixart(),
-        scheduler=DDPMScheduler(),
-    )
-    pipe.save_pretrained(tmp_path / "pixart")
+    tiny_pixart_pipeline(tmp_path).save_pretrained(tmp_path / "pixart")
     return PixArtAlphaPipeline.from_pretrained(tmp_path / "pixart", local_files_only=True)
 
 

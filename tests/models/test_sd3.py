@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import VOCAB, perturb, tiny_clip, tiny_vae
+from tiny_pipelines import SD3_BLOCKS as N_BLOCKS
+from tiny_pipelines import tiny_sd3_pipeline
 
 import ctrak_fast as cf
 from ctrak_fast.method.grads.layout import parameter_layout
@@ -16,68 +17,13 @@ from ctrak_fast.models.sd3 import SD3Adapter, SD3Kind
 
 T1 = cf.FeatureSpec(timesteps=(299, 699), inversion_steps=10)
 CAPTIONS = ["a red triangle", "a blue circle", "a red circle", "a blue triangle"] * 2
-N_BLOCKS = 2
-
-
-def tiny_sd3_pipe(folder):
-    import transformers
-    from diffusers import (
-        FlowMatchEulerDiscreteScheduler,
-        SD3Transformer2DModel,
-        StableDiffusion3Pipeline,
-    )
-
-    _, tokenizer = tiny_clip(folder)
-    clip = transformers.CLIPTextConfig(
-        vocab_size=len(VOCAB),
-        hidden_size=12,
-        intermediate_size=24,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        max_position_embeddings=8,
-        projection_dim=6,
-        bos_token_id=2,  # [CLS]
-        eos_token_id=3,  # [SEP]: the pooled state, which has read the whole prompt
-        pad_token_id=0,
-    )
-    t5 = transformers.T5Config(
-        vocab_size=len(VOCAB), d_model=24, d_kv=4, d_ff=24, num_layers=1, num_heads=2
-    )
-    torch.manual_seed(0)
-    transformer = perturb(
-        SD3Transformer2DModel(
-            sample_size=8,
-            patch_size=2,
-            in_channels=4,
-            out_channels=4,
-            num_layers=N_BLOCKS,
-            attention_head_dim=4,
-            num_attention_heads=2,
-            joint_attention_dim=24,  # = T5's d_model >= the two CLIPs' 12 + 12
-            caption_projection_dim=8,
-            pooled_projection_dim=12,  # the two CLIP projections, 6 + 6
-            pos_embed_max_size=8,
-        )
-    )
-    torch.manual_seed(5)
-    return StableDiffusion3Pipeline(
-        transformer=transformer,
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        vae=tiny_vae(shift_factor=0.1),
-        text_encoder=transformers.CLIPTextModelWithProjection(clip).eval(),
-        tokenizer=tokenizer,
-        text_encoder_2=transformers.CLIPTextModelWithProjection(clip).eval(),
-        tokenizer_2=tokenizer,
-        text_encoder_3=transformers.T5EncoderModel(t5).eval(),
-        tokenizer_3=tokenizer,
-    )
 
 
 @pytest.fixture
 def sd3_pipe(tmp_path):
     from diffusers import StableDiffusion3Pipeline
 
-    tiny_sd3_pipe(tmp_path).save_pretrained(tmp_path / "sd3")
+    tiny_sd3_pipeline(tmp_path).save_pretrained(tmp_path / "sd3")
     return StableDiffusion3Pipeline.from_pretrained(tmp_path / "sd3", local_files_only=True)
 
 
