@@ -154,6 +154,10 @@ def test_text_to_image_python_runs(tmp_path):
     exec(compile(code.replace("k=32768", "k=64"), "TEXT_TO_IMAGE.md", "exec"), ns)
     assert ns["store"].n_rows == 24 and ns["store"].k == 64
     assert ns["q"].labels == ("-a pikachu",) and ns["hits"].top_ids.shape == (1, 20)
+    # The store made from a list of paths names each row's file and caption, as a folder's does.
+    top = ns["hits"].to_dict()["top"][0]
+    assert top["files"] == [f"{i:02d}.png" for i in top["ids"]]
+    assert top["captions"] == [words[i % 3] for i in top["ids"]]
 
 
 # ---- shell lines: every `ctrak ...` parses -------------------------------------------------------
