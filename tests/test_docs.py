@@ -30,6 +30,7 @@ RUN_BY = {
     "README.md": "test_readme_python_runs",
     "docs/INTEGRATION.md": "test_integration_python_runs",
     "docs/TEXT_TO_IMAGE.md": "test_text_to_image_python_runs",
+    "docs/TRANSFORMER_KINDS.md": "test_transformer_kinds_python_runs",
 }
 HAS_DATTRI = importlib.util.find_spec("dattri") is not None
 # Docstrings whose Examples featurize or sample with the shipped model: seconds, not milliseconds.
@@ -158,6 +159,21 @@ def test_text_to_image_python_runs(tmp_path):
     top = ns["hits"].to_dict()["top"][0]
     assert top["files"] == [f"{i:02d}.png" for i in top["ids"]]
     assert top["captions"] == [words[i % 3] for i in top["ids"]]
+
+
+@pytest.mark.slow
+def test_transformer_kinds_python_runs(tmp_path):
+    """docs/TRANSFORMER_KINDS.md's blocks in order (build the tiny DiT, PixArt and SD3 folders,
+    then featurize, query and attribute with each), its folders under tmp_path, not /tmp/tk."""
+    blocks = _runnable(ROOT / "docs" / "TRANSFORMER_KINDS.md")
+    assert len(blocks) == 4
+    ns: dict = {"__name__": "__doc__"}
+    for i, code in enumerate(blocks):
+        code = code.replace("/tmp/tk", str(tmp_path / "tk"))
+        code = code.replace('"benchmarks"', repr(str(ROOT / "benchmarks")))
+        exec(compile(code, f"TRANSFORMER_KINDS.md block {i + 1}", "exec"), ns)
+    for name in ("dit", "pixart", "sd3"):
+        assert (tmp_path / "tk" / name / "model_index.json").is_file()
 
 
 # ---- shell lines: every `ctrak ...` parses -------------------------------------------------------
