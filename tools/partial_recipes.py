@@ -13,8 +13,8 @@ they read the scores, and the captions (what the model was told).
 Recipes:
 - `group-z:<m>`: each score standardised within the images whose caption states the queried
   factor, and within those whose caption leaves it out, then merged: an uncaptioned image's
-  features are scored on another scale (README, variant 1's diagnosis), so the two groups are
-  ranked each on its own scale.
+  features are scored on another scale (docs/RESULTS_LOG.md, variant 1's diagnosis), so the two
+  groups are ranked each on its own scale.
 - `<a>+w*<b>`: z(a) + w z(b) (each standardised over the training set): the condition path plus a
   path that reads the image, w from a grid chosen on validation; b at its own validation lambda_r.
 - `switch:<a>|<b>`: a's group-z scores for the images whose caption states the factor, b's for

@@ -58,7 +58,7 @@ def main() -> None:
                 scores = torch.zeros(len(data))
                 rows_r = [row_of[int(i)] for i in res.top_ids[r]]
                 scores[rows_r] = res.top_scores[r]
-                rows.append({"title": f"{title}\n{label}", "query": image, "scores": scores,
+                rows.append({"title": f"{title} · {label}", "query": image, "scores": scores,
                              "region": list(region) if region else None})  # fmt: skip
 
     def describe(i: int) -> str:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from os import PathLike
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -33,11 +35,11 @@ def write_gallery(results: dict, data_values, factors, path) -> Path:
             if METHODS[m].query == "concept":
                 for f, fname in enumerate(factors):
                     value = data_values[fname][g["combo"][f]]
-                    title = f"{tag} {name}\n{m}: {fname}={value}"
+                    title = f"{tag} {name} · {m}: {fname}={value}"
                     rows.append({"title": title, "query": g["image"], "scores": scores[:, f]})
             elif m in ("d-trak", "trak"):
                 rows.append(
-                    {"title": f"{tag} {name}\n{m}", "query": g["image"], "scores": scores[:, 0]}
+                    {"title": f"{tag} {name} · {m}", "query": g["image"], "scores": scores[:, 0]}
                 )
     return gallery(rows, train.images, describe, path)
 
@@ -65,18 +67,26 @@ def run_benchmark(
     cfg = cfg or QualityConfig()
     results = run_quality(model, judge, data, cfg, out, progress=progress)
     write_gallery(results, data.values, data.factors, out / "gallery.png")
-    heldout = {
-        f"{m}": {
-            f: results["methods"][m]["heldout"][f].get("p@10", float("nan")) for f in data.factors
-        }
-        for m in results["methods"]
-    }
-    bar_plot(
-        {f: {m: heldout[m][f] for m in heldout} for f in data.factors},
-        "held-out combinations: P@10 per factor",
-        out / "heldout_p10.png",
-    )
+    heldout_plot(results, out / "heldout_p10.png")
     return {k: v for k, v in results.items() if not k.startswith("_")}
+
+
+def heldout_plot(results: dict[str, Any], path: str | PathLike[str]) -> Path:
+    """The held-out P@10 of every method per factor, with its bootstrap 95% CI, from a
+    benchmark's results (results.json, read back or fresh)."""
+    methods = results["methods"]
+    factors = list(next(iter(methods.values()))["heldout"])
+    cells = {f: {m: methods[m]["heldout"][f] for m in methods} for f in factors}
+    nan = float("nan")
+    return bar_plot(
+        {f: {m: c.get("p@10", nan) for m, c in row.items()} for f, row in cells.items()},
+        "held-out combinations: P@10 per factor",
+        path,
+        intervals={
+            f: {m: tuple(c.get("p@10_ci", (nan, nan))) for m, c in row.items()}
+            for f, row in cells.items()
+        },
+    )
 
 
 def summary(results: dict, out_dir) -> str:

@@ -268,7 +268,7 @@ def write_mark_gallery(results: dict, path, rows=GALLERY_ROWS) -> Path:
     marked = train.marked
     shown = [
         {
-            "title": row.replace(" · ", "\n"),
+            "title": row,
             "query": q["image"],
             "scores": entry["scores"][row],
             "region": q["box"],

@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="incomplete captions: half of each factor's captions left out of training; scored "
         "against what the images show (AP, recall of the uncaptioned carriers)",
     )
-    # 24 candidates: the held-out combinations are drawn less often by this model (README)
+    # 24 candidates: the held-out combinations are drawn less often by this model (docs/RESULTS.md)
     sampler = {**PLAIN_QUERIES, "candidates": 24}
     add_benchmark_args(pc, "out/partial", per_combo=30, queries=2, heldout=8, sampler=sampler)
     pc.add_argument(

@@ -149,7 +149,8 @@ def add_method_args(p):
 
 
 # The query sampler of `demo` / `bench quality` (plain CFG 2, the judge's argmax), and of `bench
-# paper`, whose model draws the held-out red triangle only under contrast guidance (README).
+# paper`, whose model draws the held-out red triangle only under contrast guidance
+# (docs/RESULTS.md).
 PLAIN_QUERIES = {"guidance": 2.0, "contrast": 0.0, "confidence": 0.0, "candidates": 8}
 PAPER_QUERIES = {"guidance": 1.0, "contrast": 3.0, "confidence": 0.95, "candidates": 160}
 

@@ -245,7 +245,7 @@ def cmd_report(a):
         asked = res.get("concept") or res.get("prompt") or "whole image"
         rows.append(
             {
-                "title": f"{asked}\n{top['label']}",
+                "title": f"{asked} · {top['label']}",
                 "query": image,
                 "scores": scores,
                 "region": region,

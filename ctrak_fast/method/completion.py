@@ -2,7 +2,7 @@
 which the model denoises the image best (a diffusion classifier over that factor's values).
 
 Why: web captions rarely name a colour, a style or a mark, so a method that reads only the
-condition path cannot tell an uncaptioned carrier from any other image (README, "Incomplete
+condition path cannot tell an uncaptioned carrier from any other image (docs/RESULTS.md, "Incomplete
 captions"). The model has learnt each value from the images that were captioned; asked which
 value explains an uncaptioned image best, it answers from the pixels. The completed caption is
 then the training-side condition of the attribution features. No label is read: only the model,
