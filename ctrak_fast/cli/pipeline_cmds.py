@@ -272,7 +272,10 @@ def cmd_query(a: Namespace, prompt: str, phrases: list[str], negative_prompts: l
     if is_class_conditional(adapter):
         q = class_query(a, adapter, fz, method, prompt, phrases, negative_prompts)
         q.save(out)
-        print(f"{len(q.features)} query feature(s) for class {prompt!r} ({method}) -> {out}")
+        rows = ", ".join(q.labels)
+        print(
+            f"{len(q.features)} query feature(s) for class {prompt!r} ({rows}; {method}) -> {out}"
+        )
         return
     meta = {**fz.meta(), "prompt": prompt, "method": method}
     if row.query != "concept":
