@@ -69,6 +69,8 @@ class T2IQualityConfig(MethodSettings):
     query_candidates: int = 8
     query_steps: int = 50
     lambda_r: float = 1.0
+    # the validation metric that chooses lambda_r ("ap" where captions are incomplete)
+    select_lambda_by: str = "p@10"
     lambdas: tuple[float, ...] = LAMBDAS
     batch_size: int = 32
     store_dtype: str = "float32"

@@ -244,6 +244,7 @@ def test_prompt_benchmark_runs_end_to_end(tmp_path, caption_drop):
         heldout_queries_per_combo=1,
         query_candidates=2,
         query_steps=5,
+        select_lambda_by="ap" if caption_drop else "p@10",
         dps=FeatureSpec(**FAST),
         concept=ConceptQuerySpec(**{**QUERY.to_dict(), "n_draws": 1}),
     )
