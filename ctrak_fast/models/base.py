@@ -87,12 +87,15 @@ class ModelKind(ABC):
         name: the kind's key in models/registry.py KINDS.
         query_weight: the concept slider's default weight w.
         guidance: the default CFG scale of a generated query image.
+        featurizer_class: the Featurizer `featurizer()` builds (a kind's own subclass records
+            what its store needs in the manifest).
         conditions: the kind's `Conditions` (made with `null_cond`).
     """
 
     name: ClassVar[str]
     query_weight: ClassVar[float] = 7.5
     guidance: ClassVar[float] = 3.0
+    featurizer_class: ClassVar[type[Featurizer]] = Featurizer
 
     def __init__(self, model: nn.Module, null_cond: Tensor | None = None) -> None:
         self.model = model
@@ -153,7 +156,7 @@ class ModelKind(ABC):
         projector_backend: str = "auto",
     ) -> Featurizer:
         """The featurizer of this model: training features and whole-image queries."""
-        return Featurizer(
+        return self.featurizer_class(
             self.model,
             self.schedule,
             spec,

@@ -26,9 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ctrak_fast.engine.projection import FactorizedSpec, ProjectionSpec
 from ctrak_fast.engine.store import model_fingerprint
-from ctrak_fast.method.featurize import FeatureSpec, Featurizer
+from ctrak_fast.method.featurize import Featurizer
 from ctrak_fast.method.query import Negative
 from ctrak_fast.models.base import Condition, ModelKind
 from ctrak_fast.models.diffusers_unet import (
@@ -229,6 +228,7 @@ class DiTKind(ModelKind):
 
     name = "dit"
     guidance = 4.0  # DiTPipeline's default guidance scale
+    featurizer_class = DiTFeaturizer
     model: DiTAdapter
 
     @staticmethod
@@ -257,24 +257,6 @@ class DiTKind(ModelKind):
         transformer = pipe.transformer if dtype is None else pipe.transformer.to(dtype)
         vae, labels = getattr(pipe, "vae", None), getattr(pipe, "labels", None)
         return DiTAdapter(transformer, pipe.scheduler, vae, labels), kwargs
-
-    def featurizer(
-        self,
-        spec: FeatureSpec,
-        projection: ProjectionSpec | FactorizedSpec,
-        *,
-        grad_backend: str = "hooks",
-        projector_backend: str = "auto",
-    ) -> Featurizer:
-        return DiTFeaturizer(
-            self.model,
-            self.schedule,
-            spec,
-            projection,
-            self.null_cond,
-            grad_backend=grad_backend,
-            projector_backend=projector_backend,
-        )
 
     def dataset_conds(self, dataset: Any) -> Any:
         raise ValueError("a DiT model takes class indices: pass (images, classes[, ids])")
