@@ -136,7 +136,7 @@ def chosen_lambdas(
     col = METRICS.index(metric)
     out = {}
     for m in methods:
-        if not METHODS[m].has_features:
+        if m in METHODS and not METHODS[m].has_features:  # a recipe of rows has its own sweep
             continue
         val = [
             log.values(m, split, f, "val")[:, :, col]
@@ -246,7 +246,8 @@ def paired_differences(
     queries (queries where either is NaN are left out), paired bootstrap 95% CI:
     {"a - b": {split: {factor: [mean, lo, hi]}}}; a cell with no query left is omitted."""
     out = {}
-    concept = [m for m in methods if METHODS[m].query == "concept"]
+    # a name outside the method table is a recipe built from concept rows (tools/)
+    concept = [m for m in methods if m not in METHODS or METHODS[m].query == "concept"]
     for a in concept:
         for b in baselines:
             if b not in per_test or (b in METHODS and b not in methods):
