@@ -247,10 +247,11 @@ def draw_split(model, judge, split: str, combos, cfg: QualityConfig, progress: b
     return queries, accepted, query_roles(combos, per_combo, heldout=split == "heldout")
 
 
-def check_power(drawn: dict, cfg: QualityConfig) -> dict[str, int]:
+def check_power(drawn: dict, cfg) -> dict[str, int]:
     """Refuse a run with fewer than cfg.min_test_queries test queries in a split (a CI over a
     handful of queries decides nothing), unless it keeps unconfirmed queries: then the splits
-    below the floor are returned ({split: test queries}) and marked in the results."""
+    below the floor are returned ({split: test queries}) and marked in the results.
+    drawn: {split: (queries, accepted, roles)}; cfg: min_test_queries and confirm_queries."""
     low = {
         split: roles.count("test")
         for split, (_, _, roles) in drawn.items()

@@ -35,7 +35,7 @@ from ctrak_fast.bench.harness import (
     summarize,
 )
 from ctrak_fast.bench.protocol import LAMBDAS, QueryLog, query_roles
-from ctrak_fast.bench.quality import METHODS, data_combos
+from ctrak_fast.bench.quality import METHODS, check_power, data_combos
 from ctrak_fast.data import ConceptDataset
 from ctrak_fast.data.captions import caption
 from ctrak_fast.engine.atomic import atomic_write_text
@@ -68,6 +68,11 @@ class T2IQualityConfig(MethodSettings):
     query_guidance: float = 3.0
     query_candidates: int = 8
     query_steps: int = 50
+    # fewer judge-confirmed test queries in a split: refused before any featurization (or, with
+    # confirm_queries False, run and marked underpowered; the prompt benchmark keeps confirmed
+    # queries only, so that is the one thing it changes)
+    min_test_queries: int = 8
+    confirm_queries: bool = True
     lambda_r: float = 1.0
     # the validation metric that chooses lambda_r ("ap" where captions are incomplete)
     select_lambda_by: str = "p@10"
@@ -167,19 +172,24 @@ def run_t2i_quality(
     def make(spec: FeatureSpec, first: Featurizer | None) -> Featurizer:
         return make_featurizer(adapter, spec, proj)
 
-    trained = featurize_methods(cfg, make, x0_train, conds, train.ids, out_dir, progress)
-    timings = dict(trained.timings)
     seen = [tuple(c) for c in data_combos(data, "seen")]
     splits = {"in_distribution": seen, "heldout": list(data.heldout)}
-    log = QueryLog(tuple(data.factors), cfg.lambdas)
-    gallery, acceptance, n_factors = [], {}, len(data.factors)
     tic = time.time()
-    for split, combos in splits.items():
+    drawn, acceptance = {}, {}
+    for split, combos in splits.items():  # the queries first: too few are refused before work
         keep = cfg.heldout_queries_per_combo if split == "heldout" else cfg.queries_per_combo
         queries, accepted = make_prompt_queries(adapter, judge, data, combos, cfg, keep, progress)
         acceptance[split] = {",".join(map(str, c)): v for c, v in accepted.items()}
         per_combo = [sum(q["combo"] == tuple(c) for q in queries) for c in combos]
-        roles = query_roles(combos, per_combo, heldout=split == "heldout")
+        drawn[split] = (queries, accepted, query_roles(combos, per_combo, split == "heldout"))
+    underpowered = check_power(drawn, cfg)
+    query_seconds = time.time() - tic
+    trained = featurize_methods(cfg, make, x0_train, conds, train.ids, out_dir, progress)
+    timings = dict(trained.timings)
+    log = QueryLog(tuple(data.factors), cfg.lambdas)
+    gallery, n_factors = [], len(data.factors)
+    tic = time.time()
+    for split, (queries, _, roles) in drawn.items():
         for qi, q in enumerate(
             show_progress(queries, desc=f"attribute {split}", unit="query", enabled=progress)
         ):
@@ -217,9 +227,10 @@ def run_t2i_quality(
                 gallery.append(
                     {"split": split, "combo": combo, "image": q["image"], "scores": scores}
                 )
-    timings["queries + attribution"] = time.time() - tic
+    timings["queries + attribution"] = time.time() - tic + query_seconds
     results = {
         **summarize(log, cfg, labels, data, splits),
+        "underpowered": underpowered,
         "query_acceptance": acceptance,
         "seconds": time.time() - t0,
         "timings": timings,

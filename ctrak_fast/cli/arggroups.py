@@ -335,6 +335,17 @@ def add_t2i_bench_args(p: argparse.ArgumentParser) -> None:
         help="the validation metric that chooses lambda_r (ap where captions are incomplete)",
     )
     p.add_argument(
+        "--min-test-queries",
+        type=nonneg_int,
+        default=8,
+        help="refuse (before any featurization) a split with fewer judge-confirmed test queries",
+    )
+    p.add_argument(
+        "--keep-underpowered",
+        action="store_true",
+        help="run a split below --min-test-queries anyway, its cells marked underpowered",
+    )
+    p.add_argument(
         "--per-combo", type=positive_int, default=50, help="training images per combination"
     )
     p.add_argument("--k", type=positive_int, default=2048, help="projection dimension")

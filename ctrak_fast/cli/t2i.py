@@ -82,6 +82,8 @@ def _cmd_bench(a):
         methods=parse_methods(a.methods),
         lambda_r=a.lambda_r,
         select_lambda_by=a.select_lambda_by,
+        min_test_queries=a.min_test_queries,
+        confirm_queries=not a.keep_underpowered,
         dps=FeatureSpec(inversion_steps=a.inversion_steps, inversion_guidance=a.inversion_guidance),
         concept=_concept_spec(a),
     )

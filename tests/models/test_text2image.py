@@ -245,6 +245,7 @@ def test_prompt_benchmark_runs_end_to_end(tmp_path, caption_drop):
         query_candidates=2,
         query_steps=5,
         select_lambda_by="ap" if caption_drop else "p@10",
+        min_test_queries=1,
         dps=FeatureSpec(**FAST),
         concept=ConceptQuerySpec(**{**QUERY.to_dict(), "n_draws": 1}),
     )
@@ -258,10 +259,25 @@ def test_prompt_benchmark_runs_end_to_end(tmp_path, caption_drop):
                 assert 0.0 <= m["p@10"] <= 1.0 and 0.0 <= m["ap"] <= 1.0, method
     assert json.loads((tmp_path / "results.json").read_text())["k"] == 16
     assert "concept-trak" in format_table(res)
+    assert res["underpowered"] == {}
     # the caption lookup reads what the model was told: 1.00 with complete captions only
     lookup = res["calibration"]["caption-lookup"]["in_distribution"]
     aps = [lookup[f]["ap"] for f in data.factors]
     assert all(a == 1.0 for a in aps) if caption_drop == 0 else min(aps) < 1.0
+
+
+def test_prompt_benchmark_refuses_too_few_queries_before_featurizing(tmp_path):
+    from ctrak_fast.bench.quality import data_combos
+    from ctrak_fast.bench.text_quality import T2IQualityConfig, run_t2i_quality
+
+    data = make_dataset(SyntheticConfig(image_size=8, per_combo=2))
+    judge = _OracleJudge(data_combos(data, "seen") + list(data.heldout))
+    small = dict(per_combo=1, k=16, queries_per_combo=1, heldout_queries_per_combo=1)
+    small.update(query_candidates=2, query_steps=5, dps=FeatureSpec(**FAST))
+    cfg = T2IQualityConfig(**small)  # 2 held-out test queries, floor 8
+    with pytest.raises(ValueError, match="2 judge-confirmed test queries in the heldout split"):
+        run_t2i_quality(tiny_adapter(latent=False), judge, data, cfg, tmp_path, progress=False)
+    assert not (tmp_path / "stores").exists()  # refused before any featurization
 
 
 @pytest.mark.slow
