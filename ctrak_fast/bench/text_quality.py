@@ -53,7 +53,7 @@ from ctrak_fast.models.t2i_features import make_featurizer, prompt_query_feature
 from ctrak_fast.models.text2image import T2I_PARAM_FILTER, TextToImageAdapter
 from ctrak_fast.progress import progress as show_progress
 
-__all__ = ["T2IQualityConfig", "run_t2i_quality", "make_prompt_queries", "told_prompt"]
+__all__ = ["T2IQualityConfig", "run_t2i_quality", "make_prompt_queries"]
 
 
 @dataclass
@@ -99,14 +99,6 @@ class T2IQualityConfig(MethodSettings):
 
 def _prompt(data: ConceptDataset, combo) -> str:
     return caption(data.factors, data.values, combo)
-
-
-def told_prompt(data: ConceptDataset, caption_row) -> str:
-    """The training prompt of an image whose captions are `caption_row` [F]: a factor the
-    caption leaves out (its null index) has no word ("a red" for an uncaptioned shape)."""
-    stated = [int(v) < n for v, n in zip(caption_row, data.n_values, strict=True)]
-    row = [int(v) if st else 0 for v, st in zip(caption_row, stated, strict=True)]
-    return caption(data.factors, data.values, row, stated)
 
 
 def prompt_contexts(data: ConceptDataset, adapter, combo, f: int, word: str) -> list:
@@ -163,7 +155,7 @@ def run_t2i_quality(
     train = data.train_subset(cfg.per_combo)
     labels = train.labels
     # the training side reads what the model was told: incomplete captions leave words out
-    prompts = [told_prompt(data, row) for row in train.captions.tolist()]
+    prompts = [caption(data.factors, data.values, row) for row in train.captions.tolist()]
     conds = adapter.prompt_ids(prompts)  # int64 [N, 1]
     proj = ProjectionSpec(k=cfg.k, seed=cfg.projection_seed)
     # latents cached once for every method, next to the stores

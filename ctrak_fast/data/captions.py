@@ -17,7 +17,8 @@ SUFFIX = {"texture": "with {}", "background": "on a {} background"}
 
 
 def caption(factors: list[str], values: dict[str, list[str]], label_row, keep=None) -> str:
-    """Caption of one labelled image; factors with keep[f] False are left out, "" if none is kept.
+    """Caption of one labelled image; factors with keep[f] False, or whose value is the factor's
+    null index (len(values[f]): a caption that leaves it out), are left out; "" if none is kept.
 
     Examples:
         >>> v = {"shape": ["circle", "triangle"], "colour": ["red", "blue"]}
@@ -25,8 +26,11 @@ def caption(factors: list[str], values: dict[str, list[str]], label_row, keep=No
         'a red triangle'
         >>> caption(["shape", "colour"], v, [1, 0], keep=[False, True])
         'a red'
+        >>> caption(["shape", "colour"], v, [2, 0])  # the shape's null index: not captioned
+        'a red'
     """
     keep = [True] * len(factors) if keep is None else list(keep)
+    keep = [k and int(v) < len(values[f]) for f, v, k in zip(factors, label_row, keep, strict=True)]
     if not any(keep):
         return ""
     pre, noun, suffix = [], [], []

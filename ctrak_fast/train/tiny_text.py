@@ -197,12 +197,7 @@ def caption_table(data: ConceptDataset, p_drop_factor: float, p_drop_all: float)
             for k, st in zip(keep, stated, strict=True):
                 if st:
                     q *= (1.0 - p_drop_factor) if k else p_drop_factor
-            c = caption(
-                data.factors,
-                data.values,
-                [v if st else 0 for v, st in zip(group, stated, strict=True)],
-                keep,
-            )
+            c = caption(data.factors, data.values, group, keep)
             if c not in captions:
                 captions.append(c)
             j = captions.index(c)
