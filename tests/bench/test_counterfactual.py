@@ -110,6 +110,22 @@ def test_setting_round_trip_and_refusals(tmp_path):
         CounterfactualSetting(rare=("purple",))
 
 
+def test_setting_caption_drop_tells_the_model_less_and_keeps_the_truth():
+    complete = CounterfactualSetting(**TINY).dataset()
+    partial = CounterfactualSetting(**{**TINY, "caption_drop": 0.5}).dataset()
+    assert torch.equal(partial.labels, complete.labels)  # what the images show
+    assert torch.equal(partial.images, complete.images)
+    null = torch.tensor([len(complete.values["shape"]), len(complete.values["colour"])])
+    dropped = partial.captions == null
+    assert dropped.any() and not (complete.captions == null).any()
+    told = ~dropped
+    assert torch.equal(partial.captions[told], complete.labels[told])
+    # the shipped setting (no key) still reads, with every caption complete
+    shipped = Path(__file__).parents[2] / "ctrak_fast/assets/counterfactual/shapes9/setting.json"
+    raw = json.loads(shipped.read_text())
+    assert "caption_drop" not in raw and CounterfactualSetting(**raw).caption_drop == 0.0
+
+
 def _outputs(folder: Path) -> dict:
     return {
         p.name: {k: v for k, v in json.loads(p.read_text()).items() if "seconds" not in k}

@@ -29,7 +29,9 @@ class CounterfactualSetting:
     """Everything that determines the ground truth (saved as setting.json).
 
     shapes / colours: the synthetic factors; common / rare_count: images per combination, a
-    combination with a value in `rare` gets rare_count; data_seed: the renders.
+    combination with a value in `rare` gets rare_count; data_seed: the renders; caption_drop: the
+    fraction of each factor's captions left out (the model is told the null token; `labels` keep
+    what the images show).
     block_out_channels, steps, batch_size, lr, train_seed: the FactorUNet and its training, the
     same for every retrained model (only the training subset changes).
     n_subsets, subset_fraction, subset_seed: the LDS subsets (random halves by default).
@@ -47,6 +49,7 @@ class CounterfactualSetting:
     common_count: int = 40
     rare_count: int = 8
     data_seed: int = 0
+    caption_drop: float = 0.0  # each factor's caption dropped on this fraction (SyntheticConfig)
     image_size: int = 16
     block_out_channels: tuple[int, ...] = (16, 32, 32)
     steps: int = 2000
@@ -95,6 +98,7 @@ class CounterfactualSetting:
             per_combo=max(self.common_count, self.rare_count),
             n_heldout=0,
             seed=self.data_seed,
+            caption_drop=self.caption_drop,
         )
 
     def count(self, combo: tuple[int, int]) -> int:

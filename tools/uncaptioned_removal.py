@@ -1,0 +1,200 @@
+"""Do the images whose caption leaves a concept out teach the model that concept? A
+remove-and-retrain test for the incomplete-caption benchmark's ground truth.
+
+The incomplete-caption benchmarks (`ctrak bench partial`, `ctrak t2i bench`) count an image as
+a carrier of "blue" when it *shows* blue, captioned or not, and ask attribution to find the
+uncaptioned carriers (recall >= 0.8). That is a claim about influence: that the uncaptioned blue
+images taught the model to draw blue when asked for it. This tool measures that claim directly.
+
+Setting: the counterfactual setting `shapes9` (assets/counterfactual/shapes9/setting.json: 3
+shapes x 3 colours, triangle and blue rare, 2,000 steps), with each factor's caption dropped on
+half of the images (`caption_drop`, seeded). For a concept (factor, value), with its carriers
+split into those whose caption names the value and those whose caption leaves the factor out,
+and m = the smaller group's size, the arms are:
+- `full`: every image;
+- `captioned`: m of the captioned carriers removed;
+- `uncaptioned`: m of the uncaptioned carriers removed;
+- `random`: m images that do not show the value removed;
+each trained with every seed in `--seeds` (same steps, batch and learning rate as the setting).
+Measured on every model: the generation rate of the concept, i.e. how often the judge reads the
+value in samples prompted with it (every shape or colour it combines with, `--samples` each, CFG
+as the setting), and of the whole combination.
+
+Each job writes OUT/<arm>-s<seed>.json atomically when done; a killed run resumes (finished jobs
+are skipped, training resumes from its checkpoint in --work, where concepts share the
+`full` models). `--summary` prints the table:
+the rate per arm, the drop against `full` with a bootstrap CI over (seed, sample).
+
+    python tools/uncaptioned_removal.py --concept colour=blue --out out/uncaptioned_removal/blue
+    python tools/uncaptioned_removal.py --out out/uncaptioned_removal/blue --summary
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ctrak_fast.bench.counterfactual.setting import CounterfactualSetting
+from ctrak_fast.engine.atomic import atomic_write_text
+from ctrak_fast.method import diffusion
+from ctrak_fast.models.factor_unet import load_model
+from ctrak_fast.train.diffusion import train_diffusion
+
+TRUTH = Path("ctrak_fast/assets/counterfactual/shapes9")
+ARMS = ("full", "captioned", "uncaptioned", "random")
+
+
+def arm_masks(data, factor: int, value: int, seed: int) -> tuple[dict[str, torch.Tensor], dict]:
+    """{arm: keep mask [N]} and the group sizes; the removed images drawn with `seed`."""
+    null = len(data.values[data.factors[factor]])
+    shows = data.labels[:, factor] == value
+    told = data.captions[:, factor] == value
+    left_out = data.captions[:, factor] == null
+    groups = {
+        "captioned": (shows & told).nonzero().flatten(),
+        "uncaptioned": (shows & left_out).nonzero().flatten(),
+        "random": (~shows).nonzero().flatten(),
+    }
+    m = min(len(groups["captioned"]), len(groups["uncaptioned"]))
+    gen = torch.Generator().manual_seed(seed)
+    masks = {"full": torch.ones(len(data), dtype=torch.bool)}
+    for arm, rows in groups.items():
+        keep = torch.ones(len(data), dtype=torch.bool)
+        keep[rows[torch.randperm(len(rows), generator=gen)[:m]]] = False
+        masks[arm] = keep
+    sizes = {k: len(v) for k, v in groups.items()} | {"removed": m}
+    return masks, sizes
+
+
+@torch.no_grad()
+def judged_samples(model, judge, combos, factor: int, n: int, guidance: float, seed: int):
+    """Per combination: n samples prompted with it; 0/1 arrays of 'the judge reads the
+    prompted value of `factor`' and 'the judge reads the whole combination'."""
+    out = {}
+    for combo in combos:
+        gen = torch.Generator().manual_seed(seed * 7919 + combo[0] * 31 + combo[1])
+        cond = torch.tensor(combo, dtype=torch.long)[None].expand(n, -1)
+        x0, _ = diffusion.ddim_sample(model, cond, guidance=guidance, generator=gen)
+        pred = judge.predict(x0.clamp(-1, 1))
+        out[f"{combo[0]},{combo[1]}"] = {
+            "concept": (pred[:, factor] == cond[:, factor]).int().tolist(),
+            "combination": (pred == cond).all(1).int().tolist(),
+        }
+    return out
+
+
+def run(args) -> None:
+    setting = replace(CounterfactualSetting.load(TRUTH / "setting.json"), caption_drop=0.5)
+    data = setting.dataset()
+    factor = data.factors.index(args.factor)
+    value = data.values[args.factor].index(args.value)
+    masks, sizes = arm_masks(data, factor, value, seed=args.mask_seed)
+    others = range(len(data.values[data.factors[1 - factor]]))
+    combos = [(value, o) if factor == 0 else (o, value) for o in others]
+    judge = load_model(TRUTH / "judge.safetensors")
+    out, work = Path(args.out), Path(args.work)
+    out.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "setting.json", json.dumps(setting.to_dict(), indent=2) + "\n")
+    jobs = [(arm, s) for s in args.seeds for arm in ARMS]
+    for i, (arm, seed) in enumerate(jobs):
+        path = out / f"{arm}-s{seed}.json"
+        if path.exists():
+            continue
+        wall, cpu = time.time(), time.process_time()
+        print(
+            f"[{time.strftime('%H:%M:%S')}] job {i + 1}/{len(jobs)}: {arm} seed {seed}", flush=True
+        )
+        model = train_diffusion(
+            data.subset(masks[arm]), work / f"{ckpt_name(arm, args)}-s{seed}.safetensors",
+            steps=setting.steps, batch_size=setting.batch_size, lr=setting.lr, seed=seed,
+            progress=False, model_kwargs=setting.model_kwargs(), checkpoint_every=250,
+            hflip=True,
+        )  # fmt: skip
+        rec = {
+            "arm": arm, "seed": seed, "concept": f"{args.factor}={args.value}",
+            "n_train": int(masks[arm].sum()), "sizes": sizes,
+            "samples": judged_samples(model, judge, combos, factor, args.samples,
+                                      setting.guidance, seed=1000 + seed),
+            "seconds": time.time() - wall, "cpu_seconds": time.process_time() - cpu,
+        }  # fmt: skip
+        atomic_write_text(path, json.dumps(rec) + "\n")
+        print(f"[{time.strftime('%H:%M:%S')}] done {arm} seed {seed}: {rate(rec):.3f}", flush=True)
+
+
+def ckpt_name(arm: str, args) -> str:
+    """The weights' file: `full` is the same model for every concept, so concepts share it."""
+    return arm if arm == "full" else f"{args.factor}-{args.value}-m{args.mask_seed}-{arm}"
+
+
+def rate(rec: dict, key: str = "concept") -> float:
+    return float(np.mean([v for s in rec["samples"].values() for v in s[key]]))
+
+
+def summary(out: Path, n_boot: int = 2000) -> dict:
+    """The rate per arm (mean over seeds and samples) and its drop against `full`, with a
+    bootstrap CI that resamples seeds, then samples within each (seed, combination)."""
+    recs = {p.stem: json.loads(p.read_text()) for p in sorted(out.glob("*-s*.json"))}
+    by_arm: dict[str, list[dict]] = {}
+    for r in recs.values():
+        by_arm.setdefault(r["arm"], []).append(r)
+    rng = np.random.default_rng(0)
+
+    def boot(rs: list[dict], key: str) -> np.ndarray:
+        draws = np.empty(n_boot)
+        for b in range(n_boot):
+            pick = rng.integers(len(rs), size=len(rs))
+            vals = []
+            for i in pick:
+                for s in rs[i]["samples"].values():
+                    a = np.asarray(s[key])
+                    vals.append(a[rng.integers(len(a), size=len(a))].mean())
+            draws[b] = np.mean(vals)
+        return draws
+
+    table = {}
+    for key in ("concept", "combination"):
+        full = boot(by_arm["full"], key) if "full" in by_arm else None
+        for arm in ARMS:
+            if arm not in by_arm:
+                continue
+            rs = by_arm[arm]
+            d = boot(rs, key)
+            row = {"seeds": len(rs), "rate": float(np.mean([rate(r, key) for r in rs]))}
+            if full is not None and arm != "full":
+                drop = full - d
+                row["drop"] = [float(np.mean(drop)), *map(float, np.quantile(drop, [0.025, 0.975]))]
+            table.setdefault(key, {})[arm] = row
+    sizes = next(iter(recs.values()))["sizes"] if recs else {}
+    cpu_h = sum(r["cpu_seconds"] for r in recs.values()) / 3600
+    return {"sizes": sizes, "table": table, "cpu_hours": cpu_h, "jobs": sorted(recs)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--concept", default="colour=blue", help="factor=value (default colour=blue)")
+    ap.add_argument("--out", default="out/uncaptioned_removal")
+    ap.add_argument(
+        "--work", default="out/uncaptioned_removal_work", help="checkpoints (shared by concepts)"
+    )
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--mask-seed", type=int, default=0, help="which carriers are removed")
+    ap.add_argument("--samples", type=int, default=96, help="samples per prompted combination")
+    ap.add_argument("--summary", action="store_true", help="print the table of the done jobs")
+    args = ap.parse_args()
+    args.factor, args.value = args.concept.split("=")
+    if args.summary:
+        print(json.dumps(summary(Path(args.out)), indent=1))
+    else:
+        torch.set_num_threads(1)
+        run(args)
+
+
+if __name__ == "__main__":
+    main()
