@@ -10,7 +10,14 @@ For each (k, N), both methods start from a built Gram matrix and end with the fl
   * cholesky: per lambda, factor G + lam I (torch.linalg.cholesky, float64), cholesky_solve the
     queries, score phi @ u; what Preconditioner.with_lambda + score_dense do;
   * LambdaSweep: one eigh of G [k, k] (primal) or of K = Phi Phi^T [N, N] (dual), then every
-    lambda from the eigenvalues.
+    lambda from the eigenvalues;
+  * krylov (N >= k): engine.sweep_factor.sweep_solve, one Cholesky of G + lam0 I in G's storage
+    and every lambda by shifted Krylov solves (what solve_queries takes above k = 1024). Its
+    factor_s is ONE factorisation as the single-lambda path runs it (Preconditioner(inplace=True)
+    + the solve of the m queries, lambda_r = 1), and ratio = sweep_s / factor_s (the issue's
+    target: <= 1.5); steps and the lambdas that fell back to their own Cholesky are reported.
+--methods picks among cholesky, eigh, krylov (the cholesky sweep is the reference every other
+one is checked against); --decay d gives G a power-law spectrum (column scales i^-d/2).
 Columns: gram_s builds the Gram that path needs (G, or K for dual), timed separately; factor_s is
 one factorisation (one Cholesky, the median over the sweep's; or the one eigh); sweep_s is the whole
 sweep from the built Gram. Both methods are checked against each other (and at lambda_r = 1
@@ -36,15 +43,23 @@ from common import environment, format_table, write_json  # noqa: E402
 from ctrak_fast.engine.gram import gram  # noqa: E402
 from ctrak_fast.engine.scoring import Preconditioner, damping, score_dense  # noqa: E402
 from ctrak_fast.engine.sweep import LambdaSweep  # noqa: E402
+from ctrak_fast.engine.sweep_factor import sweep_solve  # noqa: E402
 
 DEFAULT_LAMBDAS = "1e-4,1e-3,1e-2,1e-1,1,1e1,1e2,1e3,1e4"
 RTOL = 1e-4  # sweep vs Cholesky, relative to each lambda's max |score|
 
 
-def make_problem(n: int, k: int, m: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """phi [n, k] float64 with uneven column scales (a conditioned-like-TRAK G), q [m, k]."""
+def make_problem(
+    n: int, k: int, m: int, seed: int = 0, decay: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """phi [n, k] float64 with uneven column scales (a conditioned-like-TRAK G; with decay, a
+    power-law spectrum i^-decay), q [m, k]."""
     g = torch.Generator().manual_seed(seed)
-    phi = torch.randn(n, k, generator=g, dtype=torch.float64) * torch.logspace(0, 1, k).double()
+    if decay is None:
+        scale = torch.logspace(0, 1, k).double()
+    else:
+        scale = torch.arange(1, k + 1, dtype=torch.float64) ** (-decay / 2)
+    phi = torch.randn(n, k, generator=g, dtype=torch.float64) * scale
     return phi, torch.randn(m, k, generator=g, dtype=torch.float64)
 
 
@@ -71,6 +86,23 @@ def eig_sweep(
     sweep = LambdaSweep(phi, path=path, **({"gram": mat} if path == "primal" else {"kernel": mat}))
     factor_s = time.perf_counter() - t0
     return sweep.scores(q, lambda_rs), [factor_s]
+
+
+def krylov_sweep(
+    phi: torch.Tensor, g: torch.Tensor, q: torch.Tensor, lambda_rs: Sequence[float]
+) -> tuple[torch.Tensor, float, float, dict]:
+    """[n_lambda, N, m] float64 scores from sweep_solve on a copy of G (the copy not timed);
+    also its seconds, one single-lambda factorisation's seconds, and its steps / fallbacks."""
+    a = g.clone()
+    t0 = time.perf_counter()
+    res = sweep_solve(a, q, lambda_rs, inplace=True)
+    sweep_s = time.perf_counter() - t0
+    a.copy_(g)
+    t0 = time.perf_counter()
+    Preconditioner(a, 1.0, inplace=True).solve(q)
+    factor_s = time.perf_counter() - t0
+    info = {"steps": res.iterations, "by_cholesky": res.by_cholesky, "lambda_r0": res.lambda_r0}
+    return phi @ res.u.transpose(1, 2), sweep_s, factor_s, info
 
 
 def max_rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -104,10 +136,11 @@ def resolve_path(path: str, n: int, k: int) -> str:
 
 
 def run_case(k: int, n: int, args: argparse.Namespace) -> list[dict]:
-    phi, q = make_problem(n, k, args.m)
+    phi, q = make_problem(n, k, args.m, decay=args.decay)
     lambda_rs = args.lambdas
     g, g_s = time_gram(lambda: gram(phi), args.repeat)
     paths = list(dict.fromkeys(resolve_path(p, n, k) for p in args.paths))
+    paths = paths if "eigh" in args.methods else []
     kern, k_s = time_gram(lambda: phi @ phi.T, args.repeat) if "dual" in paths else (None, None)
 
     # Verify before timing (these runs are also the warm-up).
@@ -125,10 +158,12 @@ def run_case(k: int, n: int, args: argparse.Namespace) -> list[dict]:
         if errs[path] > RTOL:
             raise AssertionError(f"{path} sweep != cholesky at k={k} n={n}: {errs[path]:.3g}")
 
-    chol_s, chol_f = timed(lambda: cholesky_sweep(phi, g, q, lambda_rs), args.repeat)
-    base = {"k": k, "n": n, "m": args.m, "n_lambda": len(lambda_rs)}
-    rows = [{**base, "path": "cholesky", "gram_s": g_s, "factor_s": chol_f, "sweep_s": chol_s}]
-    rows[0].update(speedup=1.0, max_rel_err=0.0)
+    base = {"k": k, "n": n, "m": args.m, "n_lambda": len(lambda_rs), "decay": args.decay}
+    rows, chol_s = [], None
+    if "cholesky" in args.methods:
+        chol_s, chol_f = timed(lambda: cholesky_sweep(phi, g, q, lambda_rs), args.repeat)
+        rows.append({**base, "path": "cholesky", "gram_s": g_s, "factor_s": chol_f})
+        rows[0].update(sweep_s=chol_s, speedup=1.0, max_rel_err=0.0)
     for path in paths:
         mat = g if path == "primal" else kern
         s, f = timed(
@@ -137,7 +172,19 @@ def run_case(k: int, n: int, args: argparse.Namespace) -> list[dict]:
         gram_s = g_s if path == "primal" else k_s
         rows.append(
             {**base, "path": path, "gram_s": gram_s, "factor_s": f, "sweep_s": s}
-            | {"speedup": chol_s / s, "max_rel_err": errs[path]}
+            | {"speedup": chol_s / s if chol_s else None, "max_rel_err": errs[path]}
+        )
+    if "krylov" in args.methods and n >= k:
+        runs = [krylov_sweep(phi, g, q, lambda_rs) for _ in range(max(args.repeat, 1))]
+        got, _, _, info = runs[0]
+        err = max_rel_err(got, ref)
+        if err > RTOL:
+            raise AssertionError(f"krylov sweep != cholesky at k={k} n={n}: {err:.3g}")
+        s = statistics.median(r[1] for r in runs)
+        f = statistics.median(r[2] for r in runs)
+        rows.append(
+            {**base, "path": "krylov", "gram_s": g_s, "factor_s": f, "sweep_s": s, "ratio": s / f}
+            | {"speedup": chol_s / s if chol_s else None, "max_rel_err": err, **info}
         )
     return rows
 
@@ -153,12 +200,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap.add_argument("--lambdas", default=DEFAULT_LAMBDAS, help="lambda_r values, comma list")
     ap.add_argument("--m", type=int, default=16, help="queries (default 16)")
     ap.add_argument("--paths", default="auto", help="LambdaSweep paths: auto,primal,dual")
+    ap.add_argument("--methods", default="cholesky,eigh,krylov", help="sweeps to time")
+    ap.add_argument("--decay", type=float, default=None, help="power-law spectrum of G")
     ap.add_argument("--repeat", type=int, default=3, help="timed runs per method (median)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     ap.add_argument("--json", type=Path, default=None, metavar="OUT", help="write rows here")
     args = ap.parse_args(argv)
     args.lambdas = parse_list(args.lambdas, float)
     args.paths = parse_list(args.paths, str)
+    args.methods = parse_list(args.methods, str)
     bad = [p for p in args.paths if p not in ("auto", "primal", "dual")]
     if bad:
         ap.error(f"--paths: unknown {bad}")
@@ -174,7 +224,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         for n in parse_list(args.n, int):
             rows.extend(run_case(k, n, args))
             print(f"done k={k} n={n}", flush=True)
-    cols = ["k", "n", "path", "gram_s", "factor_s", "sweep_s", "speedup", "max_rel_err"]
+    cols = ["k", "n", "decay", "path", "gram_s", "factor_s", "sweep_s", "speedup", "ratio"]
+    cols += ["steps", "by_cholesky", "max_rel_err"]
     print(format_table(rows, cols))
     payload = {"env": env, "rows": rows}
     if args.json:

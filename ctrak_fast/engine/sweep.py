@@ -10,11 +10,12 @@ per lambda (one Cholesky each); here one eigendecomposition serves every lambda:
   trace(K) = trace(G) = ||Phi||_F^2, so the damping is the same number.
 
 Cost: a float64 eigh is not one Cholesky's price but ~10 (k = 1024) to ~23 (k = 4096) of them
-on one CPU thread, so for N >= k the primal sweep beats per-lambda Choleskys
-(Preconditioner.with_lambda) only for long sweeps (~18+ lambdas at k = 4096; a 9-lambda sweep
-took 2x as long). The dual path's win is the size: it factors N x N in place of k x k, so for
-N << k (a small benchmark set, large k) it is far cheaper whatever the sweep length (k = 4096,
-N = 420, 9 lambdas: 0.05 s against 12.6 s). benchmarks/bench_lambda_sweep.py measures both.
+on one CPU thread, and at k = 32768 it does not fit in memory (~4 k^2 doubles). So solve_queries
+takes the eigh of G only up to EIGH_MAX_K; above, sweep_factor.sweep_solve: one Cholesky of
+G + lam0 I in G's own storage and every lambda by shifted Krylov solves. The dual path's win is
+the size: it factors N x N in place of k x k, so for N << k (a small benchmark set, large k) it
+is far cheaper whatever the sweep length (k = 4096, N = 420, 9 lambdas: 0.05 s against 12.6 s).
+benchmarks/bench_lambda_sweep.py measures all three.
 """
 
 from __future__ import annotations
@@ -36,6 +37,13 @@ from ctrak_fast.engine.scoring import (
     source_shape,
 )
 from ctrak_fast.engine.scoring_options import PATHS
+from ctrak_fast.engine.sweep_factor import sweep_solve
+
+# Primal sweeps up to this k take one eigh of G, above it one Cholesky + shifted Krylov solves
+# (sweep_factor). Measured (benchmarks/bench_lambda_sweep.py, 9 lambdas): at k = 1024 the eigh
+# (~10 Choleskys) and the Krylov sweep (4-23 Choleskys' time, by the spectrum) are level; at
+# k = 4096 the eigh costs ~23 Choleskys, the Krylov sweep 2.4-5.4.
+EIGH_MAX_K = 1024
 
 
 def _as_lambda_rs(lambda_rs: Sequence[float]) -> list[float]:
@@ -251,14 +259,18 @@ def solve_queries(
     """Preconditioned queries of a training set for one or many lambda_r: [n_lambda, m, k].
 
     One lambda: one factorisation (scoring.precondition; the primal Gram factored in place).
-    Several: one eigendecomposition (LambdaSweep) of G or, on the dual path, of K.
+    Several: on the dual path one eigendecomposition of K (LambdaSweep); on the primal path one
+    eigh of G for k <= EIGH_MAX_K, else one Cholesky of G + lam0 I in G's own storage and every
+    lambda by shifted Krylov solves (sweep_factor.sweep_solve), each checked and, failing that,
+    solved by its own Cholesky.
 
     Args:
         source: the training features (a FeatureStore, a tensor or blocks).
         q: [m, k] query features. lambda_rs: relative dampings.
         path, precision, device: as scoring.precondition.
         gram_matrix: a Gram already built (e.g. gram_distributed): the primal path then reads
-            no features.
+            no features. A contiguous CPU float64 one is overwritten (factored in place) unless
+            the sweep takes the eigh.
 
     Examples:
         >>> phi, q = torch.randn(40, 16), torch.randn(2, 16)
@@ -286,12 +298,13 @@ def solve_queries(
     g = gram_matrix
     if g is None:
         g = build_gram(source, precision=precision, device=device).cpu()
-    if not eigh_fits(g.shape[0]):
-        # eigh needs ~4 k^2 doubles (34 GB at k = 32768): one Cholesky of a copy per lambda
-        # instead (2 k^2), G read from memory each time, not from the store.
-        us = [Preconditioner(g, r).solve(q) for r in lambda_rs]  # each: G + one factor
-        return torch.stack(us).reshape(len(lambda_rs), -1, g.shape[0])
-    return _checked(LambdaSweep(gram=g).solve(q, lambda_rs).float(), q, lambda_rs)
+    k = g.shape[0]
+    if k <= EIGH_MAX_K and eigh_fits(k):
+        return _checked(LambdaSweep(gram=g).solve(q, lambda_rs).float(), q, lambda_rs)
+    # One Cholesky in G's own storage, every lambda by shifted Krylov solves (sweep_factor).
+    g = g.detach().to(device="cpu", dtype=torch.float64).contiguous()
+    u = sweep_solve(g, q.reshape(-1, k), lambda_rs, inplace=True).u.float()
+    return _checked(u, q, lambda_rs)
 
 
 def _checked(u: torch.Tensor, q: torch.Tensor, lambda_rs) -> torch.Tensor:

@@ -170,16 +170,16 @@ def test_solve_queries_sweeps_equal_single_lambdas(path):
     )
 
 
-def test_primal_sweeps_too_large_for_eigh_take_one_cholesky_per_lambda(monkeypatch):
+def test_primal_sweeps_too_large_for_eigh_take_one_factor_and_krylov_solves(monkeypatch):
     import ctrak_fast.engine.sweep as sweep
 
     phi, q = _spectrum_features(30, 20, seed=4), torch.randn(3, 20)
     lambdas = [0.1, 1.0, 10.0]
     by_eigh = solve_queries(phi, q, lambdas, path="primal")
     monkeypatch.setattr(sweep, "eigh_fits", lambda k, memory_bytes=None: False)
-    by_cholesky = sweep.solve_queries(phi, q, lambdas, path="primal")
+    by_krylov = sweep.solve_queries(phi, q, lambdas, path="primal")
     torch.testing.assert_close(
-        by_cholesky, by_eigh, rtol=1e-4, atol=1e-5 * float(by_eigh.abs().max())
+        by_krylov, by_eigh, rtol=1e-4, atol=1e-5 * float(by_eigh.abs().max())
     )
 
 
