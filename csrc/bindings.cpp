@@ -11,6 +11,7 @@
 #include <tuple>
 #include <utility>
 
+#include "bf16_search.h"
 #include "checksum.h"
 #include "mapped_file.h"
 #include "topk_cpu.h"
@@ -124,7 +125,8 @@ struct Outputs {
   Result tuple() const { return {tv, ti, bv, bi}; }
 };
 
-Result cpu_result(const ctrak::TopKState& s) {
+template <class State>  // TopKState or Bf16TopKState
+Result cpu_result(const State& s) {
   Outputs out(s.m(), s.k_top(), s.tails());
   {
     py::gil_scoped_release nogil;
@@ -133,15 +135,20 @@ Result cpu_result(const ctrak::TopKState& s) {
   return out.tuple();
 }
 
-void cpu_add(ctrak::TopKState& s, const py::array& features, const py::object& ids,
-             int64_t base_id) {
-  const char* fn = "TopKState.add";
+template <class State>
+void state_add(State& s, const py::array& features, const py::object& ids, int64_t base_id,
+               const char* fn) {
   const int dtype = checked_features(features, s.dim(), fn);
   const int64_t n = features.shape(0);
   const int64_t* idp = checked_ids(ids, n, fn);
   CHECK_ARG(idp || n == 0 || base_id <= INT64_MAX - n, "base_id + n overflows int64");
   py::gil_scoped_release nogil;
   s.add(features.data(), dtype, n, idp, base_id);
+}
+
+void cpu_add(ctrak::TopKState& s, const py::array& features, const py::object& ids,
+             int64_t base_id) {
+  state_add(s, features, ids, base_id, "TopKState.add");
 }
 
 }  // namespace
@@ -379,7 +386,7 @@ PYBIND11_MODULE(CTRAK_MODULE_NAME, m) {
            py::arg("base_id") = 0,
            "features: [n, dim] float32 / float16 / uint16 (bfloat16 bits), C-contiguous;\n"
            "ids: int64 [n], or None for ids base_id, base_id + 1, ...")
-      .def("result", &cpu_result,
+      .def("result", &cpu_result<ctrak::TopKState>,
            "(top_values, top_ids, bottom_values, bottom_ids): float32 / int64 [m, k_top], best\n"
            "first (ties: smaller id first); None for a tail not requested.")
       .def_property_readonly("m", &ctrak::TopKState::m)
@@ -394,6 +401,41 @@ PYBIND11_MODULE(CTRAK_MODULE_NAME, m) {
                            : s.tails() == ctrak::kTop ? "top"
                                                       : "bottom");
       });
+
+  m.def("has_avx512bf16", &ctrak::cpu_has_avx512bf16,
+        "True when this CPU runs the exact bfloat16 search's AVX512-BF16 kernel.");
+  py::class_<ctrak::Bf16TopKState>(
+      m, "Bf16TopKState",
+      "TopKState for bfloat16 rows: vdpbf16ps scores, a bound on their error, float32 re-scoring\n"
+      "of every row that can still reach the k-th. Same ids and values as TopKState.")
+      .def(py::init([](const py::array& queries, int64_t k_top, const std::string& tails,
+                       int num_threads, const std::string& isa, const std::string& path) {
+             const char* fn = "Bf16TopKState";
+             const float* q = checked_queries(queries, fn);
+             CHECK_ARG(k_top >= 1, "k_top must be >= 1");
+             const int t = parse_tails(tails);
+             py::gil_scoped_release nogil;
+             return new ctrak::Bf16TopKState(q, queries.shape(0), queries.shape(1), k_top, t,
+                                             num_threads, isa, path);
+           }),
+           py::arg("queries"), py::arg("k_top"), py::arg("tails") = "both",
+           py::arg("num_threads") = 0, py::arg("isa") = "auto", py::arg("path") = "auto",
+           "isa: the float32 engine's variant (re-scoring, fallback); path: 'auto' (bfloat16\n"
+           "where the CPU has AVX512-BF16 and $CTRAK_BF16_SEARCH != '0'), 'bf16' or 'float32'.")
+      .def(
+          "add",
+          [](ctrak::Bf16TopKState& s, const py::array& features, const py::object& ids,
+             int64_t base_id) { state_add(s, features, ids, base_id, "Bf16TopKState.add"); },
+          py::arg("features"), py::arg("ids") = py::none(), py::arg("base_id") = 0,
+          "As TopKState.add; uint16 (bfloat16 bits) rows take the bfloat16 path.")
+      .def("result", &cpu_result<ctrak::Bf16TopKState>, "As TopKState.result.")
+      .def_property_readonly("m", &ctrak::Bf16TopKState::m)
+      .def_property_readonly("k_top", &ctrak::Bf16TopKState::k_top)
+      .def_property_readonly("rows_seen", &ctrak::Bf16TopKState::rows_seen)
+      .def_property_readonly("num_threads", &ctrak::Bf16TopKState::num_threads)
+      .def_property_readonly("rescored", &ctrak::Bf16TopKState::rescored)
+      .def_property_readonly("path",
+                             [](const ctrak::Bf16TopKState& s) { return std::string(s.path()); });
 
   m.def(
       "topk_cpu",

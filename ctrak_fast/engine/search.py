@@ -9,7 +9,9 @@ result whatever N is.
 Engines (``backend=``):
     ``"cpu"``        ``ctrak_fast._C.TopKState``: C++ blocked GEMM with the selection fused,
                      AVX-512 / AVX2 / portable variants picked at run time, its own thread
-                     pool (workers sleep between calls; see csrc/thread_pool.h).
+                     pool (workers sleep between calls; see csrc/thread_pool.h). bfloat16
+                     features: ``Bf16TopKState`` (AVX512-BF16 scores, float32 re-scoring of
+                     every row that can reach the k-th: the same result; search_bf16.py).
     ``"cuda"``       ``ctrak_fast._C.CudaTopKState``: fused score + threshold kernel with
                      block-level candidate lists and a per-query radix select, any k.
     ``"reference"``  :func:`topk_reference` in plain torch (float64 scores): the specification.
@@ -170,6 +172,7 @@ def topk(
     num_threads: int = 0,
     verify: Verify = "crc",
     readahead: bool = True,
+    bf16_search: bool = True,
 ) -> TopK:
     """Exact top-k inner products of queries against every feature row, both tails.
 
@@ -188,6 +191,9 @@ def topk(
         verify: FeatureStore sources only: "crc", "ids", "full" or "none" (module docstring).
         readahead: FeatureStore sources only: map and read shard i + 1 in a background thread
             while shard i is scored.
+        bf16_search: CPU engine, bfloat16 features: score with AVX512-BF16 and re-score the
+            rows that can reach the k-th in float32 (the same ids and values as the float32
+            engine, faster); False runs the float32 engine. Ignored without AVX512-BF16.
     Returns:
         TopK with [m, k] float32 values and int64 ids on the CPU.
     Raises:
@@ -232,7 +238,7 @@ def topk(
     if backend == "reference":
         return _run_reference(shards, u, k, tails, m)
     if backend == "cpu":
-        return run_cpu(shards, u, k, tails, num_threads)
+        return run_cpu(shards, u, k, tails, num_threads, bf16_search)
     return run_cuda(shards, u, k, tails, device)
 
 

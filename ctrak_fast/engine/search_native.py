@@ -15,20 +15,26 @@ from ctrak_fast.engine.search_inputs import (
 NATIVE_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
-def run_cpu(shards, u: Tensor, k: int, tails, num_threads: int) -> TopK:
+def run_cpu(shards, u: Tensor, k: int, tails, num_threads: int, bf16_search: bool = True) -> TopK:
+    """bfloat16 shards (the first shard decides) take the exact bfloat16 search
+    (``Bf16TopKState``: AVX512-BF16 scores, float32 re-scoring; the same ids and values) unless
+    ``bf16_search`` is False; it runs the float32 engine itself where the CPU lacks AVX512-BF16."""
     C = native.load()
     q = u.detach().to("cpu", torch.float32).contiguous().numpy()
-    state = C.TopKState(q, k, tails, num_threads)
+    state = None
     for feats, ids in shards:
         feats = feats.detach().cpu()
         if feats.dtype not in NATIVE_DTYPES:
             feats = feats.float()
         feats = feats.contiguous()
+        if state is None:
+            bf16 = bf16_search and feats.dtype == torch.bfloat16
+            state = (C.Bf16TopKState if bf16 else C.TopKState)(q, k, tails, num_threads)
         # numpy has no bfloat16: hand over the raw bits, the engine decodes them.
         arr = feats.view(torch.int16).numpy() if feats.dtype == torch.bfloat16 else feats.numpy()
         state.add(arr, ids.detach().to("cpu", torch.int64).contiguous().numpy())
         del feats, ids, arr  # release a memory-mapped shard before the next one is mapped
-    check_k(k, state.rows_seen)
+    check_k(k, state.rows_seen if state is not None else 0)
     return TopK.from_tails(as_tensors(state.result()), tails)
 
 
