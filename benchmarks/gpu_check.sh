@@ -7,6 +7,7 @@
 #      the float64 reference, host shards through the pinned double buffers, k up to 10^4)
 #   4. benchmarks/bench_kernels.py and, if present, benchmarks/bench_topk.py (with --device cuda:
 #      device-resident features, both kernels and torch timed against the measured device bandwidth)
+#   4b. benchmarks/bench_topk_bf16.py --device cuda: the bfloat16 rows (log into summary.txt)
 #   5. benchmarks/bench_featurize.py --device cuda (shipped model; needs diffusers and traker from
 #      .whl/; traker uses fast_jl's CudaProjector when fast_jl is importable, else BasicProjector)
 #   6. benchmarks/bench_transformer_kinds.py --device cuda: one tiny featurization per transformer
@@ -114,10 +115,19 @@ if [ -f benchmarks/bench_topk.py ]; then
   step bench_topk 45 "$PY" benchmarks/bench_topk.py ${topk_args[@]+"${topk_args[@]}"}
 fi
 
-step bench_featurize 90 "$PY" benchmarks/bench_featurize.py --device cuda --n 64 --n-slow 32 \
+# The bfloat16 rows beside the float16 ones: both CUDA kernels on bfloat16 rows, the simt ids
+# and values checked equal to the CPU's exact bfloat16 search; its log goes into summary.txt.
+if [ -f benchmarks/bench_topk_bf16.py ]; then
+  step bench_topk_bf16 30 "$PY" benchmarks/bench_topk_bf16.py --device cuda --repeat 2 \
+    --out /tmp/bench_topk_bf16.json
+  cat "$LOG/bench_topk_bf16.log" >>"$LOG/summary.txt" 2>/dev/null
+  rm -f "$LOG/bench_topk_bf16.log"
+fi
+
+step bench_featurize 75 "$PY" benchmarks/bench_featurize.py --device cuda --n 64 --n-slow 32 \
   --skip scaling
 
-step transformer_kinds 90 "$PY" benchmarks/bench_transformer_kinds.py --device cuda --reps 2
+step transformer_kinds 75 "$PY" benchmarks/bench_transformer_kinds.py --device cuda --reps 2
 cat "$LOG/transformer_kinds.log" >>"$LOG/summary.txt" 2>/dev/null && rm -f "$LOG/transformer_kinds.log"
 # One tiny run per UNet kind on the GPU in bf16 (SD, SDXL, SD + LoRA): featurize throughput,
 # every kind's features checked.

@@ -286,6 +286,11 @@ void Bf16TopKState::rescore(const uint16_t* feat) {
   std::vector<int64_t> counts(blocks, 0);
   parallel_for(blocks, std::min<int64_t>(num_threads_, blocks), [&](int64_t b, int) {
     const int64_t q0 = b * lanes, nq = std::min(lanes, m_ - q0);
+    for (auto& s : slots_)  // prune first: a reservoir holds up to twice what it must keep
+      for (int64_t q = q0; q < q0 + nq; ++q) {
+        if (s->res_top[q].count > k_) compact(&s->res_top[q], int32_t(k_), &s->thr_top[q], 0);
+        if (s->res_bot[q].count > k_) compact(&s->res_bot[q], int32_t(k_), &s->thr_bot[q], 1);
+      }
     std::vector<int64_t> rows;
     for (const auto& s : slots_)
       for (int64_t q = q0; q < q0 + nq; ++q)

@@ -59,7 +59,8 @@ def score_error_bound(features: Tensor, u: Tensor) -> Tensor:
     c = 2 * g * big_h + g * big_u + 2.0**-22 * big_u + big_l + _FLUSH * math.sqrt(dim)
     e0 = _FLUSH * (h.abs().sum(dim=1) + 2 * dim) + dim * 2.0**-150
     norms = features.double().norm(dim=1)
-    return norms[:, None] * c[None, :] + e0[None, :]
+    bound: Tensor = norms[:, None] * c[None, :] + e0[None, :]
+    return bound
 
 
 def _fma32(a: Tensor, b: Tensor, c: Tensor) -> Tensor:

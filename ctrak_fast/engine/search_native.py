@@ -35,6 +35,7 @@ def run_cpu(shards, u: Tensor, k: int, tails, num_threads: int, bf16_search: boo
         state.add(arr, ids.detach().to("cpu", torch.int64).contiguous().numpy())
         del feats, ids, arr  # release a memory-mapped shard before the next one is mapped
     check_k(k, state.rows_seen if state is not None else 0)
+    assert state is not None  # check_k refuses a source without rows
     return TopK.from_tails(as_tensors(state.result()), tails)
 
 

@@ -45,7 +45,7 @@ def engines(feats, u, k, tails="both", ids=None, shards=1, path="auto"):
 
 
 def assert_same(a, b):
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         assert (x is None) == (y is None)
         if x is not None:
             np.testing.assert_array_equal(x, y)  # NaN == NaN here; ids and values exactly
