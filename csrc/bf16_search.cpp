@@ -8,14 +8,16 @@
 // gamma_n = n u0 / (1 - n u0). Then
 //   |s - x.u|  <= gamma_n sum|x_d u_d| + n 2^-150        (n roundings; underflow of the chain)
 //              <= gamma_n N U + n 2^-150                  (Cauchy-Schwarz)
-//   |a - x.h|  <= 2 gamma_n N H                           (each float32 add <= 1 ulp whatever the
-//                                                          unit's rounding; products exact)
+//   |a - x.h|  <= g2_n N H,  g2_n = 2 n u0 / (1 - 2 n u0)  (each float32 add errs by <= 1 ulp,
+//                                                          i.e. a factor 1 + d, |d| <= 2 u0,
+//                                                          whatever the unit's rounding; products
+//                                                          exact)
 //               + 2^-126 (||h||_1 + sqrt(n) N + 2 n)      (vdpbf16ps reads subnormal inputs as 0
 //                                                          and flushes subnormal products and sums)
 //   |x.u - x.h| = |x.l| <= N L                            (Cauchy-Schwarz: the q_lo term)
-// so |a - s| <= N c + e0 with c = 2 gamma_n H + gamma_n U + L + 2^-126 sqrt(n) and
+// so |a - s| <= N c + e0 with c = g2_n H + gamma_n U + L + 2^-126 sqrt(n) and
 // e0 = 2^-126 (||h||_1 + 2 n) + n 2^-150. The kernel forms lo = a - (N c + e0) and hi = a + ...
-// in float32: those roundings are <= u0 (|a| + e) each, and |a| <= (1 + 2 gamma_n) N H, so the
+// in float32: those roundings are <= u0 (|a| + e) each, and |a| <= (1 + g2_n) N H, so the
 // terms 2^-22 U and the factors (1 + 2^-18) below cover them. Hence lo <= s <= hi for every row.
 //
 // Selection (top tail; the bottom tail is the same on -s): if k rows have lo >= T then the k-th
@@ -58,6 +60,7 @@ void compact(Bf16Reservoir* r, int32_t k, float* thr, int negate) {
     if (e[i].hi >= t) e[keep++] = e[i];
   r->count = keep;
   if (keep > r->cap / 4 * 3) {  // many rows within the error of the k-th: grow, or thrash
+    if (r->cap > (int32_t(1) << 29)) throw std::length_error("Bf16TopKState: too many candidates");
     const int32_t cap = r->cap * 2;
     void* p = std::realloc(r->e, static_cast<size_t>(cap) * sizeof(Bf16Entry));
     if (!p) throw std::bad_alloc();
@@ -141,6 +144,7 @@ Bf16TopKState::Bf16TopKState(const float* queries, int64_t m, int64_t dim, int64
   err_scale_.assign(m_pad_, 0.0f);
   err_abs_.assign(m_pad_, 0.0f);
   const double n = static_cast<double>(dim), u0 = 0x1p-24, gamma = n * u0 / (1 - n * u0);
+  const double g2 = 2 * n * u0 / (1 - 2 * n * u0);  // dim < 2^20: 2 n u0 < 1/8
   for (int64_t q = 0; q < m; ++q) {
     double uu = 0.0, hh = 0.0, ll = 0.0, h1 = 0.0;
     for (int64_t d = 0; d < dim; ++d) {
@@ -150,7 +154,7 @@ Bf16TopKState::Bf16TopKState(const float* queries, int64_t m, int64_t dim, int64
       uu += double(u) * u, hh += h * h, ll += l * l, h1 += std::fabs(h);
     }
     const double U = std::sqrt(uu), H = std::sqrt(hh), L = std::sqrt(ll);
-    const double c = (2 * gamma * H + gamma * U + 0x1p-22 * U + L + 0x1p-126 * std::sqrt(n));
+    const double c = g2 * H + gamma * U + 0x1p-22 * U + L + 0x1p-126 * std::sqrt(n);
     const double e0 = 0x1p-126 * (h1 + 2 * n) + n * 0x1p-150;
     err_scale_[q] = round_up(c * (1 + 0x1p-18));
     err_abs_[q] = std::max(round_up(e0 * (1 + 0x1p-18)), 0x1p-126f);

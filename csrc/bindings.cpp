@@ -430,6 +430,7 @@ PYBIND11_MODULE(CTRAK_MODULE_NAME, m) {
           "As TopKState.add; uint16 (bfloat16 bits) rows take the bfloat16 path.")
       .def("result", &cpu_result<ctrak::Bf16TopKState>, "As TopKState.result.")
       .def_property_readonly("m", &ctrak::Bf16TopKState::m)
+      .def_property_readonly("dim", &ctrak::Bf16TopKState::dim)
       .def_property_readonly("k_top", &ctrak::Bf16TopKState::k_top)
       .def_property_readonly("rows_seen", &ctrak::Bf16TopKState::rows_seen)
       .def_property_readonly("num_threads", &ctrak::Bf16TopKState::num_threads)

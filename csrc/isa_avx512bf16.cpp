@@ -60,11 +60,12 @@ inline uint32_t pair_word(const uint16_t* row, int64_t p, int64_t dim) {
   return row[2 * p];
 }
 
-// Upper bound of ||row||_2. c = the row's sum of squares by vdpbf16ps: the products are exact,
-// each of the dim - 1 float32 additions errs by at most one ulp (2u, u = 2^-24, whatever the
-// rounding of the unit) and flushed subnormals lose < 2^-126 each, so
-// sum x^2 <= (c + dim 2^-126) / (1 - 2 dim u). The factors below cover that with room for the
-// roundings of this arithmetic itself (each <= u relative).
+// Upper bound of ||row||_2. c = the row's sum of squares S by vdpbf16ps: the products are exact,
+// each of the < n = dim float32 additions errs by at most one ulp (a factor 1 + d, |d| <= 2u,
+// u = 2^-24, whatever the rounding of the unit) and flushed subnormals lose < 2^-126 each, so
+// c >= S (1 - g) - n 2^-126 with g = 2nu / (1 - 2nu), i.e.
+// S <= (c + n 2^-126) (1 - 2nu) / (1 - 4nu). The factors (1 + 2^-20) cover the roundings of this
+// arithmetic itself (a few, each <= u relative); 2^-110 keeps the bound a normal float.
 inline float norm_bound(const uint16_t* row, int64_t dim) {
   __m512 acc = _mm512_setzero_ps();
   int64_t i = 0;
@@ -78,8 +79,9 @@ inline float norm_bound(const uint16_t* row, int64_t dim) {
     acc = _mm512_dpbf16_ps(acc, (__m512bh)x, (__m512bh)x);
   }
   const float c = _mm512_reduce_add_ps(acc);
-  const float gamma2 = 2.0f * static_cast<float>(dim) * 0x1p-24f;  // dim <= 2^20: < 1/8
-  const float sq = (c + static_cast<float>(dim) * 0x1p-126f + 0x1p-110f) / (1.0f - gamma2);
+  const float nu2 = 2.0f * static_cast<float>(dim) * 0x1p-24f;  // dim < 2^20: < 1/8
+  const float sq =
+      (c + static_cast<float>(dim) * 0x1p-126f + 0x1p-110f) * (1.0f - nu2) / (1.0f - 2.0f * nu2);
   return __builtin_sqrtf(sq * (1.0f + 0x1p-20f)) * (1.0f + 0x1p-20f);
 }
 

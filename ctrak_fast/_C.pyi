@@ -110,6 +110,48 @@ class TopKState:
     @property
     def tails(self) -> str: ...
 
+def has_avx512bf16() -> bool:
+    """True when this CPU runs the exact bfloat16 search's AVX512-BF16 kernel."""
+
+class Bf16TopKState:
+    """TopKState for bfloat16 rows: vdpbf16ps scores, a bound on their error, float32 re-scoring
+    of every row that can still reach the k-th. Same ids and values as TopKState."""
+
+    def __init__(
+        self,
+        queries: npt.NDArray[np.float32],
+        k_top: int,
+        tails: str = "both",
+        num_threads: int = 0,
+        isa: str = "auto",
+        path: str = "auto",
+    ) -> None: ...
+    def add(
+        self, features: np.ndarray, ids: npt.NDArray[np.int64] | None = None, base_id: int = 0
+    ) -> None:
+        """As TopKState.add; uint16 / int16 (bfloat16 bits) rows take the bfloat16 path."""
+
+    def result(self) -> _Result:
+        """As TopKState.result."""
+
+    @property
+    def m(self) -> int: ...
+    @property
+    def dim(self) -> int: ...
+    @property
+    def k_top(self) -> int: ...
+    @property
+    def rows_seen(self) -> int: ...
+    @property
+    def num_threads(self) -> int: ...
+    @property
+    def rescored(self) -> int:
+        """Candidates (query, tail, row) re-scored by the float32 engine so far."""
+
+    @property
+    def path(self) -> str:
+        """'avx512bf16' or 'float32': the engine that runs."""
+
 def topk_cpu(
     features: np.ndarray,
     queries: npt.NDArray[np.float32],
