@@ -6,8 +6,9 @@
 // (x, h) (vdpbf16ps: exact products, float32 sums), N >= ||x||_2 (isa_avx512bf16.cpp's bound),
 // U = ||u||_2, H = ||h||_2 <= (1 + 2^-8) U, L = ||l||_2, n = dim, u0 = 2^-24,
 // gamma_n = n u0 / (1 - n u0). Then
-//   |s - x.u|  <= gamma_n sum|x_d u_d| + n 2^-150        (n roundings; underflow of the chain)
-//              <= gamma_n N U + n 2^-150                  (Cauchy-Schwarz)
+//   |s - x.u|  <= gamma_n sum|x_d u_d| + n 2^-126        (n roundings; underflow of the chain,
+//                                                          flushed or not)
+//              <= gamma_n N U + n 2^-126                  (Cauchy-Schwarz)
 //   |a - x.h|  <= g2_n N H,  g2_n = 2 n u0 / (1 - 2 n u0)  (each float32 add errs by <= 1 ulp,
 //                                                          i.e. a factor 1 + d, |d| <= 2 u0,
 //                                                          whatever the unit's rounding; products
@@ -16,7 +17,7 @@
 //                                                          and flushes subnormal products and sums)
 //   |x.u - x.h| = |x.l| <= N L                            (Cauchy-Schwarz: the q_lo term)
 // so |a - s| <= N c + e0 with c = g2_n H + gamma_n U + L + 2^-126 sqrt(n) and
-// e0 = 2^-126 (||h||_1 + 2 n) + n 2^-150. The kernel forms lo = a - (N c + e0) and hi = a + ...
+// e0 = 2^-126 (||h||_1 + 3 n). The kernel forms lo = a - (N c + e0) and hi = a + ...
 // in float32: those roundings are <= u0 (|a| + e) each, and |a| <= (1 + g2_n) N H, so the
 // terms 2^-22 U and the factors (1 + 2^-18) below cover them. Hence lo <= s <= hi for every row.
 //
@@ -155,7 +156,7 @@ Bf16TopKState::Bf16TopKState(const float* queries, int64_t m, int64_t dim, int64
     }
     const double U = std::sqrt(uu), H = std::sqrt(hh), L = std::sqrt(ll);
     const double c = g2 * H + gamma * U + 0x1p-22 * U + L + 0x1p-126 * std::sqrt(n);
-    const double e0 = 0x1p-126 * (h1 + 2 * n) + n * 0x1p-150;
+    const double e0 = 0x1p-126 * (h1 + 3 * n);
     err_scale_[q] = round_up(c * (1 + 0x1p-18));
     err_abs_[q] = std::max(round_up(e0 * (1 + 0x1p-18)), 0x1p-126f);
   }

@@ -58,7 +58,7 @@ def score_error_bound(features: Tensor, u: Tensor) -> Tensor:
     g = _gamma(dim)
     g2 = 2 * dim * _UNIT / (1 - 2 * dim * _UNIT)  # vdpbf16ps: each add within one ulp
     c = g2 * big_h + g * big_u + 2.0**-22 * big_u + big_l + _FLUSH * math.sqrt(dim)
-    e0 = _FLUSH * (h.abs().sum(dim=1) + 2 * dim) + dim * 2.0**-150
+    e0 = _FLUSH * (h.abs().sum(dim=1) + 3 * dim)
     norms = features.double().norm(dim=1)
     bound: Tensor = norms[:, None] * c[None, :] + e0[None, :]
     return bound

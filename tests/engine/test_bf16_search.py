@@ -131,6 +131,15 @@ def test_non_finite_and_huge_rows_are_re_scored_exactly():
     assert_same(ref, fast)
 
 
+def test_rows_in_the_subnormal_range_match_the_float32_engine():
+    # vdpbf16ps reads subnormals as zero and flushes subnormal sums; the float32 chain does not.
+    g = torch.Generator().manual_seed(11)
+    feats = torch.randn(2000, 32, generator=g) * 1e-38
+    feats[:1000] *= torch.logspace(0, 3, 32)  # some rows normal, most of their terms subnormal
+    ref, fast, _ = engines(feats.bfloat16(), torch.randn(3, 32, generator=g), 25)
+    assert_same(ref, fast)
+
+
 def test_float32_and_float16_shards_join_a_bfloat16_search():
     g = torch.Generator().manual_seed(5)
     u = torch.randn(3, 40, generator=g)
