@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from ctrak_fast.engine.store import FeatureStore
 
 
-def load_data(a, model=None, decode: bool = True):
+def load_data(a, model=None, decode=True):
     """The dataset of --folder/--labels or --data; with `model`, labels index the model's values.
     decode=False: a folder's images stay on disk (an ImageSequence, read a batch at a time)."""
     from ctrak_fast.data import ConceptDataset, SyntheticConfig, load_image_folder, make_dataset

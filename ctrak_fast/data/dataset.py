@@ -65,13 +65,12 @@ class ConceptDataset:
 
     def __post_init__(self) -> None:
         n = self.images.shape[0]
-        lazy = isinstance(self.images, ImageSequence)  # float32 [N, 3, S, S] by construction
-        if not lazy and (
-            self.images.ndim != 4 or self.images.shape[1] != 3 or self.images.dtype != torch.float32
+        images = self.images  # an ImageSequence is float32 [N, 3, S, S] by construction
+        if isinstance(images, torch.Tensor) and (
+            images.ndim != 4 or images.shape[1] != 3 or images.dtype != torch.float32
         ):
             raise ValueError(
-                f"images must be float32 [N,3,H,W], got {self.images.dtype} "
-                f"{tuple(self.images.shape)}"
+                f"images must be float32 [N,3,H,W], got {images.dtype} {tuple(images.shape)}"
             )
         if self.labels.shape != (n, len(self.factors)) or self.labels.dtype != torch.int64:
             raise ValueError(

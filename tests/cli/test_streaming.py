@@ -7,50 +7,26 @@ from __future__ import annotations
 
 import json
 import random
-import weakref
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from forkserver import not_progress, shared_server, store_files, tiny_assets
-from helpers import run
+from helpers import LiveRows, run
 from PIL import Image
 
 import ctrak_fast.data
 from ctrak_fast.data import SyntheticConfig, make_dataset
-from ctrak_fast.data.image_sequence import ImageSequence
 
 BATCH = 2
 ARGV = ["featurize", "--method", "d-trak", "--timesteps", "499", "--k", "16"]
 LAYOUT = ["--batch-size", str(BATCH), "--shard-rows", "4"]  # 24 images: 6 shards of 2 batches
 
 
-class LiveRows:
-    """Counts the decoded images alive: every tensor an ImageSequence hands out (a batch, or
-    the whole set) is counted until it is freed."""
-
-    def __init__(self) -> None:
-        self.live = self.peak = self.read = 0
-
-    def track(self, images: torch.Tensor) -> torch.Tensor:
-        self.live += len(images)
-        self.read += len(images)
-        self.peak = max(self.peak, self.live)
-        weakref.finalize(images, self._free, len(images))
-        return images
-
-    def _free(self, n: int) -> None:
-        self.live -= n
-
-
 @pytest.fixture
 def live_rows(monkeypatch):
-    live = LiveRows()
-    rows, whole = ImageSequence.__getitem__, ImageSequence.tensor
-    monkeypatch.setattr(ImageSequence, "__getitem__", lambda s, r: live.track(rows(s, r)))
-    monkeypatch.setattr(ImageSequence, "tensor", lambda s, b=64: live.track(whole(s, b)))
-    return live
+    return LiveRows.counting(monkeypatch)
 
 
 @pytest.fixture
