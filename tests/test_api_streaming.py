@@ -138,3 +138,13 @@ def test_unet2d_pipeline_streams_image_files_to_the_in_memory_bytes(paths, tmp_p
     in_memory(monkeypatch)
     att.featurize((paths, None), tmp_path / "memory", batch_size=BATCH, shard_rows=2 * BATCH)
     assert files(tmp_path / "stream") == files(tmp_path / "memory")
+
+
+def test_a_bad_file_is_refused_before_the_store_is_touched(data, paths, tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    att = Attributor(factor_model(), "d-trak", projection=ProjectionSpec(k=16),
+                     feature=FeatureSpec.baseline("eps-norm", timesteps=(499,)))  # fmt: skip
+    with pytest.raises(ValueError, match=r"bad\.png: unreadable image"):
+        att.featurize(([*paths[:-1], bad], data.captions), tmp_path / "s", batch_size=BATCH)
+    assert not (tmp_path / "s").exists()

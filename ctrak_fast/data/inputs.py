@@ -37,7 +37,9 @@ def training_inputs(
         captions = [str(c) for c in dataset[caption_column]]
         return ImageSequence(dataset, image_size, preprocess, image_column), captions
     if isinstance(dataset, tuple) and dataset and _is_image_list(dataset[0]):
-        return (ImageSequence(list(dataset[0]), image_size, preprocess), *dataset[1:])
+        images = ImageSequence(list(dataset[0]), image_size, preprocess)
+        images.check_files()  # a bad file is refused before the store is touched
+        return (images, *dataset[1:])
     return dataset
 
 

@@ -81,7 +81,9 @@ def encode_images_cached(
             return images
         if image_size is None:
             raise ValueError("image files need image_size (the model's pixel resolution)")
-        return ImageSequence(list(images), image_size, preprocess)
+        seq = ImageSequence(list(images), image_size, preprocess)
+        seq.check_files()  # a bad file is refused before the store is touched
+        return seq
     from safetensors import safe_open
     from safetensors.torch import save_file
 
