@@ -8,6 +8,7 @@ import contextlib
 import io
 import os
 import shutil
+import weakref
 from pathlib import Path
 
 import torch
@@ -417,3 +418,32 @@ def copy_store(root: Path, name: str) -> Path:
         shutil.rmtree(dst)
     shutil.copytree(root / "store", dst)
     return dst
+
+
+class LiveRows:
+    """Counts the decoded training images alive: every tensor an ImageSequence hands out (a
+    batch, or the whole set) counts until it is freed; `read`: images decoded in all."""
+
+    def __init__(self) -> None:
+        self.live = self.peak = self.read = 0
+
+    @classmethod
+    def counting(cls, monkeypatch) -> LiveRows:
+        """A counter of every ImageSequence's rows (monkeypatched for the test)."""
+        from ctrak_fast.data.image_sequence import ImageSequence
+
+        live = cls()
+        rows, whole = ImageSequence.__getitem__, ImageSequence.tensor
+        monkeypatch.setattr(ImageSequence, "__getitem__", lambda s, r: live.track(rows(s, r)))
+        monkeypatch.setattr(ImageSequence, "tensor", lambda s, b=64: live.track(whole(s, b)))
+        return live
+
+    def track(self, images: torch.Tensor) -> torch.Tensor:
+        self.live += len(images)
+        self.read += len(images)
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(images, self._free, len(images))
+        return images
+
+    def _free(self, n: int) -> None:
+        self.live -= n

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from ctrak_fast.api import core
 from ctrak_fast.data import ConceptDataset
-from ctrak_fast.data.inputs import ImageSequence, sources_of, training_inputs
+from ctrak_fast.data.inputs import sources_of, training_inputs
 from ctrak_fast.engine.projection import FactorizedSpec, ProjectionSpec
 from ctrak_fast.engine.store import FORMAT_VERSION, FeatureStore
 from ctrak_fast.method.featurize import FeatureSpec, Featurizer
@@ -244,10 +244,11 @@ class Attributor:
                 and `caption_column`); or a tuple (images, conds[, ids]): images float32
                 [N,C,H,W] in [-1,1], or N image paths or PIL images (resized on the short side
                 and centre-cropped as diffusers' training scripts do, and read a batch at a
-                time: text-to-image models keep only the VAE latents, cached next to the
-                store), conds: the model's conditions [N,...] (factor models: int64 [N,F];
-                text-to-image: N captions or embeddings [N,L,D]; unconditional pipelines:
-                None), ids: int64 [N] (default 0..N-1).
+                time: a pixel model holds one batch of them at once, a latent model keeps
+                only the VAE latents, cached next to the store), conds: the model's
+                conditions [N,...] (factor models: int64 [N,F]; text-to-image: N captions or
+                embeddings [N,L,D]; unconditional pipelines: None), ids: int64 [N] (default
+                0..N-1).
             store: directory; an existing store of the same spec and samples is resumed.
             batch_size: samples per gradient batch. shard_rows: rows per shard (a multiple of
                 batch_size; default 16 batches). dtype: storage dtype of the features.
@@ -266,9 +267,7 @@ class Attributor:
         )
         images, conds, ids = self._kind.training_set(dataset)
         row = get_method(self._method)
-        if row.complete_captions:
-            if isinstance(images, ImageSequence):  # completion reads every image
-                images = images.tensor()
+        if row.complete_captions:  # images on disk: a second pass reads the uncaptioned ones
             conds = self._kind.complete(images, conds)
         return featurize(
             self._fz,

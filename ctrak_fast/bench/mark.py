@@ -43,6 +43,7 @@ from ctrak_fast.bench.mark_scoring import (
 from ctrak_fast.bench.protocol import LAMBDAS
 from ctrak_fast.bench.report import gallery
 from ctrak_fast.data import ConceptDataset
+from ctrak_fast.data.dataset import images_tensor
 from ctrak_fast.engine.atomic import atomic_write_text
 from ctrak_fast.method import diffusion
 from ctrak_fast.method.featurize import FeatureSpec
@@ -190,7 +191,8 @@ def run_mark(
     timings = {"queries": time.time() - tic}
 
     trained = featurize_methods(
-        cfg, factor_featurizers(model, cfg), train.images, train.captions, train.ids, out_dir,
+        cfg, factor_featurizers(model, cfg), images_tensor(train.images), train.captions,
+        train.ids, out_dir,
         progress,
     )  # fmt: skip
     timings.update(trained.timings)

@@ -31,6 +31,7 @@ from ctrak_fast.bench.harness import (
 from ctrak_fast.bench.protocol import LAMBDAS, QueryLog, query_roles
 from ctrak_fast.bench.queries import make_queries
 from ctrak_fast.data import ConceptDataset
+from ctrak_fast.data.dataset import images_tensor
 from ctrak_fast.engine.atomic import atomic_write_text
 from ctrak_fast.method.completion import complete_captions
 from ctrak_fast.method.featurize import FeatureSpec
@@ -133,7 +134,7 @@ def run_quality(
     trained = featurize_methods(
         cfg,
         factor_featurizers(model, cfg),
-        train.images,
+        images_tensor(train.images),
         train.captions,
         train.ids,
         out_dir,
@@ -159,7 +160,7 @@ def run_quality(
                 return image_query_features(fz, image[None], cond[None])
 
             def pixels(image=image):
-                return pixel_cosine(train.images, image)
+                return pixel_cosine(images_tensor(train.images), image)
 
             scores = method_scores(
                 trained, cfg.methods, concept, whole_image, pixels, n_factors, cfg.lambdas

@@ -38,6 +38,7 @@ from ctrak_fast.bench.protocol import LAMBDAS, QueryLog, query_roles
 from ctrak_fast.bench.quality import METHODS, check_power, data_combos
 from ctrak_fast.data import ConceptDataset
 from ctrak_fast.data.captions import caption
+from ctrak_fast.data.dataset import images_tensor
 from ctrak_fast.engine.atomic import atomic_write_text
 from ctrak_fast.engine.projection import ProjectionSpec
 from ctrak_fast.method.featurize import FeatureSpec, Featurizer
@@ -159,7 +160,8 @@ def run_t2i_quality(
     conds = adapter.prompt_ids(prompts)  # int64 [N, 1]
     proj = ProjectionSpec(k=cfg.k, seed=cfg.projection_seed)
     # latents cached once for every method, next to the stores
-    x0_train = encode_images_cached(adapter, train.images, train.ids, out_dir / "train")
+    train_pixels = images_tensor(train.images)
+    x0_train = encode_images_cached(adapter, train_pixels, train.ids, out_dir / "train")
 
     def make(spec: FeatureSpec, first: Featurizer | None) -> Featurizer:
         return make_featurizer(adapter, spec, proj)
@@ -201,7 +203,7 @@ def run_t2i_quality(
                 return image_query_features(fz, q["x0"][None], adapter.prompt_ids([prompt]))
 
             def pixels(q=q):
-                return pixel_cosine(train.images, q["image"])
+                return pixel_cosine(images_tensor(train.images), q["image"])
 
             scores = method_scores(
                 trained, cfg.methods, concept, whole_image, pixels, n_factors, cfg.lambdas

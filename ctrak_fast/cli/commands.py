@@ -44,7 +44,7 @@ def cmd_featurize(a):
         if das.resolve() == Path(a.out).resolve():
             raise InputError(f"--das-out and --out name the same store {das}")
     model = load_model(a.model)
-    data = load_data(a, model)
+    data = load_data(a, model, decode=False)  # a folder is read a batch at a time
     if a.per_combo:
         data = data.train_subset(a.per_combo)
     check_data_matches_model(

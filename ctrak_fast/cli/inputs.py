@@ -13,8 +13,9 @@ if TYPE_CHECKING:
     from ctrak_fast.engine.store import FeatureStore
 
 
-def load_data(a, model=None):
-    """The dataset of --folder/--labels or --data; with `model`, labels index the model's values."""
+def load_data(a, model=None, decode=True):
+    """The dataset of --folder/--labels or --data; with `model`, labels index the model's values.
+    decode=False: a folder's images stay on disk (an ImageSequence, read a batch at a time)."""
     from ctrak_fast.data import ConceptDataset, SyntheticConfig, load_image_folder, make_dataset
     from ctrak_fast.engine.validation import InputError, check_input_dir, check_input_file
 
@@ -35,6 +36,7 @@ def load_data(a, model=None):
             image_size=a.image_size,
             truth_file=truth,
             preprocess=preprocess(a),
+            decode=decode,
             **names,
         )
     from ctrak_fast.models.shipped import ASSETS, SHIPPED

@@ -20,6 +20,8 @@ from safetensors.torch import save_file
 
 from ctrak_fast.engine.atomic import atomic_path
 
+from .image_sequence import ImageSequence
+
 _FORMAT = "ctrak-concept-dataset/1"
 
 
@@ -28,7 +30,9 @@ class ConceptDataset:
     """Images labelled with one value index per factor.
 
     Attributes:
-        images: float32 [N, 3, H, W] in [-1, 1].
+        images: float32 [N, 3, H, W] in [-1, 1], or an ImageSequence of the same shape: files
+            still on disk, decoded a batch at a time (a folder loaded with decode=False), so
+            featurization streams them.
         labels: int64 [N, F]; labels[i, f] indexes values[factors[f]]: what image i shows
             (n_values[f]: unknown).
         ids: int64 [N] stable sample ids (what attribution results refer to).
@@ -49,7 +53,7 @@ class ConceptDataset:
         (2, 'shape=circle, colour=blue')
     """
 
-    images: torch.Tensor
+    images: torch.Tensor | ImageSequence
     labels: torch.Tensor
     ids: torch.Tensor
     factors: list[str]
@@ -61,10 +65,12 @@ class ConceptDataset:
 
     def __post_init__(self) -> None:
         n = self.images.shape[0]
-        if self.images.ndim != 4 or self.images.shape[1] != 3 or self.images.dtype != torch.float32:
+        images = self.images  # an ImageSequence is float32 [N, 3, S, S] by construction
+        if isinstance(images, torch.Tensor) and (
+            images.ndim != 4 or images.shape[1] != 3 or images.dtype != torch.float32
+        ):
             raise ValueError(
-                f"images must be float32 [N,3,H,W], got {self.images.dtype} "
-                f"{tuple(self.images.shape)}"
+                f"images must be float32 [N,3,H,W], got {images.dtype} {tuple(images.shape)}"
             )
         if self.labels.shape != (n, len(self.factors)) or self.labels.dtype != torch.int64:
             raise ValueError(
@@ -144,8 +150,11 @@ class ConceptDataset:
 
     def subset(self, mask_or_index) -> ConceptDataset:
         """Rows selected by a boolean mask [N] or an index tensor; metadata shared."""
+        images = self.images
         return ConceptDataset(
-            self.images[mask_or_index],
+            images.select(mask_or_index)
+            if isinstance(images, ImageSequence)
+            else images[mask_or_index],
             self.labels[mask_or_index],
             self.ids[mask_or_index],
             list(self.factors),
@@ -165,7 +174,8 @@ class ConceptDataset:
         return self.subset(keep)
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write to one safetensors file (tensors + JSON metadata); atomic (tmp file + rename)."""
+        """Write to one safetensors file (tensors + JSON metadata); atomic (tmp file + rename).
+        Images still on disk are decoded into it."""
         path = Path(path)
         header = {
             "format": _FORMAT,
@@ -175,7 +185,7 @@ class ConceptDataset:
             "meta": self.meta,
         }
         tensors = {
-            "images": self.images.contiguous(),
+            "images": images_tensor(self.images).contiguous(),
             "labels": self.labels.contiguous(),
             "ids": self.ids.contiguous(),
         }
@@ -208,6 +218,11 @@ class ConceptDataset:
             captions,
             marks,
         )
+
+
+def images_tensor(images: torch.Tensor | ImageSequence) -> torch.Tensor:
+    """The images in memory, [N, 3, H, W] (an ImageSequence decoded whole)."""
+    return images.tensor() if isinstance(images, ImageSequence) else images
 
 
 def drop_captions(

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from .dataset import ConceptDataset
+from .image_sequence import ImageSequence
 from .images import Preprocess, load_image
 
 
@@ -177,6 +178,7 @@ def load_image_folder(
     values: dict[str, list[str]] | None = None,
     truth_file: str | os.PathLike | None = None,
     preprocess: Preprocess | None = None,
+    decode: bool = True,
 ) -> ConceptDataset:
     """Load the images named in `labels_file` (paths relative to `root`) into a ConceptDataset.
 
@@ -192,6 +194,9 @@ def load_image_folder(
         truth_file: what the images show, where it differs from their captions (a labels file
             of the same format, naming files of `labels_file`); default: the captions.
         preprocess: crop and flip (default: centre crop, no flip, as diffusers' scripts).
+        decode: read every image now (a tensor); False: the images stay on disk as an
+            ImageSequence decoded a batch at a time (featurization streams it), each file's
+            header checked now.
 
     Returns: ConceptDataset with images float32 [N, 3, S, S] in [-1, 1], captions int64 [N, F]
     (a missing value: the null index n_values[f]) and labels: the truth file's value, else the
@@ -253,12 +258,14 @@ def load_image_folder(
         raise ValueError(f"{labels_file}: held-out combination {shown} has training images")
     if not factors:
         raise ValueError(f"{labels_file}: its entries name no factor")
-    images = torch.stack(
-        [
-            load_image(contained(root, name, labels_file), image_size, preprocess, i)
-            for i, name in enumerate(names)
-        ]
-    )
+    paths = [contained(root, name, labels_file) for name in names]
+    images: torch.Tensor | ImageSequence
+    if decode:
+        decoded = [load_image(p, image_size, preprocess, i) for i, p in enumerate(paths)]
+        images = torch.stack(decoded)
+    else:
+        images = ImageSequence(paths, image_size, preprocess)
+        images.check_files()
     return ConceptDataset(
         images=images,
         labels=torch.tensor(labels, dtype=torch.int64),

@@ -102,6 +102,34 @@ def warn_not_square() -> None:
     )
 
 
+IMAGE_MODES = ("RGB", "RGBA", "L", "P")
+
+
+def check_image_file(path: Path) -> None:
+    """What load_image refuses that a file's header shows (missing, not PNG/JPG, unreadable
+    header, too many pixels, an unsupported mode), without decoding its pixels: ValueError
+    naming the file. A streamed set is checked so before its first row is featurized."""
+    if not path.is_file():
+        raise ValueError(f"image file missing: {path}")
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        raise ValueError(f"{path}: not a PNG/JPG file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with Image.open(path) as im:
+                (w, h), mode = im.size, im.mode
+    except Exception as e:  # PIL raises many types (and warnings) for corrupt files
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise ValueError(f"{path}: unreadable image ({type(e).__name__}: {first})") from None
+    if w * h > MAX_PIXELS:
+        raise ValueError(
+            f"{path}: {w} x {h} pixels, more than the {MAX_PIXELS:,} allowed "
+            "(a decompression bomb?)"
+        )
+    if mode not in IMAGE_MODES:
+        raise ValueError(f"{path}: unsupported image mode {mode!r} (need RGB, RGBA, L or P)")
+
+
 def load_image(
     path: Path, image_size: int, preprocess: Preprocess | None = None, index: int = 0
 ) -> torch.Tensor:
@@ -114,7 +142,7 @@ def load_image(
         raise ValueError(f"{path}: not a PNG/JPG file")
     with open_image(path) as im:
         mode = im.mode
-        if mode not in ("RGB", "RGBA", "L", "P"):
+        if mode not in IMAGE_MODES:
             raise ValueError(f"{path}: unsupported image mode {mode!r} (need RGB, RGBA, L or P)")
         if mode == "RGBA":  # composite onto white, the synthetic background
             bg = Image.new("RGBA", im.size, (255, 255, 255, 255))

@@ -19,6 +19,7 @@ __all__ = [
     "InputError",
     "NonFiniteFeatures",
     "check_training_data",
+    "check_image_rows",
     "check_device",
     "check_input_file",
     "check_input_dir",
@@ -59,16 +60,20 @@ def check_positive(name: str, value) -> None:
         raise InputError(f"{name} must be a positive integer, got {value!r}")
 
 
-def check_training_data(images: torch.Tensor, conds, ids: torch.Tensor) -> None:
-    """images float [N, C, H, W] (pixels or latents), finite; conds: N conditions of any kind (a
-    tensor [N, ...], finite if floating, or a sequence such as captions); ids int [N], unique;
-    N >= 1.
+def check_training_data(images, conds, ids: torch.Tensor) -> None:
+    """images float [N, C, H, W] (pixels or latents), finite, or a row source read a batch at a
+    time (``len``, ``.shape`` [N, C, H, W], ``images[i:j]`` a float tensor: see
+    ctrak_fast.method.rows), whose batches are checked as they are read (check_image_rows);
+    conds: N conditions of any kind (a tensor [N, ...], finite if floating, or a sequence such
+    as captions); ids int [N], unique; N >= 1.
 
     Raises:
         InputError: naming the sample ids of non-finite images or conditions, or duplicated ids.
     """
-    if images.ndim != 4 or not images.is_floating_point():
-        raise InputError(f"images must be float [N, C, H, W], got {images.dtype} {_shape(images)}")
+    in_memory = isinstance(images, torch.Tensor)
+    if len(images.shape) != 4 or (in_memory and not images.is_floating_point()):
+        what = images.dtype if in_memory else type(images).__name__
+        raise InputError(f"images must be float [N, C, H, W], got {what} {_shape(images)}")
     n = images.shape[0]
     if n == 0:
         raise InputError("empty dataset: nothing to featurize")
@@ -76,9 +81,8 @@ def check_training_data(images: torch.Tensor, conds, ids: torch.Tensor) -> None:
         raise InputError(f"ids must be int [{n}], got {ids.dtype} {_shape(ids)}")
     if conds is not None and len(conds) != n:
         raise InputError(f"{len(conds)} conditions for {n} images")
-    bad = ~torch.isfinite(images.reshape(n, -1)).all(1)
-    if bad.any():
-        raise InputError(f"images of sample id(s) {show_ids(ids[bad].tolist())} contain NaN/Inf")
+    if in_memory:
+        check_image_rows(images, ids)
     if isinstance(conds, torch.Tensor) and conds.is_floating_point():
         bad = ~torch.isfinite(conds.reshape(n, -1)).all(1)
         if bad.any():
@@ -88,6 +92,13 @@ def check_training_data(images: torch.Tensor, conds, ids: torch.Tensor) -> None:
     uniq, counts = torch.unique(ids, return_counts=True)
     if (counts > 1).any():
         raise InputError(f"duplicate sample id(s) {show_ids(uniq[counts > 1].tolist())}")
+
+
+def check_image_rows(images: torch.Tensor, ids: torch.Tensor) -> None:
+    """images [n, ...] finite (InputError naming the ids of the rows that are not)."""
+    bad = ~torch.isfinite(images.reshape(len(images), -1)).all(1)
+    if bad.any():
+        raise InputError(f"images of sample id(s) {show_ids(ids[bad].tolist())} contain NaN/Inf")
 
 
 def check_input_file(path, what: str) -> Path:

@@ -16,10 +16,12 @@ deterministic function of (model, image, caption, seed).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 from ctrak_fast.method.diffusion import NoiseSchedule, Schedule, add_noise
+from ctrak_fast.method.rows import select_rows
 
 COMPLETION_TIMESTEPS: tuple[int, ...] = (99, 199, 299, 399, 499, 599, 699)
 """The timesteps of the classifier: low and middle noise, where the value is still legible."""
@@ -29,7 +31,7 @@ COMPLETION_TIMESTEPS: tuple[int, ...] = (99, 199, 299, 399, 499, 599, 699)
 def value_losses(
     model,
     schedule: Schedule,
-    x0: torch.Tensor,
+    x0: Any,
     conds: torch.Tensor,
     factor: int,
     n_value: int,
@@ -39,12 +41,13 @@ def value_losses(
 ) -> torch.Tensor:
     """Mean denoising loss of each image under each value of `factor`.
 
-    x0 [N, C, H, W]; conds int64 [N, F] (the other factors as captioned, null where not).
+    x0 [N, C, H, W]: a tensor, or a row source read `batch_size` rows at a time (method/rows.py);
+    conds int64 [N, F] (the other factors as captioned, null where not).
     Returns [N, n_value]: mean over timesteps of mean((eps - eps_theta(x_t, t, c with
     c[factor] = v))^2), with one fixed noise per timestep shared by every image and value.
     """
     gen = torch.Generator().manual_seed(seed)
-    noises = torch.randn((len(timesteps), *x0.shape[1:]), generator=gen)
+    noises = torch.randn((len(timesteps), *tuple(x0.shape)[1:]), generator=gen)
     out = torch.zeros(len(x0), n_value, dtype=torch.float64)
     for start in range(0, len(x0), batch_size):
         x = x0[start : start + batch_size]
@@ -64,7 +67,7 @@ def value_losses(
 
 def complete_captions(
     model,
-    x0: torch.Tensor,
+    x0: Any,
     captions: torch.Tensor,
     n_values: Sequence[int],
     timesteps: Sequence[int] = COMPLETION_TIMESTEPS,
@@ -90,7 +93,8 @@ def complete_captions(
         rows = (captions[:, f] == n).nonzero().flatten()
         if len(rows) == 0:
             continue
-        losses = value_losses(model, schedule, x0[rows], captions[rows], f, n, timesteps, seed)
+        x = select_rows(x0, rows)
+        losses = value_losses(model, schedule, x, captions[rows], f, n, timesteps, seed)
         out[rows, f] = losses.argmin(1)
     return out
 

@@ -14,12 +14,13 @@ import torch
 from ctrak_fast.engine.store import MANIFEST, FeatureStore, remove_empty_store
 from ctrak_fast.engine.store.sources import SOURCES, sources_meta, write_sources
 from ctrak_fast.method.featurize import Featurizer
+from ctrak_fast.method.rows import read_rows
 from ctrak_fast.progress import progress as show_progress
 
 
 def featurize_dataset(
     featurizer: Featurizer,
-    images: torch.Tensor,
+    images: Any,
     conds: torch.Tensor,
     ids: torch.Tensor,
     path,
@@ -34,6 +35,8 @@ def featurize_dataset(
     sources_file: bool = True,
 ) -> FeatureStore:
     """Write features of images [N,C,H,W] / conds [N,F] / ids [N] into a FeatureStore at `path`.
+    images: a tensor, or a row source read a batch at a time (method/rows.py: a set larger than
+    memory, O(batch) images resident); the store's bytes are the same either way.
 
     Resumes: samples already in the store are skipped; shards hold whole batches so a resumed run
     writes the same bytes as an uninterrupted one. With `das_path`, a second store receives the DAS
@@ -134,7 +137,7 @@ def _write_rows(featurizer, images, conds, ids, stores, present, batch_size, nan
         )
         for i in bar:
             sl = slice(i, min(i + batch_size, len(images)))
-            phi, dsm = featurizer(images[sl], conds[sl])
+            phi, dsm = featurizer(read_rows(images, sl, ids), conds[sl])
             outputs = [phi] if len(stores) == 1 else [phi, phi * dsm[:, None]]
             nonfinite = torch.stack([~torch.isfinite(o).all(1) for o in outputs]).any(0).cpu()
             overflow = torch.stack([~torch.isfinite(o.to(store_dtype)).all(1) for o in outputs])

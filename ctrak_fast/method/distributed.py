@@ -51,6 +51,7 @@ from ctrak_fast.engine.store.sources import write_sources
 from ctrak_fast.engine.validation import InputError, check_positive, check_training_data
 from ctrak_fast.method.dataset_features import featurize_dataset, with_sources
 from ctrak_fast.method.featurize import Featurizer
+from ctrak_fast.method.rows import rows_of
 from ctrak_fast.progress import progress as show_progress
 
 __all__ = [
@@ -170,7 +171,7 @@ def plan_units(
 
 def featurize_units(
     featurizer: Featurizer,
-    images: torch.Tensor,
+    images: Any,
     conds: torch.Tensor,
     ids: torch.Tensor,
     plan: Plan,
@@ -192,7 +193,7 @@ def featurize_units(
         sl = plan.rows(unit)
         featurize_dataset(
             featurizer,
-            images[sl],
+            rows_of(images, sl),  # a row source stays unread until its batches come up
             conds[sl],
             ids[sl],
             part_path(main, unit),
@@ -233,7 +234,7 @@ def merge_units(
 
 def featurize_distributed(
     featurizer: Featurizer,
-    images: torch.Tensor,
+    images: Any,
     conds: torch.Tensor,
     ids: torch.Tensor,
     path,

@@ -166,9 +166,10 @@ class ModelKind(ABC):
             projector_backend=projector_backend,
         )
 
-    def training_set(self, dataset: Any) -> tuple[Tensor, Tensor, Tensor]:
-        """(images float32 [N,C,H,W], conds [N,...] as the model's cond tensor, ids int64 [N]) of
-        a ConceptDataset or a tuple (images, conds[, ids]), checked."""
+    def training_set(self, dataset: Any) -> tuple[Any, Tensor, Tensor]:
+        """(images float32 [N,C,H,W] or an ImageSequence of them, conds [N,...] as the model's
+        cond tensor, ids int64 [N]) of a ConceptDataset or a tuple (images, conds[, ids]),
+        checked."""
         from ctrak_fast.data import ConceptDataset
 
         conds: Any
@@ -180,7 +181,7 @@ class ModelKind(ABC):
             ids = dataset[2] if len(dataset) == 3 else torch.arange(len(images))
         else:
             raise TypeError("dataset must be a ConceptDataset or a tuple (images, conds[, ids])")
-        from ctrak_fast.data.inputs import ImageSequence
+        from ctrak_fast.data.image_sequence import ImageSequence
 
         if isinstance(images, ImageSequence):  # read a batch at a time (training_x0)
             pass
@@ -200,7 +201,7 @@ class ModelKind(ABC):
         """A ConceptDataset's training conditions as this kind spells them (its captions)."""
         return dataset.captions
 
-    def complete(self, images: Tensor, conds: Tensor) -> Tensor:
+    def complete(self, images: Any, conds: Tensor) -> Tensor:
         """The conditions as the model completes them (method/completion.py): kinds with
         factors; others keep `conds`."""
         return conds
@@ -209,14 +210,11 @@ class ModelKind(ABC):
         """Pixels [B,C,H,W] in [-1, 1] -> the model's x0 (latents for latent models)."""
         return images.float()
 
-    def training_x0(self, images: Any, ids: Tensor, store: Any) -> Tensor:
-        """The x0 of a training set featurized into `store` (latent models cache them there;
-        a pixel model reads an ImageSequence whole)."""
-        from ctrak_fast.data.inputs import ImageSequence
-
-        if isinstance(images, ImageSequence):
-            return images.tensor()
-        return images  # type: ignore[no-any-return]
+    def training_x0(self, images: Any, ids: Tensor, store: Any) -> Any:
+        """The x0 of a training set featurized into `store`: latent models encode and cache
+        them there; a pixel model's are its images, an ImageSequence left on disk (featurization
+        reads it a batch at a time: method/rows.py)."""
+        return images
 
     def pixel_size(self) -> int:
         """The side of the training images the model takes (pixels)."""

@@ -4,6 +4,7 @@ value indices int64 [F]; removing a concept sets its factor to the null token (o
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -144,7 +145,7 @@ class FactorKind(ModelKind):
     def make_conditions(self) -> FactorConditions:
         return FactorConditions(self.model)
 
-    def complete(self, images: Tensor, conds: Tensor) -> Tensor:
+    def complete(self, images: Any, conds: Tensor) -> Tensor:
         from ctrak_fast.method.completion import complete_captions
 
         n_values = [int(n) for n in self.model.n_values]  # type: ignore[union-attr]

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from ctrak_fast.data.image_sequence import ImageSequence
 from ctrak_fast.engine.atomic import atomic_path
 from ctrak_fast.models.text2image import TextToImageAdapter
 
@@ -27,7 +28,7 @@ def _images_digest(images: torch.Tensor | Sequence, ids: torch.Tensor, crop: str
     cropped), and the ids."""
 
     h = hashlib.sha256(crop.encode())
-    if hasattr(images, "digest"):  # an ImageSequence (data/inputs.py)
+    if isinstance(images, ImageSequence):
         h.update(images.digest().encode())
     elif torch.is_tensor(images):
         t = images.detach().float().contiguous()
@@ -61,7 +62,7 @@ def encode_images_cached(
     batch_size: int = 16,
     image_size: int | None = None,
     preprocess: Any = None,
-) -> torch.Tensor:
+) -> Any:
     """x0 of the training images [N,C,h,w] float32, VAE-encoded once and cached next to the store.
 
     images: float32 [N,3,H,W] in [-1,1], or N image files, read `batch_size` at a time, resized
@@ -70,15 +71,19 @@ def encode_images_cached(
     pixels (3 MB per 512x512 image, 64 kB as latents). The cache file is keyed by the VAE
     fingerprint (its name) and records a digest of the images (or files, and their crop) and ids;
     a cache of other images is recomputed and replaced. Written atomically (tmp + os.replace).
-    Pixel-space models return the images.
+    Pixel-space models return the images: a tensor stays one, files become an ImageSequence
+    (data/image_sequence.py) that featurization reads a batch at a time.
     """
-    if not adapter.latent:
+    if not adapter.latent:  # pixels: files stay on disk, read a batch at a time
         if torch.is_tensor(images):
             return images.float()
-        if hasattr(images, "tensor"):  # an ImageSequence
-            seq: Any = images
-            return seq.tensor()  # type: ignore[no-any-return]
-        return _load_files(images, image_size, preprocess)
+        if isinstance(images, ImageSequence):
+            return images
+        if image_size is None:
+            raise ValueError("image files need image_size (the model's pixel resolution)")
+        seq = ImageSequence(list(images), image_size, preprocess)
+        seq.check_files()  # a bad file is refused before the store is touched
+        return seq
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -93,8 +98,8 @@ def encode_images_cached(
                 return f.get_tensor("latents")
     if torch.is_tensor(images):
         latents = adapter.encode_images(images, batch_size)
-    elif hasattr(images, "digest"):  # an ImageSequence: decoded a batch at a time
-        batches: Any = images
+    elif isinstance(images, ImageSequence):  # decoded a batch at a time
+        batches = images
         latents = torch.cat(
             [
                 adapter.encode_images(batches[i : i + batch_size])

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ctrak_fast.data import ConceptDataset, SyntheticConfig, load_image_folder, make_dataset
+from ctrak_fast.data.dataset import images_tensor
 from ctrak_fast.data.marks import stamp_marks
 from ctrak_fast.engine.atomic import atomic_write_text
 
@@ -55,7 +56,8 @@ class FolderData:
         data = load_image_folder(self.folder, self.labels, image_size=self.image_size, **names)
         if not self.mark_fraction:
             return data
-        images, _, marks = stamp_marks(data.images, self.mark_fraction, self.mark_seed)
+        clean = images_tensor(data.images)
+        images, _, marks = stamp_marks(clean, self.mark_fraction, self.mark_seed)
         return replace(data, images=images, marks=marks)
 
 

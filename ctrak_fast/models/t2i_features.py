@@ -299,7 +299,7 @@ class TextToImageKind(ModelKind):
     def encode(self, images: Tensor) -> Tensor:
         return self.model.encode_images(images)
 
-    def training_x0(self, images: Any, ids: Tensor, store: Any) -> Tensor:
+    def training_x0(self, images: Any, ids: Tensor, store: Any) -> Any:
         return encode_images_cached(self.model, images, ids, store)
 
     def pixel_size(self) -> int:

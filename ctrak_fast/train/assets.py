@@ -21,6 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ctrak_fast.data import SyntheticConfig, make_dataset
+from ctrak_fast.data.dataset import images_tensor
 from ctrak_fast.engine.atomic import atomic_write_text
 from ctrak_fast.train.diffusion import train_diffusion
 from ctrak_fast.train.judge import (
@@ -224,7 +225,7 @@ def train_folder(
     judge = train_judge_on_data(ds, paths["judge"], steps=judge_steps, seed=seed, progress=progress)
     if mark_fraction:
         paths["mark_judge"] = str(out / f"markjudge_{name}.safetensors")
-        clean = replace(spec, mark_fraction=0.0).dataset().images
+        clean = images_tensor(replace(spec, mark_fraction=0.0).dataset().images)
         train_mark_judge(clean, paths["mark_judge"], judge_steps, seed=seed, progress=progress)
     extra = {"data": spec.to_dict(), "train_seconds": train_s}
     _write_eval(

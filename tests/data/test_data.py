@@ -132,6 +132,27 @@ def test_folder_json_and_csv_round_trip(tmp_path):
     assert ds3.images.shape == (4, 3, 8, 8) and ds3.labels[:, 0].tolist() == [1] * 4
 
 
+def test_a_folder_left_on_disk_reads_the_pixels_of_the_decoded_one(tmp_path):
+    from ctrak_fast.data.image_sequence import ImageSequence
+    from ctrak_fast.data.images import Preprocess
+
+    _write_folder(tmp_path, n=6)
+    labels = {f"img{i}.png": {"shape": "square", "colour": "rgb"[i % 3]} for i in range(6)}
+    (tmp_path / "labels.json").write_text(json.dumps(labels))
+    crop = Preprocess(center_crop=False, flip=True)  # seeded by the row: kept by subsets
+    kw = {"image_size": 8, "preprocess": crop}
+    decoded = load_image_folder(tmp_path, tmp_path / "labels.json", **kw)
+    lazy = load_image_folder(tmp_path, tmp_path / "labels.json", decode=False, **kw)
+    assert isinstance(lazy.images, ImageSequence) and lazy.image_size == 8 and len(lazy) == 6
+    assert torch.equal(lazy.images.tensor(), decoded.images) and lazy.meta == decoded.meta
+    first = lazy.train_subset(1)  # rows 0, 1, 2: one per colour
+    assert first.ids.tolist() == [0, 1, 2]
+    assert torch.equal(first.images.tensor(), decoded.train_subset(1).images)
+    lazy.subset(torch.tensor([5, 3])).save(tmp_path / "d.safetensors")  # decoded into the file
+    back = ConceptDataset.load(tmp_path / "d.safetensors")
+    assert torch.equal(back.images, decoded.images[[5, 3]])
+
+
 def test_folder_bad_inputs(tmp_path):
     _, labels = _write_folder(tmp_path, n=2)
     lf = tmp_path / "labels.json"

@@ -117,3 +117,42 @@ def test_paths_pil_and_a_dataset_read_a_batch_at_a_time(tmp_path):
         training_inputs(ds, 8)
     record = sources_of(training_inputs((paths, ["r", "g", "b"]), 8), torch.arange(3))
     assert record["files"] == ["0.png", "1.png", "2.png"] and record["captions"][2] == "b"
+
+
+def test_rows_and_subsets_decode_the_pixels_of_the_whole_set(tmp_path):
+    paths = []
+    for i in range(5):
+        arr = np.random.default_rng(i).integers(0, 255, (6, 10, 3), dtype=np.uint8)
+        Image.fromarray(arr).save(tmp_path / f"{i}.png")
+        paths.append(tmp_path / f"{i}.png")
+    crop = Preprocess(center_crop=False, flip=True)  # seeded per row: a subset must keep seeds
+    with pytest.warns(UserWarning, match="not square"):
+        images_module.warn_not_square.cache_clear()
+        seq = ImageSequence(paths, 6, crop)
+        whole = seq.tensor()
+    assert seq.shape == (5, 3, 6, 6) and torch.equal(whole[3:5], seq[3:5])
+    assert torch.equal(seq[[4, 1]], whole[[4, 1]])
+    assert torch.equal(seq[torch.tensor([2, 3])], whole[2:4])
+    subset = seq.select(torch.tensor([False, True, False, True, True]))
+    assert len(subset) == 3 and torch.equal(subset.tensor(), whole[[1, 3, 4]])
+    assert torch.equal(subset.select([2, 0])[0:2], whole[[4, 1]])
+    assert seq[2:2].shape == (0, 3, 6, 6)
+    datasets = pytest.importorskip("datasets")
+    ds = datasets.Dataset.from_dict({"image": [Image.open(p) for p in paths]})
+    hf = ImageSequence(ds.cast_column("image", datasets.Image()), 6, crop)
+    assert torch.equal(hf[[4, 1]], whole[[4, 1]])
+    assert torch.equal(hf.select([3, 0]).tensor(), whole[[3, 0]])
+
+
+def test_files_are_checked_by_their_headers_before_any_is_decoded(tmp_path):
+    Image.new("RGB", (4, 4)).save(tmp_path / "ok.png")
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    Image.new("CMYK", (4, 4)).save(tmp_path / "cmyk.jpg")
+    ImageSequence([tmp_path / "ok.png"], 4).check_files()
+    for name, message in [
+        ("bad.png", r"bad\.png: unreadable image"),
+        ("gone.png", r"image file missing: .*gone\.png"),
+        ("cmyk.jpg", r"cmyk\.jpg: unsupported image mode 'CMYK'"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            ImageSequence([tmp_path / "ok.png", tmp_path / name], 4).check_files()

@@ -23,7 +23,7 @@ from forkserver import (
     store_files,
     tiny_assets,
 )
-from helpers import write_store
+from helpers import LiveRows, write_store
 
 from ctrak_fast.engine.projection import ProjectionSpec
 from ctrak_fast.engine.store import FeatureStore, SpecMismatch, StoreError, merge_stores
@@ -121,6 +121,22 @@ def test_any_world_size_writes_the_single_process_bytes(tiny_unet, tmp_path):
             assert store_files(out / name) == want[name], (world, name)
             assert not (out / name / PARTS).exists()
         assert FeatureStore.open(out / "s").verify() == []
+
+
+def test_ranks_read_images_on_disk_a_batch_at_a_time(tiny_unet, tmp_path, monkeypatch):
+    from PIL import Image
+
+    from ctrak_fast.data.image_sequence import ImageSequence
+
+    x, cond, ids = _data(10)
+    pixels = ((x.permute(0, 2, 3, 1) + 1) * 127.5).round().byte().numpy()
+    seq = ImageSequence([Image.fromarray(p) for p in pixels], 8)  # PIL images, decoded per batch
+    fz, ref = _featurizer(tiny_unet), tmp_path / "ref"
+    featurize_dataset(fz, seq.tensor(), cond, ids, ref, batch_size=B, shard_rows=S, progress=False)
+    live = LiveRows.counting(monkeypatch)
+    _simulate(fz, (seq, cond, ids), [tmp_path / "w2"], world=2)
+    assert live.read == 10 and live.peak == B  # each unit reads its rows, one batch at a time
+    assert store_files(tmp_path / "w2") == store_files(ref)
 
 
 def test_rerun_after_a_crash_redoes_only_the_missing_units(tiny_unet, tmp_path):

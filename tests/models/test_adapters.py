@@ -197,6 +197,23 @@ def test_latent_cache_streams_image_files(tmp_path):
     assert not torch.allclose(again[4], got[4])
 
 
+def test_a_pixel_adapter_leaves_image_files_on_disk(tmp_path):
+    from PIL import Image
+
+    from ctrak_fast.data.image_sequence import ImageSequence
+    from ctrak_fast.data.images import load_image
+
+    files = []
+    for i in range(3):
+        files.append(tmp_path / f"{i}.png")
+        Image.new("RGB", (20, 20), (40 * i, 90, 200)).save(files[-1])
+    x0 = encode_images_cached(tiny_adapter(latent=False), files, torch.arange(3), tmp_path / "s",
+                              image_size=16)  # fmt: skip
+    assert isinstance(x0, ImageSequence) and x0.shape == (3, 3, 16, 16)  # read per batch
+    assert torch.equal(x0[0:3], torch.stack([load_image(f, 16) for f in files]))
+    assert not list(tmp_path.glob("s.latents-*"))  # nothing cached: pixels are the x0
+
+
 # ---- gradients: cross-attention filter against the reference ------------------------------------
 
 
