@@ -9,6 +9,7 @@ they read the scores, and the captions (what the model was told).
 
     python tools/partial_recipes.py --scores --stores-from out/partial_bench
     python tools/partial_recipes.py                   # phase 2 only (default --out)
+    python tools/partial_recipes.py --by-caption-state  # AP per caption state (no recipes)
 
 Recipes:
 - `group-z:<m>`: each score standardised within the images whose caption states the queried
@@ -32,6 +33,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ctrak_fast.bench.metrics import average_precision
 from ctrak_fast.bench.protocol import QueryLog, summarize_protocols
 from ctrak_fast.bench.quality import QualityConfig, run_quality
 from ctrak_fast.engine.atomic import atomic_write_text
@@ -142,6 +144,46 @@ def evaluate(out: Path) -> dict:
     return rows
 
 
+def by_caption_state(out: Path) -> dict:
+    """Does a method see the concept where the caption does not say it? Per test query, factor
+    and method (at its validation lambda_r): the AP of the uncaptioned carriers against the
+    non-carriers (captioned carriers left out of the ranking), and of the captioned carriers
+    against the non-carriers. The caption lookup ties every image in the first ranking, so it
+    is at chance there by construction: the first column is attribution beyond the captions."""
+    info = json.loads((out / "scores.json").read_text())
+    t = load_file(str(out / "scores.safetensors"))
+    labels, captions = t["labels"], t["captions"]
+    stated = captions != torch.tensor(info["n_values"])
+    lambdas = info["lambdas"]
+    acc: dict[tuple, list[float]] = {}
+    for i, q in enumerate(info["queries"]):
+        if q["role"] != "test":
+            continue
+        for key, s in t.items():
+            if not key.startswith(f"{i}/"):
+                continue
+            m = key.split("/", 1)[1]
+            if s.dim() == 3:  # [n_lambda, N, F]: at the validation choice
+                s = s[lambdas.index(info["lambda_r"][m])] if s.shape[0] > 1 else s[0]
+            for f in range(labels.shape[1]):
+                carrier = labels[:, f] == q["combo"][f]
+                for group, sel in (("uncaptioned", carrier & ~stated[:, f]),
+                                   ("captioned", carrier & stated[:, f])):  # fmt: skip
+                    keep = sel | ~carrier
+                    ap = average_precision(s[keep, f], sel[keep])
+                    acc.setdefault((m, group, q["split"], f), []).append(ap)
+                    acc.setdefault(("random", group, q["split"], f), []).append(
+                        float(sel[keep].float().mean())
+                    )
+    rows: dict[str, dict[str, list[float]]] = {}
+    for (m, group, split, f), v in acc.items():
+        cell = CELLS.index((split, info["factors"][f]))
+        rows.setdefault(m, {}).setdefault(group, [float("nan")] * len(CELLS))[cell] = float(
+            np.mean(v)
+        )
+    return rows
+
+
 def fmt(v) -> str:
     return " / ".join(f"{x:.2f}" for x in v)
 
@@ -152,11 +194,24 @@ def main() -> None:
     p.add_argument("--assets", default=str(ASSETS))
     p.add_argument("--scores", action="store_true", help="phase 1: run the benchmark first")
     p.add_argument("--stores-from", help="a `bench partial --out` folder whose stores to reuse")
+    p.add_argument(
+        "--by-caption-state", action="store_true",
+        help="print each row's AP of the uncaptioned (and captioned) carriers against the "
+        "non-carriers, then stop",
+    )  # fmt: skip
     a = p.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     if a.scores:
         run_scores(out, Path(a.assets), Path(a.stores_from) if a.stores_from else None)
+    if a.by_caption_state:
+        table = by_caption_state(out)
+        atomic_write_text(out / "by_caption_state.json", json.dumps(table, indent=1))
+        print("row | AP uncaptioned carriers vs non-carriers (ID shape, ID colour, HO shape, "
+              "HO colour) | AP captioned carriers vs non-carriers")  # fmt: skip
+        for m, r in sorted(table.items()):
+            print(f"{m} | {fmt(r['uncaptioned'])} | {fmt(r['captioned'])}")
+        return
     rows = evaluate(out)
     best = sorted(
         (m for m in rows if "val_ap" in rows[m]), key=lambda m: -np.nanmean(rows[m]["val_ap"])
