@@ -102,7 +102,10 @@ class InversionCache(dict):
     """DDIM trajectories {t: x_t} keyed by the inversion settings and the bytes of (x0, cond,
     null condition): featurizers of one model whose recipes invert alike (e.g. concept-trak and
     concept-trak-cond) invert each image once. Entries are exact results, never approximations;
-    memory is len(timesteps) images per cached image."""
+    memory is len(timesteps) images per cached image. `query_eps`: the eps the concept queries
+    evaluated at the latest draw points (method/eps_memo.py), shared by the methods of a query."""
+
+    query_eps: object = None
 
     @staticmethod
     def key(settings: tuple, x0: torch.Tensor, cond: torch.Tensor, null: torch.Tensor) -> tuple:

@@ -24,8 +24,10 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from ctrak_fast.method import diffusion
+from ctrak_fast.method.eps_memo import EpsMemo, shared_eps_memo
 from ctrak_fast.method.featurize import PAPER_TIMESTEPS, Featurizer
 from ctrak_fast.method.grads.layout import Blocks, add_blocks
 from ctrak_fast.method.negatives import DrawnNegative, sample_seed
@@ -242,11 +244,12 @@ def concept_query_features(
     out = []
     shared = spec.draws == "local" and spec.draw_cfg == "null"
     points = draw_points(featurizer, spec, cond_pos, None, image) if shared else None
+    memo = shared_eps_memo(featurizer, *points, batch_size) if points else None
     for neg in cond_negs:
         draw_neg, slider_neg = draw_negatives(spec, neg)
         x, t = points or draw_points(featurizer, spec, cond_pos, draw_neg, image)
         out.append(
-            slider_features(featurizer, spec, cond_pos, slider_neg, x, t, batch_size, region)
+            slider_features(featurizer, spec, cond_pos, slider_neg, x, t, batch_size, region, memo)
         )
     return torch.stack(out)
 
@@ -260,12 +263,14 @@ def slider_features(
     t: torch.Tensor,
     batch_size: int = 32,
     region: torch.Tensor | None = None,
+    memo: EpsMemo | None = None,
 ) -> torch.Tensor:
     """Concept-slider feature [k] at given draw points (METHOD.md §5): per point the gradient of
     mean((sg[eps(c+) + w d] - eps(c+))^2), d = eps(c+) - eps(c-), unit-normalised, averaged over
     the points, projected. cond_pos: one condition; cond_neg: one condition, a list whose eps
     are averaged, or PointNegatives (one c- per point); x [n,C,h,w], t [n]; region: a weight
-    [1, 1, h, w] (losses.region_weight): the mean over the region only (residual -w d weight)."""
+    [1, 1, h, w] (losses.region_weight): the mean over the region only (residual -w d weight);
+    memo: the EpsMemo of these points and batches, which the no-grad eps calls read."""
     if isinstance(cond_neg, DrawnNegative):
         raise ValueError("a DrawnNegative is drawn per draw first (draw_negatives)")
     if len(x) == 0:
@@ -281,16 +286,22 @@ def slider_features(
     else:
         negs = list(cond_neg)
     model = featurizer.model
+    if memo is not None and not memo.covers(model, x, t, batch_size):
+        raise ValueError("the eps memo was made for other draw points, batches or model")
     acc: Blocks = []
     for i in range(0, len(x), batch_size):
         xb, tb = x[i : i + batch_size], t[i : i + batch_size]
         pos_b = _batched(cond_pos, len(xb))
+
+        def eps(c: Tensor, i: int = i, xb: Tensor = xb, tb: Tensor = tb) -> Tensor:
+            return model(xb, tb, _batched(c, len(xb))) if memo is None else memo.eps(i, c)
+
         with torch.no_grad():
             if per_point is not None:
                 eps_neg = model(xb, tb, per_point[i : i + batch_size].to(xb.device))
             else:
-                eps_neg = sum(model(xb, tb, _batched(c, len(xb))) for c in negs) / len(negs)
-            d = model(xb, tb, pos_b) - eps_neg
+                eps_neg = sum(eps(c) for c in negs) / len(negs)
+            d = eps(cond_pos) - eps_neg
         r = -spec.weight * d
         if region is not None:  # the slider's mean over the region only
             r = r * region.to(r.device)
@@ -334,13 +345,14 @@ def context_concept_features(
             "null (draws='local', draw_cfg='null')"
         )
     x, t = draw_points(featurizer, spec, cond_pos, None, image)
+    memo = shared_eps_memo(featurizer, x, t, batch_size)  # the contexts share their conditions
     rows = []
     for pairs in contexts:
         if not pairs:
             raise ValueError("a concept needs at least one context")
         feats = [
             slider_features(
-                featurizer, spec, c, draw_negatives(spec, n)[1], x, t, batch_size, region
+                featurizer, spec, c, draw_negatives(spec, n)[1], x, t, batch_size, region, memo
             )
             for c, n in pairs
         ]
