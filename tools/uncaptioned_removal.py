@@ -102,7 +102,7 @@ def run(args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "setting.json", json.dumps(setting.to_dict(), indent=2) + "\n")
-    jobs = [(arm, s) for s in args.seeds for arm in ARMS]
+    jobs = [(arm, s) for s in args.seeds for arm in args.arms]
     for i, (arm, seed) in enumerate(jobs):
         path = out / f"{arm}-s{seed}.json"
         if path.exists():
@@ -184,6 +184,7 @@ def main() -> None:
         "--work", default="out/uncaptioned_removal_work", help="checkpoints (shared by concepts)"
     )
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS), help="arms to train")
     ap.add_argument("--mask-seed", type=int, default=0, help="which carriers are removed")
     ap.add_argument("--samples", type=int, default=96, help="samples per prompted combination")
     ap.add_argument("--summary", action="store_true", help="print the table of the done jobs")
