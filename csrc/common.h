@@ -58,10 +58,17 @@ static inline float bf16_to_float(uint16_t h) {
   return out;
 }
 
-// Row stride (floats) of a decoded feature tile: a multiple of 16 plus one cache line, so that
-// the MR rows a micro-kernel streams never share cache sets (a power-of-two stride such as
-// dim = 512 would put all of them in two sets of L1).
-static inline int64_t tile_lda(int64_t dim) { return (dim + 15) / 16 * 16 + 16; }
+// Decoded feature tiles are stored as k-block slabs: slab b holds dims [b * kTileKc, (b + 1) *
+// kTileKc) of every tile row at the fixed row stride kTileStride, so a micro-kernel addresses its
+// MR rows from one pointer with constant offsets (no register per row). The extra cache line per
+// row keeps the rows a micro-kernel streams in distinct cache sets.
+constexpr int64_t kTileKc = 128;
+constexpr int64_t kTileStride = kTileKc + 16;
+
+// Floats of one decoded row across all its slabs.
+static inline int64_t tile_row_floats(int64_t dim) {
+  return (dim + kTileKc - 1) / kTileKc * kTileStride;
+}
 
 // One selected candidate. Selection order: larger v first, then smaller id.
 struct Entry {
@@ -98,12 +105,14 @@ struct TileArgs {
   int64_t dim;
   const int64_t* ids;  // ids of the tile's rows, or nullptr: id = base_id + row
   int64_t base_id;     // id of the tile's first row when ids == nullptr
-  float* abuf;         // scratch [tile_rows, tile_lda(dim)] float32 (decoded features)
+  float* abuf;         // scratch [slabs][tile_rows][kTileStride] float32 (decoded features)
   float* cbuf;         // scratch [tile_rows, m_pad] float32 (partial sums across k blocks)
   const float* qpack;  // queries packed by the ISA's pack_queries
   int64_t m;
   SelCtx* sel;         // selection state; unused when dense
   int32_t dense;       // 1: leave every score in cbuf [tile_rows, m_pad] instead of selecting
+  const void* next_feat;  // the rows this thread scores next (prefetched), or nullptr
+  int64_t next_bytes;
 };
 
 // Rows of P per summation chunk of the fused projection (project_impl.h): a fixed global grid.

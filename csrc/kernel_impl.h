@@ -14,6 +14,10 @@
 //
 // No std:: templates here (see common.h on why).
 
+#ifndef CTRAK_PF_LOCALITY
+#define CTRAK_PF_LOCALITY 2
+#endif
+
 namespace {
 
 constexpr int W = V::W;
@@ -49,30 +53,44 @@ void pack_queries(const float* q, int64_t m, int64_t dim, float* out) {
   }
 }
 
-// Tile rows -> float32 [tile_rows, tile_lda(dim)] in abuf; rows past a.rows are zero (their
-// scores are computed and then discarded by the row check in accept()).
-void decode_tile(const TileArgs& a, int64_t tile_rows) {
-  const int64_t dim = a.dim, lda = tile_lda(dim);
-  for (int64_t r = 0; r < tile_rows; ++r) {
-    float* dst = a.abuf + r * lda;
-    if (r >= a.rows) {
-      for (int64_t d = 0; d < dim; ++d) dst[d] = 0.0f;
-      continue;
-    }
-    switch (a.dtype) {
-      case kF16:
-        V::decode_f16(static_cast<const uint16_t*>(a.feat) + r * dim, dst, dim);
-        break;
-      case kBF16:
-        V::decode_bf16(static_cast<const uint16_t*>(a.feat) + r * dim, dst, dim);
-        break;
-      default: {
-        const float* src = static_cast<const float*>(a.feat) + r * dim;
-        for (int64_t d = 0; d < dim; ++d) dst[d] = src[d];
-      }
+// Tile rows -> float32 k-block slabs in abuf ([slab][tile_rows][kTileStride], common.h); rows
+// past a.rows are zero (their scores are computed and then discarded by the row check in
+// accept()).
+inline void decode_span(const TileArgs& a, int64_t r, int64_t d0, int64_t len, float* dst) {
+  switch (a.dtype) {
+    case kF16:
+      V::decode_f16(static_cast<const uint16_t*>(a.feat) + r * a.dim + d0, dst, len);
+      break;
+    case kBF16:
+      V::decode_bf16(static_cast<const uint16_t*>(a.feat) + r * a.dim + d0, dst, len);
+      break;
+    default: {
+      const float* src = static_cast<const float*>(a.feat) + r * a.dim + d0;
+      for (int64_t d = 0; d < len; ++d) dst[d] = src[d];
     }
   }
 }
+
+void decode_tile(const TileArgs& a, int64_t tile_rows) {
+  for (int64_t r = 0; r < tile_rows; ++r) {  // row by row: the source streams in order
+    float* dst = a.abuf + r * kTileStride;
+    for (int64_t d0 = 0; d0 < a.dim; d0 += kTileKc, dst += tile_rows * kTileStride) {
+      const int64_t len = a.dim - d0 < kTileKc ? a.dim - d0 : kTileKc;
+      if (r < a.rows)
+        decode_span(a, r, d0, len, dst);
+      else
+        for (int64_t d = 0; d < len; ++d) dst[d] = 0.0f;
+    }
+  }
+}
+
+// Software prefetch of the next tile's source rows, spread over the micro-tiles of the first
+// query block so that its memory reads overlap this tile's fmas.
+struct Prefetch {
+  const char* p;
+  const char* end;
+  int64_t step;  // bytes per micro-tile, a multiple of 64
+};
 
 inline void push(Reservoir& r, float v, int64_t id, const SelCtx& s, float* thr, int negate) {
   r.e[r.count].v = v;
@@ -99,25 +117,28 @@ __attribute__((noinline)) void accept(const TileArgs& a, typename V::reg s, int6
 }
 
 // Rows [i0, i0 + MR) x queries [q0, q0 + NV*W) for dims [kb0, kb0 + kc).
+// Ap: row i0 of the k block's slab (rows kTileStride floats apart).
 template <int NV>
-__attribute__((always_inline)) inline void micro_tile(const TileArgs& a, int64_t i0, int64_t q0,
-                                                      int64_t kb0, int64_t kc, bool first,
-                                                      bool last, int64_t m_pad) {
+__attribute__((always_inline)) inline void micro_tile(const TileArgs& a, const float* Ap,
+                                                      int64_t i0, int64_t q0, int64_t kb0,
+                                                      int64_t kc, bool first, bool last,
+                                                      int64_t m_pad, const char* pf,
+                                                      int64_t pf_lines) {
   constexpr int MR = V::mr(NV);
   constexpr int NR = NV * W;
-  const int64_t dim = a.dim, lda = tile_lda(dim);
+  const int64_t dim = a.dim;
   typename V::reg acc[MR][NV];
   float* C = a.cbuf + i0 * m_pad + q0;
   for (int r = 0; r < MR; ++r)
     for (int v = 0; v < NV; ++v) acc[r][v] = first ? V::zero() : V::load(C + r * m_pad + v * W);
 
   const float* B = a.qpack + q0 * dim + kb0 * NR;
-  const float* Ap = a.abuf + i0 * lda + kb0;
   for (int64_t d = 0; d < kc; ++d) {
+    if (d < pf_lines) __builtin_prefetch(pf + 64 * d, 0, CTRAK_PF_LOCALITY);
     typename V::reg b[NV];
     for (int v = 0; v < NV; ++v) b[v] = V::load(B + d * NR + v * W);
     for (int r = 0; r < MR; ++r) {
-      const typename V::reg x = V::bcast(Ap[r * lda + d]);
+      const typename V::reg x = V::bcast(Ap[r * kTileStride + d]);
       for (int v = 0; v < NV; ++v) acc[r][v] = V::fma(x, b[v], acc[r][v]);
     }
   }
@@ -147,34 +168,41 @@ __attribute__((always_inline)) inline void micro_tile(const TileArgs& a, int64_t
 }
 
 template <int NV>
-void query_block(const TileArgs& a, int64_t tile_rows, int64_t q0, int64_t m_pad) {
+void query_block(const TileArgs& a, int64_t tile_rows, int64_t q0, int64_t m_pad,
+                 Prefetch& pf) {
   constexpr int MR = V::mr(NV);
-  // Packed query panel of one k block: kc x NV*W floats, about 32 KiB, to stay in L1.
-  constexpr int64_t kKcMax = (8192 / (NV * W)) < 64 ? 64 : (8192 / (NV * W));
-  const int64_t nkb = (a.dim + kKcMax - 1) / kKcMax;
-  const int64_t kc = (a.dim + nkb - 1) / nkb;
-  for (int64_t kb0 = 0; kb0 < a.dim; kb0 += kc) {
-    const int64_t len = a.dim - kb0 < kc ? a.dim - kb0 : kc;
+  // One k block = one slab: its packed query panel (kTileKc x NV*W floats) stays in L1.
+  for (int64_t kb0 = 0, slab = 0; kb0 < a.dim; kb0 += kTileKc, ++slab) {
+    const int64_t len = a.dim - kb0 < kTileKc ? a.dim - kb0 : kTileKc;
     const bool first = kb0 == 0, last = kb0 + len == a.dim;
-    for (int64_t i0 = 0; i0 < tile_rows; i0 += MR)
-      micro_tile<NV>(a, i0, q0, kb0, len, first, last, m_pad);
+    const float* Ap = a.abuf + slab * tile_rows * kTileStride;
+    for (int64_t i0 = 0; i0 < tile_rows; i0 += MR) {
+      const int64_t lines = pf.p < pf.end ? pf.step / 64 : 0;
+      micro_tile<NV>(a, Ap + i0 * kTileStride, i0, q0, kb0, len, first, last, m_pad, pf.p,
+                     lines);
+      pf.p += lines * 64;
+    }
   }
 }
 
 template <int NV>
 inline void query_block_nv(int nv, const TileArgs& a, int64_t tile_rows, int64_t q0,
-                           int64_t m_pad) {
+                           int64_t m_pad, Prefetch& pf) {
   if (nv == NV)
-    query_block<NV>(a, tile_rows, q0, m_pad);
+    query_block<NV>(a, tile_rows, q0, m_pad, pf);
   else if constexpr (NV > 1)
-    query_block_nv<NV - 1>(nv, a, tile_rows, q0, m_pad);
+    query_block_nv<NV - 1>(nv, a, tile_rows, q0, m_pad, pf);
 }
 
 void score_tile(const TileArgs& a, int64_t tile_rows) {
   decode_tile(a, tile_rows);
   const int64_t m_pad = round_up(a.m, W);
+  // The first query block's micro-tiles carry the prefetch of the next tile.
+  const int64_t steps = (a.dim + kTileKc - 1) / kTileKc * (tile_rows / V::mr(block_nv(a.m, 0)));
+  const char* next = static_cast<const char*>(a.next_feat);
+  Prefetch pf{next, next + a.next_bytes, round_up((a.next_bytes + steps - 1) / steps, 64)};
   for (int64_t q0 = 0; q0 < a.m; q0 += kMaxNR)
-    query_block_nv<V::kMaxNV>(block_nv(a.m, q0), a, tile_rows, q0, m_pad);
+    query_block_nv<V::kMaxNV>(block_nv(a.m, q0), a, tile_rows, q0, m_pad, pf);
 }
 
 typedef uint32_t u32_alias __attribute__((may_alias));

@@ -70,7 +70,7 @@ constexpr int64_t kParallelMinFma = int64_t(1) << 24;
 // Rows per tile: about 256 KiB of decoded rows, to stay in L2 next to the query panels.
 int64_t tile_rows_for(const IsaKernels* isa, int64_t dim) {
   const int64_t mult = isa->row_multiple;
-  const int64_t fit = 256 * 1024 / (4 * tile_lda(dim)) / mult * mult;
+  const int64_t fit = 256 * 1024 / (4 * tile_row_floats(dim)) / mult * mult;
   return std::clamp<int64_t>(fit, mult, 8 * mult);
 }
 
@@ -167,7 +167,7 @@ TopKState::TopKState(const float* queries, int64_t m, int64_t dim, int64_t k_top
 
   const int n_tails = (tails & kTop ? 1 : 0) + (tails & kBottom ? 1 : 0);
   const int64_t slot_bytes = m * n_tails * cap_ * int64_t(sizeof(Entry)) +
-                             tile_rows_ * (tile_lda(dim) + m_pad_) * 4 + 2 * m_pad_ * 4;
+                             tile_rows_ * (tile_row_floats(dim) + m_pad_) * 4 + 2 * m_pad_ * 4;
   const int want = num_threads > 0 ? num_threads : default_threads();
   num_threads_ =
       static_cast<int>(std::clamp<int64_t>(kStateBudgetBytes / slot_bytes, 1, std::max(want, 1)));
@@ -189,7 +189,7 @@ TopKState::TopKState(const float* queries, int64_t m, int64_t dim, int64_t k_top
       if (tails & kTop) s->res_top[q].e = e, e += cap_;
       if (tails & kBottom) s->res_bot[q].e = e, e += cap_;
     }
-    s->abuf = alloc_aligned<float>(tile_rows_ * tile_lda(dim));
+    s->abuf = alloc_aligned<float>(tile_rows_ * tile_row_floats(dim));
     s->cbuf = alloc_aligned<float>(tile_rows_ * m_pad_);
     s->sel = SelCtx{static_cast<int32_t>(k_), s->thr_top.get(), s->thr_bot.get(),
                     s->res_top.data(), s->res_bot.data(), &compact};
@@ -204,23 +204,34 @@ void TopKState::add(const void* feat, int dtype, int64_t n, const int64_t* ids, 
   const size_t row_bytes = static_cast<size_t>(dim_) * (dtype == kF32 ? 4 : 2);
   const int64_t tiles = (n + tile_rows_ - 1) / tile_rows_;
   const int nt = tiles > 1 && n * dim_ * m_pad_ >= kParallelMinFma ? num_threads_ : 1;
+  // Tasks of consecutive tiles, still handed out dynamically: within one the thread streams its
+  // rows in order and prefetches each next tile while it scores the current one.
+  const int64_t per_task = nt > 1 ? std::clamp<int64_t>(tiles / (8 * nt), 1, 16) : tiles;
+  const int64_t tasks = (tiles + per_task - 1) / per_task;
   const char* base = static_cast<const char*>(feat);
-  parallel_for(tiles, nt, [&](int64_t t, int worker) {
+  parallel_for(tasks, nt, [&](int64_t task, int worker) {
     Slot& s = *slots_[worker];
-    const int64_t r0 = t * tile_rows_;
-    TileArgs a{};
-    a.feat = base + r0 * row_bytes;
-    a.dtype = dtype;
-    a.rows = std::min(tile_rows_, n - r0);
-    a.dim = dim_;
-    a.ids = ids ? ids + r0 : nullptr;
-    a.base_id = base_id + r0;
-    a.abuf = s.abuf.get();
-    a.cbuf = s.cbuf.get();
-    a.qpack = qpack_.get();
-    a.m = m_;
-    a.sel = &s.sel;
-    isa_->score_tile(a, tile_rows_);
+    const int64_t t_end = std::min(tiles, (task + 1) * per_task);
+    for (int64_t t = task * per_task; t < t_end; ++t) {
+      const int64_t r0 = t * tile_rows_;
+      TileArgs a{};
+      a.feat = base + r0 * row_bytes;
+      a.dtype = dtype;
+      a.rows = std::min(tile_rows_, n - r0);
+      a.dim = dim_;
+      a.ids = ids ? ids + r0 : nullptr;
+      a.base_id = base_id + r0;
+      a.abuf = s.abuf.get();
+      a.cbuf = s.cbuf.get();
+      a.qpack = qpack_.get();
+      a.m = m_;
+      a.sel = &s.sel;
+      if (t + 1 < t_end) {
+        a.next_feat = base + (r0 + tile_rows_) * row_bytes;
+        a.next_bytes = std::min(tile_rows_, n - r0 - tile_rows_) * static_cast<int64_t>(row_bytes);
+      }
+      isa_->score_tile(a, tile_rows_);
+    }
   });
   rows_seen_ += n;
 }
@@ -258,7 +269,7 @@ void score_dense(const float* queries, int64_t m, int64_t dim, const void* feat,
   if (n <= 0) return;
   const IsaKernels* kern = select_isa(isa);
   const int64_t lanes = kern->lanes, m_pad = (m + lanes - 1) / lanes * lanes;
-  const int64_t tile_rows = tile_rows_for(kern, dim), lda = tile_lda(dim);
+  const int64_t tile_rows = tile_rows_for(kern, dim), lda = tile_row_floats(dim);
   AlignedBuf<float> qpack = alloc_aligned<float>(kern->packed_floats(m, dim));
   kern->pack_queries(queries, m, dim, qpack.get());
   const size_t row_bytes = static_cast<size_t>(dim) * (dtype == kF32 ? 4 : 2);
