@@ -106,7 +106,7 @@ struct TileArgs {
   const int64_t* ids;  // ids of the tile's rows, or nullptr: id = base_id + row
   int64_t base_id;     // id of the tile's first row when ids == nullptr
   float* abuf;         // scratch [slabs][tile_rows][kTileStride] float32 (decoded features)
-  float* cbuf;         // scratch [tile_rows, m_pad] float32 (partial sums across k blocks)
+  float* cbuf;         // dense mode: scratch [tile_rows, m_pad] float32 (the finished scores)
   const float* qpack;  // queries packed by the ISA's pack_queries
   int64_t m;
   SelCtx* sel;         // selection state; unused when dense

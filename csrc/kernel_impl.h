@@ -4,19 +4,16 @@
 //
 // Scores are a GEMM  S[rows, m] = A[rows, dim] . Q[m, dim]^T  vectorised over queries: a register
 // tile holds MR feature rows x NV vectors of W queries. Query blocks are packed once
-// ([dim][NV*W] per block) so the kernel streams them contiguously; feature rows are broadcast.
-// The dim loop is blocked so that one packed query panel (kc x NV*W floats) stays in L1 while
-// the micro-panels of the tile stream from L2; partial sums wait in cbuf between k blocks, so
-// every score is the same single fma chain over d = 0..dim-1 whatever the blocking.
+// ([dim][NV*W] per block) so the kernel streams them contiguously; feature rows are broadcast
+// from float32 k-block slabs at a fixed row stride (one pointer, constant offsets). A register
+// tile's sums stay in registers for the whole dim, so every score is the same single fma chain
+// over d = 0..dim-1 whatever the blocking, the thread count or the path (fused or not).
 // The selection is fused: each finished register tile is compared against per-query thresholds
 // (one compare per vector and tail) and only the rare survivors leave registers. In dense mode
 // (score export) the finished tile goes to cbuf instead: the same bits topk would have selected.
+// The source rows of the next tile are prefetched, a line per k step, while this one is scored.
 //
 // No std:: templates here (see common.h on why).
-
-#ifndef CTRAK_PF_LOCALITY
-#define CTRAK_PF_LOCALITY 2
-#endif
 
 namespace {
 
@@ -53,10 +50,13 @@ void pack_queries(const float* q, int64_t m, int64_t dim, float* out) {
   }
 }
 
-// Tile rows -> float32 k-block slabs in abuf ([slab][tile_rows][kTileStride], common.h); rows
-// past a.rows are zero (their scores are computed and then discarded by the row check in
-// accept()).
-inline void decode_span(const TileArgs& a, int64_t r, int64_t d0, int64_t len, float* dst) {
+// Dims [d0, d0 + len) of tile row r -> float32 at dst; zeros past a.rows (those scores are
+// computed and then discarded by the row check in accept()).
+inline void decode_row(const TileArgs& a, int64_t r, int64_t d0, int64_t len, float* dst) {
+  if (r >= a.rows) {
+    for (int64_t d = 0; d < len; ++d) dst[d] = 0.0f;
+    return;
+  }
   switch (a.dtype) {
     case kF16:
       V::decode_f16(static_cast<const uint16_t*>(a.feat) + r * a.dim + d0, dst, len);
@@ -71,16 +71,13 @@ inline void decode_span(const TileArgs& a, int64_t r, int64_t d0, int64_t len, f
   }
 }
 
+// The whole tile -> abuf's k-block slabs ([slab][tile_rows][kTileStride], common.h), row by row
+// so that the source streams in order.
 void decode_tile(const TileArgs& a, int64_t tile_rows) {
-  for (int64_t r = 0; r < tile_rows; ++r) {  // row by row: the source streams in order
+  for (int64_t r = 0; r < tile_rows; ++r) {
     float* dst = a.abuf + r * kTileStride;
-    for (int64_t d0 = 0; d0 < a.dim; d0 += kTileKc, dst += tile_rows * kTileStride) {
-      const int64_t len = a.dim - d0 < kTileKc ? a.dim - d0 : kTileKc;
-      if (r < a.rows)
-        decode_span(a, r, d0, len, dst);
-      else
-        for (int64_t d = 0; d < len; ++d) dst[d] = 0.0f;
-    }
+    for (int64_t d0 = 0; d0 < a.dim; d0 += kTileKc, dst += tile_rows * kTileStride)
+      decode_row(a, r, d0, a.dim - d0 < kTileKc ? a.dim - d0 : kTileKc, dst);
   }
 }
 
@@ -116,93 +113,120 @@ __attribute__((noinline)) void accept(const TileArgs& a, typename V::reg s, int6
   }
 }
 
-// Rows [i0, i0 + MR) x queries [q0, q0 + NV*W) for dims [kb0, kb0 + kc).
-// Ap: row i0 of the k block's slab (rows kTileStride floats apart).
+// MR rows x NV vectors of W queries held in registers (every member is inlined, so the
+// accumulators never leave them).
 template <int NV>
-__attribute__((always_inline)) inline void micro_tile(const TileArgs& a, const float* Ap,
-                                                      int64_t i0, int64_t q0, int64_t kb0,
-                                                      int64_t kc, bool first, bool last,
-                                                      int64_t m_pad, const char* pf,
-                                                      int64_t pf_lines) {
-  constexpr int MR = V::mr(NV);
-  constexpr int NR = NV * W;
-  const int64_t dim = a.dim;
+struct RegTile {
+  static constexpr int MR = V::mr(NV);
+  static constexpr int NR = NV * W;
   typename V::reg acc[MR][NV];
-  float* C = a.cbuf + i0 * m_pad + q0;
-  for (int r = 0; r < MR; ++r)
-    for (int v = 0; v < NV; ++v) acc[r][v] = first ? V::zero() : V::load(C + r * m_pad + v * W);
 
-  const float* B = a.qpack + q0 * dim + kb0 * NR;
-  for (int64_t d = 0; d < kc; ++d) {
-    if (d < pf_lines) __builtin_prefetch(pf + 64 * d, 0, CTRAK_PF_LOCALITY);
-    typename V::reg b[NV];
-    for (int v = 0; v < NV; ++v) b[v] = V::load(B + d * NR + v * W);
-    for (int r = 0; r < MR; ++r) {
-      const typename V::reg x = V::bcast(Ap[r * kTileStride + d]);
-      for (int v = 0; v < NV; ++v) acc[r][v] = V::fma(x, b[v], acc[r][v]);
-    }
-  }
-
-  if (!last || a.dense) {
+  __attribute__((always_inline)) void zero() {
     for (int r = 0; r < MR; ++r)
-      for (int v = 0; v < NV; ++v) V::store(C + r * m_pad + v * W, acc[r][v]);
-    return;
+      for (int v = 0; v < NV; ++v) acc[r][v] = V::zero();
   }
-  const SelCtx& s = *a.sel;
-  typename V::reg tt[NV], tb[NV];
-  for (int v = 0; v < NV; ++v) {
-    tt[v] = V::load(s.thr_top + q0 + v * W);
-    tb[v] = V::load(s.thr_bot + q0 + v * W);
+  __attribute__((always_inline)) void load(const float* C, int64_t ldc) {
+    for (int r = 0; r < MR; ++r)
+      for (int v = 0; v < NV; ++v) acc[r][v] = V::load(C + r * ldc + v * W);
   }
-  for (int r = 0; r < MR; ++r) {
-    for (int v = 0; v < NV; ++v) {
-      const uint32_t mt = V::ge_mask(acc[r][v], tt[v]);
-      const uint32_t mb = V::le_mask(acc[r][v], tb[v]);
-      if (__builtin_expect((mt | mb) != 0, 0)) {
-        accept(a, acc[r][v], i0 + r, q0 + v * W, mt, mb);
-        tt[v] = V::load(s.thr_top + q0 + v * W);  // a compaction may have raised them
-        tb[v] = V::load(s.thr_bot + q0 + v * W);
+  __attribute__((always_inline)) void store(float* C, int64_t ldc) const {
+    for (int r = 0; r < MR; ++r)
+      for (int v = 0; v < NV; ++v) V::store(C + r * ldc + v * W, acc[r][v]);
+  }
+
+  // acc += A[0:MR, 0:kc] . B[0:kc, 0:NR]: Ap rows kTileStride floats apart, B packed [kc][NR].
+  // The first pf_lines iterations each prefetch one cache line of pf.
+  __attribute__((always_inline)) void fma_block(const float* Ap, const float* B, int64_t kc,
+                                                const char* pf, int64_t pf_lines) {
+    for (int64_t d = 0; d < kc; ++d) {
+      // Locality 2 (prefetcht1): measured faster than t0 (which evicts the query panel from
+      // L1) and than nta, for the rows a micro-tile reads next.
+      if (d < pf_lines) __builtin_prefetch(pf + 64 * d, 0, 2);
+      typename V::reg b[NV];
+      for (int v = 0; v < NV; ++v) b[v] = V::load(B + d * NR + v * W);
+      for (int r = 0; r < MR; ++r) {
+        const typename V::reg x = V::bcast(Ap[r * kTileStride + d]);
+        for (int v = 0; v < NV; ++v) acc[r][v] = V::fma(x, b[v], acc[r][v]);
       }
     }
   }
-}
 
+  // Finished scores of rows i0.. for queries q0..: compare with the thresholds; only lanes
+  // that pass leave registers.
+  __attribute__((always_inline)) void select(const TileArgs& a, int64_t i0, int64_t q0) {
+    const SelCtx& s = *a.sel;
+    typename V::reg tt[NV], tb[NV];
+    for (int v = 0; v < NV; ++v) {
+      tt[v] = V::load(s.thr_top + q0 + v * W);
+      tb[v] = V::load(s.thr_bot + q0 + v * W);
+    }
+    for (int r = 0; r < MR; ++r) {
+      for (int v = 0; v < NV; ++v) {
+        const uint32_t mt = V::ge_mask(acc[r][v], tt[v]);
+        const uint32_t mb = V::le_mask(acc[r][v], tb[v]);
+        if (__builtin_expect((mt | mb) != 0, 0)) {
+          accept(a, acc[r][v], i0 + r, q0 + v * W, mt, mb);
+          tt[v] = V::load(s.thr_top + q0 + v * W);  // a compaction may have raised them
+          tb[v] = V::load(s.thr_bot + q0 + v * W);
+        }
+      }
+    }
+  }
+};
+
+// Lines of the next tile to prefetch during one micro-tile, and where.
+inline int64_t prefetch_lines(const Prefetch& pf) { return pf.p < pf.end ? pf.step / 64 : 0; }
+
+// The tile's rows x queries [q0, q0 + NV*W). Each micro-tile keeps its sums in registers over
+// the whole dim (so each score is one fma chain over d = 0..dim-1), reading the packed query
+// block k block by k block from L1/L2. fused (one query block only): each micro-tile decodes
+// its MR rows one k block at a time into an L1-sized corner of abuf just before using them, one
+// pass over the rows with nothing decoded going through L2; otherwise decode_tile decoded the
+// tile into abuf's slabs once for every query block.
 template <int NV>
-void query_block(const TileArgs& a, int64_t tile_rows, int64_t q0, int64_t m_pad,
-                 Prefetch& pf) {
-  constexpr int MR = V::mr(NV);
-  // One k block = one slab: its packed query panel (kTileKc x NV*W floats) stays in L1.
-  for (int64_t kb0 = 0, slab = 0; kb0 < a.dim; kb0 += kTileKc, ++slab) {
-    const int64_t len = a.dim - kb0 < kTileKc ? a.dim - kb0 : kTileKc;
-    const bool first = kb0 == 0, last = kb0 + len == a.dim;
-    const float* Ap = a.abuf + slab * tile_rows * kTileStride;
-    for (int64_t i0 = 0; i0 < tile_rows; i0 += MR) {
-      const int64_t lines = pf.p < pf.end ? pf.step / 64 : 0;
-      micro_tile<NV>(a, Ap + i0 * kTileStride, i0, q0, kb0, len, first, last, m_pad, pf.p,
-                     lines);
+void query_block(const TileArgs& a, int64_t tile_rows, int64_t q0, bool fused, Prefetch& pf) {
+  constexpr int MR = V::mr(NV), NR = NV * W;
+  const int64_t m_pad = round_up(a.m, W);
+  for (int64_t i0 = 0; i0 < tile_rows; i0 += MR) {
+    RegTile<NV> t;
+    t.zero();
+    for (int64_t kb0 = 0, slab = 0; kb0 < a.dim; kb0 += kTileKc, ++slab) {
+      const int64_t len = a.dim - kb0 < kTileKc ? a.dim - kb0 : kTileKc;
+      const float* Ap = a.abuf + (slab * tile_rows + i0) * kTileStride;
+      if (fused) {
+        for (int r = 0; r < MR; ++r) decode_row(a, i0 + r, kb0, len, a.abuf + r * kTileStride);
+        Ap = a.abuf;
+      }
+      const int64_t lines = prefetch_lines(pf);
+      t.fma_block(Ap, a.qpack + q0 * a.dim + kb0 * NR, len, pf.p, lines);
       pf.p += lines * 64;
     }
+    if (a.dense)
+      t.store(a.cbuf + i0 * m_pad + q0, m_pad);
+    else
+      t.select(a, i0, q0);
   }
 }
 
 template <int NV>
-inline void query_block_nv(int nv, const TileArgs& a, int64_t tile_rows, int64_t q0,
-                           int64_t m_pad, Prefetch& pf) {
+inline void query_block_nv(int nv, const TileArgs& a, int64_t tile_rows, int64_t q0, bool fused,
+                           Prefetch& pf) {
   if (nv == NV)
-    query_block<NV>(a, tile_rows, q0, m_pad, pf);
+    query_block<NV>(a, tile_rows, q0, fused, pf);
   else if constexpr (NV > 1)
-    query_block_nv<NV - 1>(nv, a, tile_rows, q0, m_pad, pf);
+    query_block_nv<NV - 1>(nv, a, tile_rows, q0, fused, pf);
 }
 
 void score_tile(const TileArgs& a, int64_t tile_rows) {
-  decode_tile(a, tile_rows);
-  const int64_t m_pad = round_up(a.m, W);
-  // The first query block's micro-tiles carry the prefetch of the next tile.
-  const int64_t steps = (a.dim + kTileKc - 1) / kTileKc * (tile_rows / V::mr(block_nv(a.m, 0)));
+  // The micro-tiles of the first query block carry the prefetch of the next tile.
+  const int nv0 = block_nv(a.m, 0);
+  const int64_t steps = (a.dim + kTileKc - 1) / kTileKc * (tile_rows / V::mr(nv0));
   const char* next = static_cast<const char*>(a.next_feat);
   Prefetch pf{next, next + a.next_bytes, round_up((a.next_bytes + steps - 1) / steps, 64)};
+  const bool fused = a.m <= kMaxNR;
+  if (!fused) decode_tile(a, tile_rows);
   for (int64_t q0 = 0; q0 < a.m; q0 += kMaxNR)
-    query_block_nv<V::kMaxNV>(block_nv(a.m, q0), a, tile_rows, q0, m_pad, pf);
+    query_block_nv<V::kMaxNV>(block_nv(a.m, q0), a, tile_rows, q0, fused, pf);
 }
 
 typedef uint32_t u32_alias __attribute__((may_alias));

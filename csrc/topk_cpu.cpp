@@ -145,7 +145,7 @@ struct TopKState::Slot {
   AlignedBuf<float> thr_top, thr_bot;  // [m_pad]
   std::vector<Entry> entries;           // [tails][m][cap]
   std::vector<Reservoir> res_top, res_bot;
-  AlignedBuf<float> abuf, cbuf;
+  AlignedBuf<float> abuf;  // decoded tile (selection never needs cbuf: sums stay in registers)
   SelCtx sel;
 };
 
@@ -167,7 +167,7 @@ TopKState::TopKState(const float* queries, int64_t m, int64_t dim, int64_t k_top
 
   const int n_tails = (tails & kTop ? 1 : 0) + (tails & kBottom ? 1 : 0);
   const int64_t slot_bytes = m * n_tails * cap_ * int64_t(sizeof(Entry)) +
-                             tile_rows_ * (tile_row_floats(dim) + m_pad_) * 4 + 2 * m_pad_ * 4;
+                             tile_rows_ * tile_row_floats(dim) * 4 + 2 * m_pad_ * 4;
   const int want = num_threads > 0 ? num_threads : default_threads();
   num_threads_ =
       static_cast<int>(std::clamp<int64_t>(kStateBudgetBytes / slot_bytes, 1, std::max(want, 1)));
@@ -190,7 +190,6 @@ TopKState::TopKState(const float* queries, int64_t m, int64_t dim, int64_t k_top
       if (tails & kBottom) s->res_bot[q].e = e, e += cap_;
     }
     s->abuf = alloc_aligned<float>(tile_rows_ * tile_row_floats(dim));
-    s->cbuf = alloc_aligned<float>(tile_rows_ * m_pad_);
     s->sel = SelCtx{static_cast<int32_t>(k_), s->thr_top.get(), s->thr_bot.get(),
                     s->res_top.data(), s->res_bot.data(), &compact};
     slots_.push_back(std::move(s));
@@ -222,7 +221,6 @@ void TopKState::add(const void* feat, int dtype, int64_t n, const int64_t* ids, 
       a.ids = ids ? ids + r0 : nullptr;
       a.base_id = base_id + r0;
       a.abuf = s.abuf.get();
-      a.cbuf = s.cbuf.get();
       a.qpack = qpack_.get();
       a.m = m_;
       a.sel = &s.sel;
