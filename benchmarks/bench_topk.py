@@ -32,7 +32,9 @@ copy of the same bytes.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -141,9 +143,17 @@ def run(args: argparse.Namespace) -> dict:
         results, timings = {}, {}
         for name, (fn, bytes_per_value) in methods.items():
             print(f"q={q}: timing {name} ...", flush=True)
+            cpu_s: list[float] = []
+
+            def timed(fn=fn, cpu_s=cpu_s):
+                c0 = time.process_time()
+                out = fn()
+                cpu_s.append(time.process_time() - c0)
+                return out
+
             with PeakRss() as mem:
                 results[name] = fn()
-                timings[name] = time_fn(fn, warmup=max(args.warmup - 1, 0), repeat=args.repeat)
+                timings[name] = time_fn(timed, warmup=max(args.warmup - 1, 0), repeat=args.repeat)
             t = timings[name]
             rows.append(
                 {
@@ -155,6 +165,8 @@ def run(args: argparse.Namespace) -> dict:
                     "Mrows/s": args.n / t.median / 1e6,
                     "GFLOP/s": 2 * args.n * args.dim * q / t.median / 1e9,
                     "feat_GB/s": args.n * args.dim * bytes_per_value / t.median / 1e9,
+                    # cores this process kept busy: what a shared machine left to the method
+                    "cores_busy": statistics.median(cpu_s[-args.repeat :]) / t.median,
                     "peak_rss_MB": mem.peak / 2**20,
                     "peak_rss_delta_MB": mem.delta / 2**20,
                 }
@@ -292,7 +304,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = run(args)
     cols = [
         "method", "q", "k", "median_s", "min-max_s", "Mrows/s", "GFLOP/s", "%fma_peak",
-        "feat_GB/s", "%copy_bw", "ours_speedup", "peak_rss_MB", "peak_rss_delta_MB",
+        "feat_GB/s", "%copy_bw", "ours_speedup", "cores_busy", "peak_rss_MB", "peak_rss_delta_MB",
     ]  # fmt: skip
     env = result["env"]
     print(
