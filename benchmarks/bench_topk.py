@@ -20,8 +20,8 @@ RSS while the method runs and its growth over the RSS at the start (the data, in
 float32 copy, is resident throughout). Both ceilings are measured before and after
 the timings and the larger is used (the machine is shared: the conservative fraction). Targets:
 ours >= 1.0x faiss and >= 2x torch; q = 256 >= 70% of the FMA peak; q = 16 >= 80% of the copy
-bandwidth (out of float32 reach on a CPU whose FMA peak is below 16 flop per feature byte read:
-see docs/ENGINE.md).
+bandwidth (at q = 16 each float16 byte read costs 16 flop, so float32 reaches it only where the
+FMA peak is at least 12.8 flop per byte/s of copy bandwidth: see docs/ENGINE.md).
 
 --device cuda (the GPU check): features device-resident, both CUDA score kernels (mma: tensor
 cores; simt: fp32 fma chains; $CTRAK_CUDA_ENGINE selects) and torch on the GPU (matmul + topk),

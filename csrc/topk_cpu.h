@@ -50,10 +50,11 @@ using AlignedBuf = std::unique_ptr<T[], FreeDeleter>;
 
 // Running top-k of m queries over rows streamed in any number of add() calls.
 //
-// Threads split each add() by tiles of rows; every thread keeps its own reservoirs and thresholds
-// (no locks, thresholds persist across calls) and result() merges them. Memory: per thread
-// m * tails * cap * 16 bytes (cap = k + max(k / 2, 64)) plus two tiles; the thread count is
-// lowered when that would exceed kStateBudgetBytes. The result is independent of the thread
+// Threads split each add() into runs of consecutive tiles of rows (handed out dynamically; each
+// prefetches its next tile); every thread keeps its own reservoirs and thresholds (no locks,
+// thresholds persist across calls) and result() merges them. Memory: per thread m * tails * cap
+// * 16 bytes (cap = k + max(k / 2, 64)) plus one decoded tile; the thread count is lowered when
+// that would exceed kStateBudgetBytes. The result is independent of the thread
 // count and of how rows are split across calls: selection is a total order (score descending,
 // then id ascending) over scores that are each one fp32 fma chain over d = 0..dim-1.
 // One caller at a time: add() and result() of the same state must not run concurrently.
