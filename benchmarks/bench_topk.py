@@ -89,15 +89,16 @@ def faiss_index(feats: torch.Tensor, chunk: int = 1 << 16):
 
 def fma_peaks(when: str) -> dict:
     """The FMA peak of all cores (GFLOP/s, wall clock) and of one core per second of CPU time
-    (the same run's flops over the CPU time its threads got: load-independent where the wall
-    clock is not, on a machine shared with other jobs)."""
+    (a one-thread run's flops over the CPU time it got: load-independent where the wall clock
+    is not, on a machine shared with other jobs; one thread throughout, so the CPU share of its
+    calibration and of its timed part are alike)."""
     C = _native.load()
     c0, w0 = time.process_time(), time.perf_counter()
-    rate = C.cpu_fma_peak(0.5)
+    one = C.cpu_fma_peak(0.5, 1)
     cpu, wall = time.process_time() - c0, time.perf_counter() - w0
     return {
-        f"fma_peak_GFLOPs_{when}": rate / 1e9,
-        f"fma_core_GFLOP_per_cpu_s_{when}": rate / 1e9 * wall / cpu,
+        f"fma_peak_GFLOPs_{when}": C.cpu_fma_peak(0.5) / 1e9,
+        f"fma_core_GFLOP_per_cpu_s_{when}": one / 1e9 * wall / cpu,
     }
 
 
