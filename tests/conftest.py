@@ -45,6 +45,16 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test, restored after: a test that runs in-process what a command
+    runs may change it (spinning OpenMP threads crawl on a shared 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 class TinyCondUNet(torch.nn.Module):
     """A few-thousand-parameter conditional diffusers UNet for gradient tests (random weights)."""
 

@@ -32,15 +32,6 @@ def server(tmp_path_factory):
     return shared_server(tmp_path_factory)
 
 
-@pytest.fixture
-def one_thread():
-    """In-process featurization: spinning OpenMP threads crawl on the shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     return tiny_assets(tmp_path_factory.mktemp("assets"))

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from forkserver import not_progress, shared_server, store_files, tiny_assets
 from helpers import LiveRows, run
 from PIL import Image
@@ -27,14 +26,6 @@ LAYOUT = ["--batch-size", str(BATCH), "--shard-rows", "4"]  # 24 images: 6 shard
 @pytest.fixture
 def live_rows(monkeypatch):
     return LiveRows.counting(monkeypatch)
-
-
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
