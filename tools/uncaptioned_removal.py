@@ -111,8 +111,9 @@ def run(args) -> None:
         print(
             f"[{time.strftime('%H:%M:%S')}] job {i + 1}/{len(jobs)}: {arm} seed {seed}", flush=True
         )
-        model = train_diffusion(
-            data.subset(masks[arm]), work / f"{ckpt_name(arm, args)}-s{seed}.safetensors",
+        weights = work / f"{ckpt_name(arm, args)}-s{seed}.safetensors"
+        model = load_model(weights) if weights.exists() else train_diffusion(
+            data.subset(masks[arm]), weights,
             steps=setting.steps, batch_size=setting.batch_size, lr=setting.lr, seed=seed,
             progress=False, model_kwargs=setting.model_kwargs(), checkpoint_every=250,
             hflip=True,
@@ -138,42 +139,44 @@ def rate(rec: dict, key: str = "concept") -> float:
 
 
 def summary(out: Path, n_boot: int = 2000) -> dict:
-    """The rate per arm (mean over seeds and samples) and its drop against `full`, with a
-    bootstrap CI that resamples seeds, then samples within each (seed, combination)."""
-    recs = {p.stem: json.loads(p.read_text()) for p in sorted(out.glob("*-s*.json"))}
-    by_arm: dict[str, list[dict]] = {}
-    for r in recs.values():
-        by_arm.setdefault(r["arm"], []).append(r)
+    """Per arm: the concept's (and the combination's) generation rate per training seed and its
+    mean; the drop against `full`, paired by seed (the same seed draws the same batches), with a
+    95% bootstrap CI that resamples the seeds done for both arms, then the samples within each
+    (seed, combination)."""
+    recs = [json.loads(p.read_text()) for p in sorted(out.glob("*-s*.json"))]
+    runs = {(r["arm"], r["seed"]): r for r in recs}
     rng = np.random.default_rng(0)
 
-    def boot(rs: list[dict], key: str) -> np.ndarray:
-        draws = np.empty(n_boot)
-        for b in range(n_boot):
-            pick = rng.integers(len(rs), size=len(rs))
-            vals = []
-            for i in pick:
-                for s in rs[i]["samples"].values():
-                    a = np.asarray(s[key])
-                    vals.append(a[rng.integers(len(a), size=len(a))].mean())
-            draws[b] = np.mean(vals)
-        return draws
+    def resampled(r: dict, key: str) -> float:
+        vals = [np.asarray(s[key]) for s in r["samples"].values()]
+        return float(np.mean([a[rng.integers(len(a), size=len(a))].mean() for a in vals]))
 
-    table = {}
+    table: dict[str, dict] = {}
     for key in ("concept", "combination"):
-        full = boot(by_arm["full"], key) if "full" in by_arm else None
         for arm in ARMS:
-            if arm not in by_arm:
+            seeds = sorted(s for a, s in runs if a == arm)
+            if not seeds:
                 continue
-            rs = by_arm[arm]
-            d = boot(rs, key)
-            row = {"seeds": len(rs), "rate": float(np.mean([rate(r, key) for r in rs]))}
-            if full is not None and arm != "full":
-                drop = full - d
-                row["drop"] = [float(np.mean(drop)), *map(float, np.quantile(drop, [0.025, 0.975]))]
+            per_seed = {s: rate(runs[arm, s], key) for s in seeds}
+            row: dict = {"per_seed": per_seed, "rate": float(np.mean(list(per_seed.values())))}
+            paired = [s for s in seeds if ("full", s) in runs]
+            if arm != "full" and paired:
+                draws = np.empty(n_boot)
+                for b in range(n_boot):
+                    pick = rng.choice(paired, size=len(paired))
+                    draws[b] = np.mean(
+                        [
+                            resampled(runs["full", s], key) - resampled(runs[arm, s], key)
+                            for s in pick
+                        ]
+                    )
+                point = np.mean([rate(runs["full", s], key) - per_seed[s] for s in paired])
+                row["drop"] = [float(point), *map(float, np.quantile(draws, [0.025, 0.975]))]
+                row["paired_seeds"] = paired
             table.setdefault(key, {})[arm] = row
-    sizes = next(iter(recs.values()))["sizes"] if recs else {}
-    cpu_h = sum(r["cpu_seconds"] for r in recs.values()) / 3600
-    return {"sizes": sizes, "table": table, "cpu_hours": cpu_h, "jobs": sorted(recs)}
+    sizes = recs[0]["sizes"] if recs else {}
+    cpu_h = sum(r["cpu_seconds"] for r in recs) / 3600
+    return {"sizes": sizes, "table": table, "cpu_hours": cpu_h, "jobs": len(recs)}
 
 
 def main() -> None:
