@@ -28,6 +28,10 @@ import torch
 from ctrak_fast.engine.scoring import all_finite
 
 BLOCK = 2048  # block of the upper triangle read per product (32 MB in float64)
+# scipy's bundled OpenBLAS dpotrf dies with SIGSEGV on a k x k float64 matrix at k = 16000 and
+# 16384, with clean=0 or 1 (scipy 1.17.1, 2 threads; fine at 12000 and 14000): larger k is
+# refused here, and solve_queries takes one torch Cholesky per lambda there instead.
+MAX_K = 14000
 
 
 class SharedGramFactor:
@@ -58,6 +62,11 @@ class SharedGramFactor:
     def __init__(self, gram: torch.Tensor, lam: float, *, inplace: bool = False) -> None:
         if gram.dim() != 2 or gram.shape[0] != gram.shape[1] or gram.shape[0] == 0:
             raise ValueError(f"gram must be a non-empty [k, k] tensor, got {list(gram.shape)}")
+        if gram.shape[0] > MAX_K:
+            raise ValueError(
+                f"k = {gram.shape[0]} is above {MAX_K}, where scipy's dpotrf crashes; "
+                "factor per lambda instead (scoring.Preconditioner)"
+            )
         if inplace:
             if gram.dtype != torch.float64 or not gram.is_contiguous() or gram.is_cuda:
                 raise ValueError("inplace=True needs a contiguous CPU float64 gram")

@@ -28,6 +28,7 @@ import torch
 
 from ctrak_fast.engine.gram import FeatureSource, load_features
 from ctrak_fast.engine.gram import gram as build_gram
+from ctrak_fast.engine.gram_factor import MAX_K as KRYLOV_MAX_K
 from ctrak_fast.engine.scoring import (
     Preconditioner,
     all_finite,
@@ -301,6 +302,11 @@ def solve_queries(
     k = g.shape[0]
     if k <= EIGH_MAX_K and eigh_fits(k):
         return _checked(LambdaSweep(gram=g).solve(q, lambda_rs).float(), q, lambda_rs)
+    if k > KRYLOV_MAX_K:
+        # scipy's dpotrf crashes this large (gram_factor.MAX_K): one torch Cholesky of a copy
+        # per lambda (2 k^2 doubles), G read from memory each time, not from the store.
+        us = [Preconditioner(g, r).solve(q) for r in lambda_rs]
+        return torch.stack(us).reshape(len(lambda_rs), -1, k)
     # One Cholesky in G's own storage, every lambda by shifted Krylov solves (sweep_factor).
     g = g.detach().to(device="cpu", dtype=torch.float64).contiguous()
     u = sweep_solve(g, q.reshape(-1, k), lambda_rs, inplace=True).u.float()

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import ctrak_fast.engine.sweep as sweep
-from ctrak_fast.engine.gram_factor import SharedGramFactor
+from ctrak_fast.engine.gram_factor import MAX_K, SharedGramFactor
 from ctrak_fast.engine.scoring import Preconditioner
 from ctrak_fast.engine.sweep_factor import default_lambda_r0, sweep_solve
 
@@ -161,3 +161,19 @@ def test_solve_queries_takes_the_krylov_sweep_above_the_eigh_limit(monkeypatch):
     assert calls == [1]
     scale = by_eigh.abs().amax(dim=(1, 2), keepdim=True)
     assert float(((by_krylov - by_eigh).abs() / scale).max()) <= 1e-4
+
+
+def test_solve_queries_factors_per_lambda_above_the_krylov_limit(monkeypatch):
+    # scipy's dpotrf crashes at k = 16000 on the build machine: there the sweep must not call it
+    phi, q = _features(3 * K, K, 1.0, seed=11), _queries(4, K).float()
+    lambdas = [1e-3, 1.0, 1e3]
+    by_eigh = sweep.solve_queries(phi.float(), q, lambdas, path="primal")
+    monkeypatch.setattr(sweep, "EIGH_MAX_K", K - 1)
+    monkeypatch.setattr(sweep, "KRYLOV_MAX_K", K - 1)
+    monkeypatch.setattr(sweep, "sweep_solve", lambda *a, **kw: pytest.fail("Krylov sweep taken"))
+    per_lambda = sweep.solve_queries(phi.float(), q, lambdas, path="primal")
+    scale = by_eigh.abs().amax(dim=(1, 2), keepdim=True)
+    assert float(((per_lambda - by_eigh).abs() / scale).max()) <= 1e-4
+    with pytest.raises(ValueError, match="dpotrf crashes"):
+        big = torch.ones(1, 1, dtype=torch.float64).expand(MAX_K + 1, MAX_K + 1)
+        SharedGramFactor(big, lam=1.0)  # the shape is refused before any memory is touched
