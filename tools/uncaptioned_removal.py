@@ -40,9 +40,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ctrak_fast.bench.counterfactual.queue import judged_samples
 from ctrak_fast.bench.counterfactual.setting import CounterfactualSetting
 from ctrak_fast.engine.atomic import atomic_write_text
-from ctrak_fast.method import diffusion
 from ctrak_fast.models.factor_unet import load_model
 from ctrak_fast.train.diffusion import train_diffusion
 
@@ -72,20 +72,13 @@ def arm_masks(data, factor: int, value: int, seed: int) -> tuple[dict[str, torch
     return masks, sizes
 
 
-@torch.no_grad()
-def judged_samples(model, judge, combos, factor: int, n: int, guidance: float, seed: int):
-    """Per combination: n samples prompted with it; 0/1 arrays of 'the judge reads the
-    prompted value of `factor`' and 'the judge reads the whole combination'."""
+def judged(model, judge, combos, factor: int, n: int, guidance: float, seed: int) -> dict:
+    """Per prompted combination, n samples judged (queue.judged_samples) as 0/1 lists."""
     out = {}
     for combo in combos:
-        gen = torch.Generator().manual_seed(seed * 7919 + combo[0] * 31 + combo[1])
-        cond = torch.tensor(combo, dtype=torch.long)[None].expand(n, -1)
-        x0, _ = diffusion.ddim_sample(model, cond, guidance=guidance, generator=gen)
-        pred = judge.predict(x0.clamp(-1, 1))
-        out[f"{combo[0]},{combo[1]}"] = {
-            "concept": (pred[:, factor] == cond[:, factor]).int().tolist(),
-            "combination": (pred == cond).all(1).int().tolist(),
-        }
+        hits = judged_samples(model, judge, combo, factor, n, guidance,
+                              seed=seed * 7919 + combo[0] * 31 + combo[1])  # fmt: skip
+        out[f"{combo[0]},{combo[1]}"] = {k: v.int().tolist() for k, v in hits.items()}
     return out
 
 
@@ -121,7 +114,7 @@ def run(args) -> None:
         rec = {
             "arm": arm, "seed": seed, "concept": f"{args.factor}={args.value}",
             "n_train": int(masks[arm].sum()), "sizes": sizes,
-            "samples": judged_samples(model, judge, combos, factor, args.samples,
+            "samples": judged(model, judge, combos, factor, args.samples,
                                       setting.guidance, seed=1000 + seed),
             "seconds": time.time() - wall, "cpu_seconds": time.process_time() - cpu,
         }  # fmt: skip

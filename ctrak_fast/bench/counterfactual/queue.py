@@ -29,7 +29,8 @@ from ctrak_fast.progress import report
 from ctrak_fast.train.diffusion import train_diffusion
 
 __all__ = [
-    "Job", "pending", "run_jobs", "run_job", "generation_rate", "read_outputs", "copy_identical",
+    "Job", "pending", "run_jobs", "run_job", "generation_rate", "judged_samples", "read_outputs",
+    "copy_identical",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -64,19 +65,23 @@ def read_outputs(outputs: Path, names: Sequence[str]) -> dict[str, dict]:
 
 
 @torch.no_grad()
-def generation_rate(model, judge, combo, factor: int, n: int, guidance: float, seed: int) -> dict:
-    """How often the model draws the concept: n samples of `combo` (CFG `guidance`), the fraction
-    the judge reads as combo's value of `factor`, and as the whole combination."""
+def judged_samples(model, judge, combo, factor: int, n: int, guidance: float, seed: int) -> dict:
+    """n samples of `combo` (CFG `guidance`, drawn from `seed`), each judged: bool [n] tensors
+    'the judge reads combo's value of `factor`' (concept) and 'the whole combination'."""
     from ctrak_fast.method import diffusion
 
     gen = torch.Generator().manual_seed(seed)
     cond = torch.tensor(combo, dtype=torch.long)[None].expand(n, -1)
     x0, _ = diffusion.ddim_sample(model, cond, guidance=guidance, generator=gen)
     pred = judge.predict(x0.clamp(-1, 1))
-    return {
-        "concept": float((pred[:, factor] == cond[:, factor]).float().mean()),
-        "combination": float((pred == cond).all(1).float().mean()),
-    }
+    return {"concept": pred[:, factor] == cond[:, factor], "combination": (pred == cond).all(1)}
+
+
+def generation_rate(model, judge, combo, factor: int, n: int, guidance: float, seed: int) -> dict:
+    """How often the model draws the concept: of judged_samples, the fraction the judge reads as
+    combo's value of `factor`, and as the whole combination."""
+    hits = judged_samples(model, judge, combo, factor, n, guidance, seed)
+    return {k: float(v.float().mean()) for k, v in hits.items()}
 
 
 def run_job(job: Job, folder: str, work: str, device: str = "cpu", progress: bool = False) -> str:
